@@ -1,0 +1,78 @@
+"""Key confirmation by a universal polynomial hash (protocol/qkdp-v1.md §6).
+
+Theory of operation: after reconciliation Alice draws a fresh hash key ``k`` uniformly from the field
+GF(p), p = 2^89 - 1 (a Mersenne prime), and sends ``k`` with her tag of the reconciled key. Bob computes
+his tag under the same ``k``; if the tags differ the frame is discarded. For two different keys of equal
+length the tags collide with probability at most ``(L + 1) / p`` over the choice of ``k`` (a non-zero
+polynomial of degree <= L + 1 has at most that many roots; Wegman & Carter 1981, Stinson's polynomial
+construction), L being the number of 88-bit blocks: below 2^-66 for any key up to 2^24 bits. That is
+the ``ε_cor`` this stage contributes. The tag (89 bits) counts as disclosed.
+
+Hash definition (pinned by protocol/vectors/confirm.json): pack the key MSB-first into bytes, pad with
+zero bits to a multiple of 88 bits, read it as big-endian 88-bit blocks ``b_1 .. b_L`` (each < p), append
+the bit length ``b_{L+1} = n``, and evaluate ``h = 0; h = (h + b_i) * k mod p`` for i = 1 .. L + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, random_below
+from qkdd.errors import RemoteProtocolError
+
+PRIME_BITS = 89
+PRIME = (1 << PRIME_BITS) - 1
+BLOCK_BYTES = 11  # 88-bit blocks are < p
+TAG_BITS = PRIME_BITS
+"""Bits the tag discloses, counted against the key."""
+
+
+def polynomial_hash(key: Bits, hash_key: int) -> int:
+    """The confirmation hash of ``key`` under ``hash_key`` (an element of GF(2^89 - 1))."""
+    bits = as_bits(key, "key")
+    if not 0 <= hash_key < PRIME:
+        raise ValueError("hash key must be a field element")
+    data = pack_bits(bits)
+    data += bytes(-len(data) % BLOCK_BYTES)
+    h = 0
+    for offset in range(0, len(data), BLOCK_BYTES):
+        h = (h + int.from_bytes(data[offset : offset + BLOCK_BYTES], "big")) * hash_key % PRIME
+    return (h + bits.size) * hash_key % PRIME
+
+
+def collision_bound(key_bits: int) -> float:
+    """Probability that two different keys of ``key_bits`` bits get the same tag."""
+    blocks = -(-key_bits // (BLOCK_BYTES * 8))
+    return (blocks + 1) / PRIME
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmRequest:
+    """Alice → Bob: the fresh hash key and Alice's tag."""
+
+    hash_key: int
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmReply:
+    """Bob → Alice: whether Bob's tag matched."""
+
+    matched: bool
+
+
+def alice_confirm(key: Bits, source: RandomSource) -> ConfirmRequest:
+    """Alice draws the hash key and tags her reconciled key."""
+    hash_key = random_below(source, PRIME)
+    return ConfirmRequest(hash_key, polynomial_hash(key, hash_key))
+
+
+def bob_confirm(key: Bits, request: ConfirmRequest) -> ConfirmReply:
+    """Bob checks Alice's tag against his reconciled key.
+
+    Raises:
+        RemoteProtocolError: the hash key or tag is not a field element.
+    """
+    if not (0 <= request.hash_key < PRIME and 0 <= request.tag < PRIME):
+        raise RemoteProtocolError("confirmation: hash key and tag must be elements of GF(2^89 - 1)")
+    return ConfirmReply(polynomial_hash(key, request.hash_key) == request.tag)

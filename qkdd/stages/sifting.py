@@ -1,0 +1,257 @@
+"""Sifting (protocol/qkdp-v1.md §3).
+
+Theory of operation: Bob announces which pulses of the frame he detected and in which basis he measured
+each; Alice answers, per detection, whether her basis matched and, for matches, the intensity class she
+sent. Both then keep the matching detections, in detection order, as the sifted key (bits tagged with
+basis and intensity class). No key bit crosses the channel.
+
+Wire form: detection indices travel either as a bitmap over the frame's pulses or as varint gaps
+(``gap[0] = index[0]``, ``gap[i] = index[i] - index[i-1] - 1``), whichever is smaller; bases and match
+flags as packed bits (Z = 0, X = 1), intensity classes as two bits each.
+
+Alice's side never needs the whole frame: it asks its preparation only for the detected pulse indices
+(:class:`Preparation`), so work scales with detections, not pulses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from qkdd.bits import (
+    Bits,
+    RandomSource,
+    as_bits,
+    as_index_array,
+    decode_varints,
+    encode_varints,
+    pack_bits,
+    random_bits,
+    unpack_bits,
+)
+from qkdd.errors import InputError, RemoteProtocolError
+
+Z, X = 0, 1
+MAX_INTENSITY_CLASSES = 4
+MAX_FRAME_PULSES = 1 << 40
+
+
+class Preparation(Protocol):
+    """Alice's record of a frame: what she sent at given pulse indices."""
+
+    pulses: int
+
+    def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
+        """(bits, bases, intensity classes) of the pulses ``indices``."""
+        ...
+
+
+@dataclass(frozen=True)
+class FramePreparation:
+    """A :class:`Preparation` held as whole-frame arrays (tests, small frames)."""
+
+    bits: Bits
+    bases: Bits
+    intensities: npt.NDArray[np.uint8]
+
+    def __post_init__(self) -> None:
+        bits = as_bits(self.bits, "preparation bits")
+        bases = as_bits(self.bases, "preparation bases")
+        classes = as_index_array(self.intensities, "intensity classes", bound=MAX_INTENSITY_CLASSES)
+        if not bits.size == bases.size == classes.size:
+            raise InputError(
+                f"preparation arrays differ in length: bits {bits.size}, bases {bases.size}, "
+                f"intensities {classes.size}"
+            )
+        if bits.size == 0:
+            raise InputError("preparation: empty frame")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "bases", bases)
+        object.__setattr__(self, "intensities", classes.astype(np.uint8))
+
+    @property
+    def pulses(self) -> int:
+        return int(self.bits.size)
+
+    def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
+        return self.bits[indices], self.bases[indices], self.intensities[indices]
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Bob's detections in one frame: strictly increasing pulse indices, bases, and bits.
+
+    ``double_clicks`` marks detections where both detectors fired; :func:`resolve_double_clicks`
+    gives each a uniformly random bit (the squashing model's prescription).
+    """
+
+    pulses: int
+    indices: npt.NDArray[np.int64]
+    bases: Bits
+    bits: Bits
+    double_clicks: npt.NDArray[np.bool_] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pulses <= MAX_FRAME_PULSES:
+            raise InputError(f"detections: frame pulses must lie in [1, {MAX_FRAME_PULSES}], got {self.pulses}")
+        indices = as_index_array(self.indices, "detection indices", bound=self.pulses)
+        bases = as_bits(self.bases, "detection bases")
+        bits = as_bits(self.bits, "detection bits")
+        if not indices.size == bases.size == bits.size:
+            raise InputError(
+                f"detection arrays differ in length: indices {indices.size}, bases {bases.size}, "
+                f"bits {bits.size}"
+            )
+        if indices.size > 1 and np.any(np.diff(indices) <= 0):
+            raise InputError("detection indices must be strictly increasing")
+        if self.double_clicks is not None and np.asarray(self.double_clicks).shape != indices.shape:
+            raise InputError("double_clicks must have one flag per detection")
+        object.__setattr__(self, "indices", indices)
+        object.__setattr__(self, "bases", bases)
+        object.__setattr__(self, "bits", bits)
+
+
+def resolve_double_clicks(detections: Detections, source: RandomSource) -> Detections:
+    """Replace the bit of every double click by a uniformly random bit."""
+    if detections.double_clicks is None:
+        return detections
+    flags = np.asarray(detections.double_clicks, dtype=bool)
+    bits = detections.bits.copy()
+    bits[flags] = random_bits(source, int(flags.sum()))
+    return Detections(detections.pulses, detections.indices, detections.bases, bits, None)
+
+
+@dataclass(frozen=True, slots=True)
+class SiftAnnounce:
+    """Bob → Alice: which pulses Bob detected and the basis of each."""
+
+    pulses: int
+    detections: int
+    encoding: Literal["bitmap", "gaps"]
+    indices: bytes
+    bases: bytes
+
+    @property
+    def wire_bytes(self) -> int:
+        return len(self.indices) + len(self.bases)
+
+
+@dataclass(frozen=True, slots=True)
+class SiftAnswer:
+    """Alice → Bob: basis match per detection; intensity class (2 bits) per match."""
+
+    matches: bytes
+    intensities: bytes
+
+    @property
+    def wire_bytes(self) -> int:
+        return len(self.matches) + len(self.intensities)
+
+
+@dataclass(frozen=True)
+class SiftedKey:
+    """One side's sifted key: bits in detection order with their basis and intensity class."""
+
+    bits: Bits
+    bases: Bits
+    intensities: npt.NDArray[np.uint8]
+    pulse_indices: npt.NDArray[np.int64]
+
+    def select(self, basis: int, intensity: int | None = None) -> Bits:
+        """The sifted bits of one basis (and, optionally, one intensity class)."""
+        keep = self.bases == basis
+        if intensity is not None:
+            keep &= self.intensities == intensity
+        return self.bits[keep]
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        """Number of sifted bits per (basis, intensity class)."""
+        combined = self.bases.astype(np.int64) * MAX_INTENSITY_CLASSES + self.intensities
+        tally = np.bincount(combined, minlength=2 * MAX_INTENSITY_CLASSES)
+        return {(b, c): int(tally[b * MAX_INTENSITY_CLASSES + c]) for b in (Z, X) for c in range(MAX_INTENSITY_CLASSES)}
+
+
+def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal["bitmap", "gaps"], bytes]:
+    """The smaller of the bitmap and varint-gap encodings of strictly increasing indices."""
+    gaps = np.diff(indices, prepend=-1) - 1
+    gap_bytes = encode_varints(gaps)
+    if len(gap_bytes) <= (pulses + 7) // 8:
+        return "gaps", gap_bytes
+    bitmap = np.zeros(pulses, dtype=np.uint8)
+    bitmap[indices] = 1
+    return "bitmap", pack_bits(bitmap)
+
+
+def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
+    """Alice's side: the detection indices, validated against the frame.
+
+    Raises:
+        RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding.
+    """
+    if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
+        raise RemoteProtocolError("sift: pulse or detection count out of range")
+    if message.encoding == "bitmap":
+        bitmap = unpack_bits(message.indices, message.pulses, "sift bitmap")
+        indices = np.flatnonzero(bitmap).astype(np.int64)
+        if indices.size != message.detections:
+            raise RemoteProtocolError("sift: bitmap population differs from the detection count")
+        return indices
+    if message.encoding == "gaps":
+        gaps = decode_varints(message.indices, message.detections, "sift gaps")
+        if gaps.size and gaps.max() >= message.pulses:
+            raise RemoteProtocolError("sift: detection index outside the frame")
+        indices = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        if indices.size and indices[-1] >= message.pulses:
+            raise RemoteProtocolError("sift: detection index outside the frame")
+        return indices
+    raise RemoteProtocolError(f"sift: unknown index encoding {message.encoding!r}")
+
+
+def bob_announce(detections: Detections) -> SiftAnnounce:
+    """Bob's first message of a frame."""
+    if detections.double_clicks is not None:
+        raise InputError("resolve double clicks (resolve_double_clicks) before sifting")
+    encoding, payload = encode_indices(detections.indices, detections.pulses)
+    return SiftAnnounce(detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases))
+
+
+def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
+    """Alice's answer, and her sifted key.
+
+    Raises:
+        RemoteProtocolError: the announcement does not fit the frame Alice prepared.
+    """
+    if announce.pulses != preparation.pulses:
+        raise RemoteProtocolError(f"sift: Bob's frame has {announce.pulses} pulses, Alice's {preparation.pulses}")
+    indices = decode_indices(announce)
+    bob_bases = unpack_bits(announce.bases, announce.detections, "sift bases")
+    bits, bases, classes = preparation.at(indices)
+    matches = (bases == bob_bases).astype(np.uint8)
+    keep = matches.astype(bool)
+    kept_classes = classes[keep].astype(np.uint8)
+    answer = SiftAnswer(pack_bits(matches), _pack_classes(kept_classes))
+    return answer, SiftedKey(bits[keep], bases[keep], kept_classes, indices[keep])
+
+
+def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
+    """Bob's sifted key from Alice's answer.
+
+    Raises:
+        RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
+    """
+    matches = unpack_bits(answer.matches, int(detections.indices.size), "sift matches").astype(bool)
+    classes = _unpack_classes(answer.intensities, int(matches.sum()))
+    return SiftedKey(detections.bits[matches], detections.bases[matches], classes, detections.indices[matches])
+
+
+def _pack_classes(classes: npt.NDArray[np.uint8]) -> bytes:
+    pairs = np.stack([(classes >> 1) & 1, classes & 1], axis=1).reshape(-1)
+    return pack_bits(pairs.astype(np.uint8))
+
+
+def _unpack_classes(data: bytes, count: int) -> npt.NDArray[np.uint8]:
+    pairs = unpack_bits(data, 2 * count, "sift intensity classes").reshape(-1, 2)
+    return (pairs[:, 0] * 2 + pairs[:, 1]).astype(np.uint8)
