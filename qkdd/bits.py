@@ -101,7 +101,9 @@ def unpack_bits(data: bytes, count: int, what: str) -> Bits:
         RemoteProtocolError: wrong byte length or non-zero padding bits.
     """
     if len(data) != (count + 7) // 8:
-        raise RemoteProtocolError(f"{what}: expected {(count + 7) // 8} bytes for {count} bits, got {len(data)}")
+        raise RemoteProtocolError(
+            f"{what}: expected {(count + 7) // 8} bytes for {count} bits, got {len(data)}"
+        )
     raw = np.frombuffer(data, dtype=np.uint8)
     bits = np.unpackbits(raw)
     if bits[count:].any():

@@ -39,7 +39,7 @@ ROUNDING_MARGIN = 0.25
 """Largest distance of an FFT output from an integer that is accepted before reducing mod 2."""
 
 _Convolver = Callable[[Bits, Bits, int, int, int], npt.NDArray[np.float64]]
-"""(s, x, length, start, count) -> the circular convolution of length ``length``, indices start..start+count."""
+"""(s, x, length, start, count) -> circular convolution of length ``length``, at start..start+count."""
 
 
 def _smooth_length(minimum: int) -> int:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -142,7 +142,7 @@ class _Pass:
             self.block_ends = np.array(bounds[1:], dtype=np.int64)
         self.block_count = self.block_starts.size
         lengths = self.block_ends - self.block_starts
-        self.depth = int(math.ceil(math.log2(int(lengths.max())))) if lengths.max() > 1 else 0
+        self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
         self._order: Int64s | None = None
         self._rank: Int64s | None = None
 
@@ -417,7 +417,9 @@ class _BobPass:
         if new.size == 0:
             return
         self.searching[new] = True
-        self._append(new, self.layout.block_starts[new], self.layout.block_ends[new], new * 0, self.alice_top[new])
+        self._append(
+            new, self.layout.block_starts[new], self.layout.block_ends[new], new * 0, self.alice_top[new]
+        )
 
     def _append(self, blocks: Int64s, starts: Int64s, ends: Int64s, heap: Int64s, parity: Bits) -> None:
         self.blocks = np.concatenate([self.blocks, blocks])
@@ -554,7 +556,8 @@ class CascadeBob:
             state = _BobPass(index, shared, alice_top, shared.top_parities(self.key), schedule.reuse_parities)
             state.flips_seen = len(self._flip_log)
             self._passes.append(state)
-            clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
+            if layout.kind == "halves":
+                clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
             yield from self._settle()
         self._pending = Finished(self.disclosed_bits)
         self._done = True
@@ -574,7 +577,9 @@ class CascadeBob:
                 odd = [state for state in self._passes if state.odd.any()]
                 if not odd:
                     return
-                min(odd, key=lambda st: int(st.layout.block_ends[0] - st.layout.block_starts[0])).start_searches()
+                min(
+                    odd, key=lambda st: int(st.layout.block_ends[0] - st.layout.block_starts[0])
+                ).start_searches()
             progressed = False
             for state in self._passes:
                 if state.blocks.size == 0:
@@ -584,7 +589,9 @@ class CascadeBob:
                     # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
                     # contradict each other
                     leaf_starts = state.starts[leaves]
-                    if np.any(self._bob_parity(state, leaf_starts, leaf_starts + 1) == state.node_parity[leaves]):
+                    if np.any(
+                        self._bob_parity(state, leaf_starts, leaf_starts + 1) == state.node_parity[leaves]
+                    ):
                         raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
                     found = state.layout.index_at(leaf_starts)
                     state.keep(~leaves)
@@ -644,6 +651,10 @@ class CascadeBob:
     def _apply_flips(self, indices: Int64s) -> None:
         if indices.size == 0:
             return
+        # an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or more flips
+        # than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
+        if np.any(self.key[indices] != self.original[indices]):
+            raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
         self.key[indices] ^= 1
         self.corrected_bits += int(indices.size)
         self._flip_log.append(indices)

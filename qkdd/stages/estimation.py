@@ -14,6 +14,7 @@ bits at all.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy.typing as npt
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, unpack_bits
 from qkdd.errors import InputError, RemoteProtocolError
-from qkdd.stages.sifting import MAX_INTENSITY_CLASSES, X, Z, SiftedKey
+from qkdd.stages.sifting import MAX_INTENSITY_CLASSES, SiftedKey, X, Z
 
 DEFAULT_THRESHOLD = 0.11
 
@@ -70,7 +71,9 @@ class Estimate:
         return sifted.select(Z)[self.z_key_mask]
 
 
-def bob_request(sifted: SiftedKey, source: RandomSource, *, z_sample_fraction: float = 0.0) -> EstimateRequest:
+def bob_request(
+    sifted: SiftedKey, source: RandomSource, *, z_sample_fraction: float = 0.0
+) -> EstimateRequest:
     """Bob's disclosure: every sifted X bit, and a random Z sample of the given fraction."""
     if not 0.0 <= z_sample_fraction < 1.0:
         raise InputError(f"z_sample_fraction must lie in [0, 1), got {z_sample_fraction}")
@@ -78,11 +81,15 @@ def bob_request(sifted: SiftedKey, source: RandomSource, *, z_sample_fraction: f
     z_bits = sifted.select(Z)
     if z_sample_fraction > 0 and z_bits.size:
         # a Bernoulli(fraction) mask from uniform bytes: each Z bit is sampled independently
-        threshold = int(round(z_sample_fraction * 65536))
+        threshold = round(z_sample_fraction * 65536)
         draws = np.frombuffer(source.bytes(2 * z_bits.size), dtype=">u2")
         mask = (draws < threshold).astype(np.uint8)
         return EstimateRequest(
-            int(x_bits.size), pack_bits(x_bits), int(z_bits.size), pack_bits(mask), pack_bits(z_bits[mask == 1])
+            int(x_bits.size),
+            pack_bits(x_bits),
+            int(z_bits.size),
+            pack_bits(mask),
+            pack_bits(z_bits[mask == 1]),
         )
     return EstimateRequest(int(x_bits.size), pack_bits(x_bits), int(z_bits.size), b"", b"")
 
@@ -118,7 +125,11 @@ def alice_answer(
 
 
 def bob_estimate(
-    sifted: SiftedKey, request: EstimateRequest, answer: EstimateAnswer, *, threshold: float = DEFAULT_THRESHOLD
+    sifted: SiftedKey,
+    request: EstimateRequest,
+    answer: EstimateAnswer,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Estimate:
     """Bob's copy of the estimate, from his request and Alice's answer.
 
@@ -148,7 +159,9 @@ def _estimate(
     per_class_bits = np.bincount(classes, minlength=MAX_INTENSITY_CLASSES)
     per_class_errors = np.bincount(classes, weights=x_errors, minlength=MAX_INTENSITY_CLASSES)
     by_intensity = {
-        c: (int(per_class_bits[c]), int(per_class_errors[c])) for c in range(MAX_INTENSITY_CLASSES) if per_class_bits[c]
+        c: (int(per_class_bits[c]), int(per_class_errors[c]))
+        for c in range(MAX_INTENSITY_CLASSES)
+        if per_class_bits[c]
     }
     z_errors = int(np.count_nonzero(alice_z ^ bob_z))
     estimate = Estimate(
@@ -163,11 +176,7 @@ def _estimate(
     reason = abort_reason(estimate, int(np.count_nonzero(mask == 0)), threshold)
     if reason is None:
         return estimate
-    return Estimate(**{**_fields(estimate), "abort_reason": reason})
-
-
-def _fields(estimate: Estimate) -> dict[str, object]:
-    return {name: getattr(estimate, name) for name in Estimate.__dataclass_fields__}
+    return dataclasses.replace(estimate, abort_reason=reason)
 
 
 def abort_reason(estimate: Estimate, z_key_bits: int, threshold: float) -> str | None:

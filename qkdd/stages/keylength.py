@@ -74,13 +74,11 @@ def single_photon_key_length(
     if phase_bound >= 0.5:
         return KeyLength(0, min(phase_bound, 1.0), "phase error bound reaches 1/2")
     value = (
-        n * (1 - binary_entropy(phase_bound))
-        - counts.disclosed_bits
-        - math.log2(2 / (eps_sec**2 * eps_cor))
+        n * (1 - binary_entropy(phase_bound)) - counts.disclosed_bits - math.log2(2 / (eps_sec**2 * eps_cor))
     )
     if value < 1:
         return KeyLength(0, phase_bound, "finite-size and disclosure costs exceed the entropy")
-    return KeyLength(min(int(math.floor(value)), n), phase_bound, None)
+    return KeyLength(min(math.floor(value), n), phase_bound, None)
 
 
 secure_key_length = single_photon_key_length

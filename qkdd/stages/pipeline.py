@@ -47,16 +47,28 @@ def run_frame(
     detections: sifting.Detections,
     alice_random: RandomSource,
     bob_random: RandomSource,
-    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen
+    config: PipelineConfig = PipelineConfig(),
 ) -> FrameResult:
     """Distil one frame; the keys are empty unless the round completed."""
     started = time.perf_counter()
     empty = np.zeros(0, dtype=np.uint8)
 
-    def stop(reason: str, sifted_bits: int, qber: float | None, phase: float | None, disclosed: int) -> FrameResult:
+    def stop(
+        reason: str, sifted_bits: int, qber: float | None, phase: float | None, disclosed: int
+    ) -> FrameResult:
         return FrameResult(
-            preparation.pulses, int(detections.indices.size), sifted_bits, qber, phase, disclosed, 0, True, reason,
-            time.perf_counter() - started, empty, empty,
+            preparation.pulses,
+            int(detections.indices.size),
+            sifted_bits,
+            qber,
+            phase,
+            disclosed,
+            0,
+            True,
+            reason,
+            time.perf_counter() - started,
+            empty,
+            empty,
         )
 
     detections = sifting.resolve_double_clicks(detections, bob_random)
@@ -77,7 +89,7 @@ def run_frame(
     qber_guess = estimate.z_sample_error_rate
     if qber_guess is None:
         qber_guess = max(config.qber_prior, estimate.phase_error_rate)
-    result, alice_cascade = cascade.reconcile_in_memory(
+    result, _ = cascade.reconcile_in_memory(
         alice_key, bob_key, qber_guess, bob_random, variant=config.cascade_variant
     )
     qber = result.corrected_bits / alice_key.size
@@ -88,7 +100,13 @@ def run_frame(
 
     check = confirm.alice_confirm(alice_key, alice_random)
     if not confirm.bob_confirm(result.key, check).matched:
-        return stop("confirmation tags differ: residual errors after reconciliation", sifted_bits, qber, phase, disclosed)
+        return stop(
+            "confirmation tags differ: residual errors after reconciliation",
+            sifted_bits,
+            qber,
+            phase,
+            disclosed,
+        )
 
     length = keylength.secure_key_length(
         keylength.RoundCounts(int(alice_key.size), estimate.x_bits, estimate.x_errors, disclosed),
@@ -101,8 +119,18 @@ def run_frame(
     alice_final = amplify.amplify(alice_key, seed)
     bob_final = amplify.amplify(result.key, seed)
     return FrameResult(
-        preparation.pulses, int(detections.indices.size), sifted_bits, qber, phase, disclosed,
-        length.secret_bits, False, None, time.perf_counter() - started, alice_final, bob_final,
+        preparation.pulses,
+        int(detections.indices.size),
+        sifted_bits,
+        qber,
+        phase,
+        disclosed,
+        length.secret_bits,
+        False,
+        None,
+        time.perf_counter() - started,
+        alice_final,
+        bob_final,
     )
 
 

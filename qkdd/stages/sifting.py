@@ -96,7 +96,9 @@ class Detections:
 
     def __post_init__(self) -> None:
         if not 0 < self.pulses <= MAX_FRAME_PULSES:
-            raise InputError(f"detections: frame pulses must lie in [1, {MAX_FRAME_PULSES}], got {self.pulses}")
+            raise InputError(
+                f"detections: frame pulses must lie in [1, {MAX_FRAME_PULSES}], got {self.pulses}"
+            )
         indices = as_index_array(self.indices, "detection indices", bound=self.pulses)
         bases = as_bits(self.bases, "detection bases")
         bits = as_bits(self.bits, "detection bits")
@@ -162,16 +164,21 @@ class SiftedKey:
 
     def select(self, basis: int, intensity: int | None = None) -> Bits:
         """The sifted bits of one basis (and, optionally, one intensity class)."""
-        keep = self.bases == basis
+        keep: npt.NDArray[np.bool_] = self.bases == basis
         if intensity is not None:
             keep &= self.intensities == intensity
-        return self.bits[keep]
+        selected: Bits = self.bits[keep]
+        return selected
 
     def counts(self) -> dict[tuple[int, int], int]:
         """Number of sifted bits per (basis, intensity class)."""
         combined = self.bases.astype(np.int64) * MAX_INTENSITY_CLASSES + self.intensities
         tally = np.bincount(combined, minlength=2 * MAX_INTENSITY_CLASSES)
-        return {(b, c): int(tally[b * MAX_INTENSITY_CLASSES + c]) for b in (Z, X) for c in range(MAX_INTENSITY_CLASSES)}
+        return {
+            (b, c): int(tally[b * MAX_INTENSITY_CLASSES + c])
+            for b in (Z, X)
+            for c in range(MAX_INTENSITY_CLASSES)
+        }
 
 
 def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal["bitmap", "gaps"], bytes]:
@@ -215,7 +222,9 @@ def bob_announce(detections: Detections) -> SiftAnnounce:
     if detections.double_clicks is not None:
         raise InputError("resolve double clicks (resolve_double_clicks) before sifting")
     encoding, payload = encode_indices(detections.indices, detections.pulses)
-    return SiftAnnounce(detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases))
+    return SiftAnnounce(
+        detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases)
+    )
 
 
 def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
@@ -225,7 +234,9 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
         RemoteProtocolError: the announcement does not fit the frame Alice prepared.
     """
     if announce.pulses != preparation.pulses:
-        raise RemoteProtocolError(f"sift: Bob's frame has {announce.pulses} pulses, Alice's {preparation.pulses}")
+        raise RemoteProtocolError(
+            f"sift: Bob's frame has {announce.pulses} pulses, Alice's {preparation.pulses}"
+        )
     indices = decode_indices(announce)
     bob_bases = unpack_bits(announce.bases, announce.detections, "sift bases")
     bits, bases, classes = preparation.at(indices)
@@ -244,7 +255,9 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     """
     matches = unpack_bits(answer.matches, int(detections.indices.size), "sift matches").astype(bool)
     classes = _unpack_classes(answer.intensities, int(matches.sum()))
-    return SiftedKey(detections.bits[matches], detections.bases[matches], classes, detections.indices[matches])
+    return SiftedKey(
+        detections.bits[matches], detections.bases[matches], classes, detections.indices[matches]
+    )
 
 
 def _pack_classes(classes: npt.NDArray[np.uint8]) -> bytes:

@@ -1,0 +1,155 @@
+"""``qkdd bench``: the benchmarks we and our users quote.
+
+``cascade`` rows: for each variant, QBER and frame size, frames with exactly round(n·QBER) errors at
+uniformly random positions are reconciled with both roles in one process (no network). Efficiency is
+f = disclosed bits / (n · h(QBER)); frame error rate is the fraction of frames with residual errors
+after Cascade (before confirmation); throughput is sifted bits per second of wall time.
+
+``amplification`` rows: Toeplitz hashing of n input bits to n/2 output bits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from qkdd.stages import amplify, cascade
+from qkdd.stages.keylength import binary_entropy
+
+FULL_QBERS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08)
+FULL_SIZES = (1 << 14, 1 << 16, 1 << 18, 1 << 20)
+FULL_FRAMES = {1 << 14: 1000, 1 << 16: 100, 1 << 18: 20, 1 << 20: 5}
+QUICK_QBERS = (0.01, 0.02, 0.05)
+QUICK_SIZES = (1 << 14, 1 << 16)
+QUICK_FRAMES = {1 << 14: 20, 1 << 16: 5}
+
+
+@dataclass(frozen=True)
+class CascadeRow:
+    variant: str
+    qber: float
+    frame_bits: int
+    frames: int
+    efficiency_mean: float
+    efficiency_p95: float
+    frame_error_rate: float
+    round_trips: float
+    throughput_bps: float
+
+
+@dataclass(frozen=True)
+class AmplificationRow:
+    input_bits: int
+    output_bits: int
+    throughput_bps: float
+    fft_backend: str
+
+
+def bench_cascade(variant: str, qber: float, n: int, frames: int, seed: int = 1) -> CascadeRow:
+    rng = np.random.default_rng([seed, n, round(qber * 1e6)])
+    errors = round(n * qber)
+    ideal = n * binary_entropy(errors / n)
+    efficiencies: list[float] = []
+    failures = 0
+    round_trips = 0
+    elapsed = 0.0
+    for _ in range(frames):
+        alice = rng.integers(0, 2, n, dtype=np.uint8)
+        bob = alice.copy()
+        bob[rng.choice(n, errors, replace=False)] ^= 1
+        started = time.perf_counter()
+        result, _ = cascade.reconcile_in_memory(alice, bob, qber, rng, variant=variant)
+        elapsed += time.perf_counter() - started
+        efficiencies.append(result.disclosed_bits / ideal)
+        failures += not np.array_equal(result.key, alice)
+        round_trips += result.round_trips
+    return CascadeRow(
+        variant,
+        qber,
+        n,
+        frames,
+        float(np.mean(efficiencies)),
+        float(np.percentile(efficiencies, 95)),
+        failures / frames,
+        round_trips / frames,
+        n * frames / elapsed,
+    )
+
+
+def bench_amplification(n: int, repeats: int = 3, seed: int = 2) -> AmplificationRow:
+    rng = np.random.default_rng(seed)
+    m = n // 2
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed_bits = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    amplify.toeplitz_hash(key, seed_bits, m)  # warm-up: FFT plans
+    started = time.perf_counter()
+    for _ in range(repeats):
+        amplify.toeplitz_hash(key, seed_bits, m)
+    seconds = (time.perf_counter() - started) / repeats
+    return AmplificationRow(n, m, n / seconds, amplify.fft_backend_name())
+
+
+def run(
+    *,
+    quick: bool,
+    variants: Sequence[str],
+    qbers: Sequence[float] | None = None,
+    sizes: Sequence[int] | None = None,
+    frames: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    qbers = qbers or (QUICK_QBERS if quick else FULL_QBERS)
+    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    per_size = QUICK_FRAMES if quick else FULL_FRAMES
+    rows = []
+    for variant in variants:
+        for n in sizes:
+            for qber in qbers:
+                row = bench_cascade(variant, qber, n, frames or per_size.get(n, 5))
+                rows.append(row)
+                if progress:
+                    progress(row)
+    amp_sizes = (1 << 20,) if quick else (1 << 20, 1 << 24)
+    amplification = [bench_amplification(n, repeats=1 if n > 1 << 22 else 3) for n in amp_sizes]
+    return {"cascade": [asdict(r) for r in rows], "amplification": [asdict(r) for r in amplification]}
+
+
+def format_cascade_row(row: CascadeRow) -> str:
+    return (
+        f"{row.variant:<10} {row.qber * 100:>5.1f}% {row.frame_bits:>9} {row.frames:>6} "
+        f"{row.efficiency_mean:>8.4f} {row.efficiency_p95:>8.4f} {row.frame_error_rate:>9.2e} "
+        f"{row.round_trips:>8.0f} {row.throughput_bps / 1e6:>9.2f}"
+    )
+
+
+CASCADE_HEADER = (
+    f"{'variant':<10} {'QBER':>6} {'frame':>9} {'frames':>6} {'f_mean':>8} {'f_p95':>8} {'FER':>9} "
+    f"{'RTs':>8} {'Mbit/s':>9}"
+)
+
+
+def main(quick: bool, as_json: bool, variants: Sequence[str], frames: int | None) -> int:
+    def progress(row: CascadeRow) -> None:
+        if not as_json:
+            print(format_cascade_row(row), flush=True)
+
+    if not as_json:
+        print("cascade (both roles in one process, exact errors at random positions)")
+        print(CASCADE_HEADER)
+    report = run(quick=quick, variants=variants, frames=frames, progress=progress)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("\nprivacy amplification (Toeplitz, n -> n/2)")
+    print(f"{'input bits':>12} {'output bits':>12} {'Mbit/s':>9}  backend")
+    for amp in report["amplification"]:
+        print(
+            f"{amp['input_bits']:>12} {amp['output_bits']:>12} {amp['throughput_bps'] / 1e6:>9.2f}  "
+            f"{amp['fft_backend']}"
+        )
+    return 0

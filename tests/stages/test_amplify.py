@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qkdd.errors import InputError, RemoteProtocolError
+from qkdd.stages import amplify
+from qkdd.stages.amplify import _numpy_convolve, _smooth_length, toeplitz_hash, toeplitz_hash_rows
+from tests.conftest import STRESS, hex_bits, load_vectors
+
+
+@given(st.integers(1, 300), st.data())
+def test_fft_matches_direct_product(n: int, data: st.DataObject) -> None:
+    m = data.draw(st.integers(0, n))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed_bits = rng.integers(0, 2, n + m - 1 if m else 0, dtype=np.uint8)
+    expected = toeplitz_hash_rows(key, seed_bits, m, np.arange(m)) if m else np.zeros(0, np.uint8)
+    assert np.array_equal(toeplitz_hash(key, seed_bits, m), expected)
+
+
+def test_matrix_convention_by_hand() -> None:
+    # n = 3, m = 2: T[i, j] = s[i - j + 2]; rows [s2 s1 s0], [s3 s2 s1]
+    seed = np.array([1, 0, 0, 1], dtype=np.uint8)
+    assert toeplitz_hash(np.array([1, 0, 0], np.uint8), seed, 2).tolist() == [0, 1]  # column 0 = s2, s3
+    assert toeplitz_hash(np.array([0, 0, 1], np.uint8), seed, 2).tolist() == [1, 0]  # column 2 = s0, s1
+
+
+@pytest.mark.parametrize("log_n", [20, 24] if STRESS else [20, 22, 24])
+def test_large_inputs_exact_on_sampled_rows(log_n: int) -> None:
+    rng = np.random.default_rng(log_n)
+    n = 1 << log_n
+    m = n // 2 + 3
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    out = toeplitz_hash(key, seed, m)
+    rows = np.concatenate([[0, 1, m - 1], rng.choice(m, 5, replace=False)])
+    assert np.array_equal(out[rows], toeplitz_hash_rows(key, seed, m, rows))
+
+
+def test_all_ones_worst_case_magnitude() -> None:
+    # every convolution term equals n: the largest values the FFT has to round
+    n = 1 << 20
+    key = np.ones(n, dtype=np.uint8)
+    seed = np.ones(2 * n - 1, dtype=np.uint8)
+    assert toeplitz_hash(key, seed, n).tolist() == [0] * n  # n even: every parity is 0
+
+
+def test_backends_agree() -> None:
+    rng = np.random.default_rng(5)
+    n, m = 5000, 1234
+    s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    length = _smooth_length(n + m - 1)
+    reference = _numpy_convolve(s, x, length, n - 1, m)
+    np.testing.assert_allclose(amplify._backend()[1](s, x, length, n - 1, m), reference, atol=1e-6)
+
+
+def test_smooth_length() -> None:
+    for minimum in [1, 2, 7, 1000, 1572863, 1572864, 1572865]:
+        length = _smooth_length(minimum)
+        assert length >= minimum
+        reduced = length
+        for p in (2, 3, 5):
+            while reduced % p == 0:
+                reduced //= p
+        assert reduced == 1
+
+
+def test_vectors() -> None:
+    for vector in load_vectors("toeplitz"):
+        n, m = vector["input_bits"], vector["output_bits"]
+        out = toeplitz_hash(hex_bits(vector["key"], n), hex_bits(vector["seed"], n + m - 1), m)
+        assert out.tolist() == hex_bits(vector["output"], m).tolist()
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "seed_len", "message"),
+    [(0, 0, 0, "at least one"), (4, 5, 8, "output_bits"), (4, 2, 4, "seed"), (4, -1, 4, "output_bits")],
+)
+def test_bad_shapes(n: int, m: int, seed_len: int, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        toeplitz_hash(np.zeros(n, np.uint8), np.zeros(seed_len, np.uint8), m)
+
+
+def test_too_large_input_is_refused() -> None:
+    with pytest.raises(InputError, match="exact-FFT limit"):
+        toeplitz_hash(np.zeros(amplify.MAX_INPUT_BITS + 1, np.uint8), np.zeros(1, np.uint8), 1)
+
+
+def test_seed_message_round_trip_and_validation(rng: np.random.Generator) -> None:
+    key = rng.integers(0, 2, 1000, dtype=np.uint8)
+    message = amplify.choose_seed(rng, 1000, 400)
+    assert amplify.amplify(key, message).size == 400
+    with pytest.raises(RemoteProtocolError, match="seed is for"):
+        amplify.amplify(key[:999], message)
+    with pytest.raises(RemoteProtocolError, match="out of range"):
+        amplify.amplify(key, amplify.AmplificationSeed(1000, 1001, message.seed))
+    with pytest.raises(RemoteProtocolError, match="expected"):
+        amplify.amplify(key, amplify.AmplificationSeed(1000, 400, message.seed[:-1]))
+    with pytest.raises(InputError):
+        amplify.choose_seed(rng, 10, 0)

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
+from qkdd.stages import cascade
+from qkdd.stages.cascade import (
+    CascadeAlice,
+    CascadeBob,
+    Finished,
+    Parities,
+    PassLayout,
+    RangeRequest,
+    StartPass,
+    reconcile_in_memory,
+)
+from qkdd.stages.keylength import binary_entropy
+
+
+def _frame(rng: np.random.Generator, n: int, errors: int) -> tuple[np.ndarray, np.ndarray]:
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    bob = alice.copy()
+    bob[rng.choice(n, errors, replace=False)] ^= 1
+    return alice, bob
+
+
+@pytest.mark.parametrize("variant", cascade.VARIANTS)
+@pytest.mark.parametrize(("n", "qber"), [(1000, 0.01), (4099, 0.03), (20000, 0.05), (65536, 0.02)])
+def test_corrects_and_both_sides_count_the_same(variant: str, n: int, qber: float) -> None:
+    rng = np.random.default_rng([n, round(qber * 1000)])
+    alice_key, bob_key = _frame(rng, n, round(n * qber))
+    result, alice = reconcile_in_memory(alice_key, bob_key, qber, rng, variant=variant)
+    assert np.array_equal(result.key, alice_key)
+    assert result.disclosed_bits == alice.disclosed_bits
+    assert result.round_trips == alice.round_trips
+    assert result.corrected_bits == round(n * qber)
+    assert alice.finished
+
+
+@given(st.integers(1, 70), st.integers(0, 2**32 - 1), st.sampled_from(cascade.VARIANTS))
+def test_tiny_frames(n: int, seed: int, variant: str) -> None:
+    rng = np.random.default_rng(seed)
+    errors = int(rng.integers(0, max(1, n // 8) + 1))
+    alice_key, bob_key = _frame(rng, n, min(errors, n))
+    result, alice = reconcile_in_memory(alice_key, bob_key, 0.05, rng, variant=variant)
+    assert result.disclosed_bits == alice.disclosed_bits
+    # tiny frames may keep hidden error pairs (confirmation catches them); never new errors
+    assert np.count_nonzero(result.key != alice_key) <= np.count_nonzero(bob_key != alice_key)
+
+
+def test_no_errors_discloses_only_top_parities(rng: np.random.Generator) -> None:
+    key = rng.integers(0, 2, 1 << 14, dtype=np.uint8)
+    result, _ = reconcile_in_memory(key, key.copy(), 0.01, rng)
+    schedule = cascade.Schedule.for_variant("optimized", 0.01, key.size)
+    expected = (
+        key.size // schedule.first_block + key.size // schedule.second_block + 2 * schedule.clean_passes
+    )
+    assert result.disclosed_bits == expected
+    assert result.corrected_bits == 0
+
+
+def test_optimized_efficiency_beats_original(rng: np.random.Generator) -> None:
+    n, qber = 1 << 16, 0.02
+    ideal = n * binary_entropy(qber)
+    alice_key, bob_key = _frame(rng, n, round(n * qber))
+    optimized, _ = reconcile_in_memory(alice_key, bob_key, qber, rng, variant="optimized")
+    original, _ = reconcile_in_memory(alice_key, bob_key, qber, rng, variant="original")
+    assert optimized.disclosed_bits / ideal < 1.08
+    assert original.disclosed_bits / ideal > optimized.disclosed_bits / ideal
+
+
+def test_round_trips_do_not_grow_with_blocks(rng: np.random.Generator) -> None:
+    # 16x more blocks in the first pass, far fewer than 16x more round trips
+    trips = []
+    for n in (1 << 12, 1 << 16):
+        alice_key, bob_key = _frame(rng, n, n // 100)
+        trips.append(reconcile_in_memory(alice_key, bob_key, 0.01, rng, variant="original")[0].round_trips)
+    assert trips[1] < 3 * trips[0]
+
+
+def test_schedules() -> None:
+    original = cascade.Schedule.for_variant("original", 0.01, 10**6)
+    assert original.first_block == 73 and original.fixed_passes == 4 and not original.reuse_parities
+    optimized = cascade.Schedule.for_variant("optimized", 0.02, 10**6)
+    assert optimized.first_block & (optimized.first_block - 1) == 0
+    assert cascade.Schedule.for_variant("optimized", 0.0, 100).first_block <= 100
+    with pytest.raises(InputError, match="unknown cascade variant"):
+        cascade.Schedule.for_variant("turbo", 0.01, 100)
+
+
+def test_bad_local_input(rng: np.random.Generator) -> None:
+    with pytest.raises(InputError):
+        CascadeAlice(np.zeros(0, np.uint8))
+    with pytest.raises(InputError):
+        CascadeBob(np.zeros(0, np.uint8), 0.01, rng)
+    with pytest.raises(InputError, match="qber_estimate"):
+        CascadeBob(np.zeros(8, np.uint8), 0.7, rng)
+    with pytest.raises(InputError, match="differ in length"):
+        reconcile_in_memory(np.zeros(8, np.uint8), np.zeros(9, np.uint8), 0.01, rng)
+
+
+def _started_alice(n: int = 256) -> CascadeAlice:
+    alice = CascadeAlice(np.zeros(n, dtype=np.uint8))
+    alice.handle(StartPass(0, PassLayout("affine", 16, 3, 5)))
+    return alice
+
+
+def _ranges(passes: list[int], starts: list[int], ends: list[int]) -> RangeRequest:
+    return RangeRequest(np.array(passes, np.uint8), np.array(starts, np.uint32), np.array(ends, np.uint32))
+
+
+@pytest.mark.parametrize(
+    ("message", "pattern"),
+    [
+        (StartPass(2, PassLayout("affine", 16, 3, 5)), "expected pass 1, got 2"),
+        (_ranges([1], [0], [4]), "not started"),
+        (_ranges([0], [4], [4]), "start < end"),
+        (_ranges([0], [0], [257]), "start < end"),
+        (_ranges([], [], []), "1\\.\\."),
+        (RangeRequest(np.array([0], np.int64), np.array([0], np.uint32), np.array([1], np.uint32)), "uint8"),
+        (
+            RangeRequest(np.array([0], np.uint8), np.array([0, 1], np.uint32), np.array([1], np.uint32)),
+            "equal",
+        ),
+        (Finished(5), "counted"),
+    ],
+)
+def test_alice_rejects_bad_requests(message: object, pattern: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=pattern):
+        _started_alice().handle(message)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("layout", "pattern"),
+    [
+        (PassLayout("affine", 0, 3, 0), "block size"),
+        (PassLayout("affine", 300, 3, 0), "block size"),
+        (PassLayout("affine", 16, 2, 0), "coprime"),
+        (PassLayout("affine", 16, 3, 256), "out of range"),
+        (PassLayout("halves", seed=b"short"), "16-byte"),
+        (PassLayout("spiral", 16), "unknown pass kind"),  # type: ignore[arg-type]
+    ],
+)
+def test_alice_rejects_bad_layouts(layout: PassLayout, pattern: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=pattern):
+        CascadeAlice(np.zeros(256, np.uint8)).handle(StartPass(0, layout))
+
+
+def test_alice_refuses_after_finished_and_caps_disclosure() -> None:
+    alice = CascadeAlice(np.zeros(64, np.uint8))
+    alice.handle(Finished(0))
+    with pytest.raises(RemoteProtocolError, match="after Finished"):
+        alice.handle(Finished(0))
+    greedy = CascadeAlice(np.zeros(64, np.uint8), max_disclosed_fraction=0.5)
+    greedy.handle(StartPass(0, PassLayout("affine", 1, 1, 0)))  # 64 parities: within 0.5 * 64 + 64
+    with pytest.raises(RemoteProtocolError, match="disclosure limit"):
+        greedy.handle(_ranges([0] * 40, list(range(40)), list(range(1, 41))))
+
+
+def test_bob_rejects_answers_that_do_not_fit(rng: np.random.Generator) -> None:
+    alice_key, bob_key = _frame(rng, 4096, 40)
+    bob = CascadeBob(bob_key, 0.01, rng)
+    alice = CascadeAlice(alice_key)
+    reply = alice.handle(bob.next_message())
+    assert reply is not None
+    with pytest.raises(RemoteProtocolError, match="expected"):
+        bob.receive(dataclasses.replace(reply, count=reply.count + 1))
+    bob = CascadeBob(bob_key, 0.01, rng)
+    reply = CascadeAlice(alice_key).handle(bob.next_message())
+    assert reply is not None
+    with pytest.raises(RemoteProtocolError, match="bytes"):
+        bob.receive(Parities(reply.count, reply.parities[:-1]))
+
+
+def test_lying_alice_is_detected(rng: np.random.Generator) -> None:
+    # an Alice whose sub-block answers contradict her block parities cannot make Bob flip a correct bit
+    alice_key, bob_key = _frame(rng, 4096, 40)
+    alice = CascadeAlice(alice_key)
+    bob = CascadeBob(bob_key, 0.01, rng)
+    message = bob.next_message()
+    with pytest.raises(RemoteProtocolError):
+        while not isinstance(message, Finished):
+            reply = alice.handle(message)
+            assert reply is not None
+            if isinstance(message, RangeRequest):
+                bits = np.unpackbits(np.frombuffer(reply.parities, np.uint8), count=reply.count) ^ 1
+                reply = Parities(reply.count, np.packbits(bits).tobytes())
+            bob.receive(reply)
+            message = bob.next_message()
+        raise AssertionError("finished without noticing")  # pragma: no cover
+
+
+def test_sans_io_misuse_is_local_error(rng: np.random.Generator) -> None:
+    bob = CascadeBob(np.zeros(64, np.uint8), 0.01, rng)
+    with pytest.raises(LocalProtocolError):
+        bob.receive(Parities(0, b""))
+    with pytest.raises(LocalProtocolError):
+        bob.result()
+
+
+def test_halves_mask_is_shake128() -> None:
+    mask = cascade.halves_mask(bytes(16), 20)
+    expected = np.unpackbits(np.frombuffer(hashlib.shake_128(bytes(16)).digest(3), np.uint8), count=20)
+    assert np.array_equal(mask, expected)
+
+
+def test_affine_sequence_matches_definition() -> None:
+    for n, a, b in [(7, 3, 2), (1025, 17, 1000), (65537, 12345, 3)]:
+        expected = (np.arange(n) - b) % n * pow(a, -1, n) % n
+        assert np.array_equal(cascade._affine_sequence(n, a, b), expected)
+    assert math.gcd(3, 7) == 1
