@@ -119,8 +119,14 @@ BobMessage = StartPass | RangeRequest | Finished
 
 def halves_mask(seed: bytes, n: int) -> Bits:
     """The membership mask of a ``halves`` pass: the first n bits of SHAKE-128(seed), MSB-first."""
-    raw = np.frombuffer(hashlib.shake_128(seed).digest((n + 7) // 8), dtype=np.uint8)
-    return np.unpackbits(raw, count=n)
+    return np.unpackbits(_packed_halves_mask(seed, n), count=n)
+
+
+def _packed_halves_mask(seed: bytes, n: int) -> Bits:
+    packed = np.frombuffer(hashlib.shake_128(seed).digest((n + 7) // 8), dtype=np.uint8).copy()
+    if n % 8:
+        packed[-1] &= 0xFF << (8 - n % 8) & 0xFF
+    return packed
 
 
 class _Pass:
@@ -133,10 +139,10 @@ class _Pass:
             k = layout.block_size
             self.block_starts: Int64s = np.arange(0, n, k, dtype=np.int64)
             self.block_ends: Int64s = np.minimum(self.block_starts + k, n)
-            self.mask: Bits | None = None
+            self.packed_mask: Bits | None = None
         else:
-            self.mask = halves_mask(layout.seed, n)
-            members = int(np.count_nonzero(self.mask))
+            self.packed_mask = _packed_halves_mask(layout.seed, n)
+            members = int(np.bitwise_count(self.packed_mask).sum())
             bounds = [0, members, n] if 0 < members < n else [0, n]
             self.block_starts = np.array(bounds[:-1], dtype=np.int64)
             self.block_ends = np.array(bounds[1:], dtype=np.int64)
@@ -145,6 +151,15 @@ class _Pass:
         self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
         self._order: Int64s | None = None
         self._rank: Int64s | None = None
+        self._mask: Bits | None = None
+
+    @property
+    def mask(self) -> Bits:
+        """A halves pass's membership mask, one byte per bit (built lazily)."""
+        if self._mask is None:
+            assert self.packed_mask is not None
+            self._mask = np.unpackbits(self.packed_mask, count=self.n)
+        return self._mask
 
     def positions(self, indices: Int64s) -> Int64s:
         """The pass-order position of each key index."""
@@ -170,7 +185,6 @@ class _Pass:
             if self.layout.kind == "affine":
                 self._order = _affine_sequence(n, self.layout.multiplier, self.layout.offset)
             else:
-                assert self.mask is not None
                 self._order = np.concatenate([np.flatnonzero(self.mask), np.flatnonzero(self.mask == 0)])
         return self._order
 
@@ -178,7 +192,6 @@ class _Pass:
         """The block holding each key index."""
         if self.layout.kind == "affine":
             return self.positions(indices) // self.layout.block_size
-        assert self.mask is not None
         if self.block_count == 1:
             return np.zeros(indices.size, dtype=np.int64)
         return (1 - self.mask[indices]).astype(np.int64)
@@ -192,12 +205,12 @@ class _Pass:
     def top_parities(self, bits: Bits, packed: bytes | None = None) -> Bits:
         """Parity of ``bits`` over every block of this pass."""
         if self.layout.kind == "halves":
-            assert self.mask is not None
+            assert self.packed_mask is not None
             packed_bits = np.frombuffer(packed if packed is not None else pack_bits(bits), dtype=np.uint8)
             total = int(np.bitwise_count(packed_bits).sum()) & 1
             if self.block_count == 1:
                 return np.array([total], dtype=np.uint8)
-            inside = int(np.bitwise_count(packed_bits & np.packbits(self.mask)).sum()) & 1
+            inside = int(np.bitwise_count(packed_bits & self.packed_mask).sum()) & 1
             return np.array([inside, inside ^ total], dtype=np.uint8)
         prefix = self.prefix(bits)
         return prefix[self.block_ends] ^ prefix[self.block_starts]
@@ -216,7 +229,7 @@ def _affine_sequence(n: int, multiplier: int, offset: int) -> Int64s:
     low = np.arange(1024, dtype=np.int64) * inverse % n
     high = (np.arange((n + 1023) >> 10, dtype=np.int64) * (1024 * inverse % n) + start) % n
     sequence = np.add.outer(high, low).ravel()[:n]
-    sequence[sequence >= n] -= n
+    np.subtract(sequence, n, out=sequence, where=sequence >= n)
     return sequence
 
 
@@ -339,28 +352,31 @@ class Schedule:
     """Bob's choice of passes; not part of the protocol (Alice follows any valid layout)."""
 
     variant: str
-    first_block: int
-    second_block: int
-    fixed_passes: int  # affine passes, block size doubling after the second
+    block_sizes: tuple[int, ...]  # the affine passes, in order
     clean_passes: int  # halves passes in a row without an odd block that end reconciliation (0: none)
     reuse_parities: bool
+
+    @property
+    def first_block(self) -> int:
+        return self.block_sizes[0]
 
     @classmethod
     def for_variant(cls, variant: str, qber: float, n: int, *, clean_passes: int | None = None) -> Schedule:
         """Block sizes for ``variant`` at estimated ``qber`` on a frame of ``n`` bits."""
         q = min(max(qber, MIN_QBER), 0.25)
-        if variant == "original":
+        if variant in ("original", "biconf"):
             k1 = max(1, min(n, math.ceil(0.73 / q)))
-            return cls(variant, k1, min(n, 2 * k1), 4, 0, reuse_parities=False)
-        if variant == "biconf":
-            k1 = max(1, min(n, math.ceil(0.73 / q)))
+            if variant == "original":
+                return cls(variant, tuple(min(n, k1 << i) for i in range(4)), 0, reuse_parities=False)
             clean = 10 if clean_passes is None else clean_passes
-            return cls(variant, k1, min(n, 2 * k1), 2, clean, reuse_parities=True)
+            return cls(variant, (k1, min(n, 2 * k1)), clean, reuse_parities=True)
         if variant == "optimized":
-            k1 = min(_pow2_at_least(0.8 / q), _pow2_at_most(n))
-            k2 = min(_pow2_at_least(4.0 / q), _pow2_at_most(n))
+            top = _pow2_at_most(n)
+            # a third pass of n/64-bit blocks hits every error cycle left by the first two at once,
+            # so they unravel in parallel rather than one random-halves pass at a time
+            sizes = [min(_pow2_at_least(0.8 / q), top), min(_pow2_at_least(2.0 / q), top), max(1, top // 64)]
             clean = _default_clean_passes(n) if clean_passes is None else clean_passes
-            return cls(variant, k1, k2, 2, clean, reuse_parities=True)
+            return cls(variant, tuple(sizes), clean, reuse_parities=True)
         raise InputError(f"unknown cascade variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 
@@ -500,16 +516,22 @@ class CascadeBob:
         self._protocol = self._run()
         self._pending: BobMessage | None = None
         self._done = False
+        self._failed: RemoteProtocolError | None = None
 
     # -- sans-IO interface
 
     def next_message(self) -> BobMessage:
         """The next message for Alice (a :class:`Finished` when reconciliation is over)."""
+        self._check_usable()
         if self._pending is None:
             if self._done:
                 raise LocalProtocolError("cascade: already finished")
             self._pending = next(self._protocol)
         return self._pending
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise LocalProtocolError(f"cascade: unusable after an earlier error ({self._failed})")
 
     def receive(self, reply: Parities) -> None:
         """Feed Alice's answer to the last request.
@@ -517,10 +539,15 @@ class CascadeBob:
         Raises:
             RemoteProtocolError: the answer does not fit the question (count, length, padding).
         """
+        self._check_usable()
         if self._pending is None or isinstance(self._pending, Finished):
             raise LocalProtocolError("cascade: no request is waiting for an answer")
         self._pending = None
-        self._pending = self._protocol.send(reply)
+        try:
+            self._pending = self._protocol.send(reply)
+        except RemoteProtocolError as error:
+            self._failed = error  # final, like h11's ERROR state
+            raise
 
     def result(self) -> CascadeResult:
         if not isinstance(self._pending, Finished):
@@ -544,17 +571,20 @@ class CascadeBob:
         clean_in_a_row = 0
         while len(self._passes) < MAX_PASSES:
             index = len(self._passes)
-            if index < schedule.fixed_passes:
-                size = schedule.first_block if index == 0 else schedule.second_block << max(0, index - 1)
-                layout = self._affine_layout(min(size, self.n))
+            if index < len(schedule.block_sizes):
+                layout = self._affine_layout(min(schedule.block_sizes[index], self.n))
             elif schedule.clean_passes and clean_in_a_row < schedule.clean_passes:
                 layout = PassLayout("halves", seed=self._source.bytes(16))
             else:
                 break
             shared = _Pass(layout, self.n)
             alice_top = yield from self._ask(StartPass(index, layout), shared.block_count)
-            state = _BobPass(index, shared, alice_top, shared.top_parities(self.key), schedule.reuse_parities)
-            state.flips_seen = len(self._flip_log)
+            state = _BobPass(index, shared, alice_top, alice_top, schedule.reuse_parities)
+            if layout.kind == "affine":
+                # from the prefix of Bob's original bits (needed for the searches anyway) and his flips
+                state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
+            else:
+                state.odd = alice_top != shared.top_parities(self.key)
             self._passes.append(state)
             if layout.kind == "halves":
                 clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1

@@ -59,9 +59,7 @@ def test_no_errors_discloses_only_top_parities(rng: np.random.Generator) -> None
     key = rng.integers(0, 2, 1 << 14, dtype=np.uint8)
     result, _ = reconcile_in_memory(key, key.copy(), 0.01, rng)
     schedule = cascade.Schedule.for_variant("optimized", 0.01, key.size)
-    expected = (
-        key.size // schedule.first_block + key.size // schedule.second_block + 2 * schedule.clean_passes
-    )
+    expected = sum(key.size // k for k in schedule.block_sizes) + 2 * schedule.clean_passes
     assert result.disclosed_bits == expected
     assert result.corrected_bits == 0
 
@@ -87,7 +85,7 @@ def test_round_trips_do_not_grow_with_blocks(rng: np.random.Generator) -> None:
 
 def test_schedules() -> None:
     original = cascade.Schedule.for_variant("original", 0.01, 10**6)
-    assert original.first_block == 73 and original.fixed_passes == 4 and not original.reuse_parities
+    assert original.block_sizes == (73, 146, 292, 584) and not original.reuse_parities
     optimized = cascade.Schedule.for_variant("optimized", 0.02, 10**6)
     assert optimized.first_block & (optimized.first_block - 1) == 0
     assert cascade.Schedule.for_variant("optimized", 0.0, 100).first_block <= 100
@@ -172,6 +170,10 @@ def test_bob_rejects_answers_that_do_not_fit(rng: np.random.Generator) -> None:
     assert reply is not None
     with pytest.raises(RemoteProtocolError, match="expected"):
         bob.receive(dataclasses.replace(reply, count=reply.count + 1))
+    with pytest.raises(LocalProtocolError, match="earlier error"):
+        bob.next_message()
+    with pytest.raises(LocalProtocolError, match="earlier error"):
+        bob.receive(reply)
     bob = CascadeBob(bob_key, 0.01, rng)
     reply = CascadeAlice(alice_key).handle(bob.next_message())
     assert reply is not None

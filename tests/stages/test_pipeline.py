@@ -30,3 +30,10 @@ def test_small_frame_yields_no_key_but_no_error(rng: np.random.Generator) -> Non
         prep, det, np.random.default_rng(1), np.random.default_rng(2), PipelineConfig(z_sample_fraction=0.05)
     )
     assert result.aborted and result.reason is not None and "no secret key" in result.reason
+
+
+def test_frame_without_detections_aborts_cleanly(rng: np.random.Generator) -> None:
+    prep, det = synthetic_frame(rng, 1000, detection_probability=0.0, qber=0.0)
+    result = run_frame(prep, det, np.random.default_rng(1), np.random.default_rng(2))
+    assert result.aborted and result.detections == 0 and result.secret_bits == 0
+    assert result.reason is not None and "no Z-basis key bits" in result.reason
