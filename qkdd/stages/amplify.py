@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, random_bits, unpack_bits
-from qkdd.errors import InputError, LocalProtocolError
+from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 
 MAX_INPUT_BITS = 1 << 24
 """Largest input the FFT path is specified (and tested) to hash exactly."""
@@ -184,8 +184,6 @@ def amplify(key: Bits, message: AmplificationSeed) -> Bits:
     Raises:
         RemoteProtocolError: the message does not fit this key (length, bounds, padding).
     """
-    from qkdd.errors import RemoteProtocolError  # noqa: PLC0415
-
     if message.input_bits != key.size:
         raise RemoteProtocolError(f"amplification seed is for {message.input_bits} bits, key has {key.size}")
     if not 0 < message.output_bits <= message.input_bits:

@@ -396,11 +396,12 @@ def _default_clean_passes(n: int) -> int:
 class _BobPass:
     """Bob's per-pass state on top of the shared layout, including the searches under way in it."""
 
-    def __init__(self, index: int, layout: _Pass, alice_top: Bits, bob_top: Bits, reuse: bool) -> None:
+    def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
         self.index = index
         self.layout = layout
         self.alice_top = alice_top
-        self.odd: npt.NDArray[np.bool_] = alice_top != bob_top
+        # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
+        self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
         self.searching = np.zeros(layout.block_count, dtype=bool)
         self.prefix: Bits | None = None  # parity prefix of Bob's *original* bits in pass order
         self.flips_seen = 0  # entries of the flip log merged into flip_positions
@@ -579,7 +580,7 @@ class CascadeBob:
                 break
             shared = _Pass(layout, self.n)
             alice_top = yield from self._ask(StartPass(index, layout), shared.block_count)
-            state = _BobPass(index, shared, alice_top, alice_top, schedule.reuse_parities)
+            state = _BobPass(index, shared, alice_top, schedule.reuse_parities)
             if layout.kind == "affine":
                 # from the prefix of Bob's original bits (needed for the searches anyway) and his flips
                 state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)

@@ -53,8 +53,13 @@ def run_frame(
     started = time.perf_counter()
     empty = np.zeros(0, dtype=np.uint8)
 
-    def stop(
-        reason: str, sifted_bits: int, qber: float | None, phase: float | None, disclosed: int
+    def finish(
+        sifted_bits: int,
+        qber: float | None,
+        phase: float | None,
+        disclosed: int,
+        reason: str | None = None,
+        keys: tuple[Bits, Bits] = (empty, empty),
     ) -> FrameResult:
         return FrameResult(
             preparation.pulses,
@@ -63,13 +68,18 @@ def run_frame(
             qber,
             phase,
             disclosed,
-            0,
-            True,
+            int(keys[0].size),
+            reason is not None,
             reason,
             time.perf_counter() - started,
-            empty,
-            empty,
+            keys[0],
+            keys[1],
         )
+
+    def stop(
+        reason: str, sifted_bits: int, qber: float | None, phase: float | None, disclosed: int
+    ) -> FrameResult:
+        return finish(sifted_bits, qber, phase, disclosed, reason)
 
     detections = sifting.resolve_double_clicks(detections, bob_random)
     announce = sifting.bob_announce(detections)
@@ -118,20 +128,7 @@ def run_frame(
     seed = amplify.choose_seed(alice_random, int(alice_key.size), length.secret_bits)
     alice_final = amplify.amplify(alice_key, seed)
     bob_final = amplify.amplify(result.key, seed)
-    return FrameResult(
-        preparation.pulses,
-        int(detections.indices.size),
-        sifted_bits,
-        qber,
-        phase,
-        disclosed,
-        length.secret_bits,
-        False,
-        None,
-        time.perf_counter() - started,
-        alice_final,
-        bob_final,
-    )
+    return finish(sifted_bits, qber, phase, disclosed, keys=(alice_final, bob_final))
 
 
 def synthetic_frame(
