@@ -31,7 +31,8 @@ protocol Cascade", QIC 15 (2015), compares them):
 * ``biconf`` — the original's first two passes, then BICONF (Buttler et al. 2003) random-halves passes
   until ``clean_passes`` in a row find no odd block, with parity reuse.
 * ``optimized`` — the 2015 paper's guidelines: block sizes are powers of two (every binary search
-  discloses exactly log2 k parities), k1 = 2^⌈log2(α/Q)⌉, a second pass of larger blocks, then
+  discloses exactly log2 k parities), k1 = 2^⌈log2(0.8/Q)⌉, a second pass of larger blocks (and from
+  2^18 bits a third of n/64 bits), then
   random-halves passes until ``clean_passes`` in a row are clean; parity reuse throughout.
 
 Bob's side is written as a generator that yields requests and receives replies; :class:`CascadeBob`
@@ -61,6 +62,8 @@ MAX_RANGES_PER_REQUEST = 1 << 22
 """Most parity ranges in one request (spec bound)."""
 MIN_QBER = 1e-3
 """Block sizes are chosen as if the QBER were at least this."""
+SMALL_FRAME_BITS = 1 << 18
+"""``optimized`` adds a third pass of n/64-bit blocks from this frame length up."""
 
 VARIANTS = ("original", "biconf", "optimized")
 
@@ -374,7 +377,12 @@ class Schedule:
             top = _pow2_at_most(n)
             # a third pass of n/64-bit blocks hits every error cycle left by the first two at once,
             # so they unravel in parallel rather than one random-halves pass at a time
-            sizes = [min(_pow2_at_least(0.8 / q), top), min(_pow2_at_least(2.0 / q), top), max(1, top // 64)]
+            if n >= SMALL_FRAME_BITS:
+                sizes = [_pow2_at_least(0.8 / q), _pow2_at_least(2.0 / q), max(1, top // 64)]
+            else:
+                # below 2^18 bits few error cycles survive two passes; a larger second block is cheaper
+                sizes = [_pow2_at_least(0.8 / q), _pow2_at_least(4.0 / q)]
+            sizes = [min(size, top) for size in sizes]
             clean = _default_clean_passes(n) if clean_passes is None else clean_passes
             return cls(variant, tuple(sizes), clean, reuse_parities=True)
         raise InputError(f"unknown cascade variant {variant!r}; expected one of {', '.join(VARIANTS)}")
