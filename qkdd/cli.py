@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from qkdd import __version__
+from qkdd.errors import QkddError
 from qkdd.stages.cascade import VARIANTS
 
 
@@ -15,28 +18,97 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qkdd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bench = commands.add_parser("bench", help="run the benchmarks (Cascade, privacy amplification)")
+    bench = commands.add_parser("bench", help="run the benchmarks (Cascade, privacy amplification, e2e)")
+    bench.add_argument("what", nargs="?", choices=["stages", "e2e"], default="stages",
+                       help="stages (default): Cascade and amplification; e2e: two daemons over loopback")
     bench.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     bench.add_argument(
         "--variant", action="append", choices=VARIANTS, help="Cascade variant(s) to run (default: all)"
     )
-    bench.add_argument(
-        "--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults"
-    )
+    bench.add_argument("--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults")
+    bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
+
+    run = commands.add_parser("run", help="run a daemon in the foreground")
+    run.add_argument("--config", type=Path, required=True, help="the TOML config file")
+    run.add_argument("--rounds", type=int, help="stop after this many rounds (overrides run.max_rounds)")
+
+    init = commands.add_parser("init", help="write a config file and, for PSK bootstrap, a fresh PSK")
+    init.add_argument("--role", choices=["alice", "bob"], required=True)
+    init.add_argument("--peer", required=True, help="HOST:PORT of the other daemon")
+    init.add_argument("--listen", help="HOST:PORT to accept connections on (default: Bob listens on --peer's port)")
+    init.add_argument("--state-dir", type=Path, required=True)
+    init.add_argument("--link-id", default="qkdd-link")
+    init.add_argument("--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)")
+    init.add_argument("--config", type=Path, help="where to write the config (default: STATE_DIR/ROLE.toml)")
+
+    demo = commands.add_parser("demo", help="Alice and Bob as two processes over 127.0.0.1")
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--distance-km", type=float, default=10.0)
+    demo.add_argument("--eve", type=float, default=0.0, metavar="FRACTION", help="intercept-resend on this fraction")
+    demo.add_argument("--pulses", type=int, default=1 << 24, help="pulses per frame (default 2^24)")
+    demo.add_argument("--state-dir", type=Path, help="keep the state here (default: a temporary folder)")
+    demo.add_argument("--json", action="store_true")
+
+    status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path)
+    where.add_argument("--state-dir", type=Path)
+    status.add_argument("--json", action="store_true")
+
+    keys = commands.add_parser("keys", help="key store tools")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    export = keys_commands.add_parser("export", help="print stored keys as JSON lines (operators only)")
+    export.add_argument("--state-dir", type=Path, required=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        from qkdd import bench  # noqa: PLC0415 - keep `qkdd --help` fast
+    try:
+        return _dispatch(args)
+    except QkddError as error:
+        print(f"qkdd {args.command}: {error}", file=sys.stderr)
+        return 2
 
+
+def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per subcommand
+    # imports inside the branches keep `qkdd --help` fast
+    if args.command == "bench":
         if args.frames is not None and args.frames < 1:
             print("qkdd bench: --frames must be at least 1", file=sys.stderr)
             return 2
+        if args.what == "e2e":
+            from qkdd import demo  # noqa: PLC0415
+
+            return demo.bench_e2e(args.quick, args.json, args.rounds)
+        from qkdd import bench  # noqa: PLC0415
+
         variants = args.variant or (["optimized", "original"] if args.quick else list(VARIANTS))
         return bench.main(args.quick, args.json, variants, args.frames)
+    if args.command == "run":
+        from qkdd import config, daemon  # noqa: PLC0415
+
+        loaded = config.load(args.config)
+        if args.rounds is not None:
+            loaded = config.Config(**{**loaded.__dict__, "max_rounds": args.rounds})
+        return daemon.main_run(loaded)
+    if args.command == "init":
+        from qkdd import admin  # noqa: PLC0415
+
+        return admin.init(args)
+    if args.command == "demo":
+        from qkdd import demo  # noqa: PLC0415
+
+        return demo.main(args)
+    if args.command == "status":
+        from qkdd import admin  # noqa: PLC0415
+
+        return admin.status(args)
+    if args.command == "keys":
+        from qkdd import admin  # noqa: PLC0415
+
+        return admin.export_keys(args.state_dir)
     return 2
 
 

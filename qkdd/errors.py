@@ -17,6 +17,7 @@ class ProtocolError(QkddError):
     """Something broke the protocol; ``code`` is the error code sent in the error frame."""
 
     code: str = "protocol"
+    frame: bytes | None = None  # the error frame to send before closing, when the engine built one
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

@@ -1,0 +1,5 @@
+import sys
+
+from qkdd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""Daemon configuration: a TOML file turned into frozen dataclasses.
+
+Every error names the offending key (``network.peer``) and the expected form. Relative paths
+(``state_dir``, ``auth.psk_file``) are relative to the config file's folder. README "Configuration"
+lists every key; ``qkdd init`` writes a commented file.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkdd import spec
+from qkdd.errors import InputError
+from qkdd.stages import cascade, estimation, keylength
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: object, key: str) -> Address:
+    if not isinstance(text, str) or ":" not in text:
+        raise InputError(f"{key}: expected \"HOST:PORT\", got {text!r}")
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InputError(f"{key}: expected \"HOST:PORT\" with a port in 0..65535, got {text!r}")
+    return Address(host, int(port))
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    cascade_variant: str = "optimized"
+    qber_threshold: float = estimation.DEFAULT_THRESHOLD
+    z_sample_fraction: float = 0.0
+    qber_prior: float = 0.02
+    eps_sec: float = keylength.DEFAULT_EPS_SEC
+    eps_cor: float = keylength.DEFAULT_EPS_COR
+    key_block_bits: int = 256
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    handshake: float = spec.load().timeouts["handshake"]
+    round: float = spec.load().timeouts["round"]
+    idle: float = spec.load().timeouts["idle"]
+    shutdown_grace: float = 5.0
+    reconnect_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    role: str
+    link_id: str
+    state_dir: Path
+    psk_file: Path
+    listen: Address | None
+    peer: Address | None
+    max_frame_bytes: int = spec.load().max_frame_bytes
+    link_backend: str = "sim"
+    link_options: Mapping[str, Any] = field(default_factory=dict)
+    post: PostProcessing = PostProcessing()
+    timeouts: Timeouts = Timeouts()
+    max_rounds: int = 0  # 0: run until stopped
+    round_pause: float = 0.0
+    source: Path | None = None
+
+
+def _take(table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise InputError(f"{prefix}{key}: unknown key; expected one of {', '.join(sorted(allowed))}")
+
+
+def _number(value: object, key: str, *, low: float, high: float = math.inf, integer: bool = False) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not low <= value <= high:  # type: ignore[operator]
+        kind = "an integer" if integer else "a number"
+        raise InputError(f"{key}: expected {kind} in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise InputError(f"{key}: expected a table ([{key}])")
+    return value
+
+
+def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
+    """Build and check a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
+    _take(raw, "", {"role", "link_id", "state_dir", "network", "auth", "link", "post", "timeouts", "run"})
+    role = raw.get("role")
+    if role not in spec.ROLES:
+        raise InputError(f"role: expected \"alice\" or \"bob\", got {role!r}")
+    link_id = _string(raw.get("link_id"), "link_id")
+    if len(link_id.encode()) > 128:
+        raise InputError("link_id: at most 128 bytes")
+    state_dir = base / _string(raw.get("state_dir"), "state_dir")
+
+    network = _table(raw, "network")
+    _take(network, "network.", {"listen", "peer", "max_frame_bytes"})
+    listen = parse_address(network["listen"], "network.listen") if network.get("listen") else None
+    peer = parse_address(network["peer"], "network.peer") if network.get("peer") else None
+    if (listen is None) == (peer is None):
+        raise InputError("network: set exactly one of network.listen (accept) and network.peer (connect)")
+    max_frame = _number(
+        network.get("max_frame_bytes", spec.load().max_frame_bytes), "network.max_frame_bytes",
+        low=1 << 16, high=1 << 30, integer=True,
+    )
+
+    auth = _table(raw, "auth")
+    _take(auth, "auth.", {"method", "psk_file"})
+    if auth.get("method", "psk") != "psk":
+        raise InputError(f"auth.method: expected \"psk\", got {auth.get('method')!r}")
+    psk_file = base / _string(auth.get("psk_file"), "auth.psk_file")
+
+    link = _table(raw, "link")
+    backend = _string(link.get("backend", "sim"), "link.backend")
+    _take(link, "link.", {"backend", backend})
+    options = link.get(backend, {})
+    if not isinstance(options, dict):
+        raise InputError(f"link.{backend}: expected a table")
+
+    post_raw = _table(raw, "post")
+    _take(post_raw, "post.", set(PostProcessing.__dataclass_fields__))
+    variant = post_raw.get("cascade_variant", "optimized")
+    if variant not in cascade.VARIANTS:
+        raise InputError(f"post.cascade_variant: expected one of {', '.join(cascade.VARIANTS)}, got {variant!r}")
+    block_bits = _number(post_raw.get("key_block_bits", 256), "post.key_block_bits", low=8, high=65536, integer=True)
+    if block_bits % 8:
+        raise InputError(f"post.key_block_bits: expected a multiple of 8, got {block_bits}")
+    post = PostProcessing(
+        cascade_variant=variant,
+        qber_threshold=_number(post_raw.get("qber_threshold", 0.11), "post.qber_threshold", low=0.001, high=0.5),
+        z_sample_fraction=_number(post_raw.get("z_sample_fraction", 0.0), "post.z_sample_fraction", low=0, high=0.5),
+        qber_prior=_number(post_raw.get("qber_prior", 0.02), "post.qber_prior", low=0.001, high=0.5),
+        eps_sec=_number(post_raw.get("eps_sec", keylength.DEFAULT_EPS_SEC), "post.eps_sec", low=1e-30, high=0.1),
+        eps_cor=_number(post_raw.get("eps_cor", keylength.DEFAULT_EPS_COR), "post.eps_cor", low=1e-30, high=0.1),
+        key_block_bits=block_bits,
+    )
+
+    timeouts_raw = _table(raw, "timeouts")
+    _take(timeouts_raw, "timeouts.", set(Timeouts.__dataclass_fields__))
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        **{
+            name: _number(timeouts_raw.get(name, getattr(defaults, name)), f"timeouts.{name}", low=0.01, high=86400)
+            for name in Timeouts.__dataclass_fields__
+        }
+    )
+
+    run = _table(raw, "run")
+    _take(run, "run.", {"max_rounds", "round_pause"})
+    return Config(
+        role=role,
+        link_id=link_id,
+        state_dir=state_dir,
+        psk_file=psk_file,
+        listen=listen,
+        peer=peer,
+        max_frame_bytes=max_frame,
+        link_backend=backend,
+        link_options=dict(options),
+        post=post,
+        timeouts=timeouts,
+        max_rounds=_number(run.get("max_rounds", 0), "run.max_rounds", low=0, integer=True),
+        round_pause=_number(run.get("round_pause", 0.0), "run.round_pause", low=0, high=3600),
+    )
+
+
+def load(path: Path) -> Config:
+    """Read and check a config file."""
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"{path}: not valid TOML: {error}") from None
+    config = from_mapping(raw, path.resolve().parent)
+    return Config(**{**config.__dict__, "source": path})
+
+
+def render(
+    role: str,
+    *,
+    link_id: str,
+    state_dir: str,
+    psk_file: str,
+    listen: str | None,
+    peer: str | None,
+    sim: Mapping[str, Any] | None = None,
+    max_rounds: int = 0,
+) -> str:
+    """A commented config file (``qkdd init``, ``qkdd demo``)."""
+    network = f'listen = "{listen}"' if listen else f'peer = "{peer}"'
+    sim_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in (sim or {}).items())
+    return f"""# qkdd {role} — see README "Configuration" for every key
+role = "{role}"
+link_id = "{link_id}"          # must be the same on both sides
+state_dir = "{state_dir}"      # key store; never restore it from a backup
+
+[network]
+{network}
+# max_frame_bytes = 16777216
+
+[auth]
+method = "psk"
+psk_file = "{psk_file}"        # the same file on both hosts, mode 0600
+
+[link]
+backend = "sim"
+
+[link.sim]
+# the simulator derives Alice's preparation from this seed on both sides (a test convenience)
+{sim_lines or "seed = 1"}
+
+[post]
+# cascade_variant = "optimized"
+# qber_threshold = 0.11
+# eps_sec = 1e-9
+# eps_cor = 1e-15
+# key_block_bits = 256
+
+[timeouts]
+# handshake = 10.0
+# round = 60.0
+# idle = 600.0
+# shutdown_grace = 5.0
+
+[run]
+max_rounds = {max_rounds}      # 0: run until stopped
+"""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)

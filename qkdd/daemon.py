@@ -1,0 +1,389 @@
+"""The daemon: a thin trio shell around the engine (sockets, timers, reconnects, signals, systemd).
+
+Theory of operation
+-------------------
+* Bob (or whichever side has ``network.listen``) accepts connections; Alice (``network.peer``) connects,
+  and reconnects after any failure with capped exponential backoff and jitter.
+* Each connection gets a fresh :class:`~qkdd.engine.Engine`. One task reads, feeds complete frames to the
+  engine and carries out its actions in order: frames are written, rounds reserved, keys stored or
+  committed in the SQLite store before the next frame goes out. CPU-heavy steps run in a worker thread so
+  the event loop keeps serving other connections and the systemd watchdog.
+* Every wait for the peer has a deadline: the engine's timeout for its state, renewed by each complete
+  frame. A disconnect, timeout or protocol error ends the connection; the round under way is abandoned
+  and nothing of it is stored (a round Bob holds as pending is resolved on the next connection, §13).
+* A connection that authenticates replaces the previous authenticated one (a peer that restarted).
+* SIGTERM/SIGINT: stop starting rounds, let the round under way finish within ``timeouts.shutdown_grace``
+  seconds, then close with an error frame ``shutdown``.
+* Logs go to stderr, one line per notable event and one per round, never key material.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from qkdd import engine as engine_mod
+from qkdd import wire
+from qkdd.auth.psk import read_psk
+from qkdd.bits import SystemRandom
+from qkdd.config import Config
+from qkdd.errors import QkddError, RemoteProtocolError
+from qkdd.links import open_link
+from qkdd.records import RoundSummary
+from qkdd.sdnotify import Notifier
+from qkdd.store import KeyStore
+
+log = logging.getLogger("qkdd")
+LISTEN_FILE = "listen-address"
+MAX_HANDSHAKES = 16
+READ_SIZE = 1 << 16
+T = TypeVar("T")
+
+
+def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> str:
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    text = (
+        f"round {summary.round} {disposition}: pulses={summary.pulses} detections={summary.detections} "
+        f"sifted={summary.sifted_bits} qber={rate(summary.qber)} phase_error={rate(summary.phase_error)} "
+        f"disclosed={summary.disclosed_bits} secret={summary.secret_bits} seconds={seconds:.3f} "
+        f"auth={summary.auth}"
+    )
+    return text + (f" reason={summary.reason!r}" if summary.reason else "")
+
+
+@dataclass
+class _Session:
+    peer: str
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    engine: engine_mod.Engine | None = None
+
+
+class Daemon:
+    """One qkdd daemon (either role)."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.role = config.role
+        self.psk = read_psk(config.psk_file)
+        self.link = open_link(config.link_backend, config.role, config.link_options)
+        self.store = KeyStore(config.state_dir, config.link_id)
+        self.notifier = notifier or Notifier()
+        self.settings = engine_mod.EngineSettings(
+            link_id=config.link_id,
+            psk=self.psk,
+            cascade_variant=config.post.cascade_variant,
+            qber_threshold=config.post.qber_threshold,
+            z_sample_fraction=config.post.z_sample_fraction,
+            qber_prior=config.post.qber_prior,
+            eps_sec=config.post.eps_sec,
+            eps_cor=config.post.eps_cor,
+            key_block_bits=config.post.key_block_bits,
+            handshake_timeout=config.timeouts.handshake,
+            round_timeout=config.timeouts.round,
+            idle_timeout=config.timeouts.idle,
+        )
+        self.rounds_finished = 0
+        self.stopping = False
+        self._stop = trio.Event()
+        self._store_lock = trio.Lock()
+        self._active: _Session | None = None
+        self._handshakes = 0
+        self._round_started: float | None = None
+        self._round_idle = trio.Event()
+        self._round_idle.set()
+        self.listen_port: int | None = None
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`request_stop` (or ``run.max_rounds``), then stop within the grace period."""
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.config.listen is not None:
+                    listeners = await trio.open_tcp_listeners(self.config.listen.port, host=self.config.listen.host)
+                    sockname = listeners[0].socket.getsockname()
+                    self.listen_port = int(sockname[1])
+                    self._write_listen_file(sockname[0], self.listen_port)
+                    log.info("%s listening on %s:%d", self.role, sockname[0], self.listen_port)
+                    nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+                else:
+                    nursery.start_soon(self._connect_loop)
+                if self.notifier.watchdog_seconds:
+                    nursery.start_soon(self._watchdog)
+                self.notifier.ready(f"{self.role} of link {self.config.link_id}")
+                task_status.started(self.listen_port)
+                await self._stop.wait()
+                self.notifier.stopping()
+                with trio.move_on_after(self.config.timeouts.shutdown_grace):
+                    await self._round_idle.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.store.close()
+            log.info("%s stopped after %d rounds", self.role, self.rounds_finished)
+
+    def request_stop(self, why: str) -> None:
+        if not self.stopping:
+            log.info("stopping: %s", why)
+        self.stopping = True
+        self._stop.set()
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_seconds
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(self.notifier.watchdog_seconds / 2)
+
+    def _write_listen_file(self, host: str, port: int) -> None:
+        path = self.config.state_dir / LISTEN_FILE
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(f"{host}:{port}\n")
+        temporary.replace(path)
+
+    # -- connections
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        if self._handshakes >= MAX_HANDSHAKES or self.stopping:
+            log.warning("refusing connection from %s: busy or stopping", peer)
+            await stream.aclose()
+            return
+        await self._session(stream, peer)
+
+    async def _connect_loop(self) -> None:
+        assert self.config.peer is not None
+        delay = 0.1
+        while not self.stopping:
+            try:
+                stream = await trio.open_tcp_stream(self.config.peer.host, self.config.peer.port)
+            except OSError as error:
+                log.info("cannot connect to %s: %s; retrying in %.1f s", self.config.peer, error.strerror, delay)
+            else:
+                peer = _peer_name(stream)
+                log.info("connected to %s", peer)
+                reached_ready = await self._session(stream, peer)
+                if reached_ready:
+                    delay = 0.1
+                if self.stopping:
+                    return
+            # capped exponential backoff with full jitter
+            await trio.sleep(random.uniform(0.5, 1.0) * delay)
+            delay = min(delay * 2, self.config.timeouts.reconnect_max)
+
+    async def _session(self, stream: trio.SocketStream, peer: str) -> bool:
+        """Run one connection to its end; returns whether it got past the handshake."""
+        session = _Session(peer)
+        engine = engine_mod.Engine(
+            self.role, self.settings, link=self.link, store=self.store, random=SystemRandom()
+        )
+        session.engine = engine
+        decoder = wire.FrameDecoder(self.config.max_frame_bytes)
+        ready = False
+        self._handshakes += 1
+        try:
+            with session.cancel_scope:
+                await self._execute(session, stream, engine.initiate())
+                deadline = _deadline(engine.timeout)
+                while True:
+                    if engine.state is engine_mod.State.IDLE and self.role == "alice":
+                        if self.stopping or self._max_rounds_reached():
+                            await _send_quietly(stream, engine.close("shutdown", "no more rounds"))
+                            if self._max_rounds_reached():
+                                self.request_stop("all rounds done")
+                            return ready
+                        if self.config.round_pause:
+                            await trio.sleep(self.config.round_pause)
+                        self._begin_round()
+                        await self._execute(session, stream, await self._call(engine.start_round))
+                        deadline = _deadline(engine.timeout)
+                        continue
+                    data = b""
+                    with trio.move_on_at(deadline) as waiting:
+                        data = await stream.receive_some(READ_SIZE)
+                    if waiting.cancelled_caught:
+                        log.warning(
+                            "%s: no frame in state %s within its timeout%s", peer, engine.state.value, _abandoned(engine)
+                        )
+                        await _send_quietly(stream, engine.close("timeout", f"nothing received in {engine.state.value}"))
+                        return ready
+                    if not data:
+                        decoder.check_eof()
+                        log.info("%s closed the connection%s", peer, _abandoned(engine))
+                        return ready
+                    for payload in decoder.feed(data):
+                        heavy = engine.state is not engine_mod.State.RECONCILING
+                        if engine.state is engine_mod.State.IDLE and self.role == "bob":
+                            self._begin_round()
+                        actions = await self._call(engine.receive_frame, payload, thread=heavy)
+                        if any(isinstance(a, engine_mod.Ready) for a in actions):
+                            ready = True
+                            self._handshakes -= 1
+                            await self._become_active(session)
+                        await self._execute(session, stream, actions)
+                        deadline = _deadline(engine.timeout)
+                        if self.role == "bob" and self._max_rounds_reached() and engine.state is engine_mod.State.IDLE:
+                            self.request_stop("all rounds done")
+        except RemoteProtocolError as error:
+            frame = error.frame if error.frame is not None else None
+            if frame is None and engine.state is not engine_mod.State.CLOSED:
+                frame = engine.close(error.code, str(error))
+            log.warning("%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
+            if frame is not None:
+                await _send_quietly(stream, frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
+        finally:
+            if not ready:
+                self._handshakes -= 1
+            if self._active is session:
+                self._active = None
+            self._round_idle.set()
+            with trio.CancelScope(shield=True):
+                if self.stopping and engine.state is not engine_mod.State.CLOSED:
+                    await _send_quietly(stream, engine.close("shutdown", "the daemon is stopping"))
+                await stream.aclose()
+        return ready
+
+    async def _become_active(self, session: _Session) -> None:
+        old = self._active
+        self._active = session
+        if old is not None:
+            log.info("a new authenticated connection from %s replaces the one from %s", session.peer, old.peer)
+            old.cancel_scope.cancel()
+        log.info("link %s up with %s (qkdp/%s, auth %s)", self.config.link_id, session.peer,
+                 session.engine.version if session.engine else "?", "psk")
+
+    def _begin_round(self) -> None:
+        self._round_started = trio.current_time()
+        self._round_idle = trio.Event()
+
+    def _max_rounds_reached(self) -> bool:
+        return 0 < self.config.max_rounds <= self.rounds_finished
+
+    async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
+        if thread:
+            return await trio.to_thread.run_sync(function, *args)
+        return function(*args)
+
+    async def _execute(self, session: _Session, stream: trio.SocketStream, actions: list[engine_mod.Action]) -> None:
+        for action in actions:
+            match action:
+                case engine_mod.Send(frame=frame):
+                    await stream.send_all(frame)
+                case engine_mod.ReserveRound(round=number):
+                    await self._store_call(self.store.reserve_round, number)
+                case engine_mod.RoundEnded(summary=summary, disposition=disposition, blocks=blocks):
+                    seconds = self._round_seconds()
+                    if disposition == "aborted":
+                        await self._store_call(self.store.record_aborted, summary, seconds)
+                    else:
+                        await self._store_call(
+                            lambda: self.store.store_round(
+                                summary, blocks, pending=disposition == "pending", seconds=seconds
+                            )
+                        )
+                    log.info("%s", format_summary(summary, disposition, seconds))
+                    if disposition != "pending":
+                        self._round_done()
+                case engine_mod.CommitRound(round=number):
+                    await self._store_call(self.store.commit_round, number)
+                    log.info("round %d committed", number)
+                    self._round_done()
+                case engine_mod.ResolvePending(committed=committed):
+                    done, dropped = await self._store_call(self.store.resolve, committed)
+                    if done or dropped:
+                        log.info("pending rounds resolved: committed %s, dropped %s", done, dropped)
+                case engine_mod.Ready():
+                    pass
+
+    async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
+        async with self._store_lock:
+            return await trio.to_thread.run_sync(function, *args)
+
+    def _round_seconds(self) -> float:
+        if self._round_started is None:
+            return 0.0
+        return trio.current_time() - self._round_started
+
+    def _round_done(self) -> None:
+        self.rounds_finished += 1
+        self._round_started = None
+        self._round_idle.set()
+
+
+def _deadline(timeout: float | None) -> float:
+    return math.inf if timeout is None else trio.current_time() + timeout
+
+
+async def _send_quietly(stream: trio.SocketStream, frame: bytes) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown peer"
+    return f"{host}:{port}"
+
+
+def _abandoned(engine: engine_mod.Engine) -> str:
+    number = engine.round_number
+    return "" if number is None else f"; round {number} abandoned, nothing stored"
+
+
+async def run_forever(config: Config) -> int:
+    """``qkdd run``: serve until SIGTERM/SIGINT or ``run.max_rounds``."""
+    daemon = Daemon(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    daemon.request_stop(signal.Signals(signum).name)
+
+            nursery.start_soon(watch_signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def setup_logging(role: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    # journald adds its own timestamps; a terminal user still wants them
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    handler.setFormatter(logging.Formatter(f"{stamp}qkdd[{role}] %(levelname)s %(message)s"))
+    root = logging.getLogger("qkdd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main_run(config: Config) -> int:
+    setup_logging(config.role)
+    try:
+        return trio.run(run_forever, config)
+    except QkddError as error:
+        log.error("%s", error)
+        return 1
+
+
+def read_listen_address(state_dir: Path) -> str | None:
+    path = state_dir / LISTEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,749 @@
+"""The qkdp/1 protocol engine of one connection, for either role (protocol/qkdp-v1.md §9–§14).
+
+Theory of operation
+-------------------
+Bytes in, actions out. The daemon feeds complete frame payloads to :meth:`Engine.receive_frame` and
+local events to :meth:`Engine.start_round` / :meth:`Engine.abort_round`; each returns a list of
+:data:`Action` to carry out *in order*: frames to send, rounds to reserve, keys to store or commit. The
+engine opens no socket or file, reads no clock and draws randomness only from the source it is given.
+
+Every transition is looked up in ``protocol/qkdp-v1.toml`` (:mod:`qkdd.spec`) *before* its handler
+runs — a message the table does not allow in the current state is a ``bad-state`` error — and checked
+against the table after it ran: the new state and every message sent must be ones the table lists, or
+we raise :class:`LocalProtocolError`. So the engine cannot do what the spec does not say.
+
+A :class:`RemoteProtocolError` from any layer moves the engine to CLOSED (final, as in h11) and carries
+the error frame to send (``error.frame``); the round under way, if any, is dropped with nothing stored.
+Key material leaves the engine only in a :class:`RoundEnded` action, after confirmation matched and
+both sides computed the same secret length; Bob's copy is stored *pending* until Alice confirms that she
+committed (§13).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from qkdd import spec, wire
+from qkdd.auth import psk as psk_auth
+from qkdd.bits import Bits, RandomSource
+from qkdd.errors import LocalProtocolError, RemoteProtocolError
+from qkdd.links import AliceLink, BobLink
+from qkdd.records import RoundSummary, key_blocks
+from qkdd.stages import amplify, cascade, confirm, estimation, keylength, sifting
+
+SUPPORTED_VERSIONS = (1,)
+NONCE_BYTES = 32
+_MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
+
+
+class State(enum.Enum):
+    """The states of ``protocol/qkdp-v1.toml`` (each role uses a subset)."""
+
+    #: waiting for the peer's hello
+    HELLO = "HELLO"
+    #: waiting for the peer's bootstrap proof
+    AUTH = "AUTH"
+    #: authenticated; waiting for the peer's round numbering and parameters
+    SYNC = "SYNC"
+    #: Bob: waiting for Alice's word on his pending rounds
+    RESOLVING = "RESOLVING"
+    #: between rounds
+    IDLE = "IDLE"
+    #: a round is open; sifting under way
+    SIFTING = "SIFTING"
+    #: parameter estimation under way
+    ESTIMATING = "ESTIMATING"
+    #: Cascade under way
+    RECONCILING = "RECONCILING"
+    #: confirmation under way
+    CONFIRMING = "CONFIRMING"
+    #: Bob: waiting for the amplification seed
+    AMPLIFYING = "AMPLIFYING"
+    #: the key is computed; waiting for the peer's commit (Alice) or committed (Bob)
+    COMMITTING = "COMMITTING"
+    #: final: the connection is over
+    CLOSED = "CLOSED"
+
+
+# ------------------------------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this frame to the peer."""
+
+    frame: bytes
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRound:
+    """Persist that ``round`` is in use before anything of it is sent."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundEnded:
+    """A round is over: store it as ``committed``, ``pending`` (Bob, §13) or ``aborted`` (no key)."""
+
+    summary: RoundSummary
+    disposition: str
+    blocks: tuple[tuple[str, bytes], ...] = ()
+
+    def __repr__(self) -> str:  # never print key material
+        return f"RoundEnded({self.summary!r}, {self.disposition!r}, {len(self.blocks)} blocks)"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRound:
+    """Bob: Alice committed ``round``; commit the pending copy."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvePending:
+    """Bob: commit the pending rounds listed; drop every other pending round."""
+
+    committed: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The handshake is over; rounds may run."""
+
+    version: int
+
+
+Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready
+
+
+class StoreView(Protocol):
+    """What the engine reads of the key store (queries only; writes are actions)."""
+
+    @property
+    def next_round(self) -> int: ...
+
+    def pending_rounds(self) -> list[int]: ...
+
+    def committed_among(self, rounds: Sequence[int]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    link_id: str
+    psk: bytes = field(repr=False)
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS
+    cascade_variant: str = "optimized"
+    qber_threshold: float = estimation.DEFAULT_THRESHOLD
+    z_sample_fraction: float = 0.0
+    qber_prior: float = 0.02
+    eps_sec: float = keylength.DEFAULT_EPS_SEC
+    eps_cor: float = keylength.DEFAULT_EPS_COR
+    key_block_bits: int = 256
+    handshake_timeout: float = spec.load().timeouts["handshake"]
+    round_timeout: float = spec.load().timeouts["round"]
+    idle_timeout: float = spec.load().timeouts["idle"]
+
+
+@dataclass
+class _Round:
+    number: int
+    frame: int
+    pulses: int = 0
+    detections: int = 0
+    sifted_bits: int = 0
+    qber: float | None = None
+    phase_error: float | None = None
+    disclosed_bits: int = 0
+    preparation: sifting.Preparation | None = None
+    detected: sifting.Detections | None = None
+    sifted: sifting.SiftedKey | None = None
+    estimate_request: estimation.EstimateRequest | None = None
+    estimate: estimation.Estimate | None = None
+    key: Bits | None = None
+    alice: cascade.CascadeAlice | None = None
+    bob: cascade.CascadeBob | None = None
+    secret_bits: int = 0
+    blocks: tuple[tuple[str, bytes], ...] = ()
+
+
+# ------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """One connection's protocol state machine, for ``role`` ``"alice"`` or ``"bob"``."""
+
+    def __init__(
+        self,
+        role: str,
+        settings: EngineSettings,
+        *,
+        link: AliceLink | BobLink,
+        store: StoreView,
+        random: RandomSource,
+    ) -> None:
+        if role not in spec.ROLES:
+            raise LocalProtocolError(f"unknown role {role!r}")
+        self.role = role
+        self.peer_role = "bob" if role == "alice" else "alice"
+        self.settings = settings
+        self._spec = spec.load()
+        self._link = link
+        self._store = store
+        self._random = random
+        self.state = State.HELLO
+        self.version: int | None = None
+        self.auth = "psk"
+        self._nonce = random.bytes(NONCE_BYTES)
+        self._hellos: dict[str, bytes] = {}
+        self._macs: dict[str, psk_auth.FrameMac] = {}
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._next_round = store.next_round
+        self._peer_pending: list[int] = []
+        self._own_pending = store.pending_rounds() if role == "bob" else []
+        self._round: _Round | None = None
+        self._out: list[Action] = []
+        self._sent: list[str] = []
+
+    # -- public interface
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the current state may wait for the peer (``None``: no limit)."""
+        if self.state in (State.HELLO, State.AUTH, State.SYNC, State.RESOLVING):
+            return self.settings.handshake_timeout
+        if self.state is State.IDLE:
+            return self.settings.idle_timeout if self.role == "bob" else None
+        if self.state is State.CLOSED:
+            return None
+        return self.settings.round_timeout
+
+    @property
+    def round_number(self) -> int | None:
+        return None if self._round is None else self._round.number
+
+    def initiate(self) -> list[Action]:
+        """The opening hello (§10). Call once, right after connecting."""
+        if self._send_seq:
+            raise LocalProtocolError("initiate() called twice")
+        body = wire.encode_message(
+            "hello",
+            versions=list(self.settings.versions),
+            capabilities=[psk_auth.CAPABILITY],
+            role=self.role,
+            link_id=self.settings.link_id,
+            nonce=self._nonce,
+        )
+        self._hellos[self.role] = body
+        self._emit("hello", body)
+        return self._flush()
+
+    def receive_frame(self, payload: bytes) -> list[Action]:
+        """Process one complete frame payload from the peer.
+
+        Raises:
+            RemoteProtocolError: the frame breaks the protocol; the engine is CLOSED and ``error.frame``
+                holds the error frame to send before closing.
+        """
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("receive_frame() after CLOSED")
+        try:
+            envelope = wire.decode_envelope(payload)
+            self._check_sequence(envelope)
+            message = wire.decode_message(envelope.body)
+            if self.peer_role not in self._spec.messages[message.type].senders:
+                raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
+            if message.type == "error":
+                self._round = None
+                self.state = State.CLOSED
+                raise _PeerError(message["code"], message["message"], list(message["versions"]))
+            if message.type == "hello":
+                self._hellos[self.peer_role] = envelope.body
+            self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
+            return self._flush()
+        except RemoteProtocolError as error:
+            self._fail(error)
+            raise
+
+    def start_round(self) -> list[Action]:
+        """Alice, in IDLE: open the next round on the next frame of the link."""
+        if self.role != "alice":
+            raise LocalProtocolError("only Alice starts rounds")
+        self._transition("start_round", self._start_round)
+        return self._flush()
+
+    def abort_round(self, reason: str) -> list[Action]:
+        """Abandon the round under way (e.g. the link failed), telling the peer."""
+        def abort() -> State:
+            assert self._round is not None
+            self._send("abort", round=self._round.number, reason=reason[:256])
+            return self._end_aborted(reason)
+
+        self._transition("abort", abort)
+        return self._flush()
+
+    def close(self, code: str, message: str) -> bytes:
+        """Move to CLOSED and return the error frame to send (timeouts, shutdown, replacement)."""
+        if code not in self._spec.errors:
+            raise LocalProtocolError(f"unknown error code {code!r}")
+        frame = self._error_frame(code, message)
+        self.state = State.CLOSED
+        self._round = None
+        return frame
+
+    # -- plumbing
+
+    def _transition(self, on: str, handler: Callable[[], State]) -> None:
+        allowed = self._spec.allowed(self.role, self.state.value, on)
+        if allowed is None:
+            if on.startswith("recv:"):
+                raise RemoteProtocolError(f"{on[5:]} is not allowed in state {self.state.value}", code="bad-state")
+            raise LocalProtocolError(f"{on} is not allowed in state {self.state.value}")
+        self._sent = []
+        new_state = handler()
+        if new_state.value not in allowed.targets or any(m not in allowed.sends for m in self._sent):
+            raise LocalProtocolError(
+                f"{self.role} {self.state.value} --{on}--> {new_state.value} sending {self._sent} "
+                "is not in protocol/qkdp-v1.toml"
+            )
+        self.state = new_state
+
+    def _check_sequence(self, envelope: wire.Envelope) -> None:
+        if envelope.seq != self._recv_seq:
+            raise RemoteProtocolError(
+                f"sequence number {envelope.seq}, expected {self._recv_seq}", code="bad-seq"
+            )
+        if envelope.seq >= _MAC_FROM_SEQ:
+            if self.peer_role not in self._macs:
+                raise RemoteProtocolError("authenticated frame before the handshake ended", code="bad-state")
+            self._macs[self.peer_role].verify(envelope.seq, envelope.body, envelope.mac)
+        elif envelope.mac:
+            raise RemoteProtocolError("hello and auth frames carry no MAC", code="bad-message")
+        self._recv_seq += 1
+
+    def _emit(self, name: str, body: bytes) -> None:
+        seq = self._send_seq
+        mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
+        self._send_seq += 1
+        self._sent.append(name)
+        self._out.append(Send(wire.encode_frame(seq, body, mac), name))
+
+    def _send(self, name: str, **fields: Any) -> None:
+        self._emit(name, wire.encode_message(name, **fields))
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _error_frame(self, code: str, message: str) -> bytes:
+        body = wire.encode_message(
+            "error", code=code, message=message[:1024], versions=list(self.settings.versions)
+        )
+        seq = self._send_seq
+        can_mac = seq >= _MAC_FROM_SEQ and self.role in self._macs
+        self._send_seq += 1
+        return wire.encode_frame(seq, body, self._macs[self.role].tag(seq, body) if can_mac else b"")
+
+    def _fail(self, error: RemoteProtocolError) -> None:
+        self._out = []
+        self._round = None
+        if self.state is not State.CLOSED and not isinstance(error, _PeerError):
+            error.frame = self._error_frame(error.code, str(error))
+        self.state = State.CLOSED
+
+    # -- handshake (§10–§13)
+
+    def _dispatch(self, message: wire.Message) -> State:
+        handler = getattr(self, f"_on_{message.type}", None)
+        if handler is None:  # pragma: no cover - the spec check above makes this unreachable
+            raise LocalProtocolError(f"no handler for {message.type}")
+        if self._round is not None and "round" in message.fields and message["round"] != self._round.number:
+            raise RemoteProtocolError(
+                f"{message.type} names round {message['round']}, the open round is {self._round.number}"
+            )
+        new_state: State = handler(message)
+        return new_state
+
+    def _on_hello(self, message: wire.Message) -> State:
+        common = set(message["versions"]) & set(self.settings.versions)
+        if not common:
+            raise RemoteProtocolError(
+                f"no common protocol version: peer speaks {message['versions']}, we speak "
+                f"{list(self.settings.versions)}",
+                code="version-mismatch",
+            )
+        self.version = max(common)
+        if message["role"] != self.peer_role:
+            raise RemoteProtocolError(f"the peer says it is {message['role']}, as we are", code="wrong-peer")
+        if message["link_id"] != self.settings.link_id:
+            raise RemoteProtocolError(
+                f"the peer serves link {message['link_id'][:64]!r}, we serve {self.settings.link_id!r}",
+                code="wrong-peer",
+            )
+        if psk_auth.CAPABILITY not in message["capabilities"]:
+            raise RemoteProtocolError("no common bootstrap authentication method", code="wrong-peer")
+        transcript = psk_auth.transcript_hash(self._hellos["alice"], self._hellos["bob"])
+        self._transcript = transcript
+        nonces = self._nonce, message["nonce"]
+        alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
+        self._macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
+        self._send("auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript))
+        return State.AUTH
+
+    def _on_auth(self, message: wire.Message) -> State:
+        psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
+        self._send(
+            "sync",
+            next_round=self._next_round,
+            pending=self._own_pending[:1024],
+            qber_threshold=self.settings.qber_threshold,
+            eps_sec=self.settings.eps_sec,
+            eps_cor=self.settings.eps_cor,
+            key_block_bits=self.settings.key_block_bits,
+        )
+        return State.SYNC
+
+    def _on_sync(self, message: wire.Message) -> State:
+        for name in ("qber_threshold", "eps_sec", "eps_cor", "key_block_bits"):
+            if message[name] != getattr(self.settings, name):
+                raise RemoteProtocolError(
+                    f"{name}: the peer uses {message[name]}, we use {getattr(self.settings, name)}",
+                    code="config-mismatch",
+                )
+        self._next_round = max(self._next_round, message["next_round"])
+        if self.role == "bob":
+            if message["pending"]:
+                raise RemoteProtocolError("Alice never has pending rounds")
+            return State.RESOLVING
+        committed = self._store.committed_among(message["pending"])
+        self._send("resolve", committed=committed)
+        self._out.append(Ready(self.version or 1))
+        return State.IDLE
+
+    def _on_resolve(self, message: wire.Message) -> State:
+        if not set(message["committed"]) <= set(self._own_pending):
+            raise RemoteProtocolError("resolve lists a round that is not pending here")
+        self._out.append(ResolvePending(tuple(message["committed"])))
+        self._out.append(Ready(self.version or 1))
+        return State.IDLE
+
+    # -- a round, Alice's and Bob's handlers interleaved in protocol order
+
+    def _start_round(self) -> State:
+        link = self._link
+        assert isinstance(link, AliceLink)
+        number = self._next_round
+        self._next_round += 1
+        preparation = link.preparation(number)
+        self._round = _Round(number, number, pulses=preparation.pulses, preparation=preparation)
+        self._out.append(ReserveRound(number))
+        self._send("round_start", round=number, frame=number, pulses=preparation.pulses)
+        return State.SIFTING
+
+    def _on_round_start(self, message: wire.Message) -> State:
+        link = self._link
+        assert isinstance(link, BobLink)
+        number = message["round"]
+        if number < self._next_round:
+            raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
+        self._next_round = number + 1
+        self._out.append(ReserveRound(number))
+        detected = sifting.resolve_double_clicks(link.detections(message["frame"]), self._random)
+        if detected.pulses != message["pulses"]:
+            raise RemoteProtocolError(
+                f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}", code="config-mismatch"
+            )
+        self._round = _Round(number, message["frame"], pulses=detected.pulses, detected=detected)
+        self._round.detections = int(detected.indices.size)
+        announce = sifting.bob_announce(detected)
+        self._send(
+            "sift_announce",
+            round=number,
+            pulses=announce.pulses,
+            detections=announce.detections,
+            encoding=announce.encoding,
+            indices=announce.indices,
+            bases=announce.bases,
+        )
+        return State.SIFTING
+
+    def _on_sift_announce(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.preparation is not None
+        if message["pulses"] != r.pulses:
+            raise RemoteProtocolError(f"sift_announce is for {message['pulses']} pulses, the frame has {r.pulses}")
+        announce = sifting.SiftAnnounce(
+            message["pulses"], message["detections"], message["encoding"], message["indices"], message["bases"]
+        )
+        answer, r.sifted = sifting.alice_answer(r.preparation, announce)
+        r.detections = announce.detections
+        r.sifted_bits = int(r.sifted.bits.size)
+        self._send("sift_answer", round=r.number, matches=answer.matches, intensities=answer.intensities)
+        return State.ESTIMATING
+
+    def _on_sift_answer(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.detected is not None
+        r.sifted = sifting.bob_sift(r.detected, sifting.SiftAnswer(message["matches"], message["intensities"]))
+        r.sifted_bits = int(r.sifted.bits.size)
+        request = estimation.bob_request(r.sifted, self._random, z_sample_fraction=self.settings.z_sample_fraction)
+        r.estimate_request = request
+        self._send(
+            "estimate_request",
+            round=r.number,
+            x_count=request.x_count,
+            x_bits=request.x_bits,
+            z_count=request.z_count,
+            z_sample_mask=request.z_sample_mask,
+            z_sample_bits=request.z_sample_bits,
+        )
+        return State.ESTIMATING
+
+    def _on_estimate_request(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.sifted is not None
+        request = estimation.EstimateRequest(
+            message["x_count"], message["x_bits"], message["z_count"], message["z_sample_mask"],
+            message["z_sample_bits"],
+        )
+        answer, estimate = estimation.alice_answer(r.sifted, request, threshold=self.settings.qber_threshold)
+        self._send("estimate_answer", round=r.number, x_bits=answer.x_bits, z_sample_bits=answer.z_sample_bits)
+        r.estimate = estimate
+        r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
+        if estimate.abort_reason:
+            return self._end_aborted(estimate.abort_reason)
+        r.key = estimate.z_key(r.sifted)
+        r.alice = cascade.CascadeAlice(r.key)
+        return State.RECONCILING
+
+    def _on_estimate_answer(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.sifted is not None and r.estimate_request is not None
+        answer = estimation.EstimateAnswer(message["x_bits"], message["z_sample_bits"])
+        estimate = estimation.bob_estimate(
+            r.sifted, r.estimate_request, answer, threshold=self.settings.qber_threshold
+        )
+        r.estimate = estimate
+        r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
+        if estimate.abort_reason:
+            return self._end_aborted(estimate.abort_reason)
+        r.key = estimate.z_key(r.sifted)
+        guess = estimate.z_sample_error_rate
+        if guess is None:
+            guess = max(self.settings.qber_prior, estimate.phase_error_rate)
+        r.bob = cascade.CascadeBob(r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant)
+        return self._send_cascade(r)
+
+    def _send_cascade(self, r: _Round) -> State:
+        assert r.bob is not None and r.key is not None
+        match r.bob.next_message():
+            case cascade.StartPass(index=index, layout=layout):
+                self._send(
+                    "cascade_pass",
+                    round=r.number,
+                    index=index,
+                    kind=layout.kind,
+                    block_size=layout.block_size,
+                    multiplier=layout.multiplier,
+                    offset=layout.offset,
+                    seed=layout.seed,
+                )
+            case cascade.RangeRequest(passes=passes, starts=starts, ends=ends):
+                self._send(
+                    "cascade_ranges",
+                    round=r.number,
+                    passes=passes.astype(np.uint8).tobytes(),
+                    starts=starts.astype("<u4").tobytes(),
+                    ends=ends.astype("<u4").tobytes(),
+                )
+            case cascade.Finished(disclosed_bits=disclosed):
+                result = r.bob.result()
+                r.key = result.key
+                self._send(
+                    "cascade_done", round=r.number, disclosed_bits=disclosed, corrected_bits=result.corrected_bits
+                )
+                return self._after_cascade(r, disclosed, result.corrected_bits)
+        return State.RECONCILING
+
+    def _after_cascade(self, r: _Round, disclosed: int, corrected: int) -> State:
+        assert r.key is not None
+        r.disclosed_bits = disclosed + confirm.TAG_BITS
+        r.qber = corrected / r.key.size
+        reason = estimation.qber_abort_reason(corrected, int(r.key.size), self.settings.qber_threshold)
+        if reason:
+            return self._end_aborted(reason)
+        if self.role == "alice":
+            request = confirm.alice_confirm(r.key, self._random)
+            self._send(
+                "confirm", round=r.number, hash_key=request.hash_key.to_bytes(12, "big"),
+                tag=request.tag.to_bytes(12, "big"),
+            )
+        return State.CONFIRMING
+
+    def _on_cascade_pass(self, message: wire.Message) -> State:
+        layout = cascade.PassLayout(
+            message["kind"], message["block_size"], message["multiplier"], message["offset"], message["seed"]
+        )
+        return self._answer_cascade(cascade.StartPass(message["index"], layout))
+
+    def _on_cascade_ranges(self, message: wire.Message) -> State:
+        count = len(message["passes"])
+        if len(message["starts"]) != 4 * count or len(message["ends"]) != 4 * count:
+            raise RemoteProtocolError("cascade_ranges: passes, starts and ends must describe the same ranges")
+        request = cascade.RangeRequest(
+            np.frombuffer(message["passes"], dtype=np.uint8),
+            np.frombuffer(message["starts"], dtype="<u4").astype(np.uint32),
+            np.frombuffer(message["ends"], dtype="<u4").astype(np.uint32),
+        )
+        return self._answer_cascade(request)
+
+    def _answer_cascade(self, request: cascade.StartPass | cascade.RangeRequest) -> State:
+        r = self._open_round()
+        assert r.alice is not None
+        reply = r.alice.handle(request)
+        assert reply is not None
+        self._send("cascade_parities", round=r.number, count=reply.count, parities=reply.parities)
+        return State.RECONCILING
+
+    def _on_cascade_parities(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.bob is not None
+        r.bob.receive(cascade.Parities(message["count"], message["parities"]))
+        return self._send_cascade(r)
+
+    def _on_cascade_done(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.alice is not None and r.key is not None
+        r.alice.handle(cascade.Finished(message["disclosed_bits"]))
+        if message["corrected_bits"] > r.key.size:
+            raise RemoteProtocolError("cascade_done: more corrected bits than key bits")
+        return self._after_cascade(r, message["disclosed_bits"], message["corrected_bits"])
+
+    def _on_confirm(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.key is not None
+        request = confirm.ConfirmRequest(
+            int.from_bytes(message["hash_key"], "big"), int.from_bytes(message["tag"], "big")
+        )
+        matched = confirm.bob_confirm(r.key, request).matched
+        self._send("confirm_result", round=r.number, matched=matched)
+        if not matched:
+            return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
+        r.secret_bits = self._secret_length(r)
+        return State.AMPLIFYING
+
+    def _on_confirm_result(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.key is not None
+        if not message["matched"]:
+            return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
+        r.secret_bits = self._secret_length(r)
+        if r.secret_bits == 0:
+            self._send("amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, seed=b"")
+            return self._end_aborted(f"no secret key: {self._length_reason}")
+        seed = amplify.choose_seed(self._random, int(r.key.size), r.secret_bits)
+        r.blocks = tuple(self._blocks(r, amplify.amplify(r.key, seed)))
+        self._send(
+            "amplify", round=r.number, input_bits=seed.input_bits, output_bits=seed.output_bits, seed=seed.seed
+        )
+        return State.COMMITTING
+
+    def _on_amplify(self, message: wire.Message) -> State:
+        r = self._open_round()
+        assert r.key is not None
+        if message["input_bits"] != r.key.size or message["output_bits"] != r.secret_bits:
+            raise RemoteProtocolError(
+                f"amplify: {message['input_bits']} -> {message['output_bits']} bits, Bob computed "
+                f"{r.key.size} -> {r.secret_bits}",
+                code="config-mismatch",
+            )
+        if r.secret_bits == 0:
+            return self._end_aborted(f"no secret key: {self._length_reason}")
+        seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
+        r.blocks = tuple(self._blocks(r, amplify.amplify(r.key, seed)))
+        self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks))
+        self._send("commit", round=r.number, blocks=len(r.blocks))
+        return State.COMMITTING
+
+    def _on_commit(self, message: wire.Message) -> State:
+        r = self._open_round()
+        if message["blocks"] != len(r.blocks):
+            raise RemoteProtocolError(f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}")
+        self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks))
+        self._send("committed", round=r.number)
+        self._round = None
+        return State.IDLE
+
+    def _on_committed(self, message: wire.Message) -> State:
+        r = self._open_round()
+        self._out.append(CommitRound(r.number))
+        self._round = None
+        return State.IDLE
+
+    def _on_abort(self, message: wire.Message) -> State:
+        return self._end_aborted(f"the peer aborted the round: {message['reason']}")
+
+    # -- round helpers
+
+    def _open_round(self) -> _Round:
+        if self._round is None:  # pragma: no cover - the state table only routes round messages here
+            raise LocalProtocolError("no open round")
+        return self._round
+
+    _length_reason: str | None = None
+
+    def _secret_length(self, r: _Round) -> int:
+        assert r.estimate is not None and r.key is not None
+        length = keylength.secure_key_length(
+            keylength.RoundCounts(int(r.key.size), r.estimate.x_bits, r.estimate.x_errors, r.disclosed_bits),
+            eps_sec=self.settings.eps_sec,
+            eps_cor=self.settings.eps_cor,
+        )
+        # whole key blocks only: both sides discard the same tail
+        secret = length.secret_bits // self.settings.key_block_bits * self.settings.key_block_bits
+        self._length_reason = length.reason or (
+            None if secret else f"{length.secret_bits} secret bits, less than one key block"
+        )
+        return secret
+
+    def _blocks(self, r: _Round, final: Bits) -> list[tuple[str, bytes]]:
+        return key_blocks(self.settings.link_id, r.number, final, self.settings.key_block_bits)
+
+    def _summary(self, r: _Round, reason: str | None) -> RoundSummary:
+        return RoundSummary(
+            round=r.number,
+            frame=r.frame,
+            pulses=r.pulses,
+            detections=r.detections,
+            sifted_bits=r.sifted_bits,
+            qber=r.qber,
+            phase_error=r.phase_error,
+            disclosed_bits=r.disclosed_bits,
+            secret_bits=0 if reason else len(r.blocks) * self.settings.key_block_bits,
+            aborted=reason is not None,
+            reason=reason,
+            auth=self.auth,
+        )
+
+    def _end_aborted(self, reason: str) -> State:
+        r = self._open_round()
+        self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
+        self._round = None
+        return State.IDLE
+
+
+class _PeerError(RemoteProtocolError):
+    """The peer sent an error frame; we close without answering."""
+
+    def __init__(self, code: str, message: str, versions: list[int]) -> None:
+        super().__init__(f"the peer closed the connection: {code}: {message[:200]}", code=code)
+        self.versions = versions
+

@@ -1,0 +1,237 @@
+"""The ``sim`` backend: a seeded simulator of a BB84 link with weak coherent pulses and decoy states.
+
+Model (per pulse t of frame f)
+------------------------------
+* Alice picks an intensity class c with probabilities ``intensity_probabilities`` (mean photon numbers
+  ``intensities``, e.g. signal/decoy/vacuum), the Z basis with probability ``z_probability``, and a
+  uniform bit. These are *counter-based*: a hash of (seed, frame, stream, t), so her preparation at
+  any pulse index costs O(1) and no whole-frame array exists. **Both daemons derive Alice's preparation
+  from the shared seed** — a simulator convenience that has no security meaning.
+* Channel and detectors: transmittance η = η_det · 10^(−α·L/10); the pulse's photons reach Bob with
+  probability 1 − exp(−η μ_c) (Poisson statistics); each of Bob's two detectors also fires on its own
+  with the dark-count probability p_d. Bob measures in Z with probability ``z_probability``. In the
+  encoded basis a photon hits the detector of the encoded bit except with probability ``misalignment``;
+  in the other basis either detector, uniformly. Both detectors firing is a double click (Bob assigns a
+  random bit before sifting).
+* Eve (optional): on a fraction ``eve_fraction`` of pulses she measures the encoded state in a random
+  basis and resends her result with the same intensity — an idealised intercept-resend attack that
+  leaves detection statistics unchanged and causes 25% errors on the pulses she touched.
+
+Work scales with detections: the detected pulses are drawn directly, as Bernoulli processes with
+geometric gaps (signal arrivals at the largest intensity thinned per class; dark counts per detector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from qkdd.bits import Bits
+from qkdd.errors import InputError
+from qkdd.links import AliceLink, BobLink, LinkInfo
+from qkdd.stages.sifting import Detections
+
+U64 = npt.NDArray[np.uint64]
+_INTENSITY, _BASIS, _BIT, _EVE, _EVE_BASIS, _EVE_BIT = range(1, 7)
+
+
+@dataclass(frozen=True)
+class SimParameters:
+    seed: int = 1
+    pulses_per_frame: int = 1 << 24
+    distance_km: float = 10.0
+    fiber_loss_db_per_km: float = 0.2
+    detector_efficiency: float = 0.25
+    dark_count_probability: float = 1e-6
+    misalignment: float = 0.01
+    intensities: tuple[float, ...] = (0.5, 0.1, 0.0)
+    intensity_probabilities: tuple[float, ...] = (0.7, 0.2, 0.1)
+    z_probability: float = 0.9
+    eve_fraction: float = 0.0
+    _cumulative: tuple[float, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> InputError:
+            return InputError(f"link.sim.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        if not 1 <= self.pulses_per_frame <= 1 << 40:
+            raise bad("pulses_per_frame", "an integer in [1, 2^40]")
+        for key in ("distance_km", "fiber_loss_db_per_km"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise bad(key, "a finite number >= 0")
+        for key in ("detector_efficiency", "dark_count_probability", "misalignment", "eve_fraction"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise bad(key, "a number in [0, 1]")
+        if not 0 < self.z_probability < 1:
+            raise bad("z_probability", "a number in (0, 1)")
+        if not 1 <= len(self.intensities) <= 4 or any(not 0 <= mu < 100 for mu in self.intensities):
+            raise bad("intensities", "1 to 4 mean photon numbers in [0, 100)")
+        probabilities = self.intensity_probabilities
+        if len(probabilities) != len(self.intensities) or any(p < 0 for p in probabilities):
+            raise bad("intensity_probabilities", "one probability >= 0 per intensity")
+        if abs(sum(probabilities) - 1) > 1e-9:
+            raise bad("intensity_probabilities", "probabilities that sum to 1")
+        object.__setattr__(self, "_cumulative", tuple(np.cumsum(probabilities)[:-1].tolist()))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SimParameters:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"link.sim.{unknown[0]}: unknown option; known: {', '.join(sorted(known))}")
+        values: dict[str, Any] = {}
+        for name, value in options.items():
+            default = getattr(cls, name)
+            try:
+                if isinstance(default, tuple):
+                    values[name] = tuple(float(v) for v in value)
+                elif isinstance(default, bool) or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise TypeError
+                elif isinstance(default, int):
+                    if not isinstance(value, int):
+                        raise TypeError
+                    values[name] = value
+                else:
+                    values[name] = float(value)
+            except (TypeError, ValueError):
+                kind = "a list of numbers" if isinstance(default, tuple) else type(default).__name__
+                raise InputError(f"link.sim.{name}: expected {kind}, got {value!r}") from None
+        return cls(**values)
+
+    @property
+    def transmittance(self) -> float:
+        return self.detector_efficiency * 10 ** (-self.fiber_loss_db_per_km * self.distance_km / 10)
+
+
+def _frame_key(seed: int, frame: int) -> int:
+    digest = hashlib.blake2b(f"qkdd-sim {seed} {frame}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _uniform(key: int, stream: int, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Uniforms in [0, 1) from a counter-based hash of (key, stream, index): SplitMix64's finaliser."""
+    x = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x += np.uint64((key + stream * 0xD1B54A32D192ED03) & 0xFFFFFFFFFFFFFFFF)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class SimPreparation:
+    """Alice's preparation of one frame, evaluated at any pulse indices on demand."""
+
+    parameters: SimParameters
+    frame: int
+
+    @property
+    def pulses(self) -> int:
+        return self.parameters.pulses_per_frame
+
+    def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
+        key = _frame_key(self.parameters.seed, self.frame)
+        classes = np.searchsorted(
+            np.array(self.parameters._cumulative), _uniform(key, _INTENSITY, indices), side="right"
+        ).astype(np.uint8)
+        bases = (_uniform(key, _BASIS, indices) >= self.parameters.z_probability).astype(np.uint8)
+        bits = (_uniform(key, _BIT, indices) < 0.5).astype(np.uint8)
+        return bits, bases, classes
+
+
+def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArray[np.int64]:
+    """Indices in [0, n) each included independently with probability p (geometric gaps)."""
+    if p <= 0 or n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if p >= 1:
+        return np.arange(n, dtype=np.int64)
+    chunks = []
+    position = -1
+    while True:
+        expected = (n - position) * p
+        gaps = rng.geometric(p, size=int(expected + 6 * math.sqrt(expected) + 16))
+        indices = position + np.cumsum(gaps, dtype=np.int64)
+        inside = indices[indices < n]
+        chunks.append(inside)
+        if inside.size < indices.size:
+            return np.concatenate(chunks)
+        position = int(indices[-1])
+
+
+class SimAlice:
+    def __init__(self, parameters: SimParameters) -> None:
+        self.parameters = parameters
+        self.info = _info(parameters)
+
+    def preparation(self, frame: int) -> SimPreparation:
+        return SimPreparation(self.parameters, frame)
+
+
+class SimBob:
+    def __init__(self, parameters: SimParameters) -> None:
+        self.parameters = parameters
+        self.info = _info(parameters)
+
+    def detections(self, frame: int) -> Detections:
+        p = self.parameters
+        n = p.pulses_per_frame
+        rng = np.random.default_rng([p.seed, frame, 0xB0B])
+        arrival = [1 - math.exp(-p.transmittance * mu) for mu in p.intensities]
+        top = max(arrival)
+        candidates = _bernoulli_indices(rng, n, top)
+        _, _, candidate_classes = SimPreparation(p, frame).at(candidates)
+        keep = rng.random(candidates.size) * top < np.array(arrival)[candidate_classes]
+        signal = candidates[keep]
+        dark = [_bernoulli_indices(rng, n, p.dark_count_probability) for _ in range(2)]
+        indices = np.sort(np.concatenate([signal, *dark]))
+        if indices.size > 1:
+            indices = indices[np.concatenate([[True], np.diff(indices) > 0])]
+        bits, bases, _ = SimPreparation(p, frame).at(indices)
+        has_signal = _members(indices, signal)
+        if p.eve_fraction > 0:
+            key = _frame_key(p.seed, frame)
+            eve = _uniform(key, _EVE, indices) < p.eve_fraction
+            eve_bases = (_uniform(key, _EVE_BASIS, indices) < 0.5).astype(np.uint8)
+            eve_bits = np.where(
+                eve_bases == bases, bits, (_uniform(key, _EVE_BIT, indices) < 0.5).astype(np.uint8)
+            )
+            bases = np.where(eve, eve_bases, bases)
+            bits = np.where(eve, eve_bits, bits)
+        bob_bases = (rng.random(indices.size) >= p.z_probability).astype(np.uint8)
+        flip = np.where(bob_bases == bases, rng.random(indices.size) < p.misalignment, rng.random(indices.size) < 0.5)
+        detector = bits ^ flip.astype(np.uint8)  # which detector the photon hits
+        click = [
+            (has_signal & (detector == d)) | _members(indices, dark[d]) for d in (0, 1)
+        ]
+        return Detections(
+            n,
+            indices,
+            bob_bases,
+            click[1].astype(np.uint8),
+            double_clicks=click[0] & click[1],
+        )
+
+
+def _members(values: npt.NDArray[np.int64], sorted_set: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of ``values`` lie in the sorted array ``sorted_set``."""
+    if sorted_set.size == 0:
+        return np.zeros(values.size, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
+    return np.asarray(sorted_set[at] == values)
+
+
+def _info(parameters: SimParameters) -> LinkInfo:
+    return LinkInfo("sim", parameters.pulses_per_frame, parameters.intensities, parameters.intensity_probabilities)
+
+
+def open_link(role: str, options: Mapping[str, Any]) -> AliceLink | BobLink:
+    parameters = SimParameters.from_options(options)
+    return SimAlice(parameters) if role == "alice" else SimBob(parameters)

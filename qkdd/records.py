@@ -1,0 +1,52 @@
+"""What a round leaves behind, shared by the engine (which produces it) and the store (which keeps it)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from qkdd.bits import Bits, pack_bits
+
+KEY_ID_NAMESPACE = uuid.UUID("5b0e3f1c-6a8e-4a43-9c71-3d0f6f2a9b11")
+"""UUIDv5 namespace of key IDs (protocol/qkdp-v1.md §14)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSummary:
+    """One round's public figures (never key material)."""
+
+    round: int
+    frame: int
+    pulses: int
+    detections: int
+    sifted_bits: int
+    qber: float | None
+    phase_error: float | None
+    disclosed_bits: int
+    secret_bits: int
+    aborted: bool
+    reason: str | None
+    auth: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def key_id(link_id: str, round_number: int, index: int) -> str:
+    """The ID both sides give block ``index`` of round ``round_number`` (UUIDv5, §14)."""
+    return str(uuid.uuid5(KEY_ID_NAMESPACE, f"qkdp/1 key {link_id} {round_number} {index}"))
+
+
+def key_blocks(link_id: str, round_number: int, key: Bits, block_bits: int) -> list[tuple[str, bytes]]:
+    """Split a round's final key into whole blocks of ``block_bits`` bits (the tail is discarded)."""
+    if block_bits <= 0 or block_bits % 8:
+        raise ValueError("key block size must be a positive multiple of 8 bits")
+    count = key.size // block_bits
+    packed = np.frombuffer(pack_bits(key[: count * block_bits]), dtype=np.uint8)
+    size = block_bits // 8
+    return [
+        (key_id(link_id, round_number, i), packed[i * size : (i + 1) * size].tobytes()) for i in range(count)
+    ]

@@ -1,0 +1,145 @@
+"""Framing (protocol/qkdp-v1.md §9): the only layer that sees bytes.
+
+Theory of operation
+-------------------
+A frame is a 4-byte big-endian length followed by that many bytes holding one msgpack map, the
+*envelope* ``{"seq", "body", "mac"}``; ``body`` is the msgpack encoding of one *message* map
+``{"type": name, ...fields}``. :class:`FrameDecoder` is fed bytes as they arrive and yields complete
+frame payloads; it refuses an oversize length as soon as the 4 length bytes are in, before buffering
+anything more. :func:`decode_envelope` and :func:`decode_message` turn payloads into checked values:
+every field present, none extra, each of its type and within the bounds of ``protocol/qkdp-v1.toml``.
+
+Anything malformed raises :class:`RemoteProtocolError` (code ``bad-frame`` or ``bad-message``); after one,
+the decoder is unusable, because a byte stream cannot be resynchronised. Encoding goes through the same
+checks, so we never send what we would refuse.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from qkdd import spec
+from qkdd.errors import LocalProtocolError, RemoteProtocolError
+
+LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    seq: int
+    body: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One checked message: its type name and fields (values as msgpack decodes them)."""
+
+    type: str
+    fields: Mapping[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+class FrameDecoder:
+    """Bytes in, frame payloads out; enforces the maximum frame size before buffering."""
+
+    def __init__(self, max_frame_bytes: int = spec.load().max_frame_bytes) -> None:
+        if max_frame_bytes < 16:
+            raise ValueError("max_frame_bytes must be at least 16")
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._need: int | None = None
+        self._broken = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return every frame payload now complete.
+
+        Raises:
+            RemoteProtocolError: a frame announces a length of 0 or above the maximum.
+        """
+        if self._broken:
+            raise LocalProtocolError("frame decoder used after a framing error")
+        self._buffer += data
+        frames: list[bytes] = []
+        while True:
+            if self._need is None:
+                if len(self._buffer) < LENGTH.size:
+                    return frames
+                (length,) = LENGTH.unpack_from(self._buffer)
+                if not 0 < length <= self.max_frame_bytes:
+                    self._broken = True
+                    raise RemoteProtocolError(
+                        f"frame length {length} outside [1, {self.max_frame_bytes}]", code="bad-frame"
+                    )
+                del self._buffer[: LENGTH.size]
+                self._need = length
+            if len(self._buffer) < self._need:
+                return frames
+            frames.append(bytes(self._buffer[: self._need]))
+            del self._buffer[: self._need]
+            self._need = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame (non-zero at EOF = truncated frame)."""
+        return len(self._buffer) + (LENGTH.size if self._need is not None else 0)
+
+    def check_eof(self) -> None:
+        """Raise if the stream ended inside a frame."""
+        if self.buffered:
+            raise RemoteProtocolError("connection closed inside a frame (truncated frame)", code="bad-frame")
+
+
+def _unpack_map(data: bytes, what: str, code: str) -> dict[Any, Any]:
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.UnpackException) as error:
+        raise RemoteProtocolError(f"{what} is not one msgpack value: {type(error).__name__}", code=code) from None
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what} is not a msgpack map", code=code)
+    return value
+
+
+def decode_envelope(payload: bytes) -> Envelope:
+    """Check one frame payload against the envelope of the spec."""
+    envelope = _unpack_map(payload, "frame", "bad-frame")
+    spec.check_fields(spec.load().envelope, envelope, "envelope")
+    return Envelope(envelope["seq"], envelope["body"], envelope["mac"])
+
+
+def decode_message(body: bytes) -> Message:
+    """Check one message body against the message catalogue of the spec."""
+    fields = _unpack_map(body, "message body", "bad-message")
+    name = fields.pop("type", None)
+    if not isinstance(name, str):
+        raise RemoteProtocolError("message has no string field 'type'", code="bad-message")
+    message_spec = spec.load().messages.get(name)
+    if message_spec is None:
+        raise RemoteProtocolError(f"unknown message type {name[:32]!r}", code="bad-message")
+    spec.check_fields(message_spec.fields, fields, name)
+    return Message(name, fields)
+
+
+def encode_message(name: str, **fields: Any) -> bytes:
+    """The msgpack body of message ``name``; checked like a received one (a failure is our bug)."""
+    message_spec = spec.load().messages.get(name)
+    if message_spec is None:
+        raise LocalProtocolError(f"unknown message type {name!r}")
+    try:
+        spec.check_fields(message_spec.fields, fields, name)
+    except RemoteProtocolError as error:
+        raise LocalProtocolError(f"we built an invalid message: {error}") from None
+    return msgpack.packb({"type": name, **fields}, use_bin_type=True)
+
+
+def encode_frame(seq: int, body: bytes, mac: bytes = b"") -> bytes:
+    """Length prefix + envelope map."""
+    payload = msgpack.packb({"seq": seq, "body": body, "mac": mac}, use_bin_type=True)
+    return LENGTH.pack(len(payload)) + payload

@@ -1,0 +1,143 @@
+"""A ConnectionPair-style helper: Alice's and Bob's engines joined in memory (after h11's tests/helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qkdd import engine, wire
+from qkdd.links.sim import SimParameters, open_link
+from qkdd.records import RoundSummary
+
+PSK = bytes(range(32))
+SMALL_SIM = {"pulses_per_frame": 1 << 18, "seed": 7}
+
+
+class SeededRandom:
+    """A deterministic RandomSource for tests (never for secrets)."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def bytes(self, n: int) -> bytes:
+        return self._rng.bytes(n)
+
+
+@dataclass
+class MemoryStore:
+    """StoreView plus the effect of the engine's actions, in memory."""
+
+    next_round_value: int = 0
+    pending: dict[int, tuple[RoundSummary, tuple[tuple[str, bytes], ...]]] = field(default_factory=dict)
+    committed: dict[int, tuple[RoundSummary, tuple[tuple[str, bytes], ...]]] = field(default_factory=dict)
+    aborted: dict[int, RoundSummary] = field(default_factory=dict)
+    ready: bool = False
+
+    @property
+    def next_round(self) -> int:
+        return self.next_round_value
+
+    def pending_rounds(self) -> list[int]:
+        return sorted(self.pending)
+
+    def committed_among(self, rounds: Sequence[int]) -> list[int]:
+        return sorted(r for r in set(rounds) if r in self.committed)
+
+    def apply(self, action: engine.Action) -> None:
+        match action:
+            case engine.ReserveRound(round=r):
+                assert r >= self.next_round_value
+                self.next_round_value = r + 1
+            case engine.RoundEnded(summary=s, disposition="pending", blocks=b):
+                self.pending[s.round] = (s, b)
+            case engine.RoundEnded(summary=s, disposition="committed", blocks=b):
+                self.committed[s.round] = (s, b)
+            case engine.RoundEnded(summary=s, disposition="aborted"):
+                self.pending.pop(s.round, None)
+                self.aborted[s.round] = s
+            case engine.CommitRound(round=r):
+                self.committed[r] = self.pending.pop(r)
+            case engine.ResolvePending(committed=rounds):
+                for r in list(self.pending):
+                    if r in rounds:
+                        self.committed[r] = self.pending.pop(r)
+                    else:
+                        del self.pending[r]
+            case engine.Ready():
+                self.ready = True
+
+    def keys(self) -> dict[str, bytes]:
+        return {k: v for _, blocks in self.committed.values() for k, v in blocks}
+
+
+def make_engine(
+    role: str,
+    store: MemoryStore | None = None,
+    *,
+    seed: int = 0,
+    sim: dict[str, Any] | None = None,
+    **settings: Any,
+) -> tuple[engine.Engine, MemoryStore]:
+    store = store if store is not None else MemoryStore()
+    options = {**SMALL_SIM, **(sim or {})}
+    SimParameters.from_options(options)
+    link = open_link(role, options)
+    config = engine.EngineSettings(link_id=settings.pop("link_id", "test-link"), psk=settings.pop("psk", PSK), **settings)
+    return engine.Engine(role, config, link=link, store=store, random=SeededRandom(seed)), store
+
+
+class ConnectionPair:
+    """Alice and Bob connected by an in-memory, in-order channel."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        alice_kwargs = {k[6:]: v for k, v in kwargs.items() if k.startswith("alice_")}
+        bob_kwargs = {k[4:]: v for k, v in kwargs.items() if k.startswith("bob_")}
+        common = {k: v for k, v in kwargs.items() if not k.startswith(("alice_", "bob_"))}
+        self.alice, self.alice_store = make_engine("alice", seed=1, **{**common, **alice_kwargs})
+        self.bob, self.bob_store = make_engine("bob", seed=2, **{**common, **bob_kwargs})
+        self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
+        self.log: list[tuple[str, str]] = []  # (sender, message type)
+        self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
+
+    def engine(self, role: str) -> engine.Engine:
+        return self.alice if role == "alice" else self.bob
+
+    def store(self, role: str) -> MemoryStore:
+        return self.alice_store if role == "alice" else self.bob_store
+
+    def handle(self, role: str, actions: list[engine.Action]) -> None:
+        peer = "bob" if role == "alice" else "alice"
+        for action in actions:
+            if isinstance(action, engine.Send):
+                self.queues[peer].append(action.frame)
+                self.log.append((role, action.message))
+            else:
+                if isinstance(action, engine.RoundEnded):
+                    self.summaries[role].append(action.summary)
+                self.store(role).apply(action)
+
+    def connect(self) -> None:
+        self.handle("alice", self.alice.initiate())
+        self.handle("bob", self.bob.initiate())
+        self.run()
+
+    def run(self, max_steps: int = 100_000) -> None:
+        """Deliver frames until both queues are empty."""
+        for _ in range(max_steps):
+            for role in ("alice", "bob"):
+                if self.queues[role]:
+                    frame = self.queues[role].pop(0)
+                    decoder = wire.FrameDecoder()
+                    (payload,) = decoder.feed(frame)
+                    self.handle(role, self.engine(role).receive_frame(payload))
+                    break
+            else:
+                return
+        raise AssertionError("the engines did not settle")
+
+    def round(self) -> None:
+        self.handle("alice", self.alice.start_round())
+        self.run()
