@@ -267,6 +267,8 @@ class Engine:
                 raise _PeerError(message["code"], message["message"], list(message["versions"]))
             if message.type == "hello":
                 self._hellos[self.peer_role] = envelope.body
+            if self._is_stale(message):
+                return []  # §13: the peer sent it before it learnt that we dropped that round
             self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
             return self._flush()
         except RemoteProtocolError as error:
@@ -737,7 +739,19 @@ class Engine:
         r = self._open_round()
         self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
         self._round = None
+        self._dropped_round = r.number
         return State.IDLE
+
+    _dropped_round: int | None = None
+
+    def _is_stale(self, message: wire.Message) -> bool:
+        """A round message for the round we aborted last, which the peer may still have been running."""
+        number = message.fields.get("round")
+        return (
+            number is not None
+            and number == self._dropped_round
+            and (self._round is None or self._round.number != number)
+        )
 
 
 class _PeerError(RemoteProtocolError):

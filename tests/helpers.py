@@ -13,7 +13,7 @@ from qkdd.links.sim import SimParameters, open_link
 from qkdd.records import RoundSummary
 
 PSK = bytes(range(32))
-SMALL_SIM = {"pulses_per_frame": 1 << 18, "seed": 7}
+SMALL_SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 7}
 
 
 class SeededRandom:
@@ -93,11 +93,12 @@ class ConnectionPair:
     """Alice and Bob connected by an in-memory, in-order channel."""
 
     def __init__(self, **kwargs: Any) -> None:
-        alice_kwargs = {k[6:]: v for k, v in kwargs.items() if k.startswith("alice_")}
-        bob_kwargs = {k[4:]: v for k, v in kwargs.items() if k.startswith("bob_")}
+        stores = ("alice_store", "bob_store")
+        alice_kwargs = {k[6:]: v for k, v in kwargs.items() if k.startswith("alice_") and k not in stores}
+        bob_kwargs = {k[4:]: v for k, v in kwargs.items() if k.startswith("bob_") and k not in stores}
         common = {k: v for k, v in kwargs.items() if not k.startswith(("alice_", "bob_"))}
-        self.alice, self.alice_store = make_engine("alice", seed=1, **{**common, **alice_kwargs})
-        self.bob, self.bob_store = make_engine("bob", seed=2, **{**common, **bob_kwargs})
+        self.alice, self.alice_store = make_engine("alice", kwargs.get("alice_store"), seed=1, **{**common, **alice_kwargs})
+        self.bob, self.bob_store = make_engine("bob", kwargs.get("bob_store"), seed=2, **{**common, **bob_kwargs})
         self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
         self.log: list[tuple[str, str]] = []  # (sender, message type)
         self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
@@ -123,6 +124,15 @@ class ConnectionPair:
         self.handle("alice", self.alice.initiate())
         self.handle("bob", self.bob.initiate())
         self.run()
+
+    def step(self) -> bool:
+        """Deliver one frame (Alice's queue first); False when both queues are empty."""
+        for role in ("alice", "bob"):
+            if self.queues[role]:
+                (payload,) = wire.FrameDecoder().feed(self.queues[role].pop(0))
+                self.handle(role, self.engine(role).receive_frame(payload))
+                return True
+        return False
 
     def run(self, max_steps: int = 100_000) -> None:
         """Deliver frames until both queues are empty."""

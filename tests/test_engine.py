@@ -1,0 +1,326 @@
+"""The protocol engine of both roles, through an in-memory ConnectionPair (qkdp-v1.md §9–§14)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qkdd import engine, spec, wire
+from qkdd.errors import LocalProtocolError, RemoteProtocolError
+from tests.helpers import ConnectionPair, make_engine
+
+ROLES = ("alice", "bob")
+
+
+def other(role: str) -> str:
+    return "bob" if role == "alice" else "alice"
+
+
+def forge(pair: ConnectionPair, sender: str, name: str, **fields: Any) -> bytes:
+    """A frame ``sender`` could have sent: right sequence number and MAC."""
+    source = pair.engine(sender)
+    source._send(name, **fields)
+    (action,) = source._flush()
+    assert isinstance(action, engine.Send)
+    return action.frame
+
+
+def deliver(pair: ConnectionPair, role: str, frame: bytes) -> list[engine.Action]:
+    (payload,) = wire.FrameDecoder().feed(frame)
+    return pair.engine(role).receive_frame(payload)
+
+
+def error_of(frame: bytes | None) -> dict[str, Any]:
+    assert frame is not None
+    (payload,) = wire.FrameDecoder().feed(frame)
+    message = wire.decode_message(wire.decode_envelope(payload).body)
+    assert message.type == "error"
+    return dict(message.fields)
+
+
+def test_honest_rounds_store_identical_keys_and_ids() -> None:
+    pair = ConnectionPair()
+    pair.connect()
+    assert pair.alice.state is engine.State.IDLE and pair.bob.state is engine.State.IDLE
+    assert pair.alice.version == pair.bob.version == 1
+    for _ in range(3):
+        pair.round()
+    alice_keys, bob_keys = pair.alice_store.keys(), pair.bob_store.keys()
+    assert alice_keys == bob_keys and len(alice_keys) > 10
+    assert all(len(key) == 32 for key in alice_keys.values())
+    assert sorted(pair.alice_store.committed) == sorted(pair.bob_store.committed) == [0, 1, 2]
+    assert not pair.bob_store.pending
+    summary = pair.summaries["alice"][-1]
+    assert summary.secret_bits == 256 * len(pair.alice_store.committed[2][1]) > 0
+    assert summary == pair.summaries["bob"][-1]
+    assert summary.auth == "psk" and 0 < summary.qber < 0.03
+
+
+def test_key_blocks_and_ids_are_deterministic_per_link_round_and_index() -> None:
+    first, second = ConnectionPair(), ConnectionPair(link_id="other-link")
+    for pair in (first, second):
+        pair.connect()
+        pair.round()
+    assert not set(first.alice_store.keys()) & set(second.alice_store.keys())
+
+
+def test_eavesdropper_on_every_pulse_aborts_and_stores_nothing() -> None:
+    pair = ConnectionPair(sim={"eve_fraction": 1.0})
+    pair.connect()
+    pair.round()
+    assert not pair.alice_store.keys() and not pair.bob_store.keys()
+    (summary,) = pair.summaries["alice"]
+    assert summary.aborted and "exceeds threshold" in (summary.reason or "")
+    assert pair.alice.state is pair.bob.state is engine.State.IDLE
+
+
+@pytest.mark.parametrize("aborter", ROLES)
+def test_abort_in_every_round_state_drops_the_round_on_both_sides(aborter: str) -> None:
+    for steps in range(0, 14):
+        pair = ConnectionPair()
+        pair.connect()
+        pair.handle("alice", pair.alice.start_round())
+        for _ in range(steps):  # deliver a few frames, then abort
+            pair.step()
+        if pair.engine(aborter).state.value in spec.load().round_states:
+            pair.handle(aborter, pair.engine(aborter).abort_round("operator request"))
+        pair.run()
+        assert pair.alice.state is pair.bob.state is engine.State.IDLE
+        assert pair.alice_store.keys() == pair.bob_store.keys()
+        assert not pair.bob_store.pending
+        pair.round()  # and the link goes on
+        assert pair.alice_store.keys() == pair.bob_store.keys() != {}
+
+
+def test_version_negotiation_picks_the_highest_common_version() -> None:
+    alice, _ = make_engine("alice", versions=(1, 2, 3))
+    bob, _ = make_engine("bob", versions=(1, 3))
+    for e in (alice, bob):
+        e.initiate()
+    hello_alice = wire.encode_frame(0, alice._hellos["alice"])
+    bob.receive_frame(wire.FrameDecoder().feed(hello_alice)[0])
+    assert bob.version == 3
+
+
+def test_no_common_version_sends_an_error_listing_ours() -> None:
+    alice, _ = make_engine("alice", versions=(7,))
+    bob, _ = make_engine("bob")
+    alice.initiate()
+    bob.initiate()
+    with pytest.raises(RemoteProtocolError) as caught:
+        bob.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, alice._hellos["alice"]))[0])
+    assert caught.value.code == "version-mismatch"
+    assert error_of(caught.value.frame)["versions"] == [1]
+    assert bob.state is engine.State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"bob_psk": bytes(32)}, "auth-failed"),
+        ({"bob_link_id": "another"}, "wrong-peer"),
+        ({"bob_qber_threshold": 0.1}, "config-mismatch"),
+        ({"bob_key_block_bits": 128}, "config-mismatch"),
+    ],
+)
+def test_handshake_refusals(kwargs: dict[str, Any], code: str) -> None:
+    pair = ConnectionPair(**kwargs)
+    with pytest.raises(RemoteProtocolError) as caught:
+        pair.connect()
+    assert caught.value.code == code
+    assert error_of(caught.value.frame)["code"] == code
+
+
+def test_same_role_on_both_ends_is_refused() -> None:
+    one, _ = make_engine("alice")
+    two, _ = make_engine("alice", seed=5)
+    one.initiate()
+    two.initiate()
+    with pytest.raises(RemoteProtocolError) as caught:
+        one.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, two._hellos["alice"]))[0])
+    assert caught.value.code == "wrong-peer"
+
+
+def _connected() -> ConnectionPair:
+    pair = ConnectionPair()
+    pair.connect()
+    return pair
+
+
+def test_tampered_frame_fails_its_mac() -> None:
+    pair = _connected()
+    pair.handle("alice", pair.alice.start_round())
+    frame = bytearray(pair.queues["bob"].pop())
+    frame[-40] ^= 1  # inside the body or the MAC
+    with pytest.raises(RemoteProtocolError) as caught:
+        deliver(pair, "bob", bytes(frame))
+    assert caught.value.code in {"bad-mac", "bad-frame", "bad-message"}
+    assert pair.bob.state is engine.State.CLOSED and not pair.bob_store.keys()
+
+
+def test_a_frame_without_mac_after_the_handshake_is_refused() -> None:
+    pair = _connected()
+    body = wire.encode_message("round_start", round=5, frame=5, pulses=1 << 19)
+    with pytest.raises(RemoteProtocolError) as caught:
+        deliver(pair, "bob", wire.encode_frame(pair.bob._recv_seq, body))
+    assert caught.value.code == "bad-mac"
+
+
+def test_replayed_and_reordered_frames_are_refused() -> None:
+    pair = _connected()
+    pair.handle("alice", pair.alice.start_round())
+    frame = pair.queues["bob"][0]
+    pair.run()
+    with pytest.raises(RemoteProtocolError) as caught:
+        deliver(pair, "bob", frame)  # replay of round_start
+    assert caught.value.code == "bad-seq"
+
+    pair = _connected()
+    first = forge(pair, "alice", "abort", round=99, reason="x")
+    second = forge(pair, "alice", "abort", round=99, reason="y")
+    with pytest.raises(RemoteProtocolError) as caught:
+        deliver(pair, "bob", second)
+    assert caught.value.code == "bad-seq"
+    del first
+
+
+def test_reflected_frames_are_refused() -> None:
+    pair = _connected()
+    pair.handle("alice", pair.alice.start_round())
+    own = pair.queues["bob"].pop()
+    with pytest.raises(RemoteProtocolError) as caught:
+        deliver(pair, "alice", own)  # Alice's round_start back to Alice
+    assert caught.value.code in {"bad-mac", "bad-seq"}
+
+
+def test_a_reflected_auth_proof_fails() -> None:
+    alice, _ = make_engine("alice")
+    bob, _ = make_engine("bob")
+    alice.initiate()
+    bob.initiate()
+    actions = alice.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, bob._hellos["bob"]))[0])
+    auth_frame = next(a.frame for a in actions if isinstance(a, engine.Send))
+    with pytest.raises(RemoteProtocolError) as caught:
+        alice.receive_frame(wire.FrameDecoder().feed(auth_frame)[0])
+    assert caught.value.code == "auth-failed"
+
+
+def test_messages_from_the_wrong_role_are_refused() -> None:
+    pair = _connected()
+    frame = forge(pair, "bob", "round_start", round=0, frame=0, pulses=1)  # only Alice opens rounds
+    with pytest.raises(RemoteProtocolError, match="may not send"):
+        deliver(pair, "alice", frame)
+
+
+def test_local_misuse_is_a_local_error() -> None:
+    pair = _connected()
+    with pytest.raises(LocalProtocolError):
+        pair.bob.start_round()
+    with pytest.raises(LocalProtocolError):
+        pair.alice.abort_round("nothing open")
+
+
+def test_bob_pending_round_is_dropped_when_alice_never_committed() -> None:
+    pair = _connected()
+    pair.handle("alice", pair.alice.start_round())
+    # run until Bob has sent commit, then lose the connection before Alice reads it
+    while not any(m == "commit" for _, m in pair.log):
+        pair.step()
+    assert pair.bob_store.pending and not pair.alice_store.committed
+    again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store)
+    again.connect()
+    assert not again.bob_store.pending and not again.bob_store.keys()
+    again.round()
+    assert again.alice_store.keys() == again.bob_store.keys() != {}
+    assert min(again.alice_store.committed) == 1  # round 0 is never reused
+
+
+def test_bob_pending_round_is_committed_when_alice_did() -> None:
+    pair = _connected()
+    pair.handle("alice", pair.alice.start_round())
+    while not pair.alice_store.committed:
+        pair.step()
+    pair.queues["bob"].clear()  # "committed" is lost with the connection
+    assert pair.bob_store.pending
+    again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store)
+    again.connect()
+    assert not again.bob_store.pending
+    assert again.alice_store.keys() == again.bob_store.keys() != {}
+
+
+MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
+    "hello": {"versions": [1], "capabilities": ["psk"], "role": "alice", "link_id": "test-link", "nonce": bytes(32)},
+    "auth": {"proof": bytes(32)},
+    "sync": {"next_round": 0, "pending": [], "qber_threshold": 0.11, "eps_sec": 1e-9, "eps_cor": 1e-15,
+             "key_block_bits": 256},
+    "resolve": {"committed": []},
+    "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19},
+    "sift_announce": {"round": 0, "pulses": 1 << 19, "detections": 1, "encoding": "gaps", "indices": b"\x05",
+                      "bases": b"\x00"},
+    "sift_answer": {"round": 0, "matches": b"\x80", "intensities": b"\x00"},
+    "estimate_request": {"round": 0, "x_count": 0, "x_bits": b"", "z_count": 1, "z_sample_mask": b"",
+                         "z_sample_bits": b""},
+    "estimate_answer": {"round": 0, "x_bits": b"", "z_sample_bits": b""},
+    "cascade_pass": {"round": 0, "index": 0, "kind": "affine", "block_size": 1, "multiplier": 1, "offset": 0,
+                     "seed": b""},
+    "cascade_ranges": {"round": 0, "passes": b"\x00", "starts": bytes(4), "ends": b"\x01\x00\x00\x00"},
+    "cascade_parities": {"round": 0, "count": 1, "parities": b"\x00"},
+    "cascade_done": {"round": 0, "disclosed_bits": 0, "corrected_bits": 0},
+    "confirm": {"round": 0, "hash_key": bytes(12), "tag": bytes(12)},
+    "confirm_result": {"round": 0, "matched": True},
+    "amplify": {"round": 0, "input_bits": 1, "output_bits": 0, "seed": b""},
+    "commit": {"round": 0, "blocks": 0},
+    "committed": {"round": 0},
+    "abort": {"round": 0, "reason": "test"},
+}
+
+
+def test_samples_cover_the_catalogue() -> None:
+    assert set(MESSAGE_SAMPLES) | {"error"} == set(spec.load().messages)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    role=st.sampled_from(ROLES),
+    steps=st.integers(0, 12),
+    name=st.sampled_from(sorted(MESSAGE_SAMPLES)),
+    round_offset=st.sampled_from([0, 1, -1]),
+)
+def test_any_message_in_any_state_is_a_legal_transition_or_a_clean_error(
+    role: str, steps: int, name: str, round_offset: int
+) -> None:
+    """h2-style: every (state, message) pair either follows the spec or ends in CLOSED with an error frame."""
+    pair = ConnectionPair()
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    for _ in range(steps):
+        pair.step()
+    sender = other(role)
+    fields = dict(MESSAGE_SAMPLES[name])
+    if "round" in fields:
+        fields["round"] = max(0, (pair.engine(role).round_number or 0) + round_offset)
+    if sender not in spec.load().messages[name].senders:
+        body = msgpack.packb({"type": name, **fields}, use_bin_type=True)
+        source = pair.engine(sender)
+        seq = source._send_seq
+        source._send_seq += 1
+        frame = wire.encode_frame(seq, body, source._macs[sender].tag(seq, body))
+    else:
+        frame = forge(pair, sender, name, **fields)
+    target = pair.engine(role)
+    before = target.state
+    try:
+        actions = deliver(pair, role, frame)
+    except RemoteProtocolError as error:
+        assert target.state is engine.State.CLOSED
+        assert error.frame is not None and error_of(error.frame)["code"] in spec.load().errors
+        return
+    on = f"recv:{name}"
+    allowed = spec.load().allowed(role, before.value, on)
+    assert allowed is not None or actions == []  # a legal transition, or a stale message discarded
+    if allowed is not None:
+        assert target.state.value in allowed.targets

@@ -1,0 +1,83 @@
+"""The engine and protocol/qkdp-v1.toml agree; the docs' diagram is generated from the file."""
+
+from __future__ import annotations
+
+import tomllib
+from collections import Counter
+
+import pytest
+
+from qkdd import engine, spec
+from tests.helpers import ConnectionPair
+
+
+def test_engine_states_are_the_spec_states() -> None:
+    loaded = spec.load()
+    every = set(loaded.states["alice"]) | set(loaded.states["bob"])
+    assert {s.value for s in engine.State} == every
+    assert loaded.round_states <= every
+
+
+def test_every_received_message_has_a_handler_and_every_handler_a_message() -> None:
+    loaded = spec.load()
+    received = {t.on[5:] for t in loaded.transitions if t.on.startswith("recv:")}
+    handlers = {name[4:] for name in dir(engine.Engine) if name.startswith("_on_")}
+    assert received == handlers
+
+
+def test_every_message_type_appears_in_some_transition() -> None:
+    loaded = spec.load()
+    used = {t.on[5:] for t in loaded.transitions if t.on.startswith("recv:")}
+    used |= {m for t in loaded.transitions for m in t.sends}
+    # hello and error are the handshake and teardown rules every state shares
+    assert set(loaded.messages) - used <= {"error"}
+
+
+def test_spec_rejects_inconsistent_tables() -> None:
+    with open(spec.SPEC_PATH, "rb") as f:
+        raw = tomllib.load(f)
+    raw["transitions"].append({"role": "alice", "from": "IDLE", "on": "recv:sift_answer", "to": ["NOWHERE"]})
+    with pytest.raises(ValueError, match="names a state"):
+        spec.parse_spec(raw)
+    raw["transitions"][-1] = {"role": "alice", "from": "IDLE", "on": "recv:sift_answer", "to": ["IDLE"]}
+    with pytest.raises(ValueError, match="cannot receive"):
+        spec.parse_spec(raw)
+
+
+def test_the_state_diagram_in_the_docs_is_generated_from_the_spec() -> None:
+    doc = spec.SPEC_PATH.with_suffix(".md").read_text()
+    begin = doc.index(spec.DIAGRAM_BEGIN) + len(spec.DIAGRAM_BEGIN)
+    end = doc.index(spec.DIAGRAM_END)
+    assert doc[begin:end].strip() == spec.diagrams(spec.load()).strip(), "run: python -m qkdd.spec update-docs"
+
+
+def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: Counter[tuple[str, str, str, str]] = Counter()
+    original = engine.Engine._transition
+
+    def recording(self: engine.Engine, on: str, handler):  # type: ignore[no-untyped-def]
+        before = self.state.value
+        original(self, on, handler)
+        taken[(self.role, before, on, self.state.value)] += 1
+
+    monkeypatch.setattr(engine.Engine, "_transition", recording)
+    pair = ConnectionPair()
+    pair.connect()
+    pair.round()
+    pair.handle("alice", pair.alice.start_round())
+    pair.handle("alice", pair.alice.abort_round("operator request"))
+    pair.run()
+    eve = ConnectionPair(sim={"eve_fraction": 1.0})
+    eve.connect()
+    eve.round()
+    loaded = spec.load()
+    listed = {(t.role, t.source, t.on, target) for t in loaded.transitions for target in t.targets}
+    assert set(taken) <= listed
+    # the main path of both roles, handshake to commit, was walked
+    main_path = {
+        (t.role, t.source, t.on)
+        for t in loaded.transitions
+        if t.on != "abort" and t.on != "recv:abort"
+    }
+    walked = {(role, source, on) for role, source, on, _ in taken}
+    assert main_path <= walked
