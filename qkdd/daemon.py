@@ -237,7 +237,8 @@ class Daemon:
             frame = error.frame if error.frame is not None else None
             if frame is None and engine.state is not engine_mod.State.CLOSED:
                 frame = engine.close(error.code, str(error))
-            log.warning("%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
+            level = logging.INFO if error.code == "shutdown" else logging.WARNING
+            log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
             if frame is not None:
                 await _send_quietly(stream, frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
@@ -303,6 +304,8 @@ class Daemon:
                     done, dropped = await self._store_call(self.store.resolve, committed)
                     if done or dropped:
                         log.info("pending rounds resolved: committed %s, dropped %s", done, dropped)
+                    # Alice counted these rounds when she committed them; so does Bob, now
+                    self.rounds_finished += len(done)
                 case engine_mod.Ready():
                     pass
 
@@ -343,7 +346,11 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 def _abandoned(engine: engine_mod.Engine) -> str:
     number = engine.round_number
-    return "" if number is None else f"; round {number} abandoned, nothing stored"
+    if number is None:
+        return ""
+    if engine.role == "bob" and engine.state is engine_mod.State.COMMITTING:
+        return f"; round {number} stays pending until the next connection resolves it"
+    return f"; round {number} abandoned, nothing stored"
 
 
 async def run_forever(config: Config) -> int:

@@ -7,7 +7,9 @@ Inputs are drawn from fixed seeds; bit strings are hex of the MSB-first packing,
 
 from __future__ import annotations
 
+import hmac
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +65,66 @@ def varint_vectors() -> list[dict[str, object]]:
     return [{"value": v, "encoded": encode_varints(np.array([v], dtype=np.uint64)).hex()} for v in values]
 
 
+KEY_ID_NAMESPACE = uuid.UUID("5b0e3f1c-6a8e-4a43-9c71-3d0f6f2a9b11")  # qkdp-v1.md §14
+
+
+def key_id_vectors() -> list[dict[str, object]]:
+    cases = [("qkdd-link", 0, 0), ("qkdd-link", 0, 1), ("qkdd-link", 17, 4095), ("lab/ü", 2**40, 7)]
+    return [
+        {
+            "link_id": link,
+            "round": r,
+            "index": i,
+            "name": f"qkdp/1 key {link} {r} {i}",
+            "key_id": str(uuid.uuid5(KEY_ID_NAMESPACE, f"qkdp/1 key {link} {r} {i}")),
+        }
+        for link, r, i in cases
+    ]
+
+
+def psk_vectors() -> list[dict[str, object]]:
+    """§12 from its definition with hashlib/hmac and the RFC 5869 HKDF steps written out."""
+    import hashlib  # noqa: PLC0415
+
+    def hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
+        prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+        return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+    psk = bytes(range(32))
+    hello_alice, hello_bob = b"\x81\xa4type\xa5hello", b"\x81\xa4type\xa5hellp"
+    nonce_alice, nonce_bob = bytes([1]) * 32, bytes([2]) * 32
+    t = hashlib.sha256(hashlib.sha256(hello_alice).digest() + hashlib.sha256(hello_bob).digest()).digest()
+    k_alice = hkdf(psk, nonce_alice + nonce_bob, b"qkdp/1 mac alice->bob " + t)
+    k_bob = hkdf(psk, nonce_alice + nonce_bob, b"qkdp/1 mac bob->alice " + t)
+    body = b"\x81\xa4type\xa5abort"
+    return [
+        {
+            "psk": psk.hex(),
+            "hello_alice": hello_alice.hex(),
+            "hello_bob": hello_bob.hex(),
+            "nonce_alice": nonce_alice.hex(),
+            "nonce_bob": nonce_bob.hex(),
+            "transcript": t.hex(),
+            "proof_alice": hmac.new(psk, b"qkdp/1 auth alice " + t, hashlib.sha256).hexdigest(),
+            "proof_bob": hmac.new(psk, b"qkdp/1 auth bob " + t, hashlib.sha256).hexdigest(),
+            "mac_key_alice": k_alice.hex(),
+            "mac_key_bob": k_bob.hex(),
+            "seq": 5,
+            "body": body.hex(),
+            "mac_alice": hmac.new(k_alice, (5).to_bytes(8, "big") + body, hashlib.sha256).hexdigest(),
+        }
+    ]
+
+
 def main() -> None:
     for name, vectors in (
         ("toeplitz", toeplitz_vectors()),
         ("confirm", confirm_vectors()),
         ("varint", varint_vectors()),
+        ("key_ids", key_id_vectors()),
+        ("psk", psk_vectors()),
     ):
-        (HERE / f"{name}.json").write_text(json.dumps(vectors, indent=1) + "\n")
+        (HERE / f"{name}.json").write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

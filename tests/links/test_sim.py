@@ -1,0 +1,85 @@
+"""The sim backend matches its own model; the registry finds backends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qkdd.errors import InputError
+from qkdd.links import AliceLink, BobLink, available, open_link
+from qkdd.links.sim import SimParameters, SimPreparation
+
+PULSES = 1 << 21
+
+
+def sifted(options: dict[str, object]) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+    alice = open_link("sim", "alice", options)
+    bob = open_link("sim", "bob", options)
+    assert isinstance(alice, AliceLink) and isinstance(bob, BobLink)
+    detections = bob.detections(3)
+    bits, bases, classes = alice.preparation(3).at(detections.indices)
+    keep = (bases == detections.bases) & ~np.asarray(detections.double_clicks)
+    return bits[keep], detections.bits[keep], classes[keep], detections
+
+
+def test_detection_rate_and_qber_follow_the_model() -> None:
+    options = {"pulses_per_frame": PULSES, "distance_km": 20.0, "misalignment": 0.02}
+    alice_bits, bob_bits, _, detections = sifted(options)
+    p = SimParameters.from_options(options)
+    expected = sum(
+        prob * (1 - math.exp(-p.transmittance * mu) * (1 - p.dark_count_probability) ** 2)
+        for mu, prob in zip(p.intensities, p.intensity_probabilities, strict=True)
+    )
+    rate = detections.indices.size / PULSES
+    assert abs(rate - expected) < 5 * math.sqrt(expected / PULSES)
+    qber = float(np.mean(alice_bits != bob_bits))
+    assert abs(qber - 0.02) < 0.004
+
+
+def test_an_eavesdropper_on_every_pulse_causes_a_quarter_of_errors() -> None:
+    alice_bits, bob_bits, _, _ = sifted({"pulses_per_frame": PULSES, "eve_fraction": 1.0, "misalignment": 0.0})
+    assert abs(float(np.mean(alice_bits != bob_bits)) - 0.25) < 0.01
+
+
+def test_preparation_is_counter_based() -> None:
+    preparation = SimPreparation(SimParameters(pulses_per_frame=1000), frame=9)
+    everything = preparation.at(np.arange(1000))
+    some = preparation.at(np.array([999, 3, 500]))
+    for whole, part in zip(everything, some, strict=True):
+        assert np.array_equal(whole[[999, 3, 500]], part)
+    classes = everything[2]
+    assert set(np.unique(classes)) <= {0, 1, 2}
+    other_frame = SimPreparation(SimParameters(pulses_per_frame=1000), frame=10).at(np.arange(1000))
+    assert not np.array_equal(everything[0], other_frame[0])
+
+
+def test_intensity_and_basis_frequencies() -> None:
+    bits, bases, classes = SimPreparation(SimParameters(), frame=0).at(np.arange(200_000))
+    assert abs(bases.mean() - 0.1) < 0.005 and abs(bits.mean() - 0.5) < 0.005
+    assert np.allclose(np.bincount(classes) / classes.size, [0.7, 0.2, 0.1], atol=0.005)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"distance_km": -1}, "link.sim.distance_km"),
+        ({"z_probability": 1.0}, "link.sim.z_probability"),
+        ({"intensities": [0.5, 0.1]}, "link.sim.intensity_probabilities"),
+        ({"intensity_probabilities": [0.5, 0.2, 0.2]}, "sum to 1"),
+        ({"pulses_per_frame": 0}, "link.sim.pulses_per_frame"),
+        ({"pulses_per_frame": 1.5}, "link.sim.pulses_per_frame"),
+        ({"seed": "x"}, "link.sim.seed"),
+        ({"colour": 1}, "link.sim.colour: unknown option"),
+    ],
+)
+def test_bad_parameters_name_the_key(options: dict[str, object], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        open_link("sim", "bob", options)
+
+
+def test_registry() -> None:
+    assert "sim" in available()
+    with pytest.raises(InputError, match="unknown backend 'laser'"):
+        open_link("laser", "alice", {})

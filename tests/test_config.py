@@ -1,0 +1,78 @@
+"""Config errors name the offending key and the expected form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qkdd import config
+from qkdd.errors import InputError
+
+
+def base(**overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "role": "alice",
+        "link_id": "l",
+        "state_dir": "state",
+        "network": {"peer": "127.0.0.1:7700"},
+        "auth": {"psk_file": "psk"},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
+    loaded = config.from_mapping(base(), tmp_path)
+    assert loaded.state_dir == tmp_path / "state" and loaded.psk_file == tmp_path / "psk"
+    assert loaded.peer == config.Address("127.0.0.1", 7700) and loaded.listen is None
+    assert loaded.post.key_block_bits == 256 and loaded.link_backend == "sim"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"role": "eve"}, "role: expected"),
+        ({"link_id": ""}, "link_id: expected a non-empty string"),
+        ({"colour": 1}, "colour: unknown key"),
+        ({"network": {"peer": "nohost"}}, "network.peer: expected \"HOST:PORT\""),
+        ({"network": {"peer": "h:99999"}}, "network.peer"),
+        ({"network": {}}, "set exactly one of network.listen"),
+        ({"network": {"peer": "h:1", "listen": "h:2"}}, "set exactly one"),
+        ({"network": {"peer": "h:1", "max_frame_bytes": 10}}, "network.max_frame_bytes"),
+        ({"auth": {"psk_file": "psk", "method": "pki"}}, "auth.method"),
+        ({"auth": {}}, "auth.psk_file"),
+        ({"post": {"cascade_variant": "turbo"}}, "post.cascade_variant"),
+        ({"post": {"key_block_bits": 100}}, "post.key_block_bits: expected a multiple of 8"),
+        ({"post": {"qber_threshold": 0.7}}, "post.qber_threshold"),
+        ({"post": {"eps_sec": "small"}}, "post.eps_sec"),
+        ({"timeouts": {"round": 0}}, "timeouts.round"),
+        ({"run": {"max_rounds": -1}}, "run.max_rounds"),
+        ({"link": {"backend": "sim", "other": {}}}, "link.other: unknown key"),
+        ({"network": "x"}, "network: expected a table"),
+    ],
+)
+def test_errors_name_the_key(overrides: dict[str, Any], match: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=match):
+        config.from_mapping(base(**overrides), tmp_path)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("role = ")
+    with pytest.raises(InputError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_rendered_configs_load(tmp_path: Path) -> None:
+    for role, listen, peer in (("alice", None, "b:1"), ("bob", "0.0.0.0:7700", None)):
+        path = tmp_path / f"{role}.toml"
+        path.write_text(
+            config.render(role, link_id="l", state_dir="s", psk_file="psk", listen=listen, peer=peer,
+                          sim={"distance_km": 5.0, "intensities": [0.5, 0.1, 0.0]})
+        )
+        loaded = config.load(path)
+        assert loaded.role == role and loaded.link_options["distance_km"] == 5.0

@@ -1,0 +1,87 @@
+"""The SQLite key store (qkdp-v1.md §13-§14)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkdd.errors import InputError
+from qkdd.records import RoundSummary, key_blocks, key_id
+from qkdd.store import DATABASE, KeyStore
+from tests.conftest import load_vectors
+
+
+def summary(number: int, secret: int = 512) -> RoundSummary:
+    return RoundSummary(number, number, 100, 10, 8, 0.01, 0.02, 5, secret, False, None, "psk")
+
+
+def blocks(number: int, count: int = 2) -> list[tuple[str, bytes]]:
+    return [(key_id("l", number, i), bytes([number, i]) * 16) for i in range(count)]
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "state", "l")
+    store.store_round(summary(0), blocks(0), pending=False, seconds=1.0)
+    for name in (DATABASE, DATABASE + "-wal"):
+        path = tmp_path / "state" / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, name
+    store.close()
+
+
+def test_round_numbers_only_grow(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, "l")
+    assert store.next_round == 0
+    store.reserve_round(0)
+    store.reserve_round(5)
+    with pytest.raises(InputError, match="already used"):
+        store.reserve_round(3)
+    store.close()
+    assert KeyStore(tmp_path, "l").next_round == 6
+
+
+def test_pending_commit_resolve_and_abort(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, "l")
+    for number in range(3):
+        store.store_round(summary(number), blocks(number), pending=True, seconds=None)
+    assert store.pending_rounds() == [0, 1, 2] and list(store.keys()) == []
+    store.commit_round(0)
+    assert [k for k, _ in store.keys()] == [k for k, _ in blocks(0)]
+    assert store.committed_among([0, 1, 7]) == [0]
+    assert store.resolve([1]) == ([1], [2])
+    assert store.pending_rounds() == []
+    assert len(list(store.keys())) == 4
+    store.record_aborted(summary(0, 0), 1.0)  # never touches a committed round
+    assert len(list(store.keys())) == 4
+    with pytest.raises(InputError, match="already in the store"):
+        store.store_round(summary(1), blocks(1), pending=False, seconds=None)
+    with pytest.raises(InputError, match="not pending"):
+        store.commit_round(1)
+    stats = store.statistics()
+    assert (stats.committed_rounds, stats.aborted_rounds, stats.stored_keys, stats.stored_key_bits) == (2, 1, 4, 1024)
+
+
+def test_a_store_belongs_to_one_link(tmp_path: Path) -> None:
+    KeyStore(tmp_path, "l").close()
+    with pytest.raises(InputError, match="belongs to link 'l'"):
+        KeyStore(tmp_path, "m")
+    assert KeyStore(tmp_path, None, create=False).link_id == "l"
+    with pytest.raises(InputError, match="no key store"):
+        KeyStore(tmp_path / "empty", None, create=False)
+
+
+def test_key_ids_match_the_vectors() -> None:
+    for vector in load_vectors("key_ids"):
+        assert key_id(vector["link_id"], vector["round"], vector["index"]) == vector["key_id"]
+
+
+def test_key_blocks_cut_whole_blocks() -> None:
+    key = np.arange(600, dtype=np.uint8) % 2
+    cut = key_blocks("l", 3, key, 256)
+    assert len(cut) == 2 and all(len(b) == 32 for _, b in cut)
+    assert cut[0][1] == np.packbits(key[:256]).tobytes()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        key_blocks("l", 3, key, 12)
