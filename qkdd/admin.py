@@ -50,7 +50,9 @@ def init(args: argparse.Namespace) -> int:
     config_mod.load(target)  # what we wrote must load
     print(f"wrote {target}")
     if args.psk_file is None:
-        print(f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there")
+        print(
+            f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there"
+        )
         print(f"  qkdd init --role {'bob' if args.role == 'alice' else 'alice'} ... --psk-file PATH")
     return 0
 
@@ -106,9 +108,10 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     for name, value in report.items():
+        shown = value
         if isinstance(value, float) and name == "status_updated":
-            value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))}"
-        print(f"{name:>18}: {value if value is not None else '-'}")
+            shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        print(f"{name:>18}: {shown if shown is not None else '-'}")
     return 0
 
 
@@ -121,7 +124,7 @@ def export_keys(state_dir: Path) -> int:
     )
     store = KeyStore(state_dir, None, create=False)
     try:
-        for key_id, key in store.keys():
+        for key_id, key in store.committed_keys():
             sys.stdout.write(json.dumps({"key_id": key_id, "key_hex": key.hex()}) + "\n")
     finally:
         store.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +18,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="run the benchmarks (Cascade, privacy amplification, e2e)")
-    bench.add_argument("what", nargs="?", choices=["stages", "e2e"], default="stages",
-                       help="stages (default): Cascade and amplification; e2e: two daemons over loopback")
+    bench.add_argument(
+        "what",
+        nargs="?",
+        choices=["stages", "e2e"],
+        default="stages",
+        help="stages (default): Cascade and amplification; e2e: two daemons over loopback",
+    )
     bench.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     bench.add_argument(
         "--variant", action="append", choices=VARIANTS, help="Cascade variant(s) to run (default: all)"
     )
-    bench.add_argument("--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults")
+    bench.add_argument(
+        "--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults"
+    )
     bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
 
     run = commands.add_parser("run", help="run a daemon in the foreground")
@@ -36,16 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="write a config file and, for PSK bootstrap, a fresh PSK")
     init.add_argument("--role", choices=["alice", "bob"], required=True)
     init.add_argument("--peer", required=True, help="HOST:PORT of the other daemon")
-    init.add_argument("--listen", help="HOST:PORT to accept connections on (default: Bob listens on --peer's port)")
+    init.add_argument(
+        "--listen", help="HOST:PORT to accept connections on (default: Bob listens on --peer's port)"
+    )
     init.add_argument("--state-dir", type=Path, required=True)
     init.add_argument("--link-id", default="qkdd-link")
-    init.add_argument("--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)")
+    init.add_argument(
+        "--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)"
+    )
     init.add_argument("--config", type=Path, help="where to write the config (default: STATE_DIR/ROLE.toml)")
 
     demo = commands.add_parser("demo", help="Alice and Bob as two processes over 127.0.0.1")
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--distance-km", type=float, default=10.0)
-    demo.add_argument("--eve", type=float, default=0.0, metavar="FRACTION", help="intercept-resend on this fraction")
+    demo.add_argument(
+        "--eve", type=float, default=0.0, metavar="FRACTION", help="intercept-resend on this fraction"
+    )
     demo.add_argument("--pulses", type=int, default=1 << 24, help="pulses per frame (default 2^24)")
     demo.add_argument("--state-dir", type=Path, help="keep the state here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true")
@@ -72,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one branch per subcommand
+def _dispatch(args: argparse.Namespace) -> int:
     # imports inside the branches keep `qkdd --help` fast
     if args.command == "bench":
         if args.frames is not None and args.frames < 1:

@@ -30,11 +30,11 @@ class Address:
 
 def parse_address(text: object, key: str) -> Address:
     if not isinstance(text, str) or ":" not in text:
-        raise InputError(f"{key}: expected \"HOST:PORT\", got {text!r}")
+        raise InputError(f'{key}: expected "HOST:PORT", got {text!r}')
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InputError(f"{key}: expected \"HOST:PORT\" with a port in 0..65535, got {text!r}")
+        raise InputError(f'{key}: expected "HOST:PORT" with a port in 0..65535, got {text!r}')
     return Address(host, int(port))
 
 
@@ -108,7 +108,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     _take(raw, "", {"role", "link_id", "state_dir", "network", "auth", "link", "post", "timeouts", "run"})
     role = raw.get("role")
     if role not in spec.ROLES:
-        raise InputError(f"role: expected \"alice\" or \"bob\", got {role!r}")
+        raise InputError(f'role: expected "alice" or "bob", got {role!r}')
     link_id = _string(raw.get("link_id"), "link_id")
     if len(link_id.encode()) > 128:
         raise InputError("link_id: at most 128 bytes")
@@ -121,14 +121,17 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     if (listen is None) == (peer is None):
         raise InputError("network: set exactly one of network.listen (accept) and network.peer (connect)")
     max_frame = _number(
-        network.get("max_frame_bytes", spec.load().max_frame_bytes), "network.max_frame_bytes",
-        low=1 << 16, high=1 << 30, integer=True,
+        network.get("max_frame_bytes", spec.load().max_frame_bytes),
+        "network.max_frame_bytes",
+        low=1 << 16,
+        high=1 << 30,
+        integer=True,
     )
 
     auth = _table(raw, "auth")
     _take(auth, "auth.", {"method", "psk_file"})
     if auth.get("method", "psk") != "psk":
-        raise InputError(f"auth.method: expected \"psk\", got {auth.get('method')!r}")
+        raise InputError(f'auth.method: expected "psk", got {auth.get("method")!r}')
     psk_file = base / _string(auth.get("psk_file"), "auth.psk_file")
 
     link = _table(raw, "link")
@@ -142,17 +145,29 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     _take(post_raw, "post.", set(PostProcessing.__dataclass_fields__))
     variant = post_raw.get("cascade_variant", "optimized")
     if variant not in cascade.VARIANTS:
-        raise InputError(f"post.cascade_variant: expected one of {', '.join(cascade.VARIANTS)}, got {variant!r}")
-    block_bits = _number(post_raw.get("key_block_bits", 256), "post.key_block_bits", low=8, high=65536, integer=True)
+        raise InputError(
+            f"post.cascade_variant: expected one of {', '.join(cascade.VARIANTS)}, got {variant!r}"
+        )
+    block_bits = _number(
+        post_raw.get("key_block_bits", 256), "post.key_block_bits", low=8, high=65536, integer=True
+    )
     if block_bits % 8:
         raise InputError(f"post.key_block_bits: expected a multiple of 8, got {block_bits}")
     post = PostProcessing(
         cascade_variant=variant,
-        qber_threshold=_number(post_raw.get("qber_threshold", 0.11), "post.qber_threshold", low=0.001, high=0.5),
-        z_sample_fraction=_number(post_raw.get("z_sample_fraction", 0.0), "post.z_sample_fraction", low=0, high=0.5),
+        qber_threshold=_number(
+            post_raw.get("qber_threshold", 0.11), "post.qber_threshold", low=0.001, high=0.5
+        ),
+        z_sample_fraction=_number(
+            post_raw.get("z_sample_fraction", 0.0), "post.z_sample_fraction", low=0, high=0.5
+        ),
         qber_prior=_number(post_raw.get("qber_prior", 0.02), "post.qber_prior", low=0.001, high=0.5),
-        eps_sec=_number(post_raw.get("eps_sec", keylength.DEFAULT_EPS_SEC), "post.eps_sec", low=1e-30, high=0.1),
-        eps_cor=_number(post_raw.get("eps_cor", keylength.DEFAULT_EPS_COR), "post.eps_cor", low=1e-30, high=0.1),
+        eps_sec=_number(
+            post_raw.get("eps_sec", keylength.DEFAULT_EPS_SEC), "post.eps_sec", low=1e-30, high=0.1
+        ),
+        eps_cor=_number(
+            post_raw.get("eps_cor", keylength.DEFAULT_EPS_COR), "post.eps_cor", low=1e-30, high=0.1
+        ),
         key_block_bits=block_bits,
     )
 
@@ -161,7 +176,9 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     defaults = Timeouts()
     timeouts = Timeouts(
         **{
-            name: _number(timeouts_raw.get(name, getattr(defaults, name)), f"timeouts.{name}", low=0.01, high=86400)
+            name: _number(
+                timeouts_raw.get(name, getattr(defaults, name)), f"timeouts.{name}", low=0.01, high=86400
+            )
             for name in Timeouts.__dataclass_fields__
         }
     )

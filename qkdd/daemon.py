@@ -19,6 +19,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ import trio
 
 from qkdd import engine as engine_mod
 from qkdd import wire
+from qkdd.admin import write_status_file
 from qkdd.auth.psk import read_psk
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
@@ -111,7 +113,9 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 if self.config.listen is not None:
-                    listeners = await trio.open_tcp_listeners(self.config.listen.port, host=self.config.listen.host)
+                    listeners = await trio.open_tcp_listeners(
+                        self.config.listen.port, host=self.config.listen.host
+                    )
                     sockname = listeners[0].socket.getsockname()
                     self.listen_port = int(sockname[1])
                     self._write_listen_file(sockname[0], self.listen_port)
@@ -122,6 +126,7 @@ class Daemon:
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
+                self._status("down")
                 task_status.started(self.listen_port)
                 await self._stop.wait()
                 self.notifier.stopping()
@@ -129,6 +134,7 @@ class Daemon:
                     await self._round_idle.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._status("stopped")
             self.store.close()
             log.info("%s stopped after %d rounds", self.role, self.rounds_finished)
 
@@ -167,7 +173,9 @@ class Daemon:
             try:
                 stream = await trio.open_tcp_stream(self.config.peer.host, self.config.peer.port)
             except OSError as error:
-                log.info("cannot connect to %s: %s; retrying in %.1f s", self.config.peer, error.strerror, delay)
+                log.info(
+                    "cannot connect to %s: %s; retrying in %.1f s", self.config.peer, error.strerror, delay
+                )
             else:
                 peer = _peer_name(stream)
                 log.info("connected to %s", peer)
@@ -212,9 +220,14 @@ class Daemon:
                         data = await stream.receive_some(READ_SIZE)
                     if waiting.cancelled_caught:
                         log.warning(
-                            "%s: no frame in state %s within its timeout%s", peer, engine.state.value, _abandoned(engine)
+                            "%s: no frame in state %s within its timeout%s",
+                            peer,
+                            engine.state.value,
+                            _abandoned(engine),
                         )
-                        await _send_quietly(stream, engine.close("timeout", f"nothing received in {engine.state.value}"))
+                        await _send_quietly(
+                            stream, engine.close("timeout", f"nothing received in {engine.state.value}")
+                        )
                         return ready
                     if not data:
                         decoder.check_eof()
@@ -231,7 +244,11 @@ class Daemon:
                             await self._become_active(session)
                         await self._execute(session, stream, actions)
                         deadline = _deadline(engine.timeout)
-                        if self.role == "bob" and self._max_rounds_reached() and engine.state is engine_mod.State.IDLE:
+                        if (
+                            self.role == "bob"
+                            and self._max_rounds_reached()
+                            and engine.state is engine_mod.State.IDLE
+                        ):
                             self.request_stop("all rounds done")
         except RemoteProtocolError as error:
             frame = error.frame if error.frame is not None else None
@@ -248,6 +265,7 @@ class Daemon:
                 self._handshakes -= 1
             if self._active is session:
                 self._active = None
+                self._status("down")
             self._round_idle.set()
             with trio.CancelScope(shield=True):
                 if self.stopping and engine.state is not engine_mod.State.CLOSED:
@@ -259,10 +277,30 @@ class Daemon:
         old = self._active
         self._active = session
         if old is not None:
-            log.info("a new authenticated connection from %s replaces the one from %s", session.peer, old.peer)
+            log.info(
+                "a new authenticated connection from %s replaces the one from %s", session.peer, old.peer
+            )
             old.cancel_scope.cancel()
-        log.info("link %s up with %s (qkdp/%s, auth %s)", self.config.link_id, session.peer,
-                 session.engine.version if session.engine else "?", "psk")
+        log.info(
+            "link %s up with %s (qkdp/%s, auth %s)",
+            self.config.link_id,
+            session.peer,
+            session.engine.version if session.engine else "?",
+            "psk",
+        )
+        self._status("up", session.peer)
+
+    def _status(self, link: str, peer: str | None = None) -> None:
+        try:
+            write_status_file(
+                self.config.state_dir,
+                role=self.role,
+                link=link,
+                peer=peer,
+                rounds_this_run=self.rounds_finished,
+            )
+        except OSError as error:
+            log.warning("cannot write the status file: %s", error.strerror)
 
     def _begin_round(self) -> None:
         self._round_started = trio.current_time()
@@ -276,7 +314,9 @@ class Daemon:
             return await trio.to_thread.run_sync(function, *args)
         return function(*args)
 
-    async def _execute(self, session: _Session, stream: trio.SocketStream, actions: list[engine_mod.Action]) -> None:
+    async def _execute(
+        self, session: _Session, stream: trio.SocketStream, actions: list[engine_mod.Action]
+    ) -> None:
         for action in actions:
             match action:
                 case engine_mod.Send(frame=frame):
@@ -289,9 +329,7 @@ class Daemon:
                         await self._store_call(self.store.record_aborted, summary, seconds)
                     else:
                         await self._store_call(
-                            lambda: self.store.store_round(
-                                summary, blocks, pending=disposition == "pending", seconds=seconds
-                            )
+                            self.store.store_round, summary, blocks, disposition == "pending", seconds
                         )
                     log.info("%s", format_summary(summary, disposition, seconds))
                     if disposition != "pending":
@@ -330,10 +368,8 @@ def _deadline(timeout: float | None) -> float:
 
 async def _send_quietly(stream: trio.SocketStream, frame: bytes) -> None:
     with trio.move_on_after(1.0):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

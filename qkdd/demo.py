@@ -102,22 +102,27 @@ def run_demo(state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float |
     alice: subprocess.Popen[bytes] | None = None
     try:
         address = wait_for_listen_address(state_dir / "bob", bob)
-        alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"'))
+        alice_config.write_text(
+            alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"')
+        )
         alice = spawn(alice_config, state_dir / "alice.log")
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
         for process, name in ((alice, "alice"), (bob, "bob")):
+            assert process is not None
             remaining = max(1.0, limit - (time.monotonic() - started))
             try:
                 status = process.wait(remaining)
             except subprocess.TimeoutExpired:
-                raise QkddError(f"{name} did not finish within {limit:.0f} s; see {state_dir / (name + '.log')}") from None
+                raise QkddError(
+                    f"{name} did not finish within {limit:.0f} s; see {state_dir / (name + '.log')}"
+                ) from None
             if status != 0:
                 raise QkddError(f"{name} exited with status {status}; see {state_dir / (name + '.log')}")
     finally:
-        for process in (alice, bob):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        for leftover in (alice, bob):
+            if leftover is not None and leftover.poll() is None:
+                leftover.kill()
+                leftover.wait()
     seconds = time.monotonic() - started
     return compare_stores(state_dir, seconds)
 
@@ -125,14 +130,14 @@ def run_demo(state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float |
 def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
     stores = [KeyStore(state_dir / role, LINK_ID, create=False) for role in ("alice", "bob")]
     try:
-        alice_keys, bob_keys = (dict(store.keys()) for store in stores)
+        alice_keys, bob_keys = (dict(store.committed_keys()) for store in stores)
         log = stores[0].rounds()
         bob_rounds = {r["round"]: r for r in stores[1].rounds()}
     finally:
         for store in stores:
             store.close()
     rows = []
-    first_key = None
+    first_key: float | None = None
     for r in log:
         row = {
             "round": r["round"],
@@ -151,8 +156,10 @@ def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
         rows.append(row)
     for r in log:
         if r["state"] == "committed" and first_key is None:
-            first_key = r["finished_at"]
-    match = alice_keys == bob_keys and all(row["bob_state"] == ("aborted" if row["aborted"] else "committed") for row in rows)
+            first_key = float(r["finished_at"])
+    match = alice_keys == bob_keys and all(
+        row["bob_state"] == ("aborted" if row["aborted"] else "committed") for row in rows
+    )
     return DemoResult(
         rows,
         match,
@@ -178,9 +185,7 @@ def _format_row(row: dict[str, Any]) -> str:
     return text + (f"  aborted: {row['reason']}" if row["aborted"] else "")
 
 
-HEADER = (
-    "round     pulses detections    sifted   QBER(Z) phase(X) disclosed    secret  key kb/s seconds"
-)
+HEADER = "round     pulses detections    sifted   QBER(Z) phase(X) disclosed    secret  key kb/s seconds"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -188,8 +193,14 @@ def main(args: argparse.Namespace) -> int:
         raise QkddError("--rounds must be at least 1")
     sim = {"distance_km": args.distance_km, "eve_fraction": args.eve, "pulses_per_frame": args.pulses}
     config_mod.from_mapping(  # check the link parameters before starting anything
-        {"role": "alice", "link_id": "x", "state_dir": ".", "network": {"peer": "h:1"},
-         "auth": {"psk_file": "psk"}, "link": {"backend": "sim", "sim": sim}},
+        {
+            "role": "alice",
+            "link_id": "x",
+            "state_dir": ".",
+            "network": {"peer": "h:1"},
+            "auth": {"psk_file": "psk"},
+            "link": {"backend": "sim", "sim": sim},
+        },
         Path("."),
     )
     from qkdd.links.sim import SimParameters  # noqa: PLC0415
@@ -234,18 +245,22 @@ def bench_e2e(quick: bool, as_json: bool, rounds: int) -> int:
                 "sifted_bps": sifted / round_seconds if round_seconds else 0.0,
                 "secret_bps": result.secret_bits_total / round_seconds if round_seconds else 0.0,
                 "wall_seconds": result.seconds,
-                "first_key_seconds": None if result.first_key_seconds is None else result.first_key_seconds - started,
+                "first_key_seconds": None
+                if result.first_key_seconds is None
+                else result.first_key_seconds - started,
                 "keys_match": result.keys_match,
             }
         )
     if as_json:
         print(json.dumps({"e2e": rows}))
     else:
-        print(f"{'km':>5} {'rounds':>6} {'sifted Mbit/s':>14} {'secret kbit/s':>14} {'first key s':>12} {'match':>6}")
+        print(
+            f"{'km':>5} {'rounds':>6} {'sifted Mbit/s':>14} {'secret kbit/s':>14} {'first key s':>12} match"
+        )
         for row in rows:
-            first = row["first_key_seconds"]
+            first = "-" if row["first_key_seconds"] is None else f"{row['first_key_seconds']:.2f}"
             print(
                 f"{row['distance_km']:>5.0f} {row['rounds']:>6} {row['sifted_bps'] / 1e6:>14.2f} "
-                f"{row['secret_bps'] / 1e3:>14.1f} {'-' if first is None else f'{first:.2f}':>12} {row['keys_match']!s:>6}"
+                f"{row['secret_bps'] / 1e3:>14.1f} {first:>12} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1

@@ -284,6 +284,7 @@ class Engine:
 
     def abort_round(self, reason: str) -> list[Action]:
         """Abandon the round under way (e.g. the link failed), telling the peer."""
+
         def abort() -> State:
             assert self._round is not None
             self._send("abort", round=self._round.number, reason=reason[:256])
@@ -307,7 +308,9 @@ class Engine:
         allowed = self._spec.allowed(self.role, self.state.value, on)
         if allowed is None:
             if on.startswith("recv:"):
-                raise RemoteProtocolError(f"{on[5:]} is not allowed in state {self.state.value}", code="bad-state")
+                raise RemoteProtocolError(
+                    f"{on[5:]} is not allowed in state {self.state.value}", code="bad-state"
+                )
             raise LocalProtocolError(f"{on} is not allowed in state {self.state.value}")
         self._sent = []
         new_state = handler()
@@ -461,7 +464,8 @@ class Engine:
         detected = sifting.resolve_double_clicks(link.detections(message["frame"]), self._random)
         if detected.pulses != message["pulses"]:
             raise RemoteProtocolError(
-                f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}", code="config-mismatch"
+                f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}",
+                code="config-mismatch",
             )
         self._round = _Round(number, message["frame"], pulses=detected.pulses, detected=detected)
         self._round.detections = int(detected.indices.size)
@@ -481,9 +485,15 @@ class Engine:
         r = self._open_round()
         assert r.preparation is not None
         if message["pulses"] != r.pulses:
-            raise RemoteProtocolError(f"sift_announce is for {message['pulses']} pulses, the frame has {r.pulses}")
+            raise RemoteProtocolError(
+                f"sift_announce is for {message['pulses']} pulses, the frame has {r.pulses}"
+            )
         announce = sifting.SiftAnnounce(
-            message["pulses"], message["detections"], message["encoding"], message["indices"], message["bases"]
+            message["pulses"],
+            message["detections"],
+            message["encoding"],
+            message["indices"],
+            message["bases"],
         )
         answer, r.sifted = sifting.alice_answer(r.preparation, announce)
         r.detections = announce.detections
@@ -494,9 +504,13 @@ class Engine:
     def _on_sift_answer(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.detected is not None
-        r.sifted = sifting.bob_sift(r.detected, sifting.SiftAnswer(message["matches"], message["intensities"]))
+        r.sifted = sifting.bob_sift(
+            r.detected, sifting.SiftAnswer(message["matches"], message["intensities"])
+        )
         r.sifted_bits = int(r.sifted.bits.size)
-        request = estimation.bob_request(r.sifted, self._random, z_sample_fraction=self.settings.z_sample_fraction)
+        request = estimation.bob_request(
+            r.sifted, self._random, z_sample_fraction=self.settings.z_sample_fraction
+        )
         r.estimate_request = request
         self._send(
             "estimate_request",
@@ -513,11 +527,16 @@ class Engine:
         r = self._open_round()
         assert r.sifted is not None
         request = estimation.EstimateRequest(
-            message["x_count"], message["x_bits"], message["z_count"], message["z_sample_mask"],
+            message["x_count"],
+            message["x_bits"],
+            message["z_count"],
+            message["z_sample_mask"],
             message["z_sample_bits"],
         )
         answer, estimate = estimation.alice_answer(r.sifted, request, threshold=self.settings.qber_threshold)
-        self._send("estimate_answer", round=r.number, x_bits=answer.x_bits, z_sample_bits=answer.z_sample_bits)
+        self._send(
+            "estimate_answer", round=r.number, x_bits=answer.x_bits, z_sample_bits=answer.z_sample_bits
+        )
         r.estimate = estimate
         r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
         if estimate.abort_reason:
@@ -541,7 +560,9 @@ class Engine:
         guess = estimate.z_sample_error_rate
         if guess is None:
             guess = max(self.settings.qber_prior, estimate.phase_error_rate)
-        r.bob = cascade.CascadeBob(r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant)
+        r.bob = cascade.CascadeBob(
+            r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant
+        )
         return self._send_cascade(r)
 
     def _send_cascade(self, r: _Round) -> State:
@@ -570,7 +591,10 @@ class Engine:
                 result = r.bob.result()
                 r.key = result.key
                 self._send(
-                    "cascade_done", round=r.number, disclosed_bits=disclosed, corrected_bits=result.corrected_bits
+                    "cascade_done",
+                    round=r.number,
+                    disclosed_bits=disclosed,
+                    corrected_bits=result.corrected_bits,
                 )
                 return self._after_cascade(r, disclosed, result.corrected_bits)
         return State.RECONCILING
@@ -585,7 +609,9 @@ class Engine:
         if self.role == "alice":
             request = confirm.alice_confirm(r.key, self._random)
             self._send(
-                "confirm", round=r.number, hash_key=request.hash_key.to_bytes(12, "big"),
+                "confirm",
+                round=r.number,
+                hash_key=request.hash_key.to_bytes(12, "big"),
                 tag=request.tag.to_bytes(12, "big"),
             )
         return State.CONFIRMING
@@ -654,7 +680,11 @@ class Engine:
         seed = amplify.choose_seed(self._random, int(r.key.size), r.secret_bits)
         r.blocks = tuple(self._blocks(r, amplify.amplify(r.key, seed)))
         self._send(
-            "amplify", round=r.number, input_bits=seed.input_bits, output_bits=seed.output_bits, seed=seed.seed
+            "amplify",
+            round=r.number,
+            input_bits=seed.input_bits,
+            output_bits=seed.output_bits,
+            seed=seed.seed,
         )
         return State.COMMITTING
 
@@ -678,7 +708,9 @@ class Engine:
     def _on_commit(self, message: wire.Message) -> State:
         r = self._open_round()
         if message["blocks"] != len(r.blocks):
-            raise RemoteProtocolError(f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}")
+            raise RemoteProtocolError(
+                f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}"
+            )
         self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks))
         self._send("committed", round=r.number)
         self._round = None
@@ -760,4 +792,3 @@ class _PeerError(RemoteProtocolError):
     def __init__(self, code: str, message: str, versions: list[int]) -> None:
         super().__init__(f"the peer closed the connection: {code}: {message[:200]}", code=code)
         self.versions = versions
-

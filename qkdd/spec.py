@@ -199,9 +199,9 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
                 raise ValueError(f"spec: {t.role} cannot send {sent!r}")
         if t.on.startswith("recv:"):
             received = t.on[5:]
-            if received not in messages or t.role in messages[received].senders and len(
-                messages[received].senders
-            ) == 1:
+            if received not in messages or (
+                t.role in messages[received].senders and len(messages[received].senders) == 1
+            ):
                 raise ValueError(f"spec: {t.role} cannot receive {received!r}")
     keys = [(t.role, t.source, t.on) for t in transitions]
     if len(set(keys)) != len(keys):

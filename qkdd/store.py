@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary
@@ -68,7 +69,7 @@ class StoreStatistics:
     pending_rounds: int
     stored_keys: int
     stored_key_bits: int
-    last_round: dict[str, object] | None
+    last_round: dict[str, Any] | None
 
 
 class KeyStore:
@@ -140,7 +141,11 @@ class KeyStore:
         return None if row is None else str(row[0])
 
     def store_round(
-        self, summary: RoundSummary, blocks: Iterable[tuple[str, bytes]], *, pending: bool, seconds: float | None
+        self,
+        summary: RoundSummary,
+        blocks: Iterable[tuple[str, bytes]],
+        pending: bool,
+        seconds: float | None,
     ) -> None:
         """Store a finished round and its key blocks, as pending (Bob) or committed, atomically."""
         with self._transaction():
@@ -153,7 +158,7 @@ class KeyStore:
             )
 
     def record_aborted(self, summary: RoundSummary, seconds: float | None) -> None:
-        """Record an aborted round's figures, dropping its pending keys if any; never touches a committed one."""
+        """Record an aborted round's figures, dropping any pending keys; a committed round is left alone."""
         with self._transaction():
             state = self._state(summary.round)
             if state == "committed":
@@ -199,7 +204,7 @@ class KeyStore:
 
     # -- reading
 
-    def keys(self) -> Iterator[tuple[str, bytes]]:
+    def committed_keys(self) -> Iterator[tuple[str, bytes]]:
         """Every committed key block, in round and index order."""
         rows = self._db.execute(
             "SELECT k.key_id, k.key FROM keys k JOIN rounds r ON r.round = k.round "
@@ -208,8 +213,10 @@ class KeyStore:
         for key_id, key in rows:
             yield str(key_id), bytes(key)
 
-    def rounds(self, limit: int | None = None) -> list[dict[str, object]]:
-        query = f"SELECT {', '.join(_ROUND_COLUMNS)}, state, seconds, finished_at FROM rounds ORDER BY round DESC"
+    def rounds(self, limit: int | None = None) -> list[dict[str, Any]]:
+        query = (
+            f"SELECT {', '.join(_ROUND_COLUMNS)}, state, seconds, finished_at FROM rounds ORDER BY round DESC"
+        )
         rows = self._db.execute(query + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
         names = [*_ROUND_COLUMNS, "state", "seconds", "finished_at"]
         return [dict(zip(names, row, strict=True)) for row in reversed(rows)]

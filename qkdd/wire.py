@@ -101,7 +101,9 @@ def _unpack_map(data: bytes, what: str, code: str) -> dict[Any, Any]:
     try:
         value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, msgpack.UnpackException) as error:
-        raise RemoteProtocolError(f"{what} is not one msgpack value: {type(error).__name__}", code=code) from None
+        raise RemoteProtocolError(
+            f"{what} is not one msgpack value: {type(error).__name__}", code=code
+        ) from None
     if not isinstance(value, dict):
         raise RemoteProtocolError(f"{what} is not a msgpack map", code=code)
     return value
@@ -136,10 +138,11 @@ def encode_message(name: str, **fields: Any) -> bytes:
         spec.check_fields(message_spec.fields, fields, name)
     except RemoteProtocolError as error:
         raise LocalProtocolError(f"we built an invalid message: {error}") from None
-    return msgpack.packb({"type": name, **fields}, use_bin_type=True)
+    body: bytes = msgpack.packb({"type": name, **fields}, use_bin_type=True)
+    return body
 
 
 def encode_frame(seq: int, body: bytes, mac: bytes = b"") -> bytes:
     """Length prefix + envelope map."""
-    payload = msgpack.packb({"seq": seq, "body": body, "mac": mac}, use_bin_type=True)
+    payload: bytes = msgpack.packb({"seq": seq, "body": body, "mac": mac}, use_bin_type=True)
     return LENGTH.pack(len(payload)) + payload

@@ -1,4 +1,4 @@
-"""A ConnectionPair-style helper: Alice's and Bob's engines joined in memory (after h11's tests/helpers.py)."""
+"""A ConnectionPair-style helper: Alice's and Bob's engines joined in memory (after h11's helpers)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class MemoryStore:
             case engine.Ready():
                 self.ready = True
 
-    def keys(self) -> dict[str, bytes]:
+    def key_map(self) -> dict[str, bytes]:
         return {k: v for _, blocks in self.committed.values() for k, v in blocks}
 
 
@@ -85,7 +85,9 @@ def make_engine(
     options = {**SMALL_SIM, **(sim or {})}
     SimParameters.from_options(options)
     link = open_link(role, options)
-    config = engine.EngineSettings(link_id=settings.pop("link_id", "test-link"), psk=settings.pop("psk", PSK), **settings)
+    config = engine.EngineSettings(
+        link_id=settings.pop("link_id", "test-link"), psk=settings.pop("psk", PSK), **settings
+    )
     return engine.Engine(role, config, link=link, store=store, random=SeededRandom(seed)), store
 
 
@@ -97,8 +99,12 @@ class ConnectionPair:
         alice_kwargs = {k[6:]: v for k, v in kwargs.items() if k.startswith("alice_") and k not in stores}
         bob_kwargs = {k[4:]: v for k, v in kwargs.items() if k.startswith("bob_") and k not in stores}
         common = {k: v for k, v in kwargs.items() if not k.startswith(("alice_", "bob_"))}
-        self.alice, self.alice_store = make_engine("alice", kwargs.get("alice_store"), seed=1, **{**common, **alice_kwargs})
-        self.bob, self.bob_store = make_engine("bob", kwargs.get("bob_store"), seed=2, **{**common, **bob_kwargs})
+        self.alice, self.alice_store = make_engine(
+            "alice", kwargs.get("alice_store"), seed=1, **{**common, **alice_kwargs}
+        )
+        self.bob, self.bob_store = make_engine(
+            "bob", kwargs.get("bob_store"), seed=2, **{**common, **bob_kwargs}
+        )
         self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
         self.log: list[tuple[str, str]] = []  # (sender, message type)
         self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from qkdd import config
 from qkdd.cli import main
+from qkdd.records import RoundSummary, key_id
+from qkdd.store import KeyStore
 
 
 def test_bench_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,3 +42,59 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--frames" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--variant", "turbo"])
+
+
+def test_init_writes_a_config_and_a_private_psk(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+
+    alice_dir, bob_dir = tmp_path / "a", tmp_path / "b"
+    assert main(["init", "--role", "alice", "--peer", "bob.lan:7700", "--state-dir", str(alice_dir)]) == 0
+    psk = alice_dir / "psk"
+    assert psk.stat().st_mode & 0o777 == 0o600
+    assert "copy it to the other host" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "init",
+                "--role",
+                "bob",
+                "--peer",
+                "alice.lan:7700",
+                "--state-dir",
+                str(bob_dir),
+                "--psk-file",
+                str(psk),
+            ]
+        )
+        == 0
+    )
+    alice, bob = config.load(alice_dir / "alice.toml"), config.load(bob_dir / "bob.toml")
+    assert alice.peer == config.Address("bob.lan", 7700) and alice.listen is None
+    assert bob.listen == config.Address("0.0.0.0", 7700) and bob.psk_file == psk
+    assert main(["init", "--role", "alice", "--peer", "bob.lan:7700", "--state-dir", str(alice_dir)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["init", "--role", "alice", "--peer", "nonsense", "--state-dir", str(tmp_path / "c")]) == 2
+    assert '--peer: expected "HOST:PORT"' in capsys.readouterr().err
+
+
+def test_status_and_export_read_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+
+    store = KeyStore(tmp_path, "lab")
+    store.store_round(
+        RoundSummary(0, 0, 100, 10, 8, 0.0125, 0.02, 5, 256, False, None, "psk"),
+        [(key_id("lab", 0, 0), bytes(32))],
+        pending=False,
+        seconds=0.5,
+    )
+    store.close()
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["link_id"] == "lab" and report["stored_key_bits"] == 256
+    assert report["last_qber"] == 0.0125 and report["committed_rounds"] == 1 and report["auth"] == "psk"
+    assert main(["status", "--state-dir", str(tmp_path)]) == 0
+    assert "stored_key_bits: 256" in capsys.readouterr().out
+    assert main(["keys", "export", "--state-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"key_id": key_id("lab", 0, 0), "key_hex": "00" * 32}
+    assert "secret keys" in captured.err
+    assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
+    assert "no key store" in capsys.readouterr().err

@@ -36,7 +36,7 @@ def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
         ({"role": "eve"}, "role: expected"),
         ({"link_id": ""}, "link_id: expected a non-empty string"),
         ({"colour": 1}, "colour: unknown key"),
-        ({"network": {"peer": "nohost"}}, "network.peer: expected \"HOST:PORT\""),
+        ({"network": {"peer": "nohost"}}, 'network.peer: expected "HOST:PORT"'),
         ({"network": {"peer": "h:99999"}}, "network.peer"),
         ({"network": {}}, "set exactly one of network.listen"),
         ({"network": {"peer": "h:1", "listen": "h:2"}}, "set exactly one"),
@@ -71,8 +71,15 @@ def test_rendered_configs_load(tmp_path: Path) -> None:
     for role, listen, peer in (("alice", None, "b:1"), ("bob", "0.0.0.0:7700", None)):
         path = tmp_path / f"{role}.toml"
         path.write_text(
-            config.render(role, link_id="l", state_dir="s", psk_file="psk", listen=listen, peer=peer,
-                          sim={"distance_km": 5.0, "intensities": [0.5, 0.1, 0.0]})
+            config.render(
+                role,
+                link_id="l",
+                state_dir="s",
+                psk_file="psk",
+                listen=listen,
+                peer=peer,
+                sim={"distance_km": 5.0, "intensities": [0.5, 0.1, 0.0]},
+            )
         )
         loaded = config.load(path)
         assert loaded.role == role and loaded.link_options["distance_km"] == 5.0

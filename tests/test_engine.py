@@ -49,7 +49,7 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
     assert pair.alice.version == pair.bob.version == 1
     for _ in range(3):
         pair.round()
-    alice_keys, bob_keys = pair.alice_store.keys(), pair.bob_store.keys()
+    alice_keys, bob_keys = pair.alice_store.key_map(), pair.bob_store.key_map()
     assert alice_keys == bob_keys and len(alice_keys) > 10
     assert all(len(key) == 32 for key in alice_keys.values())
     assert sorted(pair.alice_store.committed) == sorted(pair.bob_store.committed) == [0, 1, 2]
@@ -65,14 +65,14 @@ def test_key_blocks_and_ids_are_deterministic_per_link_round_and_index() -> None
     for pair in (first, second):
         pair.connect()
         pair.round()
-    assert not set(first.alice_store.keys()) & set(second.alice_store.keys())
+    assert not set(first.alice_store.key_map()) & set(second.alice_store.key_map())
 
 
 def test_eavesdropper_on_every_pulse_aborts_and_stores_nothing() -> None:
     pair = ConnectionPair(sim={"eve_fraction": 1.0})
     pair.connect()
     pair.round()
-    assert not pair.alice_store.keys() and not pair.bob_store.keys()
+    assert not pair.alice_store.key_map() and not pair.bob_store.key_map()
     (summary,) = pair.summaries["alice"]
     assert summary.aborted and "exceeds threshold" in (summary.reason or "")
     assert pair.alice.state is pair.bob.state is engine.State.IDLE
@@ -90,10 +90,10 @@ def test_abort_in_every_round_state_drops_the_round_on_both_sides(aborter: str) 
             pair.handle(aborter, pair.engine(aborter).abort_round("operator request"))
         pair.run()
         assert pair.alice.state is pair.bob.state is engine.State.IDLE
-        assert pair.alice_store.keys() == pair.bob_store.keys()
+        assert pair.alice_store.key_map() == pair.bob_store.key_map()
         assert not pair.bob_store.pending
         pair.round()  # and the link goes on
-        assert pair.alice_store.keys() == pair.bob_store.keys() != {}
+        assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
 
 
 def test_version_negotiation_picks_the_highest_common_version() -> None:
@@ -159,7 +159,7 @@ def test_tampered_frame_fails_its_mac() -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         deliver(pair, "bob", bytes(frame))
     assert caught.value.code in {"bad-mac", "bad-frame", "bad-message"}
-    assert pair.bob.state is engine.State.CLOSED and not pair.bob_store.keys()
+    assert pair.bob.state is engine.State.CLOSED and not pair.bob_store.key_map()
 
 
 def test_a_frame_without_mac_after_the_handshake_is_refused() -> None:
@@ -233,9 +233,9 @@ def test_bob_pending_round_is_dropped_when_alice_never_committed() -> None:
     assert pair.bob_store.pending and not pair.alice_store.committed
     again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store)
     again.connect()
-    assert not again.bob_store.pending and not again.bob_store.keys()
+    assert not again.bob_store.pending and not again.bob_store.key_map()
     again.round()
-    assert again.alice_store.keys() == again.bob_store.keys() != {}
+    assert again.alice_store.key_map() == again.bob_store.key_map() != {}
     assert min(again.alice_store.committed) == 1  # round 0 is never reused
 
 
@@ -249,24 +249,55 @@ def test_bob_pending_round_is_committed_when_alice_did() -> None:
     again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store)
     again.connect()
     assert not again.bob_store.pending
-    assert again.alice_store.keys() == again.bob_store.keys() != {}
+    assert again.alice_store.key_map() == again.bob_store.key_map() != {}
 
 
 MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
-    "hello": {"versions": [1], "capabilities": ["psk"], "role": "alice", "link_id": "test-link", "nonce": bytes(32)},
+    "hello": {
+        "versions": [1],
+        "capabilities": ["psk"],
+        "role": "alice",
+        "link_id": "test-link",
+        "nonce": bytes(32),
+    },
     "auth": {"proof": bytes(32)},
-    "sync": {"next_round": 0, "pending": [], "qber_threshold": 0.11, "eps_sec": 1e-9, "eps_cor": 1e-15,
-             "key_block_bits": 256},
+    "sync": {
+        "next_round": 0,
+        "pending": [],
+        "qber_threshold": 0.11,
+        "eps_sec": 1e-9,
+        "eps_cor": 1e-15,
+        "key_block_bits": 256,
+    },
     "resolve": {"committed": []},
     "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19},
-    "sift_announce": {"round": 0, "pulses": 1 << 19, "detections": 1, "encoding": "gaps", "indices": b"\x05",
-                      "bases": b"\x00"},
+    "sift_announce": {
+        "round": 0,
+        "pulses": 1 << 19,
+        "detections": 1,
+        "encoding": "gaps",
+        "indices": b"\x05",
+        "bases": b"\x00",
+    },
     "sift_answer": {"round": 0, "matches": b"\x80", "intensities": b"\x00"},
-    "estimate_request": {"round": 0, "x_count": 0, "x_bits": b"", "z_count": 1, "z_sample_mask": b"",
-                         "z_sample_bits": b""},
+    "estimate_request": {
+        "round": 0,
+        "x_count": 0,
+        "x_bits": b"",
+        "z_count": 1,
+        "z_sample_mask": b"",
+        "z_sample_bits": b"",
+    },
     "estimate_answer": {"round": 0, "x_bits": b"", "z_sample_bits": b""},
-    "cascade_pass": {"round": 0, "index": 0, "kind": "affine", "block_size": 1, "multiplier": 1, "offset": 0,
-                     "seed": b""},
+    "cascade_pass": {
+        "round": 0,
+        "index": 0,
+        "kind": "affine",
+        "block_size": 1,
+        "multiplier": 1,
+        "offset": 0,
+        "seed": b"",
+    },
     "cascade_ranges": {"round": 0, "passes": b"\x00", "starts": bytes(4), "ends": b"\x01\x00\x00\x00"},
     "cascade_parities": {"round": 0, "count": 1, "parities": b"\x00"},
     "cascade_done": {"round": 0, "disclosed_bits": 0, "corrected_bits": 0},

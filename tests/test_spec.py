@@ -48,10 +48,14 @@ def test_the_state_diagram_in_the_docs_is_generated_from_the_spec() -> None:
     doc = spec.SPEC_PATH.with_suffix(".md").read_text()
     begin = doc.index(spec.DIAGRAM_BEGIN) + len(spec.DIAGRAM_BEGIN)
     end = doc.index(spec.DIAGRAM_END)
-    assert doc[begin:end].strip() == spec.diagrams(spec.load()).strip(), "run: python -m qkdd.spec update-docs"
+    assert doc[begin:end].strip() == spec.diagrams(spec.load()).strip(), (
+        "run: python -m qkdd.spec update-docs"
+    )
 
 
-def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     taken: Counter[tuple[str, str, str, str]] = Counter()
     original = engine.Engine._transition
 
@@ -74,10 +78,6 @@ def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(monk
     listed = {(t.role, t.source, t.on, target) for t in loaded.transitions for target in t.targets}
     assert set(taken) <= listed
     # the main path of both roles, handshake to commit, was walked
-    main_path = {
-        (t.role, t.source, t.on)
-        for t in loaded.transitions
-        if t.on != "abort" and t.on != "recv:abort"
-    }
+    main_path = {(t.role, t.source, t.on) for t in loaded.transitions if t.on not in {"abort", "recv:abort"}}
     walked = {(role, source, on) for role, source, on, _ in taken}
     assert main_path <= walked

@@ -24,7 +24,7 @@ def blocks(number: int, count: int = 2) -> list[tuple[str, bytes]]:
 
 def test_files_are_private(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "state", "l")
-    store.store_round(summary(0), blocks(0), pending=False, seconds=1.0)
+    store.store_round(summary(0), blocks(0), False, 1.0)
     for name in (DATABASE, DATABASE + "-wal"):
         path = tmp_path / "state" / name
         if path.exists():
@@ -46,22 +46,27 @@ def test_round_numbers_only_grow(tmp_path: Path) -> None:
 def test_pending_commit_resolve_and_abort(tmp_path: Path) -> None:
     store = KeyStore(tmp_path, "l")
     for number in range(3):
-        store.store_round(summary(number), blocks(number), pending=True, seconds=None)
-    assert store.pending_rounds() == [0, 1, 2] and list(store.keys()) == []
+        store.store_round(summary(number), blocks(number), True, None)
+    assert store.pending_rounds() == [0, 1, 2] and list(store.committed_keys()) == []
     store.commit_round(0)
-    assert [k for k, _ in store.keys()] == [k for k, _ in blocks(0)]
+    assert [k for k, _ in store.committed_keys()] == [k for k, _ in blocks(0)]
     assert store.committed_among([0, 1, 7]) == [0]
     assert store.resolve([1]) == ([1], [2])
     assert store.pending_rounds() == []
-    assert len(list(store.keys())) == 4
+    assert len(list(store.committed_keys())) == 4
     store.record_aborted(summary(0, 0), 1.0)  # never touches a committed round
-    assert len(list(store.keys())) == 4
+    assert len(list(store.committed_keys())) == 4
     with pytest.raises(InputError, match="already in the store"):
-        store.store_round(summary(1), blocks(1), pending=False, seconds=None)
+        store.store_round(summary(1), blocks(1), False, None)
     with pytest.raises(InputError, match="not pending"):
         store.commit_round(1)
     stats = store.statistics()
-    assert (stats.committed_rounds, stats.aborted_rounds, stats.stored_keys, stats.stored_key_bits) == (2, 1, 4, 1024)
+    assert (stats.committed_rounds, stats.aborted_rounds, stats.stored_keys, stats.stored_key_bits) == (
+        2,
+        1,
+        4,
+        1024,
+    )
 
 
 def test_a_store_belongs_to_one_link(tmp_path: Path) -> None:

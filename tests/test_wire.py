@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import msgpack
@@ -92,8 +93,18 @@ def test_malformed_envelopes(payload: bytes, code: str, match: str) -> None:
         ({"type": "hello", **HELLO, "versions": 1}, "must be an array"),
         ({"type": "hello", **HELLO, "link_id": "x" * 129}, "longer than 128"),
         ({"type": "confirm_result", "round": 0, "matched": 1}, "boolean"),
-        ({"type": "sync", "next_round": 0, "pending": [], "qber_threshold": float("nan"), "eps_sec": 1e-9,
-          "eps_cor": 1e-15, "key_block_bits": 256}, "outside"),
+        (
+            {
+                "type": "sync",
+                "next_round": 0,
+                "pending": [],
+                "qber_threshold": float("nan"),
+                "eps_sec": 1e-9,
+                "eps_cor": 1e-15,
+                "key_block_bits": 256,
+            },
+            "outside",
+        ),
         ({"type": "round_start", "round": 0, "frame": 0, "pulses": True}, "unsigned integer"),
     ],
 )
@@ -121,10 +132,8 @@ def _receive(data: bytes, chunk: int) -> None:
 
 @given(st.binary(max_size=2000), st.integers(1, 64))
 def test_random_bytes_only_raise_remote_protocol_errors(data: bytes, chunk: int) -> None:
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         _receive(data, chunk)
-    except RemoteProtocolError:
-        pass
 
 
 @given(st.data())
@@ -133,22 +142,24 @@ def test_mutated_frames_only_raise_remote_protocol_errors(data: st.DataObject) -
     for _ in range(data.draw(st.integers(1, 4))):
         position = data.draw(st.integers(0, len(frame) - 1))
         frame[position] = data.draw(st.integers(0, 255))
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         _receive(bytes(frame), data.draw(st.integers(1, len(frame))))
-    except RemoteProtocolError:
-        pass
 
 
 @given(
     st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats()
+        | st.text(max_size=8)
         | st.binary(max_size=8),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
         max_leaves=12,
     )
 )
 def test_arbitrary_msgpack_bodies_only_raise_remote_protocol_errors(value: object) -> None:
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         wire.decode_message(msgpack.packb(value, use_bin_type=True))
-    except RemoteProtocolError:
-        pass

@@ -91,7 +91,11 @@ class SimParameters:
             try:
                 if isinstance(default, tuple):
                     values[name] = tuple(float(v) for v in value)
-                elif isinstance(default, bool) or not isinstance(value, (int, float)) or isinstance(value, bool):
+                elif (
+                    isinstance(default, bool)
+                    or not isinstance(value, (int, float))
+                    or isinstance(value, bool)
+                ):
                     raise TypeError
                 elif isinstance(default, int):
                     if not isinstance(value, int):
@@ -206,11 +210,11 @@ class SimBob:
             bases = np.where(eve, eve_bases, bases)
             bits = np.where(eve, eve_bits, bits)
         bob_bases = (rng.random(indices.size) >= p.z_probability).astype(np.uint8)
-        flip = np.where(bob_bases == bases, rng.random(indices.size) < p.misalignment, rng.random(indices.size) < 0.5)
+        flip = np.where(
+            bob_bases == bases, rng.random(indices.size) < p.misalignment, rng.random(indices.size) < 0.5
+        )
         detector = bits ^ flip.astype(np.uint8)  # which detector the photon hits
-        click = [
-            (has_signal & (detector == d)) | _members(indices, dark[d]) for d in (0, 1)
-        ]
+        click = [(has_signal & (detector == d)) | _members(indices, dark[d]) for d in (0, 1)]
         return Detections(
             n,
             indices,
@@ -229,7 +233,9 @@ def _members(values: npt.NDArray[np.int64], sorted_set: npt.NDArray[np.int64]) -
 
 
 def _info(parameters: SimParameters) -> LinkInfo:
-    return LinkInfo("sim", parameters.pulses_per_frame, parameters.intensities, parameters.intensity_probabilities)
+    return LinkInfo(
+        "sim", parameters.pulses_per_frame, parameters.intensities, parameters.intensity_probabilities
+    )
 
 
 def open_link(role: str, options: Mapping[str, Any]) -> AliceLink | BobLink:

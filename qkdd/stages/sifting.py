@@ -42,7 +42,10 @@ MAX_FRAME_PULSES = 1 << 40
 class Preparation(Protocol):
     """Alice's record of a frame: what she sent at given pulse indices."""
 
-    pulses: int
+    @property
+    def pulses(self) -> int:
+        """Pulses in the frame."""
+        ...
 
     def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
         """(bits, bases, intensity classes) of the pulses ``indices``."""

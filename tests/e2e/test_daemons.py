@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -76,11 +77,20 @@ class CuttingProxy:
             counts = {"alice": 0, "bob": 0}
             for source, sink, sender in ((client, upstream, "alice"), (upstream, client, "bob")):
                 threading.Thread(
-                    target=self._pump, args=(source, sink, sender, counts, armed, (client, upstream)), daemon=True
+                    target=self._pump,
+                    args=(source, sink, sender, counts, armed, (client, upstream)),
+                    daemon=True,
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, sender: str, counts: dict[str, int],
-              armed: bool, both: tuple[socket.socket, socket.socket]) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        sender: str,
+        counts: dict[str, int],
+        armed: bool,
+        both: tuple[socket.socket, socket.socket],
+    ) -> None:
         buffer = bytearray()
         try:
             while data := source.recv(65536):
@@ -95,24 +105,26 @@ class CuttingProxy:
         except OSError:
             pass
         for s in both:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:
         self.server.close()
 
 
-def run_with_proxy(tmp_path: Path, rounds: int, cut: Callable[[str, str, int], bool]) -> tuple[demo.DemoResult, CuttingProxy]:
+def run_with_proxy(
+    tmp_path: Path, rounds: int, cut: Callable[[str, str, int], bool]
+) -> tuple[demo.DemoResult, CuttingProxy]:
     alice_config, bob_config = demo.write_configs(tmp_path, rounds, SIM)
     bob = demo.spawn(bob_config, tmp_path / "bob.log")
     alice = None
     try:
         address = demo.wait_for_listen_address(tmp_path / "bob", bob)
         proxy = CuttingProxy(address, cut)
-        alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{proxy.address}"'))
+        alice_config.write_text(
+            alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{proxy.address}"')
+        )
         alice = demo.spawn(alice_config, tmp_path / "alice.log")
         assert alice.wait(120) == 0 and bob.wait(120) == 0
     finally:
@@ -155,7 +167,9 @@ def test_garbage_on_bobs_port_does_not_disturb_the_link(tmp_path: Path) -> None:
     alice = None
     try:
         address = demo.wait_for_listen_address(tmp_path / "bob", bob)
-        alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"'))
+        alice_config.write_text(
+            alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"')
+        )
         alice = demo.spawn(alice_config, tmp_path / "alice.log")
         host, _, port = address.rpartition(":")
         replies = []

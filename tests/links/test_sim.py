@@ -39,7 +39,9 @@ def test_detection_rate_and_qber_follow_the_model() -> None:
 
 
 def test_an_eavesdropper_on_every_pulse_causes_a_quarter_of_errors() -> None:
-    alice_bits, bob_bits, _, _ = sifted({"pulses_per_frame": PULSES, "eve_fraction": 1.0, "misalignment": 0.0})
+    alice_bits, bob_bits, _, _ = sifted(
+        {"pulses_per_frame": PULSES, "eve_fraction": 1.0, "misalignment": 0.0}
+    )
     assert abs(float(np.mean(alice_bits != bob_bits)) - 0.25) < 0.01
 
 

@@ -1,0 +1,83 @@
+"""`qkdd demo` runs Alice and Bob as two processes and prints what the issue names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIELDS = {
+    "round",
+    "aborted",
+    "reason",
+    "pulses",
+    "detections",
+    "sifted_bits",
+    "qber",
+    "phase_error",
+    "disclosed_bits",
+    "secret_bits",
+    "seconds",
+}
+
+
+@pytest.mark.timeout(180)
+def test_demo_json(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkdd",
+            "demo",
+            "--rounds",
+            "2",
+            "--pulses",
+            str(1 << 20),
+            "--json",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["keys_match"] is True and report["secret_bits_total"] > 0
+    assert len(report["rounds"]) == 2 and all(set(row) >= FIELDS for row in report["rounds"])
+    status = subprocess.run(
+        [sys.executable, "-m", "qkdd", "status", "--config", str(tmp_path / "bob.toml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(status.stdout)["stored_key_bits"] == report["secret_bits_total"]
+
+
+@pytest.mark.timeout(180)
+def test_demo_table_with_an_eavesdropper(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qkdd", "demo", "--rounds", "1", "--pulses", str(1 << 19), "--eve", "1"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "aborted" in done.stdout and "identical" in done.stdout
+
+
+def test_demo_rejects_bad_parameters() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qkdd", "demo", "--eve", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "link.sim.eve_fraction" in done.stderr
