@@ -119,17 +119,23 @@ def encode_varints(values: npt.NDArray[np.int64] | npt.NDArray[np.uint64]) -> by
     v = np.asarray(values).astype(np.uint64)
     if v.size == 0:
         return b""
+    width = max(1, -(-int(v.max()).bit_length() // 7))  # bytes of the largest value
     nbytes = np.ones(v.size, dtype=np.int64)
-    for shift in range(7, 64, 7):
-        nbytes += v >= np.uint64(1 << shift)
+    for j in range(1, width):
+        nbytes += v >= np.uint64(1 << (7 * j))
     ends = np.cumsum(nbytes)
     starts = ends - nbytes
-    out = np.zeros(int(ends[-1]), dtype=np.uint8)
-    for j in range(int(nbytes.max())):
-        has = nbytes > j
-        group = (v[has] >> np.uint64(7 * j)) & np.uint64(0x7F)
-        more = (nbytes[has] > j + 1).astype(np.uint64) << np.uint64(7)
-        out[starts[has] + j] = (group | more).astype(np.uint8)
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    out[starts] = (v & np.uint64(0x7F)).astype(np.uint8) | ((nbytes > 1).astype(np.uint8) << np.uint8(7))
+    # later groups only for the (usually few) values that need them
+    rows = np.flatnonzero(nbytes > 1)
+    j = 1
+    while rows.size:
+        group = (v[rows] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = nbytes[rows] > j + 1
+        out[starts[rows] + j] = group.astype(np.uint8) | (more.astype(np.uint8) << np.uint8(7))
+        rows = rows[more]
+        j += 1
     return out.tobytes()
 
 
@@ -147,16 +153,26 @@ def decode_varints(data: bytes, count: int, what: str) -> npt.NDArray[np.uint64]
     last = np.flatnonzero(raw < 0x80)
     if last.size != count or raw.size == 0 or raw[-1] >= 0x80:
         raise RemoteProtocolError(f"{what}: expected {count} varints, found {last.size} (or a truncated one)")
+    if last.size == raw.size:  # every varint is one byte (the usual case for detection gaps)
+        return raw.astype(np.uint64)
     starts = np.empty(count, dtype=np.int64)
     starts[0] = 0
     starts[1:] = last[:-1] + 1
     lengths = last - starts + 1
     if lengths.max() > _VARINT_MAX_BYTES:
         raise RemoteProtocolError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
-    if np.any((lengths > 1) & (raw[last] == 0)):
+    top = raw[last]  # the most significant group of each value
+    if np.any((lengths > 1) & (top == 0)):
         raise RemoteProtocolError(f"{what}: overlong (non-canonical) varint")
-    position = np.arange(raw.size, dtype=np.int64) - np.repeat(starts, lengths)
-    if np.any((position == 9) & (raw > 1)):
+    if np.any((lengths == _VARINT_MAX_BYTES) & (top > 1)):
         raise RemoteProtocolError(f"{what}: varint exceeds 64 bits")
-    contributions = (raw & 0x7F).astype(np.uint64) << (np.uint64(7) * position.astype(np.uint64))
-    return np.add.reduceat(contributions, starts)
+    values = top.astype(np.uint64)
+    # the lower groups, only for the (usually few) multi-byte values
+    rows = np.flatnonzero(lengths > 1)
+    values[rows] <<= np.uint64(7) * (lengths[rows] - 1).astype(np.uint64)
+    j = 0
+    while rows.size:
+        values[rows] |= (raw[starts[rows] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        j += 1
+        rows = rows[lengths[rows] > j + 1]
+    return values

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "bench", "demo"):
+        from qkdd.memory import keep_freed_memory  # noqa: PLC0415
+
+        keep_freed_memory()
     try:
         return _dispatch(args)
     except QkddError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,8 +37,16 @@ class RoundSummary:
 
 
 def key_id(link_id: str, round_number: int, index: int) -> str:
-    """The ID both sides give block ``index`` of round ``round_number`` (UUIDv5, §14)."""
-    return str(uuid.uuid5(KEY_ID_NAMESPACE, f"qkdp/1 key {link_id} {round_number} {index}"))
+    """The ID both sides give block ``index`` of round ``round_number`` (UUIDv5, RFC 9562 §5.5; §14)."""
+    name = f"qkdp/1 key {link_id} {round_number} {index}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE + name).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE = KEY_ID_NAMESPACE.bytes
 
 
 def key_blocks(link_id: str, round_number: int, key: Bits, block_bits: int) -> list[tuple[str, bytes]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -38,7 +39,7 @@ from qkdd.links import AliceLink, BobLink, LinkInfo
 from qkdd.stages.sifting import Detections
 
 U64 = npt.NDArray[np.uint64]
-_INTENSITY, _BASIS, _BIT, _EVE, _EVE_BASIS, _EVE_BIT = range(1, 7)
+_PREPARATION, _EVE = 1, 2
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ def _frame_key(seed: int, frame: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _uniform(key: int, stream: int, indices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """Uniforms in [0, 1) from a counter-based hash of (key, stream, index): SplitMix64's finaliser."""
+def _hash(key: int, stream: int, indices: npt.NDArray[np.int64]) -> U64:
+    """64 pseudo-random bits per index from (key, stream, index): SplitMix64's finaliser."""
     x = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     x += np.uint64((key + stream * 0xD1B54A32D192ED03) & 0xFFFFFFFFFFFFFFFF)
     x ^= x >> np.uint64(30)
@@ -127,7 +128,12 @@ def _uniform(key: int, stream: int, indices: npt.NDArray[np.int64]) -> npt.NDArr
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return x
+
+
+def _field(x: U64, shift: int) -> npt.NDArray[np.float64]:
+    """Bits [shift, shift + 24) of each hash as a uniform in [0, 1) (resolution 2^-24)."""
+    return ((x >> np.uint64(shift)) & np.uint64(0xFFFFFF)).astype(np.float64) * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -142,12 +148,14 @@ class SimPreparation:
         return self.parameters.pulses_per_frame
 
     def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
-        key = _frame_key(self.parameters.seed, self.frame)
-        classes = np.searchsorted(
-            np.array(self.parameters._cumulative), _uniform(key, _INTENSITY, indices), side="right"
-        ).astype(np.uint8)
-        bases = (_uniform(key, _BASIS, indices) >= self.parameters.z_probability).astype(np.uint8)
-        bits = (_uniform(key, _BIT, indices) < 0.5).astype(np.uint8)
+        # one 64-bit hash per pulse: bits 0-23 pick the intensity, 24-47 the basis, bit 63 the bit value
+        x = _hash(_frame_key(self.parameters.seed, self.frame), _PREPARATION, indices)
+        u = _field(x, 0)
+        classes = np.zeros(indices.size, dtype=np.uint8)
+        for edge in self.parameters._cumulative:
+            classes += u >= edge
+        bases = (_field(x, 24) >= self.parameters.z_probability).astype(np.uint8)
+        bits = (x >> np.uint64(63)).astype(np.uint8)
         return bits, bases, classes
 
 
@@ -159,10 +167,14 @@ def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArra
         return np.arange(n, dtype=np.int64)
     chunks = []
     position = -1
+    scale = -1.0 / math.log1p(-p)
     while True:
         expected = (n - position) * p
-        gaps = rng.geometric(p, size=int(expected + 6 * math.sqrt(expected) + 16))
-        indices = position + np.cumsum(gaps, dtype=np.int64)
+        # geometric gaps on {1, 2, ...}: 1 + floor(E / -ln(1 - p)) with E standard exponential
+        draws = int(expected + 6 * math.sqrt(expected) + 16)
+        gaps = (rng.standard_exponential(draws) * scale).astype(np.int64)
+        gaps += 1
+        indices = position + np.cumsum(gaps)
         inside = indices[indices < n]
         chunks.append(inside)
         if inside.size < indices.size:
@@ -180,41 +192,61 @@ class SimAlice:
 
 
 class SimBob:
+    """Bob's detector. Like real hardware, which records the next frame while the current one is being
+    post-processed, it simulates frame f + 1 in a background thread once frame f has been asked for."""
+
     def __init__(self, parameters: SimParameters) -> None:
         self.parameters = parameters
         self.info = _info(parameters)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkdd-sim")
+        self._next: tuple[int, Future[Detections]] | None = None
 
     def detections(self, frame: int) -> Detections:
+        ahead = self._next
+        self._next = (frame + 1, self._worker.submit(self.simulate, frame + 1))
+        if ahead is not None and ahead[0] == frame:
+            return ahead[1].result()
+        if ahead is not None:
+            ahead[1].cancel()
+        return self.simulate(frame)
+
+    def simulate(self, frame: int) -> Detections:
+        """Bob's detections in ``frame`` (deterministic in the seed and the frame number)."""
         p = self.parameters
         n = p.pulses_per_frame
         rng = np.random.default_rng([p.seed, frame, 0xB0B])
         arrival = [1 - math.exp(-p.transmittance * mu) for mu in p.intensities]
         top = max(arrival)
+        preparation = SimPreparation(p, frame)
         candidates = _bernoulli_indices(rng, n, top)
-        _, _, candidate_classes = SimPreparation(p, frame).at(candidates)
-        keep = rng.random(candidates.size) * top < np.array(arrival)[candidate_classes]
-        signal = candidates[keep]
-        dark = [_bernoulli_indices(rng, n, p.dark_count_probability) for _ in range(2)]
-        indices = np.sort(np.concatenate([signal, *dark]))
-        if indices.size > 1:
-            indices = indices[np.concatenate([[True], np.diff(indices) > 0])]
-        bits, bases, _ = SimPreparation(p, frame).at(indices)
-        has_signal = _members(indices, signal)
+        bits, bases, classes = preparation.at(candidates)
+        keep = rng.random(candidates.size) * top < np.array(arrival)[classes]
+        indices, bits, bases = candidates[keep], bits[keep], bases[keep]
+        # dark counts are rare: merge both detectors' into the sorted detections as one small batch
+        dark_counts = [_bernoulli_indices(rng, n, p.dark_count_probability) for _ in (0, 1)]
+        extra = np.union1d(*dark_counts)
+        extra = extra[~_members(extra, indices)]
+        at = np.searchsorted(indices, extra)
+        extra_bits, extra_bases, _ = preparation.at(extra)
+        indices = np.insert(indices, at, extra)
+        bits = np.insert(bits, at, extra_bits)
+        bases = np.insert(bases, at, extra_bases)
+        has_signal = np.insert(np.ones(keep.sum(), dtype=bool), at, False)
+        dark = np.zeros((2, indices.size), dtype=bool)  # which detector had a dark count
+        for detector, counts in enumerate(dark_counts):
+            dark[detector, np.searchsorted(indices, counts)] = True
         if p.eve_fraction > 0:
-            key = _frame_key(p.seed, frame)
-            eve = _uniform(key, _EVE, indices) < p.eve_fraction
-            eve_bases = (_uniform(key, _EVE_BASIS, indices) < 0.5).astype(np.uint8)
-            eve_bits = np.where(
-                eve_bases == bases, bits, (_uniform(key, _EVE_BIT, indices) < 0.5).astype(np.uint8)
-            )
+            x = _hash(_frame_key(p.seed, frame), _EVE, indices)
+            eve = _field(x, 0) < p.eve_fraction
+            eve_bases = (_field(x, 24) < 0.5).astype(np.uint8)
+            eve_bits = np.where(eve_bases == bases, bits, (x >> np.uint64(63)).astype(np.uint8))
             bases = np.where(eve, eve_bases, bases)
             bits = np.where(eve, eve_bits, bits)
         bob_bases = (rng.random(indices.size) >= p.z_probability).astype(np.uint8)
-        flip = np.where(
-            bob_bases == bases, rng.random(indices.size) < p.misalignment, rng.random(indices.size) < 0.5
-        )
+        u = rng.random(indices.size)  # one draw decides the detector, in either basis
+        flip = np.where(bob_bases == bases, u < p.misalignment, u < 0.5)
         detector = bits ^ flip.astype(np.uint8)  # which detector the photon hits
-        click = [(has_signal & (detector == d)) | _members(indices, dark[d]) for d in (0, 1)]
+        click = [(has_signal & (detector == d)) | dark[d] for d in (0, 1)]
         return Detections(
             n,
             indices,
