@@ -233,8 +233,8 @@ class SimBob:
         bases = np.insert(bases, at, extra_bases)
         has_signal = np.insert(np.ones(keep.sum(), dtype=bool), at, False)
         dark = np.zeros((2, indices.size), dtype=bool)  # which detector had a dark count
-        for detector, counts in enumerate(dark_counts):
-            dark[detector, np.searchsorted(indices, counts)] = True
+        for which, counts in enumerate(dark_counts):
+            dark[which, np.searchsorted(indices, counts)] = True
         if p.eve_fraction > 0:
             x = _hash(_frame_key(p.seed, frame), _EVE, indices)
             eve = _field(x, 0) < p.eve_fraction
