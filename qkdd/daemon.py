@@ -260,6 +260,17 @@ class Daemon:
                 await _send_quietly(stream, frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
+        except Exception as error:  # a failing link backend or store, or our bug: this connection ends
+            log.error(
+                "%s: internal error (%s: %s); closing the connection%s",
+                peer,
+                type(error).__name__,
+                str(error)[:200],
+                _abandoned(engine),
+                exc_info=not isinstance(error, QkddError),
+            )
+            if engine.state is not engine_mod.State.CLOSED:
+                await _send_quietly(stream, engine.close("internal", "internal error"))
         finally:
             if not ready:
                 self._handshakes -= 1
@@ -381,7 +392,7 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 def _abandoned(engine: engine_mod.Engine) -> str:
-    number = engine.round_number
+    number = engine.round_number if engine.round_number is not None else engine.failed_round
     if number is None:
         return ""
     if engine.role == "bob" and engine.state is engine_mod.State.COMMITTING:

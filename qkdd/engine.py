@@ -299,6 +299,8 @@ class Engine:
             raise LocalProtocolError(f"unknown error code {code!r}")
         frame = self._error_frame(code, message)
         self.state = State.CLOSED
+        if self._round is not None:
+            self.failed_round = self._round.number
         self._round = None
         return frame
 
@@ -357,8 +359,13 @@ class Engine:
         self._send_seq += 1
         return wire.encode_frame(seq, body, self._macs[self.role].tag(seq, body) if can_mac else b"")
 
+    #: the round that was open when the engine failed (for the log)
+    failed_round: int | None = None
+
     def _fail(self, error: RemoteProtocolError) -> None:
         self._out = []
+        if self._round is not None:
+            self.failed_round = self._round.number
         self._round = None
         if self.state is not State.CLOSED and not isinstance(error, _PeerError):
             error.frame = self._error_frame(error.code, str(error))

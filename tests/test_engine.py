@@ -355,3 +355,33 @@ def test_any_message_in_any_state_is_a_legal_transition_or_a_clean_error(
     assert allowed is not None or actions == []  # a legal transition, or a stale message discarded
     if allowed is not None:
         assert target.state.value in allowed.targets
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), connected=st.booleans())
+def test_the_engine_receive_path_only_raises_remote_protocol_errors(
+    data: st.DataObject, connected: bool
+) -> None:
+    """h11 fuzz/afl-server.py style: mutated frames, whole or byte by byte, into a live engine."""
+    pair = ConnectionPair()
+    if connected:
+        pair.connect()
+        pair.handle("alice", pair.alice.start_round())
+        frame = bytearray(pair.queues["bob"].pop(0))
+    else:
+        pair.handle("alice", pair.alice.initiate())
+        pair.handle("bob", pair.bob.initiate())
+        frame = bytearray(pair.queues["bob"].pop(0))
+    for _ in range(data.draw(st.integers(0, 3))):
+        frame[data.draw(st.integers(0, len(frame) - 1))] = data.draw(st.integers(0, 255))
+    frame += data.draw(st.binary(max_size=64))
+    chunk = data.draw(st.integers(1, len(frame)))
+    decoder = wire.FrameDecoder(max_frame_bytes=1 << 20)
+    try:
+        for i in range(0, len(frame), chunk):
+            for payload in decoder.feed(bytes(frame[i : i + chunk])):
+                pair.bob.receive_frame(payload)
+                if pair.bob.state is engine.State.CLOSED:
+                    return
+    except RemoteProtocolError as error:
+        assert pair.bob.state is engine.State.CLOSED or error.code == "bad-frame"

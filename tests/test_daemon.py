@@ -1,0 +1,120 @@
+"""The trio daemon in-process, over real TCP on 127.0.0.1: timeouts, slow and silent peers, link failures."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from qkdd import config, demo
+from qkdd.daemon import Daemon
+from qkdd.errors import InputError
+from qkdd.store import KeyStore
+
+SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5}
+TIMEOUTS = "[timeouts]\nhandshake = 0.5\nround = 2.0\nidle = 5.0\nshutdown_grace = 1.0\nreconnect_max = 0.2\n"
+
+
+def configs(tmp_path: Path, rounds: int) -> tuple[config.Config, config.Config]:
+    alice_path, bob_path = demo.write_configs(tmp_path, rounds, SIM)
+    loaded = []
+    for path in (alice_path, bob_path):
+        text = path.read_text()
+        head, _, tail = text.partition("[timeouts]")
+        tail = tail.split("[run]", 1)[1]
+        path.write_text(head + TIMEOUTS + "\n[run]" + tail)
+        loaded.append(config.load(path))
+    return loaded[0], loaded[1]
+
+
+async def read_frames(stream: trio.SocketStream) -> list[dict[str, Any]]:
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    out = []
+    while len(data) >= 4:
+        (length,) = struct.unpack_from(">I", data)
+        envelope = msgpack.unpackb(bytes(data[4 : 4 + length]), raw=False)
+        out.append(msgpack.unpackb(envelope["body"], raw=False))
+        del data[: 4 + length]
+    return out
+
+
+@pytest.mark.trio
+async def test_a_silent_peer_hits_the_handshake_timeout(tmp_path: Path) -> None:
+    _, bob_config = configs(tmp_path, 0)
+    bob = Daemon(bob_config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(bob.run)
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                started = trio.current_time()
+                frames = await read_frames(stream)
+                assert trio.current_time() - started < 3
+        assert [f["type"] for f in frames] == ["hello", "error"] and frames[1]["code"] == "timeout"
+        bob.request_stop("test over")
+
+
+@pytest.mark.trio
+async def test_a_peer_sending_a_byte_at_a_time_is_dropped_within_the_timeout(tmp_path: Path) -> None:
+    _, bob_config = configs(tmp_path, 0)
+    bob = Daemon(bob_config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(bob.run)
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            hello = msgpack.packb({"seq": 0, "body": b"x" * 200, "mac": b""}, use_bin_type=True)
+            frame = struct.pack(">I", len(hello)) + hello
+
+            async def trickle() -> None:
+                for i in range(len(frame)):
+                    try:
+                        await stream.send_all(frame[i : i + 1])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    await trio.sleep(0.05)
+
+            async with stream:
+                nursery.start_soon(trickle)
+                started = trio.current_time()
+                frames = await read_frames(stream)
+                assert trio.current_time() - started < 2
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "timeout"
+        bob.request_stop("test over")
+
+
+@pytest.mark.trio
+async def test_a_failing_link_ends_the_connection_not_the_daemon(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice_config, bob_config = configs(tmp_path, 2)
+    bob = Daemon(bob_config)
+    real = bob.link.detections  # type: ignore[union-attr]
+    failures = [InputError("detector offline")]
+
+    def flaky(frame: int) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(frame)
+
+    bob.link.detections = flaky  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO, logger="qkdd")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(bob.run)
+            alice = Daemon(
+                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
+            )
+            await alice.run()
+    assert "internal error (InputError: detector offline)" in caplog.text
+    stores = [KeyStore(c.state_dir, c.link_id, create=False) for c in (alice_config, bob_config)]
+    alice_keys, bob_keys = (dict(s.committed_keys()) for s in stores)
+    assert alice_keys == bob_keys != {}
+    assert stores[0].statistics().committed_rounds == 2
+    for store in stores:
+        store.close()
