@@ -546,8 +546,9 @@ class Engine:
         )
         r.estimate = estimate
         r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
-        if estimate.abort_reason:
-            return self._end_aborted(estimate.abort_reason)
+        reason = estimate.abort_reason or _key_size_problem(estimate)
+        if reason:
+            return self._end_aborted(reason)
         r.key = estimate.z_key(r.sifted)
         r.alice = cascade.CascadeAlice(r.key)
         return State.RECONCILING
@@ -561,8 +562,9 @@ class Engine:
         )
         r.estimate = estimate
         r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
-        if estimate.abort_reason:
-            return self._end_aborted(estimate.abort_reason)
+        reason = estimate.abort_reason or _key_size_problem(estimate)
+        if reason:
+            return self._end_aborted(reason)
         r.key = estimate.z_key(r.sifted)
         guess = estimate.z_sample_error_rate
         if guess is None:
@@ -791,6 +793,14 @@ class Engine:
             and number == self._dropped_round
             and (self._round is None or self._round.number != number)
         )
+
+
+def _key_size_problem(estimate: estimation.Estimate) -> str | None:
+    """Both sides refuse a round whose key is longer than privacy amplification takes (§7)."""
+    key_bits = int(np.count_nonzero(estimate.z_key_mask))
+    if key_bits > amplify.MAX_INPUT_BITS:
+        return f"frame too large: {key_bits} key bits, at most {amplify.MAX_INPUT_BITS}; use shorter frames"
+    return None
 
 
 class _PeerError(RemoteProtocolError):

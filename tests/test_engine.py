@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from qkdd import engine, spec, wire
 from qkdd.errors import LocalProtocolError, RemoteProtocolError
+from qkdd.stages import amplify
 from tests.helpers import ConnectionPair, make_engine
 
 ROLES = ("alice", "bob")
@@ -385,3 +386,16 @@ def test_the_engine_receive_path_only_raises_remote_protocol_errors(
                     return
     except RemoteProtocolError as error:
         assert pair.bob.state is engine.State.CLOSED or error.code == "bad-frame"
+
+
+def test_a_frame_too_large_for_amplification_is_aborted_on_both_sides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(amplify, "MAX_INPUT_BITS", 1000)
+    pair = ConnectionPair()
+    pair.connect()
+    pair.round()
+    for role in ROLES:
+        (summary,) = pair.summaries[role]
+        assert summary.aborted and "frame too large" in (summary.reason or "")
+    assert not pair.alice_store.key_map() and pair.alice.state is pair.bob.state is engine.State.IDLE
