@@ -116,6 +116,34 @@ def psk_vectors() -> list[dict[str, object]]:
     ]
 
 
+def wegman_carter_vectors() -> list[dict[str, object]]:
+    """§16 from its Horner definition."""
+    from qkdd.auth import wegman_carter as wc  # noqa: PLC0415
+
+    rng = np.random.default_rng(2016)
+    out: list[dict[str, object]] = []
+    for size in (0, 1, 6, 7, 8, 100, 1001):
+        message = rng.bytes(size)
+        keys = [int(k) for k in rng.integers(1, wc.PRIME, 2)]
+        pads = [int(r) for r in rng.integers(0, wc.PRIME, 2)]
+        key = keys[0]
+        tag = b"".join(
+            ((wc.polynomial_hash_reference(message, k) + r) % wc.PRIME).to_bytes(8, "big")
+            for k, r in zip(keys, pads, strict=True)
+        )
+        out.append(
+            {
+                "message": message.hex(),
+                "key": key,
+                "hash": wc.polynomial_hash_reference(message, key),
+                "keys": keys,
+                "pads": pads,
+                "tag": tag.hex(),
+            }
+        )
+    return out
+
+
 def main() -> None:
     for name, vectors in (
         ("toeplitz", toeplitz_vectors()),
@@ -123,6 +151,7 @@ def main() -> None:
         ("varint", varint_vectors()),
         ("key_ids", key_id_vectors()),
         ("psk", psk_vectors()),
+        ("wegman_carter", wegman_carter_vectors()),
     ):
         (HERE / f"{name}.json").write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")
 

@@ -1,0 +1,183 @@
+"""Information-theoretic message authentication: Wegman–Carter with a polynomial hash (qkdp-v1.md §16).
+
+Theory of operation
+-------------------
+A tag is ``t_j = (h_{k_j}(m) + r_j) mod p`` for j = 1, 2, with p = 2^61 − 1 (a Mersenne prime),
+``h_k`` the polynomial hash below, ``(k_1, k_2)`` a hash key drawn once from the key reserve and reused,
+and ``(r_1, r_2)`` fresh one-time-pad values from the key reserve, never used twice.
+
+``h_k`` is ε-almost-Δ-universal: for two different messages of at most L blocks, and any δ,
+Pr_k[h_k(m) − h_k(m') = δ] ≤ (L + 1)/p, because the difference is a non-zero polynomial in k of degree at
+most L + 1 (the length block makes messages of different lengths differ too). Adding a uniform one-time
+pad makes each tag reveal nothing about k, so an attacker who has seen any number of tags forges a new
+(message, tag) pair with probability at most (L + 1)/p per hash, and ((L + 1)/p)^2 for the two independent
+hashes together (Wegman & Carter, J. Comput. Syst. Sci. 22 (1981) 265; Stinson, "Universal hashing and
+authentication codes", Des. Codes Cryptogr. 4 (1994) 369 — the reusable-key construction).
+
+With transcripts capped at :data:`MAX_TRANSCRIPT_BYTES` (2^28 bytes, L < 2^25.2 blocks) that is
+ε ≤ 2^-71 per tag. Each tag consumes 2 × 61 = 122 one-time-pad bits.
+
+Hash definition (pinned by protocol/vectors/wegman_carter.json): split the message into 7-byte big-endian
+blocks b_1 … b_L (the last zero-padded; each < 2^56 < p), append b_{L+1} = the byte length, and evaluate
+``h = 0; h = (h + b_i) · k mod p`` for i = 1 … L + 1, i.e. h = Σ b_i · k^(L+2−i). The fast path evaluates
+the same sum with numpy: the powers of k by repeated doubling and every product modulo p in 64-bit limbs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+PRIME = (1 << 61) - 1
+BLOCK_BYTES = 7
+HASHES = 2
+PAD_BITS = 61
+OTP_BITS = HASHES * PAD_BITS
+"""One-time-pad bits one tag consumes."""
+KEY_BITS = HASHES * PAD_BITS
+"""Hash key bits (reused)."""
+TAG_BYTES = HASHES * 8
+MAX_TRANSCRIPT_BYTES = 1 << 28
+
+U64 = npt.NDArray[np.uint64]
+_P = np.uint64(PRIME)
+_MASK31 = np.uint64((1 << 31) - 1)
+_MASK30 = np.uint64((1 << 30) - 1)
+
+
+def _reduce(x: U64) -> U64:
+    """x mod p for x < 2^64 (2^61 ≡ 1)."""
+    x = (x & _P) + (x >> np.uint64(61))
+    return np.where(x >= _P, x - _P, x)
+
+
+def _mulmod(a: U64, b: U64) -> U64:
+    """a · b mod p for a, b < p, elementwise, without 128-bit integers."""
+    a_hi, a_lo = a >> np.uint64(31), a & _MASK31  # a_hi < 2^30
+    b_hi, b_lo = b >> np.uint64(31), b & _MASK31
+    # a·b = hh·2^62 + (hl + lh)·2^31 + ll, and 2^62 ≡ 2 (mod p)
+    hh = a_hi * b_hi  # < 2^60
+    mid = a_hi * b_lo + a_lo * b_hi  # < 2^62
+    ll = a_lo * b_lo  # < 2^62
+    # mid·2^31 = (mid >> 30)·2^61 + (mid & (2^30 − 1))·2^31 ≡ (mid >> 30) + ((mid & mask30) << 31)
+    mid_part = (mid >> np.uint64(30)) + ((mid & _MASK30) << np.uint64(31))  # < 2^32 + 2^61
+    total = _reduce(hh << np.uint64(1)) + _reduce(mid_part) + _reduce(ll)  # < 3p < 2^63
+    return _reduce(total)
+
+
+CHUNK = 1 << 14
+"""Blocks per vectorised chunk; the powers k^1 … k^CHUNK are computed once per key and cached."""
+
+
+def _blocks(message: bytes, chunks_of: int) -> U64:
+    """b_1 … b_(L+1), left-padded with zero blocks to a multiple of ``chunks_of`` (zeros leave Horner's
+    value unchanged)."""
+    count = -(-len(message) // BLOCK_BYTES)
+    total = -(-(count + 1) // chunks_of) * chunks_of
+    wide = np.zeros((total, 8), dtype=np.uint8)  # each 7-byte block in the low bytes of a big-endian word
+    start = total - count - 1
+    raw = np.frombuffer(message + bytes(-len(message) % BLOCK_BYTES), dtype=np.uint8)
+    wide[start : start + count, 1:] = raw.reshape(count, BLOCK_BYTES)
+    blocks = wide.view(">u8").reshape(total).astype(np.uint64)
+    blocks[-1] = len(message)
+    return blocks
+
+
+def message_blocks(message: bytes) -> U64:
+    """The message's blocks as the hash consumes them: rows of :data:`CHUNK` blocks."""
+    if len(message) > MAX_TRANSCRIPT_BYTES:
+        raise ValueError(f"messages are at most {MAX_TRANSCRIPT_BYTES} bytes")
+    return _blocks(message, CHUNK).reshape(-1, CHUNK)
+
+
+def _powers(key: int, count: int) -> U64:
+    """key^1 … key^count (mod p), by doubling."""
+    powers = np.empty(count, dtype=np.uint64)
+    powers[0] = key
+    known = 1
+    while known < count:
+        step = min(known, count - known)
+        powers[known : known + step] = _mulmod(
+            powers[:step], np.full(step, powers[known - 1], dtype=np.uint64)
+        )
+        known += step
+    return powers
+
+
+class PolynomialHash:
+    """h_k with its table of powers (the key is reused for many tags, so the table is built once)."""
+
+    def __init__(self, key: int) -> None:
+        if not 0 <= key < PRIME:
+            raise ValueError("hash key must be an element of GF(2^61 - 1)")
+        self.key = key
+        self._descending = _powers(key, CHUNK)[::-1].copy()  # k^CHUNK … k^1
+        self._chunk_power = int(self._descending[0])
+
+    def __call__(self, message: bytes) -> int:
+        return self.of_blocks(message_blocks(message))
+
+    def of_blocks(self, blocks: U64) -> int:
+        """The hash of a message already split by :func:`message_blocks`."""
+        terms = _mulmod(blocks, np.broadcast_to(self._descending, blocks.shape))
+        # row sums modulo p without overflow: add the 32-bit halves separately
+        high = np.sum(terms >> np.uint64(32), axis=1, dtype=np.uint64)
+        low = np.sum(terms & np.uint64(0xFFFFFFFF), axis=1, dtype=np.uint64)
+        h = 0
+        for hi, lo in zip(high.tolist(), low.tolist(), strict=True):
+            h = (h * self._chunk_power + (hi << 32) + lo) % PRIME
+        return h
+
+
+def polynomial_hash(message: bytes, key: int) -> int:
+    """h_key(message) as defined in the module docstring (vectorised)."""
+    return PolynomialHash(key)(message)
+
+
+def polynomial_hash_reference(message: bytes, key: int) -> int:
+    """The same hash by plain Horner evaluation (for tests and vectors)."""
+    padded = message + bytes(-len(message) % BLOCK_BYTES)
+    h = 0
+    for offset in range(0, len(padded), BLOCK_BYTES):
+        h = (h + int.from_bytes(padded[offset : offset + BLOCK_BYTES], "big")) * key % PRIME
+    return (h + len(message)) * key % PRIME
+
+
+def split_bits(bits: bytes, count: int) -> list[int]:
+    """``count`` consecutive 61-bit integers from packed bits (MSB first), each reduced mod p."""
+    value = int.from_bytes(bits, "big") >> (len(bits) * 8 - count * PAD_BITS)
+    out = []
+    for j in range(count):
+        shift = (count - 1 - j) * PAD_BITS
+        out.append(((value >> shift) & ((1 << PAD_BITS) - 1)) % PRIME)
+    return out
+
+
+class Mac:
+    """Tags under one reusable hash key pair; each call takes fresh pads."""
+
+    def __init__(self, keys: list[int]) -> None:
+        if len(keys) != HASHES:
+            raise ValueError(f"a tag needs {HASHES} hash keys")
+        self._hashes = [PolynomialHash(k) for k in keys]
+
+    def tag(self, message: bytes, pads: list[int]) -> bytes:
+        """The Wegman–Carter tag of ``message``: two 8-byte big-endian field elements."""
+        if len(pads) != HASHES:
+            raise ValueError(f"a tag needs {HASHES} pads")
+        blocks = message_blocks(message)
+        return b"".join(
+            ((h.of_blocks(blocks) + r) % PRIME).to_bytes(8, "big")
+            for h, r in zip(self._hashes, pads, strict=True)
+        )
+
+
+def tag(message: bytes, keys: list[int], pads: list[int]) -> bytes:
+    """One-off :meth:`Mac.tag`."""
+    return Mac(keys).tag(message, pads)
+
+
+def forgery_bound(message_bytes: int) -> float:
+    """Probability that a forged tag for a message of this size verifies."""
+    blocks = -(-message_bytes // BLOCK_BYTES) + 1
+    return float(((blocks + 1) / PRIME) ** HASHES)
