@@ -121,11 +121,11 @@ class PolynomialHash:
         """The hash of a message already split by :func:`message_blocks`."""
         terms = _mulmod(blocks, np.broadcast_to(self._descending, blocks.shape))
         # row sums modulo p without overflow: add the 32-bit halves separately
-        high: list[int] = np.sum(terms >> np.uint64(32), axis=1, dtype=np.uint64).tolist()
-        low: list[int] = np.sum(terms & np.uint64(0xFFFFFFFF), axis=1, dtype=np.uint64).tolist()
+        high: U64 = np.sum(terms >> np.uint64(32), axis=1, dtype=np.uint64)
+        low: U64 = np.sum(terms & np.uint64(0xFFFFFFFF), axis=1, dtype=np.uint64)
         h = 0
-        for hi, lo in zip(high, low, strict=True):
-            h = (h * self._chunk_power + (hi << 32) + lo) % PRIME
+        for hi, lo in zip(high.tolist(), low.tolist(), strict=True):
+            h = (h * self._chunk_power + (int(hi) << 32) + int(lo)) % PRIME
         return h
 
 
