@@ -50,6 +50,14 @@ class PostProcessing:
 
 
 @dataclass(frozen=True)
+class Authentication:
+    reserve_switch_bits: int = 4096
+    reserve_bits_per_round: int = 2048
+    reserve_target_bits: int = 65536
+    fallback_to_psk: bool = False
+
+
+@dataclass(frozen=True)
 class Timeouts:
     handshake: float = spec.load().timeouts["handshake"]
     round: float = spec.load().timeouts["round"]
@@ -71,6 +79,7 @@ class Config:
     link_options: Mapping[str, Any] = field(default_factory=dict)
     post: PostProcessing = PostProcessing()
     timeouts: Timeouts = Timeouts()
+    auth: Authentication = Authentication()
     max_rounds: int = 0  # 0: run until stopped
     round_pause: float = 0.0
     source: Path | None = None
@@ -129,10 +138,37 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     )
 
     auth = _table(raw, "auth")
-    _take(auth, "auth.", {"method", "psk_file"})
+    _take(auth, "auth.", {"method", "psk_file", *Authentication.__dataclass_fields__})
     if auth.get("method", "psk") != "psk":
         raise InputError(f'auth.method: expected "psk", got {auth.get("method")!r}')
     psk_file = base / _string(auth.get("psk_file"), "auth.psk_file")
+    fallback = auth.get("fallback_to_psk", False)
+    if not isinstance(fallback, bool):
+        raise InputError(f"auth.fallback_to_psk: expected true or false, got {fallback!r}")
+    authentication = Authentication(
+        reserve_switch_bits=_number(
+            auth.get("reserve_switch_bits", 4096),
+            "auth.reserve_switch_bits",
+            low=512,
+            high=1 << 40,
+            integer=True,
+        ),
+        reserve_bits_per_round=_number(
+            auth.get("reserve_bits_per_round", 2048),
+            "auth.reserve_bits_per_round",
+            low=0,
+            high=1 << 24,
+            integer=True,
+        ),
+        reserve_target_bits=_number(
+            auth.get("reserve_target_bits", 65536),
+            "auth.reserve_target_bits",
+            low=0,
+            high=1 << 40,
+            integer=True,
+        ),
+        fallback_to_psk=fallback,
+    )
 
     link = _table(raw, "link")
     backend = _string(link.get("backend", "sim"), "link.backend")
@@ -197,6 +233,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
         link_options=dict(options),
         post=post,
         timeouts=timeouts,
+        auth=authentication,
         max_rounds=_number(run.get("max_rounds", 0), "run.max_rounds", low=0, integer=True),
         round_pause=_number(run.get("round_pause", 0.0), "run.round_pause", low=0, high=3600),
     )
@@ -241,6 +278,10 @@ state_dir = "{state_dir}"      # key store; never restore it from a backup
 [auth]
 method = "psk"
 psk_file = "{psk_file}"        # the same file on both hosts, mode 0600
+# reserve_switch_bits = 4096     # authenticate from the key reserve once it holds this many bits
+# reserve_bits_per_round = 2048  # refill per round while the reserve is below reserve_target_bits
+# reserve_target_bits = 65536
+# fallback_to_psk = false        # true: never retire the PSK; use it when the reserve runs dry
 
 [link]
 backend = "sim"

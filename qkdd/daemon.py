@@ -47,6 +47,7 @@ from qkdd.store import KeyStore
 log = logging.getLogger("qkdd")
 LISTEN_FILE = "listen-address"
 MAX_HANDSHAKES = 16
+PAUSE_RETRY_SECONDS = 5.0
 READ_SIZE = 1 << 16
 T = TypeVar("T")
 
@@ -84,6 +85,10 @@ class Daemon:
         self.settings = engine_mod.EngineSettings(
             link_id=config.link_id,
             psk=self.psk,
+            reserve_switch_bits=config.auth.reserve_switch_bits,
+            reserve_bits_per_round=config.auth.reserve_bits_per_round,
+            reserve_target_bits=config.auth.reserve_target_bits,
+            fallback_to_psk=config.auth.fallback_to_psk,
             cascade_variant=config.post.cascade_variant,
             qber_threshold=config.post.qber_threshold,
             z_sample_fraction=config.post.z_sample_fraction,
@@ -97,6 +102,8 @@ class Daemon:
         )
         self.rounds_finished = 0
         self.stopping = False
+        self.paused = False
+        self.failed = False
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
         self._active: _Session | None = None
@@ -211,8 +218,18 @@ class Daemon:
                             return ready
                         if self.config.round_pause:
                             await trio.sleep(self.config.round_pause)
+                        try:
+                            actions = await self._call(engine.start_round)
+                        except engine_mod.ReserveExhausted as exhausted:
+                            if not self.paused:
+                                log.warning("link paused: %s", exhausted)
+                                self._status("paused: key reserve exhausted", session.peer)
+                            self.paused = True
+                            await trio.sleep(PAUSE_RETRY_SECONDS)
+                            continue
+                        self.paused = False
                         self._begin_round()
-                        await self._execute(session, stream, await self._call(engine.start_round))
+                        await self._execute(session, stream, actions)
                         deadline = _deadline(engine.timeout)
                         continue
                     data = b""
@@ -251,6 +268,12 @@ class Daemon:
                         ):
                             self.request_stop("all rounds done")
         except RemoteProtocolError as error:
+            if error.code == "stale-state" and isinstance(
+                error, (engine_mod.StaleState, engine_mod.PeerError)
+            ):
+                log.critical("%s", error)
+                self.failed = True
+                self.request_stop("this state directory is stale (restored from a backup?)")
             frame = error.frame if error.frame is not None else None
             if frame is None and engine.state is not engine_mod.State.CLOSED:
                 frame = engine.close(error.code, str(error))
@@ -334,13 +357,20 @@ class Daemon:
                     await stream.send_all(frame)
                 case engine_mod.ReserveRound(round=number):
                     await self._store_call(self.store.reserve_round, number)
-                case engine_mod.RoundEnded(summary=summary, disposition=disposition, blocks=blocks):
+                case engine_mod.RoundEnded(
+                    summary=summary, disposition=disposition, blocks=blocks, reserve=reserve
+                ):
                     seconds = self._round_seconds()
                     if disposition == "aborted":
                         await self._store_call(self.store.record_aborted, summary, seconds)
                     else:
                         await self._store_call(
-                            self.store.store_round, summary, blocks, disposition == "pending", seconds
+                            self.store.store_round,
+                            summary,
+                            blocks,
+                            disposition == "pending",
+                            seconds,
+                            reserve,
                         )
                     log.info("%s", format_summary(summary, disposition, seconds))
                     if disposition != "pending":
@@ -355,8 +385,19 @@ class Daemon:
                         log.info("pending rounds resolved: committed %s, dropped %s", done, dropped)
                     # Alice counted these rounds when she committed them; so does Bob, now
                     self.rounds_finished += len(done)
-                case engine_mod.Ready():
-                    pass
+                case engine_mod.ConsumeReserve(upto=upto):
+                    await self._store_call(self.store.reserve.consume, upto)
+                case engine_mod.Ready(epoch=epoch, auth=auth):
+                    await self._store_call(self.store.set_epoch, epoch)
+                    if (
+                        auth == "reserve"
+                        and not self.store.psk_retired
+                        and not self.config.auth.fallback_to_psk
+                    ):
+                        await self._store_call(self.store.retire_psk)
+                        log.info(
+                            "the bootstrap PSK is retired: the link now authenticates from its key reserve"
+                        )
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
@@ -413,7 +454,7 @@ async def run_forever(config: Config) -> int:
             nursery.start_soon(watch_signals)
             await daemon.run()
             nursery.cancel_scope.cancel()
-    return 0
+    return 1 if daemon.failed else 0
 
 
 def setup_logging(role: str, level: str = "INFO") -> None:

@@ -22,6 +22,7 @@ committed (§13).
 from __future__ import annotations
 
 import enum
+import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,8 +31,9 @@ import numpy as np
 
 from qkdd import spec, wire
 from qkdd.auth import psk as psk_auth
-from qkdd.bits import Bits, RandomSource
-from qkdd.errors import LocalProtocolError, RemoteProtocolError
+from qkdd.auth import wegman_carter as wc
+from qkdd.bits import Bits, RandomSource, pack_bits
+from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary, key_blocks
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, sifting
@@ -39,6 +41,13 @@ from qkdd.stages import amplify, cascade, confirm, estimation, keylength, siftin
 SUPPORTED_VERSIONS = (1,)
 NONCE_BYTES = 32
 _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
+ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
+ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
+"""One-time-pad bits a reserve-authenticated round consumes (§16)."""
+SESSION_KEY_BITS = 256
+HANDSHAKE_RESERVE_BITS = 2 * wc.OTP_BITS + SESSION_KEY_BITS
+"""Reserve bits a reserve-authenticated handshake consumes: two proofs and the session MAC key (§17)."""
+_TAGGED = {"amplify", "commit", "committed"}
 
 
 class State(enum.Enum):
@@ -95,6 +104,7 @@ class RoundEnded:
     summary: RoundSummary
     disposition: str
     blocks: tuple[tuple[str, bytes], ...] = ()
+    reserve: tuple[bytes, int] = (b"", 0)  # packed bits for the key reserve, and their count
 
     def __repr__(self) -> str:  # never print key material
         return f"RoundEnded({self.summary!r}, {self.disposition!r}, {len(self.blocks)} blocks)"
@@ -116,12 +126,46 @@ class ResolvePending:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The handshake is over; rounds may run."""
+    """The handshake is over; rounds may run. Persist ``epoch``; ``auth`` says how the connection was
+    authenticated (a ``reserve`` handshake retires the PSK, §17)."""
 
     version: int
+    epoch: int
+    auth: str
 
 
-Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready
+@dataclass(frozen=True, slots=True)
+class ConsumeReserve:
+    """Mark every reserve bit below ``upto`` used, durably, before the next frame goes out (§16)."""
+
+    upto: int
+
+
+Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve
+
+
+class ReserveExhausted(QkddError):
+    """Alice cannot start a round: the reserve cannot pay for it and the PSK may not be used (§17)."""
+
+
+class StaleState(RemoteProtocolError):
+    """Our state directory is older than the peer's (restored from a backup): refuse to run (§17)."""
+
+    code = "stale-state"
+
+
+class ReserveView(Protocol):
+    @property
+    def total_bits(self) -> int: ...
+
+    @property
+    def consumed(self) -> int: ...
+
+    def read(self, start: int, count: int) -> bytes: ...
+
+    def hash_keys(self) -> list[int]: ...
+
+    def pads(self, start: int) -> list[int]: ...
 
 
 class StoreView(Protocol):
@@ -129,6 +173,15 @@ class StoreView(Protocol):
 
     @property
     def next_round(self) -> int: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def psk_retired(self) -> bool: ...
+
+    @property
+    def reserve(self) -> ReserveView: ...
 
     def pending_rounds(self) -> list[int]: ...
 
@@ -147,6 +200,10 @@ class EngineSettings:
     eps_sec: float = keylength.DEFAULT_EPS_SEC
     eps_cor: float = keylength.DEFAULT_EPS_COR
     key_block_bits: int = 256
+    reserve_switch_bits: int = 4096  # rounds authenticate from the reserve once it holds this many bits
+    reserve_bits_per_round: int = 2048  # refill per round, while the reserve is below its target
+    reserve_target_bits: int = 65536
+    fallback_to_psk: bool = False  # never retire the PSK; use it when the reserve runs dry
     handshake_timeout: float = spec.load().timeouts["handshake"]
     round_timeout: float = spec.load().timeouts["round"]
     idle_timeout: float = spec.load().timeouts["idle"]
@@ -170,8 +227,12 @@ class _Round:
     key: Bits | None = None
     alice: cascade.CascadeAlice | None = None
     bob: cascade.CascadeBob | None = None
-    secret_bits: int = 0
+    bound: int = 0  # the key-length bound (§8), before the reserve share and whole blocks
     blocks: tuple[tuple[str, bytes], ...] = ()
+    auth: str = "psk"
+    reserve: tuple[bytes, int] = (b"", 0)
+    sent: bytearray = field(default_factory=bytearray)  # this direction's transcript (§16)
+    received: bytearray = field(default_factory=bytearray)
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -200,7 +261,12 @@ class Engine:
         self._random = random
         self.state = State.HELLO
         self.version: int | None = None
-        self.auth = "psk"
+        self.auth = "psk"  # how this connection was authenticated
+        self._pointer = 0  # the next unused reserve bit, as agreed with the peer
+        self._wc: wc.Mac | None = None
+        self._frame = wire.Envelope(0, b"", b"")
+        self._epoch = store.epoch
+        self._proof_pads: list[list[int]] = []
         self._nonce = random.bytes(NONCE_BYTES)
         self._hellos: dict[str, bytes] = {}
         self._macs: dict[str, psk_auth.FrameMac] = {}
@@ -234,13 +300,19 @@ class Engine:
         """The opening hello (§10). Call once, right after connecting."""
         if self._send_seq:
             raise LocalProtocolError("initiate() called twice")
+        reserve = self._store.reserve
+        capabilities = [] if self._store.psk_retired and not self.settings.fallback_to_psk else ["psk"]
+        if self._reserve_ready(reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS):
+            capabilities.append("reserve")
         body = wire.encode_message(
             "hello",
             versions=list(self.settings.versions),
-            capabilities=[psk_auth.CAPABILITY],
+            capabilities=capabilities,
             role=self.role,
             link_id=self.settings.link_id,
             nonce=self._nonce,
+            reserve_total=reserve.total_bits,
+            reserve_consumed=reserve.consumed,
         )
         self._hellos[self.role] = body
         self._emit("hello", body)
@@ -264,11 +336,14 @@ class Engine:
             if message.type == "error":
                 self._round = None
                 self.state = State.CLOSED
-                raise _PeerError(message["code"], message["message"], list(message["versions"]))
+                raise PeerError(message["code"], message["message"], list(message["versions"]))
             if message.type == "hello":
                 self._hellos[self.peer_role] = envelope.body
             if self._is_stale(message):
                 return []  # §13: the peer sent it before it learnt that we dropped that round
+            if envelope.tag and message.type not in _TAGGED:
+                raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
+            self._frame = envelope
             self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
             return self._flush()
         except RemoteProtocolError as error:
@@ -336,15 +411,55 @@ class Engine:
             raise RemoteProtocolError("hello and auth frames carry no MAC", code="bad-message")
         self._recv_seq += 1
 
-    def _emit(self, name: str, body: bytes) -> None:
+    def _emit(self, name: str, body: bytes, *, tagged: bool = False) -> None:
         seq = self._send_seq
         mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
+        tag = b""
+        if self._round is not None:
+            self._round.sent += _transcript_entry(seq, body)
+            if tagged and self._round.auth == "reserve":
+                tag = self._round_tag(self._round.sent)
         self._send_seq += 1
         self._sent.append(name)
-        self._out.append(Send(wire.encode_frame(seq, body, mac), name))
+        self._out.append(Send(wire.encode_frame(seq, body, mac, tag), name))
 
-    def _send(self, name: str, **fields: Any) -> None:
-        self._emit(name, wire.encode_message(name, **fields))
+    def _send(self, name: str, *, tagged: bool = False, **fields: Any) -> None:
+        self._emit(name, wire.encode_message(name, **fields), tagged=tagged)
+
+    # -- reserve-based authentication (§16-§17)
+
+    def _reserve_ready(self, total: int, consumed: int, cost: int) -> bool:
+        return total >= self.settings.reserve_switch_bits and total - max(consumed, self._pointer) >= cost
+
+    def _mac(self) -> wc.Mac:
+        if self._wc is None:
+            self._wc = wc.Mac(self._store.reserve.hash_keys())
+        return self._wc
+
+    def _take_pads(self) -> list[int]:
+        """The next one-time pad; consumed durably before anything using it is sent."""
+        pads = self._store.reserve.pads(self._pointer)
+        self._pointer += wc.OTP_BITS
+        self._out.append(ConsumeReserve(self._pointer))
+        return pads
+
+    def _round_tag(self, transcript: bytearray) -> bytes:
+        if len(transcript) > wc.MAX_TRANSCRIPT_BYTES:
+            raise LocalProtocolError("round transcript over the authenticated maximum")
+        return self._mac().tag(bytes(transcript), self._take_pads())
+
+    def _check_round_tag(self, r: _Round) -> None:
+        """Verify the peer's transcript tag on the frame just received (reserve rounds, §16)."""
+        tag = self._frame.tag
+        if r.auth != "reserve":
+            if tag:
+                raise RemoteProtocolError("a transcript tag in a PSK round", code="bad-message")
+            return
+        if len(tag) != wc.TAG_BYTES or len(r.received) > wc.MAX_TRANSCRIPT_BYTES:
+            raise RemoteProtocolError("missing or malformed transcript tag", code="bad-mac")
+        expected = self._mac().tag(bytes(r.received), self._take_pads())
+        if not hmac.compare_digest(expected, tag):
+            raise RemoteProtocolError(f"round {r.number}: the transcript tag does not verify", code="bad-mac")
 
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []
@@ -367,7 +482,7 @@ class Engine:
         if self._round is not None:
             self.failed_round = self._round.number
         self._round = None
-        if self.state is not State.CLOSED and not isinstance(error, _PeerError):
+        if self.state is not State.CLOSED and not isinstance(error, PeerError):
             error.frame = self._error_frame(error.code, str(error))
         self.state = State.CLOSED
 
@@ -381,6 +496,8 @@ class Engine:
             raise RemoteProtocolError(
                 f"{message.type} names round {message['round']}, the open round is {self._round.number}"
             )
+        if self._round is not None:
+            self._round.received += _transcript_entry(self._frame.seq, self._frame.body)
         new_state: State = handler(message)
         return new_state
 
@@ -400,18 +517,56 @@ class Engine:
                 f"the peer serves link {message['link_id'][:64]!r}, we serve {self.settings.link_id!r}",
                 code="wrong-peer",
             )
-        if psk_auth.CAPABILITY not in message["capabilities"]:
-            raise RemoteProtocolError("no common bootstrap authentication method", code="wrong-peer")
         transcript = psk_auth.transcript_hash(self._hellos["alice"], self._hellos["bob"])
         self._transcript = transcript
         nonces = self._nonce, message["nonce"]
         alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
+        reserve = self._store.reserve
+        # both advance to the larger consumption: no one-time-pad bit is used twice, crashes included
+        self._pointer = max(reserve.consumed, message["reserve_consumed"])
+        total = min(reserve.total_bits, message["reserve_total"])
+        ours = self._capabilities()
+        if (
+            "reserve" in ours
+            and "reserve" in message["capabilities"]
+            and self._reserve_ready(total, self._pointer, HANDSHAKE_RESERVE_BITS)
+        ):
+            self.auth = "reserve"
+            start = self._pointer
+            self._pointer += 2 * wc.OTP_BITS + SESSION_KEY_BITS
+            self._out.append(ConsumeReserve(self._pointer))
+            self._proof_pads = [reserve.pads(start), reserve.pads(start + wc.OTP_BITS)]
+            session_key = reserve.read(start + 2 * wc.OTP_BITS, SESSION_KEY_BITS)
+            self._macs = psk_auth.session_macs(session_key, alice_nonce, bob_nonce, transcript)
+            if self.role == "alice":  # Bob proves only after Alice did, so strangers cannot drain his reserve
+                self._send("auth", proof=self._mac().tag(transcript, self._proof_pads[0]))
+            return State.AUTH
+        if "psk" not in ours or "psk" not in message["capabilities"]:
+            raise RemoteProtocolError(
+                "no common authentication: the PSK is retired and the key reserve cannot pay for a "
+                "handshake; re-bootstrap the link",
+                code="reserve-exhausted",
+            )
         self._macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
         self._send("auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript))
         return State.AUTH
 
+    def _capabilities(self) -> list[str]:
+        (hello,) = [self._hellos[self.role]]
+        return list(wire.decode_message(hello)["capabilities"])
+
     def _on_auth(self, message: wire.Message) -> State:
-        psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
+        if self.auth == "reserve":
+            peer = 0 if self.peer_role == "alice" else 1
+            expected = self._mac().tag(self._transcript, self._proof_pads[peer])
+            if not hmac.compare_digest(expected, message["proof"]):
+                raise RemoteProtocolError(
+                    f"the {self.peer_role} reserve proof does not verify", code="auth-failed"
+                )
+            if self.role == "bob":
+                self._send("auth", proof=self._mac().tag(self._transcript, self._proof_pads[1]))
+        else:
+            psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
         self._send(
             "sync",
             next_round=self._next_round,
@@ -420,6 +575,7 @@ class Engine:
             eps_sec=self.settings.eps_sec,
             eps_cor=self.settings.eps_cor,
             key_block_bits=self.settings.key_block_bits,
+            epoch=self._store.epoch,
         )
         return State.SYNC
 
@@ -430,6 +586,19 @@ class Engine:
                     f"{name}: the peer uses {message[name]}, we use {getattr(self.settings, name)}",
                     code="config-mismatch",
                 )
+        own, peer = self._store.epoch, message["epoch"]
+        if peer > own + 1:
+            raise StaleState(
+                f"this state directory is at epoch {own}, the peer's at {peer}: it was restored from a "
+                "backup (or copied); refusing to run, as reserve bits could be used twice"
+            )
+        if own > peer + 1:
+            raise RemoteProtocolError(
+                f"the peer's state is at epoch {peer}, ours at {own}: the peer's state directory was "
+                "restored from a backup",
+                code="stale-state",
+            )
+        self._epoch = max(own, peer) + 1
         self._next_round = max(self._next_round, message["next_round"])
         if self.role == "bob":
             if message["pending"]:
@@ -437,14 +606,14 @@ class Engine:
             return State.RESOLVING
         committed = self._store.committed_among(message["pending"])
         self._send("resolve", committed=committed)
-        self._out.append(Ready(self.version or 1))
+        self._out.append(Ready(self.version or 1, self._epoch, self.auth))
         return State.IDLE
 
     def _on_resolve(self, message: wire.Message) -> State:
         if not set(message["committed"]) <= set(self._own_pending):
             raise RemoteProtocolError("resolve lists a round that is not pending here")
         self._out.append(ResolvePending(tuple(message["committed"])))
-        self._out.append(Ready(self.version or 1))
+        self._out.append(Ready(self.version or 1, self._epoch, self.auth))
         return State.IDLE
 
     # -- a round, Alice's and Bob's handlers interleaved in protocol order
@@ -452,13 +621,28 @@ class Engine:
     def _start_round(self) -> State:
         link = self._link
         assert isinstance(link, AliceLink)
+        auth = self._round_auth()
         number = self._next_round
         self._next_round += 1
         preparation = link.preparation(number)
-        self._round = _Round(number, number, pulses=preparation.pulses, preparation=preparation)
+        self._round = _Round(number, number, pulses=preparation.pulses, preparation=preparation, auth=auth)
         self._out.append(ReserveRound(number))
-        self._send("round_start", round=number, frame=number, pulses=preparation.pulses)
+        self._send("round_start", round=number, frame=number, pulses=preparation.pulses, auth=auth)
         return State.SIFTING
+
+    def _round_auth(self) -> str:
+        """How the next round is authenticated (§17): from the reserve once it holds enough bits."""
+        total = self._store.reserve.total_bits
+        if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
+            if self._reserve_ready(total, self._pointer, ROUND_RESERVE_BITS):
+                return "reserve"
+            if self.auth == "psk" and self.settings.fallback_to_psk:
+                return "psk"
+            raise ReserveExhausted(
+                f"the key reserve holds {max(0, total - self._pointer)} unused bits, a round needs "
+                f"{ROUND_RESERVE_BITS}; the link pauses (set auth.fallback_to_psk to use the PSK instead)"
+            )
+        return "psk"
 
     def _on_round_start(self, message: wire.Message) -> State:
         link = self._link
@@ -466,6 +650,14 @@ class Engine:
         number = message["round"]
         if number < self._next_round:
             raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
+        if message["auth"] == "reserve" and not self._reserve_ready(
+            self._store.reserve.total_bits, self._pointer, ROUND_RESERVE_BITS
+        ):
+            raise RemoteProtocolError(
+                "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
+            )
+        if message["auth"] == "psk" and self.auth == "reserve":
+            raise RemoteProtocolError("a PSK round on a reserve-authenticated connection", code="bad-message")
         self._next_round = number + 1
         self._out.append(ReserveRound(number))
         detected = sifting.resolve_double_clicks(link.detections(message["frame"]), self._random)
@@ -474,7 +666,10 @@ class Engine:
                 f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}",
                 code="config-mismatch",
             )
-        self._round = _Round(number, message["frame"], pulses=detected.pulses, detected=detected)
+        self._round = _Round(
+            number, message["frame"], pulses=detected.pulses, detected=detected, auth=message["auth"]
+        )
+        self._round.received += _transcript_entry(self._frame.seq, self._frame.body)
         self._round.detections = int(detected.indices.size)
         announce = sifting.bob_announce(detected)
         self._send(
@@ -674,7 +869,7 @@ class Engine:
         self._send("confirm_result", round=r.number, matched=matched)
         if not matched:
             return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
-        r.secret_bits = self._secret_length(r)
+        r.bound = self._secret_length(r)
         return State.AMPLIFYING
 
     def _on_confirm_result(self, message: wire.Message) -> State:
@@ -682,17 +877,23 @@ class Engine:
         assert r.key is not None
         if not message["matched"]:
             return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
-        r.secret_bits = self._secret_length(r)
-        if r.secret_bits == 0:
-            self._send("amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, seed=b"")
+        r.bound = self._secret_length(r)
+        reserve_bits = self._refill(r.bound)
+        output = self._output_bits(r.bound, reserve_bits)
+        if output == 0:
+            self._send(
+                "amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, reserve_bits=0, seed=b""
+            )
             return self._end_aborted(f"no secret key: {self._length_reason}")
-        seed = amplify.choose_seed(self._random, int(r.key.size), r.secret_bits)
-        r.blocks = tuple(self._blocks(r, amplify.amplify(r.key, seed)))
+        seed = amplify.choose_seed(self._random, int(r.key.size), output)
+        self._split(r, amplify.amplify(r.key, seed), reserve_bits)
         self._send(
             "amplify",
+            tagged=True,
             round=r.number,
             input_bits=seed.input_bits,
             output_bits=seed.output_bits,
+            reserve_bits=reserve_bits,
             seed=seed.seed,
         )
         return State.COMMITTING
@@ -700,18 +901,21 @@ class Engine:
     def _on_amplify(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.key is not None
-        if message["input_bits"] != r.key.size or message["output_bits"] != r.secret_bits:
+        reserve_bits = message["reserve_bits"]
+        expected = self._output_bits(r.bound, reserve_bits) if reserve_bits <= r.bound // 2 else -1
+        if message["input_bits"] != r.key.size or message["output_bits"] != expected:
             raise RemoteProtocolError(
-                f"amplify: {message['input_bits']} -> {message['output_bits']} bits, Bob computed "
-                f"{r.key.size} -> {r.secret_bits}",
+                f"amplify: {message['input_bits']} -> {message['output_bits']} bits ({reserve_bits} to the "
+                f"reserve); Bob's bound allows {r.key.size} -> {r.bound}",
                 code="config-mismatch",
             )
-        if r.secret_bits == 0:
+        if expected == 0:
             return self._end_aborted(f"no secret key: {self._length_reason}")
+        self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
-        r.blocks = tuple(self._blocks(r, amplify.amplify(r.key, seed)))
-        self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks))
-        self._send("commit", round=r.number, blocks=len(r.blocks))
+        self._split(r, amplify.amplify(r.key, seed), reserve_bits)
+        self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
+        self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
         return State.COMMITTING
 
     def _on_commit(self, message: wire.Message) -> State:
@@ -720,13 +924,15 @@ class Engine:
             raise RemoteProtocolError(
                 f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}"
             )
-        self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks))
-        self._send("committed", round=r.number)
+        self._check_round_tag(r)
+        self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks, r.reserve))
+        self._send("committed", tagged=True, round=r.number)
         self._round = None
         return State.IDLE
 
     def _on_committed(self, message: wire.Message) -> State:
         r = self._open_round()
+        self._check_round_tag(r)
         self._out.append(CommitRound(r.number))
         self._round = None
         return State.IDLE
@@ -750,15 +956,30 @@ class Engine:
             eps_sec=self.settings.eps_sec,
             eps_cor=self.settings.eps_cor,
         )
-        # whole key blocks only: both sides discard the same tail
-        secret = length.secret_bits // self.settings.key_block_bits * self.settings.key_block_bits
         self._length_reason = length.reason or (
-            None if secret else f"{length.secret_bits} secret bits, less than one key block"
+            None
+            if length.secret_bits >= self.settings.key_block_bits
+            else f"{length.secret_bits} secret bits, less than one key block"
         )
-        return secret
+        return length.secret_bits
 
-    def _blocks(self, r: _Round, final: Bits) -> list[tuple[str, bytes]]:
-        return key_blocks(self.settings.link_id, r.number, final, self.settings.key_block_bits)
+    def _refill(self, bound: int) -> int:
+        """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
+        available = self._store.reserve.total_bits - self._pointer
+        want = min(self.settings.reserve_bits_per_round, self.settings.reserve_target_bits - available)
+        return max(0, min(want, bound // 4))
+
+    def _output_bits(self, bound: int, reserve_bits: int) -> int:
+        """Reserve bits plus whole key blocks (both sides discard the same tail); 0 when no block fits."""
+        block = self.settings.key_block_bits
+        key_bits = (bound - reserve_bits) // block * block
+        return reserve_bits + key_bits if key_bits > 0 else 0
+
+    def _split(self, r: _Round, final: Bits, reserve_bits: int) -> None:
+        r.reserve = (pack_bits(final[:reserve_bits]), reserve_bits)
+        r.blocks = tuple(
+            key_blocks(self.settings.link_id, r.number, final[reserve_bits:], self.settings.key_block_bits)
+        )
 
     def _summary(self, r: _Round, reason: str | None) -> RoundSummary:
         return RoundSummary(
@@ -773,7 +994,7 @@ class Engine:
             secret_bits=0 if reason else len(r.blocks) * self.settings.key_block_bits,
             aborted=reason is not None,
             reason=reason,
-            auth=self.auth,
+            auth=r.auth,
         )
 
     def _end_aborted(self, reason: str) -> State:
@@ -795,6 +1016,11 @@ class Engine:
         )
 
 
+def _transcript_entry(seq: int, body: bytes) -> bytes:
+    """One frame in a round transcript (§16): 8-byte seq, 4-byte body length, body."""
+    return seq.to_bytes(8, "big") + len(body).to_bytes(4, "big") + body
+
+
 def _key_size_problem(estimate: estimation.Estimate) -> str | None:
     """Both sides refuse a round whose key is longer than privacy amplification takes (§7)."""
     key_bits = int(np.count_nonzero(estimate.z_key_mask))
@@ -803,7 +1029,7 @@ def _key_size_problem(estimate: estimation.Estimate) -> str | None:
     return None
 
 
-class _PeerError(RemoteProtocolError):
+class PeerError(RemoteProtocolError):
     """The peer sent an error frame; we close without answering."""
 
     def __init__(self, code: str, message: str, versions: list[int]) -> None:

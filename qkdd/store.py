@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkdd.auth.reserve import KeyReserve
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary
 
@@ -91,6 +92,7 @@ class KeyStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self.reserve = KeyReserve(self._db)
         stored = self._meta("link_id")
         if link_id is None:
             if stored is None:
@@ -126,6 +128,23 @@ class KeyStore:
             raise InputError(f"round {round_number} was already used (next is {self.next_round})")
         self._set_meta("next_round", str(round_number + 1))
 
+    @property
+    def epoch(self) -> int:
+        """Handshakes this store has completed with its peer (§17: detects a restored state directory)."""
+        return int(self._meta("epoch") or 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < self.epoch:
+            raise InputError(f"epoch cannot go back from {self.epoch} to {epoch}")
+        self._set_meta("epoch", str(epoch))
+
+    @property
+    def psk_retired(self) -> bool:
+        return self._meta("psk_retired") == "1"
+
+    def retire_psk(self) -> None:
+        self._set_meta("psk_retired", "1")
+
     # -- rounds
 
     def _insert_round(self, summary: RoundSummary, state: str, seconds: float | None) -> None:
@@ -146,8 +165,10 @@ class KeyStore:
         blocks: Iterable[tuple[str, bytes]],
         pending: bool,
         seconds: float | None,
+        reserve: tuple[bytes, int] = (b"", 0),
     ) -> None:
-        """Store a finished round and its key blocks, as pending (Bob) or committed, atomically."""
+        """Store a finished round, its key blocks and its reserve contribution (packed bits, count), as
+        pending (Bob) or committed, atomically."""
         with self._transaction():
             if self._state(summary.round) is not None:
                 raise InputError(f"round {summary.round} is already in the store")
@@ -156,6 +177,7 @@ class KeyStore:
                 "INSERT INTO keys (key_id, round, idx, key) VALUES (?, ?, ?, ?)",
                 [(key_id, summary.round, i, key) for i, (key_id, key) in enumerate(blocks)],
             )
+            self.reserve.add(summary.round, *reserve)
 
     def record_aborted(self, summary: RoundSummary, seconds: float | None) -> None:
         """Record an aborted round's figures, dropping any pending keys; a committed round is left alone."""
@@ -164,6 +186,7 @@ class KeyStore:
             if state == "committed":
                 return
             self._db.execute("DELETE FROM keys WHERE round = ?", (summary.round,))
+            self._db.execute("DELETE FROM reserve WHERE round = ?", (summary.round,))
             self._insert_round(summary, "aborted", seconds)
 
     def commit_round(self, round_number: int) -> None:
@@ -195,6 +218,7 @@ class KeyStore:
                     done.append(r)
                 else:
                     self._db.execute("DELETE FROM keys WHERE round = ?", (r,))
+                    self._db.execute("DELETE FROM reserve WHERE round = ?", (r,))
                     self._db.execute(
                         "UPDATE rounds SET state = 'aborted', reason = ?, secret_bits = 0 WHERE round = ?",
                         ("the peer did not commit this round (connection lost before its end)", r),

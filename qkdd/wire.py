@@ -34,6 +34,7 @@ class Envelope:
     seq: int
     body: bytes
     mac: bytes
+    tag: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ def decode_envelope(payload: bytes) -> Envelope:
     """Check one frame payload against the envelope of the spec."""
     envelope = _unpack_map(payload, "frame", "bad-frame")
     spec.check_fields(spec.load().envelope, envelope, "envelope")
-    return Envelope(envelope["seq"], envelope["body"], envelope["mac"])
+    return Envelope(envelope["seq"], envelope["body"], envelope["mac"], envelope["tag"])
 
 
 def decode_message(body: bytes) -> Message:
@@ -142,7 +143,7 @@ def encode_message(name: str, **fields: Any) -> bytes:
     return body
 
 
-def encode_frame(seq: int, body: bytes, mac: bytes = b"") -> bytes:
+def encode_frame(seq: int, body: bytes, mac: bytes = b"", tag: bytes = b"") -> bytes:
     """Length prefix + envelope map."""
-    payload: bytes = msgpack.packb({"seq": seq, "body": body, "mac": mac}, use_bin_type=True)
+    payload: bytes = msgpack.packb({"seq": seq, "body": body, "mac": mac, "tag": tag}, use_bin_type=True)
     return LENGTH.pack(len(payload)) + payload

@@ -165,7 +165,7 @@ def test_tampered_frame_fails_its_mac() -> None:
 
 def test_a_frame_without_mac_after_the_handshake_is_refused() -> None:
     pair = _connected()
-    body = wire.encode_message("round_start", round=5, frame=5, pulses=1 << 19)
+    body = wire.encode_message("round_start", round=5, frame=5, pulses=1 << 19, auth="psk")
     with pytest.raises(RemoteProtocolError) as caught:
         deliver(pair, "bob", wire.encode_frame(pair.bob._recv_seq, body))
     assert caught.value.code == "bad-mac"
@@ -212,7 +212,9 @@ def test_a_reflected_auth_proof_fails() -> None:
 
 def test_messages_from_the_wrong_role_are_refused() -> None:
     pair = _connected()
-    frame = forge(pair, "bob", "round_start", round=0, frame=0, pulses=1)  # only Alice opens rounds
+    frame = forge(
+        pair, "bob", "round_start", round=0, frame=0, pulses=1, auth="psk"
+    )  # only Alice opens rounds
     with pytest.raises(RemoteProtocolError, match="may not send"):
         deliver(pair, "alice", frame)
 
@@ -260,6 +262,8 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "role": "alice",
         "link_id": "test-link",
         "nonce": bytes(32),
+        "reserve_total": 0,
+        "reserve_consumed": 0,
     },
     "auth": {"proof": bytes(32)},
     "sync": {
@@ -269,9 +273,10 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "eps_sec": 1e-9,
         "eps_cor": 1e-15,
         "key_block_bits": 256,
+        "epoch": 0,
     },
     "resolve": {"committed": []},
-    "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19},
+    "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19, "auth": "psk"},
     "sift_announce": {
         "round": 0,
         "pulses": 1 << 19,
@@ -304,7 +309,7 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
     "cascade_done": {"round": 0, "disclosed_bits": 0, "corrected_bits": 0},
     "confirm": {"round": 0, "hash_key": bytes(12), "tag": bytes(12)},
     "confirm_result": {"round": 0, "matched": True},
-    "amplify": {"round": 0, "input_bits": 1, "output_bits": 0, "seed": b""},
+    "amplify": {"round": 0, "input_bits": 1, "output_bits": 0, "reserve_bits": 0, "seed": b""},
     "commit": {"round": 0, "blocks": 0},
     "committed": {"round": 0},
     "abort": {"round": 0, "reason": "test"},

@@ -19,6 +19,8 @@ HELLO = {
     "role": "alice",
     "link_id": "l",
     "nonce": bytes(32),
+    "reserve_total": 0,
+    "reserve_consumed": 0,
 }
 
 
@@ -65,11 +67,23 @@ def test_zero_length_and_truncated_frames() -> None:
         (b"\xc1", "bad-frame", "not one msgpack value"),
         (msgpack.packb([1, 2]), "bad-frame", "not a msgpack map"),
         (msgpack.packb({"seq": 0, "body": b"x"}), "bad-message", "missing field 'mac'"),
-        (msgpack.packb({"seq": 0, "body": b"x", "mac": b"", "x": 1}), "bad-message", "unexpected field"),
-        (msgpack.packb({"seq": -1, "body": b"x", "mac": b""}), "bad-message", "outside"),
-        (msgpack.packb({"seq": "0", "body": b"x", "mac": b""}), "bad-message", "unsigned integer"),
-        (msgpack.packb({"seq": 0, "body": "x", "mac": b""}), "bad-message", "binary"),
-        (msgpack.packb({"seq": 0, "body": b"x", "mac": b""}) + b"\x00", "bad-frame", "not one msgpack value"),
+        (
+            msgpack.packb({"seq": 0, "body": b"x", "mac": b"", "tag": b"", "x": 1}),
+            "bad-message",
+            "unexpected field",
+        ),
+        (msgpack.packb({"seq": -1, "body": b"x", "mac": b"", "tag": b""}), "bad-message", "outside"),
+        (
+            msgpack.packb({"seq": "0", "body": b"x", "mac": b"", "tag": b""}),
+            "bad-message",
+            "unsigned integer",
+        ),
+        (msgpack.packb({"seq": 0, "body": "x", "mac": b"", "tag": b""}), "bad-message", "binary"),
+        (
+            msgpack.packb({"seq": 0, "body": b"x", "mac": b"", "tag": b""}) + b"\x00",
+            "bad-frame",
+            "not one msgpack value",
+        ),
         (msgpack.packb({1: 0}), "bad-frame", "not one msgpack value"),
     ],
 )
