@@ -101,6 +101,10 @@ def status(args: argparse.Namespace) -> int:
             "auth": last.get("auth"),
             "stored_keys": stats.stored_keys,
             "stored_key_bits": stats.stored_key_bits,
+            "reserve_total_bits": store.reserve.total_bits,
+            "reserve_available_bits": store.reserve.status().available_bits,
+            "psk_retired": store.psk_retired,
+            "epoch": store.epoch,
         }
     finally:
         store.close()

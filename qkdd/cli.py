@@ -21,9 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["stages", "e2e"],
+        choices=["stages", "e2e", "auth"],
         default="stages",
-        help="stages (default): Cascade and amplification; e2e: two daemons over loopback",
+        help="stages (default): Cascade, amplification and authentication; e2e: two daemons over "
+        "loopback; auth: the authentication figures alone",
     )
     bench.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -98,6 +99,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from qkdd import demo  # noqa: PLC0415
 
             return demo.bench_e2e(args.quick, args.json, args.rounds)
+        if args.what == "auth":
+            from qkdd import bench  # noqa: PLC0415
+
+            return bench.main_auth(args.quick, args.json)
         from qkdd import bench  # noqa: PLC0415
 
         variants = args.variant or (["optimized", "original"] if args.quick else list(VARIANTS))

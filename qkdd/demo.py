@@ -151,6 +151,7 @@ def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
             "disclosed_bits": r["disclosed_bits"],
             "secret_bits": r["secret_bits"] if r["state"] == "committed" else 0,
             "seconds": r["seconds"],
+            "auth": r["auth"],
             "bob_state": bob_rounds.get(r["round"], {}).get("state"),
         }
         rows.append(row)

@@ -302,7 +302,10 @@ class Engine:
             raise LocalProtocolError("initiate() called twice")
         reserve = self._store.reserve
         capabilities = [] if self._store.psk_retired and not self.settings.fallback_to_psk else ["psk"]
-        if self._reserve_ready(reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS):
+        # with fallback_to_psk the PSK stays the handshake method; rounds still use the reserve when they can
+        if not self.settings.fallback_to_psk and self._reserve_ready(
+            reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS
+        ):
             capabilities.append("reserve")
         body = wire.encode_message(
             "hello",

@@ -21,9 +21,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_two_daemons_store_identical_keys(tmp_path: Path) -> None:
-    result = demo.run_demo(tmp_path, 3, SIM, timeout=120)
+    result = demo.run_demo(tmp_path, 4, SIM, timeout=120)
     assert result.keys_match
-    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
+    # the first rounds fill the key reserve under the PSK, the later ones authenticate from it
+    assert result.rounds[0]["auth"] == "psk" and result.rounds[-1]["auth"] == "reserve"
     assert all(not r["aborted"] and r["bob_state"] == "committed" for r in result.rounds)
     assert result.secret_bits_total > 0 and result.alice_keys == result.bob_keys
     log = (tmp_path / "alice.log").read_text()

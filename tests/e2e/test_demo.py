@@ -21,6 +21,7 @@ FIELDS = {
     "disclosed_bits",
     "secret_bits",
     "seconds",
+    "auth",
 }
 
 
@@ -49,6 +50,7 @@ def test_demo_json(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert report["keys_match"] is True and report["secret_bits_total"] > 0
     assert len(report["rounds"]) == 2 and all(set(row) >= FIELDS for row in report["rounds"])
+    assert report["rounds"][0]["auth"] == "psk"
     status = subprocess.run(
         [sys.executable, "-m", "qkdd", "status", "--config", str(tmp_path / "bob.toml"), "--json"],
         capture_output=True,

@@ -1,0 +1,140 @@
+"""Reserve-based authentication in the engine (qkdp-v1.md §16-§17), through the in-memory ConnectionPair."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import msgpack
+import pytest
+
+from qkdd import engine, wire
+from qkdd.errors import RemoteProtocolError
+from tests.helpers import ConnectionPair
+
+SMALL = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}
+
+
+def pair_with(**kwargs: Any) -> ConnectionPair:
+    pair = ConnectionPair(**{**SMALL, **kwargs})
+    pair.connect()
+    return pair
+
+
+def no_bit_used_twice(pair: ConnectionPair) -> None:
+    for store in (pair.alice_store, pair.bob_store):
+        used = sorted(store.reserve.used)
+        assert all(a[1] <= b[0] for a, b in pairwise(used)), used
+
+
+def test_rounds_switch_from_psk_to_the_reserve() -> None:
+    pair = pair_with()
+    for _ in range(4):
+        pair.round()
+    auths = [s.auth for s in pair.summaries["alice"]]
+    assert auths[0] == "psk" and auths[-1] == "reserve"
+    assert [s.auth for s in pair.summaries["bob"]] == auths
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    assert pair.alice_store.reserve.chunks == pair.bob_store.reserve.chunks
+    assert pair.alice_store.reserve.consumed == pair.bob_store.reserve.consumed > 128
+    no_bit_used_twice(pair)
+
+
+def test_a_reserve_handshake_retires_the_psk() -> None:
+    first = pair_with()
+    for _ in range(4):
+        first.round()
+    # the next connection authenticates from the reserve, so a wrong PSK no longer matters
+    second = ConnectionPair(
+        alice_store=first.alice_store, bob_store=first.bob_store, bob_psk=bytes(32), **SMALL
+    )
+    second.connect()
+    assert second.alice.auth == second.bob.auth == "reserve"
+    assert first.alice_store.psk_retired and first.bob_store.psk_retired
+    second.round()
+    assert second.summaries["alice"][-1].auth == "reserve" and not second.summaries["alice"][-1].aborted
+    assert second.alice_store.key_map() == second.bob_store.key_map()
+    no_bit_used_twice(second)
+    assert first.alice_store.epoch == first.bob_store.epoch == 2
+
+
+def test_a_tampered_frame_with_a_valid_session_mac_fails_the_transcript_tag() -> None:
+    """Even an attacker who knows the per-frame MAC key cannot get a changed round accepted."""
+    pair = pair_with()
+    for _ in range(3):
+        pair.round()
+    assert pair.summaries["alice"][-1].auth == "reserve"
+    pair.handle("alice", pair.alice.start_round())
+    while not any(m == "sift_answer" for _, m in pair.log[-1:]):
+        pair.step()
+    (payload,) = wire.FrameDecoder().feed(pair.queues["bob"].pop())
+    envelope = wire.decode_envelope(payload)
+    body = msgpack.unpackb(envelope.body, raw=False)
+    body["intensities"] = bytes([body["intensities"][0] ^ 0x40]) + body["intensities"][1:]  # not key bits
+    forged = msgpack.packb(body, use_bin_type=True)
+    mac = pair.alice._macs["alice"].tag(envelope.seq, forged)
+    pair.queues["bob"].append(wire.encode_frame(envelope.seq, forged, mac))
+    with pytest.raises(RemoteProtocolError) as caught:
+        pair.run()
+    assert caught.value.code == "bad-mac" and "transcript tag" in str(caught.value)
+    assert not pair.bob_store.pending and pair.bob.state is engine.State.CLOSED
+
+
+def test_the_reserve_running_dry_pauses_the_link_or_falls_back() -> None:
+    for fallback in (False, True):
+        filled = pair_with(fallback_to_psk=fallback)
+        for _ in range(3):
+            filled.round()
+        # Alice stops refilling: every reserve round now only consumes
+        pair = ConnectionPair(
+            alice_store=filled.alice_store,
+            bob_store=filled.bob_store,
+            **{**SMALL, "alice_reserve_bits_per_round": 0, "fallback_to_psk": fallback},
+        )
+        pair.connect()
+        if not fallback:
+            with pytest.raises(engine.ReserveExhausted, match="the link pauses"):
+                for _ in range(60):
+                    pair.round()
+            assert pair.alice.state is engine.State.IDLE  # paused, not broken
+            no_bit_used_twice(pair)
+        else:
+            for _ in range(30):
+                pair.round()
+            assert pair.summaries["alice"][-1].auth == "psk"
+            assert pair.alice_store.key_map() == pair.bob_store.key_map()
+
+
+def test_a_restored_state_directory_is_refused() -> None:
+    first = pair_with()
+    for _ in range(4):
+        first.round()
+    again = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+    again.connect()
+    for _ in range(2):
+        again.round()
+    assert first.alice_store.epoch == 2
+    first.alice_store.epoch = 0  # Alice's state dir restored from an old backup
+    stale = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+    with pytest.raises(RemoteProtocolError) as caught:
+        stale.connect()
+    assert caught.value.code == "stale-state"
+
+
+def test_a_crash_between_tags_never_reuses_a_pad() -> None:
+    pair = pair_with()
+    for _ in range(3):
+        pair.round()
+    pair.handle("alice", pair.alice.start_round())
+    while not any(m == "amplify" for _, m in pair.log[-1:]):
+        pair.step()
+    # Alice consumed the pad of her amplify tag; the frame is lost with the connection
+    assert pair.alice_store.reserve.consumed > pair.bob_store.reserve.consumed
+    again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store, **SMALL)
+    again.connect()
+    again.round()
+    assert again.summaries["alice"][-1].auth == "reserve" and not again.summaries["alice"][-1].aborted
+    assert again.alice_store.key_map() == again.bob_store.key_map()
+    for store in (again.alice_store, again.bob_store):
+        spans = sorted(store.reserve.used)
+        assert all(a[1] <= b[0] for a, b in pairwise(spans))
