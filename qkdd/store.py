@@ -177,7 +177,7 @@ class KeyStore:
                 "INSERT INTO keys (key_id, round, idx, key) VALUES (?, ?, ?, ?)",
                 [(key_id, summary.round, i, key) for i, (key_id, key) in enumerate(blocks)],
             )
-            self.reserve.add(summary.round, *reserve)
+            self.reserve.add(summary.round, *reserve, committed=not pending)
 
     def record_aborted(self, summary: RoundSummary, seconds: float | None) -> None:
         """Record an aborted round's figures, dropping any pending keys; a committed round is left alone."""
@@ -194,6 +194,7 @@ class KeyStore:
             if self._state(round_number) != "pending":
                 raise InputError(f"round {round_number} is not pending")
             self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (round_number,))
+            self.reserve.commit(round_number)
 
     def pending_rounds(self) -> list[int]:
         rows = self._db.execute("SELECT round FROM rounds WHERE state = 'pending' ORDER BY round").fetchall()
@@ -215,6 +216,7 @@ class KeyStore:
             for r in self.pending_rounds():
                 if r in keep:
                     self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (r,))
+                    self.reserve.commit(r)
                     done.append(r)
                 else:
                     self._db.execute("DELETE FROM keys WHERE round = ?", (r,))

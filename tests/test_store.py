@@ -90,3 +90,40 @@ def test_key_blocks_cut_whole_blocks() -> None:
     assert cut[0][1] == np.packbits(key[:256]).tobytes()
     with pytest.raises(ValueError, match="multiple of 8"):
         key_blocks("l", 3, key, 12)
+
+
+def test_the_reserve_is_the_committed_chunks_in_commit_order(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, "l")
+    rng = np.random.default_rng(5)
+    chunks = {r: rng.integers(0, 2, 300 + 7 * r, dtype=np.uint8) for r in range(3)}
+
+    def packed(r: int) -> tuple[bytes, int]:
+        return np.packbits(chunks[r]).tobytes(), int(chunks[r].size)
+
+    store.store_round(summary(0), blocks(0), False, None, packed(0))
+    store.store_round(summary(1), blocks(1), True, None, packed(1))  # pending: not in the stream yet
+    assert store.reserve.total_bits == 300
+    store.commit_round(1)
+    store.store_round(summary(2), blocks(2), False, None, packed(2))
+    stream = np.concatenate([chunks[0], chunks[1], chunks[2]])
+    assert store.reserve.total_bits == stream.size
+    for start, count in ((0, 122), (290, 40), (128, 600), (stream.size - 61, 61)):
+        got = np.unpackbits(np.frombuffer(store.reserve.read(start, count), dtype=np.uint8), count=count)
+        assert np.array_equal(got, stream[start : start + count])
+    with pytest.raises(InputError, match="do not exist"):
+        store.reserve.read(stream.size - 10, 11)
+    assert store.reserve.consumed == 128
+    store.reserve.consume(250)
+    store.reserve.consume(200)  # never backwards
+    store.reserve.consume(372)
+    assert store.reserve.consumed == 372
+    assert store.reserve.used_ranges() == [(128, 250), (250, 372)]
+    store.close()
+    assert KeyStore(tmp_path, "l").reserve.consumed == 372  # durable
+
+
+def test_a_dropped_pending_round_leaves_the_reserve_alone(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path, "l")
+    store.store_round(summary(0), blocks(0), True, None, (bytes(64), 512))
+    assert store.resolve([]) == ([], [0])
+    assert store.reserve.total_bits == 0

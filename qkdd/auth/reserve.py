@@ -11,12 +11,17 @@ Theory of operation
 * After a crash the two sides may disagree on ``consumed``; at the next handshake both take the larger
   value, so no bit is used twice.
 * The chunks live in the key store's database, in the same transaction as their round, so a round's key
-  and its reserve contribution are committed (or dropped) together.
+  and its reserve contribution are committed (or dropped) together. A chunk gets its position in the
+  stream when its round commits (Bob's pending rounds commit before any later round starts), so reading
+  a few bits touches one or two rows, however long the link has run.
+* Every consumption is also appended to ``reserve_use`` (from, to): an audit trail that shows no range
+  was used twice.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +35,11 @@ KEY_REGION_BITS = 128
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reserve (
     round INTEGER PRIMARY KEY REFERENCES rounds (round),
+    start INTEGER UNIQUE,  -- position in the stream; NULL while the round is pending
     bits INTEGER NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reserve_use (first INTEGER NOT NULL, past INTEGER NOT NULL, at REAL NOT NULL);
 """
 
 
@@ -52,29 +59,10 @@ class KeyReserve:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self._db.executescript(SCHEMA)
-        self._cache: tuple[int, bytes] | None = None  # (total bits, packed stream)
-
-    def _stream(self) -> tuple[int, bytes]:
-        rows = self._db.execute(
-            "SELECT r.bits, r.data FROM reserve r JOIN rounds d ON d.round = r.round "
-            "WHERE d.state = 'committed' ORDER BY r.round"
-        ).fetchall()
-        total = sum(int(bits) for bits, _ in rows)
-        if self._cache is not None and self._cache[0] == total:
-            return self._cache
-        bits = np.concatenate(
-            [np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=int(count)) for count, data in rows]
-            or [np.zeros(0, dtype=np.uint8)]
-        )
-        self._cache = (total, np.packbits(bits).tobytes())
-        return self._cache
 
     @property
     def total_bits(self) -> int:
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(r.bits), 0) FROM reserve r JOIN rounds d ON d.round = r.round "
-            "WHERE d.state = 'committed'"
-        ).fetchone()
+        row = self._db.execute("SELECT COALESCE(MAX(start + bits), 0) FROM reserve").fetchone()
         return int(row[0])
 
     @property
@@ -87,11 +75,20 @@ class KeyReserve:
 
     def read(self, start: int, count: int) -> bytes:
         """Bits ``[start, start + count)`` of the stream, packed MSB-first."""
-        total, packed = self._stream()
+        total = self.total_bits
         if start < 0 or count < 0 or start + count > total:
             raise InputError(f"reserve holds {total} bits; bits [{start}, {start + count}) do not exist")
-        bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=total)[start : start + count]
-        return np.packbits(bits).tobytes()
+        rows = self._db.execute(
+            "SELECT start, bits, data FROM reserve WHERE start IS NOT NULL AND start < ? AND start + bits > ? "
+            "ORDER BY start",
+            (start + count, start),
+        ).fetchall()
+        first = int(rows[0][0]) if rows else start
+        bits = np.concatenate(
+            [np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=int(n)) for _, n, data in rows]
+            or [np.zeros(0, dtype=np.uint8)]
+        )
+        return np.packbits(bits[start - first : start - first + count]).tobytes()
 
     def hash_keys(self) -> list[int]:
         return wc.split_bits(self.read(0, wc.KEY_BITS), wc.HASHES)
@@ -106,17 +103,34 @@ class KeyReserve:
         if upto > self.consumed:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                first = self.consumed
                 self._db.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('reserve_consumed', ?)", (str(upto),)
+                )
+                self._db.execute(
+                    "INSERT INTO reserve_use (first, past, at) VALUES (?, ?, ?)", (first, upto, time.time())
                 )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
-    def add(self, round_number: int, bits: bytes, count: int) -> None:
-        """Record a round's contribution (inside the caller's transaction); counts once the round commits."""
+    def add(self, round_number: int, bits: bytes, count: int, *, committed: bool) -> None:
+        """Record a round's contribution (inside the caller's transaction); it joins the stream when the
+        round commits."""
         if count:
             self._db.execute(
-                "INSERT INTO reserve (round, bits, data) VALUES (?, ?, ?)", (round_number, count, bits)
+                "INSERT INTO reserve (round, start, bits, data) VALUES (?, ?, ?, ?)",
+                (round_number, self.total_bits if committed else None, count, bits),
             )
+
+    def commit(self, round_number: int) -> None:
+        """A pending round committed (inside the caller's transaction): append its chunk to the stream."""
+        self._db.execute(
+            "UPDATE reserve SET start = ? WHERE round = ? AND start IS NULL", (self.total_bits, round_number)
+        )
+
+    def used_ranges(self) -> list[tuple[int, int]]:
+        """Every consumption, in order: the audit trail."""
+        rows = self._db.execute("SELECT first, past FROM reserve_use ORDER BY rowid").fetchall()
+        return [(int(a), int(b)) for a, b in rows]
