@@ -79,8 +79,8 @@ class KeyReserve:
         if start < 0 or count < 0 or start + count > total:
             raise InputError(f"reserve holds {total} bits; bits [{start}, {start + count}) do not exist")
         rows = self._db.execute(
-            "SELECT start, bits, data FROM reserve WHERE start IS NOT NULL AND start < ? AND start + bits > ? "
-            "ORDER BY start",
+            "SELECT start, bits, data FROM reserve "
+            "WHERE start IS NOT NULL AND start < ? AND start + bits > ? ORDER BY start",
             (start + count, start),
         ).fetchall()
         first = int(rows[0][0]) if rows else start
