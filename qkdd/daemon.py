@@ -70,6 +70,7 @@ class _Session:
     peer: str
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     engine: engine_mod.Engine | None = None
+    unsent: bool = False  # frames the engine produced that are not all written yet
 
 
 class Daemon:
@@ -104,6 +105,7 @@ class Daemon:
         self.stopping = False
         self.paused = False
         self.failed = False
+        self._rounds_started: set[int] = set()
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
         self._active: _Session | None = None
@@ -181,7 +183,10 @@ class Daemon:
                 stream = await trio.open_tcp_stream(self.config.peer.host, self.config.peer.port)
             except OSError as error:
                 log.info(
-                    "cannot connect to %s: %s; retrying in %.1f s", self.config.peer, error.strerror, delay
+                    "cannot connect to %s: %s; retrying in %.1f s",
+                    self.config.peer,
+                    error.strerror or error,
+                    delay,
                 )
             else:
                 peer = _peer_name(stream)
@@ -302,7 +307,8 @@ class Daemon:
                 self._status("down")
             self._round_idle.set()
             with trio.CancelScope(shield=True):
-                if self.stopping and engine.state is not engine_mod.State.CLOSED:
+                # the closing frame's sequence number is only right if every frame before it went out
+                if self.stopping and engine.state is not engine_mod.State.CLOSED and not session.unsent:
                     await _send_quietly(stream, engine.close("shutdown", "the daemon is stopping"))
                 await stream.aclose()
         return ready
@@ -351,12 +357,14 @@ class Daemon:
     async def _execute(
         self, session: _Session, stream: trio.SocketStream, actions: list[engine_mod.Action]
     ) -> None:
+        session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
         for action in actions:
             match action:
                 case engine_mod.Send(frame=frame):
                     await stream.send_all(frame)
                 case engine_mod.ReserveRound(round=number):
                     await self._store_call(self.store.reserve_round, number)
+                    self._rounds_started.add(number)
                 case engine_mod.RoundEnded(
                     summary=summary, disposition=disposition, blocks=blocks, reserve=reserve
                 ):
@@ -383,8 +391,8 @@ class Daemon:
                     done, dropped = await self._store_call(self.store.resolve, committed)
                     if done or dropped:
                         log.info("pending rounds resolved: committed %s, dropped %s", done, dropped)
-                    # Alice counted these rounds when she committed them; so does Bob, now
-                    self.rounds_finished += len(done)
+                    # rounds of this run that Alice committed while "committed" was lost count now
+                    self.rounds_finished += len(set(done) & self._rounds_started)
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
                 case engine_mod.Ready(epoch=epoch, auth=auth):
@@ -398,6 +406,7 @@ class Daemon:
                         log.info(
                             "the bootstrap PSK is retired: the link now authenticates from its key reserve"
                         )
+        session.unsent = False
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
