@@ -62,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pulses", type=int, default=1 << 24, help="pulses per frame (default 2^24)")
     demo.add_argument("--state-dir", type=Path, help="keep the state here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true")
+    demo.add_argument(
+        "--bootstrap",
+        choices=["psk", "pki"],
+        default="psk",
+        help="first authentication: a PSK or a fresh PKI",
+    )
+
+    pki = commands.add_parser("pki", help="a CA and node certificates for PKI bootstrap")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    init_ca = pki_commands.add_parser("init-ca", help="create a CA: OUT/ca.key (0600) and OUT/ca.crt")
+    init_ca.add_argument("--out", type=Path, required=True)
+    init_ca.add_argument("--algorithm", choices=["ml-dsa-65", "ed25519"], default="ml-dsa-65")
+    init_ca.add_argument("--days", type=int, default=3650)
+    issue = pki_commands.add_parser("issue", help="issue a node certificate: OUT/NAME.crt and OUT/NAME.key")
+    issue.add_argument("--name", required=True, help="the node's name (alice, bob, or a host name)")
+    issue.add_argument("--ca", type=Path, required=True, help="the folder init-ca wrote")
+    issue.add_argument("--out", type=Path, required=True)
+    issue.add_argument("--algorithm", choices=["ml-dsa-65", "ed25519"], default="ml-dsa-65")
+    issue.add_argument("--days", type=int, default=825)
 
     status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
     where = status.add_mutually_exclusive_group(required=True)
@@ -126,6 +145,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from qkdd import admin  # noqa: PLC0415
 
         return admin.status(args)
+    if args.command == "pki":
+        from qkdd.auth import pki  # noqa: PLC0415
+
+        if args.days < 1:
+            raise QkddError("--days must be at least 1")
+        if args.pki_command == "init-ca":
+            written = pki.init_ca(args.out, algorithm=args.algorithm, days=args.days)
+        else:
+            written = pki.issue(args.name, args.ca, args.out, algorithm=args.algorithm, days=args.days)
+        print(f"wrote {written} and its key (mode 0600)")
+        return 0
     if args.command == "keys":
         from qkdd import admin  # noqa: PLC0415
 

@@ -50,6 +50,14 @@ class PostProcessing:
 
 
 @dataclass(frozen=True)
+class PkiFiles:
+    certificate: Path
+    key: Path
+    ca: Path
+    peer_name: str
+
+
+@dataclass(frozen=True)
 class Authentication:
     reserve_switch_bits: int = 4096
     reserve_bits_per_round: int = 2048
@@ -71,7 +79,7 @@ class Config:
     role: str
     link_id: str
     state_dir: Path
-    psk_file: Path
+    psk_file: Path | None  # PSK bootstrap
     listen: Address | None
     peer: Address | None
     max_frame_bytes: int = spec.load().max_frame_bytes
@@ -83,6 +91,7 @@ class Config:
     max_rounds: int = 0  # 0: run until stopped
     round_pause: float = 0.0
     source: Path | None = None
+    pki: PkiFiles | None = None  # PKI bootstrap
 
 
 def _take(table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
@@ -138,10 +147,16 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     )
 
     auth = _table(raw, "auth")
-    _take(auth, "auth.", {"method", "psk_file", *Authentication.__dataclass_fields__})
-    if auth.get("method", "psk") != "psk":
-        raise InputError(f'auth.method: expected "psk", got {auth.get("method")!r}')
-    psk_file = base / _string(auth.get("psk_file"), "auth.psk_file")
+    pki_keys = ("certificate_file", "key_file", "ca_file", "peer_name")
+    _take(auth, "auth.", {"method", "psk_file", *pki_keys, *Authentication.__dataclass_fields__})
+    method = auth.get("method", "psk")
+    if method not in ("psk", "pki"):
+        raise InputError(f'auth.method: expected "psk" or "pki", got {method!r}')
+    psk_file = base / _string(auth.get("psk_file"), "auth.psk_file") if method == "psk" else None
+    pki_files = None
+    if method == "pki":
+        certificate, key, ca = (base / _string(auth.get(k), f"auth.{k}") for k in pki_keys[:3])
+        pki_files = PkiFiles(certificate, key, ca, _string(auth.get("peer_name"), "auth.peer_name"))
     fallback = auth.get("fallback_to_psk", False)
     if not isinstance(fallback, bool):
         raise InputError(f"auth.fallback_to_psk: expected true or false, got {fallback!r}")
@@ -226,6 +241,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
         link_id=link_id,
         state_dir=state_dir,
         psk_file=psk_file,
+        pki=pki_files,
         listen=listen,
         peer=peer,
         max_frame_bytes=max_frame,
@@ -262,9 +278,19 @@ def render(
     peer: str | None,
     sim: Mapping[str, Any] | None = None,
     max_rounds: int = 0,
+    pki: tuple[str, str, str, str] | None = None,
 ) -> str:
-    """A commented config file (``qkdd init``, ``qkdd demo``)."""
+    """A commented config file (``qkdd init``, ``qkdd demo``); ``pki``: (certificate, key, CA, peer name)."""
     network = f'listen = "{listen}"' if listen else f'peer = "{peer}"'
+    if pki is None:
+        bootstrap = f'''method = "psk"
+psk_file = "{psk_file}"        # the same file on both hosts, mode 0600'''
+    else:
+        bootstrap = f'''method = "pki"
+certificate_file = "{pki[0]}"
+key_file = "{pki[1]}"          # mode 0600
+ca_file = "{pki[2]}"
+peer_name = "{pki[3]}"         # the common name the peer's certificate must carry'''
     sim_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in (sim or {}).items())
     return f"""# qkdd {role} — see README "Configuration" for every key
 role = "{role}"
@@ -276,8 +302,7 @@ state_dir = "{state_dir}"      # key store; never restore it from a backup
 # max_frame_bytes = 16777216
 
 [auth]
-method = "psk"
-psk_file = "{psk_file}"        # the same file on both hosts, mode 0600
+{bootstrap}
 # reserve_switch_bits = 4096     # authenticate from the key reserve once it holds this many bits
 # reserve_bits_per_round = 2048  # refill per round while the reserve is below reserve_target_bits
 # reserve_target_bits = 65536

@@ -35,6 +35,7 @@ import trio
 from qkdd import engine as engine_mod
 from qkdd import wire
 from qkdd.admin import write_status_file
+from qkdd.auth import pki
 from qkdd.auth.psk import read_psk
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
@@ -79,13 +80,19 @@ class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
         self.role = config.role
-        self.psk = read_psk(config.psk_file)
+        self.psk = read_psk(config.psk_file) if config.psk_file is not None else b""
+        self.pki = (
+            pki.Identity.load(config.pki.certificate, config.pki.key, config.pki.ca, config.pki.peer_name)
+            if config.pki is not None
+            else None
+        )
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
         self.settings = engine_mod.EngineSettings(
             link_id=config.link_id,
             psk=self.psk,
+            pki=self.pki,
             reserve_switch_bits=config.auth.reserve_switch_bits,
             reserve_bits_per_round=config.auth.reserve_bits_per_round,
             reserve_target_bits=config.auth.reserve_target_bits,

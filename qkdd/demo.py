@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd import config as config_mod
+from qkdd.auth import pki
 from qkdd.auth.psk import generate_psk, write_psk
 from qkdd.daemon import read_listen_address
 from qkdd.errors import QkddError
@@ -46,14 +47,26 @@ class DemoResult:
         }
 
 
-def write_configs(state_dir: Path, rounds: int, sim: dict[str, Any], bob_port: int = 0) -> tuple[Path, Path]:
+def write_configs(
+    state_dir: Path, rounds: int, sim: dict[str, Any], bob_port: int = 0, bootstrap: str = "psk"
+) -> tuple[Path, Path]:
+    """Configs for both roles in ``state_dir``, with a fresh PSK or (``bootstrap="pki"``) a fresh CA
+    and node certificates."""
     state_dir.mkdir(parents=True, exist_ok=True)
     psk = state_dir / "psk"
-    if not psk.exists():
+    if bootstrap == "psk" and not psk.exists():
         write_psk(psk, generate_psk())
+    if bootstrap == "pki" and not (state_dir / "pki" / "ca.crt").exists():
+        pki.init_ca(state_dir / "pki")
+        for role in ("alice", "bob"):
+            pki.issue(role, state_dir / "pki", state_dir / "pki")
     paths = []
     for role in ("alice", "bob"):
         (state_dir / role).mkdir(exist_ok=True)
+        peer_role = "bob" if role == "alice" else "alice"
+        files = (
+            (f"pki/{role}.crt", f"pki/{role}.key", "pki/ca.crt", peer_role) if bootstrap == "pki" else None
+        )
         path = state_dir / f"{role}.toml"
         path.write_text(
             config_mod.render(
@@ -65,6 +78,7 @@ def write_configs(state_dir: Path, rounds: int, sim: dict[str, Any], bob_port: i
                 peer="127.0.0.1:0" if role == "alice" else None,
                 sim=sim,
                 max_rounds=rounds,
+                pki=files,
             )
         )
         paths.append(path)
@@ -93,9 +107,11 @@ def wait_for_listen_address(state_dir: Path, process: subprocess.Popen[bytes], t
     raise QkddError("bob did not start listening within 20 s")
 
 
-def run_demo(state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float | None = None) -> DemoResult:
+def run_demo(
+    state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float | None = None, bootstrap: str = "psk"
+) -> DemoResult:
     """Run both daemons to completion and compare their stores."""
-    alice_config, bob_config = write_configs(state_dir, rounds, sim)
+    alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap)
     (state_dir / "bob" / "listen-address").unlink(missing_ok=True)
     started = time.monotonic()
     bob = spawn(bob_config, state_dir / "bob.log")
@@ -208,10 +224,10 @@ def main(args: argparse.Namespace) -> int:
 
     SimParameters.from_options(sim)
     if args.state_dir is not None:
-        result = run_demo(args.state_dir.resolve(), args.rounds, sim)
+        result = run_demo(args.state_dir.resolve(), args.rounds, sim, bootstrap=args.bootstrap)
     else:
         with tempfile.TemporaryDirectory(prefix="qkdd-demo-") as folder:
-            result = run_demo(Path(folder), args.rounds, sim)
+            result = run_demo(Path(folder), args.rounds, sim, bootstrap=args.bootstrap)
     if args.json:
         print(json.dumps(result.as_json()))
     else:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from qkdd import spec, wire
+from qkdd.auth import pki
 from qkdd.auth import psk as psk_auth
 from qkdd.auth import wegman_carter as wc
 from qkdd.bits import Bits, RandomSource, pack_bits
@@ -204,6 +205,7 @@ class EngineSettings:
     reserve_bits_per_round: int = 2048  # refill per round, while the reserve is below its target
     reserve_target_bits: int = 65536
     fallback_to_psk: bool = False  # never retire the PSK; use it when the reserve runs dry
+    pki: pki.Identity | None = field(default=None, repr=False)  # PKI bootstrap (§18) instead of the PSK
     handshake_timeout: float = spec.load().timeouts["handshake"]
     round_timeout: float = spec.load().timeouts["round"]
     idle_timeout: float = spec.load().timeouts["idle"]
@@ -301,7 +303,10 @@ class Engine:
         if self._send_seq:
             raise LocalProtocolError("initiate() called twice")
         reserve = self._store.reserve
-        capabilities = [] if self._store.psk_retired and not self.settings.fallback_to_psk else ["psk"]
+        bootstrap = not self._store.psk_retired or self.settings.fallback_to_psk
+        capabilities = []
+        if bootstrap:
+            capabilities.append(pki.CAPABILITY if self.settings.pki is not None else psk_auth.CAPABILITY)
         # with fallback_to_psk the PSK stays the handshake method; rounds still use the reserve when they can
         if not self.settings.fallback_to_psk and self._reserve_ready(
             reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS
@@ -542,17 +547,62 @@ class Engine:
             session_key = reserve.read(start + 2 * wc.OTP_BITS, SESSION_KEY_BITS)
             self._macs = psk_auth.session_macs(session_key, alice_nonce, bob_nonce, transcript)
             if self.role == "alice":  # Bob proves only after Alice did, so strangers cannot drain his reserve
-                self._send("auth", proof=self._mac().tag(transcript, self._proof_pads[0]))
+                self._send(
+                    "auth", proof=self._mac().tag(transcript, self._proof_pads[0]), certificate=b"", kex=b""
+                )
+            return State.AUTH
+        if "pki" in ours and "pki" in message["capabilities"]:
+            assert self.settings.pki is not None
+            self.auth = "pki"
+            self._nonces = alice_nonce, bob_nonce
+            self._exchange = pki.Exchange()
+            if self.role == "alice":
+                self._kex_alice = self._exchange.offer()
+                self._send(
+                    "auth",
+                    proof=self.settings.pki.sign(pki.signed_data("alice", transcript, self._kex_alice)),
+                    certificate=self.settings.pki.certificate_der,
+                    kex=self._kex_alice,
+                )
             return State.AUTH
         if "psk" not in ours or "psk" not in message["capabilities"]:
             raise RemoteProtocolError(
-                "no common authentication: the PSK is retired and the key reserve cannot pay for a "
-                "handshake; re-bootstrap the link",
-                code="reserve-exhausted",
+                f"no common authentication: ours {ours}, the peer's {list(message['capabilities'])[:4]} "
+                "(the bootstrap method may be retired and the key reserve unable to pay for a handshake: "
+                "re-bootstrap the link)",
+                code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
             )
         self._macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
-        self._send("auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript))
+        self._send(
+            "auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript), certificate=b"", kex=b""
+        )
         return State.AUTH
+
+    def _pki_auth(self, message: wire.Message) -> None:
+        """§18: check the peer's certificate and signature; finish the hybrid exchange."""
+        identity = self.settings.pki
+        assert identity is not None
+        certificate = identity.check_peer(message["certificate"])
+        if self.role == "bob":
+            kex_alice = message["kex"]
+            pki.verify_signature(
+                certificate, message["proof"], pki.signed_data("alice", self._transcript, kex_alice)
+            )
+            kex_bob, shared = self._exchange.accept(kex_alice)
+            self._send(
+                "auth",
+                proof=identity.sign(pki.signed_data("bob", self._transcript, kex_alice, kex_bob)),
+                certificate=identity.certificate_der,
+                kex=kex_bob,
+            )
+        else:
+            kex_alice, kex_bob = self._kex_alice, message["kex"]
+            pki.verify_signature(
+                certificate, message["proof"], pki.signed_data("bob", self._transcript, kex_alice, kex_bob)
+            )
+            shared = self._exchange.finish(kex_bob)
+        secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
+        self._macs = psk_auth.session_macs(secret, *self._nonces, self._transcript)
 
     def _capabilities(self) -> list[str]:
         (hello,) = [self._hellos[self.role]]
@@ -567,7 +617,14 @@ class Engine:
                     f"the {self.peer_role} reserve proof does not verify", code="auth-failed"
                 )
             if self.role == "bob":
-                self._send("auth", proof=self._mac().tag(self._transcript, self._proof_pads[1]))
+                self._send(
+                    "auth",
+                    proof=self._mac().tag(self._transcript, self._proof_pads[1]),
+                    certificate=b"",
+                    kex=b"",
+                )
+        elif self.auth == "pki":
+            self._pki_auth(message)
         else:
             psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
         self._send(
@@ -639,13 +696,13 @@ class Engine:
         if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
             if self._reserve_ready(total, self._pointer, ROUND_RESERVE_BITS):
                 return "reserve"
-            if self.auth == "psk" and self.settings.fallback_to_psk:
-                return "psk"
+            if self.auth != "reserve" and self.settings.fallback_to_psk:
+                return self.auth
             raise ReserveExhausted(
                 f"the key reserve holds {max(0, total - self._pointer)} unused bits, a round needs "
                 f"{ROUND_RESERVE_BITS}; the link pauses (set auth.fallback_to_psk to use the PSK instead)"
             )
-        return "psk"
+        return self.auth  # the bootstrap method: psk or pki
 
     def _on_round_start(self, message: wire.Message) -> State:
         link = self._link
@@ -659,8 +716,10 @@ class Engine:
             raise RemoteProtocolError(
                 "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
             )
-        if message["auth"] == "psk" and self.auth == "reserve":
-            raise RemoteProtocolError("a PSK round on a reserve-authenticated connection", code="bad-message")
+        if message["auth"] != "reserve" and message["auth"] != self.auth:
+            raise RemoteProtocolError(
+                f"a {message['auth']} round on a {self.auth}-authenticated connection", code="bad-message"
+            )
         self._next_round = number + 1
         self._out.append(ReserveRound(number))
         detected = sifting.resolve_double_clicks(link.detections(message["frame"]), self._random)

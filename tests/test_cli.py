@@ -98,3 +98,20 @@ def test_status_and_export_read_the_store(tmp_path: Path, capsys: pytest.Capture
     assert "secret keys" in captured.err
     assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
     assert "no key store" in capsys.readouterr().err
+
+
+def test_pki_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pki", "init-ca", "--out", str(tmp_path / "ca"), "--algorithm", "ed25519"]) == 0
+    assert (
+        main(["pki", "issue", "--name", "alice", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "n")])
+        == 0
+    )
+    assert (tmp_path / "n" / "alice.key").stat().st_mode & 0o777 == 0o600
+    assert "wrote" in capsys.readouterr().out
+    assert main(["pki", "init-ca", "--out", str(tmp_path / "ca")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (
+        main(["pki", "issue", "--name", "bob", "--ca", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+        == 2
+    )
+    assert "not a readable PEM" in capsys.readouterr().err

@@ -41,7 +41,11 @@ def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
         ({"network": {}}, "set exactly one of network.listen"),
         ({"network": {"peer": "h:1", "listen": "h:2"}}, "set exactly one"),
         ({"network": {"peer": "h:1", "max_frame_bytes": 10}}, "network.max_frame_bytes"),
-        ({"auth": {"psk_file": "psk", "method": "pki"}}, "auth.method"),
+        ({"auth": {"psk_file": "psk", "method": "x509"}}, "auth.method"),
+        (
+            {"auth": {"method": "pki", "certificate_file": "c", "key_file": "k", "ca_file": "ca"}},
+            "auth.peer_name",
+        ),
         ({"auth": {}}, "auth.psk_file"),
         ({"post": {"cascade_variant": "turbo"}}, "post.cascade_variant"),
         ({"post": {"key_block_bits": 100}}, "post.key_block_bits: expected a multiple of 8"),

@@ -265,7 +265,7 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "reserve_total": 0,
         "reserve_consumed": 0,
     },
-    "auth": {"proof": bytes(32)},
+    "auth": {"proof": bytes(32), "certificate": b"", "kex": b""},
     "sync": {
         "next_round": 0,
         "pending": [],

@@ -74,6 +74,36 @@ def test_demo_table_with_an_eavesdropper(tmp_path: Path) -> None:
     assert "aborted" in done.stdout and "identical" in done.stdout
 
 
+@pytest.mark.timeout(180)
+def test_demo_with_pki_bootstrap(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkdd",
+            "demo",
+            "--rounds",
+            "4",
+            "--pulses",
+            str(1 << 20),
+            "--bootstrap",
+            "pki",
+            "--json",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["keys_match"] is True
+    auths = [row["auth"] for row in report["rounds"]]
+    assert auths[0] == "pki" and auths[-1] == "reserve"
+
+
 def test_demo_rejects_bad_parameters() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "qkdd", "demo", "--eve", "2"],
