@@ -138,3 +138,34 @@ def test_a_crash_between_tags_never_reuses_a_pad() -> None:
     for store in (again.alice_store, again.bob_store):
         spans = sorted(store.reserve.used)
         assert all(a[1] <= b[0] for a, b in pairwise(spans))
+
+
+@pytest.mark.parametrize("flip", range(0, 170, 13))
+def test_flipping_any_bit_of_any_frame_of_a_reserve_round_is_detected(flip: int) -> None:
+    """Record the frames of a reserve round; flip one bit of the flip-th frame: the round is refused."""
+    pair = pair_with()
+    for _ in range(3):
+        pair.round()
+    assert pair.summaries["alice"][-1].auth == "reserve"
+    keys_before = pair.alice_store.key_map()
+    pair.handle("alice", pair.alice.start_round())
+    delivered = 0
+    while any(pair.queues.values()):
+        role = "alice" if pair.queues["alice"] else "bob"
+        frame = bytearray(pair.queues[role].pop(0))
+        if delivered == flip:
+            bit = (flip * 7919) % (8 * len(frame))
+            frame[bit // 8] ^= 0x80 >> (bit % 8)
+            try:
+                (payload,) = wire.FrameDecoder().feed(bytes(frame))
+            except (RemoteProtocolError, ValueError):
+                return  # the length prefix broke: the framing layer refuses it and the connection closes
+            with pytest.raises(RemoteProtocolError):
+                pair.handle(role, pair.engine(role).receive_frame(payload))
+            assert pair.engine(role).state is engine.State.CLOSED
+            assert pair.alice_store.key_map() == keys_before or pair.bob_store.pending
+            return
+        (payload,) = wire.FrameDecoder().feed(bytes(frame))
+        pair.handle(role, pair.engine(role).receive_frame(payload))
+        delivered += 1
+    pytest.skip(f"the round had only {delivered} frames")
