@@ -427,6 +427,7 @@ class Engine:
             self._round.sent += _transcript_entry(seq, body)
             if tagged and self._round.auth == "reserve":
                 tag = self._round_tag(self._round.sent)
+                self._round.sent = bytearray()  # the next tag covers the frames after this one
         self._send_seq += 1
         self._sent.append(name)
         self._out.append(Send(wire.encode_frame(seq, body, mac, tag), name))
@@ -468,6 +469,7 @@ class Engine:
         expected = self._mac().tag(bytes(r.received), self._take_pads())
         if not hmac.compare_digest(expected, tag):
             raise RemoteProtocolError(f"round {r.number}: the transcript tag does not verify", code="bad-mac")
+        r.received = bytearray()
 
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []
