@@ -86,6 +86,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_reuses_no_reserve_bit(tmp_pa
     assert stores[1].pending_rounds() == []
     for store in stores:
         used = store.reserve.used_ranges()
+        assert used, "the run never reached reserve authentication"
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(used)), "a reserve bit was used twice"
         store.close()
     assert "round" in logs["alice"].read_text()
