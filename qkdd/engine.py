@@ -21,11 +21,12 @@ committed (§13).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary, key_blocks
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, sifting
 
+T = TypeVar("T")
 SUPPORTED_VERSIONS = (1,)
 NONCE_BYTES = 32
 _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
@@ -735,16 +737,7 @@ class Engine:
         )
         self._round.received += _transcript_entry(self._frame.seq, self._frame.body)
         self._round.detections = int(detected.indices.size)
-        announce = sifting.bob_announce(detected)
-        self._send(
-            "sift_announce",
-            round=number,
-            pulses=announce.pulses,
-            detections=announce.detections,
-            encoding=announce.encoding,
-            indices=announce.indices,
-            bases=announce.bases,
-        )
+        self._send("sift_announce", round=number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
 
     def _on_sift_announce(self, message: wire.Message) -> State:
@@ -754,55 +747,31 @@ class Engine:
             raise RemoteProtocolError(
                 f"sift_announce is for {message['pulses']} pulses, the frame has {r.pulses}"
             )
-        announce = sifting.SiftAnnounce(
-            message["pulses"],
-            message["detections"],
-            message["encoding"],
-            message["indices"],
-            message["bases"],
-        )
+        announce = _build(sifting.SiftAnnounce, message)
         answer, r.sifted = sifting.alice_answer(r.preparation, announce)
         r.detections = announce.detections
         r.sifted_bits = int(r.sifted.bits.size)
-        self._send("sift_answer", round=r.number, matches=answer.matches, intensities=answer.intensities)
+        self._send("sift_answer", round=r.number, **_fields_of(answer))
         return State.ESTIMATING
 
     def _on_sift_answer(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.detected is not None
-        r.sifted = sifting.bob_sift(
-            r.detected, sifting.SiftAnswer(message["matches"], message["intensities"])
-        )
+        r.sifted = sifting.bob_sift(r.detected, _build(sifting.SiftAnswer, message))
         r.sifted_bits = int(r.sifted.bits.size)
         request = estimation.bob_request(
             r.sifted, self._random, z_sample_fraction=self.settings.z_sample_fraction
         )
         r.estimate_request = request
-        self._send(
-            "estimate_request",
-            round=r.number,
-            x_count=request.x_count,
-            x_bits=request.x_bits,
-            z_count=request.z_count,
-            z_sample_mask=request.z_sample_mask,
-            z_sample_bits=request.z_sample_bits,
-        )
+        self._send("estimate_request", round=r.number, **_fields_of(request))
         return State.ESTIMATING
 
     def _on_estimate_request(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.sifted is not None
-        request = estimation.EstimateRequest(
-            message["x_count"],
-            message["x_bits"],
-            message["z_count"],
-            message["z_sample_mask"],
-            message["z_sample_bits"],
-        )
+        request = _build(estimation.EstimateRequest, message)
         answer, estimate = estimation.alice_answer(r.sifted, request, threshold=self.settings.qber_threshold)
-        self._send(
-            "estimate_answer", round=r.number, x_bits=answer.x_bits, z_sample_bits=answer.z_sample_bits
-        )
+        self._send("estimate_answer", round=r.number, **_fields_of(answer))
         r.estimate = estimate
         r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
         reason = estimate.abort_reason or _key_size_problem(estimate)
@@ -815,7 +784,7 @@ class Engine:
     def _on_estimate_answer(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.sifted is not None and r.estimate_request is not None
-        answer = estimation.EstimateAnswer(message["x_bits"], message["z_sample_bits"])
+        answer = _build(estimation.EstimateAnswer, message)
         estimate = estimation.bob_estimate(
             r.sifted, r.estimate_request, answer, threshold=self.settings.qber_threshold
         )
@@ -1078,6 +1047,16 @@ class Engine:
             and number == self._dropped_round
             and (self._round is None or self._round.number != number)
         )
+
+
+def _fields_of(value: Any) -> dict[str, Any]:
+    """A stage message's fields by name (they are named as in protocol/qkdp-v1.toml)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def _build(cls: type[T], message: wire.Message) -> T:
+    """A stage message from the checked wire message of the same field names."""
+    return cls(**{f.name: message[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 def _transcript_entry(seq: int, body: bytes) -> bytes:
