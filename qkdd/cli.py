@@ -69,6 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="first authentication: a PSK or a fresh PKI",
     )
 
+    keyrate = commands.add_parser("keyrate", help="expected secret key against distance (decoy-state bound)")
+    keyrate.add_argument(
+        "--distances", default="0:200:25", help="km: START:STOP:STEP or a list (default 0:200:25)"
+    )
+    keyrate.add_argument(
+        "--block", type=int, default=10**6, help="key-basis detections per round (default 10^6)"
+    )
+    keyrate.add_argument("--json", action="store_true")
+    keyrate.add_argument("--plot", type=Path, metavar="FILE.png", help="plot the curves (needs matplotlib)")
+    keyrate.add_argument(
+        "--optimize", action="store_true", help="best intensities, probabilities, basis bias"
+    )
+    keyrate.add_argument(
+        "--params", type=Path, metavar="FILE.toml", help="link parameters (or a qkdd config)"
+    )
+    for name, kind in (
+        ("fiber-loss-db-per-km", float),
+        ("detector-efficiency", float),
+        ("dark-count-probability", float),
+        ("afterpulse-probability", float),
+        ("misalignment", float),
+        ("f-ec", float),
+        ("clock-hz", float),
+        ("z-probability", float),
+        ("eps-sec", float),
+        ("eps-cor", float),
+    ):
+        keyrate.add_argument(f"--{name}", type=kind)
+    keyrate.add_argument("--intensities", type=lambda t: [float(v) for v in t.split(",")], help="mu1,mu2,mu3")
+    keyrate.add_argument(
+        "--intensity-probabilities", type=lambda t: [float(v) for v in t.split(",")], help="p1,p2,p3"
+    )
+
     pki = commands.add_parser("pki", help="a CA and node certificates for PKI bootstrap")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)
     init_ca = pki_commands.add_parser("init-ca", help="create a CA: OUT/ca.key (0600) and OUT/ca.crt")
@@ -145,6 +178,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from qkdd import admin  # noqa: PLC0415
 
         return admin.status(args)
+    if args.command == "keyrate":
+        from qkdd import keyrate  # noqa: PLC0415
+
+        if args.block < 1:
+            raise QkddError("--block must be at least 1")
+        names = list(keyrate.LinkModel.__dataclass_fields__)
+        model = keyrate.load_model(args.params, {name: getattr(args, name, None) for name in names})
+        results = keyrate.run(
+            model, keyrate.parse_distances(args.distances), args.block, optimize_each=args.optimize
+        )
+        print(keyrate.report(results, model, args.block, args.json))
+        if args.plot is not None:
+            keyrate.plot([r for r, _ in results], args.plot)
+        return 0
     if args.command == "pki":
         from qkdd.auth import pki  # noqa: PLC0415
 

@@ -89,8 +89,9 @@ def test_schedules() -> None:
     optimized = cascade.Schedule.for_variant("optimized", 0.02, 10**6)
     assert optimized.first_block & (optimized.first_block - 1) == 0
     assert optimized.block_sizes == (64, 128, (1 << 19) // 64)
-    # below 2^18 bits: two affine passes, the second of 4/Q bits
+    # from 2^16 to 2^18 bits: two affine passes, the second of 4/Q bits
     assert cascade.Schedule.for_variant("optimized", 0.02, 1 << 16).block_sizes == (64, 256)
+    assert cascade.Schedule.for_variant("optimized", 0.02, 1 << 14).block_sizes == (64, 128, 256)
     assert cascade.Schedule.for_variant("optimized", 0.0, 100).first_block <= 100
     with pytest.raises(InputError, match="unknown cascade variant"):
         cascade.Schedule.for_variant("turbo", 0.01, 100)

@@ -1,0 +1,132 @@
+"""qkdd keyrate: the model, the bound, the columns, and the simulator agreeing with the model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkdd import keyrate
+from qkdd.cli import main
+from qkdd.errors import InputError
+from qkdd.links.sim import SimAlice, SimBob, SimParameters
+
+TUNED = keyrate.LinkModel(
+    intensities=(0.5, 0.2, 0.0), intensity_probabilities=(0.4, 0.4, 0.2), z_probability=0.8
+)
+
+
+def test_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "keyrate",
+                "--distances",
+                "0:100:50",
+                "--json",
+                "--z-probability",
+                "0.8",
+                "--intensities",
+                "0.5,0.2,0",
+                "--intensity-probabilities",
+                "0.4,0.4,0.2",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"]["block"] == 10**6 and report["parameters"]["z_probability"] == 0.8
+    assert [r["distance_km"] for r in report["rows"]] == [0, 50, 100]
+    for row in report["rows"]:
+        assert set(row) >= {
+            "distance_km",
+            "eta",
+            "key_per_pulse",
+            "key_bps",
+            "qber",
+            "phase_error",
+            "asymptotic_per_pulse",
+            "plob_per_pulse",
+        }
+
+
+def test_the_finite_key_stays_below_the_asymptotic_rate_and_plob() -> None:
+    for km in (10, 50, 100):
+        row = keyrate.row(TUNED, km, 10**7)
+        assert 0 < row.key_per_pulse < row.asymptotic_per_pulse < row.plob_per_pulse
+    small, large = keyrate.row(TUNED, 50, 10**5), keyrate.row(TUNED, 50, 10**8)
+    assert small.key_per_pulse < large.key_per_pulse
+
+
+def test_optimize_finds_at_least_the_starting_point() -> None:
+    start = keyrate.row(TUNED, 50, 10**6).key_per_pulse
+    best = keyrate.optimize(TUNED, 50, 10**6)
+    assert keyrate.row(best, 50, 10**6).key_per_pulse >= start
+    assert best.intensities[0] > best.intensities[1] + best.intensities[2]
+
+
+def test_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "rate.png"
+    keyrate.plot([r for r, _ in keyrate.run(TUNED, [0, 50, 100], 10**6)], path)
+    assert path.stat().st_size > 1000
+
+
+def test_parameters_from_toml_and_errors(tmp_path: Path) -> None:
+    config = tmp_path / "link.toml"
+    config.write_text("[link.sim]\nseed = 3\nmisalignment = 0.02\nintensities = [0.6, 0.2, 0.0]\n")
+    model = keyrate.load_model(config, {"clock_hz": 2e9})
+    assert model.misalignment == 0.02 and model.intensities == (0.6, 0.2, 0.0) and model.clock_hz == 2e9
+    with pytest.raises(InputError, match="colour: unknown link parameter"):
+        keyrate.load_model(None, {"colour": 1})
+    with pytest.raises(InputError, match="sum to 1"):
+        keyrate.load_model(None, {"intensity_probabilities": [0.5, 0.5, 0.5]})
+    with pytest.raises(InputError, match="--distances"):
+        keyrate.parse_distances("10:0:5")
+    assert keyrate.parse_distances("0:20:10") == [0, 10, 20]
+
+
+@pytest.mark.parametrize("km", [10.0, 40.0])
+def test_the_simulator_matches_the_model(km: float) -> None:
+    """Observed gains and error rates per intensity and basis agree with the model (5-sigma tolerance)."""
+    options = {
+        "distance_km": km,
+        "pulses_per_frame": 1 << 22,
+        "misalignment": 0.02,
+        "dark_count_probability": 1e-4,
+        "intensities": [0.5, 0.2, 0.0],
+        "intensity_probabilities": [0.4, 0.4, 0.2],
+        "z_probability": 0.8,
+    }
+    parameters = SimParameters.from_options(options)
+    model = keyrate.LinkModel(
+        dark_count_probability=1e-4,
+        misalignment=0.02,
+        intensities=(0.5, 0.2, 0.0),
+        intensity_probabilities=(0.4, 0.4, 0.2),
+        z_probability=0.8,
+    )
+    gains, errors = model.gains_and_errors(km)
+    detections = SimBob(parameters).simulate(0)
+    bits, bases, classes = SimAlice(parameters).preparation(0).at(np.arange(parameters.pulses_per_frame))
+    detected = np.zeros(parameters.pulses_per_frame, dtype=bool)
+    detected[detections.indices] = True
+    bob_bits = np.random.default_rng(0).integers(0, 2, detections.indices.size).astype(np.uint8)
+    single = ~np.asarray(detections.double_clicks)
+    bob_bits[single] = detections.bits[single]
+    for k in range(3):
+        sent = classes == k
+        observed_gain = detected[sent].mean()
+        sigma = math.sqrt(gains[k] * (1 - gains[k]) / sent.sum())
+        assert abs(observed_gain - gains[k]) < 5 * sigma + 1e-12
+        for basis in (0, 1):
+            mine = (classes[detections.indices] == k) & (bases[detections.indices] == basis)
+            same = mine & (detections.bases == basis)
+            if same.sum() < 100:
+                continue
+            rate = float(np.mean(bob_bits[same] != bits[detections.indices][same]))
+            sigma = math.sqrt(errors[k] * (1 - errors[k]) / same.sum())
+            assert abs(rate - errors[k]) < 5 * sigma + 0.002, (k, basis, rate, errors[k])
