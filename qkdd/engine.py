@@ -38,7 +38,7 @@ from qkdd.bits import Bits, RandomSource, pack_bits
 from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary, key_blocks
-from qkdd.stages import amplify, cascade, confirm, estimation, keylength, sifting
+from qkdd.stages import amplify, cascade, confirm, decoy, estimation, keylength, sifting
 
 T = TypeVar("T")
 SUPPORTED_VERSIONS = (1,)
@@ -270,6 +270,7 @@ class Engine:
         self._wc: wc.Mac | None = None
         self._frame = wire.Envelope(0, b"", b"")
         self._epoch = store.epoch
+        self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
         self._proof_pads: list[list[int]] = []
         self._nonce = random.bytes(NONCE_BYTES)
         self._hellos: dict[str, bytes] = {}
@@ -794,9 +795,7 @@ class Engine:
         if reason:
             return self._end_aborted(reason)
         r.key = estimate.z_key(r.sifted)
-        guess = estimate.z_sample_error_rate
-        if guess is None:
-            guess = max(self.settings.qber_prior, estimate.phase_error_rate)
+        guess = estimation.cascade_qber_guess(estimate, self.settings.qber_prior, self._last_qber)
         r.bob = cascade.CascadeBob(
             r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant
         )
@@ -840,6 +839,7 @@ class Engine:
         assert r.key is not None
         r.disclosed_bits = disclosed + confirm.TAG_BITS
         r.qber = corrected / r.key.size
+        self._last_qber = r.qber
         reason = estimation.qber_abort_reason(corrected, int(r.key.size), self.settings.qber_threshold)
         if reason:
             return self._end_aborted(reason)
@@ -983,12 +983,35 @@ class Engine:
     _length_reason: str | None = None
 
     def _secret_length(self, r: _Round) -> int:
-        assert r.estimate is not None and r.key is not None
-        length = keylength.secure_key_length(
-            keylength.RoundCounts(int(r.key.size), r.estimate.x_bits, r.estimate.x_errors, r.disclosed_bits),
-            eps_sec=self.settings.eps_sec,
-            eps_cor=self.settings.eps_cor,
-        )
+        """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
+        single-photon bound for a single-photon source. Both sides compute it from the same counts."""
+        assert r.estimate is not None and r.key is not None and r.sifted is not None
+        info = self._link.info
+        if info.intensities:
+            classes = range(len(info.intensities))
+            z_classes = r.sifted.intensities[r.sifted.bases == sifting.Z][r.estimate.z_key_mask]
+            key_counts = np.bincount(z_classes, minlength=len(info.intensities))
+            x_counts = r.estimate.x_by_intensity
+            length = decoy.decoy_key_length(
+                decoy.DecoyCounts(
+                    info.intensities,
+                    info.intensity_probabilities,
+                    tuple(int(key_counts[k]) for k in classes),
+                    tuple(x_counts.get(k, (0, 0))[0] for k in classes),
+                    tuple(x_counts.get(k, (0, 0))[1] for k in classes),
+                    r.disclosed_bits,
+                ),
+                eps_sec=self.settings.eps_sec,
+                eps_cor=self.settings.eps_cor,
+            )
+        else:
+            length = keylength.single_photon_key_length(
+                keylength.RoundCounts(
+                    int(r.key.size), r.estimate.x_bits, r.estimate.x_errors, r.disclosed_bits
+                ),
+                eps_sec=self.settings.eps_sec,
+                eps_cor=self.settings.eps_cor,
+            )
         self._length_reason = length.reason or (
             None
             if length.secret_bits >= self.settings.key_block_bits

@@ -37,9 +37,9 @@ class LinkModel:
     misalignment: float = 0.01
     f_ec: float = 1.05
     clock_hz: float = 1e9
-    intensities: tuple[float, float, float] = (0.5, 0.1, 0.0)
-    intensity_probabilities: tuple[float, float, float] = (0.7, 0.2, 0.1)
-    z_probability: float = 0.9
+    intensities: tuple[float, float, float] = (0.5, 0.2, 0.0)  # the sim backend's defaults
+    intensity_probabilities: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    z_probability: float = 0.8
     eps_sec: float = 1e-9
     eps_cor: float = 1e-15
 
@@ -199,6 +199,7 @@ def load_model(path: Path | None, overrides: dict[str, Any]) -> LinkModel:
         values.pop("pulses_per_frame", None)
         values.pop("distance_km", None)
         values.pop("eve_fraction", None)
+        values.pop("single_photon", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(LinkModel)}
     for name in values:

@@ -14,7 +14,7 @@ from qkdd.links.sim import SimParameters, open_link
 from qkdd.records import RoundSummary
 
 PSK = bytes(range(32))
-SMALL_SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 7}
+SMALL_SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 7, "single_photon": True}
 
 
 class SeededRandom:

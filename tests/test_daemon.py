@@ -16,7 +16,7 @@ from qkdd.daemon import Daemon
 from qkdd.errors import InputError
 from qkdd.store import KeyStore
 
-SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5}
+SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5, "single_photon": True}
 TIMEOUTS = "[timeouts]\nhandshake = 0.5\nround = 2.0\nidle = 5.0\nshutdown_grace = 1.0\nreconnect_max = 0.2\n"
 
 

@@ -130,3 +130,36 @@ def test_the_simulator_matches_the_model(km: float) -> None:
             rate = float(np.mean(bob_bits[same] != bits[detections.indices][same]))
             sigma = math.sqrt(errors[k] * (1 - errors[k]) / same.sum())
             assert abs(rate - errors[k]) < 5 * sigma + 0.002, (k, basis, rate, errors[k])
+
+
+@pytest.mark.parametrize("km", [5.0, 15.0])
+def test_a_round_stores_what_keyrate_predicts(km: float) -> None:
+    """The secret key of simulated rounds (weak coherent pulses, decoy bound) is within 10% of qkdd keyrate
+    for the same parameters and block size, on average over three rounds (one round's X-basis error count
+    alone moves it by several percent)."""
+    from tests.helpers import ConnectionPair  # noqa: PLC0415
+
+    pulses = 1 << 24
+    pair = ConnectionPair(
+        sim={
+            "pulses_per_frame": pulses,
+            "distance_km": km,
+            "single_photon": False,
+            "z_probability": 0.8,
+            "seed": 21,
+        }
+    )
+    pair.connect()
+    rounds = 3
+    for _ in range(rounds):
+        pair.round()
+    assert not any(s.aborted for s in pair.summaries["alice"])
+    reserve_bits = sum(count for _, count in pair.alice_store.reserve.chunks.values())
+    achieved = (sum(s.secret_bits for s in pair.summaries["alice"]) + reserve_bits) / (rounds * pulses)
+    model = keyrate.LinkModel()
+    gains, _ = model.gains_and_errors(km)
+    block = round(
+        pulses * 0.8 * 0.8 * sum(p * q for p, q in zip(model.intensity_probabilities, gains, strict=True))
+    )
+    predicted = keyrate.row(model, km, block).key_per_pulse
+    assert abs(achieved - predicted) <= 0.1 * predicted, (achieved, predicted)

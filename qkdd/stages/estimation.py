@@ -198,3 +198,22 @@ def qber_abort_reason(corrected_bits: int, key_bits: int, threshold: float = DEF
     if key_bits and corrected_bits / key_bits > threshold:
         return f"Z error rate {corrected_bits / key_bits:.4f} exceeds threshold {threshold:.4f}"
     return None
+
+
+GUESS_MIN_TEST_BITS = 1000
+"""Test bits from which the X error rate alone sizes Cascade's blocks (below, the prior guards it)."""
+
+
+def cascade_qber_guess(estimate: Estimate, prior: float, previous: float | None = None) -> float:
+    """The QBER Cascade sizes its blocks for (only efficiency depends on it, never correctness).
+
+    A disclosed Z sample if one was taken; else the exact Z error rate of the previous round; else the
+    X error rate when it rests on enough bits; else the larger of the X error rate and the prior.
+    """
+    if estimate.z_sample_error_rate is not None:
+        return estimate.z_sample_error_rate
+    if previous is not None:
+        return previous
+    if estimate.x_bits >= GUESS_MIN_TEST_BITS:
+        return estimate.phase_error_rate
+    return max(prior, estimate.phase_error_rate)

@@ -96,9 +96,7 @@ def run_frame(
 
     alice_key = alice_estimate.z_key(alice_sifted)
     bob_key = estimate.z_key(bob_sifted)
-    qber_guess = estimate.z_sample_error_rate
-    if qber_guess is None:
-        qber_guess = max(config.qber_prior, estimate.phase_error_rate)
+    qber_guess = estimation.cascade_qber_guess(estimate, config.qber_prior)
     result, _ = cascade.reconcile_in_memory(
         alice_key, bob_key, qber_guess, bob_random, variant=config.cascade_variant
     )

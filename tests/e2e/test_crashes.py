@@ -17,7 +17,7 @@ import pytest
 from qkdd import demo
 from qkdd.store import KeyStore
 
-SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 11}
+SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 11, "single_photon": True}
 KILLS = 100 if os.environ.get("QKDD_STRESS") else 4
 
 

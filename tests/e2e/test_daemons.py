@@ -16,7 +16,7 @@ import pytest
 from qkdd import demo
 from qkdd.daemon import read_listen_address
 
-SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 3}
+SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 3, "single_photon": True}
 pytestmark = pytest.mark.timeout(180)
 
 

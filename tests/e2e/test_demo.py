@@ -36,7 +36,7 @@ def test_demo_json(tmp_path: Path) -> None:
             "--rounds",
             "2",
             "--pulses",
-            str(1 << 20),
+            str(1 << 23),  # weak coherent pulses: the decoy bound needs a few 10^5 detections
             "--json",
             "--state-dir",
             str(tmp_path),
@@ -85,7 +85,7 @@ def test_demo_with_pki_bootstrap(tmp_path: Path) -> None:
             "--rounds",
             "4",
             "--pulses",
-            str(1 << 20),
+            str(1 << 23),  # weak coherent pulses: the decoy bound needs a few 10^5 detections
             "--bootstrap",
             "pki",
             "--json",

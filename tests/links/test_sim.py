@@ -59,8 +59,8 @@ def test_preparation_is_counter_based() -> None:
 
 def test_intensity_and_basis_frequencies() -> None:
     bits, bases, classes = SimPreparation(SimParameters(), frame=0).at(np.arange(200_000))
-    assert abs(bases.mean() - 0.1) < 0.005 and abs(bits.mean() - 0.5) < 0.005
-    assert np.allclose(np.bincount(classes) / classes.size, [0.7, 0.2, 0.1], atol=0.005)
+    assert abs(bases.mean() - 0.2) < 0.005 and abs(bits.mean() - 0.5) < 0.005
+    assert np.allclose(np.bincount(classes) / classes.size, [0.4, 0.4, 0.2], atol=0.005)
 
 
 @pytest.mark.parametrize(
