@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["stages", "e2e", "auth"],
+        choices=["stages", "e2e", "auth", "keyrate"],
         default="stages",
         help="stages (default): Cascade, amplification and authentication; e2e: two daemons over "
-        "loopback; auth: the authentication figures alone",
+        "loopback; auth: the authentication figures alone; keyrate: the decoy bound's cost and accuracy",
     )
     bench.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -155,6 +155,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from qkdd import bench  # noqa: PLC0415
 
             return bench.main_auth(args.quick, args.json)
+        if args.what == "keyrate":
+            from qkdd import bench  # noqa: PLC0415
+
+            return bench.main_keyrate(args.quick, args.json)
         from qkdd import bench  # noqa: PLC0415
 
         variants = args.variant or (["optimized", "original"] if args.quick else list(VARIANTS))

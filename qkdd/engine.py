@@ -38,7 +38,7 @@ from qkdd.bits import Bits, RandomSource, pack_bits
 from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary, key_blocks
-from qkdd.stages import amplify, cascade, confirm, decoy, estimation, keylength, sifting
+from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
 SUPPORTED_VERSIONS = (1,)
@@ -987,31 +987,15 @@ class Engine:
         single-photon bound for a single-photon source. Both sides compute it from the same counts."""
         assert r.estimate is not None and r.key is not None and r.sifted is not None
         info = self._link.info
-        if info.intensities:
-            classes = range(len(info.intensities))
-            z_classes = r.sifted.intensities[r.sifted.bases == sifting.Z][r.estimate.z_key_mask]
-            key_counts = np.bincount(z_classes, minlength=len(info.intensities))
-            x_counts = r.estimate.x_by_intensity
-            length = decoy.decoy_key_length(
-                decoy.DecoyCounts(
-                    info.intensities,
-                    info.intensity_probabilities,
-                    tuple(int(key_counts[k]) for k in classes),
-                    tuple(x_counts.get(k, (0, 0))[0] for k in classes),
-                    tuple(x_counts.get(k, (0, 0))[1] for k in classes),
-                    r.disclosed_bits,
-                ),
-                eps_sec=self.settings.eps_sec,
-                eps_cor=self.settings.eps_cor,
-            )
-        else:
-            length = keylength.single_photon_key_length(
-                keylength.RoundCounts(
-                    int(r.key.size), r.estimate.x_bits, r.estimate.x_errors, r.disclosed_bits
-                ),
-                eps_sec=self.settings.eps_sec,
-                eps_cor=self.settings.eps_cor,
-            )
+        length = secrecy.round_key_length(
+            info.intensities,
+            info.intensity_probabilities,
+            r.sifted,
+            r.estimate,
+            r.disclosed_bits,
+            eps_sec=self.settings.eps_sec,
+            eps_cor=self.settings.eps_cor,
+        )
         self._length_reason = length.reason or (
             None
             if length.secret_bits >= self.settings.key_block_bits

@@ -115,3 +115,11 @@ def test_pki_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         == 2
     )
     assert "not a readable PEM" in capsys.readouterr().err
+
+
+def test_bench_keyrate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "keyrate", "--quick", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["keyrate"]
+    assert report["bound_seconds"] < 0.01
+    for row in report["rows"]:
+        assert 0.8 < row["ratio"] < 1.2

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkdd.bits import Bits, RandomSource
-from qkdd.stages import amplify, cascade, confirm, estimation, keylength, sifting
+from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class PipelineConfig:
     qber_prior: float = 0.02  # Cascade's block size when no Z sample is taken
     eps_sec: float = keylength.DEFAULT_EPS_SEC
     eps_cor: float = keylength.DEFAULT_EPS_COR
+    # the source: intensities (and their probabilities) of weak coherent pulses; empty for single photons
+    intensities: tuple[float, ...] = ()
+    intensity_probabilities: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,12 @@ def run_frame(
             disclosed,
         )
 
-    length = keylength.secure_key_length(
-        keylength.RoundCounts(int(alice_key.size), estimate.x_bits, estimate.x_errors, disclosed),
+    length = secrecy.round_key_length(
+        config.intensities,
+        config.intensity_probabilities,
+        bob_sifted,
+        estimate,
+        disclosed,
         eps_sec=config.eps_sec,
         eps_cor=config.eps_cor,
     )
