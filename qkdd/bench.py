@@ -133,7 +133,7 @@ def bench_auth(quick: bool) -> dict[str, Any]:
     from qkdd.auth import wegman_carter as wc  # noqa: PLC0415
     from qkdd.bits import SystemRandom  # noqa: PLC0415
     from qkdd.links.sim import SimAlice, SimBob, SimParameters  # noqa: PLC0415
-    from qkdd.stages.pipeline import run_frame  # noqa: PLC0415
+    from qkdd.stages.pipeline import PipelineConfig, run_frame  # noqa: PLC0415
 
     size = 1 << (22 if quick else 24)
     message = np.random.default_rng(4).bytes(size)
@@ -144,7 +144,13 @@ def bench_auth(quick: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     parameters = SimParameters()
     frame = run_frame(
-        SimAlice(parameters).preparation(1), SimBob(parameters).simulate(1), SystemRandom(), SystemRandom()
+        SimAlice(parameters).preparation(1),
+        SimBob(parameters).simulate(1),
+        SystemRandom(),
+        SystemRandom(),
+        PipelineConfig(
+            intensities=parameters.intensities, intensity_probabilities=parameters.intensity_probabilities
+        ),
     )
     consumed = engine.ROUND_RESERVE_BITS
     return {
