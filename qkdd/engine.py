@@ -773,14 +773,22 @@ class Engine:
         request = _build(estimation.EstimateRequest, message)
         answer, estimate = estimation.alice_answer(r.sifted, request, threshold=self.settings.qber_threshold)
         self._send("estimate_answer", round=r.number, **_fields_of(answer))
+        reason = self._take_estimate(r, estimate)
+        if reason:
+            return self._end_aborted(reason)
+        assert r.key is not None
+        r.alice = cascade.CascadeAlice(r.key)
+        return State.RECONCILING
+
+    def _take_estimate(self, r: _Round, estimate: estimation.Estimate) -> str | None:
+        """Both sides: record §4's estimate and cut the key, or say why the round must stop."""
+        assert r.sifted is not None
         r.estimate = estimate
         r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
         reason = estimate.abort_reason or _key_size_problem(estimate)
-        if reason:
-            return self._end_aborted(reason)
-        r.key = estimate.z_key(r.sifted)
-        r.alice = cascade.CascadeAlice(r.key)
-        return State.RECONCILING
+        if reason is None:
+            r.key = estimate.z_key(r.sifted)
+        return reason
 
     def _on_estimate_answer(self, message: wire.Message) -> State:
         r = self._open_round()
@@ -789,12 +797,10 @@ class Engine:
         estimate = estimation.bob_estimate(
             r.sifted, r.estimate_request, answer, threshold=self.settings.qber_threshold
         )
-        r.estimate = estimate
-        r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
-        reason = estimate.abort_reason or _key_size_problem(estimate)
+        reason = self._take_estimate(r, estimate)
         if reason:
             return self._end_aborted(reason)
-        r.key = estimate.z_key(r.sifted)
+        assert r.key is not None
         guess = estimation.cascade_qber_guess(estimate, self.settings.qber_prior, self._last_qber)
         r.bob = cascade.CascadeBob(
             r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant
