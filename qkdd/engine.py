@@ -547,7 +547,8 @@ class Engine:
             self.auth = "reserve"
             start = self._pointer
             self._pointer += 2 * wc.OTP_BITS + SESSION_KEY_BITS
-            self._out.append(ConsumeReserve(self._pointer))
+            if self.role == "alice":  # Bob marks them used only once Alice has proved herself (_on_auth)
+                self._out.append(ConsumeReserve(self._pointer))
             self._proof_pads = [reserve.pads(start), reserve.pads(start + wc.OTP_BITS)]
             session_key = reserve.read(start + 2 * wc.OTP_BITS, SESSION_KEY_BITS)
             self._macs = psk_auth.session_macs(session_key, alice_nonce, bob_nonce, transcript)
@@ -622,6 +623,7 @@ class Engine:
                     f"the {self.peer_role} reserve proof does not verify", code="auth-failed"
                 )
             if self.role == "bob":
+                self._out.append(ConsumeReserve(self._pointer))
                 self._send(
                     "auth",
                     proof=self._mac().tag(self._transcript, self._proof_pads[1]),

@@ -169,3 +169,23 @@ def test_flipping_any_bit_of_any_frame_of_a_reserve_round_is_detected(flip: int)
         pair.handle(role, pair.engine(role).receive_frame(payload))
         delivered += 1
     pytest.skip(f"the round had only {delivered} frames")
+
+
+def test_a_stranger_cannot_make_bob_spend_reserve_bits() -> None:
+    first = pair_with()
+    for _ in range(4):
+        first.round()
+    consumed = first.bob_store.reserve.consumed
+    # a stranger who knows nothing of the reserve sends a hello offering reserve authentication, then junk
+    stranger = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+    stranger.handle("bob", stranger.bob.initiate())
+    stranger.handle("alice", stranger.alice.initiate())
+    (hello,) = stranger.queues["bob"]
+    (payload,) = wire.FrameDecoder().feed(hello)
+    stranger.handle("bob", stranger.bob.receive_frame(payload))
+    assert stranger.bob.auth == "reserve"
+    forged = wire.encode_frame(1, wire.encode_message("auth", proof=bytes(16), certificate=b"", kex=b""))
+    with pytest.raises(RemoteProtocolError) as caught:
+        stranger.bob.receive_frame(wire.FrameDecoder().feed(forged)[0])
+    assert caught.value.code == "auth-failed"
+    assert first.bob_store.reserve.consumed == consumed
