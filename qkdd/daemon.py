@@ -290,6 +290,16 @@ class Daemon:
             if frame is None and engine.state is not engine_mod.State.CLOSED:
                 frame = engine.close(error.code, str(error))
             level = logging.INFO if error.code == "shutdown" else logging.WARNING
+            if error.code == "reserve-exhausted":
+                # no way to authenticate a handshake: say so once, keep trying quietly (the peer may refill)
+                level = logging.INFO if self.paused else logging.WARNING
+                if not self.paused:
+                    log.warning(
+                        "link paused: the key reserve cannot pay for a handshake and the bootstrap secret is "
+                        "retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both sides"
+                    )
+                self.paused = True
+                self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
             log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
             if frame is not None:
                 await _send_quietly(stream, frame)

@@ -118,3 +118,50 @@ async def test_a_failing_link_ends_the_connection_not_the_daemon(
     assert stores[0].statistics().committed_rounds == 2
     for store in stores:
         store.close()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    ("used_up_to", "status", "message"),
+    [
+        # enough for a handshake (500 bits) but not for a round (366 more)
+        (800, "paused: key reserve exhausted", "the key reserve holds"),
+        # not even enough for a handshake, and the PSK is retired
+        (
+            200,
+            "paused: key reserve exhausted (re-bootstrap needed)",
+            "re-bootstrap with auth.fallback_to_psk",
+        ),
+    ],
+)
+async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, used_up_to: int, status: str, message: str
+) -> None:
+    from qkdd.admin import read_status_file  # noqa: PLC0415
+    from qkdd.records import RoundSummary  # noqa: PLC0415
+
+    alice_config, bob_config = configs(tmp_path, 1)
+    # both stores hold the same reserve (past the switch-over size) with all but 200 bits used
+    for config_ in (alice_config, bob_config):
+        store = KeyStore(config_.state_dir, config_.link_id)
+        summary = RoundSummary(0, 0, 1, 1, 1, 0.01, 0.01, 1, 0, False, None, "psk")
+        store.store_round(summary, [], False, None, (bytes(range(256)) * 4, 8192))
+        store.reserve.consume(8192 - used_up_to)
+        store.retire_psk()
+        store.close()
+    caplog.set_level(logging.INFO, logger="qkdd")
+    bob = Daemon(bob_config)
+    with trio.move_on_after(8):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(bob.run)
+            alice = Daemon(
+                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
+            )
+            nursery.start_soon(alice.run)
+            with trio.fail_after(6):
+                while "link paused" not in caplog.text:
+                    await trio.sleep(0.05)
+            assert read_status_file(alice_config.state_dir)["link"] == status
+            alice.request_stop("test over")
+            bob.request_stop("test over")
+    assert message in caplog.text and alice.rounds_finished == 0

@@ -189,3 +189,26 @@ def test_a_stranger_cannot_make_bob_spend_reserve_bits() -> None:
         stranger.bob.receive_frame(wire.FrameDecoder().feed(forged)[0])
     assert caught.value.code == "auth-failed"
     assert first.bob_store.reserve.consumed == consumed
+
+
+def test_fallback_to_psk_re_bootstraps_a_retired_link() -> None:
+    first = pair_with()
+    for _ in range(4):
+        first.round()
+    second = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+    second.connect()
+    assert first.alice_store.psk_retired
+    # the reserve is gone (say, a long outage): without the fallback nothing can authenticate
+    for store in (first.alice_store, first.bob_store):
+        store.reserve.consume(store.reserve.total_bits)
+    stuck = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+    with pytest.raises(RemoteProtocolError) as caught:
+        stuck.connect()
+    assert caught.value.code == "reserve-exhausted"
+    again = ConnectionPair(
+        alice_store=first.alice_store, bob_store=first.bob_store, **{**SMALL, "fallback_to_psk": True}
+    )
+    again.connect()
+    assert again.alice.auth == "psk"
+    again.round()
+    assert again.alice_store.key_map() == again.bob_store.key_map()
