@@ -234,8 +234,8 @@ class Daemon:
                             actions = await self._call(engine.start_round)
                         except engine_mod.ReserveExhausted as exhausted:
                             if not self.paused:
-                                log.warning("link paused: %s", exhausted)
                                 self._status("paused: key reserve exhausted", session.peer)
+                                log.warning("link paused: %s", exhausted, extra={"role": self.role})
                             self.paused = True
                             await trio.sleep(PAUSE_RETRY_SECONDS)
                             continue
@@ -293,13 +293,15 @@ class Daemon:
             if error.code == "reserve-exhausted":
                 # no way to authenticate a handshake: say so once, keep trying quietly (the peer may refill)
                 level = logging.INFO if self.paused else logging.WARNING
+                self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
                 if not self.paused:
                     log.warning(
-                        "link paused: the key reserve cannot pay for a handshake and the bootstrap secret is "
-                        "retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both sides"
+                        "link paused: the key reserve cannot pay for a handshake and the bootstrap secret "
+                        "is retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both "
+                        "sides",
+                        extra={"role": self.role},
                     )
                 self.paused = True
-                self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
             log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
             if frame is not None:
                 await _send_quietly(stream, frame)

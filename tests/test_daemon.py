@@ -150,6 +150,15 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
         store.retire_psk()
         store.close()
     caplog.set_level(logging.INFO, logger="qkdd")
+    paused = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "link paused" in record.getMessage() and getattr(record, "role", None) == "alice":
+                paused.set()
+
+    watch = Watch()
+    logging.getLogger("qkdd").addHandler(watch)
     bob = Daemon(bob_config)
     with trio.move_on_after(8):
         async with trio.open_nursery() as nursery:
@@ -159,8 +168,8 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
             )
             nursery.start_soon(alice.run)
             with trio.fail_after(6):
-                while "link paused" not in caplog.text:
-                    await trio.sleep(0.05)
+                await paused.wait()
+            logging.getLogger("qkdd").removeHandler(watch)
             assert read_status_file(alice_config.state_dir)["link"] == status
             alice.request_stop("test over")
             bob.request_stop("test over")
