@@ -1,8 +1,8 @@
 """Secret key length (protocol/qkdp-v1.md §8).
 
-The engine calls :func:`secure_key_length` with the round's counts; which bound applies is a property of
-the link (a single-photon source here; the decoy-state bound for weak coherent pulses plugs in the same
-way). Every bound returns an integer >= 0 and never raises on degenerate counts.
+The bound for a true single-photon source; :mod:`qkdd.stages.secrecy` picks it or the decoy-state bound
+of :mod:`qkdd.stages.decoy` from what the link declares. Every bound returns an integer >= 0 and never
+raises on degenerate counts.
 
 Single-photon BB84, finite key: Tomamichel, Lim, Gisin, Renner, "Tight finite-key analysis for quantum
 cryptography", Nat. Commun. 3:634 (2012), Eq. (2) with q = 1 (BB84 with ideal bases)::
@@ -80,6 +80,3 @@ def single_photon_key_length(
         return KeyLength(0, phase_bound, "finite-size and disclosure costs exceed the entropy")
     return KeyLength(min(math.floor(value), n), phase_bound, None)
 
-
-secure_key_length = single_photon_key_length
-"""The bound the pipeline uses by default (the decoy-state bound will be selected per link)."""
