@@ -254,12 +254,7 @@ def bench_keyrate(quick: bool) -> dict[str, Any]:
             )
             secret += result.secret_bits
         achieved = secret / (frames * parameters.pulses_per_frame)
-        gains, _ = model.gains_and_errors(km)
-        block = round(
-            parameters.pulses_per_frame
-            * parameters.z_probability**2
-            * sum(p * q for p, q in zip(model.intensity_probabilities, gains, strict=True))
-        )
+        block = round(parameters.pulses_per_frame * model.key_detections_per_pulse(km))
         predicted = keyrate.row(model, km, block).key_per_pulse
         rows.append(
             {

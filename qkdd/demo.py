@@ -209,20 +209,9 @@ def main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise QkddError("--rounds must be at least 1")
     sim = {"distance_km": args.distance_km, "eve_fraction": args.eve, "pulses_per_frame": args.pulses}
-    config_mod.from_mapping(  # check the link parameters before starting anything
-        {
-            "role": "alice",
-            "link_id": "x",
-            "state_dir": ".",
-            "network": {"peer": "h:1"},
-            "auth": {"psk_file": "psk"},
-            "link": {"backend": "sim", "sim": sim},
-        },
-        Path("."),
-    )
     from qkdd.links.sim import SimParameters  # noqa: PLC0415
 
-    SimParameters.from_options(sim)
+    SimParameters.from_options(sim)  # check the link parameters before starting anything
     if args.state_dir is not None:
         result = run_demo(args.state_dir.resolve(), args.rounds, sim, bootstrap=args.bootstrap)
     else:

@@ -272,6 +272,7 @@ class Engine:
         self._epoch = store.epoch
         self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
         self._proof_pads: list[list[int]] = []
+        self._capabilities: list[str] = []  # what our hello offered
         self._nonce = random.bytes(NONCE_BYTES)
         self._hellos: dict[str, bytes] = {}
         self._macs: dict[str, psk_auth.FrameMac] = {}
@@ -315,6 +316,7 @@ class Engine:
             reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS
         ):
             capabilities.append("reserve")
+        self._capabilities = capabilities
         body = wire.encode_message(
             "hello",
             versions=list(self.settings.versions),
@@ -538,7 +540,7 @@ class Engine:
         # both advance to the larger consumption: no one-time-pad bit is used twice, crashes included
         self._pointer = max(reserve.consumed, message["reserve_consumed"])
         total = min(reserve.total_bits, message["reserve_total"])
-        ours = self._capabilities()
+        ours = self._capabilities
         if (
             "reserve" in ours
             and "reserve" in message["capabilities"]
@@ -609,10 +611,6 @@ class Engine:
             shared = self._exchange.finish(kex_bob)
         secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
         self._macs = psk_auth.session_macs(secret, *self._nonces, self._transcript)
-
-    def _capabilities(self) -> list[str]:
-        (hello,) = [self._hellos[self.role]]
-        return list(wire.decode_message(hello)["capabilities"])
 
     def _on_auth(self, message: wire.Message) -> State:
         if self.auth == "reserve":

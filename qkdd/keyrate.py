@@ -46,6 +46,13 @@ class LinkModel:
     def channel(self, km: float) -> float:
         return float(10 ** (-self.fiber_loss_db_per_km * km / 10))
 
+    def key_detections_per_pulse(self, km: float) -> float:
+        """Expected key-basis (Z) sifted detections per pulse: p_Z^2 Σ_k p_k Q_k."""
+        gains, _ = self.gains_and_errors(km)
+        return self.z_probability**2 * sum(
+            p * q for p, q in zip(self.intensity_probabilities, gains, strict=True)
+        )
+
     def gains_and_errors(self, km: float) -> tuple[list[float], list[float]]:
         eta = self.detector_efficiency * self.channel(km)
         dark = 1 - (1 - self.dark_count_probability) ** 2
@@ -76,8 +83,7 @@ def expected_counts(model: LinkModel, km: float, block: int) -> tuple[DecoyCount
     """(counts, pulses, Z error rate) for a block of ``block`` key-basis detections."""
     gains, errors = model.gains_and_errors(km)
     pz, p = model.z_probability, model.intensity_probabilities
-    rate_z = pz * pz * sum(pk * q for pk, q in zip(p, gains, strict=True))
-    pulses = math.ceil(block / rate_z)
+    pulses = math.ceil(block / model.key_detections_per_pulse(km))
     n_z = tuple(round(pulses * pz * pz * pk * q) for pk, q in zip(p, gains, strict=True))
     n_x = tuple(round(pulses * (1 - pz) ** 2 * pk * q) for pk, q in zip(p, gains, strict=True))
     m_x = tuple(round(n * e) for n, e in zip(n_x, errors, strict=True))

@@ -204,14 +204,7 @@ class ConnectionPair:
     def run(self, max_steps: int = 100_000) -> None:
         """Deliver frames until both queues are empty."""
         for _ in range(max_steps):
-            for role in ("alice", "bob"):
-                if self.queues[role]:
-                    frame = self.queues[role].pop(0)
-                    decoder = wire.FrameDecoder()
-                    (payload,) = decoder.feed(frame)
-                    self.handle(role, self.engine(role).receive_frame(payload))
-                    break
-            else:
+            if not self.step():
                 return
         raise AssertionError("the engines did not settle")
 

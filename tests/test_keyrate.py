@@ -157,9 +157,6 @@ def test_a_round_stores_what_keyrate_predicts(km: float) -> None:
     reserve_bits = sum(count for _, count in pair.alice_store.reserve.chunks.values())
     achieved = (sum(s.secret_bits for s in pair.summaries["alice"]) + reserve_bits) / (rounds * pulses)
     model = keyrate.LinkModel()
-    gains, _ = model.gains_and_errors(km)
-    block = round(
-        pulses * 0.8 * 0.8 * sum(p * q for p, q in zip(model.intensity_probabilities, gains, strict=True))
-    )
+    block = round(pulses * model.key_detections_per_pulse(km))
     predicted = keyrate.row(model, km, block).key_per_pulse
     assert abs(achieved - predicted) <= 0.1 * predicted, (achieved, predicted)

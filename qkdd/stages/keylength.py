@@ -79,4 +79,3 @@ def single_photon_key_length(
     if value < 1:
         return KeyLength(0, phase_bound, "finite-size and disclosure costs exceed the entropy")
     return KeyLength(min(math.floor(value), n), phase_bound, None)
-
