@@ -20,6 +20,7 @@ Theory of operation
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -93,17 +94,9 @@ class Daemon:
             link_id=config.link_id,
             psk=self.psk,
             pki=self.pki,
-            reserve_switch_bits=config.auth.reserve_switch_bits,
-            reserve_bits_per_round=config.auth.reserve_bits_per_round,
-            reserve_target_bits=config.auth.reserve_target_bits,
-            fallback_to_psk=config.auth.fallback_to_psk,
-            cascade_variant=config.post.cascade_variant,
-            qber_threshold=config.post.qber_threshold,
-            z_sample_fraction=config.post.z_sample_fraction,
-            qber_prior=config.post.qber_prior,
-            eps_sec=config.post.eps_sec,
-            eps_cor=config.post.eps_cor,
-            key_block_bits=config.post.key_block_bits,
+            # [post] and the reserve keys of [auth] are named as the engine's settings
+            **dataclasses.asdict(config.post),
+            **dataclasses.asdict(config.auth),
             handshake_timeout=config.timeouts.handshake,
             round_timeout=config.timeouts.round,
             idle_timeout=config.timeouts.idle,
