@@ -102,11 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--intensity-probabilities", type=lambda t: [float(v) for v in t.split(",")], help="p1,p2,p3"
     )
 
-    pki = commands.add_parser("pki", help="a CA and node certificates for PKI bootstrap")
+    pki = commands.add_parser(
+        "pki", help="CAs and certificates: PKI bootstrap nodes, ETSI 014 KMEs (servers) and SAEs (clients)"
+    )
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)
     init_ca = pki_commands.add_parser("init-ca", help="create a CA: OUT/ca.key (0600) and OUT/ca.crt")
     init_ca.add_argument("--out", type=Path, required=True)
-    init_ca.add_argument("--algorithm", choices=["ml-dsa-65", "ed25519"], default="ml-dsa-65")
+    init_ca.add_argument(
+        "--algorithm",
+        choices=["ml-dsa-65", "ed25519", "ecdsa-p256"],
+        default="ml-dsa-65",
+        help="ecdsa-p256 for the CA of the ETSI 014 key delivery API (TLS)",
+    )
     init_ca.add_argument("--days", type=int, default=3650)
     issue = pki_commands.add_parser("issue", help="issue a node certificate: OUT/NAME.crt and OUT/NAME.key")
     issue.add_argument("--name", required=True, help="the node's name (alice, bob, or a host name)")
@@ -114,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--out", type=Path, required=True)
     issue.add_argument("--algorithm", choices=["ml-dsa-65", "ed25519"], default="ml-dsa-65")
     issue.add_argument("--days", type=int, default=825)
+    sae = pki_commands.add_parser(
+        "issue-sae", help="issue an SAE's TLS client certificate for the ETSI 014 API: OUT/NAME.crt, .key"
+    )
+    kme = pki_commands.add_parser(
+        "issue-kme", help="issue a KME's TLS server certificate for the ETSI 014 API: OUT/NAME.crt, .key"
+    )
+    for tls in (sae, kme):
+        tls.add_argument("--name", required=True, help="the certificate's common name (an SAE ID for SAEs)")
+        tls.add_argument(
+            "--ca", type=Path, required=True, help="a folder init-ca --algorithm ecdsa-p256 wrote"
+        )
+        tls.add_argument("--out", type=Path, required=True)
+        tls.add_argument("--algorithm", choices=["ecdsa-p256", "ed25519"], default="ecdsa-p256")
+        tls.add_argument("--days", type=int, default=825)
+    kme.add_argument(
+        "--host", action="append", required=True, help="a DNS name or IP address clients use (repeatable)"
+    )
 
     status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
     where = status.add_mutually_exclusive_group(required=True)
@@ -204,7 +228,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.pki_command == "init-ca":
             written = pki.init_ca(args.out, algorithm=args.algorithm, days=args.days)
         else:
-            written = pki.issue(args.name, args.ca, args.out, algorithm=args.algorithm, days=args.days)
+            usage = {"issue-sae": "client", "issue-kme": "server"}.get(args.pki_command)
+            written = pki.issue(
+                args.name,
+                args.ca,
+                args.out,
+                algorithm=args.algorithm,
+                days=args.days,
+                usage=usage,
+                hosts=tuple(getattr(args, "host", None) or ()),
+            )
         print(f"wrote {written} and its key (mode 0600)")
         return 0
     if args.command == "keys":

@@ -66,6 +66,34 @@ class Authentication:
 
 
 @dataclass(frozen=True)
+class SaeIdentity:
+    """An SAE of this site and how its TLS client certificate names it: a subject common name, or the
+    SHA-256 fingerprint of the certificate (lower-case hex, no colons)."""
+
+    id: str
+    common_name: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Etsi014:
+    """``[etsi014]``: the key delivery API of this site (ETSI GS QKD 014 over mutual TLS)."""
+
+    listen: Address
+    certificate: Path
+    key: Path
+    ca: Path
+    saes: tuple[SaeIdentity, ...]
+    kme_id: str
+    key_size: int = 256
+    min_key_size: int = 64
+    max_key_size: int = 8192
+    max_key_per_request: int = 128
+    max_key_count: int = 100000
+    max_sae_id_count: int = 8
+
+
+@dataclass(frozen=True)
 class Timeouts:
     handshake: float = spec.load().timeouts["handshake"]
     round: float = spec.load().timeouts["round"]
@@ -92,6 +120,7 @@ class Config:
     round_pause: float = 0.0
     source: Path | None = None
     pki: PkiFiles | None = None  # PKI bootstrap
+    etsi014: Etsi014 | None = None  # key delivery API
 
 
 def _take(table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
@@ -123,7 +152,11 @@ def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     """Build and check a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
-    _take(raw, "", {"role", "link_id", "state_dir", "network", "auth", "link", "post", "timeouts", "run"})
+    _take(
+        raw,
+        "",
+        {"role", "link_id", "state_dir", "network", "auth", "link", "post", "timeouts", "run", "etsi014"},
+    )
     role = raw.get("role")
     if role not in spec.ROLES:
         raise InputError(f'role: expected "alice" or "bob", got {role!r}')
@@ -236,6 +269,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
 
     run = _table(raw, "run")
     _take(run, "run.", {"max_rounds", "round_pause"})
+    etsi014 = _etsi014(raw["etsi014"], base, f"{link_id}-{role}") if "etsi014" in raw else None
     return Config(
         role=role,
         link_id=link_id,
@@ -252,6 +286,73 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
         auth=authentication,
         max_rounds=_number(run.get("max_rounds", 0), "run.max_rounds", low=0, integer=True),
         round_pause=_number(run.get("round_pause", 0.0), "run.round_pause", low=0, high=3600),
+        etsi014=etsi014,
+    )
+
+
+def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
+    if not isinstance(raw, dict):
+        raise InputError("etsi014: expected a table ([etsi014])")
+    limits = ("key_size", "min_key_size", "max_key_size", "max_key_per_request", "max_key_count")
+    files = ("certificate_file", "key_file", "ca_file")
+    _take(raw, "etsi014.", {"listen", "kme_id", "sae", *files, *limits, "max_sae_id_count"})
+    values = {
+        name: _number(
+            raw.get(name, getattr(Etsi014, name)), f"etsi014.{name}", low=1, high=1 << 30, integer=True
+        )
+        for name in limits
+    }
+    for name in ("key_size", "min_key_size", "max_key_size"):
+        if values[name] % 8:
+            raise InputError(f"etsi014.{name}: expected a multiple of 8, got {values[name]}")
+    if not values["min_key_size"] <= values["key_size"] <= values["max_key_size"] <= 1 << 20:
+        raise InputError("etsi014: expected min_key_size <= key_size <= max_key_size <= 1048576")
+    if values["max_key_per_request"] > 65536:
+        raise InputError("etsi014.max_key_per_request: at most 65536")
+    saes = []
+    entries = raw.get("sae", [])
+    if not isinstance(entries, list) or not entries:
+        raise InputError("etsi014.sae: expected at least one [[etsi014.sae]] table")
+    for i, entry in enumerate(entries):
+        where = f"etsi014.sae[{i}]"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected a table")
+        _take(entry, f"{where}.", {"id", "common_name", "fingerprint"})
+        sae_id = _string(entry.get("id"), f"{where}.id")
+        if len(sae_id.encode()) > 128 or "/" in sae_id:
+            raise InputError(f"{where}.id: at most 128 bytes and no '/'")
+        if ("common_name" in entry) == ("fingerprint" in entry):
+            raise InputError(f"{where}: set exactly one of common_name and fingerprint")
+        fingerprint = entry.get("fingerprint")
+        if fingerprint is not None:
+            fingerprint = _string(fingerprint, f"{where}.fingerprint").replace(":", "").lower()
+            if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+                raise InputError(f"{where}.fingerprint: expected the certificate's SHA-256 in hex")
+        common_name = entry.get("common_name")
+        if common_name is not None:
+            common_name = _string(common_name, f"{where}.common_name")
+        saes.append(SaeIdentity(sae_id, common_name, fingerprint))
+    if len({s.id for s in saes}) != len(saes):
+        raise InputError("etsi014.sae: two SAEs have the same id")
+    kme_id = _string(raw.get("kme_id", default_kme_id), "etsi014.kme_id")
+    if len(kme_id.encode()) > 128:
+        raise InputError("etsi014.kme_id: at most 128 bytes")
+    certificate, key, ca = (base / _string(raw.get(name), f"etsi014.{name}") for name in files)
+    return Etsi014(
+        listen=parse_address(raw.get("listen"), "etsi014.listen"),
+        certificate=certificate,
+        key=key,
+        ca=ca,
+        saes=tuple(saes),
+        kme_id=kme_id,
+        max_sae_id_count=_number(
+            raw.get("max_sae_id_count", Etsi014.max_sae_id_count),
+            "etsi014.max_sae_id_count",
+            low=0,
+            high=15,  # with the slave of the path, at most 16 (protocol/qkdp-v1.toml, key_request.slaves)
+            integer=True,
+        ),
+        **values,
     )
 
 

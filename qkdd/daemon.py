@@ -40,6 +40,9 @@ from qkdd.auth import pki
 from qkdd.auth.psk import read_psk
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
+from qkdd.delivery.channel import KeyChannel, is_key_message
+from qkdd.delivery.http import ApiServer
+from qkdd.delivery.kme import KeyManager
 from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import open_link
 from qkdd.records import RoundSummary
@@ -70,9 +73,23 @@ def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> s
 @dataclass
 class _Session:
     peer: str
+    stream: trio.SocketStream
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     engine: engine_mod.Engine | None = None
     unsent: bool = False  # frames the engine produced that are not all written yet
+    send_lock: trio.Lock = field(default_factory=trio.Lock)  # rounds and the key channel share the stream
+    key_channel: KeyChannel | None = None
+    keys_ready: trio.Event = field(default_factory=trio.Event)  # the handshake is over (§19)
+
+    async def write(self, frame: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(frame)
+
+    async def write_quietly(self, frame: bytes) -> None:
+        """Best effort, for the closing error frame: a broken or slow stream is given up after 1 s."""
+        with trio.move_on_after(1.0):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.write(frame)
 
 
 class Daemon:
@@ -90,6 +107,12 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
+        self.kme = (
+            KeyManager(config.role, config.etsi014, self.store.ledger(config.role), self._store_call)
+            if config.etsi014 is not None
+            else None
+        )
+        self.api = ApiServer(self.kme, config.etsi014) if self.kme is not None and config.etsi014 else None
         self.settings = engine_mod.EngineSettings(
             link_id=config.link_id,
             psk=self.psk,
@@ -100,6 +123,7 @@ class Daemon:
             handshake_timeout=config.timeouts.handshake,
             round_timeout=config.timeouts.round,
             idle_timeout=config.timeouts.idle,
+            key_channel=self.kme is not None,
         )
         self.rounds_finished = 0
         self.stopping = False
@@ -132,6 +156,8 @@ class Daemon:
                     nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 else:
                     nursery.start_soon(self._connect_loop)
+                if self.api is not None:
+                    await nursery.start(self.api.serve)
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
@@ -202,69 +228,73 @@ class Daemon:
 
     async def _session(self, stream: trio.SocketStream, peer: str) -> bool:
         """Run one connection to its end; returns whether it got past the handshake."""
-        session = _Session(peer)
+        session = _Session(peer, stream)
         engine = engine_mod.Engine(
             self.role, self.settings, link=self.link, store=self.store, random=SystemRandom()
         )
         session.engine = engine
-        decoder = wire.FrameDecoder(self.config.max_frame_bytes)
         ready = False
         self._handshakes += 1
-        try:
-            with session.cancel_scope:
-                await self._execute(session, stream, engine.initiate())
-                deadline = _deadline(engine.timeout)
-                while True:
-                    if engine.state is engine_mod.State.IDLE and self.role == "alice":
-                        if self.stopping or self._max_rounds_reached():
-                            await _send_quietly(stream, engine.close("shutdown", "no more rounds"))
-                            if self._max_rounds_reached():
-                                self.request_stop("all rounds done")
-                            return ready
-                        if self.config.round_pause:
-                            await trio.sleep(self.config.round_pause)
-                        try:
-                            actions = await self._call(engine.start_round)
-                        except engine_mod.ReserveExhausted as exhausted:
-                            if not self.paused:
-                                self._status("paused: key reserve exhausted", session.peer)
-                                log.warning("link paused: %s", exhausted, extra={"role": self.role})
-                            self.paused = True
-                            await trio.sleep(PAUSE_RETRY_SECONDS)
+        # the reader hands round frames over here (a few at most: rounds run in lockstep) and handles
+        # key-channel frames itself, so key delivery never waits for a round's heavy step
+        frames_in, frames = trio.open_memory_channel[Any](16)
+        async with trio.open_nursery() as nursery:
+            try:
+                with session.cancel_scope:
+                    await self._execute(session, engine.initiate())
+                    nursery.start_soon(self._read, session, frames_in)
+                    deadline = _deadline(engine.timeout)
+                    while True:
+                        if engine.state is engine_mod.State.IDLE and self.role == "alice":
+                            if self.stopping or self._max_rounds_reached():
+                                await session.write_quietly(engine.close("shutdown", "no more rounds"))
+                                if self._max_rounds_reached():
+                                    self.request_stop("all rounds done")
+                                return ready
+                            if self.config.round_pause:
+                                await trio.sleep(self.config.round_pause)
+                            try:
+                                actions = await self._call(engine.start_round)
+                            except engine_mod.ReserveExhausted as exhausted:
+                                if not self.paused:
+                                    self._status("paused: key reserve exhausted", session.peer)
+                                    log.warning("link paused: %s", exhausted, extra={"role": self.role})
+                                self.paused = True
+                                await trio.sleep(PAUSE_RETRY_SECONDS)
+                                continue
+                            self.paused = False
+                            self._begin_round()
+                            await self._execute(session, actions)
+                            deadline = _deadline(engine.timeout)
                             continue
-                        self.paused = False
-                        self._begin_round()
-                        await self._execute(session, stream, actions)
-                        deadline = _deadline(engine.timeout)
-                        continue
-                    data = b""
-                    with trio.move_on_at(deadline) as waiting:
-                        data = await stream.receive_some(READ_SIZE)
-                    if waiting.cancelled_caught:
-                        log.warning(
-                            "%s: no frame in state %s within its timeout%s",
-                            peer,
-                            engine.state.value,
-                            _abandoned(engine),
-                        )
-                        await _send_quietly(
-                            stream, engine.close("timeout", f"nothing received in {engine.state.value}")
-                        )
-                        return ready
-                    if not data:
-                        decoder.check_eof()
-                        log.info("%s closed the connection%s", peer, _abandoned(engine))
-                        return ready
-                    for payload in decoder.feed(data):
+                        item: Any = None
+                        with trio.move_on_at(deadline) as waiting:
+                            item = await frames.receive()
+                        if waiting.cancelled_caught:
+                            log.warning(
+                                "%s: no frame in state %s within its timeout%s",
+                                peer,
+                                engine.state.value,
+                                _abandoned(engine),
+                            )
+                            await session.write_quietly(
+                                engine.close("timeout", f"nothing received in {engine.state.value}")
+                            )
+                            return ready
+                        if isinstance(item, Exception):
+                            raise item
+                        if item is None:
+                            log.info("%s closed the connection%s", peer, _abandoned(engine))
+                            return ready
                         heavy = engine.state is not engine_mod.State.RECONCILING
                         if engine.state is engine_mod.State.IDLE and self.role == "bob":
                             self._begin_round()
-                        actions = await self._call(engine.receive_frame, payload, thread=heavy)
+                        actions = await self._call(engine.receive_frame, *item, thread=heavy)
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshakes -= 1
                             await self._become_active(session)
-                        await self._execute(session, stream, actions)
+                        await self._execute(session, actions)
                         deadline = _deadline(engine.timeout)
                         if (
                             self.role == "bob"
@@ -272,58 +302,91 @@ class Daemon:
                             and engine.state is engine_mod.State.IDLE
                         ):
                             self.request_stop("all rounds done")
-        except RemoteProtocolError as error:
-            if error.code == "stale-state" and isinstance(
-                error, (engine_mod.StaleState, engine_mod.PeerError)
-            ):
-                log.critical("%s", error)
-                self.failed = True
-                self.request_stop("this state directory is stale (restored from a backup?)")
-            frame = error.frame if error.frame is not None else None
-            if frame is None and engine.state is not engine_mod.State.CLOSED:
-                frame = engine.close(error.code, str(error))
-            level = logging.INFO if error.code == "shutdown" else logging.WARNING
-            if error.code == "reserve-exhausted":
-                # no way to authenticate a handshake: say so once, keep trying quietly (the peer may refill)
-                level = logging.INFO if self.paused else logging.WARNING
-                self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
-                if not self.paused:
-                    log.warning(
-                        "link paused: the key reserve cannot pay for a handshake and the bootstrap secret "
-                        "is retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both "
-                        "sides",
-                        extra={"role": self.role},
-                    )
-                self.paused = True
-            log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
-            if frame is not None:
-                await _send_quietly(stream, frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
-        except Exception as error:  # a failing link backend or store, or our bug: this connection ends
-            log.error(
-                "%s: internal error (%s: %s); closing the connection%s",
-                peer,
-                type(error).__name__,
-                str(error)[:200],
-                _abandoned(engine),
-                exc_info=not isinstance(error, QkddError),
-            )
-            if engine.state is not engine_mod.State.CLOSED:
-                await _send_quietly(stream, engine.close("internal", "internal error"))
-        finally:
-            if not ready:
-                self._handshakes -= 1
-            if self._active is session:
-                self._active = None
-                self._status("down")
-            self._round_idle.set()
-            with trio.CancelScope(shield=True):
-                # the closing frame's sequence number is only right if every frame before it went out
-                if self.stopping and engine.state is not engine_mod.State.CLOSED and not session.unsent:
-                    await _send_quietly(stream, engine.close("shutdown", "the daemon is stopping"))
-                await stream.aclose()
+            except RemoteProtocolError as error:
+                await self._protocol_error(session, error)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
+            except Exception as error:  # a failing link backend or store, or our bug: this connection ends
+                log.error(
+                    "%s: internal error (%s: %s); closing the connection%s",
+                    peer,
+                    type(error).__name__,
+                    str(error)[:200],
+                    _abandoned(engine),
+                    exc_info=not isinstance(error, QkddError),
+                )
+                if engine.state is not engine_mod.State.CLOSED:
+                    await session.write_quietly(engine.close("internal", "internal error"))
+            finally:
+                nursery.cancel_scope.cancel()
+                if self.kme is not None and session.key_channel is not None:
+                    self.kme.detach(session.key_channel)
+                if not ready:
+                    self._handshakes -= 1
+                if self._active is session:
+                    self._active = None
+                    self._status("down")
+                self._round_idle.set()
+                with trio.CancelScope(shield=True):
+                    # the closing frame's sequence number is only right if every frame before it went out
+                    if self.stopping and engine.state is not engine_mod.State.CLOSED and not session.unsent:
+                        await session.write_quietly(engine.close("shutdown", "the daemon is stopping"))
+                    await stream.aclose()
         return ready
+
+    async def _read(self, session: _Session, frames: trio.MemorySendChannel[Any]) -> None:
+        """Read frames; pass round frames on, handle key-channel frames here. Every failure (and the end
+        of the stream, as ``None``) goes to the session's main loop, which owns the error handling."""
+        decoder = wire.FrameDecoder(self.config.max_frame_bytes)
+        try:
+            while True:
+                data = await session.stream.receive_some(READ_SIZE)
+                if not data:
+                    decoder.check_eof()
+                    await frames.send(None)
+                    return
+                for payload in decoder.feed(data):
+                    envelope = wire.decode_envelope(payload)
+                    message = wire.decode_message(envelope.body)
+                    if is_key_message(message):
+                        await self._key_frame(session, envelope, message)
+                    else:
+                        await frames.send((envelope, message))
+        except Exception as error:
+            await frames.send(error)
+
+    async def _key_frame(self, session: _Session, envelope: wire.Envelope, message: wire.Message) -> None:
+        await session.keys_ready.wait()
+        if session.key_channel is None or self.kme is None:
+            raise RemoteProtocolError("the key channel was not negotiated", code="bad-state")
+        await self.kme.receive(session.key_channel.receive(envelope, message))
+
+    async def _protocol_error(self, session: _Session, error: RemoteProtocolError) -> None:
+        engine, peer = session.engine, session.peer
+        assert engine is not None
+        if error.code == "stale-state" and isinstance(error, (engine_mod.StaleState, engine_mod.PeerError)):
+            log.critical("%s", error)
+            self.failed = True
+            self.request_stop("this state directory is stale (restored from a backup?)")
+        frame = error.frame if error.frame is not None else None
+        if frame is None and engine.state is not engine_mod.State.CLOSED:
+            frame = engine.close(error.code, str(error))
+        level = logging.INFO if error.code == "shutdown" else logging.WARNING
+        if error.code == "reserve-exhausted":
+            # no way to authenticate a handshake: say so once, keep trying quietly (the peer may refill)
+            level = logging.INFO if self.paused else logging.WARNING
+            self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
+            if not self.paused:
+                log.warning(
+                    "link paused: the key reserve cannot pay for a handshake and the bootstrap secret "
+                    "is retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both "
+                    "sides",
+                    extra={"role": self.role},
+                )
+            self.paused = True
+        log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
+        if frame is not None:
+            await session.write_quietly(frame)
 
     async def _become_active(self, session: _Session) -> None:
         old = self._active
@@ -366,14 +429,12 @@ class Daemon:
             return await trio.to_thread.run_sync(function, *args)
         return function(*args)
 
-    async def _execute(
-        self, session: _Session, stream: trio.SocketStream, actions: list[engine_mod.Action]
-    ) -> None:
+    async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
         for action in actions:
             match action:
                 case engine_mod.Send(frame=frame):
-                    await stream.send_all(frame)
+                    await session.write(frame)
                 case engine_mod.ReserveRound(round=number):
                     await self._store_call(self.store.reserve_round, number)
                     self._rounds_started.add(number)
@@ -407,8 +468,12 @@ class Daemon:
                     self.rounds_finished += len(set(done) & self._rounds_started)
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
-                case engine_mod.Ready(epoch=epoch, auth=auth):
+                case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
+                    if macs is not None and self.kme is not None:
+                        session.key_channel = KeyChannel(self.role, macs)
+                        await self.kme.attach(session.key_channel, session.write)
+                    session.keys_ready.set()
                     if (
                         auth == "reserve"
                         and not self.store.psk_retired
@@ -437,12 +502,6 @@ class Daemon:
 
 def _deadline(timeout: float | None) -> float:
     return math.inf if timeout is None else trio.current_time() + timeout
-
-
-async def _send_quietly(stream: trio.SocketStream, frame: bytes) -> None:
-    with trio.move_on_after(1.0):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(frame)
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -43,6 +43,7 @@ from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrec
 T = TypeVar("T")
 SUPPORTED_VERSIONS = (1,)
 NONCE_BYTES = 32
+KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
 _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
@@ -135,6 +136,9 @@ class Ready:
     version: int
     epoch: int
     auth: str
+    #: the session's frame MACs by sender, from which the key channel (§19) derives its own; ``None``
+    #: unless both hellos offered the key channel's capability
+    channel_macs: dict[str, psk_auth.FrameMac] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,7 @@ class EngineSettings:
     handshake_timeout: float = spec.load().timeouts["handshake"]
     round_timeout: float = spec.load().timeouts["round"]
     idle_timeout: float = spec.load().timeouts["idle"]
+    key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
 
 
 @dataclass
@@ -265,6 +270,7 @@ class Engine:
         self._random = random
         self.state = State.HELLO
         self.version: int | None = None
+        self.peer_capabilities: tuple[str, ...] = ()
         self.auth = "psk"  # how this connection was authenticated
         self._pointer = 0  # the next unused reserve bit, as agreed with the peer
         self._wc: wc.Mac | None = None
@@ -316,6 +322,8 @@ class Engine:
             reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS
         ):
             capabilities.append("reserve")
+        if self.settings.key_channel:
+            capabilities.append(KEY_CHANNEL_CAPABILITY)
         self._capabilities = capabilities
         body = wire.encode_message(
             "hello",
@@ -331,8 +339,11 @@ class Engine:
         self._emit("hello", body)
         return self._flush()
 
-    def receive_frame(self, payload: bytes) -> list[Action]:
-        """Process one complete frame payload from the peer.
+    def receive_frame(
+        self, payload: bytes | wire.Envelope, message: wire.Message | None = None
+    ) -> list[Action]:
+        """Process one complete frame payload from the peer (or its envelope and message, when the
+        caller decoded them already to tell the key channel's frames from the rounds').
 
         Raises:
             RemoteProtocolError: the frame breaks the protocol; the engine is CLOSED and ``error.frame``
@@ -341,9 +352,9 @@ class Engine:
         if self.state is State.CLOSED:
             raise LocalProtocolError("receive_frame() after CLOSED")
         try:
-            envelope = wire.decode_envelope(payload)
+            envelope = payload if isinstance(payload, wire.Envelope) else wire.decode_envelope(payload)
             self._check_sequence(envelope)
-            message = wire.decode_message(envelope.body)
+            message = message or wire.decode_message(envelope.body)
             if self.peer_role not in self._spec.messages[message.type].senders:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
             if message.type == "error":
@@ -525,6 +536,7 @@ class Engine:
                 code="version-mismatch",
             )
         self.version = max(common)
+        self.peer_capabilities = tuple(message["capabilities"])
         if message["role"] != self.peer_role:
             raise RemoteProtocolError(f"the peer says it is {message['role']}, as we are", code="wrong-peer")
         if message["link_id"] != self.settings.link_id:
@@ -671,14 +683,18 @@ class Engine:
             return State.RESOLVING
         committed = self._store.committed_among(message["pending"])
         self._send("resolve", committed=committed)
-        self._out.append(Ready(self.version or 1, self._epoch, self.auth))
+        self._out.append(self._ready())
         return State.IDLE
+
+    def _ready(self) -> Ready:
+        keys = KEY_CHANNEL_CAPABILITY in self.peer_capabilities and self.settings.key_channel
+        return Ready(self.version or 1, self._epoch, self.auth, dict(self._macs) if keys else None)
 
     def _on_resolve(self, message: wire.Message) -> State:
         if not set(message["committed"]) <= set(self._own_pending):
             raise RemoteProtocolError("resolve lists a round that is not pending here")
         self._out.append(ResolvePending(tuple(message["committed"])))
-        self._out.append(Ready(self.version or 1, self._epoch, self.auth))
+        self._out.append(self._ready())
         return State.IDLE
 
     # -- a round, Alice's and Bob's handlers interleaved in protocol order

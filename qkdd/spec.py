@@ -99,6 +99,7 @@ class MessageSpec:
     senders: tuple[str, ...]
     doc: str
     fields: tuple[FieldSpec, ...]
+    channel: str = "round"  # "keys": the key channel of §19
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class Spec:
     timeouts: Mapping[str, float]
     errors: Mapping[str, str]
     transitions: tuple[Transition, ...]
+    key_channel: Mapping[str, Any]
 
     @functools.cached_property
     def _table(self) -> dict[tuple[str, str, str], Transition]:
@@ -172,9 +174,16 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
             tuple(body["from"]),
             body.get("doc", ""),
             tuple(_field(f, v) for f, v in body.get("fields", {}).items()),
+            body.get("channel", "round"),
         )
         for name, body in raw["messages"].items()
     }
+    if any(m.channel not in ("round", "keys") for m in messages.values()):
+        raise ValueError("spec: a message's channel is neither round nor keys")
+    key_channel = raw["key_channel"]
+    for asked, answers in key_channel["answers"].items():
+        if any(messages[m].channel != "keys" for m in (asked, *answers)):
+            raise ValueError(f"spec: key_channel.answers.{asked} names a message outside the key channel")
     states = {role: tuple(raw["states"][role]) for role in ROLES}
     transitions: list[Transition] = []
     for entry in raw["transitions"]:
@@ -199,8 +208,10 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
                 raise ValueError(f"spec: {t.role} cannot send {sent!r}")
         if t.on.startswith("recv:"):
             received = t.on[5:]
-            if received not in messages or (
-                t.role in messages[received].senders and len(messages[received].senders) == 1
+            if (
+                received not in messages
+                or messages[received].channel != "round"
+                or (t.role in messages[received].senders and len(messages[received].senders) == 1)
             ):
                 raise ValueError(f"spec: {t.role} cannot receive {received!r}")
     keys = [(t.role, t.source, t.on) for t in transitions]
@@ -217,6 +228,7 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
         timeouts=dict(raw["timeouts"]),
         errors=dict(raw["errors"]),
         transitions=tuple(transitions),
+        key_channel=key_channel,
     )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd.auth.reserve import KeyReserve
+from qkdd.delivery.ledger import KeyLedger
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary
 
@@ -91,8 +92,10 @@ class KeyStore:
             os.umask(old_umask)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted key material is overwritten, not just unlinked
         self._db.executescript(_SCHEMA)
         self.reserve = KeyReserve(self._db)
+        self._ledger: KeyLedger | None = None
         stored = self._meta("link_id")
         if link_id is None:
             if stored is None:
@@ -106,6 +109,12 @@ class KeyStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def ledger(self, role: str) -> KeyLedger:
+        """The key-delivery view of this store (ETSI GS QKD 014, §19)."""
+        if self._ledger is None:
+            self._ledger = KeyLedger(self._db, role)
+        return self._ledger
 
     # -- meta
 

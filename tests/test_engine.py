@@ -313,6 +313,23 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
     "commit": {"round": 0, "blocks": 0},
     "committed": {"round": 0},
     "abort": {"round": 0, "reason": "test"},
+    # the key channel's (§19): the engine refuses them, they never belong to a round
+    "keys_hello": {"kme_id": "kme", "saes": ["sae"], "serial": 0},
+    "key_request": {"request": 1, "master": "a", "slaves": ["b"], "number": 1, "size": 256},
+    "key_assign": {
+        "request": 1,
+        "serial": 1,
+        "round": 0,
+        "block": 0,
+        "byte": 0,
+        "number": 1,
+        "size": 256,
+        "key_ids": bytes(16),
+        "master": "a",
+        "slaves": ["b"],
+    },
+    "key_refuse": {"request": 1, "reason": "insufficient", "message": "none left"},
+    "key_ack": {"serial": 1},
 }
 
 

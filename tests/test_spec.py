@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 
 from qkdd import engine, spec
+from qkdd.delivery import channel
+from qkdd.delivery.kme import KeyManager
 from tests.helpers import ConnectionPair
 
 
@@ -30,7 +32,21 @@ def test_every_message_type_appears_in_some_transition() -> None:
     used = {t.on[5:] for t in loaded.transitions if t.on.startswith("recv:")}
     used |= {m for t in loaded.transitions for m in t.sends}
     # hello and error are the handshake and teardown rules every state shares
-    assert set(loaded.messages) - used <= {"error"}
+    rounds = {name for name, m in loaded.messages.items() if m.channel == "round"}
+    assert rounds - used <= {"error"}
+
+
+def test_the_key_manager_handles_exactly_the_key_channel_messages() -> None:
+    """Every key-channel message of the spec has a handler in the KME and no handler lacks a message."""
+    loaded = spec.load()
+    keys = {name for name, m in loaded.messages.items() if m.channel == "keys"}
+    handlers = {name[4:] for name in dir(KeyManager) if name.startswith("_on_")}
+    assert keys == handlers
+    assert keys == channel.MESSAGES
+    answers = loaded.key_channel["answers"]
+    assert set(answers) | {m for a in answers.values() for m in a} <= keys
+    # the engine refuses them: they never belong to a round
+    assert not any(t.on[5:] in keys for t in loaded.transitions)
 
 
 def test_spec_rejects_inconsistent_tables() -> None:

@@ -4,6 +4,9 @@ Theory of operation
 -------------------
 * ``qkdd pki init-ca`` makes a self-signed CA; ``qkdd pki issue`` a node certificate (common name =
   the node's name) signed by it. Keys are ML-DSA-65 (FIPS 204, post-quantum) by default, or Ed25519.
+* The key delivery API (ETSI GS QKD 014, :mod:`qkdd.delivery`) runs over ordinary TLS, whose libraries
+  do not verify ML-DSA yet: its CA is ECDSA P-256 (or Ed25519), made by ``init-ca --algorithm
+  ecdsa-p256``; ``issue-sae`` and ``issue-kme`` issue its client and server certificates.
 * Handshake, after both hellos (T = the hello transcript hash of §12):
   Alice sends ``auth{certificate, kex = X25519 public ‖ ML-KEM-768 encapsulation key,
   proof = Sign_A("qkdp/1 pki alice" ‖ T ‖ kex_A)}``. Bob checks her certificate (issued by the configured
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +30,37 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from qkdd.errors import InputError, RemoteProtocolError
 
 ALGORITHMS = ("ml-dsa-65", "ed25519")
+TLS_ALGORITHMS = ("ecdsa-p256", "ed25519")
 CAPABILITY = "pki"
 X25519_BYTES = 32
 MLKEM_EK_BYTES = 1184
 MLKEM_CT_BYTES = 1088
 
 SigningKey = mldsa.MLDSA65PrivateKey | ed25519.Ed25519PrivateKey
+AnyKey = SigningKey | ec.EllipticCurvePrivateKey
 
 
-def _generate(algorithm: str) -> SigningKey:
+def _generate(algorithm: str) -> AnyKey:
     if algorithm == "ml-dsa-65":
         return mldsa.MLDSA65PrivateKey.generate()
     if algorithm == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
-    raise InputError(f"--algorithm: expected one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    known = dict.fromkeys((*ALGORITHMS, *TLS_ALGORITHMS))
+    raise InputError(f"--algorithm: expected one of {', '.join(known)}, got {algorithm!r}")
+
+
+def _digest(key: AnyKey) -> hashes.SHA256 | None:
+    """The hash a certificate signature by ``key`` needs (none: the algorithm hashes by itself)."""
+    return hashes.SHA256() if isinstance(key, ec.EllipticCurvePrivateKey) else None
 
 
 def _name(common_name: str) -> x509.Name:
@@ -59,7 +73,7 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _save(out: Path, stem: str, key: SigningKey, certificate: x509.Certificate) -> None:
+def _save(out: Path, stem: str, key: AnyKey, certificate: x509.Certificate) -> None:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     for path in (out / f"{stem}.key", out / f"{stem}.crt"):
         if path.exists():
@@ -87,7 +101,7 @@ def init_ca(out: Path, *, algorithm: str = "ml-dsa-65", name: str = "qkdd CA", d
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
-        .sign(key, None)
+        .sign(key, _digest(key))
     )
     _save(out, "ca", key, certificate)
     return out / "ca.crt"
@@ -101,15 +115,41 @@ def issue(
     algorithm: str = "ml-dsa-65",
     days: int = 825,
     not_before: datetime.datetime | None = None,
+    usage: str | None = None,
+    hosts: tuple[str, ...] = (),
 ) -> Path:
-    """A node certificate ``out/NAME.crt`` (and ``NAME.key``, 0600) signed by the CA in ``ca``."""
+    """A node certificate ``out/NAME.crt`` (and ``NAME.key``, 0600) signed by the CA in ``ca``.
+
+    ``usage`` ``"client"`` (an SAE) or ``"server"`` (a KME, valid for ``hosts``) makes a TLS certificate
+    of the key delivery API; ``None`` a node certificate of the PKI bootstrap.
+    """
     ca_key = load_private_key(ca / "ca.key")
     ca_certificate = load_certificate(ca / "ca.crt")
+    if usage is not None:
+        if algorithm not in TLS_ALGORITHMS:
+            raise InputError(f"--algorithm: TLS certificates use one of {', '.join(TLS_ALGORITHMS)}")
+        if isinstance(ca_key, mldsa.MLDSA65PrivateKey):
+            raise InputError(
+                f"{ca}: an ML-DSA CA cannot sign TLS certificates that TLS libraries verify today; "
+                "make one with: qkdd pki init-ca --algorithm ecdsa-p256"
+            )
     key = _generate(algorithm)
     start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    builder = x509.CertificateBuilder()
+    if usage == "client":
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    elif usage == "server":
+        if not hosts:
+            raise InputError("--host: a KME certificate names at least one host (DNS name or IP address)")
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        ).add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
+    elif usage is not None:
+        raise ValueError(f"usage {usage!r}")
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
+        builder.subject_name(_name(name))
         .issuer_name(ca_certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -119,19 +159,26 @@ def issue(
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
         )
-        .sign(ca_key, None)
+        .sign(ca_key, _digest(ca_key))
     )
     _save(out, name, key, certificate)
     return out / f"{name}.crt"
 
 
-def load_private_key(path: Path) -> SigningKey:
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def load_private_key(path: Path) -> AnyKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable PEM private key ({type(error).__name__})") from None
-    if not isinstance(key, SigningKey):
-        raise InputError(f"{path}: expected an ML-DSA-65 or Ed25519 key")
+    if not isinstance(key, AnyKey):
+        raise InputError(f"{path}: expected an ML-DSA-65, Ed25519 or ECDSA key")
     return key
 
 
@@ -153,7 +200,10 @@ class Identity:
 
     @classmethod
     def load(cls, certificate: Path, key: Path, ca: Path, peer_name: str) -> Identity:
-        return cls(load_certificate(certificate), load_private_key(key), load_certificate(ca), peer_name)
+        private = load_private_key(key)
+        if not isinstance(private, SigningKey):
+            raise InputError(f"{key}: the PKI bootstrap signs with an ML-DSA-65 or Ed25519 key")
+        return cls(load_certificate(certificate), private, load_certificate(ca), peer_name)
 
     @property
     def certificate_der(self) -> bytes:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from qkdd.errors import InputError, RemoteProtocolError
 
@@ -62,6 +62,10 @@ class FrameMac:
     def verify(self, seq: int, body: bytes, mac: bytes) -> None:
         if not hmac.compare_digest(self.tag(seq, body), mac):
             raise RemoteProtocolError(f"frame {seq}: MAC does not verify", code="bad-mac")
+
+    def derive(self, label: bytes) -> FrameMac:
+        """The MAC of another channel of the same direction: HKDF-Expand (RFC 5869) of this key."""
+        return FrameMac(HKDFExpand(algorithm=hashes.SHA256(), length=32, info=label).derive(self.key))
 
 
 def session_macs(psk: bytes, nonce_alice: bytes, nonce_bob: bytes, transcript: bytes) -> dict[str, FrameMac]:
