@@ -21,10 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["stages", "e2e", "auth", "keyrate"],
+        choices=["stages", "e2e", "auth", "keyrate", "etsi014"],
         default="stages",
         help="stages (default): Cascade, amplification and authentication; e2e: two daemons over "
-        "loopback; auth: the authentication figures alone; keyrate: the decoy bound's cost and accuracy",
+        "loopback; auth: the authentication figures alone; keyrate: the decoy bound's cost and accuracy; "
+        "etsi014: keys per second and latency of the key delivery API",
     )
     bench.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["psk", "pki"],
         default="psk",
         help="first authentication: a PSK or a fresh PKI",
+    )
+    demo.add_argument(
+        "--etsi014",
+        action="store_true",
+        help="also serve the ETSI 014 key delivery API at both sites (throwaway CA and SAE certificates), "
+        "fetch a key with enc_keys at one site and dec_keys at the other, and compare",
     )
 
     keyrate = commands.add_parser("keyrate", help="expected secret key against distance (decoy-state bound)")
@@ -175,6 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from qkdd import demo  # noqa: PLC0415
 
             return demo.bench_e2e(args.quick, args.json, args.rounds)
+        if args.what == "etsi014":
+            from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
+
+            return delivery_demo.bench(args.quick, args.json)
         if args.what == "auth":
             from qkdd import bench  # noqa: PLC0415
 
@@ -201,6 +212,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from qkdd import demo  # noqa: PLC0415
 
+        if args.etsi014:
+            from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
+
+            sim = {"distance_km": args.distance_km, "eve_fraction": args.eve, "pulses_per_frame": args.pulses}
+            return delivery_demo.run(args.state_dir, sim, args.json)
         return demo.main(args)
     if args.command == "status":
         from qkdd import admin  # noqa: PLC0415

@@ -51,6 +51,7 @@ from qkdd.store import KeyStore
 
 log = logging.getLogger("qkdd")
 LISTEN_FILE = "listen-address"
+ETSI014_FILE = "etsi014-address"  # where the key delivery API listens (an ephemeral port is resolved)
 MAX_HANDSHAKES = 16
 PAUSE_RETRY_SECONDS = 5.0
 READ_SIZE = 1 << 16
@@ -151,13 +152,15 @@ class Daemon:
                     )
                     sockname = listeners[0].socket.getsockname()
                     self.listen_port = int(sockname[1])
-                    self._write_listen_file(sockname[0], self.listen_port)
+                    self._write_address_file(LISTEN_FILE, sockname[0], self.listen_port)
                     log.info("%s listening on %s:%d", self.role, sockname[0], self.listen_port)
                     nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 else:
                     nursery.start_soon(self._connect_loop)
                 if self.api is not None:
-                    await nursery.start(self.api.serve)
+                    port = await nursery.start(self.api.serve)
+                    assert self.config.etsi014 is not None
+                    self._write_address_file(ETSI014_FILE, self.config.etsi014.listen.host, port)
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
@@ -185,8 +188,8 @@ class Daemon:
             self.notifier.watchdog()
             await trio.sleep(self.notifier.watchdog_seconds / 2)
 
-    def _write_listen_file(self, host: str, port: int) -> None:
-        path = self.config.state_dir / LISTEN_FILE
+    def _write_address_file(self, name: str, host: str, port: int) -> None:
+        path = self.config.state_dir / name
         temporary = path.with_suffix(".tmp")
         temporary.write_text(f"{host}:{port}\n")
         temporary.replace(path)
@@ -245,10 +248,16 @@ class Daemon:
                     nursery.start_soon(self._read, session, frames_in)
                     deadline = _deadline(engine.timeout)
                     while True:
-                        if engine.state is engine_mod.State.IDLE and self.role == "alice":
-                            if self.stopping or self._max_rounds_reached():
+                        # with key delivery, a daemon that ran its rounds goes on serving keys
+                        done = self._max_rounds_reached()
+                        if (
+                            engine.state is engine_mod.State.IDLE
+                            and self.role == "alice"
+                            and not (done and self.kme is not None and not self.stopping)
+                        ):
+                            if self.stopping or done:
                                 await session.write_quietly(engine.close("shutdown", "no more rounds"))
-                                if self._max_rounds_reached():
+                                if done:
                                     self.request_stop("all rounds done")
                                 return ready
                             if self.config.round_pause:
@@ -299,6 +308,7 @@ class Daemon:
                         if (
                             self.role == "bob"
                             and self._max_rounds_reached()
+                            and self.kme is None
                             and engine.state is engine_mod.State.IDLE
                         ):
                             self.request_stop("all rounds done")
@@ -556,8 +566,8 @@ def main_run(config: Config) -> int:
         return 1
 
 
-def read_listen_address(state_dir: Path) -> str | None:
-    path = state_dir / LISTEN_FILE
+def read_listen_address(state_dir: Path, name: str = LISTEN_FILE) -> str | None:
+    path = state_dir / name
     try:
         return path.read_text().strip() or None
     except OSError:

@@ -47,11 +47,51 @@ class DemoResult:
         }
 
 
+SAES = {"alice": "sae-alice", "bob": "sae-bob"}
+"""The demo's one SAE per site (ETSI 014): named by its certificate's common name."""
+
+
+def write_etsi014_files(state_dir: Path) -> Path:
+    """A throwaway ECDSA CA, a server certificate per KME and a client certificate per SAE."""
+    folder = state_dir / "etsi014"
+    if not (folder / "ca.crt").exists():
+        pki.init_ca(folder, algorithm="ecdsa-p256", name="qkdd demo ETSI 014 CA", days=2)
+        for role, sae in SAES.items():
+            pki.issue(
+                f"{role}-kme", folder, folder, algorithm="ecdsa-p256", days=2, usage="server", hosts=HOSTS
+            )
+            pki.issue(sae, folder, folder, algorithm="ecdsa-p256", days=2, usage="client")
+    return folder
+
+
+HOSTS = ("127.0.0.1", "localhost")
+
+
+def etsi014_section(role: str) -> str:
+    return f"""
+[etsi014]
+listen = "127.0.0.1:0"
+kme_id = "{role}-kme"
+certificate_file = "etsi014/{role}-kme.crt"
+key_file = "etsi014/{role}-kme.key"   # mode 0600
+ca_file = "etsi014/ca.crt"           # the CA of SAE client certificates
+
+[[etsi014.sae]]
+id = "{SAES[role]}"
+common_name = "{SAES[role]}"
+"""
+
+
 def write_configs(
-    state_dir: Path, rounds: int, sim: dict[str, Any], bob_port: int = 0, bootstrap: str = "psk"
+    state_dir: Path,
+    rounds: int,
+    sim: dict[str, Any],
+    bob_port: int = 0,
+    bootstrap: str = "psk",
+    etsi014: bool = False,
 ) -> tuple[Path, Path]:
     """Configs for both roles in ``state_dir``, with a fresh PSK or (``bootstrap="pki"``) a fresh CA
-    and node certificates."""
+    and node certificates; with ``etsi014``, each daemon also serves the key delivery API."""
     state_dir.mkdir(parents=True, exist_ok=True)
     psk = state_dir / "psk"
     if bootstrap == "psk" and not psk.exists():
@@ -80,8 +120,11 @@ def write_configs(
                 max_rounds=rounds,
                 pki=files,
             )
+            + (etsi014_section(role) if etsi014 else "")
         )
         paths.append(path)
+    if etsi014:
+        write_etsi014_files(state_dir)
     return paths[0], paths[1]
 
 
@@ -107,24 +150,35 @@ def wait_for_listen_address(state_dir: Path, process: subprocess.Popen[bytes], t
     raise QkddError("bob did not start listening within 20 s")
 
 
-def run_demo(
-    state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float | None = None, bootstrap: str = "psk"
-) -> DemoResult:
-    """Run both daemons to completion and compare their stores."""
-    alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap)
-    (state_dir / "bob" / "listen-address").unlink(missing_ok=True)
-    started = time.monotonic()
+def start_pair(alice_config: Path, bob_config: Path) -> list[subprocess.Popen[bytes]]:
+    """Start Bob, then Alice aimed at the port Bob reports; returns [alice, bob]."""
+    state_dir = bob_config.parent
+    for role in ("alice", "bob"):
+        for name in ("listen-address", "etsi014-address"):
+            (state_dir / role / name).unlink(missing_ok=True)
     bob = spawn(bob_config, state_dir / "bob.log")
-    alice: subprocess.Popen[bytes] | None = None
     try:
         address = wait_for_listen_address(state_dir / "bob", bob)
         alice_config.write_text(
             alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"')
         )
-        alice = spawn(alice_config, state_dir / "alice.log")
+        return [spawn(alice_config, state_dir / "alice.log"), bob]
+    except BaseException:
+        bob.kill()
+        bob.wait()
+        raise
+
+
+def run_demo(
+    state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float | None = None, bootstrap: str = "psk"
+) -> DemoResult:
+    """Run both daemons to completion and compare their stores."""
+    alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap)
+    started = time.monotonic()
+    alice, bob = start_pair(alice_config, bob_config)
+    try:
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
         for process, name in ((alice, "alice"), (bob, "bob")):
-            assert process is not None
             remaining = max(1.0, limit - (time.monotonic() - started))
             try:
                 status = process.wait(remaining)
@@ -136,7 +190,7 @@ def run_demo(
                 raise QkddError(f"{name} exited with status {status}; see {state_dir / (name + '.log')}")
     finally:
         for leftover in (alice, bob):
-            if leftover is not None and leftover.poll() is None:
+            if leftover.poll() is None:
                 leftover.kill()
                 leftover.wait()
     seconds = time.monotonic() - started

@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS delivery_keys (
     key BLOB
 );
 CREATE INDEX IF NOT EXISTS delivery_keys_serial ON delivery_keys (serial);
+CREATE INDEX IF NOT EXISTS keys_position ON keys (round, idx);
 """
 
 Pointer = tuple[int, int, int]
@@ -130,8 +131,8 @@ class KeyLedger:
         r, b, o = self.head
         total = self._db.execute(
             "SELECT COALESCE(SUM(LENGTH(k.key)), 0) FROM keys k JOIN rounds r ON r.round = k.round "
-            "WHERE r.state = 'committed' AND (k.round > ? OR (k.round = ? AND k.idx >= ?))",
-            (r, r, b),
+            "WHERE r.state = 'committed' AND (k.round, k.idx) >= (?, ?)",
+            (r, b),
         ).fetchone()[0]
         first = self._db.execute(
             "SELECT LENGTH(k.key) FROM keys k JOIN rounds r ON r.round = k.round "
@@ -277,9 +278,8 @@ class KeyLedger:
         past = start
         cursor = self._db.execute(
             "SELECT k.round, k.idx, k.key FROM keys k JOIN rounds r ON r.round = k.round "
-            "WHERE r.state = 'committed' AND (k.round > ? OR (k.round = ? AND k.idx >= ?)) "
-            "ORDER BY k.round, k.idx",
-            (r, r, b),
+            "WHERE r.state = 'committed' AND (k.round, k.idx) >= (?, ?) ORDER BY k.round, k.idx",
+            (r, b),
         )
         for round_number, index, block in cursor:
             if need == 0:
@@ -332,7 +332,7 @@ class KeyLedger:
         """Erase the pool before ``pointer``: whole blocks are deleted, a partly used one is overwritten
         with zeros up to the pointer (``secure_delete`` zeroes freed database pages too)."""
         r, b, o = pointer
-        self._db.execute("DELETE FROM keys WHERE round < ? OR (round = ? AND idx < ?)", (r, r, b))
+        self._db.execute("DELETE FROM keys WHERE (round, idx) < (?, ?)", (r, b))
         row = self._db.execute("SELECT key FROM keys WHERE round = ? AND idx = ?", (r, b)).fetchone()
         if row is not None and o:
             block = bytes(row[0])

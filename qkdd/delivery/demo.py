@@ -1,0 +1,188 @@
+"""``qkdd demo --etsi014`` and ``qkdd bench etsi014``: both daemons with their key delivery APIs.
+
+The daemons run rounds continuously (as in production) while SAEs fetch keys: Alice's SAE ``sae-alice``
+asks its KME for keys with enc_keys, Bob's ``sae-bob`` fetches the same keys from his with dec_keys, and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sqlite3
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from qkdd.daemon import ETSI014_FILE, read_listen_address
+from qkdd.delivery.client import ApiError, Client
+from qkdd.demo import SAES, start_pair, write_configs
+from qkdd.errors import QkddError
+from qkdd.store import DATABASE
+
+ROLES = ("alice", "bob")
+
+
+@contextlib.contextmanager
+def running_pair(
+    state_dir: Path, sim: dict[str, Any], keys_needed: int, timeout: float, rounds: int = 0
+) -> Iterator[dict[str, Client]]:
+    """Both daemons with their APIs, until each site can hand out ``keys_needed`` 256-bit keys;
+    yields one client per site (its SAE's), then stops the daemons with SIGTERM. ``rounds`` > 0: the
+    link stops distilling after that many rounds (the daemons go on serving keys)."""
+    alice_config, bob_config = write_configs(state_dir, rounds, sim, etsi014=True)
+    processes = start_pair(alice_config, bob_config)
+    clients: dict[str, Client] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        for role, process in zip(ROLES, processes, strict=True):
+            while (address := read_listen_address(state_dir / role, ETSI014_FILE)) is None:
+                _check_alive(process, role, state_dir, deadline)
+                time.sleep(0.05)
+            host, _, port = address.rpartition(":")
+            folder = state_dir / "etsi014"
+            sae = SAES[role]
+            clients[role] = Client(
+                host, int(port), folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt"
+            )
+        peer_sae = {"alice": SAES["bob"], "bob": SAES["alice"]}
+        for role, process in zip(ROLES, processes, strict=True):
+            while True:
+                _check_alive(process, role, state_dir, deadline)
+                try:
+                    if clients[role].status(peer_sae[role])["stored_key_count"] >= keys_needed:
+                        break
+                except ApiError as error:
+                    if error.status != 503:  # 503: the key channel is not open yet
+                        raise
+                time.sleep(0.2)
+        while rounds and min(_rounds_finished(state_dir / role) for role in ROLES) < rounds:
+            _check_alive(processes[0], "alice", state_dir, deadline)
+            time.sleep(0.2)
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _rounds_finished(state_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{state_dir / DATABASE}?mode=ro", uri=True)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM rounds WHERE state != 'pending'").fetchone()[0])
+
+
+def _check_alive(process: subprocess.Popen[bytes], role: str, state_dir: Path, deadline: float) -> None:
+    if process.poll() is not None:
+        raise QkddError(f"{role} exited with status {process.returncode}; see {state_dir / (role + '.log')}")
+    if time.monotonic() > deadline:
+        raise QkddError(f"no key to deliver in time; see {state_dir}/alice.log and bob.log")
+
+
+def run(state_dir: Path | None, sim: dict[str, Any], as_json: bool) -> int:
+    """``qkdd demo --etsi014``."""
+    with _folder(state_dir) as folder, running_pair(folder, sim, 2, 120.0) as clients:
+        results = []
+        for master, slave in (("alice", "bob"), ("bob", "alice")):
+            [(key_id, key)] = clients[master].enc_keys(SAES[slave], number=1, size=256)
+            [(got_id, got)] = clients[slave].dec_keys(SAES[master], [key_id])
+            results.append(
+                {
+                    "master": SAES[master],
+                    "slave": SAES[slave],
+                    "key_ID": key_id,
+                    "match": got_id == key_id and got == key,
+                }
+            )
+    if as_json:
+        print(json.dumps({"etsi014": results}))
+    else:
+        for r in results:
+            verdict = "identical" if r["match"] else "DIFFERENT"
+            print(
+                f"{r['master']} got key {r['key_ID']} with enc_keys, {r['slave']} the same ID with dec_keys: "
+                f"256 bits, {verdict}"
+            )
+    return 0 if all(r["match"] for r in results) else 1
+
+
+@contextlib.contextmanager
+def _folder(state_dir: Path | None) -> Iterator[Path]:
+    if state_dir is not None:
+        yield state_dir.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="qkdd-etsi014-") as folder:
+        yield Path(folder)
+
+
+def bench(quick: bool, as_json: bool) -> int:
+    """``qkdd bench etsi014``: 256-bit keys per second over one kept-alive mTLS connection per SAE,
+    first while the link distils key (both daemons busy with rounds), then with the link idle."""
+    count = 200 if quick else 500
+    sim = {"distance_km": 10.0, "pulses_per_frame": 1 << 24}
+    rows = []
+    for link, rounds in (("rounds running", 0), ("link idle", 10)):
+        with _folder(None) as folder, running_pair(folder, sim, 3 * count + 20, 600.0, rounds) as clients:
+            fetched: dict[str, list[str]] = {}
+            for master, slave in (("alice", "bob"), ("bob", "alice")):
+                fetched[slave] = []
+                call = _encrypt(clients[master], slave, fetched[slave])
+                rows.append(_measure(f"enc_keys at {master}", link, count, call))
+            for slave, master in (("bob", "alice"), ("alice", "bob")):
+                call = _decrypt(clients[slave], master, fetched[slave])
+                rows.append(_measure(f"dec_keys at {slave}", link, count, call))
+            call = _encrypt(clients["alice"], "bob", [], 10)
+            rows.append(_measure("enc_keys at alice, 10 per call", link, count // 10, call, keys_per_call=10))
+    if as_json:
+        print(json.dumps({"etsi014": rows}))
+    else:
+        head = ("operation (256-bit keys)", "link", "calls", "keys/s", "median ms", "p99 ms")
+        print(f"{head[0]:<32} {head[1]:<15} {head[2]:>6} {head[3]:>7} {head[4]:>10} {head[5]:>7}")
+        for row in rows:
+            print(
+                f"{row['operation']:<32} {row['link']:<15} {row['calls']:>6} {row['keys_per_second']:>7.0f} "
+                f"{row['median_ms']:>10.2f} {row['p99_ms']:>7.2f}"
+            )
+    return 0
+
+
+def _encrypt(client: Client, slave: str, ids: list[str], number: int = 1) -> Callable[[], object]:
+    return lambda: ids.extend(key_id for key_id, _ in client.enc_keys(SAES[slave], number=number))
+
+
+def _decrypt(client: Client, master: str, ids: list[str]) -> Callable[[], object]:
+    pending = iter(ids)
+    return lambda: client.dec_keys(SAES[master], [next(pending)])
+
+
+def _measure(
+    operation: str, link: str, calls: int, call: Callable[[], object], keys_per_call: int = 1
+) -> dict[str, Any]:
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(calls):
+        t = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t)
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "operation": operation,
+        "link": link,
+        "calls": calls,
+        "keys_per_second": calls * keys_per_call / seconds,
+        "median_ms": 1e3 * statistics.median(latencies),
+        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
