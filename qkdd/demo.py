@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,23 +52,25 @@ SAES = {"alice": "sae-alice", "bob": "sae-bob"}
 """The demo's one SAE per site (ETSI 014): named by its certificate's common name."""
 
 
-def write_etsi014_files(state_dir: Path) -> Path:
+def write_etsi014_files(state_dir: Path, saes: Mapping[str, Sequence[str]]) -> Path:
     """A throwaway ECDSA CA, a server certificate per KME and a client certificate per SAE."""
     folder = state_dir / "etsi014"
     if not (folder / "ca.crt").exists():
         pki.init_ca(folder, algorithm="ecdsa-p256", name="qkdd demo ETSI 014 CA", days=2)
-        for role, sae in SAES.items():
+        for role in ("alice", "bob"):
             pki.issue(
                 f"{role}-kme", folder, folder, algorithm="ecdsa-p256", days=2, usage="server", hosts=HOSTS
             )
-            pki.issue(sae, folder, folder, algorithm="ecdsa-p256", days=2, usage="client")
+            for sae in saes[role]:
+                pki.issue(sae, folder, folder, algorithm="ecdsa-p256", days=2, usage="client")
     return folder
 
 
 HOSTS = ("127.0.0.1", "localhost")
 
 
-def etsi014_section(role: str) -> str:
+def etsi014_section(role: str, saes: Sequence[str]) -> str:
+    entries = "".join(f'\n[[etsi014.sae]]\nid = "{sae}"\ncommon_name = "{sae}"\n' for sae in saes)
     return f"""
 [etsi014]
 listen = "127.0.0.1:0"
@@ -75,11 +78,7 @@ kme_id = "{role}-kme"
 certificate_file = "etsi014/{role}-kme.crt"
 key_file = "etsi014/{role}-kme.key"   # mode 0600
 ca_file = "etsi014/ca.crt"           # the CA of SAE client certificates
-
-[[etsi014.sae]]
-id = "{SAES[role]}"
-common_name = "{SAES[role]}"
-"""
+{entries}"""
 
 
 def write_configs(
@@ -89,9 +88,12 @@ def write_configs(
     bob_port: int = 0,
     bootstrap: str = "psk",
     etsi014: bool = False,
+    extra_saes: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Path, Path]:
     """Configs for both roles in ``state_dir``, with a fresh PSK or (``bootstrap="pki"``) a fresh CA
-    and node certificates; with ``etsi014``, each daemon also serves the key delivery API."""
+    and node certificates; with ``etsi014``, each daemon also serves the key delivery API to the SAE of
+    :data:`SAES` and those of ``extra_saes`` (by role)."""
+    saes = {role: [sae, *(extra_saes or {}).get(role, ())] for role, sae in SAES.items()}
     state_dir.mkdir(parents=True, exist_ok=True)
     psk = state_dir / "psk"
     if bootstrap == "psk" and not psk.exists():
@@ -120,11 +122,11 @@ def write_configs(
                 max_rounds=rounds,
                 pki=files,
             )
-            + (etsi014_section(role) if etsi014 else "")
+            + (etsi014_section(role, saes[role]) if etsi014 else "")
         )
         paths.append(path)
     if etsi014:
-        write_etsi014_files(state_dir)
+        write_etsi014_files(state_dir, saes)
     return paths[0], paths[1]
 
 

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qkdd import config
 from qkdd.cli import main
@@ -123,3 +126,47 @@ def test_bench_keyrate(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["bound_seconds"] < 0.01
     for row in report["rows"]:
         assert 0.8 < row["ratio"] < 1.2
+
+
+def test_pki_issues_etsi014_client_and_server_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca, out = str(tmp_path / "ca"), str(tmp_path / "tls")
+    assert main(["pki", "init-ca", "--out", ca, "--algorithm", "ecdsa-p256"]) == 0
+    assert main(["pki", "issue-sae", "--name", "sae-1", "--ca", ca, "--out", out]) == 0
+    assert (
+        main(
+            [
+                "pki",
+                "issue-kme",
+                "--name",
+                "kme",
+                "--host",
+                "127.0.0.1",
+                "--host",
+                "kme.example",
+                "--ca",
+                ca,
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
+    sae = x509.load_pem_x509_certificate((tmp_path / "tls" / "sae-1.crt").read_bytes())
+    usage = sae.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    kme = x509.load_pem_x509_certificate((tmp_path / "tls" / "kme.crt").read_bytes())
+    names = kme.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["kme.example"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # a TLS stack loads them as a server and a client of the same CA
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca" / "ca.crt"))
+    server.load_cert_chain(str(tmp_path / "tls" / "kme.crt"), str(tmp_path / "tls" / "kme.key"))
+    capsys.readouterr()
+    # an ML-DSA CA cannot sign what TLS libraries verify today: a clear error, not a useless certificate
+    assert main(["pki", "init-ca", "--out", str(tmp_path / "pq")]) == 0
+    assert main(["pki", "issue-sae", "--name", "s", "--ca", str(tmp_path / "pq"), "--out", out]) == 2
+    assert "ecdsa-p256" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pki", "issue-kme", "--name", "k", "--ca", ca, "--out", out])  # --host is required

@@ -87,3 +87,41 @@ def test_rendered_configs_load(tmp_path: Path) -> None:
         )
         loaded = config.load(path)
         assert loaded.role == role and loaded.link_options["distance_km"] == 5.0
+
+
+def etsi014(**overrides: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "listen": "127.0.0.1:8443",
+        "certificate_file": "kme.crt",
+        "key_file": "kme.key",
+        "ca_file": "ca.crt",
+        "sae": [{"id": "sae-1", "common_name": "sae-1"}, {"id": "sae-2", "fingerprint": "AB:" * 31 + "CD"}],
+    }
+    table.update(overrides)
+    return base(etsi014=table)
+
+
+def test_etsi014_table(tmp_path: Path) -> None:
+    loaded = config.from_mapping(etsi014(), tmp_path).etsi014
+    assert loaded is not None and loaded.kme_id == "l-alice" and loaded.ca == tmp_path / "ca.crt"
+    assert loaded.saes[1].fingerprint == "ab" * 31 + "cd" and loaded.key_size == 256
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"listen": "nope"}, "etsi014.listen"),
+        ({"key_size": 100}, "etsi014.key_size: expected a multiple of 8"),
+        ({"min_key_size": 512}, "min_key_size <= key_size"),
+        ({"max_sae_id_count": 16}, "etsi014.max_sae_id_count"),
+        ({"sae": []}, "at least one"),
+        ({"sae": [{"id": "a"}]}, r"etsi014.sae\[0\]: set exactly one"),
+        ({"sae": [{"id": "a", "fingerprint": "zz"}]}, "SHA-256 in hex"),
+        ({"sae": [{"id": "a/b", "common_name": "x"}]}, "no '/'"),
+        ({"sae": [{"id": "a", "common_name": "x"}, {"id": "a", "common_name": "y"}]}, "same id"),
+        ({"colour": "red"}, "etsi014.colour: unknown key"),
+    ],
+)
+def test_etsi014_errors_name_the_key(overrides: dict[str, Any], match: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=match):
+        config.from_mapping(etsi014(**overrides), tmp_path)

@@ -15,7 +15,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,25 @@ from qkdd.store import DATABASE
 ROLES = ("alice", "bob")
 
 
+@dataclass
+class Pair:
+    clients: dict[str, Client]  # by role: the client of that site's SAE of SAES
+    processes: dict[str, subprocess.Popen[bytes]]  # by role
+
+
 @contextlib.contextmanager
 def running_pair(
-    state_dir: Path, sim: dict[str, Any], keys_needed: int, timeout: float, rounds: int = 0
-) -> Iterator[dict[str, Client]]:
+    state_dir: Path,
+    sim: dict[str, Any],
+    keys_needed: int,
+    timeout: float,
+    rounds: int = 0,
+    extra_saes: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[Pair]:
     """Both daemons with their APIs, until each site can hand out ``keys_needed`` 256-bit keys;
-    yields one client per site (its SAE's), then stops the daemons with SIGTERM. ``rounds`` > 0: the
+    yields them with one client per site (its SAE's), then stops the daemons with SIGTERM. ``rounds`` > 0: the
     link stops distilling after that many rounds (the daemons go on serving keys)."""
-    alice_config, bob_config = write_configs(state_dir, rounds, sim, etsi014=True)
+    alice_config, bob_config = write_configs(state_dir, rounds, sim, etsi014=True, extra_saes=extra_saes)
     processes = start_pair(alice_config, bob_config)
     clients: dict[str, Client] = {}
     try:
@@ -64,7 +76,7 @@ def running_pair(
         while rounds and min(_rounds_finished(state_dir / role) for role in ROLES) < rounds:
             _check_alive(processes[0], "alice", state_dir, deadline)
             time.sleep(0.2)
-        yield clients
+        yield Pair(clients, dict(zip(ROLES, processes, strict=True)))
     finally:
         for client in clients.values():
             client.close()
@@ -93,7 +105,8 @@ def _check_alive(process: subprocess.Popen[bytes], role: str, state_dir: Path, d
 
 def run(state_dir: Path | None, sim: dict[str, Any], as_json: bool) -> int:
     """``qkdd demo --etsi014``."""
-    with _folder(state_dir) as folder, running_pair(folder, sim, 2, 120.0) as clients:
+    with _folder(state_dir) as folder, running_pair(folder, sim, 2, 120.0) as pair:
+        clients = pair.clients
         results = []
         for master, slave in (("alice", "bob"), ("bob", "alice")):
             [(key_id, key)] = clients[master].enc_keys(SAES[slave], number=1, size=256)
@@ -134,7 +147,8 @@ def bench(quick: bool, as_json: bool) -> int:
     sim = {"distance_km": 10.0, "pulses_per_frame": 1 << 24}
     rows = []
     for link, rounds in (("rounds running", 0), ("link idle", 10)):
-        with _folder(None) as folder, running_pair(folder, sim, 3 * count + 20, 600.0, rounds) as clients:
+        with _folder(None) as folder, running_pair(folder, sim, 3 * count + 20, 600.0, rounds) as pair:
+            clients = pair.clients
             fetched: dict[str, list[str]] = {}
             for master, slave in (("alice", "bob"), ("bob", "alice")):
                 fetched[slave] = []
