@@ -321,10 +321,6 @@ class KeyManager:
             "max_SAE_ID_count": s.max_sae_id_count,
         }
 
-    def store_full(self, available_bytes: int) -> bool:
-        """Whether the pool holds ``max_key_count`` keys of ``key_size`` (Alice then pauses rounds)."""
-        return available_bytes >= self.settings.max_key_count * (self.settings.key_size // 8)
-
 
 def encode_keys(keys: Sequence[tuple[str, bytes]]) -> dict[str, Any]:
     """The Key container of ETSI GS QKD 014 §6.3."""
