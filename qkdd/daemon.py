@@ -157,6 +157,8 @@ class Daemon:
                     nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 else:
                     nursery.start_soon(self._connect_loop)
+                if self.kme is not None and self.role == "bob":
+                    nursery.start_soon(self.kme.finalizer)
                 if self.api is not None:
                     port = await nursery.start(self.api.serve)
                     assert self.config.etsi014 is not None

@@ -86,6 +86,8 @@ class KeyManager:
         self._next_request = 1
         self._allocating = trio.Lock()  # Bob: allocation and its key_assign leave in serial order
         self._acked = trio.Event()  # Bob: set (and replaced) on every acknowledgement
+        self.confirmed = 0  # Bob: the last serial Alice acknowledged (on this run)
+        self._allocated = 0  # Bob: the last serial allocated
         self.local_saes = frozenset(s.id for s in settings.saes)
 
     # -- the key channel
@@ -95,6 +97,7 @@ class KeyManager:
         self.detach()
         self._link = _Link(channel, send)
         serial = await self._store_call(lambda: self.ledger.serial)
+        self._allocated = serial
         await send(
             channel.encode(
                 "keys_hello", kme_id=self.settings.kme_id, saes=sorted(self.local_saes), serial=serial
@@ -158,8 +161,7 @@ class KeyManager:
         try:
             self._check_request(message["number"], message["size"], message["slaves"], local=True)
             async with self._allocating:
-                assignment, _ = await self._store_call(
-                    self.ledger.allocate,
+                assignment, _ = await self._allocate(
                     "alice",
                     message["number"],
                     message["size"],
@@ -202,14 +204,32 @@ class KeyManager:
             waiter.resolve(error=kind(f"the peer KME refused: {message['message']}"))
 
     async def _on_key_ack(self, link: _Link, message: wire.Message) -> None:
+        """Bob: Alice holds everything up to ``serial``. The waiting master answers at once; making the
+        assignments final on disk (and erasing their material) is the finalizer's job, off this path:
+        should Bob crash first, Alice's next keys_hello finalizes them."""
         serial = message["serial"]
-        if serial > await self._store_call(lambda: self.ledger.serial):
+        if serial > self._allocated:
             raise RemoteProtocolError(f"key_ack of assignment {serial}, which was never sent")
-        await self._store_call(self.ledger.finalize, serial)
+        self.confirmed = max(self.confirmed, serial)
         for waiting in [s for s in self._acks if s <= serial]:
             self._acks.pop(waiting).resolve()
         self._acked.set()
         self._acked = trio.Event()
+
+    async def finalizer(self) -> None:
+        """Bob: run for the daemon's lifetime; makes acknowledged assignments final in batches."""
+        done = 0
+        while True:
+            await self._acked.wait()
+            target = self.confirmed
+            if target > done:
+                await self._store_call(self.ledger.finalize, target)
+                done = target
+
+    async def _allocate(self, *args: Any) -> tuple[Assignment, list[bytes]]:
+        assignment, keys = await self._store_call(self.ledger.allocate, *args)
+        self._allocated = assignment.serial
+        return assignment, keys
 
     async def _send_assign(self, link: _Link, assignment: Assignment, request: int) -> None:
         await link.send(
@@ -260,9 +280,7 @@ class KeyManager:
         waiters: dict[int, _Waiter]
         if self.role == "bob":
             async with self._allocating:
-                assignment, keys = await self._store_call(
-                    self.ledger.allocate, "bob", number, size, master, list(slaves)
-                )
+                assignment, keys = await self._allocate("bob", number, size, master, list(slaves))
                 waiters, key = self._acks, assignment.serial
                 waiter = waiters[key] = _Waiter()
                 await self._send_assign(link, assignment, 0)
@@ -294,7 +312,9 @@ class KeyManager:
         deadline = trio.current_time() + ANSWER_TIMEOUT
         while True:
             acked = self._acked
-            keys, unconfirmed = await self._store_call(self.ledger.take, list(key_ids), caller, master)
+            keys, unconfirmed = await self._store_call(
+                self.ledger.take, list(key_ids), caller, master, self.confirmed
+            )
             if not unconfirmed:
                 return list(zip(key_ids, keys, strict=True))
             with trio.move_on_at(deadline):

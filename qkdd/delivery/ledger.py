@@ -233,8 +233,11 @@ class KeyLedger:
 
     # -- dec_keys
 
-    def take(self, key_ids: Sequence[str], caller: str, master: str) -> tuple[list[bytes], list[int]]:
-        """Hand the keys ``key_ids`` to slave ``caller`` (of ``master``), all or none.
+    def take(
+        self, key_ids: Sequence[str], caller: str, master: str, confirmed: int = 0
+    ) -> tuple[list[bytes], list[int]]:
+        """Hand the keys ``key_ids`` to slave ``caller`` (of ``master``), all or none; assignments up to
+        serial ``confirmed`` count as final (Alice acknowledged them; the disk may lag).
 
         Returns the keys, or ([], serials) when some key's assignment is not final yet (the caller waits
         for Alice's acknowledgement and asks again). Raises :class:`UnknownKey` or :class:`NotAuthorized`.
@@ -257,7 +260,9 @@ class KeyLedger:
                 if caller not in waiting:
                     raise UnknownKey(f"key_ID {key_id} was already delivered to {caller}")
                 rows.append((key_id, int(serial), waiting, bytes(key), state))
-            unconfirmed = sorted({serial for _, serial, _, _, state in rows if state != "final"})
+            unconfirmed = sorted(
+                {serial for _, serial, _, _, state in rows if state != "final" and serial > confirmed}
+            )
             if unconfirmed:
                 return [], unconfirmed
             for key_id, _, waiting, _, _ in rows:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from qkdd import wire
 from qkdd.auth.psk import FrameMac
@@ -83,6 +84,17 @@ class Wire:
 class Sites:
     stores: dict[str, KeyStore]
     managers: dict[str, KeyManager]
+    finalizing: bool = False
+
+    async def connect(self, nursery: trio.Nursery, drop: Callable[[str], bool] = lambda name: False) -> Wire:
+        """A fresh connection's key channel (Bob's finalizer runs once, as in the daemon)."""
+        if not self.finalizing:
+            self.finalizing = True
+            nursery.start_soon(self.managers["bob"].finalizer)
+        wire_ = Wire(self.managers, drop)
+        await wire_.connect(nursery)
+        await wait_open(self)
+        return wire_
 
     def available(self) -> int:
         return int(self.stores["bob"].ledger("bob").available_bytes())
@@ -112,14 +124,17 @@ async def wait_open(sites: Sites) -> None:
 async def test_keys_asked_at_either_site_reach_the_slave_at_the_other(sites: Sites) -> None:
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     async with trio.open_nursery() as nursery:
-        await Wire(sites.managers).connect(nursery)
-        await wait_open(sites)
+        await sites.connect(nursery)
         sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)
         assert await bob.dec_keys("sae-bob", "sae-alice", [k for k, _ in sent]) == sent
         sent = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 512)
         assert await alice.dec_keys("sae-alice", "sae-bob", [k for k, _ in sent]) == sent
         with pytest.raises(BadRequest, match="not an SAE of the peer"):
             await alice.enc_keys("sae-alice", ["sae-carol"], 1, 256)
+        await trio.testing.wait_all_tasks_blocked()
+        # Bob's finalizer erased what Alice acknowledged: both stores keep the same material
+        assert dict(sites.stores["bob"].committed_keys()) == dict(sites.stores["alice"].committed_keys())
+        assert sites.stores["bob"].statistics().stored_keys == 8 - 4
         status = await alice.status("sae-alice", "sae-bob")
         assert status["target_KME_ID"] == "bob-kme" and status["stored_key_count"] == 8 - 2 - 2
         nursery.cancel_scope.cancel()
@@ -141,9 +156,7 @@ async def test_an_assignment_lost_in_a_cut_returns_to_the_pool(
     before = sites.available()
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     async with trio.open_nursery() as nursery:
-        lossy = Wire(sites.managers, drop=lambda name: name == "key_assign")
-        await lossy.connect(nursery)
-        await wait_open(sites)
+        lossy = await sites.connect(nursery, drop=lambda name: name == "key_assign")
         with pytest.raises(Unavailable, match="did not answer"):
             await alice.enc_keys("sae-alice", ["sae-bob"], 3, 256)
         with pytest.raises(Unavailable):
@@ -151,8 +164,7 @@ async def test_an_assignment_lost_in_a_cut_returns_to_the_pool(
         assert sites.available() == before - 4 * 32  # offered at Bob, unknown to Alice
         lossy.cut()
         # the next connection's keys_hello tells Bob what Alice holds: nothing
-        await Wire(sites.managers).connect(nursery)
-        await wait_open(sites)
+        await sites.connect(nursery)
         assert sites.available() == before
         sent = await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)
         assert await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]]) == sent
@@ -166,15 +178,12 @@ async def test_a_lost_acknowledgement_keeps_the_keys_assigned_at_both_sites(
     before = sites.available()
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     async with trio.open_nursery() as nursery:
-        lossy = Wire(sites.managers, drop=lambda name: name == "key_ack")
-        await lossy.connect(nursery)
-        await wait_open(sites)
+        lossy = await sites.connect(nursery, drop=lambda name: name == "key_ack")
         sent = await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)  # Alice applied it: her master has it
         with pytest.raises(Unavailable, match="not confirmed"):
             await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]])  # Bob waits for the acknowledgement
         lossy.cut()
-        await Wire(sites.managers).connect(nursery)
-        await wait_open(sites)
+        await sites.connect(nursery)
         # Alice's keys_hello says she applied it: Bob keeps it, and his slave gets it
         assert await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]]) == sent
         assert sites.available() == before - 32
@@ -190,8 +199,7 @@ async def test_concurrent_masters_at_both_sites_get_disjoint_keys(sites: Sites) 
             got.extend(await sites.managers[role].enc_keys(f"sae-{role}", [slave], 1, 256))
 
     async with trio.open_nursery() as nursery:
-        await Wire(sites.managers).connect(nursery)
-        await wait_open(sites)
+        await sites.connect(nursery)
         async with trio.open_nursery() as masters:
             masters.start_soon(master, "alice", "sae-bob")
             masters.start_soon(master, "bob", "sae-alice")
