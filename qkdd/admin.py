@@ -106,6 +106,11 @@ def status(args: argparse.Namespace) -> int:
             "psk_retired": store.psk_retired,
             "epoch": store.epoch,
         }
+        # ETSI 014 key delivery (§19): material not yet assigned, keys waiting for their slave SAEs
+        ledger = store.ledger(str(daemon.get("role") or "alice"))
+        report["delivery_available_bits"] = 8 * ledger.available_bytes()
+        report["delivery_waiting_keys"] = ledger.waiting_keys()
+        report["delivery_assignments"] = ledger.serial
     finally:
         store.close()
     if args.json:
