@@ -43,13 +43,17 @@ def running_pair(
     timeout: float,
     rounds: int = 0,
     extra_saes: Mapping[str, Sequence[str]] | None = None,
+    bob_port: int = 0,
 ) -> Iterator[Pair]:
     """Both daemons with their APIs, until each site can hand out ``keys_needed`` 256-bit keys;
     yields them with one client per site (its SAE's), then stops the daemons with SIGTERM. ``rounds`` > 0: the
     link stops distilling after that many rounds (the daemons go on serving keys)."""
-    alice_config, bob_config = write_configs(state_dir, rounds, sim, etsi014=True, extra_saes=extra_saes)
+    alice_config, bob_config = write_configs(
+        state_dir, rounds, sim, bob_port=bob_port, etsi014=True, extra_saes=extra_saes
+    )
     processes = start_pair(alice_config, bob_config)
     clients: dict[str, Client] = {}
+    pair = Pair(clients, dict(zip(ROLES, processes, strict=True)))  # a caller may restart a daemon
     try:
         deadline = time.monotonic() + timeout
         for role, process in zip(ROLES, processes, strict=True):
@@ -76,14 +80,14 @@ def running_pair(
         while rounds and min(_rounds_finished(state_dir / role) for role in ROLES) < rounds:
             _check_alive(processes[0], "alice", state_dir, deadline)
             time.sleep(0.2)
-        yield Pair(clients, dict(zip(ROLES, processes, strict=True)))
+        yield pair
     finally:
         for client in clients.values():
             client.close()
-        for process in processes:
+        for process in pair.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in processes:
+        for process in pair.processes.values():
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import ssl
 import threading
 import uuid
@@ -22,6 +23,7 @@ from qkdd.auth import pki
 from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery import demo as delivery_demo
 from qkdd.delivery import http as api_http
+from qkdd.demo import spawn
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
 
@@ -266,3 +268,69 @@ def test_with_the_peer_down_enc_keys_is_503_and_consumes_nothing(tmp_path: Path)
         assert store.ledger("alice").available_bytes() // 32 == before  # nothing consumed
     finally:
         store.close()
+
+
+def test_kill_9_of_bob_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path) -> None:
+    """Masters at both sites ask for keys while Bob is killed and restarted: every key a master got is
+    distinct, and the slave's site still hands out exactly those bytes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with delivery_demo.running_pair(tmp_path, SIM, 300, 180.0, rounds=3, bob_port=port) as pair:
+        sites = Sites(tmp_path, {})
+        got: dict[str, list[tuple[str, bytes]]] = {"sae-alice": [], "sae-bob": []}
+        failures: list[int] = []
+        stop = threading.Event()
+
+        def master(sae: str, slave: str) -> None:
+            while not stop.is_set():
+                try:
+                    sites.urls = _urls(tmp_path)
+                    with sites.client(sae) as client:
+                        while not stop.is_set():
+                            response = client.post(f"{slave}/enc_keys", json={})
+                            if response.status_code == 200:
+                                got[sae] += keys_of(response)
+                            else:
+                                failures.append(response.status_code)
+                except (httpx.TransportError, AssertionError):
+                    stop.wait(0.05)  # Bob's API is down: reconnect to wherever it listens next
+
+        threads = [
+            threading.Thread(target=master, args=("sae-alice", "sae-bob")),
+            threading.Thread(target=master, args=("sae-bob", "sae-alice")),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            stop.wait(1.0)
+            for _ in range(3):
+                pair.processes["bob"].send_signal(signal.SIGKILL)
+                pair.processes["bob"].wait(30)
+                (tmp_path / "bob" / ETSI014_FILE).unlink()
+                pair.processes["bob"] = spawn(tmp_path / "bob.toml", tmp_path / "bob.log")
+                stop.wait(2.0)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        assert set(failures) <= {503} and len(got["sae-alice"]) > 10
+        every = got["sae-alice"] + got["sae-bob"]
+        assert len({k for k, _ in every}) == len({key for _, key in every}) == len(every)
+        sites.urls = _urls(tmp_path)
+        for master_sae, slave_sae in (("sae-alice", "sae-bob"), ("sae-bob", "sae-alice")):
+            ids = [{"key_ID": key_id} for key_id, _ in got[master_sae]]
+            with sites.client(slave_sae) as slave:
+                for start in range(0, len(ids), 100):
+                    chunk = ids[start : start + 100]
+                    fetched = keys_of(slave.post(f"{master_sae}/dec_keys", json={"key_IDs": chunk}))
+                    assert fetched == got[master_sae][start : start + 100]
+
+
+def _urls(folder: Path) -> dict[str, str]:
+    urls = {}
+    for role in ("alice", "bob"):
+        address = read_listen_address(folder / role, ETSI014_FILE)
+        assert address is not None, f"{role}'s API is not up"
+        urls[role] = f"https://{address}"
+    return urls
