@@ -53,12 +53,7 @@ class Sites:
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     folder = tmp_path_factory.mktemp("etsi014")
     with delivery_demo.running_pair(folder, SIM, 600, 180.0, rounds=ROUNDS, extra_saes=EXTRA):
-        urls = {}
-        for role in ("alice", "bob"):
-            address = read_listen_address(folder / role, ETSI014_FILE)
-            assert address is not None
-            urls[role] = f"https://{address}"
-        yield Sites(folder, urls)
+        yield Sites(folder, _urls(folder))
 
 
 def keys_of(response: httpx.Response) -> list[tuple[str, bytes]]:
@@ -328,6 +323,7 @@ def test_kill_9_of_bob_during_key_delivery_never_hands_a_key_out_twice(tmp_path:
 
 
 def _urls(folder: Path) -> dict[str, str]:
+    """Where each site's API listens now (a restarted daemon listens on a new port)."""
     urls = {}
     for role in ("alice", "bob"):
         address = read_listen_address(folder / role, ETSI014_FILE)
