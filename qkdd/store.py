@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd.auth.reserve import KeyReserve
+from qkdd.database import get_meta, set_meta, transaction
 from qkdd.delivery.ledger import KeyLedger
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary
@@ -119,11 +120,10 @@ class KeyStore:
     # -- meta
 
     def _meta(self, name: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if row is None else str(row[0])
+        return get_meta(self._db, name)
 
     def _set_meta(self, name: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+        set_meta(self._db, name, value)
 
     @property
     def next_round(self) -> int:
@@ -178,7 +178,7 @@ class KeyStore:
     ) -> None:
         """Store a finished round, its key blocks and its reserve contribution (packed bits, count), as
         pending (Bob) or committed, atomically."""
-        with self._transaction():
+        with transaction(self._db):
             if self._state(summary.round) is not None:
                 raise InputError(f"round {summary.round} is already in the store")
             self._insert_round(summary, "pending" if pending else "committed", seconds)
@@ -190,7 +190,7 @@ class KeyStore:
 
     def record_aborted(self, summary: RoundSummary, seconds: float | None) -> None:
         """Record an aborted round's figures, dropping any pending keys; a committed round is left alone."""
-        with self._transaction():
+        with transaction(self._db):
             state = self._state(summary.round)
             if state == "committed":
                 return
@@ -199,7 +199,7 @@ class KeyStore:
             self._insert_round(summary, "aborted", seconds)
 
     def commit_round(self, round_number: int) -> None:
-        with self._transaction():
+        with transaction(self._db):
             if self._state(round_number) != "pending":
                 raise InputError(f"round {round_number} is not pending")
             self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (round_number,))
@@ -221,7 +221,7 @@ class KeyStore:
         """Commit the pending rounds listed, drop every other pending round; returns (committed, dropped)."""
         keep = set(committed)
         done, dropped = [], []
-        with self._transaction():
+        with transaction(self._db):
             for r in self.pending_rounds():
                 if r in keep:
                     self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (r,))
@@ -272,17 +272,3 @@ class KeyStore:
             stored_key_bits=8 * int(total),
             last_round=last[0] if last else None,
         )
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")

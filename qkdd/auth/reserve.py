@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkdd.auth import wegman_carter as wc
+from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import InputError
 
 KEY_REGION_BITS = 128
@@ -67,8 +68,8 @@ class KeyReserve:
 
     @property
     def consumed(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'reserve_consumed'").fetchone()
-        return KEY_REGION_BITS if row is None else max(KEY_REGION_BITS, int(row[0]))
+        value = get_meta(self._db, "reserve_consumed")
+        return KEY_REGION_BITS if value is None else max(KEY_REGION_BITS, int(value))
 
     def status(self) -> ReserveStatus:
         return ReserveStatus(self.total_bits, self.consumed)
@@ -101,19 +102,12 @@ class KeyReserve:
     def consume(self, upto: int) -> None:
         """Mark every bit below ``upto`` used, durably; never moves backwards."""
         if upto > self.consumed:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 first = self.consumed
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('reserve_consumed', ?)", (str(upto),)
-                )
+                set_meta(self._db, "reserve_consumed", str(upto))
                 self._db.execute(
                     "INSERT INTO reserve_use (first, past, at) VALUES (?, ?, ?)", (first, upto, time.time())
                 )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def add(self, round_number: int, bits: bytes, count: int, *, committed: bool) -> None:
         """Record a round's contribution (inside the caller's transaction); it joins the stream when the

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import QkddError
 
 SCHEMA = """
@@ -109,22 +110,15 @@ class KeyLedger:
 
     # -- pointers and counters (the key store's meta table)
 
-    def _get(self, name: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def _set(self, name: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
-
     @property
     def head(self) -> Pointer:
-        text = self._get("delivery_head")
+        text = get_meta(self._db, "delivery_head")
         return START if text is None else _parse(text)
 
     @property
     def serial(self) -> int:
         """Bob: the last serial allocated; Alice: the last serial applied."""
-        return int(self._get("delivery_serial") or 0)
+        return int(get_meta(self._db, "delivery_serial") or 0)
 
     def available_bytes(self) -> int:
         """Pool bytes no assignment has taken (committed rounds only)."""
@@ -154,7 +148,7 @@ class KeyLedger:
         assignment and the keys. Raises :class:`Unavailable` if the pool is short (nothing is taken)."""
         if self.role != "bob":
             raise AssertionError("only Bob allocates")
-        with _Transaction(self._db):
+        with transaction(self._db):
             start = self.head
             material, past = self._cut(start, number * size // 8)
             assignment = Assignment(
@@ -174,7 +168,7 @@ class KeyLedger:
         """Alice: take Bob's assignment; it must be the next serial and start at her head."""
         if self.role != "alice":
             raise AssertionError("only Alice applies assignments")
-        with _Transaction(self._db):
+        with transaction(self._db):
             if assignment.serial != self.serial + 1:
                 raise Diverged(f"assignment {assignment.serial} arrived; expected {self.serial + 1}")
             if assignment.start != self.head:
@@ -191,7 +185,7 @@ class KeyLedger:
 
     def finalize(self, serial: int) -> None:
         """Bob: Alice holds every assignment up to ``serial``; erase their material."""
-        with _Transaction(self._db):
+        with transaction(self._db):
             rows = self._db.execute(
                 "SELECT past FROM delivery_assignments WHERE state = 'offered' AND serial <= ? "
                 "ORDER BY serial",
@@ -208,7 +202,7 @@ class KeyLedger:
     def rollback(self, applied: int) -> list[int]:
         """Bob: drop the assignments Alice never applied (serial above ``applied``); their material
         returns to the pool. Returns the serials dropped."""
-        with _Transaction(self._db):
+        with transaction(self._db):
             if applied > self.serial:
                 raise Diverged(f"the peer applied assignment {applied}; this site allocated {self.serial}")
             rows = self._db.execute(
@@ -220,8 +214,8 @@ class KeyLedger:
             if rows:
                 self._db.execute("DELETE FROM delivery_keys WHERE serial > ?", (applied,))
                 self._db.execute("DELETE FROM delivery_assignments WHERE serial > ?", (applied,))
-                self._set("delivery_head", rows[0][2])
-                self._set("delivery_serial", str(applied))
+                set_meta(self._db, "delivery_head", rows[0][2])
+                set_meta(self._db, "delivery_serial", str(applied))
         self.finalize(applied)
         return [int(r[0]) for r in rows]
 
@@ -242,7 +236,7 @@ class KeyLedger:
         Returns the keys, or ([], serials) when some key's assignment is not final yet (the caller waits
         for Alice's acknowledgement and asks again). Raises :class:`UnknownKey` or :class:`NotAuthorized`.
         """
-        with _Transaction(self._db):
+        with transaction(self._db):
             rows = []
             for key_id in key_ids:
                 row = self._db.execute(
@@ -329,8 +323,8 @@ class KeyLedger:
             )
         except sqlite3.IntegrityError:
             raise Diverged(f"assignment {assignment.serial} repeats a key ID") from None
-        self._set("delivery_head", _format(past))
-        self._set("delivery_serial", str(assignment.serial))
+        set_meta(self._db, "delivery_head", _format(past))
+        set_meta(self._db, "delivery_serial", str(assignment.serial))
         return keys
 
     def _erase_upto(self, pointer: Pointer) -> None:
@@ -347,7 +341,7 @@ class KeyLedger:
                 self._db.execute(
                     "UPDATE keys SET key = ? WHERE round = ? AND idx = ?", (bytes(o) + block[o:], r, b)
                 )
-        self._set("delivery_erased", _format(pointer))
+        set_meta(self._db, "delivery_erased", _format(pointer))
 
 
 def _format(pointer: Pointer) -> str:
@@ -357,22 +351,3 @@ def _format(pointer: Pointer) -> str:
 def _parse(text: str) -> Pointer:
     r, b, o = (int(v) for v in text.split())
     return (r, b, o)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, or a SAVEPOINT when already inside a transaction."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self._nested = db.in_transaction
-
-    def __enter__(self) -> None:
-        self._db.execute("SAVEPOINT ledger" if self._nested else "BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        if self._nested:
-            self._db.execute("RELEASE ledger" if kind is None else "ROLLBACK TO ledger")
-            if kind is not None:
-                self._db.execute("RELEASE ledger")
-        else:
-            self._db.execute("COMMIT" if kind is None else "ROLLBACK")
