@@ -108,12 +108,12 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
-        self.kme = (
-            KeyManager(config.role, config.etsi014, self.store.ledger(config.role), self._store_call)
-            if config.etsi014 is not None
-            else None
-        )
-        self.api = ApiServer(self.kme, config.etsi014) if self.kme is not None and config.etsi014 else None
+        self.kme: KeyManager | None = None
+        self.api: ApiServer | None = None
+        if config.etsi014 is not None:
+            ledger = self.store.ledger(config.role)
+            self.kme = KeyManager(config.role, config.etsi014, ledger, self._store_call)
+            self.api = ApiServer(self.kme, config.etsi014)
         self.settings = engine_mod.EngineSettings(
             link_id=config.link_id,
             psk=self.psk,
@@ -161,8 +161,7 @@ class Daemon:
                     nursery.start_soon(self.kme.finalizer)
                 if self.api is not None:
                     port = await nursery.start(self.api.serve)
-                    assert self.config.etsi014 is not None
-                    self._write_address_file(ETSI014_FILE, self.config.etsi014.listen.host, port)
+                    self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
@@ -250,16 +249,14 @@ class Daemon:
                     nursery.start_soon(self._read, session, frames_in)
                     deadline = _deadline(engine.timeout)
                     while True:
-                        # with key delivery, a daemon that ran its rounds goes on serving keys
-                        done = self._max_rounds_reached()
                         if (
                             engine.state is engine_mod.State.IDLE
                             and self.role == "alice"
-                            and not (done and self.kme is not None and not self.stopping)
+                            and (self.stopping or not self._max_rounds_reached() or self._all_done())
                         ):
-                            if self.stopping or done:
+                            if self.stopping or self._all_done():
                                 await session.write_quietly(engine.close("shutdown", "no more rounds"))
-                                if done:
+                                if self._all_done():
                                     self.request_stop("all rounds done")
                                 return ready
                             if self.config.round_pause:
@@ -307,12 +304,7 @@ class Daemon:
                             await self._become_active(session)
                         await self._execute(session, actions)
                         deadline = _deadline(engine.timeout)
-                        if (
-                            self.role == "bob"
-                            and self._max_rounds_reached()
-                            and self.kme is None
-                            and engine.state is engine_mod.State.IDLE
-                        ):
+                        if self.role == "bob" and self._all_done() and engine.state is engine_mod.State.IDLE:
                             self.request_stop("all rounds done")
             except RemoteProtocolError as error:
                 await self._protocol_error(session, error)
@@ -435,6 +427,11 @@ class Daemon:
 
     def _max_rounds_reached(self) -> bool:
         return 0 < self.config.max_rounds <= self.rounds_finished
+
+    def _all_done(self) -> bool:
+        """The rounds asked for have run and nothing else keeps the daemon: with key delivery it goes on
+        serving keys (Alice then waits in IDLE for frames instead of starting rounds)."""
+        return self._max_rounds_reached() and self.kme is None
 
     async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
         if thread:

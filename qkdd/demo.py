@@ -50,6 +50,7 @@ class DemoResult:
 
 SAES = {"alice": "sae-alice", "bob": "sae-bob"}
 """The demo's one SAE per site (ETSI 014): named by its certificate's common name."""
+HOSTS = ("127.0.0.1", "localhost")  # the names the demo KMEs' certificates are valid for
 
 
 def write_etsi014_files(state_dir: Path, saes: Mapping[str, Sequence[str]]) -> Path:
@@ -64,9 +65,6 @@ def write_etsi014_files(state_dir: Path, saes: Mapping[str, Sequence[str]]) -> P
             for sae in saes[role]:
                 pki.issue(sae, folder, folder, algorithm="ecdsa-p256", days=2, usage="client")
     return folder
-
-
-HOSTS = ("127.0.0.1", "localhost")
 
 
 def etsi014_section(role: str, saes: Sequence[str]) -> str:

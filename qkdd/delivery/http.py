@@ -87,14 +87,13 @@ class ApiServer:
         self.context = tls_context(settings)
         self._by_fingerprint = {s.fingerprint: s.id for s in settings.saes if s.fingerprint}
         self._by_name = {s.common_name: s.id for s in settings.saes if s.common_name}
-        self.port: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.settings.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
-        self.port = int(listeners[0].socket.getsockname()[1])
-        log.info("ETSI 014 key delivery API on https://%s:%d/api/v1/keys/", listen.host, self.port)
-        task_status.started(self.port)
+        port = int(listeners[0].socket.getsockname()[1])
+        log.info("ETSI 014 key delivery API on https://%s:%d/api/v1/keys/", listen.host, port)
+        task_status.started(port)
         await trio.serve_listeners(self._connection, listeners)
 
     def identify(self, der: bytes | None) -> str | None:

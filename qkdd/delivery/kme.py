@@ -54,10 +54,13 @@ class _Waiter:
     assignment: Assignment | None = None
     error: DeliveryError | None = None
 
-    def resolve(self, *, error: DeliveryError | None = None, **values: Any) -> None:
-        for name, value in values.items():
-            setattr(self, name, value)
-        self.error = error
+    def resolve(
+        self,
+        keys: list[bytes] | None = None,
+        assignment: Assignment | None = None,
+        error: DeliveryError | None = None,
+    ) -> None:
+        self.keys, self.assignment, self.error = keys, assignment, error
         self.event.set()
 
 
