@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,53 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
             alice.request_stop("test over")
             bob.request_stop("test over")
     assert message in caplog.text and alice.rounds_finished == 0
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("failing", ["alice", "bob"])
+async def test_a_failing_disk_write_at_commit_abandons_the_round_on_both_sides(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, failing: str
+) -> None:
+    """The store's write of a finished round (Alice: committed, Bob: pending) fails once, inside its
+    transaction after the round and key rows went in: nothing of that round stays at either side, and
+    both daemons go on to store the following rounds."""
+    alice_config, bob_config = configs(tmp_path, 3)
+    bob = Daemon(bob_config)
+    alice_config = config.Config(**{**alice_config.__dict__})
+    failed: list[int] = []
+
+    def inject(daemon: Daemon) -> None:
+        real = daemon.store.reserve.add
+
+        def add(round_number: int, *args: Any, **kwargs: Any) -> None:
+            if not failed:
+                failed.append(round_number)
+                raise sqlite3.OperationalError("disk I/O error")
+            real(round_number, *args, **kwargs)
+
+        daemon.store.reserve.add = add  # type: ignore[method-assign]
+
+    caplog.set_level(logging.INFO, logger="qkdd")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(bob.run)
+            alice = Daemon(
+                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
+            )
+            inject(alice if failing == "alice" else bob)
+            await alice.run()
+    assert failed and "internal error (OperationalError: disk I/O error)" in caplog.text
+    stores = [KeyStore(c.state_dir, c.link_id, create=False) for c in (alice_config, bob_config)]
+    try:
+        alice_keys, bob_keys = (dict(s.committed_keys()) for s in stores)
+        assert alice_keys == bob_keys != {}
+        for store in stores:
+            rounds = {r["round"]: r for r in store.rounds()}
+            assert rounds.get(failed[0], {}).get("state") in (None, "aborted")
+            orphans = store._db.execute("SELECT COUNT(*) FROM keys WHERE round = ?", (failed[0],)).fetchone()
+            assert orphans == (0,)
+            assert store.statistics().committed_rounds == 3
+        assert stores[1].pending_rounds() == []
+    finally:
+        for store in stores:
+            store.close()
