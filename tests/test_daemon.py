@@ -225,3 +225,98 @@ async def test_a_failing_disk_write_at_commit_abandons_the_round_on_both_sides(
     finally:
         for store in stores:
             store.close()
+
+
+class Proxy:
+    """A TCP proxy between Alice and Bob. On its first connection it may stall: once ``stall_after``
+    bytes went from Alice to Bob it forwards nothing more in either direction and closes nothing (a
+    half-open connection, as when a host vanishes). ``delay`` holds every chunk back that long."""
+
+    def __init__(self, target: int, *, stall_after: int | None = None, delay: float = 0.0) -> None:
+        self.target = target
+        self.stall_after = stall_after
+        self.delay = delay
+        self.connections = 0
+        self.forwarded = 0
+        self.stalled = trio.Event()
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, client, upstream, first, True, nursery.cancel_scope)
+            nursery.start_soon(self._pump, upstream, client, first, False, nursery.cancel_scope)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, first: bool, to_bob: bool, scope: Any
+    ) -> None:
+        try:
+            async for chunk in source:
+                if first and self.stall_after is not None and self.forwarded >= self.stall_after:
+                    self.stalled.set()
+                if first and self.stalled.is_set():
+                    await trio.sleep_forever()  # hold both sockets open, forward nothing
+                if to_bob:
+                    self.forwarded += len(chunk)
+                await trio.sleep(self.delay)
+                await sink.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if not self.stalled.is_set() or not first:
+            scope.cancel()  # one side closed: close the other
+
+
+async def run_through(proxy: Proxy, rounds: int, tmp_path: Path) -> tuple[dict[str, bytes], list[KeyStore]]:
+    alice_config, bob_config = configs(tmp_path, rounds)
+    bob = Daemon(bob_config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with trio.open_nursery() as daemons:
+            proxy.target = await daemons.start(bob.run)
+            address = config.Address("127.0.0.1", port)
+            alice = Daemon(config.Config(**{**alice_config.__dict__, "peer": address}))
+            await alice.run()
+        # Bob stopped on his own once all rounds were done
+        nursery.cancel_scope.cancel()
+    stores = [KeyStore(c.state_dir, c.link_id, create=False) for c in (alice_config, bob_config)]
+    alice_keys, bob_keys = (dict(s.committed_keys()) for s in stores)
+    assert alice_keys == bob_keys != {}
+    return alice_keys, stores
+
+
+@pytest.mark.trio
+async def test_a_connection_stalled_mid_round_hits_the_round_timeout_on_both_sides(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half-open: the proxy stops forwarding in the middle of the first round and closes nothing. Each
+    daemon drops the connection on its own round timeout (2 s here), abandons the round, and the link
+    goes on over a new connection."""
+    caplog.set_level(logging.INFO, logger="qkdd")
+    proxy = Proxy(0, stall_after=40_000)  # past the handshake and round_start, inside the round
+    with trio.fail_after(60):
+        _, stores = await run_through(proxy, 2, tmp_path)
+    assert proxy.stalled.is_set() and proxy.connections >= 2
+    assert caplog.text.count("within its timeout; round 0 ") == 2, caplog.text  # one line per side
+    committed = [{r["round"] for r in s.rounds() if r["state"] == "committed"} for s in stores]
+    assert committed[0] == committed[1] and len(committed[0]) == 2
+    assert stores[1].pending_rounds() == []
+    for store in stores:
+        store.close()
+
+
+@pytest.mark.trio
+async def test_a_delayed_connection_still_stores_matching_keys(tmp_path: Path) -> None:
+    """10 ms more on every chunk each way (a 20 ms round trip on top of loopback)."""
+    proxy = Proxy(0, delay=0.01)
+    with trio.fail_after(90):
+        _, stores = await run_through(proxy, 2, tmp_path)
+    assert proxy.connections == 1
+    for store in stores:
+        assert store.statistics().committed_rounds == 2
+        store.close()

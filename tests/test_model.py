@@ -83,7 +83,7 @@ def verify(
     flags = ["-DCOLLAPSE"] if liveness else ["-DSAFETY", "-DNOCLAIM", "-DCOLLAPSE"]
     subprocess.run(["gcc", "-O2", *flags, "-o", "pan", "pan.c"], cwd=tmp, check=True, timeout=120)
     run = ["./pan", "-m200000", *(["-a"] if liveness else [])]
-    report = subprocess.run(run, cwd=tmp, capture_output=True, text=True, timeout=3600).stdout
+    report = subprocess.run(run, check=False, cwd=tmp, capture_output=True, text=True, timeout=3600).stdout
     if _clean(report):  # a search that stops at its first error is incomplete by design
         assert "Search not completed" not in report and "max search depth too small" not in report, report
     return report
