@@ -65,7 +65,7 @@ def one_input(data: bytes) -> None:
 
 def main(argv: list[str]) -> None:
     try:
-        import atheris  # type: ignore[import-not-found]
+        import atheris  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415 - optional
     except ImportError:
         for path in argv[1:]:
             with open(path, "rb") as f:
