@@ -12,6 +12,16 @@ from qkdd.errors import QkddError
 from qkdd.stages.cascade import VARIANTS
 
 
+def _milliseconds(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of milliseconds: {text!r}") from None
+    if not values or any(not 0 <= v <= 10_000 for v in values):
+        raise argparse.ArgumentTypeError("round-trip times must lie within 0..10000 ms")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkdd", description="Quantum key distribution daemons and tools.")
     parser.add_argument("--version", action="version", version=f"qkdd {__version__}")
@@ -36,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults"
     )
     bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
+    bench.add_argument(
+        "--rtt",
+        type=_milliseconds,
+        help="e2e: round-trip times in ms to add between Alice and Bob at 10 km, comma-separated "
+        "(default 10,50; --quick: 10)",
+    )
 
     run = commands.add_parser("run", help="run a daemon in the foreground")
     run.add_argument("--config", type=Path, required=True, help="the TOML config file")
@@ -181,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.what == "e2e":
             from qkdd import demo  # noqa: PLC0415
 
-            return demo.bench_e2e(args.quick, args.json, args.rounds)
+            return demo.bench_e2e(args.quick, args.json, args.rounds, args.rtt)
         if args.what == "etsi014":
             from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
 

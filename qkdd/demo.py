@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from qkdd.auth import pki
 from qkdd.auth.psk import generate_psk, write_psk
 from qkdd.daemon import read_listen_address
 from qkdd.errors import QkddError
+from qkdd.relay import DelayRelay
 from qkdd.store import KeyStore
 
 LINK_ID = "demo-link"
@@ -150,8 +151,11 @@ def wait_for_listen_address(state_dir: Path, process: subprocess.Popen[bytes], t
     raise QkddError("bob did not start listening within 20 s")
 
 
-def start_pair(alice_config: Path, bob_config: Path) -> list[subprocess.Popen[bytes]]:
-    """Start Bob, then Alice aimed at the port Bob reports; returns [alice, bob]."""
+def start_pair(
+    alice_config: Path, bob_config: Path, via: Callable[[str], str] | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """Start Bob, then Alice aimed at the port Bob reports (or at ``via(that address)``, a relay);
+    returns [alice, bob]."""
     state_dir = bob_config.parent
     for role in ("alice", "bob"):
         for name in ("listen-address", "etsi014-address"):
@@ -159,6 +163,8 @@ def start_pair(alice_config: Path, bob_config: Path) -> list[subprocess.Popen[by
     bob = spawn(bob_config, state_dir / "bob.log")
     try:
         address = wait_for_listen_address(state_dir / "bob", bob)
+        if via is not None:
+            address = via(address)
         alice_config.write_text(
             alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"')
         )
@@ -170,12 +176,24 @@ def start_pair(alice_config: Path, bob_config: Path) -> list[subprocess.Popen[by
 
 
 def run_demo(
-    state_dir: Path, rounds: int, sim: dict[str, Any], timeout: float | None = None, bootstrap: str = "psk"
+    state_dir: Path,
+    rounds: int,
+    sim: dict[str, Any],
+    timeout: float | None = None,
+    bootstrap: str = "psk",
+    rtt: float = 0.0,
 ) -> DemoResult:
-    """Run both daemons to completion and compare their stores."""
+    """Run both daemons to completion and compare their stores; with ``rtt`` (seconds), Alice reaches
+    Bob through a relay that adds that round-trip time."""
     alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap)
     started = time.monotonic()
-    alice, bob = start_pair(alice_config, bob_config)
+    relays: list[DelayRelay] = []
+
+    def relay(address: str) -> str:
+        relays.append(DelayRelay(address, rtt / 2))
+        return relays[-1].address
+
+    alice, bob = start_pair(alice_config, bob_config, relay if rtt > 0 else None)
     try:
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
         for process, name in ((alice, "alice"), (bob, "bob")):
@@ -193,6 +211,8 @@ def run_demo(
             if leftover.poll() is None:
                 leftover.kill()
                 leftover.wait()
+        for each in relays:
+            each.close()
     seconds = time.monotonic() - started
     return compare_stores(state_dir, seconds)
 
@@ -285,20 +305,25 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.keys_match else 1
 
 
-def bench_e2e(quick: bool, as_json: bool, rounds: int) -> int:
-    """Sifted key processed end to end per second, and the time to the first stored key."""
-    distances = [10.0] if quick else [10.0, 25.0, 50.0]
+def bench_e2e(quick: bool, as_json: bool, rounds: int, rtts_ms: Sequence[float] | None = None) -> int:
+    """Sifted and secret key processed end to end per second, and the time to the first stored key: at
+    several distances on loopback, and at 10 km against the round-trip time (a delay relay)."""
+    if rtts_ms is None:
+        rtts_ms = [10.0] if quick else [10.0, 50.0]
+    runs = [(10.0, 0.0)] if quick else [(10.0, 0.0), (25.0, 0.0), (50.0, 0.0)]
+    runs += [(10.0, float(rtt)) for rtt in rtts_ms if rtt > 0]
     rows = []
-    for distance in distances:
+    for distance, rtt_ms in runs:
         with tempfile.TemporaryDirectory(prefix="qkdd-bench-") as folder:
             sim = {"distance_km": distance, "pulses_per_frame": 1 << 24}
             started = time.time()
-            result = run_demo(Path(folder), max(1, rounds), sim)
+            result = run_demo(Path(folder), max(1, rounds), sim, rtt=rtt_ms / 1e3)
         round_seconds = sum(r["seconds"] or 0 for r in result.rounds)
         sifted = sum(r["sifted_bits"] for r in result.rounds)
         rows.append(
             {
                 "distance_km": distance,
+                "rtt_ms": rtt_ms,
                 "rounds": len(result.rounds),
                 "sifted_bits": sifted,
                 "secret_bits": result.secret_bits_total,
@@ -315,12 +340,14 @@ def bench_e2e(quick: bool, as_json: bool, rounds: int) -> int:
         print(json.dumps({"e2e": rows}))
     else:
         print(
-            f"{'km':>5} {'rounds':>6} {'sifted Mbit/s':>14} {'secret kbit/s':>14} {'first key s':>12} match"
+            f"{'km':>5} {'RTT ms':>6} {'rounds':>6} {'sifted Mbit/s':>14} {'secret kbit/s':>14} "
+            f"{'first key s':>12} match"
         )
         for row in rows:
             first = "-" if row["first_key_seconds"] is None else f"{row['first_key_seconds']:.2f}"
             print(
-                f"{row['distance_km']:>5.0f} {row['rounds']:>6} {row['sifted_bps'] / 1e6:>14.2f} "
+                f"{row['distance_km']:>5.0f} {row['rtt_ms']:>6.0f} {row['rounds']:>6} "
+                f"{row['sifted_bps'] / 1e6:>14.2f} "
                 f"{row['secret_bps'] / 1e3:>14.1f} {first:>12} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1

@@ -62,9 +62,7 @@ def _spawn(namespace: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.timeout(300)
-def test_two_hosts_store_matching_keys(
-    tmp_path: Path, namespaces: dict[str, str]
-) -> None:
+def test_two_hosts_store_matching_keys(tmp_path: Path, namespaces: dict[str, str]) -> None:
     alice_config, bob_config = demo.write_configs(tmp_path, 3, SIM)
     bob_config.write_text(
         bob_config.read_text().replace('listen = "127.0.0.1:0"', f'listen = "{ADDRESSES["bob"]}:0"')
