@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 10,50; --quick: 10)",
     )
 
+    conform = commands.add_parser(
+        "conform", help="play one role of qkdp/1 against an implementation and check its requirements"
+    )
+    conform.add_argument(
+        "--peer",
+        required=True,
+        help="HOST:PORT of the implementation under test (as alice: where it listens; as bob: where we "
+        "listen for it)",
+    )
+    conform.add_argument(
+        "--as", dest="role", choices=["alice", "bob"], required=True, help="the role we play"
+    )
+    conform.add_argument("--config", type=Path, required=True, help="our config: link, PSK, round parameters")
+    conform.add_argument("--json", action="store_true", help="one JSON object per scenario")
+
     run = commands.add_parser("run", help="run a daemon in the foreground")
     run.add_argument("--config", type=Path, required=True, help="the TOML config file")
     run.add_argument("--rounds", type=int, help="stop after this many rounds (overrides run.max_rounds)")
@@ -214,6 +229,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         variants = args.variant or (["optimized", "original"] if args.quick else list(VARIANTS))
         return bench.main(args.quick, args.json, variants, args.frames)
+    if args.command == "conform":
+        from qkdd import config, conform  # noqa: PLC0415
+
+        peer = config.parse_address(args.peer, "--peer")
+        return conform.main(config.load(args.config), args.role, (peer.host, peer.port), args.json)
     if args.command == "run":
         from qkdd import config, daemon  # noqa: PLC0415
 

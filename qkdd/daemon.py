@@ -71,6 +71,24 @@ def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> s
     return text + (f" reason={summary.reason!r}" if summary.reason else "")
 
 
+def engine_settings(
+    config: Config, psk: bytes, identity: pki.Identity | None, *, key_channel: bool = False
+) -> engine_mod.EngineSettings:
+    """The engine's settings from a config (shared by the daemon and ``qkdd conform``)."""
+    return engine_mod.EngineSettings(
+        link_id=config.link_id,
+        psk=psk,
+        pki=identity,
+        # [post] and the reserve keys of [auth] are named as the engine's settings
+        **dataclasses.asdict(config.post),
+        **dataclasses.asdict(config.auth),
+        handshake_timeout=config.timeouts.handshake,
+        round_timeout=config.timeouts.round,
+        idle_timeout=config.timeouts.idle,
+        key_channel=key_channel,
+    )
+
+
 @dataclass
 class _Session:
     peer: str
@@ -114,18 +132,7 @@ class Daemon:
             ledger = self.store.ledger(config.role)
             self.kme = KeyManager(config.role, config.etsi014, ledger, self._store_call)
             self.api = ApiServer(self.kme, config.etsi014)
-        self.settings = engine_mod.EngineSettings(
-            link_id=config.link_id,
-            psk=self.psk,
-            pki=self.pki,
-            # [post] and the reserve keys of [auth] are named as the engine's settings
-            **dataclasses.asdict(config.post),
-            **dataclasses.asdict(config.auth),
-            handshake_timeout=config.timeouts.handshake,
-            round_timeout=config.timeouts.round,
-            idle_timeout=config.timeouts.idle,
-            key_channel=self.kme is not None,
-        )
+        self.settings = engine_settings(config, self.psk, self.pki, key_channel=self.kme is not None)
         self.rounds_finished = 0
         self.stopping = False
         self.paused = False

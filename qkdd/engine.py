@@ -364,7 +364,12 @@ class Engine:
             if message.type == "hello":
                 self._hellos[self.peer_role] = envelope.body
             if self._is_stale(message):
-                return []  # §13: the peer sent it before it learnt that we dropped that round
+                # §13: the peer sent it before it learnt that we dropped that round. §16: it spent a
+                # one-time pad on the frame's transcript tag, so we skip that pad too, unverified:
+                # both sides then take the same pad for the next tag.
+                if envelope.tag and self._dropped_auth == "reserve":
+                    self._take_pads()
+                return self._flush()
             if envelope.tag and message.type not in _TAGGED:
                 raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
             self._frame = envelope
@@ -385,12 +390,27 @@ class Engine:
         """Abandon the round under way (e.g. the link failed), telling the peer."""
 
         def abort() -> State:
-            assert self._round is not None
-            self._send("abort", round=self._round.number, reason=reason[:256])
+            r = self._round
+            assert r is not None
+            self._send("abort", round=r.number, reason=reason[:256])
+            if self.role == "bob" and self.state is State.COMMITTING:
+                # §13: the round is stored pending and Alice may have committed it already; it stays
+                # pending until the next connection's resolve says which (nothing is dropped here)
+                self._round = None
+                self._dropped_round, self._dropped_auth = r.number, r.auth
+                return State.IDLE
             return self._end_aborted(reason)
 
         self._transition("abort", abort)
         return self._flush()
+
+    def seal(self, body: bytes) -> bytes:
+        """Frame ``body`` as our next frame, sequenced and MAC'd, whatever it holds: ``qkdd conform``
+        sends malformed messages this way to reach the peer's checks behind the MAC."""
+        seq = self._send_seq
+        self._send_seq += 1
+        mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
+        return wire.encode_frame(seq, body, mac)
 
     def close(self, code: str, message: str) -> bytes:
         """Move to CLOSED and return the error frame to send (timeouts, shutdown, replacement)."""
@@ -1064,9 +1084,11 @@ class Engine:
         self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
         self._round = None
         self._dropped_round = r.number
+        self._dropped_auth = r.auth
         return State.IDLE
 
     _dropped_round: int | None = None
+    _dropped_auth: str | None = None
 
     def _is_stale(self, message: wire.Message) -> bool:
         """A round message for the round we aborted last, which the peer may still have been running."""

@@ -8,7 +8,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from qkdd import engine, wire
+from qkdd import engine, spec, wire
 from qkdd.errors import RemoteProtocolError
 from tests.helpers import ConnectionPair
 
@@ -212,3 +212,41 @@ def test_fallback_to_psk_re_bootstraps_a_retired_link() -> None:
     assert again.alice.auth == "psk"
     again.round()
     assert again.alice_store.key_map() == again.bob_store.key_map()
+
+
+@pytest.mark.parametrize(
+    ("aborter", "state"),
+    [
+        (role, s)
+        for role in ("alice", "bob")
+        for s in spec.load().states[role]
+        if s in spec.load().round_states
+    ],
+)
+def test_an_abort_in_any_state_of_a_reserve_round_keeps_both_pads_in_step(aborter: str, state: str) -> None:
+    """A tagged frame the peer sent before it saw our abort is discarded, and its pad skipped at both
+    sides: the next reserve round's tags verify (found by `qkdd conform`, abort in COMMITTING)."""
+    pair = pair_with()
+    for _ in range(3):
+        pair.round()
+    assert pair.summaries["alice"][-1].auth == "reserve"
+    pair.handle("alice", pair.alice.start_round())
+    while pair.engine(aborter).state.value != state:
+        assert pair.step(), f"{aborter} never reached {state}"
+    pair.handle(aborter, pair.engine(aborter).abort_round("operator request"))
+    if (aborter, state) == ("bob", "COMMITTING"):
+        # Alice committed on Bob's commit before his abort arrived: she refuses it (bad-state) and the
+        # next connection resolves Bob's pending round as committed (§13)
+        with pytest.raises(RemoteProtocolError, match="abort is not allowed in state IDLE"):
+            pair.run()
+        pair = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store, **SMALL)
+        pair.connect()
+        assert not pair.bob_store.pending
+    else:
+        pair.run()
+    assert pair.alice.state is pair.bob.state is engine.State.IDLE
+    assert pair.alice_store.reserve.consumed == pair.bob_store.reserve.consumed
+    pair.round()
+    assert pair.summaries["alice"][-1].auth == "reserve" and not pair.summaries["alice"][-1].aborted
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    no_bit_used_twice(pair)
