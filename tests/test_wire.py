@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from qkdd import wire
 from qkdd.errors import LocalProtocolError, RemoteProtocolError
+from tests.conftest import load_vectors
 
 HELLO = {
     "versions": [1],
@@ -177,3 +178,25 @@ def test_mutated_frames_only_raise_remote_protocol_errors(data: st.DataObject) -
 def test_arbitrary_msgpack_bodies_only_raise_remote_protocol_errors(value: object) -> None:
     with contextlib.suppress(RemoteProtocolError):
         wire.decode_message(msgpack.packb(value, use_bin_type=True))
+
+
+def test_framing_vectors() -> None:
+    """protocol/vectors/framing.json: the exact bytes of frames, both ways."""
+    for v in load_vectors("framing"):
+        body = bytes.fromhex(v["body"])
+        assert (
+            wire.encode_message(
+                v["message"]["type"], **{k: x for k, x in v["message"].items() if k != "type"}
+            )
+            == body
+        )
+        frame = wire.encode_frame(v["seq"], body, bytes.fromhex(v["mac"]), bytes.fromhex(v["tag"]))
+        assert frame.hex() == v["frame"]
+        (payload,) = wire.FrameDecoder().feed(frame)
+        envelope = wire.decode_envelope(payload)
+        assert (envelope.seq, envelope.body, envelope.mac.hex(), envelope.tag.hex()) == (
+            v["seq"],
+            body,
+            v["mac"],
+            v["tag"],
+        )

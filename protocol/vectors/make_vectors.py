@@ -112,8 +112,37 @@ def psk_vectors() -> list[dict[str, object]]:
             "seq": 5,
             "body": body.hex(),
             "mac_alice": hmac.new(k_alice, (5).to_bytes(8, "big") + body, hashlib.sha256).hexdigest(),
+            # §19: the key channel's MAC key of Alice's direction, HKDF-Expand of her frame MAC key
+            "channel_key_alice": hmac.new(k_alice, b"qkdp/1 channel keys\x01", hashlib.sha256).hexdigest(),
         }
     ]
+
+
+def framing_vectors() -> list[dict[str, object]]:
+    """§9: 4-byte big-endian length, then the envelope map {seq, body, mac, tag} in that order."""
+    import msgpack  # noqa: PLC0415
+
+    cases = [
+        (0, {"type": "abort", "round": 0, "reason": ""}, b"", b""),
+        (2, {"type": "committed", "round": 7}, bytes(range(32)), b""),
+        (1 << 40, {"type": "commit", "round": 1 << 62, "blocks": 3}, b"\xff" * 32, bytes(16)),
+    ]
+    out: list[dict[str, object]] = []
+    for seq, message, mac, tag in cases:
+        body = msgpack.packb(message, use_bin_type=True)
+        envelope = msgpack.packb({"seq": seq, "body": body, "mac": mac, "tag": tag}, use_bin_type=True)
+        frame = len(envelope).to_bytes(4, "big") + envelope
+        out.append(
+            {
+                "seq": seq,
+                "message": message,
+                "body": body.hex(),
+                "mac": mac.hex(),
+                "tag": tag.hex(),
+                "frame": frame.hex(),
+            }
+        )
+    return out
 
 
 def wegman_carter_vectors() -> list[dict[str, object]]:
@@ -151,6 +180,7 @@ def main() -> None:
         ("varint", varint_vectors()),
         ("key_ids", key_id_vectors()),
         ("psk", psk_vectors()),
+        ("framing", framing_vectors()),
         ("wegman_carter", wegman_carter_vectors()),
     ):
         (HERE / f"{name}.json").write_text(json.dumps(vectors, indent=1, ensure_ascii=False) + "\n")

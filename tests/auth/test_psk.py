@@ -22,6 +22,7 @@ def test_vectors() -> None:
         macs = psk.session_macs(key, bytes.fromhex(v["nonce_alice"]), bytes.fromhex(v["nonce_bob"]), t)
         assert macs["alice"].key.hex() == v["mac_key_alice"] and macs["bob"].key.hex() == v["mac_key_bob"]
         assert macs["alice"].tag(v["seq"], bytes.fromhex(v["body"])).hex() == v["mac_alice"]
+        assert macs["alice"].derive(b"qkdp/1 channel keys").key.hex() == v["channel_key_alice"]
 
 
 def test_proofs_are_bound_to_role_and_transcript() -> None:
