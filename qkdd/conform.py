@@ -480,7 +480,7 @@ def _sample(loaded: spec.Spec, name: str) -> dict[str, Any]:
 
 def main(config: Config, role: str, peer: tuple[str, int], as_json: bool) -> int:
     if config.role != role:
-        config = dataclasses.replace(config, role=role)
+        raise QkddError(f"{config.role}'s config given to play {role}: pass the config of the role played")
 
     def report(result: Result) -> None:
         if as_json:

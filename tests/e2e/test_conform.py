@@ -123,3 +123,26 @@ def test_the_spec_lists_exactly_the_requirements_conform_checks() -> None:
     doc = spec.SPEC_PATH.with_suffix(".md").read_text()
     listed = dict(re.findall(r"^\| (QKDP-[\d.]+) \| (.*) \|$", doc, re.M))
     assert listed == REQUIREMENTS
+
+
+def test_a_config_of_the_other_role_is_refused(tmp_path: Path) -> None:
+    alice_config, _ = configs(tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkdd",
+            "conform",
+            "--peer",
+            "127.0.0.1:1",
+            "--as",
+            "bob",
+            "--config",
+            str(alice_config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "alice's config given to play bob" in done.stderr
