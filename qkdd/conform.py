@@ -27,11 +27,9 @@ import numpy as np
 
 from qkdd import engine as engine_mod
 from qkdd import spec, wire
-from qkdd.auth import pki
-from qkdd.auth.psk import read_psk
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
-from qkdd.daemon import engine_settings
+from qkdd.daemon import credentials, engine_settings
 from qkdd.engine import Engine, State
 from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink, open_link
@@ -165,6 +163,11 @@ class Connection:
         return code
 
 
+def _flip_quarter(bits: Any, indices: Any) -> Any:
+    """The bits with those of every fourth pulse index flipped: a 25% error rate."""
+    return bits ^ (indices % 4 == 0).astype(np.uint8)
+
+
 class _NoisyAlice:
     """Alice's link with a quarter of her bits flipped: the QBER scenario."""
 
@@ -181,7 +184,7 @@ class _NoisyAlice:
             @staticmethod
             def at(indices: Any) -> Any:
                 bits, bases, classes = inner.at(indices)
-                return bits ^ (indices % 4 == 0).astype(np.uint8), bases, classes
+                return _flip_quarter(bits, indices), bases, classes
 
         return Noisy()
 
@@ -195,8 +198,7 @@ class _NoisyBob:
 
     def detections(self, frame: int) -> Detections:
         d = self.link.detections(frame)
-        flipped = d.bits ^ (d.indices % 4 == 0).astype(np.uint8)
-        return dataclasses.replace(d, bits=flipped)
+        return dataclasses.replace(d, bits=_flip_quarter(d.bits, d.indices))
 
 
 class Conformance:
@@ -206,13 +208,7 @@ class Conformance:
         self.config = config
         self.role = role
         self.peer = peer
-        psk = read_psk(config.psk_file) if config.psk_file is not None else b""
-        identity = (
-            pki.Identity.load(config.pki.certificate, config.pki.key, config.pki.ca, config.pki.peer_name)
-            if config.pki is not None
-            else None
-        )
-        self.settings = engine_settings(config, psk, identity)
+        self.settings = engine_settings(config, *credentials(config))
         self.link = open_link(config.link_backend, role, config.link_options)
         self.store = KeyStore(state_dir, config.link_id)
         self.spec = spec.load()

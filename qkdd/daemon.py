@@ -71,6 +71,17 @@ def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> s
     return text + (f" reason={summary.reason!r}" if summary.reason else "")
 
 
+def credentials(config: Config) -> tuple[bytes, pki.Identity | None]:
+    """The bootstrap secrets a config names: the PSK (empty without one) and the PKI identity."""
+    psk = read_psk(config.psk_file) if config.psk_file is not None else b""
+    identity = (
+        pki.Identity.load(config.pki.certificate, config.pki.key, config.pki.ca, config.pki.peer_name)
+        if config.pki is not None
+        else None
+    )
+    return psk, identity
+
+
 def engine_settings(
     config: Config, psk: bytes, identity: pki.Identity | None, *, key_channel: bool = False
 ) -> engine_mod.EngineSettings:
@@ -117,12 +128,7 @@ class Daemon:
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
         self.role = config.role
-        self.psk = read_psk(config.psk_file) if config.psk_file is not None else b""
-        self.pki = (
-            pki.Identity.load(config.pki.certificate, config.pki.key, config.pki.ca, config.pki.peer_name)
-            if config.pki is not None
-            else None
-        )
+        self.psk, self.pki = credentials(config)
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()

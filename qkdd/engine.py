@@ -393,13 +393,10 @@ class Engine:
             r = self._round
             assert r is not None
             self._send("abort", round=r.number, reason=reason[:256])
-            if self.role == "bob" and self.state is State.COMMITTING:
-                # §13: the round is stored pending and Alice may have committed it already; it stays
-                # pending until the next connection's resolve says which (nothing is dropped here)
-                self._round = None
-                self._dropped_round, self._dropped_auth = r.number, r.auth
-                return State.IDLE
-            return self._end_aborted(reason)
+            # §13: Bob in COMMITTING holds the round pending and Alice may have committed it already;
+            # it stays pending until the next connection's resolve says which
+            pending = self.role == "bob" and self.state is State.COMMITTING
+            return self._end_aborted(reason, record=not pending)
 
         self._transition("abort", abort)
         return self._flush()
@@ -1079,12 +1076,13 @@ class Engine:
             auth=r.auth,
         )
 
-    def _end_aborted(self, reason: str) -> State:
+    def _end_aborted(self, reason: str, *, record: bool = True) -> State:
+        """Drop the open round; ``record``: store its figures as aborted (which drops a pending round)."""
         r = self._open_round()
-        self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
+        if record:
+            self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
         self._round = None
-        self._dropped_round = r.number
-        self._dropped_auth = r.auth
+        self._dropped_round, self._dropped_auth = r.number, r.auth
         return State.IDLE
 
     _dropped_round: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import struct
@@ -31,6 +32,11 @@ def configs(tmp_path: Path, rounds: int) -> tuple[config.Config, config.Config]:
         path.write_text(head + TIMEOUTS + "\n[run]" + tail)
         loaded.append(config.load(path))
     return loaded[0], loaded[1]
+
+
+def alice_towards(alice_config: config.Config, port: int) -> Daemon:
+    """Alice's daemon, aimed at a port on 127.0.0.1 (Bob's, or a proxy's)."""
+    return Daemon(dataclasses.replace(alice_config, peer=config.Address("127.0.0.1", port)))
 
 
 async def read_frames(stream: trio.SocketStream) -> list[dict[str, Any]]:
@@ -108,9 +114,7 @@ async def test_a_failing_link_ends_the_connection_not_the_daemon(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(bob.run)
-            alice = Daemon(
-                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
-            )
+            alice = alice_towards(alice_config, port)
             await alice.run()
     assert "internal error (InputError: detector offline)" in caplog.text
     stores = [KeyStore(c.state_dir, c.link_id, create=False) for c in (alice_config, bob_config)]
@@ -164,9 +168,7 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
     with trio.move_on_after(8):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(bob.run)
-            alice = Daemon(
-                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
-            )
+            alice = alice_towards(alice_config, port)
             nursery.start_soon(alice.run)
             with trio.fail_after(6):
                 await paused.wait()
@@ -187,7 +189,6 @@ async def test_a_failing_disk_write_at_commit_abandons_the_round_on_both_sides(
     both daemons go on to store the following rounds."""
     alice_config, bob_config = configs(tmp_path, 3)
     bob = Daemon(bob_config)
-    alice_config = config.Config(**{**alice_config.__dict__})
     failed: list[int] = []
 
     def inject(daemon: Daemon) -> None:
@@ -205,9 +206,7 @@ async def test_a_failing_disk_write_at_commit_abandons_the_round_on_both_sides(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(bob.run)
-            alice = Daemon(
-                config.Config(**{**alice_config.__dict__, "peer": config.Address("127.0.0.1", port)})
-            )
+            alice = alice_towards(alice_config, port)
             inject(alice if failing == "alice" else bob)
             await alice.run()
     assert failed and "internal error (OperationalError: disk I/O error)" in caplog.text
@@ -279,8 +278,7 @@ async def run_through(proxy: Proxy, rounds: int, tmp_path: Path) -> tuple[dict[s
         port = await nursery.start(proxy.serve)
         async with trio.open_nursery() as daemons:
             proxy.target = await daemons.start(bob.run)
-            address = config.Address("127.0.0.1", port)
-            alice = Daemon(config.Config(**{**alice_config.__dict__, "peer": address}))
+            alice = alice_towards(alice_config, port)
             await alice.run()
         # Bob stopped on his own once all rounds were done
         nursery.cancel_scope.cancel()

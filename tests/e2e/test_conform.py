@@ -40,11 +40,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def check_report(out: str) -> None:
+def finish(suite: subprocess.Popen[str], daemon: subprocess.Popen[bytes]) -> None:
+    """Wait for the suite, stop the daemon under test, and check that every requirement passed."""
+    try:
+        out, err = suite.communicate(timeout=240)
+    finally:
+        daemon.kill()
+        daemon.wait()
     results = [json.loads(line) for line in out.splitlines()]
     assert {r["requirement"] for r in results} == set(REQUIREMENTS)
     failed = [r for r in results if not r["passed"]]
     assert not failed, failed
+    assert suite.returncode == 0, err
 
 
 @pytest.mark.timeout(300)
@@ -53,13 +60,10 @@ def test_our_bob_meets_every_requirement(tmp_path: Path) -> None:
     bob = demo.spawn(bob_config, tmp_path / "bob.log")
     try:
         address = demo.wait_for_listen_address(tmp_path / "bob", bob)
-        suite = conform("alice", address, alice_config)
-        out, err = suite.communicate(timeout=240)
-    finally:
+    except BaseException:
         bob.kill()
-        bob.wait()
-    check_report(out)
-    assert suite.returncode == 0, err
+        raise
+    finish(conform("alice", address, alice_config), bob)
 
 
 @pytest.mark.timeout(300)
@@ -68,14 +72,7 @@ def test_our_alice_meets_every_requirement(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"'))
     suite = conform("bob", address, bob_config)
-    alice = demo.spawn(alice_config, tmp_path / "alice.log")
-    try:
-        out, err = suite.communicate(timeout=240)
-    finally:
-        alice.kill()
-        alice.wait()
-    check_report(out)
-    assert suite.returncode == 0, err
+    finish(suite, demo.spawn(alice_config, tmp_path / "alice.log"))
 
 
 @pytest.mark.timeout(120)
