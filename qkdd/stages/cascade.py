@@ -132,8 +132,39 @@ def _packed_halves_mask(seed: bytes, n: int) -> Bits:
     return packed
 
 
+class RangeParity:
+    """Parities of the ranges of one bit string, from its packed form: O(n/64) to build, O(1) a range.
+
+    ``P(t)``, the parity of bits ``[0, t)``, is the parity of the whole 64-bit words before bit t (a
+    running count) XOR the parity of the first ``t mod 64`` bits of t's word; a range's parity is
+    ``P(end) XOR P(start)``. Both roles keep one per pass, over their bits in pass order.
+    """
+
+    def __init__(self, packed: Bits, n: int) -> None:
+        words = n // 64 + 1  # bit n's word exists, so P(n) needs no special case
+        padded = np.zeros(words * 8, dtype=np.uint8)
+        padded[: packed.size] = packed[: words * 8]
+        self.words: npt.NDArray[np.uint64] = padded.view(">u8").astype(np.uint64)
+        self.before: Bits = np.zeros(words, dtype=np.uint8)
+        np.cumsum(np.bitwise_count(self.words[:-1]), dtype=np.uint8, out=self.before[1:])
+        self.before &= 1
+
+    def at(self, t: Int64s) -> Bits:
+        """``P(t)`` for each t in ``[0, n]``."""
+        partial = np.bitwise_count(self.words[t >> 6] & _HIGH_BITS[t & 63]) & 1
+        return self.before[t >> 6] ^ partial
+
+    def parity(self, starts: Int64s, ends: Int64s) -> Bits:
+        """Parity of ``[starts[i], ends[i])`` for each i."""
+        return self.at(ends) ^ self.at(starts)
+
+
+_HIGH_BITS = np.array([((1 << k) - 1) << (64 - k) for k in range(64)], dtype=np.uint64)
+"""``_HIGH_BITS[k]``: a word's first (most significant) k bits."""
+
+
 class _Pass:
-    """One pass's layout, shared by both roles: block bounds, index↔position maps, prefix parities."""
+    """One pass's layout, shared by both roles: block bounds, index↔position maps, range parities."""
 
     def __init__(self, layout: PassLayout, n: int) -> None:
         self.layout = layout
@@ -175,20 +206,17 @@ class _Pass:
 
     def index_at(self, positions: Int64s) -> Int64s:
         """The key index at each pass-order position."""
-        if self.layout.kind == "affine" and self.n > 1:
+        if self.layout.kind == "affine":
             inverse = pow(self.layout.multiplier, -1, self.n)
             return ((positions - self.layout.offset) % self.n) * inverse % self.n
         return self.order[positions]
 
     @property
     def order(self) -> Int64s:
-        """``order[t]``: the key index at position t (built lazily: O(n))."""
+        """A halves pass's ``order[t]``: the key index at position t (built lazily: O(n))."""
         if self._order is None:
-            n = self.n
-            if self.layout.kind == "affine":
-                self._order = _affine_sequence(n, self.layout.multiplier, self.layout.offset)
-            else:
-                self._order = np.concatenate([np.flatnonzero(self.mask), np.flatnonzero(self.mask == 0)])
+            members = self.mask.view(bool)
+            self._order = np.concatenate([np.flatnonzero(members), np.flatnonzero(~members)])
         return self._order
 
     def block_of(self, indices: Int64s) -> Int64s:
@@ -199,11 +227,16 @@ class _Pass:
             return np.zeros(indices.size, dtype=np.int64)
         return (1 - self.mask[indices]).astype(np.int64)
 
-    def prefix(self, bits: Bits) -> Bits:
-        """``P[t]`` = parity of ``bits`` at positions ``[0, t)`` of this pass; length n + 1."""
-        out = np.zeros(self.n + 1, dtype=np.uint8)
-        np.bitwise_xor.accumulate(bits[self.order], out=out[1:])
-        return out
+    def in_order(self, bits: Bits) -> Bits:
+        """``bits`` rearranged into pass order, packed MSB-first."""
+        if self.layout.kind == "affine":
+            return _affine_gather(bits, self.layout.multiplier, self.layout.offset)
+        members = self.mask.view(bool)
+        return np.packbits(np.concatenate([bits[members], bits[~members]]))
+
+    def range_parity(self, bits: Bits) -> RangeParity:
+        """Range parities of ``bits`` in this pass's order."""
+        return RangeParity(self.in_order(bits), self.n)
 
     def top_parities(self, bits: Bits, packed: bytes | None = None) -> Bits:
         """Parity of ``bits`` over every block of this pass."""
@@ -215,25 +248,43 @@ class _Pass:
                 return np.array([total], dtype=np.uint8)
             inside = int(np.bitwise_count(packed_bits & self.packed_mask).sum()) & 1
             return np.array([inside, inside ^ total], dtype=np.uint8)
-        prefix = self.prefix(bits)
-        return prefix[self.block_ends] ^ prefix[self.block_starts]
+        return self.range_parity(bits).parity(self.block_starts, self.block_ends)
 
 
-def _affine_sequence(n: int, multiplier: int, offset: int) -> Int64s:
-    """``(t - offset) · multiplier^-1 mod n`` for t = 0 .. n-1: the key index at each affine position.
+_GATHER_ROWS = 64
+"""Rows of 1024 positions gathered at a time by :func:`_affine_gather` (its buffers stay in cache)."""
 
-    Computed as ``(H[t >> 10] + L[t & 1023]) mod n`` from two small tables, which avoids a 64-bit
-    multiply and modulo per element (three times faster at n = 2^20).
+
+def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
+    """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
+    ``(t - b) · a^-1 mod n``.
+
+    Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
+    and ``L[c] = c·a^-1 mod n``: two small tables and, per element, one add and one conditional subtract
+    (as an unsigned minimum) instead of a 64-bit multiply and modulo. Positions are built and gathered a
+    few rows at a time, so no n-sized index array is ever written to memory.
     """
-    if n <= 1:
-        return np.zeros(n, dtype=np.int64)
+    n = bits.size
+    rows = (n + 1023) >> 10
+    out = np.empty(rows * 128, dtype=np.uint8)
+    if n == 1:
+        return np.packbits(bits)
     inverse = pow(multiplier, -1, n)
+    low = np.arange(1024, dtype=np.uint64) * np.uint64(inverse) % np.uint64(n)
     start = (-offset * inverse) % n
-    low = np.arange(1024, dtype=np.int64) * inverse % n
-    high = (np.arange((n + 1023) >> 10, dtype=np.int64) * (1024 * inverse % n) + start) % n
-    sequence = np.add.outer(high, low).ravel()[:n]
-    np.subtract(sequence, n, out=sequence, where=sequence >= n)
-    return sequence
+    high = (np.arange(rows, dtype=np.uint64) * np.uint64(1024 * inverse % n) + np.uint64(start)) % np.uint64(n)
+    width = min(rows, _GATHER_ROWS)
+    index = np.empty((width, 1024), dtype=np.uint64)
+    wrapped = np.empty_like(index)
+    gathered = np.empty((width, 1024), dtype=np.uint8)
+    for row in range(0, rows, width):
+        count = min(width, rows - row)
+        np.add(high[row : row + count, None], low[None, :], out=index[:count])
+        np.subtract(index[:count], np.uint64(n), out=wrapped[:count])
+        np.minimum(index[:count], wrapped[:count], out=index[:count])  # (h + l) mod n, as h + l < 2n
+        np.take(bits, index[:count].view(np.int64), out=gathered[:count])
+        out[row * 128 : (row + count) * 128] = np.packbits(gathered[:count])
+    return out[: (n + 7) // 8]
 
 
 def _validate_layout(layout: PassLayout, n: int) -> None:
@@ -264,7 +315,7 @@ class CascadeAlice:
         self.n = self.key.size
         self._packed = pack_bits(self.key)
         self._passes: list[_Pass] = []
-        self._prefixes: dict[int, Bits] = {}
+        self._parities: dict[int, RangeParity] = {}
         self.disclosed_bits = 0
         self.round_trips = 0
         self.finished = False
@@ -286,9 +337,8 @@ class CascadeAlice:
                 cascade_pass = _Pass(layout, self.n)
                 self._passes.append(cascade_pass)
                 if layout.kind == "affine":
-                    self._prefixes[index] = cascade_pass.prefix(self.key)
-                    prefix = self._prefixes[index]
-                    parities = prefix[cascade_pass.block_ends] ^ prefix[cascade_pass.block_starts]
+                    self._parities[index] = cascade_pass.range_parity(self.key)
+                    parities = self._parities[index].parity(cascade_pass.block_starts, cascade_pass.block_ends)
                 else:
                     parities = cascade_pass.top_parities(self.key, self._packed)
                 return self._reply(parities)
@@ -297,14 +347,13 @@ class CascadeAlice:
                 parities = np.empty(pass_ids.size, dtype=np.uint8)
                 single = bool(pass_ids[0] == pass_ids[-1]) and bool(np.all(pass_ids == pass_ids[0]))
                 for index in [int(pass_ids[0])] if single else np.unique(pass_ids).tolist():
-                    if index not in self._prefixes:
-                        self._prefixes[index] = self._passes[index].prefix(self.key)
-                    prefix = self._prefixes[index]
+                    if index not in self._parities:
+                        self._parities[index] = self._passes[index].range_parity(self.key)
                     if single:
-                        parities = prefix[ends_] ^ prefix[starts_]
+                        parities = self._parities[index].parity(starts_, ends_)
                         break
                     mine = pass_ids == index
-                    parities[mine] = prefix[ends_[mine]] ^ prefix[starts_[mine]]
+                    parities[mine] = self._parities[index].parity(starts_[mine], ends_[mine])
                 return self._reply(parities)
             case Finished(disclosed_bits=claimed):
                 if claimed != self.disclosed_bits:
@@ -412,7 +461,7 @@ class _BobPass:
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
         self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
         self.searching = np.zeros(layout.block_count, dtype=bool)
-        self.prefix: Bits | None = None  # parity prefix of Bob's *original* bits in pass order
+        self.original: RangeParity | None = None  # range parities of Bob's *original* bits in pass order
         self.flips_seen = 0  # entries of the flip log merged into flip_positions
         self.flip_positions: Int64s = np.zeros(0, dtype=np.int64)
         self.width = 1 << (layout.depth + 1)
@@ -591,7 +640,7 @@ class CascadeBob:
             alice_top = yield from self._ask(StartPass(index, layout), shared.block_count)
             state = _BobPass(index, shared, alice_top, schedule.reuse_parities)
             if layout.kind == "affine":
-                # from the prefix of Bob's original bits (needed for the searches anyway) and his flips
+                # from the range parities of Bob's original bits (needed for the searches anyway) and his flips
                 state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
             else:
                 state.odd = alice_top != shared.top_parities(self.key)
@@ -703,10 +752,10 @@ class CascadeBob:
             np.logical_xor.at(state.odd, blocks, True)
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
-        """Bob's current parity of pass-order ranges: original prefix XOR flips inside the range."""
+        """Bob's current parity of pass-order ranges: his original bits' XOR the flips inside the range."""
         shared = state.layout
-        if state.prefix is None:
-            state.prefix = shared.prefix(self.original)
+        if state.original is None:
+            state.original = shared.range_parity(self.original)
             state.flips_seen = 0
         if state.flips_seen < len(self._flip_log):
             new = np.concatenate(self._flip_log[state.flips_seen :])
@@ -715,7 +764,7 @@ class CascadeBob:
             state.flip_positions = np.insert(state.flip_positions, at, positions)
             state.flips_seen = len(self._flip_log)
         inside = np.searchsorted(state.flip_positions, ends) - np.searchsorted(state.flip_positions, starts)
-        return state.prefix[ends] ^ state.prefix[starts] ^ (inside & 1).astype(np.uint8)
+        return state.original.parity(starts, ends) ^ (inside & 1).astype(np.uint8)
 
 
 def reconcile_in_memory(
