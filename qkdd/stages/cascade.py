@@ -54,6 +54,7 @@ from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 
 Int64s = npt.NDArray[np.int64]
+Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]
 PassKind = Literal["affine", "halves"]
 
 MAX_PASSES = 64
@@ -133,7 +134,8 @@ def _packed_halves_mask(seed: bytes, n: int) -> Bits:
 
 
 class RangeParity:
-    """Parities of the ranges of one bit string, from its packed form: O(n/64) to build, O(1) a range.
+    """Parities of the ranges of a bit string, from its packed form: O(n/64) to build or to flip bits,
+    O(1) a range.
 
     ``P(t)``, the parity of bits ``[0, t)``, is the parity of the whole 64-bit words before bit t (a
     running count) XOR the parity of the first ``t mod 64`` bits of t's word; a range's parity is
@@ -146,17 +148,35 @@ class RangeParity:
         padded[: packed.size] = packed[: words * 8]
         self.words: npt.NDArray[np.uint64] = padded.view(">u8").astype(np.uint64)
         self.before: Bits = np.zeros(words, dtype=np.uint8)
-        np.cumsum(np.bitwise_count(self.words[:-1]), dtype=np.uint8, out=self.before[1:])
-        self.before &= 1
+        self._count(0)
 
-    def at(self, t: Int64s) -> Bits:
+    def _count(self, first: int) -> None:
+        """Recompute ``before`` after the words from ``first`` on changed."""
+        tail = self.before[first + 1 :]
+        np.cumsum(np.bitwise_count(self.words[first:-1]), dtype=np.uint8, out=tail)
+        tail += self.before[first]
+        tail &= 1
+
+    def flip(self, positions: Int64s) -> None:
+        """Toggle the bits at ``positions`` (a position listed twice is toggled twice)."""
+        word = positions >> 6
+        np.bitwise_xor.at(self.words, word, _HIGH_BITS[1] >> (positions & 63).astype(np.uint64))
+        self._count(int(word.min()))
+
+    def at(self, t: Positions) -> Bits:
         """``P(t)`` for each t in ``[0, n]``."""
-        partial = np.bitwise_count(self.words[t >> 6] & _HIGH_BITS[t & 63]) & 1
-        return self.before[t >> 6] ^ partial
+        word = t >> 6
+        partial = self.words[word]
+        partial &= _HIGH_BITS[t & 63]
+        parity: Bits = np.bitwise_count(partial)
+        parity ^= self.before[word]
+        parity &= 1
+        return parity
 
-    def parity(self, starts: Int64s, ends: Int64s) -> Bits:
+    def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of ``[starts[i], ends[i])`` for each i."""
-        return self.at(ends) ^ self.at(starts)
+        both = self.at(np.concatenate([starts, ends]))
+        return both[: starts.size] ^ both[starts.size :]
 
 
 _HIGH_BITS = np.array([((1 << k) - 1) << (64 - k) for k in range(64)], dtype=np.uint64)
@@ -266,13 +286,15 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """
     n = bits.size
     rows = (n + 1023) >> 10
-    out = np.empty(rows * 128, dtype=np.uint8)
     if n == 1:
         return np.packbits(bits)
+    out = np.empty(rows * 128, dtype=np.uint8)
     inverse = pow(multiplier, -1, n)
     low = np.arange(1024, dtype=np.uint64) * np.uint64(inverse) % np.uint64(n)
     start = (-offset * inverse) % n
-    high = (np.arange(rows, dtype=np.uint64) * np.uint64(1024 * inverse % n) + np.uint64(start)) % np.uint64(n)
+    high = (np.arange(rows, dtype=np.uint64) * np.uint64(1024 * inverse % n) + np.uint64(start)) % np.uint64(
+        n
+    )
     width = min(rows, _GATHER_ROWS)
     index = np.empty((width, 1024), dtype=np.uint64)
     wrapped = np.empty_like(index)
@@ -338,14 +360,16 @@ class CascadeAlice:
                 self._passes.append(cascade_pass)
                 if layout.kind == "affine":
                     self._parities[index] = cascade_pass.range_parity(self.key)
-                    parities = self._parities[index].parity(cascade_pass.block_starts, cascade_pass.block_ends)
+                    parities = self._parities[index].parity(
+                        cascade_pass.block_starts, cascade_pass.block_ends
+                    )
                 else:
                     parities = cascade_pass.top_parities(self.key, self._packed)
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
                 pass_ids, starts_, ends_ = _check_ranges(passes, starts, ends, self.n, len(self._passes))
                 parities = np.empty(pass_ids.size, dtype=np.uint8)
-                single = bool(pass_ids[0] == pass_ids[-1]) and bool(np.all(pass_ids == pass_ids[0]))
+                single = pass_ids.min() == pass_ids.max()
                 for index in [int(pass_ids[0])] if single else np.unique(pass_ids).tolist():
                     if index not in self._parities:
                         self._parities[index] = self._passes[index].range_parity(self.key)
@@ -375,7 +399,7 @@ class CascadeAlice:
 
 def _check_ranges(
     passes: object, starts: object, ends: object, n: int, pass_count: int
-) -> tuple[Int64s, Int64s, Int64s]:
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
     p, s, e = np.asarray(passes), np.asarray(starts), np.asarray(ends)
     if (
         p.ndim != 1
@@ -388,12 +412,11 @@ def _check_ranges(
         raise RemoteProtocolError("cascade: a range request is a uint8 and two uint32 arrays of equal length")
     if s.size == 0 or s.size > MAX_RANGES_PER_REQUEST:
         raise RemoteProtocolError(f"cascade: a range request holds 1..{MAX_RANGES_PER_REQUEST} ranges")
-    p64, s64, e64 = p.astype(np.int64), s.astype(np.int64), e.astype(np.int64)
-    if p64.max() >= pass_count:
+    if p.max() >= pass_count:
         raise RemoteProtocolError("cascade: range request names a pass that was not started")
-    if np.any(s64 >= e64) or np.any(e64 > n):
+    if (s >= e).any() or e.max() > n:
         raise RemoteProtocolError("cascade: every range must satisfy start < end <= frame length")
-    return p64, s64, e64
+    return p, s, e
 
 
 # --------------------------------------------------------------------------- Bob
@@ -460,10 +483,10 @@ class _BobPass:
         self.alice_top = alice_top
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
         self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
+        self.odd_seen = 0  # entries of the flip log applied to ``odd`` (see CascadeBob._sync_odd)
         self.searching = np.zeros(layout.block_count, dtype=bool)
-        self.original: RangeParity | None = None  # range parities of Bob's *original* bits in pass order
-        self.flips_seen = 0  # entries of the flip log merged into flip_positions
-        self.flip_positions: Int64s = np.zeros(0, dtype=np.int64)
+        self.current: RangeParity | None = None  # range parities of Bob's bits in pass order (built lazily)
+        self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
         # Alice's sub-block parities by (block, heap index); 2 = unknown
         self.known: Bits | None = np.full(0, 2, dtype=np.uint8) if reuse else None
@@ -480,11 +503,6 @@ class _BobPass:
         if self.known.size == 0:
             self.known = np.full(self.layout.block_count * self.width, 2, dtype=np.uint8)
         self.known[slots] = parities
-
-    def recall(self, slots: Int64s) -> Bits:
-        if self.known is None or self.known.size == 0:
-            return np.full(slots.size, 2, dtype=np.uint8)
-        return self.known[slots]
 
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
@@ -509,25 +527,42 @@ class _BobPass:
         self.blocks, self.starts, self.ends = self.blocks[which], self.starts[which], self.ends[which]
         self.heap, self.node_parity = self.heap[which], self.node_parity[which]
 
-    def descend(self, rows: Int64s, alice_left: Bits, bob_left: Bits) -> None:
-        """Move searches ``rows`` one level down given Alice's and Bob's parities of the left child."""
-        start, end = self.starts[rows], self.ends[rows]
-        mid = start + (end - start + 1) // 2
-        left = 2 * self.heap[rows] + 1
-        right_parity = self.node_parity[rows] ^ alice_left
-        slots = self.blocks[rows] * self.width + left
+    def descend(
+        self, alice_left: Bits, bob_left: Bits, mid: Int64s, slots: Int64s, rows: Int64s | None
+    ) -> None:
+        """Move searches one level down given Alice's and Bob's parities of their left child.
+
+        ``mid`` and ``slots`` are :meth:`left_children`'s for the same searches; ``rows`` picks the
+        searches (``None``: all of them, in place).
+        """
+        node_parity = self.node_parity if rows is None else self.node_parity[rows]
+        right_parity = node_parity ^ alice_left
         self.remember(slots, alice_left)
         self.remember(slots + 1, right_parity)
         go_left = alice_left != bob_left
-        self.ends[rows] = np.where(go_left, mid, end)
-        self.starts[rows] = np.where(go_left, start, mid)
-        self.heap[rows] = np.where(go_left, left, left + 1)
+        go_right = ~go_left
+        if rows is None:
+            np.copyto(self.ends, mid, where=go_left)
+            np.copyto(self.starts, mid, where=go_right)
+            self.heap *= 2
+            self.heap += 1
+            self.heap += go_right
+            self.node_parity = np.where(go_left, alice_left, right_parity)
+            return
+        self.ends[rows] = np.where(go_left, mid, self.ends[rows])
+        self.starts[rows] = np.where(go_left, self.starts[rows], mid)
+        self.heap[rows] = 2 * self.heap[rows] + 1 + go_right
         self.node_parity[rows] = np.where(go_left, alice_left, right_parity)
 
-    def left_children(self) -> tuple[Int64s, Int64s, Int64s]:
-        """(start, mid, known-parity slot) of the left child of every search under way."""
-        mid = self.starts + (self.ends - self.starts + 1) // 2
-        return self.starts, mid, self.blocks * self.width + 2 * self.heap + 1
+    def left_children(self) -> tuple[Int64s, Int64s]:
+        """(mid, known-parity slot) of the left child ``[start, mid)`` of every search under way."""
+        mid = self.ends - self.starts
+        mid += 1
+        mid >>= 1
+        mid += self.starts
+        slots = self.blocks * self.width
+        slots += 2 * self.heap + 1
+        return mid, slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,10 +675,11 @@ class CascadeBob:
             alice_top = yield from self._ask(StartPass(index, layout), shared.block_count)
             state = _BobPass(index, shared, alice_top, schedule.reuse_parities)
             if layout.kind == "affine":
-                # from the range parities of Bob's original bits (needed for the searches anyway) and his flips
+                # from the range parities of Bob's bits (needed for the searches anyway)
                 state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
             else:
                 state.odd = alice_top != shared.top_parities(self.key)
+            state.odd_seen = len(self._flip_log)
             self._passes.append(state)
             if layout.kind == "halves":
                 clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
@@ -663,13 +699,14 @@ class CascadeBob:
         """
         while True:
             if not any(state.blocks.size for state in self._passes):
-                odd = [state for state in self._passes if state.odd.any()]
+                odd = [state for state in self._passes if self._sync_odd(state).any()]
                 if not odd:
                     return
                 min(
                     odd, key=lambda st: int(st.layout.block_ends[0] - st.layout.block_starts[0])
                 ).start_searches()
             progressed = False
+            asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in self._passes:
                 if state.blocks.size == 0:
                     continue
@@ -677,42 +714,43 @@ class CascadeBob:
                 if leaves.any():
                     # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
                     # contradict each other
-                    leaf_starts = state.starts[leaves]
-                    if np.any(
-                        self._bob_parity(state, leaf_starts, leaf_starts + 1) == state.node_parity[leaves]
-                    ):
+                    found = state.layout.index_at(state.starts[leaves])
+                    if (self.key[found] == state.node_parity[leaves]).any():
                         raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
-                    found = state.layout.index_at(leaf_starts)
                     state.keep(~leaves)
                     self._apply_flips(found)
                     if state.blocks.size == 0:
                         continue
-                # descend through sub-blocks whose parity Alice already disclosed, with no round trip
-                start, mid, slots = state.left_children()
-                alice_left = state.recall(slots)
-                local = np.flatnonzero(alice_left != 2)
-                if local.size:
-                    bob_left = self._bob_parity(state, start[local], mid[local])
-                    state.descend(local, alice_left[local], bob_left)
-                    progressed = True
-            if progressed:
-                continue
-            waiting = [state for state in self._passes if state.blocks.size]
-            if not waiting:
+                mid, slots = state.left_children()
+                if state.known is not None and state.known.size:
+                    # descend through sub-blocks whose parity Alice already disclosed, with no round trip
+                    alice_left = state.known[slots]
+                    local = np.flatnonzero(alice_left != 2)
+                    if local.size:
+                        bob_left = self._bob_parity(state, state.starts[local], mid[local])
+                        state.descend(alice_left[local], bob_left, mid[local], slots[local], local)
+                        progressed = True
+                        continue
+                asks.append((state, mid, slots))
+            if progressed or not asks:
                 continue
             # one round trip asks the left child of every search under way
-            asks = [state.left_children() for state in waiting]
-            request = RangeRequest(
-                np.concatenate([np.full(st.blocks.size, st.index, dtype=np.uint8) for st in waiting]),
-                np.concatenate([start for start, _, _ in asks]).astype(np.uint32),
-                np.concatenate([mid for _, mid, _ in asks]).astype(np.uint32),
-            )
-            answer = yield from self._ask(request, int(request.starts.size))
+            if len(asks) == 1:
+                state = asks[0][0]
+                passes = np.full(state.blocks.size, state.index, dtype=np.uint8)
+                starts, ends = state.starts.astype(np.uint32), asks[0][1].astype(np.uint32)
+            else:
+                passes = np.concatenate(
+                    [np.full(st.blocks.size, st.index, dtype=np.uint8) for st, _, _ in asks]
+                )
+                starts = np.concatenate([st.starts for st, _, _ in asks]).astype(np.uint32)
+                ends = np.concatenate([mid for _, mid, _ in asks]).astype(np.uint32)
+            answer = yield from self._ask(RangeRequest(passes, starts, ends), int(starts.size))
             offset = 0
-            for state, (start, mid, _) in zip(waiting, asks, strict=True):
+            for state, mid, slots in asks:
                 count = state.blocks.size
-                rows = np.arange(count)
-                state.descend(rows, answer[offset : offset + count], self._bob_parity(state, start, mid))
+                bob_left = self._bob_parity(state, state.starts, mid)
+                state.descend(answer[offset : offset + count], bob_left, mid, slots, None)
                 offset += count
 
     def _affine_layout(self, block_size: int) -> PassLayout:
@@ -742,29 +780,32 @@ class CascadeBob:
             return
         # an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or more flips
         # than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
-        if np.any(self.key[indices] != self.original[indices]):
+        if (self.key[indices] != self.original[indices]).any():
             raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
         self.key[indices] ^= 1
         self.corrected_bits += int(indices.size)
         self._flip_log.append(indices)
-        for state in self._passes:
-            blocks = state.layout.block_of(indices)
-            np.logical_xor.at(state.odd, blocks, True)
+
+    def _flips_since(self, seen: int) -> Int64s:
+        return np.concatenate(self._flip_log[seen:])
+
+    def _sync_odd(self, state: _BobPass) -> npt.NDArray[np.bool_]:
+        """``state.odd`` with every flip so far applied (lazily: a flip touches every pass, and most
+        passes are not looked at again before many more flips)."""
+        if state.odd_seen < len(self._flip_log):
+            np.logical_xor.at(state.odd, state.layout.block_of(self._flips_since(state.odd_seen)), True)
+            state.odd_seen = len(self._flip_log)
+        return state.odd
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
-        """Bob's current parity of pass-order ranges: his original bits' XOR the flips inside the range."""
-        shared = state.layout
-        if state.original is None:
-            state.original = shared.range_parity(self.original)
-            state.flips_seen = 0
-        if state.flips_seen < len(self._flip_log):
-            new = np.concatenate(self._flip_log[state.flips_seen :])
-            positions = np.sort(shared.positions(new))
-            at = np.searchsorted(state.flip_positions, positions)
-            state.flip_positions = np.insert(state.flip_positions, at, positions)
+        """Bob's current parity of pass-order ranges."""
+        if state.current is None:
+            state.current = state.layout.range_parity(self.key)
             state.flips_seen = len(self._flip_log)
-        inside = np.searchsorted(state.flip_positions, ends) - np.searchsorted(state.flip_positions, starts)
-        return state.original.parity(starts, ends) ^ (inside & 1).astype(np.uint8)
+        elif state.flips_seen < len(self._flip_log):
+            state.current.flip(state.layout.positions(self._flips_since(state.flips_seen)))
+            state.flips_seen = len(self._flip_log)
+        return state.current.parity(starts, ends)
 
 
 def reconcile_in_memory(

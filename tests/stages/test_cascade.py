@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 import pytest
@@ -219,7 +218,14 @@ def test_halves_mask_is_shake128() -> None:
 
 def test_affine_gather_matches_definition(rng: np.random.Generator) -> None:
     # position t of pass (a, b) holds key index (t - b) * a^-1 mod n; sizes around the 1024-position rows
-    for n, a, b in [(1, 1, 0), (7, 3, 2), (1023, 2, 5), (1025, 17, 1000), (65537, 12345, 3), (70000, 3, 69999)]:
+    for n, a, b in [
+        (1, 1, 0),
+        (7, 3, 2),
+        (1023, 2, 5),
+        (1025, 17, 1000),
+        (65537, 12345, 3),
+        (70000, 3, 69999),
+    ]:
         bits = rng.integers(0, 2, n, dtype=np.uint8)
         order = (np.arange(n) - b) % n * pow(a, -1, n) % n
         packed = cascade._affine_gather(bits, a, b)
@@ -233,5 +239,13 @@ def test_range_parity_matches_direct_sums(values: list[int], data: st.DataObject
     ranges = data.draw(st.lists(st.tuples(st.integers(0, n), st.integers(0, n)), min_size=1, max_size=20))
     starts = np.array([min(r) for r in ranges], dtype=np.int64)
     ends = np.array([max(r) for r in ranges], dtype=np.int64)
-    got = cascade.RangeParity(np.packbits(bits), n).parity(starts, ends)
-    assert got.tolist() == [int(bits[s:e].sum()) & 1 for s, e in zip(starts, ends, strict=True)]
+    ranges_ = cascade.RangeParity(np.packbits(bits), n)
+
+    def direct() -> list[int]:
+        return [int(bits[s:e].sum()) & 1 for s, e in zip(starts, ends, strict=True)]
+
+    assert ranges_.parity(starts, ends).tolist() == direct()
+    flips = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=10)), dtype=np.int64)
+    np.bitwise_xor.at(bits, flips, 1)
+    ranges_.flip(flips)
+    assert ranges_.parity(starts, ends).tolist() == direct()
