@@ -280,31 +280,26 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     ``(t - b) · a^-1 mod n``.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
-    and ``L[c] = c·a^-1 mod n``: two small tables and, per element, one add and one conditional subtract
-    (as an unsigned minimum) instead of a 64-bit multiply and modulo. Positions are built and gathered a
-    few rows at a time, so no n-sized index array is ever written to memory.
+    and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
+    and modulo, and no modulo at all, because ``H[r] + L[c] < 2n`` indexes ``bits`` written out twice.
+    Positions are built and gathered a few rows at a time, so no n-sized index array is ever written.
     """
     n = bits.size
-    rows = (n + 1023) >> 10
     if n == 1:
         return np.packbits(bits)
-    out = np.empty(rows * 128, dtype=np.uint8)
+    rows = (n + 1023) >> 10
+    twice = np.concatenate([bits, bits])
     inverse = pow(multiplier, -1, n)
-    low = np.arange(1024, dtype=np.uint64) * np.uint64(inverse) % np.uint64(n)
-    start = (-offset * inverse) % n
-    high = (np.arange(rows, dtype=np.uint64) * np.uint64(1024 * inverse % n) + np.uint64(start)) % np.uint64(
-        n
-    )
+    low = np.arange(1024, dtype=np.int64) * inverse % n
+    high = (np.arange(rows, dtype=np.int64) * (1024 * inverse % n) + (-offset * inverse) % n) % n
     width = min(rows, _GATHER_ROWS)
-    index = np.empty((width, 1024), dtype=np.uint64)
-    wrapped = np.empty_like(index)
+    index = np.empty((width, 1024), dtype=np.int64)
     gathered = np.empty((width, 1024), dtype=np.uint8)
+    out = np.empty(rows * 128, dtype=np.uint8)
     for row in range(0, rows, width):
         count = min(width, rows - row)
         np.add(high[row : row + count, None], low[None, :], out=index[:count])
-        np.subtract(index[:count], np.uint64(n), out=wrapped[:count])
-        np.minimum(index[:count], wrapped[:count], out=index[:count])  # (h + l) mod n, as h + l < 2n
-        np.take(bits, index[:count].view(np.int64), out=gathered[:count])
+        np.take(twice, index[:count], out=gathered[:count])
         out[row * 128 : (row + count) * 128] = np.packbits(gathered[:count])
     return out[: (n + 7) // 8]
 
