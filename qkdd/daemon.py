@@ -58,7 +58,7 @@ READ_SIZE = 1 << 16
 T = TypeVar("T")
 
 
-def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> str:
+def format_summary(summary: RoundSummary, disposition: str, seconds: float, stages: str = "") -> str:
     def rate(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
@@ -68,7 +68,37 @@ def format_summary(summary: RoundSummary, disposition: str, seconds: float) -> s
         f"disclosed={summary.disclosed_bits} secret={summary.secret_bits} seconds={seconds:.3f} "
         f"auth={summary.auth}"
     )
+    text += f" stages={stages}" if stages else ""
     return text + (f" reason={summary.reason!r}" if summary.reason else "")
+
+
+class RoundClock:
+    """Where one round's time goes at this side: for each engine state, the seconds spent in it (waiting
+    for the peer included) and, of those, the seconds this side's engine computed."""
+
+    def __init__(self, state: str, now: float) -> None:
+        self.started = now
+        self.state, self.since = state, now
+        self.wall: dict[str, float] = {}
+        self.busy: dict[str, float] = {}
+
+    def computed(self, state: str, seconds: float) -> None:
+        self.busy[state] = self.busy.get(state, 0.0) + seconds
+
+    def enter(self, state: str, now: float) -> None:
+        """The engine is in ``state`` as of ``now`` (a no-op when it already was)."""
+        if state != self.state:
+            self.wall[self.state] = self.wall.get(self.state, 0.0) + now - self.since
+            self.state, self.since = state, now
+
+    def format(self, now: float) -> str:
+        """``state:wall/busy`` for each state the round went through, in order, lower case."""
+        wall = dict(self.wall)
+        wall[self.state] = wall.get(self.state, 0.0) + now - self.since
+        return ",".join(
+            f"{state.lower()}:{seconds:.3f}/{self.busy.get(state, 0.0):.3f}"
+            for state, seconds in wall.items()
+        )
 
 
 def credentials(config: Config) -> tuple[bytes, pki.Identity | None]:
@@ -149,6 +179,7 @@ class Daemon:
         self._active: _Session | None = None
         self._handshakes = 0
         self._round_started: float | None = None
+        self._clock: RoundClock | None = None
         self._round_idle = trio.Event()
         self._round_idle.set()
         self.listen_port: int | None = None
@@ -274,8 +305,9 @@ class Daemon:
                                 return ready
                             if self.config.round_pause:
                                 await trio.sleep(self.config.round_pause)
+                            clock = RoundClock(engine.state.value, trio.current_time())
                             try:
-                                actions = await self._call(engine.start_round)
+                                actions = await self._step(engine, clock, engine.start_round)
                             except engine_mod.ReserveExhausted as exhausted:
                                 if not self.paused:
                                     self._status("paused: key reserve exhausted", session.peer)
@@ -284,7 +316,7 @@ class Daemon:
                                 await trio.sleep(PAUSE_RETRY_SECONDS)
                                 continue
                             self.paused = False
-                            self._begin_round()
+                            self._begin_round(clock)
                             await self._execute(session, actions)
                             deadline = _deadline(engine.timeout)
                             continue
@@ -309,8 +341,10 @@ class Daemon:
                             return ready
                         heavy = engine.state is not engine_mod.State.RECONCILING
                         if engine.state is engine_mod.State.IDLE and self.role == "bob":
-                            self._begin_round()
-                        actions = await self._call(engine.receive_frame, *item, thread=heavy)
+                            self._begin_round(RoundClock(engine.state.value, trio.current_time()))
+                        actions = await self._step(
+                            engine, self._clock, engine.receive_frame, *item, thread=heavy
+                        )
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshakes -= 1
@@ -434,8 +468,10 @@ class Daemon:
         except OSError as error:
             log.warning("cannot write the status file: %s", error.strerror)
 
-    def _begin_round(self) -> None:
-        self._round_started = trio.current_time()
+    def _begin_round(self, clock: RoundClock) -> None:
+        """A round began when ``clock`` started (Alice: before she fetched its frame)."""
+        self._round_started = clock.started
+        self._clock = clock
         self._round_idle = trio.Event()
 
     def _max_rounds_reached(self) -> bool:
@@ -450,6 +486,24 @@ class Daemon:
         if thread:
             return await trio.to_thread.run_sync(function, *args)
         return function(*args)
+
+    async def _step(
+        self,
+        engine: engine_mod.Engine,
+        clock: RoundClock | None,
+        function: Callable[..., T],
+        *args: Any,
+        thread: bool = True,
+    ) -> T:
+        """An engine step (in a worker thread unless told not to), timed on the round's clock."""
+        state, started = engine.state.value, trio.current_time()
+        try:
+            return await self._call(function, *args, thread=thread)
+        finally:
+            if clock is not None:
+                now = trio.current_time()
+                clock.computed(state, now - started)
+                clock.enter(engine.state.value, now)
 
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
@@ -475,7 +529,8 @@ class Daemon:
                             seconds,
                             reserve,
                         )
-                    log.info("%s", format_summary(summary, disposition, seconds))
+                    stages = "" if self._clock is None else self._clock.format(trio.current_time())
+                    log.info("%s", format_summary(summary, disposition, seconds, stages))
                     if disposition != "pending":
                         self._round_done()
                 case engine_mod.CommitRound(round=number):
@@ -519,6 +574,7 @@ class Daemon:
     def _round_done(self) -> None:
         self.rounds_finished += 1
         self._round_started = None
+        self._clock = None
         self._round_idle.set()
 
 

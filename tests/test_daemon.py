@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sqlite3
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from qkdd import config, demo
-from qkdd.daemon import Daemon
+from qkdd.daemon import Daemon, RoundClock
 from qkdd.errors import InputError
 from qkdd.store import KeyStore
 
@@ -318,3 +319,40 @@ async def test_a_delayed_connection_still_stores_matching_keys(tmp_path: Path) -
     for store in stores:
         assert store.statistics().committed_rounds == 2
         store.close()
+
+
+def test_the_round_clock_splits_a_round_into_states_with_their_computation() -> None:
+    clock = RoundClock("IDLE", 10.0)
+    clock.computed("IDLE", 0.5)
+    clock.enter("SIFTING", 10.5)
+    clock.computed("SIFTING", 0.25)
+    clock.enter("SIFTING", 11.0)  # a step that stays in its state
+    clock.enter("RECONCILING", 12.0)
+    clock.computed("RECONCILING", 1.0)
+    clock.enter("IDLE", 14.0)  # a state seen again adds to its first entry
+    assert clock.format(14.5) == "idle:1.000/0.500,sifting:1.500/0.250,reconciling:2.000/1.000"
+
+
+@pytest.mark.trio
+async def test_each_round_summary_says_where_its_time_went(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice_config, bob_config = configs(tmp_path, 2)
+    caplog.set_level(logging.INFO, logger="qkdd")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(Daemon(bob_config).run)
+            await alice_towards(alice_config, port).run()
+    summaries = [
+        r.getMessage() for r in caplog.records if re.match(r"round \d+ (committed|pending):", r.getMessage())
+    ]
+    assert len(summaries) == 4  # two rounds, each summed up by both sides
+    for line in summaries:
+        seconds = float(re.search(r" seconds=([\d.]+)", line)[1])  # type: ignore[index]
+        stages = dict(
+            (state, (float(wall), float(busy)))
+            for state, wall, busy in re.findall(r"(\w+):([\d.]+)/([\d.]+)", line.split(" stages=")[1])
+        )
+        assert {"sifting", "estimating", "reconciling", "confirming"} <= stages.keys()
+        assert all(0 <= busy <= wall + 1e-3 for wall, busy in stages.values())
+        assert sum(wall for wall, _ in stages.values()) == pytest.approx(seconds, abs=0.01)
