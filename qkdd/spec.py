@@ -44,53 +44,54 @@ class FieldSpec:
     one_of: tuple[str, ...] = ()
 
     def check(self, value: object, where: str) -> None:
-        """Raise :class:`RemoteProtocolError` unless ``value`` fits this field."""
-        what = f"{where}.{self.name}"
+        """Raise :class:`RemoteProtocolError` unless ``value`` fits this field (``where``: the message)."""
+        # the field's full name is only spelled out for an error: this runs for every field of every frame
         match self.type:
             case "uint":
-                self._check_uint(value, what)
+                self._check_uint(value, where)
             case "float":
                 # msgpack may carry a float as an int when it has no fraction; both are numbers here
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise _bad(f"{what} must be a number")
+                    raise _bad(f"{where}.{self.name} must be a number")
                 if not math.isfinite(value) or not self.min <= value <= self.max:
-                    raise _bad(f"{what} = {value} outside [{self.min}, {self.max}]")
+                    raise _bad(f"{where}.{self.name} = {value} outside [{self.min}, {self.max}]")
             case "bool":
                 if not isinstance(value, bool):
-                    raise _bad(f"{what} must be a boolean")
+                    raise _bad(f"{where}.{self.name} must be a boolean")
             case "str":
-                self._check_str(value, what)
+                self._check_str(value, where)
             case "bin":
                 if not isinstance(value, bytes):
-                    raise _bad(f"{what} must be binary (msgpack bin)")
+                    raise _bad(f"{where}.{self.name} must be binary (msgpack bin)")
                 if not self.min_len <= len(value) <= self.max_len:
-                    raise _bad(f"{what} holds {len(value)} bytes, outside [{self.min_len}, {self.max_len}]")
+                    bounds = f"[{self.min_len}, {self.max_len}]"
+                    raise _bad(f"{where}.{self.name} holds {len(value)} bytes, outside {bounds}")
             case "uints" | "strs":
                 if not isinstance(value, list):
-                    raise _bad(f"{what} must be an array")
+                    raise _bad(f"{where}.{self.name} must be an array")
                 if len(value) > self.max_items:
-                    raise _bad(f"{what} holds {len(value)} items, more than {self.max_items}")
+                    raise _bad(f"{where}.{self.name} holds {len(value)} items, more than {self.max_items}")
                 for item in value:
                     if self.type == "uints":
-                        self._check_uint(item, what)
+                        self._check_uint(item, where)
                     else:
-                        self._check_str(item, what)
+                        self._check_str(item, where)
             case _:  # pragma: no cover - rejected when the spec is loaded
                 raise AssertionError(self.type)
 
-    def _check_uint(self, value: object, what: str) -> None:
+    def _check_uint(self, value: object, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(f"{what} must be an unsigned integer")
+            raise _bad(f"{where}.{self.name} must be an unsigned integer")
         if not self.min <= value <= self.max:
-            raise _bad(f"{what} = {value} outside [{int(self.min)}, {int(self.max)}]")
+            raise _bad(f"{where}.{self.name} = {value} outside [{int(self.min)}, {int(self.max)}]")
 
-    def _check_str(self, value: object, what: str) -> None:
+    def _check_str(self, value: object, where: str) -> None:
         if not isinstance(value, str):
-            raise _bad(f"{what} must be a string")
+            raise _bad(f"{where}.{self.name} must be a string")
         if len(value.encode()) > self.max_len:
-            raise _bad(f"{what} is longer than {self.max_len} bytes")
+            raise _bad(f"{where}.{self.name} is longer than {self.max_len} bytes")
         if self.one_of and value not in self.one_of:
-            raise _bad(f"{what} = {value[:32]!r} is not one of {', '.join(self.one_of)}")
+            raise _bad(f"{where}.{self.name} = {value[:32]!r} is not one of {', '.join(self.one_of)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +142,14 @@ def _bad(message: str) -> RemoteProtocolError:
 
 def check_fields(fields: tuple[FieldSpec, ...], values: Mapping[Any, object], where: str) -> None:
     """Check that ``values`` holds exactly ``fields``, each within its bounds."""
-    names = {f.name for f in fields}
-    extra = [k for k in values if k not in names]
-    if extra:
-        raise _bad(f"{where}: unexpected field {str(extra[0])[:32]!r}")
     for field in fields:
         if field.name not in values:
             raise _bad(f"{where}: missing field {field.name!r}")
         field.check(values[field.name], where)
+    if len(values) != len(fields):  # every field is there, so something else is too
+        names = {f.name for f in fields}
+        extra = [k for k in values if k not in names]
+        raise _bad(f"{where}: unexpected field {str(extra[0])[:32]!r}")
 
 
 def _field(name: str, raw: Mapping[str, Any]) -> FieldSpec:

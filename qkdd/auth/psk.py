@@ -57,7 +57,7 @@ class FrameMac:
     key: bytes
 
     def tag(self, seq: int, body: bytes) -> bytes:
-        return hmac.new(self.key, seq.to_bytes(8, "big") + body, hashlib.sha256).digest()
+        return hmac.digest(self.key, seq.to_bytes(8, "big") + body, "sha256")
 
     def verify(self, seq: int, body: bytes, mac: bytes) -> None:
         if not hmac.compare_digest(self.tag(seq, body), mac):
