@@ -47,6 +47,7 @@ from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import open_link
 from qkdd.records import RoundSummary
 from qkdd.sdnotify import Notifier
+from qkdd.stages import amplify
 from qkdd.store import KeyStore
 
 log = logging.getLogger("qkdd")
@@ -208,6 +209,7 @@ class Daemon:
                     self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._warm_up)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
                 self._status("down")
                 task_status.started(self.listen_port)
@@ -481,6 +483,13 @@ class Daemon:
         """The rounds asked for have run and nothing else keeps the daemon: with key delivery it goes on
         serving keys (Alice then waits in IDLE for frames instead of starting rounds)."""
         return self._max_rounds_reached() and self.kme is None
+
+    async def _warm_up(self) -> None:
+        """Load the FFT backend while the first connection is set up, not inside the first round."""
+        try:
+            await trio.to_thread.run_sync(amplify.warm_up)
+        except Exception as error:  # the first round will meet (and report) the same failure
+            log.warning("privacy amplification warm-up failed: %s: %s", type(error).__name__, error)
 
     async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
         if thread:

@@ -103,3 +103,9 @@ def test_seed_message_round_trip_and_validation(rng: np.random.Generator) -> Non
         amplify.amplify(key, amplify.AmplificationSeed(1000, 400, message.seed[:-1]))
     with pytest.raises(InputError):
         amplify.choose_seed(rng, 10, 0)
+
+
+def test_warm_up_loads_the_backend() -> None:
+    amplify._backend.cache_clear()
+    amplify.warm_up()
+    assert amplify._backend.cache_info().currsize == 1  # the first round finds it loaded
