@@ -344,9 +344,9 @@ class Daemon:
                         heavy = engine.state is not engine_mod.State.RECONCILING
                         if engine.state is engine_mod.State.IDLE and self.role == "bob":
                             self._begin_round(RoundClock(engine.state.value, trio.current_time()))
-                        actions = await self._step(
-                            engine, self._clock, engine.receive_frame, *item, thread=heavy
-                        )
+                        # only the connection that runs rounds has a round clock (others are handshaking)
+                        timed = self._clock if self._active is session else None
+                        actions = await self._step(engine, timed, engine.receive_frame, *item, thread=heavy)
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshakes -= 1
