@@ -23,6 +23,10 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
 * With ``reuse_parities`` (the improved variants) Bob remembers every sub-block parity Alice has
   disclosed or that follows from disclosed ones, and never asks for it again when a later cascade step
   searches the same block.
+* Computation: each side holds, per pass, its bits in pass order as packed 64-bit words with a running
+  parity per word (:class:`RangeParity`), so any range's parity costs two lookups and a popcount. Bob
+  flips his in place as he corrects errors; the other passes' odd-block flags catch up with the flips
+  only when they are next looked at.
 
 Variants (Martinez-Mateo, Pacher, Peev, Ciurana, Martin, "Demystifying the information reconciliation
 protocol Cascade", QIC 15 (2015), compares them):
