@@ -143,8 +143,14 @@ class _Session:
     keys_ready: trio.Event = field(default_factory=trio.Event)  # the handshake is over (§19)
 
     async def write(self, frame: bytes) -> None:
-        async with self.send_lock:
+        try:
+            self.send_lock.acquire_nowait()  # the usual case: no scheduler pass just for the lock
+        except trio.WouldBlock:
+            await self.send_lock.acquire()
+        try:
             await self.stream.send_all(frame)
+        finally:
+            self.send_lock.release()
 
     async def write_quietly(self, frame: bytes) -> None:
         """Best effort, for the closing error frame: a broken or slow stream is given up after 1 s."""
