@@ -379,12 +379,17 @@ class Conformance:
         """Run ``count`` rounds on a connection past its handshake; the summaries of our side."""
         before = len(self.store.rounds())
         for _ in range(count):
-            if self.role == "alice":
-                c.act(c.engine.start_round())
-            else:  # until round_start opens a round (stale frames of an aborted one may come first)
-                c.run_until(lambda: c.engine.round_number is not None)
+            self._open_round(c)
             c.run_until(lambda: c.engine.state is State.IDLE)
         return self.store.rounds()[before:]
+
+    def _open_round(self, c: Connection) -> None:
+        """As Alice start a round; as Bob wait until the peer's round_start opens one (stale frames of an
+        aborted round may come first)."""
+        if self.role == "alice":
+            c.act(c.engine.start_round())
+        else:
+            c.run_until(lambda: c.engine.round_number is not None)
 
     def honest_rounds(self) -> str:
         with self.connection() as c:
@@ -426,10 +431,7 @@ class Conformance:
         pending = self.role == "bob" and state == "COMMITTING"
         with self.connection() as c:
             c.handshake()
-            if self.role == "alice":
-                c.act(c.engine.start_round())
-            else:
-                c.run_until(lambda: c.engine.round_number is not None)
+            self._open_round(c)
             c.run_until(lambda: c.engine.state.value in (state, "IDLE"))
             if c.engine.state.value != state:
                 raise Failed(f"the round ended before reaching {state}")

@@ -266,17 +266,16 @@ class _Pass:
         """Range parities of ``bits`` in this pass's order."""
         return RangeParity(self.in_order(bits), self.n)
 
-    def top_parities(self, bits: Bits, packed: bytes | None = None) -> Bits:
-        """Parity of ``bits`` over every block of this pass."""
-        if self.layout.kind == "halves":
-            assert self.packed_mask is not None
-            packed_bits = np.frombuffer(packed if packed is not None else pack_bits(bits), dtype=np.uint8)
-            total = int(np.bitwise_count(packed_bits).sum()) & 1
-            if self.block_count == 1:
-                return np.array([total], dtype=np.uint8)
-            inside = int(np.bitwise_count(packed_bits & self.packed_mask).sum()) & 1
-            return np.array([inside, inside ^ total], dtype=np.uint8)
-        return self.range_parity(bits).parity(self.block_starts, self.block_ends)
+    def halves_parities(self, bits: Bits, packed: bytes | None = None) -> Bits:
+        """A halves pass's block parities, by two popcounts and no rearrangement (affine passes take
+        theirs from :meth:`range_parity`, which their searches need anyway)."""
+        assert self.packed_mask is not None
+        packed_bits = np.frombuffer(packed if packed is not None else pack_bits(bits), dtype=np.uint8)
+        total = int(np.bitwise_count(packed_bits).sum()) & 1
+        if self.block_count == 1:
+            return np.array([total], dtype=np.uint8)
+        inside = int(np.bitwise_count(packed_bits & self.packed_mask).sum()) & 1
+        return np.array([inside, inside ^ total], dtype=np.uint8)
 
 
 _GATHER_ROWS = 64
@@ -367,7 +366,7 @@ class CascadeAlice:
                         cascade_pass.block_starts, cascade_pass.block_ends
                     )
                 else:
-                    parities = cascade_pass.top_parities(self.key, self._packed)
+                    parities = cascade_pass.halves_parities(self.key, self._packed)
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
                 pass_ids, starts_, ends_ = _check_ranges(passes, starts, ends, self.n, len(self._passes))
@@ -681,7 +680,7 @@ class CascadeBob:
                 # from the range parities of Bob's bits (needed for the searches anyway)
                 state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
             else:
-                state.odd = alice_top != shared.top_parities(self.key)
+                state.odd = alice_top != shared.halves_parities(self.key)
             state.odd_seen = len(self._flip_log)
             self._passes.append(state)
             if layout.kind == "halves":

@@ -29,9 +29,13 @@ def configs(tmp_path: Path) -> tuple[Path, Path]:
     return paths
 
 
+def conform_command(role: str, peer: str, config: Path) -> list[str]:
+    return [sys.executable, "-m", "qkdd", "conform", "--peer", peer, "--as", role, "--config", str(config)]
+
+
 def conform(role: str, peer: str, config: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "qkdd", "conform", "--peer", peer, "--as", role, "--config", str(config)]
-    return subprocess.Popen([*command, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [*conform_command(role, peer, config), "--json"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def free_port() -> int:
@@ -92,18 +96,7 @@ def test_a_peer_that_speaks_no_qkdp_fails_and_the_exit_status_says_so(tmp_path: 
     peer = f"127.0.0.1:{server.getsockname()[1]}"
     try:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qkdd",
-                "conform",
-                "--peer",
-                peer,
-                "--as",
-                "alice",
-                "--config",
-                str(alice_config),
-            ],
+            conform_command("alice", peer, alice_config),
             capture_output=True,
             text=True,
             timeout=100,
@@ -125,18 +118,7 @@ def test_the_spec_lists_exactly_the_requirements_conform_checks() -> None:
 def test_a_config_of_the_other_role_is_refused(tmp_path: Path) -> None:
     alice_config, _ = configs(tmp_path)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qkdd",
-            "conform",
-            "--peer",
-            "127.0.0.1:1",
-            "--as",
-            "bob",
-            "--config",
-            str(alice_config),
-        ],
+        conform_command("bob", "127.0.0.1:1", alice_config),
         capture_output=True,
         text=True,
         timeout=60,
