@@ -91,6 +91,7 @@ class Etsi014:
     max_key_per_request: int = 128
     max_key_count: int = 100000
     max_sae_id_count: int = 8
+    lease_size: int = 65536  # bits Alice leases from Bob at a time for her masters (§19)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,14 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
 def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
     if not isinstance(raw, dict):
         raise InputError("etsi014: expected a table ([etsi014])")
-    limits = ("key_size", "min_key_size", "max_key_size", "max_key_per_request", "max_key_count")
+    limits = (
+        "key_size",
+        "min_key_size",
+        "max_key_size",
+        "max_key_per_request",
+        "max_key_count",
+        "lease_size",
+    )
     files = ("certificate_file", "key_file", "ca_file")
     _take(raw, "etsi014.", {"listen", "kme_id", "sae", *files, *limits, "max_sae_id_count"})
     values = {
@@ -302,7 +310,7 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         )
         for name in limits
     }
-    for name in ("key_size", "min_key_size", "max_key_size"):
+    for name in ("key_size", "min_key_size", "max_key_size", "lease_size"):
         if values[name] % 8:
             raise InputError(f"etsi014.{name}: expected a multiple of 8, got {values[name]}")
     if not values["min_key_size"] <= values["key_size"] <= values["max_key_size"] <= 1 << 20:

@@ -208,8 +208,8 @@ class Daemon:
                     nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 else:
                     nursery.start_soon(self._connect_loop)
-                if self.kme is not None and self.role == "bob":
-                    nursery.start_soon(self.kme.finalizer)
+                if self.kme is not None:
+                    nursery.start_soon(self.kme.run)
                 if self.api is not None:
                     port = await nursery.start(self.api.serve)
                     self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)

@@ -314,10 +314,8 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
     "committed": {"round": 0},
     "abort": {"round": 0, "reason": "test"},
     # the key channel's (§19): the engine refuses them, they never belong to a round
-    "keys_hello": {"kme_id": "kme", "saes": ["sae"], "serial": 0},
-    "key_request": {"request": 1, "master": "a", "slaves": ["b"], "number": 1, "size": 256},
-    "key_assign": {
-        "request": 1,
+    "keys_hello": {"kme_id": "kme", "saes": ["sae"], "serial": 0, "applied": 0},
+    "key_notice": {
         "serial": 1,
         "round": 0,
         "block": 0,
@@ -328,8 +326,18 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "master": "a",
         "slaves": ["b"],
     },
-    "key_refuse": {"request": 1, "reason": "insufficient", "message": "none left"},
-    "key_ack": {"serial": 1},
+    "key_lease": {"request": 1, "need": 32, "want": 64},
+    "key_grant": {
+        "request": 1,
+        "serial": 1,
+        "round": 0,
+        "block": 0,
+        "byte": 0,
+        "past_round": 0,
+        "past_block": 1,
+        "past_byte": 32,
+    },
+    "key_refuse": {"request": 1, "message": "none left"},
 }
 
 

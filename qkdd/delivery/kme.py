@@ -5,22 +5,24 @@ Theory of operation
 * :class:`KeyManager` serves the three calls of the API — status, enc_keys (a master SAE asks for new
   keys for one or more slave SAEs of the peer site) and dec_keys (a slave SAE fetches the keys its master
   got) — and speaks the key channel with the peer daemon. It knows nothing of HTTP or TLS.
-* enc_keys at **Bob**: allocate from the pool (:class:`~qkdd.delivery.ledger.KeyLedger`), send
-  ``key_assign``, wait for Alice's ``key_ack`` (she then holds the keys durably, so her slaves can fetch
-  them), answer. enc_keys at **Alice**: send ``key_request``, Bob allocates and answers ``key_assign``,
-  Alice applies it durably, acknowledges, answers. Either way the slave's site knows the key IDs before
-  the master has them.
-* No key channel (the peer is down or does not offer it) → 503 at once, nothing consumed. No answer
-  within the channel's answer timeout → 503; what Alice never applied returns to the pool at the next
-  ``keys_hello`` (Bob rolls it back), what she did apply stays assigned but undelivered at the master's
-  site (never handed out twice, at worst never handed out).
-* dec_keys of a key whose assignment Alice has not acknowledged yet waits for that acknowledgement (it is
-  on its way: Alice acknowledges before her master can hand the IDs on) up to the same timeout.
+* enc_keys allocates at this site, in one local transaction (:class:`~qkdd.delivery.ledger.KeyLedger`):
+  at **Bob** from the head of the pool, at **Alice** from the range Bob leased her. It sends the new log
+  entry (``key_notice``) to the peer, then answers the master without waiting: the peer applies
+  notices in order, so by the time the slave asks there, the notice has arrived — or is a few
+  microseconds from it, and dec_keys waits for it (the key ID says which entry it needs).
+* Alice asks Bob for a lease (``key_lease``) when hers is short, before allocating, and ahead of need in
+  the background once it falls below half of ``lease_size``; Bob answers ``key_grant`` (an entry of his
+  log) or ``key_refuse``.
+* No key channel (the peer is down or does not offer it) → 503 at once, nothing consumed. No lease within
+  the channel's answer timeout → 503. A notice that could not be sent (the connection broke) goes again
+  with every entry the peer lacks when the next connection opens (``keys_hello`` carries what each side
+  applied), so the slave's site gets every entry exactly once, in order.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,7 +34,17 @@ import trio
 from qkdd import wire
 from qkdd.config import Etsi014
 from qkdd.delivery.channel import ANSWER_TIMEOUT, KeyChannel
-from qkdd.delivery.ledger import Assignment, DeliveryError, Diverged, KeyLedger, Unavailable
+from qkdd.delivery.ledger import (
+    Assignment,
+    DeliveryError,
+    Diverged,
+    Entry,
+    Grant,
+    KeyLedger,
+    Unavailable,
+    UnknownKey,
+    key_origin,
+)
 from qkdd.errors import RemoteProtocolError
 
 log = logging.getLogger("qkdd")
@@ -50,17 +62,10 @@ class _Waiter:
     """One answer a request waits for."""
 
     event: trio.Event = field(default_factory=trio.Event)
-    keys: list[bytes] | None = None
-    assignment: Assignment | None = None
     error: DeliveryError | None = None
 
-    def resolve(
-        self,
-        keys: list[bytes] | None = None,
-        assignment: Assignment | None = None,
-        error: DeliveryError | None = None,
-    ) -> None:
-        self.keys, self.assignment, self.error = keys, assignment, error
+    def resolve(self, error: DeliveryError | None = None) -> None:
+        self.error = error
         self.event.set()
 
 
@@ -74,23 +79,55 @@ class _Link:
     peer_kme_id: str = ""
     peer_saes: frozenset[str] = frozenset()
 
+    async def notify(self, entry: Entry, request: int = 0) -> None:
+        """Send one log entry; a broken connection is no error (the next connection sends it again)."""
+        start = {
+            "serial": entry.serial,
+            "round": entry.start[0],
+            "block": entry.start[1],
+            "byte": entry.start[2],
+        }
+        if isinstance(entry, Grant):
+            frame = self.channel.encode(
+                "key_grant",
+                request=request,
+                **start,
+                past_round=entry.past[0],
+                past_block=entry.past[1],
+                past_byte=entry.past[2],
+            )
+        else:
+            frame = self.channel.encode(
+                "key_notice",
+                **start,
+                number=entry.number,
+                size=entry.size,
+                key_ids=b"".join(uuid.UUID(k).bytes for k in entry.key_ids),
+                master=entry.master,
+                slaves=list(entry.slaves),
+            )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.send(frame)
+
 
 class KeyManager:
     """The KME of this site (``role``), over the key store's ledger and a store-call runner."""
 
     def __init__(self, role: str, settings: Etsi014, ledger: KeyLedger, store_call: StoreCall) -> None:
         self.role = role
+        self.peer = "bob" if role == "alice" else "alice"
         self.settings = settings
         self.ledger = ledger
         self._store_call = store_call
         self._link: _Link | None = None
-        self._requests: dict[int, _Waiter] = {}  # Alice: request ID -> answer
-        self._acks: dict[int, _Waiter] = {}  # Bob: serial -> Alice's acknowledgement
+        self._writing = trio.Lock()  # this site's log entries are written and sent in serial order
+        self._lease: _Waiter | None = None  # Alice: the lease request in flight
         self._next_request = 1
-        self._allocating = trio.Lock()  # Bob: allocation and its key_assign leave in serial order
-        self._acked = trio.Event()  # Bob: set (and replaced) on every acknowledgement
-        self.confirmed = 0  # Bob: the last serial Alice acknowledged (on this run)
-        self._allocated = 0  # Bob: the last serial allocated
+        self._lease_request = 0
+        self._refill = trio.Event()  # Alice: set when the lease fell below half
+        self._applied = trio.Event()  # set (and replaced) whenever a peer's entry is applied
+        self.peer_serial = 0  # the last entry of the peer's log applied here
+        self._leased = 0  # Alice: bytes left in her leases (as of her last allocation or grant)
         self.local_saes = frozenset(s.id for s in settings.saes)
 
     # -- the key channel
@@ -99,11 +136,17 @@ class KeyManager:
         """A connection is up and both sides offer the key channel: open it."""
         self.detach()
         self._link = _Link(channel, send)
-        serial = await self._store_call(lambda: self.ledger.serial)
-        self._allocated = serial
+        own, applied, self._leased = await self._store_call(
+            lambda: (self.ledger.serial(self.role), self.ledger.serial(self.peer), self.ledger.lease_bytes())
+        )
+        self.peer_serial = applied
         await send(
             channel.encode(
-                "keys_hello", kme_id=self.settings.kme_id, saes=sorted(self.local_saes), serial=serial
+                "keys_hello",
+                kme_id=self.settings.kme_id,
+                saes=sorted(self.local_saes),
+                serial=own,
+                applied=applied,
             )
         )
 
@@ -112,11 +155,10 @@ class KeyManager:
         if self._link is None or (channel is not None and self._link.channel is not channel):
             return
         self._link = None
-        gone = Unavailable("the peer KME became unreachable before it answered")
-        for waiter in (*self._requests.values(), *self._acks.values()):
-            waiter.resolve(error=gone)
-        self._requests.clear()
-        self._acks.clear()
+        if self._lease is not None:
+            self._lease.resolve(Unavailable("the peer KME became unreachable before it answered"))
+            self._lease = None
+        self._wake_readers()
 
     async def receive(self, message: wire.Message) -> None:
         """One checked key-channel message from the peer (in order)."""
@@ -137,119 +179,108 @@ class KeyManager:
             raise RemoteProtocolError(f"key ledgers diverge: {error}", code="bad-message") from None
 
     async def _on_keys_hello(self, link: _Link, message: wire.Message) -> None:
-        if self.role == "bob":
-            try:
-                dropped = await self._store_call(self.ledger.rollback, message["serial"])
-            except Diverged as error:
-                raise RemoteProtocolError(f"key ledgers diverge: {error}", code="stale-state") from None
-            if dropped:
-                log.info(
-                    "key delivery: assignments %s never reached Alice; their keys return to the pool", dropped
-                )
-        else:
-            serial = await self._store_call(lambda: self.ledger.serial)
-            if message["serial"] < serial:
-                raise RemoteProtocolError(
-                    f"Bob allocated up to assignment {message['serial']}, this site applied {serial}",
-                    code="stale-state",
-                )
-        link.peer_kme_id = message["kme_id"]
-        link.peer_saes = frozenset(message["saes"])
-        link.open.set()
+        own = await self._store_call(self.ledger.serial, self.role)
+        if message["applied"] > own or message["serial"] < self.peer_serial:
+            raise RemoteProtocolError(
+                f"the peer holds {self.role}'s log up to {message['applied']} and its own up to "
+                f"{message['serial']}; this site wrote {own} and applied {self.peer_serial}",
+                code="stale-state",
+            )
+        async with self._writing:
+            missing = await self._store_call(self.ledger.entries_after, message["applied"])
+            for entry in missing:
+                await link.notify(entry)
+            link.peer_kme_id = message["kme_id"]
+            link.peer_saes = frozenset(message["saes"])
+            link.open.set()
+        if missing:
+            log.info("key delivery: sent %d log entries again that the peer lacked", len(missing))
         log.info("key delivery: key channel open with KME %s", link.peer_kme_id)
 
-    async def _on_key_request(self, link: _Link, message: wire.Message) -> None:
-        """Bob: allocate for one of Alice's masters."""
-        request = message["request"]
+    async def _apply(self, entry: Entry) -> None:
+        await self._store_call(self.ledger.apply, entry)
+        self.peer_serial = entry.serial
+        self._wake_readers()
+
+    def _wake_readers(self) -> None:
+        self._applied.set()
+        self._applied = trio.Event()
+
+    async def _on_key_notice(self, link: _Link, message: wire.Message) -> None:
+        """The peer's master got keys: apply the entry (its slaves may now fetch them here)."""
+        ids, serial = message["key_ids"], message["serial"]
+        if len(ids) != 16 * message["number"] or message["size"] % 8:
+            raise RemoteProtocolError("key_notice: key_ids or size do not fit number")
+        key_ids = tuple(str(uuid.UUID(bytes=ids[i : i + 16])) for i in range(0, len(ids), 16))
+        if any(key_origin(k) != (self.peer, serial) for k in key_ids):
+            raise RemoteProtocolError(
+                f"key_notice {serial}: a key ID does not name {self.peer}'s entry {serial}"
+            )
+        await self._apply(
+            Assignment(
+                self.peer,
+                serial,
+                (message["round"], message["block"], message["byte"]),
+                message["number"],
+                message["size"],
+                key_ids,
+                message["master"],
+                tuple(message["slaves"]),
+            )
+        )
+
+    async def _on_key_lease(self, link: _Link, message: wire.Message) -> None:
+        """Bob: lease Alice key material for her masters."""
         try:
-            self._check_request(message["number"], message["size"], message["slaves"], local=True)
-            async with self._allocating:
-                assignment, _ = await self._allocate(
-                    "alice",
-                    message["number"],
-                    message["size"],
-                    message["master"],
-                    message["slaves"],
-                )
-                await self._send_assign(link, assignment, request)
-        except DeliveryError as error:
-            reason = "insufficient" if isinstance(error, Unavailable) else "bad-request"
+            async with self._writing:
+                grant = await self._store_call(self.ledger.grant, message["need"], message["want"])
+                await link.notify(grant, message["request"])
+        except Unavailable as error:
             await link.send(
-                link.channel.encode("key_refuse", request=request, reason=reason, message=str(error)[:256])
+                link.channel.encode("key_refuse", request=message["request"], message=str(error)[:256])
             )
 
-    async def _on_key_assign(self, link: _Link, message: wire.Message) -> None:
-        """Alice: apply Bob's assignment, acknowledge it, hand it to the request that waits."""
-        ids = message["key_ids"]
-        if len(ids) != 16 * message["number"] or message["size"] % 8:
-            raise RemoteProtocolError("key_assign: key_ids or size do not fit number")
-        request = message["request"]
-        assignment = Assignment(
-            serial=message["serial"],
-            origin="alice" if request else "bob",
-            start=(message["round"], message["block"], message["byte"]),
-            number=message["number"],
-            size=message["size"],
-            key_ids=tuple(str(uuid.UUID(bytes=ids[i : i + 16])) for i in range(0, len(ids), 16)),
-            master=message["master"],
-            slaves=tuple(message["slaves"]),
-        )
-        keys = await self._store_call(self.ledger.apply, assignment)
-        await link.send(link.channel.encode("key_ack", serial=assignment.serial))
-        waiter = self._requests.pop(request, None)
-        if waiter is not None:
-            waiter.resolve(keys=keys, assignment=assignment)
+    async def _on_key_grant(self, link: _Link, message: wire.Message) -> None:
+        """Alice: Bob leased her a range."""
+        start = (message["round"], message["block"], message["byte"])
+        past = (message["past_round"], message["past_block"], message["past_byte"])
+        await self._apply(Grant(message["serial"], start, past))
+        self._leased = await self._store_call(self.ledger.lease_bytes)
+        if self._lease is not None and message["request"] == self._lease_request:
+            self._lease.resolve()
+            self._lease = None
 
     async def _on_key_refuse(self, link: _Link, message: wire.Message) -> None:
-        waiter = self._requests.pop(message["request"], None)
-        if waiter is not None:
-            kind = Unavailable if message["reason"] == "insufficient" else BadRequest
-            waiter.resolve(error=kind(f"the peer KME refused: {message['message']}"))
-
-    async def _on_key_ack(self, link: _Link, message: wire.Message) -> None:
-        """Bob: Alice holds everything up to ``serial``. The waiting master answers at once; making the
-        assignments final on disk (and erasing their material) is the finalizer's job, off this path:
-        should Bob crash first, Alice's next keys_hello finalizes them."""
-        serial = message["serial"]
-        if serial > self._allocated:
-            raise RemoteProtocolError(f"key_ack of assignment {serial}, which was never sent")
-        self.confirmed = max(self.confirmed, serial)
-        for waiting in [s for s in self._acks if s <= serial]:
-            self._acks.pop(waiting).resolve()
-        self._acked.set()
-        self._acked = trio.Event()
-
-    async def finalizer(self) -> None:
-        """Bob: run for the daemon's lifetime; makes acknowledged assignments final in batches."""
-        done = 0
-        while True:
-            await self._acked.wait()
-            target = self.confirmed
-            if target > done:
-                await self._store_call(self.ledger.finalize, target)
-                done = target
-
-    async def _allocate(self, *args: Any) -> tuple[Assignment, list[bytes]]:
-        assignment, keys = await self._store_call(self.ledger.allocate, *args)
-        self._allocated = assignment.serial
-        return assignment, keys
-
-    async def _send_assign(self, link: _Link, assignment: Assignment, request: int) -> None:
-        await link.send(
-            link.channel.encode(
-                "key_assign",
-                request=request,
-                serial=assignment.serial,
-                round=assignment.start[0],
-                block=assignment.start[1],
-                byte=assignment.start[2],
-                number=assignment.number,
-                size=assignment.size,
-                key_ids=b"".join(uuid.UUID(k).bytes for k in assignment.key_ids),
-                master=assignment.master,
-                slaves=list(assignment.slaves),
+        if self._lease is not None and message["request"] == self._lease_request:
+            self._lease.resolve(
+                Unavailable(f"the peer KME has no key material to lease: {message['message']}")
             )
-        )
+            self._lease = None
+
+    async def _ask_lease(self, link: _Link, need: int) -> _Waiter:
+        """Alice: the lease request in flight, sending one for at least ``need`` bytes if none is."""
+        if self._lease is None:
+            self._lease = _Waiter()
+            self._lease_request = self._next_request
+            self._next_request += 1
+            want = max(need, self.settings.lease_size // 8)
+            await link.send(
+                link.channel.encode("key_lease", request=self._lease_request, need=need, want=want)
+            )
+        return self._lease
+
+    async def run(self) -> None:
+        """Alice: run for the daemon's lifetime; tops the lease up ahead of need."""
+        while True:
+            await self._refill.wait()
+            self._refill = trio.Event()
+            link = self._link
+            if link is None or not link.open.is_set():
+                continue
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                waiter = await self._ask_lease(link, 1)
+                with trio.move_on_after(ANSWER_TIMEOUT):
+                    await waiter.event.wait()
 
     # -- the API
 
@@ -259,7 +290,7 @@ class KeyManager:
             raise Unavailable("the peer KME is unreachable: no key can be agreed on now")
         return link
 
-    def _check_request(self, number: int, size: int, slaves: Sequence[str], *, local: bool) -> None:
+    def _check_request(self, number: int, size: int, slaves: Sequence[str]) -> None:
         s = self.settings
         if not 1 <= number <= s.max_key_per_request:
             raise BadRequest(f"number must be in 1..{s.max_key_per_request}, got {number}")
@@ -269,66 +300,86 @@ class KeyManager:
             )
         if len(slaves) > 1 + s.max_sae_id_count or len(set(slaves)) != len(slaves):
             raise BadRequest(f"at most {s.max_sae_id_count} distinct additional slave SAE IDs")
-        known = self.local_saes if local else self._open_link().peer_saes
-        unknown = [sae for sae in slaves if sae not in known]
+        unknown = [sae for sae in slaves if sae not in self._open_link().peer_saes]
         if unknown:
-            raise BadRequest(f"{unknown[0]!r} is not an SAE of the {'this' if local else 'peer'} KME")
+            raise BadRequest(f"{unknown[0]!r} is not an SAE of the peer KME")
 
     async def enc_keys(
         self, master: str, slaves: Sequence[str], number: int, size: int
     ) -> list[tuple[str, bytes]]:
         """New keys for ``master`` (an SAE of this site) and ``slaves`` (SAEs of the peer site)."""
         link = self._open_link()
-        self._check_request(number, size, slaves, local=False)
-        waiters: dict[int, _Waiter]
-        if self.role == "bob":
-            async with self._allocating:
-                assignment, keys = await self._allocate("bob", number, size, master, list(slaves))
-                waiters, key = self._acks, assignment.serial
-                waiter = waiters[key] = _Waiter()
-                await self._send_assign(link, assignment, 0)
-        else:
-            waiters, key = self._requests, self._next_request
-            self._next_request += 1
-            waiter = waiters[key] = _Waiter()
-            await link.send(
-                link.channel.encode(
-                    "key_request", request=key, master=master, slaves=list(slaves), number=number, size=size
-                )
-            )
-        with trio.move_on_after(ANSWER_TIMEOUT):
-            await waiter.event.wait()
-        if not waiter.event.is_set():
-            waiters.pop(key, None)
-            raise Unavailable("the peer KME did not answer in time")
-        if waiter.error is not None:
-            raise waiter.error
-        if self.role == "alice":
-            assert waiter.keys is not None and waiter.assignment is not None
-            keys, assignment = waiter.keys, waiter.assignment
+        self._check_request(number, size, slaves)
+        nbytes = number * size // 8
+        deadline = trio.current_time() + ANSWER_TIMEOUT
+        while True:
+            if self.role == "alice":
+                await self._await_lease(link, nbytes, deadline)
+            try:
+                async with self._writing:
+                    assignment, keys, self._leased = await self._store_call(
+                        self._allocate, number, size, master, slaves
+                    )
+                    await link.notify(assignment)
+                break
+            except Unavailable:
+                if self.role == "bob" or trio.current_time() >= deadline:
+                    raise
+                self._leased = await self._store_call(self.ledger.lease_bytes)  # another master was first
+        if self.role == "alice" and self._leased < self.settings.lease_size // 16:
+            self._refill.set()
         return list(zip(assignment.key_ids, keys, strict=True))
+
+    def _allocate(
+        self, number: int, size: int, master: str, slaves: Sequence[str]
+    ) -> tuple[Assignment, list[bytes], int]:
+        assignment, keys = self.ledger.allocate(number, size, master, slaves)
+        return assignment, keys, self.ledger.lease_bytes() if self.role == "alice" else 0
+
+    async def _await_lease(self, link: _Link, nbytes: int, deadline: float) -> None:
+        """Alice: wait until her leases hold ``nbytes``, asking Bob for more if they do not."""
+        while self._leased < nbytes:
+            waiter = await self._ask_lease(link, nbytes - self._leased)
+            with trio.move_on_at(deadline):
+                await waiter.event.wait()
+            if not waiter.event.is_set():
+                raise Unavailable("the peer KME did not answer in time")
+            if waiter.error is not None:
+                raise waiter.error
 
     async def dec_keys(self, caller: str, master: str, key_ids: Sequence[str]) -> list[tuple[str, bytes]]:
         """The keys ``key_ids`` that ``master`` got for slave ``caller`` (an SAE of this site)."""
         if len(set(key_ids)) != len(key_ids):
             raise BadRequest("a key_ID is listed twice")
+        needed = 0
+        for key_id in key_ids:
+            origin = key_origin(key_id)
+            if origin is None:
+                raise UnknownKey(f"unknown key_ID {key_id}")
+            if origin[0] == self.peer:
+                needed = max(needed, origin[1])
         deadline = trio.current_time() + ANSWER_TIMEOUT
-        while True:
-            acked = self._acked
-            keys, unconfirmed = await self._store_call(
-                self.ledger.take, list(key_ids), caller, master, self.confirmed
-            )
-            if not unconfirmed:
-                return list(zip(key_ids, keys, strict=True))
+        while self.peer_serial < needed:
+            # the peer wrote the entry; its notice is on the way (or comes with the next connection)
+            applied = self._applied
+            if self._link is None:
+                raise Unavailable("the peer KME is unreachable and has not sent these keys yet; ask again")
             with trio.move_on_at(deadline):
-                await acked.wait()
+                await applied.wait()
             if trio.current_time() >= deadline:
-                raise Unavailable("the peer KME has not confirmed these keys yet; ask again")
+                raise Unavailable("these keys have not arrived from the peer KME yet; ask again")
+        keys = await self._store_call(self.ledger.take, list(key_ids), caller, master)
+        return list(zip(key_ids, keys, strict=True))
+
+    def _available(self) -> int:
+        """Bytes a master of this site could get: Bob's free pool, plus at Alice her leases."""
+        leased = self.ledger.lease_bytes() if self.role == "alice" else 0
+        return leased + self.ledger.available_bytes()
 
     async def status(self, master: str, slave: str) -> dict[str, Any]:
         link = self._open_link()
-        self._check_request(1, self.settings.key_size, [slave], local=False)
-        available = await self._store_call(self.ledger.available_bytes)
+        self._check_request(1, self.settings.key_size, [slave])
+        available = await self._store_call(self._available)
         s = self.settings
         return {
             "source_KME_ID": s.kme_id,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from qkdd.config import Address, Etsi014, SaeIdentity
 from qkdd.delivery import kme as kme_mod
 from qkdd.delivery.channel import KeyChannel
 from qkdd.delivery.kme import BadRequest, KeyManager
-from qkdd.delivery.ledger import Unavailable
+from qkdd.delivery.ledger import NotAuthorized, Unavailable, UnknownKey
 from qkdd.errors import RemoteProtocolError
 from qkdd.records import key_id
 from qkdd.store import KeyStore
@@ -33,6 +35,7 @@ def settings(role: str) -> Etsi014:
         ca=Path("unused"),
         saes=(SaeIdentity(f"sae-{role}", common_name=f"sae-{role}"),),
         kme_id=f"{role}-kme",
+        lease_size=512,  # 64 bytes: two blocks of the test pool
     )
 
 
@@ -42,12 +45,15 @@ async def direct(function: Callable[..., Any], *args: Any) -> Any:
 
 @dataclass
 class Wire:
-    """The two directions of one connection's key channel; ``drop`` decides which messages vanish."""
+    """The two directions of one connection's key channel; ``drop`` decides which messages vanish and
+    ``hold`` which wait until ``release``."""
 
     managers: dict[str, KeyManager]
     drop: Callable[[str], bool] = lambda name: False
+    hold: Callable[[str], bool] = lambda name: False
     channels: dict[str, KeyChannel] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
+    released: trio.Event = field(default_factory=trio.Event)
 
     async def connect(self, nursery: trio.Nursery) -> None:
         macs = {"alice": FrameMac(os.urandom(32)), "bob": FrameMac(os.urandom(32))}
@@ -56,6 +62,9 @@ class Wire:
             send, receive = trio.open_memory_channel[bytes](100)
             nursery.start_soon(self._pump, "bob" if role == "alice" else "alice", receive)
             await self.managers[role].attach(self.channels[role], self._sender(send))
+
+    def release(self) -> None:
+        self.released.set()
 
     def _sender(self, send: trio.MemorySendChannel[bytes]) -> Callable[[bytes], Any]:
         async def write(frame: bytes) -> None:
@@ -69,6 +78,8 @@ class Wire:
         async for frame in frames:
             envelope = wire.decode_envelope(frame[4:])
             message = self.channels[role].receive(envelope, wire.decode_message(envelope.body))
+            if self.hold(message.type):
+                await self.released.wait()
             try:
                 await self.managers[role].receive(message)
             except RemoteProtocolError as error:
@@ -84,20 +95,27 @@ class Wire:
 class Sites:
     stores: dict[str, KeyStore]
     managers: dict[str, KeyManager]
-    finalizing: bool = False
+    running: bool = False
 
-    async def connect(self, nursery: trio.Nursery, drop: Callable[[str], bool] = lambda name: False) -> Wire:
-        """A fresh connection's key channel (Bob's finalizer runs once, as in the daemon)."""
-        if not self.finalizing:
-            self.finalizing = True
-            nursery.start_soon(self.managers["bob"].finalizer)
-        wire_ = Wire(self.managers, drop)
+    async def connect(self, nursery: trio.Nursery, **faults: Callable[[str], bool]) -> Wire:
+        """A fresh connection's key channel (the managers' background tasks run once, as in the daemon)."""
+        if not self.running:
+            self.running = True
+            for manager in self.managers.values():
+                nursery.start_soon(manager.run)
+        wire_ = Wire(self.managers, **faults)
         await wire_.connect(nursery)
-        await wait_open(self)
+        for manager in self.managers.values():
+            assert manager._link is not None  # attach() set it
+            await manager._link.open.wait()
         return wire_
 
-    def available(self) -> int:
-        return int(self.stores["bob"].ledger("bob").available_bytes())
+    def free(self) -> int:
+        """Bytes still in Bob's pool, leased or not."""
+        return self.stores["bob"].statistics().stored_key_bits // 8
+
+    def same_pools(self) -> bool:
+        return dict(self.stores["bob"].committed_keys()) == dict(self.stores["alice"].committed_keys())
 
 
 @pytest.fixture
@@ -114,80 +132,137 @@ async def sites(tmp_path: Path) -> AsyncIterator[Sites]:
         store.close()
 
 
-async def wait_open(sites: Sites) -> None:
-    for manager in sites.managers.values():
-        assert manager._link is not None  # attach() set it
-        await manager._link.open.wait()
-
-
 @pytest.mark.trio
 async def test_keys_asked_at_either_site_reach_the_slave_at_the_other(sites: Sites) -> None:
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     async with trio.open_nursery() as nursery:
         await sites.connect(nursery)
-        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)
+        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)  # leases first, then allocates
         assert await bob.dec_keys("sae-bob", "sae-alice", [k for k, _ in sent]) == sent
         sent = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 512)
         assert await alice.dec_keys("sae-alice", "sae-bob", [k for k, _ in sent]) == sent
         with pytest.raises(BadRequest, match="not an SAE of the peer"):
             await alice.enc_keys("sae-alice", ["sae-carol"], 1, 256)
         await trio.testing.wait_all_tasks_blocked()
-        # Bob's finalizer erased what Alice acknowledged: both stores keep the same material
-        assert dict(sites.stores["bob"].committed_keys()) == dict(sites.stores["alice"].committed_keys())
-        assert sites.stores["bob"].statistics().stored_keys == 8 - 4
+        # both stores erased the same material: 4 of the 8 blocks are used
+        assert sites.same_pools() and sites.stores["bob"].statistics().stored_keys == 8 - 4
         status = await alice.status("sae-alice", "sae-bob")
-        assert status["target_KME_ID"] == "bob-kme" and status["stored_key_count"] == 8 - 2 - 2
+        assert status["target_KME_ID"] == "bob-kme" and status["stored_key_count"] == 8 - 4
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_alice_tops_her_lease_up_ahead_of_need(sites: Sites) -> None:
+    alice = sites.managers["alice"]
+    async with trio.open_nursery() as nursery:
+        await sites.connect(nursery)
+        await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)  # uses the whole first lease
+        await trio.testing.wait_all_tasks_blocked()
+        assert alice.ledger.lease_bytes() == 64  # the next lease came without a request waiting for it
+        assert sites.managers["bob"].ledger.lease() == alice.ledger.lease()
         nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio
 async def test_without_the_peer_enc_keys_is_503_at_once_and_takes_nothing(sites: Sites) -> None:
-    before = sites.available()
+    before = sites.free()
     for role, slave in (("alice", "sae-bob"), ("bob", "sae-alice")):
         with pytest.raises(Unavailable, match="unreachable"):
             await sites.managers[role].enc_keys(f"sae-{role}", [slave], 1, 256)
-    assert sites.available() == before
+    assert sites.free() == before
 
 
 @pytest.mark.trio
-async def test_an_assignment_lost_in_a_cut_returns_to_the_pool(
-    sites: Sites, autojump_clock: trio.abc.Clock
-) -> None:
-    before = sites.available()
+async def test_a_slave_waits_for_a_notice_on_its_way(sites: Sites) -> None:
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     async with trio.open_nursery() as nursery:
-        lossy = await sites.connect(nursery, drop=lambda name: name == "key_assign")
+        slow = await sites.connect(nursery, hold=lambda name: name == "key_notice")
+        sent = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)  # answered before Alice has it
+        got: list[Any] = []
+
+        async def slave() -> None:
+            got.extend(await alice.dec_keys("sae-alice", "sae-bob", [sent[0][0]]))
+
+        nursery.start_soon(slave)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not got
+        slow.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == sent
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_notices_lost_in_a_cut_arrive_with_the_next_connection(
+    sites: Sites, autojump_clock: trio.abc.Clock
+) -> None:
+    alice, bob = sites.managers["alice"], sites.managers["bob"]
+    async with trio.open_nursery() as nursery:
+        lossy = await sites.connect(nursery, drop=lambda name: name == "key_notice")
+        to_bob = await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)  # the masters have their keys
+        to_alice = await bob.enc_keys("sae-bob", ["sae-alice"], 2, 256)
+        with pytest.raises(Unavailable, match="not arrived"):
+            await bob.dec_keys("sae-bob", "sae-alice", [to_bob[0][0]])
+        lossy.cut()
+        with pytest.raises(Unavailable, match="unreachable"):
+            await alice.dec_keys("sae-alice", "sae-bob", [to_alice[0][0]])
+        await sites.connect(nursery)  # each keys_hello says what its site lacks: it comes again
+        assert await bob.dec_keys("sae-bob", "sae-alice", [to_bob[0][0]]) == to_bob
+        assert await alice.dec_keys("sae-alice", "sae-bob", [k for k, _ in to_alice]) == to_alice
+        await trio.testing.wait_all_tasks_blocked()
+        assert sites.same_pools()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_lost_or_refused_lease_is_503_and_a_lost_grant_comes_again(
+    sites: Sites, autojump_clock: trio.abc.Clock
+) -> None:
+    alice, bob = sites.managers["alice"], sites.managers["bob"]
+    async with trio.open_nursery() as nursery:
+        lossy = await sites.connect(nursery, drop=lambda name: name == "key_grant")
         with pytest.raises(Unavailable, match="did not answer"):
-            await alice.enc_keys("sae-alice", ["sae-bob"], 3, 256)
-        with pytest.raises(Unavailable):
-            await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)  # no acknowledgement either
-        assert sites.available() == before - 4 * 32  # offered at Bob, unknown to Alice
+            await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)
+        assert alice.ledger.lease_bytes() == 0 and bob.ledger.lease_bytes() == 64  # granted, lost
         lossy.cut()
-        # the next connection's keys_hello tells Bob what Alice holds: nothing
         await sites.connect(nursery)
-        assert sites.available() == before
-        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)
-        assert await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]]) == sent
+        assert alice.ledger.lease() == bob.ledger.lease()  # the grant came again
+        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)
+        assert await bob.dec_keys("sae-bob", "sae-alice", [k for k, _ in sent]) == sent
+        for _ in range(3):
+            await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
+        await trio.testing.wait_all_tasks_blocked()
+        free = sites.free() - alice.ledger.lease_bytes()
+        with pytest.raises(Unavailable, match="no key material to lease"):
+            await alice.enc_keys("sae-alice", ["sae-bob"], 1, 8 * (free + alice.ledger.lease_bytes() + 1))
+        assert sites.free() - alice.ledger.lease_bytes() == free  # nothing taken
         nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio
-async def test_a_lost_acknowledgement_keeps_the_keys_assigned_at_both_sites(
-    sites: Sites, autojump_clock: trio.abc.Clock
-) -> None:
-    before = sites.available()
-    alice, bob = sites.managers["alice"], sites.managers["bob"]
+async def test_unknown_key_ids_and_stale_peers_are_refused_at_once(sites: Sites) -> None:
+    bob = sites.managers["bob"]
     async with trio.open_nursery() as nursery:
-        lossy = await sites.connect(nursery, drop=lambda name: name == "key_ack")
-        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 1, 256)  # Alice applied it: her master has it
-        with pytest.raises(Unavailable, match="not confirmed"):
-            await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]])  # Bob waits for the acknowledgement
-        lossy.cut()
-        await sites.connect(nursery)
-        # Alice's keys_hello says she applied it: Bob keeps it, and his slave gets it
-        assert await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]]) == sent
-        assert sites.available() == before - 32
+        wire_ = await sites.connect(nursery)
+        with pytest.raises(UnknownKey):
+            await bob.dec_keys("sae-bob", "sae-alice", [str(uuid.uuid4())])  # not one of ours: no wait
+        sent = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(NotAuthorized):
+            await bob.dec_keys("sae-bob", "sae-bob", [sent[0][0]])  # the master's own site
+        wire_.cut()
+        # a peer whose store went back in time: it claims to hold more of Bob's log than Bob wrote
+        channel = KeyChannel("bob", {"alice": FrameMac(bytes(32)), "bob": FrameMac(bytes(32))})
+        await bob.attach(channel, direct_send)
+        hello = wire.Message("keys_hello", {"kme_id": "a", "saes": [], "serial": 0, "applied": 5})
+        with pytest.raises(RemoteProtocolError) as stale:
+            await bob.receive(hello)
+        assert stale.value.code == "stale-state"
         nursery.cancel_scope.cancel()
+
+
+async def direct_send(frame: bytes) -> None:
+    pass
 
 
 @pytest.mark.trio
@@ -195,23 +270,27 @@ async def test_concurrent_masters_at_both_sites_get_disjoint_keys(sites: Sites) 
     got: list[tuple[str, bytes]] = []
 
     async def master(role: str, slave: str) -> None:
-        for _ in range(4):
-            got.extend(await sites.managers[role].enc_keys(f"sae-{role}", [slave], 1, 256))
+        with contextlib.suppress(Unavailable):  # the pool runs dry: whoever comes last gets 503
+            for _ in range(8):
+                got.extend(await sites.managers[role].enc_keys(f"sae-{role}", [slave], 1, 256))
 
     async with trio.open_nursery() as nursery:
         await sites.connect(nursery)
         async with trio.open_nursery() as masters:
             masters.start_soon(master, "alice", "sae-bob")
             masters.start_soon(master, "bob", "sae-alice")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sites.same_pools()
         nursery.cancel_scope.cancel()
-    assert len(got) == 8 and len({key for _, key in got}) == 8 and sites.available() == 0
+    assert len({key for _, key in got}) == len(got) and len({k for k, _ in got}) == len(got)
+    assert len(got) + sites.free() // BLOCK == 8  # every block went to one master or is still there
 
 
 @pytest.mark.trio
 async def test_the_key_channel_refuses_replays_forgeries_and_misplaced_messages(sites: Sites) -> None:
     macs = {"alice": FrameMac(os.urandom(32)), "bob": FrameMac(os.urandom(32))}
     alice, bob = KeyChannel("alice", macs), KeyChannel("bob", macs)
-    frame = alice.encode("key_ack", serial=1)
+    frame = alice.encode("key_lease", request=1, need=1, want=1)
     envelope = wire.decode_envelope(frame[4:])
     message = wire.decode_message(envelope.body)
     bob.receive(envelope, message)
@@ -222,14 +301,14 @@ async def test_the_key_channel_refuses_replays_forgeries_and_misplaced_messages(
     with pytest.raises(RemoteProtocolError) as bad:
         bob.receive(forged, message)
     assert bad.value.code == "bad-mac"
-    reflected = bob.encode("keys_hello", kme_id="b", saes=[], serial=0)
+    reflected = bob.encode("keys_hello", kme_id="b", saes=[], serial=0, applied=0)
     reflected_envelope = wire.decode_envelope(reflected[4:])
     with pytest.raises(RemoteProtocolError) as reflection:
         # Bob's own frame, played back to a Bob that expects it next
         KeyChannel("bob", macs).receive(reflected_envelope, wire.decode_message(reflected_envelope.body))
     assert reflection.value.code == "bad-mac"
     with pytest.raises(RemoteProtocolError, match="may not send"):
-        alice.receive(envelope, message)  # key_ack comes from Alice only
+        alice.receive(envelope, message)  # key_lease comes from Alice only
     # a key-channel message before the channel is open, or a second keys_hello
     with pytest.raises(RemoteProtocolError, match="outside an open key channel"):
         await sites.managers["bob"].receive(message)

@@ -1,14 +1,28 @@
-"""The ledger: Bob allocates, Alice applies, both cut the same bytes; rollback, erasure, hand-out rules."""
+"""The ledger: each site allocates from its own stream (Bob's head, Alice's leases), the other applies the
+entry and cuts the same bytes; erasure, leases, divergence, hand-out rules, key IDs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qkdd.delivery.ledger import Diverged, KeyLedger, NotAuthorized, Unavailable, UnknownKey
+from qkdd.delivery.ledger import (
+    Diverged,
+    Grant,
+    KeyLedger,
+    NotAuthorized,
+    Unavailable,
+    UnknownKey,
+    key_origin,
+    make_key_id,
+)
+from qkdd.errors import InputError
 from qkdd.records import RoundSummary, key_id
 from qkdd.store import KeyStore
 
@@ -39,82 +53,136 @@ def ledgers(stores: tuple[KeyStore, KeyStore]) -> tuple[KeyLedger, KeyLedger]:
     return stores[0].ledger("alice"), stores[1].ledger("bob")
 
 
+def same_pools(stores: tuple[KeyStore, KeyStore]) -> bool:
+    return dict(stores[0].committed_keys()) == dict(stores[1].committed_keys())
+
+
 def test_both_sides_cut_the_same_bytes_across_blocks_and_rounds(stores: tuple[KeyStore, KeyStore]) -> None:
     material = commit_round(stores, 0, 3) + commit_round(stores, 1, 2)
     alice, bob = ledgers(stores)
     assert alice.available_bytes() == bob.available_bytes() == 5 * BLOCK
-    first, keys = bob.allocate("alice", 3, 136, "sae-a", ["sae-b"])  # 17-byte keys straddle blocks
+    first, keys = bob.allocate(3, 136, "sae-b", ["sae-a"])  # 17-byte keys straddle blocks
     assert keys == [material[i * 17 : (i + 1) * 17] for i in range(3)]
     assert alice.apply(first) == keys
-    bob.finalize(first.serial)
-    second, more = bob.allocate("bob", 2, 256, "sae-b", ["sae-a"])
-    assert second.start == (0, 1, 51 - BLOCK)
+    assert same_pools(stores)
+    second, more = bob.allocate(2, 256, "sae-b", ["sae-a"])
+    assert second.start == (0, 1, 51 - BLOCK) and second.serial == 2
     assert more == [material[51:83], material[83:115]]
     assert alice.apply(second) == more
-    assert alice.head == bob.head
-    assert alice.available_bytes() == 5 * BLOCK - 115 == bob.available_bytes() + 0
+    assert alice.head == bob.head and same_pools(stores)
+    assert alice.available_bytes() == bob.available_bytes() == 5 * BLOCK - 115
     with pytest.raises(Unavailable):
-        bob.allocate("bob", 2, 256, "sae-b", ["sae-a"])  # 45 bytes left, 64 asked
-    assert bob.serial == 2  # a refused allocation takes nothing
+        bob.allocate(2, 256, "sae-b", ["sae-a"])  # 45 bytes left, 64 asked
+    assert bob.serial("bob") == 2  # a refused allocation takes nothing
 
 
-def test_material_is_erased_once_final_and_not_before(stores: tuple[KeyStore, KeyStore]) -> None:
+def test_material_is_erased_at_once_at_both_sites(stores: tuple[KeyStore, KeyStore]) -> None:
     commit_round(stores, 0, 2)
     alice, bob = ledgers(stores)
-    assignment, _ = bob.allocate("alice", 1, 384, "sae-a", ["sae-b"])  # 48 bytes: block 0 and half of 1
-    assert stores[1].statistics().stored_keys == 2  # offered: Bob keeps the material for a rollback
+    assignment, _ = bob.allocate(1, 384, "sae-b", ["sae-a"])  # 48 bytes: block 0 and half of block 1
+    assert stores[1].statistics().stored_keys == 1
     alice.apply(assignment)
-    assert stores[0].statistics().stored_keys == 1  # Alice erased block 0 at once
     remaining = dict(stores[0].committed_keys())
-    assert next(iter(remaining.values()))[:16] == bytes(16)  # the used half of block 1 is zeroed
-    bob.finalize(assignment.serial)
-    assert dict(stores[1].committed_keys()) == remaining
+    assert len(remaining) == 1 and next(iter(remaining.values()))[:16] == bytes(16)  # used half zeroed
+    assert same_pools(stores)
 
 
-def test_rollback_returns_unapplied_assignments_to_the_pool(stores: tuple[KeyStore, KeyStore]) -> None:
-    material = commit_round(stores, 0, 4)
+def test_alice_allocates_from_her_leases_and_bob_never_cuts_them(stores: tuple[KeyStore, KeyStore]) -> None:
+    material = commit_round(stores, 0, 8)
     alice, bob = ledgers(stores)
-    first, _ = bob.allocate("alice", 1, 256, "a", ["b"])
-    alice.apply(first)
-    lost, _ = bob.allocate("bob", 2, 256, "b", ["a"])  # never reaches Alice
-    assert bob.rollback(alice.serial) == [lost.serial]
-    assert bob.serial == alice.serial == 1 and bob.head == alice.head
-    assert bob.is_final(first.serial)
-    with pytest.raises(UnknownKey):
-        bob.take([lost.key_ids[0]], "a", "b")
-    again, keys = bob.allocate("bob", 2, 256, "b", ["a"])
-    assert keys == [material[32:64], material[64:96]]  # the same bytes, under new IDs, once
-    assert set(again.key_ids).isdisjoint(lost.key_ids)
-    assert alice.apply(again) == keys
+    with pytest.raises(Unavailable, match="no leased"):
+        alice.allocate(1, 256, "sae-a", ["sae-b"])
+    start, _ = bob.allocate(1, 64, "sae-b", ["sae-a"])  # the head is now mid-block
+    alice.apply(start)
+    grant = bob.grant(40, 40)  # 40 bytes from byte 8: rounded up to the end of block 1
+    assert (grant.start, grant.past) == ((0, 0, 8), (0, 1, BLOCK))
+    alice.apply(grant)
+    assert alice.lease() == bob.lease() == [((0, 0, 8), (0, 1, BLOCK), 2 * BLOCK - 8)]
+    assert alice.lease_bytes() == bob.lease_bytes() == 2 * BLOCK - 8
+    own, keys = bob.allocate(1, 256, "sae-b", ["sae-a"])  # Bob goes on after the lease
+    assert own.start == (0, 1, BLOCK) and keys == [material[64:96]]
+    alice.apply(own)
+    later = bob.grant(1, 1000)  # at most half of the 5 blocks left (80 bytes), to a block end
+    assert later.past == (0, 5, BLOCK)
+    alice.apply(later)
+    # 80 bytes: the 56 of the first lease, then 24 of the second, skipping Bob's block 2
+    assignment, got = alice.allocate(2, 320, "sae-a", ["sae-b"])
+    assert got == [material[8:48], material[48:64] + material[96:120]]
+    assert bob.apply(assignment) == got
+    assert alice.lease() == bob.lease() == [((0, 3, 24), (0, 5, BLOCK), 3 * BLOCK - 24)]
+    assert same_pools(stores) and alice.head == bob.head == (0, 5, BLOCK)
+    assert {k for k, _ in stores[0].committed_keys()} == {key_id("link", 0, i) for i in (3, 4, 5, 6, 7)}
+    with pytest.raises(Unavailable, match="leased"):
+        alice.allocate(1, 640, "sae-a", ["sae-b"])  # 72 leased bytes left, 80 asked: nothing taken
+    assert alice.serial("alice") == 1 and alice.lease_bytes() == 3 * BLOCK - 24
+    with pytest.raises(Unavailable):
+        bob.grant(BLOCK * 3, BLOCK * 3)  # only 2 blocks are Bob's to lease
 
 
-def test_alice_refuses_an_assignment_that_does_not_fit_her_pool(stores: tuple[KeyStore, KeyStore]) -> None:
-    commit_round(stores, 0, 2)
+def test_an_entry_that_does_not_fit_is_refused_and_changes_nothing(stores: tuple[KeyStore, KeyStore]) -> None:
+    commit_round(stores, 0, 4)
     alice, bob = ledgers(stores)
-    first, _ = bob.allocate("alice", 1, 256, "a", ["b"])
-    second, _ = bob.allocate("alice", 1, 256, "a", ["b"])
+    first, _ = bob.allocate(1, 256, "b", ["a"])
+    second, _ = bob.allocate(1, 256, "b", ["a"])
     with pytest.raises(Diverged, match="expected 1"):
         alice.apply(second)  # out of order
     alice.apply(first)
     with pytest.raises(Diverged, match="repeats a key ID"):
-        alice.apply(type(second)(**{**_fields(second), "key_ids": first.key_ids}))
+        alice.apply(dataclasses.replace(second, key_ids=first.key_ids))
     with pytest.raises(Diverged, match="starts at"):
-        alice.apply(type(second)(**{**_fields(second), "start": (0, 0, 0)}))
+        alice.apply(dataclasses.replace(second, start=(0, 0, 0)))
     with pytest.raises(Diverged, match="lacks"):
-        alice.apply(type(second)(**{**_fields(second), "number": 5}))
-    assert alice.serial == 1  # nothing of a refused assignment stays
-    with pytest.raises(Diverged):
-        bob.rollback(5)  # Alice claims more than Bob ever allocated: a restored store
+        alice.apply(dataclasses.replace(second, number=5))
+    with pytest.raises(Diverged, match="cannot be applied"):
+        bob.apply(second)  # Bob's own entry
+    assert alice.serial("bob") == 1 and same_pools((stores[0], stores[0]))  # nothing of it stays
+    alice.apply(second)
+    grant = bob.grant(BLOCK, BLOCK)
+    with pytest.raises(Diverged, match="does not fit"):
+        alice.apply(Grant(grant.serial, grant.start, (0, 2, 16)))  # not at a block's end
+    with pytest.raises(Diverged, match="does not fit"):
+        alice.apply(Grant(grant.serial, grant.start, (0, 9, BLOCK)))  # beyond the pool
+    alice.apply(grant)
+    taken, _ = alice.allocate(1, 256, "a", ["b"])
+    with pytest.raises(Diverged, match="starts at"):
+        bob.apply(dataclasses.replace(taken, start=(0, 3, 0)))
+    bob.apply(taken)
+    assert same_pools(stores)
 
 
-def _fields(assignment: object) -> dict[str, object]:
-    return {name: getattr(assignment, name) for name in assignment.__slots__}  # type: ignore[attr-defined]
+def test_entries_are_rebuilt_exactly_for_a_peer_that_lacks_them(stores: tuple[KeyStore, KeyStore]) -> None:
+    commit_round(stores, 0, 8)
+    alice, bob = ledgers(stores)
+    written = [
+        bob.allocate(3, 256, "b", ["a1", "a2"])[0],
+        bob.grant(64, 64),
+        bob.allocate(1, 128, "b", ["a"])[0],
+    ]
+    assert bob.entries_after(0) == written and bob.entries_after(2) == written[2:]
+    for entry in bob.entries_after(0):
+        alice.apply(entry)
+    mine = alice.allocate(2, 256, "a", ["b"])[0]
+    assert alice.entries_after(0) == [mine] and alice.entries_after(1) == []
+    bob.apply(alice.entries_after(0)[0])
+    assert same_pools(stores)
+
+
+def test_key_ids_name_their_entry(stores: tuple[KeyStore, KeyStore]) -> None:
+    for origin in ("alice", "bob"):
+        text = make_key_id(origin, (1 << 48) - 1, 65535)
+        assert uuid.UUID(text).version == 8 and key_origin(text) == (origin, (1 << 48) - 1)
+    assert key_origin(str(uuid.uuid4())) is None
+    assert key_origin("not a uuid") is None
+    commit_round(stores, 0, 4)
+    _, bob = ledgers(stores)
+    assignment, _ = bob.allocate(3, 256, "b", ["a"])
+    assert {key_origin(k) for k in assignment.key_ids} == {("bob", 1)} and len(set(assignment.key_ids)) == 3
 
 
 def test_keys_go_to_the_named_slaves_once_each_and_to_nobody_else(stores: tuple[KeyStore, KeyStore]) -> None:
     commit_round(stores, 0, 4)
     alice, bob = ledgers(stores)
-    assignment, keys = bob.allocate("bob", 2, 256, "sae-b", ["sae-a1", "sae-a2"])
+    assignment, keys = bob.allocate(2, 256, "sae-b", ["sae-a1", "sae-a2"])
     alice.apply(assignment)
     ids = list(assignment.key_ids)
     with pytest.raises(NotAuthorized):
@@ -122,26 +190,16 @@ def test_keys_go_to_the_named_slaves_once_each_and_to_nobody_else(stores: tuple[
     with pytest.raises(NotAuthorized):
         alice.take(ids, "sae-a1", "sae-other")  # named, but for another master
     with pytest.raises(UnknownKey):
-        alice.take([*ids[:1], "00000000-0000-4000-8000-000000000000"], "sae-a1", "sae-b")
-    assert alice.take(ids, "sae-a1", "sae-b") == (keys, [])
+        alice.take([*ids[:1], make_key_id("bob", 7, 0)], "sae-a1", "sae-b")
+    assert alice.take(ids, "sae-a1", "sae-b") == keys
     with pytest.raises(UnknownKey, match="already delivered"):
         alice.take(ids[:1], "sae-a1", "sae-b")
     assert alice.waiting_keys() == 2
-    assert alice.take(ids, "sae-a2", "sae-b") == (keys, [])
+    assert alice.take(ids, "sae-a2", "sae-b") == keys
     assert alice.waiting_keys() == 0  # every named slave has them: the bytes are gone
     # at the master's site the keys went to the master; no slave can fetch them there
     with pytest.raises(NotAuthorized):
         bob.take(ids, "sae-a1", "sae-b")
-
-
-def test_a_slave_waits_for_an_offered_assignment(stores: tuple[KeyStore, KeyStore]) -> None:
-    commit_round(stores, 0, 2)
-    alice, bob = ledgers(stores)
-    assignment, keys = bob.allocate("alice", 1, 256, "sae-a", ["sae-b"])
-    assert bob.take(list(assignment.key_ids), "sae-b", "sae-a") == ([], [assignment.serial])
-    alice.apply(assignment)
-    bob.finalize(assignment.serial)
-    assert bob.take(list(assignment.key_ids), "sae-b", "sae-a") == (keys, [])
 
 
 def test_pending_rounds_are_not_key_material(stores: tuple[KeyStore, KeyStore]) -> None:
@@ -150,4 +208,14 @@ def test_pending_rounds_are_not_key_material(stores: tuple[KeyStore, KeyStore]) 
     _, bob = ledgers(stores)
     assert bob.available_bytes() == BLOCK
     with pytest.raises(Unavailable):
-        bob.allocate("bob", 2, 256, "b", ["a"])
+        bob.allocate(2, 256, "b", ["a"])
+    with pytest.raises(Unavailable):
+        bob.grant(BLOCK + 1, BLOCK + 1)
+
+
+def test_a_store_with_the_records_of_the_old_key_channel_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "old.sqlite3")
+    db.execute("CREATE TABLE delivery_assignments (serial INTEGER PRIMARY KEY)")
+    with pytest.raises(InputError, match="keys/1"):
+        KeyLedger(db, "bob")
+    db.close()

@@ -110,7 +110,7 @@ def test_enc_keys_at_one_site_and_dec_keys_at_the_other_give_identical_bytes(
             sent = keys_of(m.post(f"{slave}/enc_keys", json={"number": 2, "size": 512}))
             got = keys_of(s.post(f"{master}/dec_keys", json={"key_IDs": [{"key_ID": k} for k, _ in sent]}))
         assert got == sent and all(len(key) == 64 for _, key in sent)
-        assert all(uuid.UUID(key_id).version == 4 for key_id, _ in sent)
+        assert all(uuid.UUID(key_id).version == 8 for key_id, _ in sent)
         # handed out once at each site: the slave cannot fetch them again
         assert "already delivered" in refused(s.get(f"{master}/dec_keys", params={"key_ID": sent[0][0]}), 400)
         # an empty body is the default request: one key of key_size
