@@ -145,12 +145,10 @@ class ApiServer:
     ) -> None:
         data = json.dumps(body).encode()
         headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
-        for event in (
-            h11.Response(status_code=status, headers=headers),
-            h11.Data(data=data),
-            h11.EndOfMessage(),
-        ):
-            await stream.send_all(connection.send(event) or b"")
+        out = connection.send(h11.Response(status_code=status, headers=headers)) or b""
+        out += connection.send(h11.Data(data=data)) or b""
+        out += connection.send(h11.EndOfMessage()) or b""
+        await stream.send_all(out)  # one TLS record, one write
 
     async def _answer(self, caller: str | None, method: str, target: str, body: bytes) -> tuple[int, Any]:
         try:

@@ -125,6 +125,8 @@ class KeyManager:
         self._next_request = 1
         self._lease_request = 0
         self._refill = trio.Event()  # Alice: set when the lease fell below half
+        # this site's new log entries, in serial order, for run() to send
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[tuple[_Link, Entry, int]](1024)
         self._applied = trio.Event()  # set (and replaced) whenever a peer's entry is applied
         self.peer_serial = 0  # the last entry of the peer's log applied here
         self._leased = 0  # Alice: bytes left in her leases (as of her last allocation or grant)
@@ -234,7 +236,7 @@ class KeyManager:
         try:
             async with self._writing:
                 grant = await self._store_call(self.ledger.grant, message["need"], message["want"])
-                await link.notify(grant, message["request"])
+                await self._post(grant, message["request"])
         except Unavailable as error:
             await link.send(
                 link.channel.encode("key_refuse", request=message["request"], message=str(error)[:256])
@@ -269,8 +271,24 @@ class KeyManager:
             )
         return self._lease
 
+    async def _post(self, entry: Entry, request: int = 0) -> None:
+        """Queue a new entry of this site's log for the peer (call with ``_writing`` held, right after
+        writing it). The queue keeps serial order; if the channel is not open, the entry goes with the
+        other missing ones when it opens (``_on_keys_hello``)."""
+        link = self._link
+        if link is not None and link.open.is_set():
+            await self._outbox_in.send((link, entry, request))
+
     async def run(self) -> None:
-        """Alice: run for the daemon's lifetime; tops the lease up ahead of need."""
+        """Run for the daemon's lifetime: sends this site's log entries; at Alice, also tops the lease
+        up ahead of need."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refiller)
+            async for link, entry, request in self._outbox_out:
+                if link is self._link:  # a closed connection's entries go again on the next one
+                    await link.notify(entry, request)
+
+    async def _refiller(self) -> None:
         while True:
             await self._refill.wait()
             self._refill = trio.Event()
@@ -320,7 +338,7 @@ class KeyManager:
                     assignment, keys, self._leased = await self._store_call(
                         self._allocate, number, size, master, slaves
                     )
-                    await link.notify(assignment)
+                    await self._post(assignment)
                 break
             except Unavailable:
                 if self.role == "bob" or trio.current_time() >= deadline:
