@@ -106,11 +106,13 @@ def status(args: argparse.Namespace) -> int:
             "psk_retired": store.psk_retired,
             "epoch": store.epoch,
         }
-        # ETSI 014 key delivery (§19): material not yet assigned, keys waiting for their slave SAEs
+        # ETSI 014 key delivery (§19): Bob's free pool, Alice's leases, keys waiting for their slave SAEs,
+        # and the assignments of both sites' logs that this site holds
         ledger = store.ledger(str(daemon.get("role") or "alice"))
         report["delivery_available_bits"] = 8 * ledger.available_bytes()
+        report["delivery_leased_bits"] = 8 * ledger.lease_bytes()
         report["delivery_waiting_keys"] = ledger.waiting_keys()
-        report["delivery_assignments"] = ledger.serial
+        report["delivery_assignments"] = ledger.assignments()
     finally:
         store.close()
     if args.json:

@@ -93,6 +93,7 @@ def test_status_and_export_read_the_store(tmp_path: Path, capsys: pytest.Capture
     report = json.loads(capsys.readouterr().out)
     assert report["link_id"] == "lab" and report["stored_key_bits"] == 256
     assert report["delivery_available_bits"] == 256 and report["delivery_waiting_keys"] == 0
+    assert report["delivery_leased_bits"] == 0 and report["delivery_assignments"] == 0
     assert report["last_qber"] == 0.0125 and report["committed_rounds"] == 1 and report["auth"] == "psk"
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
     assert "stored_key_bits: 256" in capsys.readouterr().out

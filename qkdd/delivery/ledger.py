@@ -204,6 +204,10 @@ class KeyLedger:
         """Bytes of Alice's leases not yet used."""
         return sum(n for _, _, n in self.lease())
 
+    def assignments(self) -> int:
+        """Assignments of both sites' logs held here."""
+        return int(self._db.execute("SELECT COUNT(*) FROM delivery_log WHERE kind = 'keys'").fetchone()[0])
+
     def waiting_keys(self) -> int:
         """Keys at this site that some named slave has not fetched yet."""
         return int(self._db.execute("SELECT COUNT(*) FROM delivery_keys WHERE key IS NOT NULL").fetchone()[0])
