@@ -42,6 +42,7 @@ from qkdd.stages.sifting import Detections
 
 U64 = npt.NDArray[np.uint64]
 _PREPARATION, _EVE = 1, 2
+CHUNK_PULSES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,16 @@ def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArra
         expected = (n - position) * p
         # geometric gaps on {1, 2, ...}: 1 + floor(E / -ln(1 - p)) with E standard exponential
         draws = int(expected + 6 * math.sqrt(expected) + 16)
-        gaps = (rng.standard_exponential(draws) * scale).astype(np.int64)
+        exponentials = rng.standard_exponential(draws)
+        exponentials *= scale
+        gaps = exponentials.astype(np.int64)
         gaps += 1
-        indices = position + np.cumsum(gaps)
-        inside = indices[indices < n]
+        indices = np.cumsum(gaps)
+        indices += position
+        inside = indices[: np.searchsorted(indices, n)]  # sorted: the ones below n are a prefix
         chunks.append(inside)
         if inside.size < indices.size:
-            return np.concatenate(chunks)
+            return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
         position = int(indices[-1])
 
 
@@ -222,22 +226,38 @@ class SimBob:
         return self.simulate(frame)
 
     def simulate(self, frame: int) -> Detections:
-        """Bob's detections in ``frame`` (deterministic in the seed and the frame number)."""
+        """Bob's detections in ``frame`` (deterministic in the seed and the frame number), simulated in
+        chunks of ``CHUNK_PULSES`` pulses so that every temporary array stays a few megabytes, whatever
+        the frame size: the allocator reuses those warm pages instead of faulting in fresh ones."""
         p = self.parameters
-        n = p.pulses_per_frame
         rng = np.random.default_rng([p.seed, frame, 0xB0B])
+        preparation = SimPreparation(p, frame)
+        parts = [
+            self._chunk(rng, preparation, start, min(CHUNK_PULSES, p.pulses_per_frame - start))
+            for start in range(0, p.pulses_per_frame, CHUNK_PULSES)
+        ]
+        indices, bob_bases, bits, double_clicks = (
+            np.concatenate(arrays) for arrays in zip(*parts, strict=True)
+        )
+        return Detections(p.pulses_per_frame, indices, bob_bases, bits, double_clicks=double_clicks)
+
+    def _chunk(
+        self, rng: np.random.Generator, preparation: SimPreparation, start: int, n: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+        """Detections among pulses [start, start + n): indices, Bob's bases, bits, double clicks."""
+        p = self.parameters
         if p.single_photon:
             arrival = [p.transmittance for _ in p.intensities]
         else:
             arrival = [1 - math.exp(-p.transmittance * mu) for mu in p.intensities]
         top = max(arrival)
-        preparation = SimPreparation(p, frame)
         candidates = _bernoulli_indices(rng, n, top)
+        candidates += start
         bits, bases, classes = preparation.at(candidates)
         keep = rng.random(candidates.size) * top < np.array(arrival)[classes]
         indices, bits, bases = candidates[keep], bits[keep], bases[keep]
         # dark counts are rare: merge both detectors' into the sorted detections as one small batch
-        dark_counts = [_bernoulli_indices(rng, n, p.dark_count_probability) for _ in (0, 1)]
+        dark_counts = [_bernoulli_indices(rng, n, p.dark_count_probability) + start for _ in (0, 1)]
         extra = np.union1d(*dark_counts)
         extra = extra[~_members(extra, indices)]
         at = np.searchsorted(indices, extra)
@@ -250,7 +270,7 @@ class SimBob:
         for which, counts in enumerate(dark_counts):
             dark[which, np.searchsorted(indices, counts)] = True
         if p.eve_fraction > 0:
-            x = _hash(_frame_key(p.seed, frame), _EVE, indices)
+            x = _hash(_frame_key(p.seed, preparation.frame), _EVE, indices)
             eve = _field(x, 0) < p.eve_fraction
             eve_bases = (_field(x, 24) < 0.5).astype(np.uint8)
             eve_bits = np.where(eve_bases == bases, bits, (x >> np.uint64(63)).astype(np.uint8))
@@ -261,13 +281,7 @@ class SimBob:
         flip = np.where(bob_bases == bases, u < p.misalignment, u < 0.5)
         detector = bits ^ flip.astype(np.uint8)  # which detector the photon hits
         click = [(has_signal & (detector == d)) | dark[d] for d in (0, 1)]
-        return Detections(
-            n,
-            indices,
-            bob_bases,
-            click[1].astype(np.uint8),
-            double_clicks=click[0] & click[1],
-        )
+        return indices, bob_bases, click[1].astype(np.uint8), click[0] & click[1]
 
 
 def _members(values: npt.NDArray[np.int64], sorted_set: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qkdd.errors import InputError
-from qkdd.links import AliceLink, BobLink, available, open_link
+from qkdd.links import AliceLink, BobLink, available, open_link, sim
 from qkdd.links.sim import SimParameters, SimPreparation
 
 PULSES = 1 << 21
@@ -36,6 +36,33 @@ def test_detection_rate_and_qber_follow_the_model() -> None:
     assert abs(rate - expected) < 5 * math.sqrt(expected / PULSES)
     qber = float(np.mean(alice_bits != bob_bits))
     assert abs(qber - 0.02) < 0.004
+
+
+def test_chunks_join_into_one_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bob's frame is simulated in chunks: with small ones and a ragged end, the detections still cover
+    the whole frame uniformly, in order, once each."""
+    monkeypatch.setattr(sim, "CHUNK_PULSES", 1 << 15)
+    pulses = PULSES + 12345
+    options = {"pulses_per_frame": pulses, "distance_km": 20.0, "dark_count_probability": 1e-4}
+    _, _, _, detections = sifted(options)
+    indices = detections.indices
+    assert indices.dtype == np.int64 and indices[0] >= 0 and indices[-1] < pulses
+    assert np.all(np.diff(indices) > 0)
+    p = SimParameters.from_options(options)
+    expected = sum(
+        prob * (1 - math.exp(-p.transmittance * mu) * (1 - p.dark_count_probability) ** 2)
+        for mu, prob in zip(p.intensities, p.intensity_probabilities, strict=True)
+    )
+    for part in np.array_split(np.arange(pulses), 7):  # no stretch of the frame is short of detections
+        count = np.count_nonzero((indices >= part[0]) & (indices <= part[-1]))
+        assert abs(count / part.size - expected) < 5 * math.sqrt(expected / part.size)
+    assert bob_detections(options).indices.tolist() == indices.tolist()  # still a function of the seed
+
+
+def bob_detections(options: dict[str, object]) -> object:
+    bob = open_link("sim", "bob", options)
+    assert isinstance(bob, BobLink)
+    return bob.detections(3)
 
 
 def test_an_eavesdropper_on_every_pulse_causes_a_quarter_of_errors() -> None:
