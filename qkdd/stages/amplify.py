@@ -64,34 +64,56 @@ def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int) -> np
     return np.fft.irfft(spectrum, length)[start : start + count]
 
 
-class _FftwPlan:
-    """FFTW plans and aligned buffers for one transform length (FFTW_ESTIMATE: planning takes ms)."""
+class _FftwWorkspace:
+    """Aligned buffers for FFTW, reused by every transform length that fits, and a plan per length
+    (FFTW_ESTIMATE: planning takes milliseconds). A round's length varies with its key size, so plans
+    come and go, but the buffers stay: their pages are not faulted in afresh each round, which on a
+    virtual machine costs more than the transforms."""
 
-    def __init__(self, pyfftw: Any, length: int) -> None:
-        threads = min(2, os.cpu_count() or 1)
-        flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
-        self.real = pyfftw.empty_aligned(length, dtype="float64")
-        self.spectrum = pyfftw.empty_aligned(length // 2 + 1, dtype="complex128")
-        self.result = pyfftw.empty_aligned(length, dtype="float64")
-        self.forward = pyfftw.FFTW(self.real, self.spectrum, flags=flags, threads=threads)
-        self.backward = pyfftw.FFTW(
-            self.spectrum, self.result, direction="FFTW_BACKWARD", flags=flags, threads=threads
-        )
+    def __init__(self, pyfftw: Any) -> None:
+        self._pyfftw = pyfftw
+        self._capacity = 0
+        self._plans: dict[int, tuple[Any, Any]] = {}
         self.lock = threading.Lock()
 
-    def transform(self, bits: Bits) -> None:
-        self.real[: bits.size] = bits
-        self.real[bits.size :] = 0.0
-        self.forward()
+    def _plan(self, length: int) -> tuple[Any, Any]:
+        if length > self._capacity:
+            capacity = length + length // 8  # room for the next rounds' slightly longer keys
+            self._real = self._pyfftw.empty_aligned(capacity, dtype="float64")
+            self._spectrum = self._pyfftw.empty_aligned(capacity // 2 + 1, dtype="complex128")
+            self._result = self._pyfftw.empty_aligned(capacity, dtype="float64")
+            self._capacity = capacity
+            self._plans.clear()
+        plan = self._plans.get(length)
+        if plan is None:
+            threads = min(2, os.cpu_count() or 1)
+            flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
+            real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
+            plan = (
+                self._pyfftw.FFTW(real, spectrum, flags=flags, threads=threads),
+                self._pyfftw.FFTW(
+                    spectrum, self._result[:length], direction="FFTW_BACKWARD", flags=flags, threads=threads
+                ),
+            )
+            if len(self._plans) >= 8:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[length] = plan
+        return plan
 
-    def convolve(self, s: Bits, x: Bits, start: int, count: int) -> npt.NDArray[np.float64]:
+    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int) -> npt.NDArray[np.float64]:
         with self.lock:
-            self.transform(s)
-            seed_spectrum = self.spectrum.copy()
-            self.transform(x)
-            self.spectrum *= seed_spectrum
-            self.backward()  # __call__ normalises the inverse transform by 1/length
-            return np.array(self.result[start : start + count])
+            forward, backward = self._plan(length)
+            real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
+            real[: s.size] = s
+            real[s.size :] = 0.0
+            forward()
+            seed_spectrum = spectrum.copy()
+            real[: x.size] = x
+            real[x.size :] = 0.0
+            forward()
+            spectrum *= seed_spectrum
+            backward()  # __call__ normalises the inverse transform by 1/length
+            return np.array(self._result[start : start + count])
 
 
 @functools.cache
@@ -106,13 +128,7 @@ def _backend() -> tuple[str, _Convolver]:
         except ImportError:
             pass
         else:
-            plan = functools.lru_cache(maxsize=8)(lambda length: _FftwPlan(pyfftw, length))
-
-            def convolve(s: Bits, x: Bits, length: int, start: int, count: int) -> npt.NDArray[np.float64]:
-                result: npt.NDArray[np.float64] = plan(length).convolve(s, x, start, count)
-                return result
-
-            return "pyfftw", convolve
+            return "pyfftw", _FftwWorkspace(pyfftw).convolve
     return "numpy", _numpy_convolve
 
 
