@@ -20,6 +20,7 @@ wrong key silently.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -151,7 +152,11 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int) -> Bits:
     """
     x = as_bits(key, "key")
     s = as_bits(seed, "seed")
-    n, m = x.size, output_bits
+    try:
+        m = operator.index(output_bits)  # numpy integers too
+    except TypeError:
+        raise InputError(f"output_bits must be an integer, got {type(output_bits).__name__}") from None
+    n = x.size
     if n == 0:
         raise InputError("key: privacy amplification needs at least one input bit")
     if n > MAX_INPUT_BITS:

@@ -88,6 +88,14 @@ def test_bad_shapes(n: int, m: int, seed_len: int, message: str) -> None:
         toeplitz_hash(np.zeros(n, np.uint8), np.zeros(seed_len, np.uint8), m)
 
 
+def test_output_length_is_any_integer_and_nothing_else() -> None:
+    x = np.ones(64, dtype=np.uint8)
+    s = np.ones(64 + 32 - 1, dtype=np.uint8)
+    assert np.array_equal(toeplitz_hash(x, s, np.int64(32)), toeplitz_hash(x, s, 32))
+    with pytest.raises(InputError, match="must be an integer"):
+        toeplitz_hash(x, s, 32.0)  # type: ignore[arg-type]
+
+
 def test_too_large_input_is_refused() -> None:
     with pytest.raises(InputError, match="exact-FFT limit"):
         toeplitz_hash(np.zeros(amplify.MAX_INPUT_BITS + 1, np.uint8), np.zeros(1, np.uint8), 1)
