@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from qkdd import wire
+from qkdd import spec, wire
 from qkdd.config import Etsi014
 from qkdd.delivery.channel import ANSWER_TIMEOUT, KeyChannel
 from qkdd.delivery.ledger import (
@@ -51,6 +51,9 @@ log = logging.getLogger("qkdd")
 T = TypeVar("T")
 StoreCall = Callable[..., Awaitable[Any]]
 Send = Callable[[bytes], Awaitable[None]]
+
+
+MAX_LEASE_BYTES = int(next(f.max for f in spec.load().messages["key_lease"].fields if f.name == "need"))
 
 
 class BadRequest(DeliveryError):
@@ -329,6 +332,8 @@ class KeyManager:
         link = self._open_link()
         self._check_request(number, size, slaves)
         nbytes = number * size // 8
+        if self.role == "alice" and nbytes > MAX_LEASE_BYTES:
+            raise Unavailable(f"{nbytes * 8} bits in one request is more than a lease can carry")
         deadline = trio.current_time() + ANSWER_TIMEOUT
         while True:
             if self.role == "alice":

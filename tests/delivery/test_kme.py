@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -236,6 +237,18 @@ async def test_a_lost_or_refused_lease_is_503_and_a_lost_grant_comes_again(
         with pytest.raises(Unavailable, match="no key material to lease"):
             await alice.enc_keys("sae-alice", ["sae-bob"], 1, 8 * (free + alice.ledger.lease_bytes() + 1))
         assert sites.free() - alice.ledger.lease_bytes() == free  # nothing taken
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_request_larger_than_any_lease_is_503_at_once(sites: Sites) -> None:
+    alice = sites.managers["alice"]
+    alice.settings = dataclasses.replace(alice.settings, max_key_per_request=65536, max_key_size=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await sites.connect(nursery)
+        with pytest.raises(Unavailable, match="more than a lease"):
+            await alice.enc_keys("sae-alice", ["sae-bob"], 65536, 1 << 20)  # 8 GiB
+        assert alice.ledger.lease_bytes() == 0
         nursery.cancel_scope.cancel()
 
 
