@@ -15,6 +15,7 @@ import socket
 import struct
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from qkdd import spec, wire
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
 from qkdd.daemon import credentials, engine_settings
-from qkdd.engine import Engine, State
+from qkdd.delivery.channel import KeyChannel, is_key_message
+from qkdd.delivery.ledger import make_key_id
+from qkdd.engine import KEY_CHANNEL_CAPABILITY, Engine, State
 from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink, open_link
 from qkdd.stages.sifting import Detections
@@ -55,6 +58,10 @@ REQUIREMENTS = {
     "QKDP-4.1": "A round whose error rate exceeds the threshold aborts and stores no key; the link goes on.",
     "QKDP-11.1": "A silent peer is dropped with error timeout within the state's timeout.",
     "QKDP-13.2": "An abort in any round state drops the round at both sides; the next round commits.",
+    "QKDP-19.1": "A peer that offers the key channel opens it after the handshake with keys_hello, the "
+    "channel's frame 0 under the channel's MAC key.",
+    "QKDP-19.2": "A key_notice that is not the next entry of the sender's log is refused (bad-message).",
+    "QKDP-19.3": "A key-channel frame whose MAC does not verify is refused (bad-mac).",
 }
 
 HONEST_ROUNDS = 2
@@ -87,6 +94,7 @@ class Connection:
     pending: list[bytes] = field(default_factory=list)
     closed: bool = False
     sent: list[bytes] = field(default_factory=list)
+    channel_macs: dict[str, Any] | None = None  # the session's frame MACs, when the key channel is on
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -112,8 +120,9 @@ class Connection:
                     self.store.resolve(committed)
                 case engine_mod.ConsumeReserve(upto=upto):
                     self.store.reserve.consume(upto)
-                case engine_mod.Ready(epoch=epoch):
+                case engine_mod.Ready(epoch=epoch, channel_macs=macs):
                     self.store.set_epoch(epoch)
+                    self.channel_macs = macs
 
     def frame(self, timeout: float = READ_TIMEOUT) -> bytes | None:
         """The next frame payload from the peer, or None once it closed the connection."""
@@ -264,6 +273,11 @@ class Conformance:
         for state in self.spec.states[self.role]:
             if state in self.spec.round_states:
                 out.append(("QKDP-13.2", f"abort in {state}", partial(self.abort_in, state)))
+        out += [
+            ("QKDP-19.1", "key channel opens", self.key_channel_opens),
+            ("QKDP-19.2", "key_notice out of order", self.key_notice_out_of_order),
+            ("QKDP-19.3", "key-channel frame with a bad MAC", self.key_frame_bad_mac),
+        ]
         return out
 
     def run(self, report: Callable[[Result], None]) -> list[Result]:
@@ -371,6 +385,84 @@ class Conformance:
             body = wire.encode_message(name, **_sample(self.spec, name))
             c.send(c.engine.seal(body))
             return self._expect(c, {"bad-state"})
+
+    # -- the key channel (§19): checked only against a peer that offers it
+
+    def _key_channel(self, c: Connection) -> tuple[KeyChannel, wire.Message] | None:
+        """Handshake offering the key channel; our end of it and the peer's keys_hello, or ``None`` if
+        the peer does not offer the channel."""
+        c.handshake()
+        if KEY_CHANNEL_CAPABILITY not in c.engine.peer_capabilities:
+            return None
+        if c.channel_macs is None:
+            raise Failed("both hellos offered the key channel, but the handshake did not open it")
+        channel = KeyChannel(self.role, c.channel_macs)
+        while True:  # round frames (a peer Alice may start a round at once) are left unanswered
+            payload = c.frame()
+            if payload is None:
+                raise Failed("the peer closed the connection instead of sending keys_hello")
+            envelope = wire.decode_envelope(payload)
+            message = wire.decode_message(envelope.body)
+            if is_key_message(message):
+                if message.type != "keys_hello":
+                    raise Failed(f"the key channel's first frame is {message.type}, not keys_hello")
+                try:
+                    return channel, channel.receive(envelope, message)
+                except RemoteProtocolError as error:
+                    raise Failed(f"keys_hello refused: {error}") from None
+
+    def _open_key_channel(self, c: Connection) -> tuple[KeyChannel, wire.Message] | None:
+        """As :meth:`_key_channel`, then our keys_hello: we claim to have written exactly what the peer
+        applied of our log and to have applied all of its own, so it sends nothing again."""
+        opened = self._key_channel(c)
+        if opened is not None:
+            channel, hello = opened
+            c.send(
+                channel.encode(
+                    "keys_hello",
+                    kme_id="qkdd-conform",
+                    saes=[],
+                    serial=hello["applied"],
+                    applied=hello["serial"],
+                )
+            )
+        return opened
+
+    def key_channel_opens(self) -> str:
+        with self.connection(key_channel=True) as c:
+            opened = self._key_channel(c)
+            if opened is None:
+                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+            hello = opened[1]
+            return (
+                f"keys_hello from KME {hello['kme_id']!r}: its log at {hello['serial']}, "
+                f"ours applied up to {hello['applied']}"
+            )
+
+    def key_notice_out_of_order(self) -> str:
+        with self.connection(key_channel=True) as c:
+            opened = self._open_key_channel(c)
+            if opened is None:
+                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+            channel, hello = opened
+            serial = hello["applied"] + 2  # the next entry would be applied + 1
+            fields = {**_sample(self.spec, "key_notice"), "serial": serial}
+            fields["key_ids"] = uuid.UUID(make_key_id(self.role, serial, 0)).bytes
+            c.send(channel.encode("key_notice", **fields))
+            return self._expect(c, {"bad-message"})
+
+    def key_frame_bad_mac(self) -> str:
+        with self.connection(key_channel=True) as c:
+            opened = self._open_key_channel(c)
+            if opened is None:
+                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+            channel = opened[0]
+            name = "key_lease" if self.role == "alice" else "key_notice"
+            (payload,) = wire.FrameDecoder().feed(channel.encode(name, **_sample(self.spec, name)))
+            sealed = wire.decode_envelope(payload)
+            forged = bytes([sealed.mac[0] ^ 1]) + sealed.mac[1:]
+            c.send(wire.encode_frame(sealed.seq, sealed.body, forged))
+            return self._expect(c, {"bad-mac"})
 
     def _idle_message(self) -> bytes:
         return wire.encode_message("abort", round=1 << 40, reason="conformance")

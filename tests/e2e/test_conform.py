@@ -21,8 +21,10 @@ TIMEOUTS = (
 )
 
 
-def configs(tmp_path: Path) -> tuple[Path, Path]:
-    paths = demo.write_configs(tmp_path, 0, SIM)
+def configs(tmp_path: Path, key_delivery: bool = True) -> tuple[Path, Path]:
+    """Both roles' configs, by default with key delivery on, so that the key-channel requirements are
+    exercised."""
+    paths = demo.write_configs(tmp_path, 0, SIM, etsi014=key_delivery)
     for path in paths:
         head, _, tail = path.read_text().partition("[timeouts]")
         path.write_text(head + TIMEOUTS + "\n[run]" + tail.split("[run]", 1)[1])
@@ -44,7 +46,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def finish(suite: subprocess.Popen[str], daemon: subprocess.Popen[bytes]) -> None:
+def finish(suite: subprocess.Popen[str], daemon: subprocess.Popen[bytes], key_delivery: bool = True) -> None:
     """Wait for the suite, stop the daemon under test, and check that every requirement passed."""
     try:
         out, err = suite.communicate(timeout=240)
@@ -56,18 +58,21 @@ def finish(suite: subprocess.Popen[str], daemon: subprocess.Popen[bytes]) -> Non
     failed = [r for r in results if not r["passed"]]
     assert not failed, failed
     assert suite.returncode == 0, err
+    key_channel = [r["detail"] for r in results if r["requirement"].startswith("QKDP-19.")]
+    assert key_channel and all(("nothing to check" in d) != key_delivery for d in key_channel), key_channel
 
 
 @pytest.mark.timeout(300)
-def test_our_bob_meets_every_requirement(tmp_path: Path) -> None:
-    alice_config, bob_config = configs(tmp_path)
+@pytest.mark.parametrize("key_delivery", [True, False], ids=["key delivery", "no key delivery"])
+def test_our_bob_meets_every_requirement(tmp_path: Path, key_delivery: bool) -> None:
+    alice_config, bob_config = configs(tmp_path, key_delivery)
     bob = demo.spawn(bob_config, tmp_path / "bob.log")
     try:
         address = demo.wait_for_listen_address(tmp_path / "bob", bob)
     except BaseException:
         bob.kill()
         raise
-    finish(conform("alice", address, alice_config), bob)
+    finish(conform("alice", address, alice_config), bob, key_delivery)
 
 
 @pytest.mark.timeout(300)
