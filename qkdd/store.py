@@ -25,7 +25,7 @@ from typing import Any
 
 from qkdd.auth.reserve import KeyReserve
 from qkdd.database import get_meta, set_meta, transaction
-from qkdd.delivery.ledger import KeyLedger
+from qkdd.delivery.ledger import KeyLedger, count_committed, start_counters
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary
 
@@ -97,6 +97,7 @@ class KeyStore:
         self._db.executescript(_SCHEMA)
         self.reserve = KeyReserve(self._db)
         self._ledger: KeyLedger | None = None
+        start_counters(self._db)
         stored = self._meta("link_id")
         if link_id is None:
             if stored is None:
@@ -187,6 +188,8 @@ class KeyStore:
                 [(key_id, summary.round, i, key) for i, (key_id, key) in enumerate(blocks)],
             )
             self.reserve.add(summary.round, *reserve, committed=not pending)
+            if not pending:
+                count_committed(self._db, summary.round)
 
     def record_aborted(self, summary: RoundSummary, seconds: float | None) -> None:
         """Record an aborted round's figures, dropping any pending keys; a committed round is left alone."""
@@ -204,6 +207,7 @@ class KeyStore:
                 raise InputError(f"round {round_number} is not pending")
             self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (round_number,))
             self.reserve.commit(round_number)
+            count_committed(self._db, round_number)
 
     def pending_rounds(self) -> list[int]:
         rows = self._db.execute("SELECT round FROM rounds WHERE state = 'pending' ORDER BY round").fetchall()
@@ -226,6 +230,7 @@ class KeyStore:
                 if r in keep:
                     self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (r,))
                     self.reserve.commit(r)
+                    count_committed(self._db, r)
                     done.append(r)
                 else:
                     self._db.execute("DELETE FROM keys WHERE round = ?", (r,))

@@ -190,15 +190,9 @@ class KeyLedger:
     # -- counts
 
     def available_bytes(self) -> int:
-        """Pool bytes from Bob's head on (committed rounds only): what Bob can still cut."""
-        r, b, o = self.head
-        total = self._db.execute(
-            "SELECT COALESCE(SUM(LENGTH(k.key)), 0) FROM keys k JOIN rounds r ON r.round = k.round "
-            "WHERE r.state = 'committed' AND (k.round, k.idx) >= (?, ?)",
-            (r, b),
-        ).fetchone()[0]
-        first = self._block(r, b)
-        return int(total) - (min(o, len(first)) if first is not None else 0)
+        """Pool bytes from Bob's head on (committed rounds only): what Bob can still cut. O(1): the
+        bytes of every round committed here minus the bytes the head has passed (:func:`count_committed`)."""
+        return int(get_meta(self._db, POOL_BYTES) or 0) - int(get_meta(self._db, CUT_BYTES) or 0)
 
     def lease_bytes(self) -> int:
         """Bytes of Alice's leases not yet used."""
@@ -366,7 +360,7 @@ class KeyLedger:
             if len(material) < nbytes:
                 raise Unavailable(f"{nbytes * 8} bits asked, {len(material) * 8} available")
             used = [(self.head, past)]
-            set_meta(self._db, "delivery_head", _format(past))
+            self._advance_head(past, nbytes)
         else:
             ranges = self.lease()
             material, used = b"", []
@@ -397,7 +391,7 @@ class KeyLedger:
         if isinstance(entry, Grant):
             row = ("lease", entry.start, entry.past, 0, 0, "", [])
             self._set_lease([*self.lease(), (entry.start, entry.past, span)])
-            set_meta(self._db, "delivery_head", _format(entry.past))
+            self._advance_head(entry.past, span)
         else:
             assert past is not None
             row = ("keys", entry.start, past, entry.number, entry.size, entry.master, list(entry.slaves))
@@ -443,6 +437,10 @@ class KeyLedger:
             )
         except sqlite3.IntegrityError:
             raise Diverged(f"{entry.origin}'s entry {entry.serial} repeats a key ID") from None
+
+    def _advance_head(self, past: Pointer, nbytes: int) -> None:
+        set_meta(self._db, "delivery_head", _format(past))
+        set_meta(self._db, CUT_BYTES, str(int(get_meta(self._db, CUT_BYTES) or 0) + nbytes))
 
     def _block(self, round_number: int, index: int) -> bytes | None:
         row = self._db.execute(
@@ -516,6 +514,45 @@ class KeyLedger:
                 self._db.execute(
                     "UPDATE keys SET key = ? WHERE round = ? AND idx = ?", (zeroed, round_number, index)
                 )
+
+
+POOL_BYTES = "pool_bytes"
+"""Meta: the key bytes of every round committed in this store since the counters started."""
+CUT_BYTES = "delivery_cut_bytes"
+"""Meta: the pool bytes Bob's head has passed since the counters started."""
+
+
+def count_committed(db: sqlite3.Connection, round_number: int) -> None:
+    """Add a round's key bytes to the pool count; the key store calls this inside the transaction that
+    commits the round (rounds commit in order, after everything the head has passed)."""
+    added = db.execute(
+        "SELECT COALESCE(SUM(LENGTH(key)), 0) FROM keys WHERE round = ?", (round_number,)
+    ).fetchone()[0]
+    set_meta(db, POOL_BYTES, str(int(get_meta(db, POOL_BYTES) or 0) + int(added)))
+
+
+def start_counters(db: sqlite3.Connection) -> None:
+    """Start the pool counters of a store that has none yet (a new one, or one written by an older
+    qkdd), from a count of its blocks."""
+    if get_meta(db, POOL_BYTES) is not None:
+        return
+    with transaction(db):
+        set_meta(db, POOL_BYTES, str(scan_available(db)))
+        set_meta(db, CUT_BYTES, "0")
+
+
+def scan_available(db: sqlite3.Connection) -> int:
+    """Pool bytes from Bob's head on, counted block by block (O(blocks)): what the counters follow."""
+    text = get_meta(db, "delivery_head")
+    r, b, o = START if text is None else _parse(text)
+    total, first = db.execute(
+        "SELECT COALESCE(SUM(LENGTH(k.key)), 0), "
+        "COALESCE(SUM(CASE WHEN k.round = ? AND k.idx = ? THEN LENGTH(k.key) END), 0) "
+        "FROM keys k JOIN rounds r ON r.round = k.round "
+        "WHERE r.state = 'committed' AND (k.round, k.idx) >= (?, ?)",
+        (r, b, r, b),
+    ).fetchone()
+    return int(total) - min(o, int(first))
 
 
 def _format(pointer: Pointer) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from qkdd.delivery.ledger import (
     UnknownKey,
     key_origin,
     make_key_id,
+    scan_available,
 )
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary, key_id
@@ -200,6 +202,51 @@ def test_keys_go_to_the_named_slaves_once_each_and_to_nobody_else(stores: tuple[
     # at the master's site the keys went to the master; no slave can fetch them there
     with pytest.raises(NotAuthorized):
         bob.take(ids, "sae-a1", "sae-b")
+
+
+def test_the_pool_count_follows_every_commit_and_cut(stores: tuple[KeyStore, KeyStore]) -> None:
+    """available_bytes is kept as counters (O(1)); after every kind of step it equals a count of the
+    blocks, at both sites, and a store written before the counters starts them from such a count."""
+    alice, bob = ledgers(stores)
+    rng = random.Random(7)
+
+    def check() -> None:
+        for store, ledger in zip(stores, (alice, bob), strict=True):
+            assert ledger.available_bytes() == scan_available(store._db)
+
+    check()
+    for number in range(6):
+        blocks = rng.randint(0, 5)
+        rows = [(key_id("link", number, i), os.urandom(BLOCK)) for i in range(blocks)]
+        stores[0].store_round(summary(number), rows, False, 1.0)  # Alice commits at once
+        stores[1].store_round(summary(number), rows, True, 1.0)  # Bob holds it pending first
+        check()
+        if number % 2:
+            stores[1].commit_round(number)
+        else:
+            stores[1].resolve([number])
+        check()
+        for _ in range(3):
+            step = rng.choice(["bob", "grant", "alice"])
+            try:
+                if step == "bob":
+                    entry, _ = bob.allocate(1, 8 * rng.randint(1, 40), "b", ["a"])
+                elif step == "grant":
+                    entry = bob.grant(rng.randint(1, 50), rng.randint(1, 80))
+                else:
+                    entry, _ = alice.allocate(1, 8 * rng.randint(1, 20), "a", ["b"])
+            except Unavailable:
+                continue
+            (alice if entry.origin == "bob" else bob).apply(entry)
+            check()
+    stores[1]._db.execute("DELETE FROM meta WHERE name IN ('pool_bytes', 'delivery_cut_bytes')")
+    reopened = KeyStore(stores[1].path.parent, "link")
+    try:
+        assert (
+            reopened.ledger("bob").available_bytes() == bob.available_bytes() == scan_available(reopened._db)
+        )
+    finally:
+        reopened.close()
 
 
 def test_pending_rounds_are_not_key_material(stores: tuple[KeyStore, KeyStore]) -> None:
