@@ -55,6 +55,7 @@ LISTEN_FILE = "listen-address"
 ETSI014_FILE = "etsi014-address"  # where the key delivery API listens (an ephemeral port is resolved)
 MAX_HANDSHAKES = 16
 PAUSE_RETRY_SECONDS = 5.0
+STORE_FULL_RETRY_SECONDS = 1.0  # how soon rounds resume once applications took keys from a full store
 READ_SIZE = 1 << 16
 T = TypeVar("T")
 
@@ -313,6 +314,18 @@ class Daemon:
                                 return ready
                             if self.config.round_pause:
                                 await trio.sleep(self.config.round_pause)
+                            if self.kme is not None and await self._store_call(self.kme.store_full):
+                                if not self.paused:
+                                    self._status("paused: key store full", session.peer)
+                                    log.info(
+                                        "link paused: the key store holds etsi014.max_key_count (%d) keys; "
+                                        "rounds resume as applications take keys",
+                                        self.kme.settings.max_key_count,
+                                        extra={"role": self.role},
+                                    )
+                                self.paused = True
+                                await trio.sleep(STORE_FULL_RETRY_SECONDS)
+                                continue
                             clock = RoundClock(engine.state.value, trio.current_time())
                             try:
                                 actions = await self._step(engine, clock, engine.start_round)
@@ -323,6 +336,9 @@ class Daemon:
                                 self.paused = True
                                 await trio.sleep(PAUSE_RETRY_SECONDS)
                                 continue
+                            if self.paused:
+                                self._status("up", session.peer)
+                                log.info("link resumed", extra={"role": self.role})
                             self.paused = False
                             self._begin_round(clock)
                             await self._execute(session, actions)

@@ -7,6 +7,7 @@ import logging
 import re
 import sqlite3
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5, "single_pho
 TIMEOUTS = "[timeouts]\nhandshake = 0.5\nround = 2.0\nidle = 5.0\nshutdown_grace = 1.0\nreconnect_max = 0.2\n"
 
 
-def configs(tmp_path: Path, rounds: int) -> tuple[config.Config, config.Config]:
-    alice_path, bob_path = demo.write_configs(tmp_path, rounds, SIM)
+def configs(tmp_path: Path, rounds: int, **options: Any) -> tuple[config.Config, config.Config]:
+    alice_path, bob_path = demo.write_configs(tmp_path, rounds, SIM, **options)
     loaded = []
     for path in (alice_path, bob_path):
         text = path.read_text()
@@ -178,6 +179,46 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
             alice.request_stop("test over")
             bob.request_stop("test over")
     assert message in caplog.text and alice.rounds_finished == 0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (the caller's fail_after bounds the wait)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await trio.sleep(0.05)
+    raise AssertionError("the condition never held")
+
+
+@pytest.mark.trio
+async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from qkdd.admin import read_status_file  # noqa: PLC0415
+
+    alice_config, bob_config = configs(tmp_path, 0, etsi014=True)
+    assert alice_config.etsi014 is not None
+    full = dataclasses.replace(alice_config.etsi014, max_key_count=1)  # full after the first round
+    caplog.set_level(logging.INFO, logger="qkdd")
+    bob = Daemon(bob_config)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(bob.run)
+            alice = alice_towards(dataclasses.replace(alice_config, etsi014=full), port)
+            nursery.start_soon(alice.run)
+            await until(lambda: "link paused: the key store holds" in caplog.text)
+            assert read_status_file(alice_config.state_dir)["link"] == "paused: key store full"
+            finished = alice.rounds_finished
+            assert finished >= 1
+            await trio.sleep(2.5)  # two more checks: still full, no round
+            assert alice.rounds_finished == finished
+            assert alice.kme is not None
+            alice.kme.settings = dataclasses.replace(full, max_key_count=10**9)  # as if keys were taken
+            await until(lambda: alice.rounds_finished > finished)
+            assert "link resumed" in caplog.text
+            assert read_status_file(alice_config.state_dir)["link"] == "up"
+            alice.request_stop("test over")
+            bob.request_stop("test over")
 
 
 @pytest.mark.trio

@@ -399,10 +399,19 @@ class KeyManager:
         leased = self.ledger.lease_bytes() if self.role == "alice" else 0
         return leased + self.ledger.available_bytes()
 
+    def stored_keys(self) -> int:
+        """``stored_key_count`` of the Status: keys of the default size a master here could still get."""
+        return self._available() // (self.settings.key_size // 8)
+
+    def store_full(self) -> bool:
+        """Whether this site holds ``max_key_count`` keys: Alice then starts no round until applications
+        take keys (the daemon checks before each round)."""
+        return self.stored_keys() >= self.settings.max_key_count
+
     async def status(self, master: str, slave: str) -> dict[str, Any]:
         link = self._open_link()
         self._check_request(1, self.settings.key_size, [slave])
-        available = await self._store_call(self._available)
+        stored = await self._store_call(self.stored_keys)
         s = self.settings
         return {
             "source_KME_ID": s.kme_id,
@@ -410,7 +419,7 @@ class KeyManager:
             "master_SAE_ID": master,
             "slave_SAE_ID": slave,
             "key_size": s.key_size,
-            "stored_key_count": available // (s.key_size // 8),
+            "stored_key_count": stored,
             "max_key_count": s.max_key_count,
             "max_key_per_request": s.max_key_per_request,
             "max_key_size": s.max_key_size,
