@@ -19,7 +19,8 @@
  *     the round passes with 0 (keyless), 1 or 2 key blocks. Both sides decide from the same counts, as
  *     the real protocol does.
  *
- * Not modelled: the key channel of §19 (its messages are outside the round state machine), field
+ * Not modelled: Alice sending keepalive (Bob's IDLE takes it and changes nothing, so it cannot matter),
+ * the key channel of §19 (its messages are outside the round state machine), field
  * contents other than the round number and the one value each message carries here, and the
  * information-theoretic tags of §16 (a tag is one more MAC the attacker cannot forge).
  *
@@ -53,7 +54,7 @@
 mtype = {   /* messages */
               hello, auth, sync, resolve, round_start, sift_announce, sift_answer, estimate_request,
               estimate_answer, cascade_pass, cascade_ranges, cascade_parities, cascade_done, confirm,
-              confirm_result, amplify, commit, committed, abort, error };
+              confirm_result, amplify, commit, committed, keepalive, abort, error };
 
 mtype = {   /* Alice's states */
               A_HELLO, A_AUTH, A_SYNC, A_IDLE, A_SIFTING, A_ESTIMATING, A_RECONCILING,
@@ -63,7 +64,7 @@ mtype = {   /* Bob's states */
               B_HELLO, B_AUTH, B_SYNC, B_RESOLVING, B_IDLE, B_SIFTING, B_ESTIMATING,
                     B_RECONCILING, B_CONFIRMING, B_AMPLIFYING, B_COMMITTING, B_CLOSED };
 
-#define ROUND_MSG(t) (t != hello && t != auth && t != sync && t != resolve && t != error)
+#define ROUND_MSG(t) (t != hello && t != auth && t != sync && t != resolve && t != keepalive && t != error)
 
 /* a frame: message, the connection whose keys made its MAC, seq, MAC valid, round, one value */
 chan a2b[NCONN] = [CAP] of { mtype, byte, byte, bit, byte, byte };
@@ -338,6 +339,7 @@ active proctype Bob() {
                             }
                             st = B_IDLE
                         fi
+                    :: st == B_IDLE && t == keepalive -> skip   /* Alice is there; nothing changes */
                     :: st == B_IDLE && t == round_start ->
                         if
                         :: fr < next ->                      /* a used round number */

@@ -142,6 +142,7 @@ class _Session:
     send_lock: trio.Lock = field(default_factory=trio.Lock)  # rounds and the key channel share the stream
     key_channel: KeyChannel | None = None
     keys_ready: trio.Event = field(default_factory=trio.Event)  # the handshake is over (§19)
+    last_sent: float = -math.inf  # when our last round-channel frame went out (trio clock)
 
     async def write(self, frame: bytes) -> None:
         try:
@@ -324,7 +325,7 @@ class Daemon:
                                         extra={"role": self.role},
                                     )
                                 self.paused = True
-                                await trio.sleep(STORE_FULL_RETRY_SECONDS)
+                                await self._pause(session, engine, STORE_FULL_RETRY_SECONDS)
                                 continue
                             clock = RoundClock(engine.state.value, trio.current_time())
                             try:
@@ -334,7 +335,7 @@ class Daemon:
                                     self._status("paused: key reserve exhausted", session.peer)
                                     log.warning("link paused: %s", exhausted, extra={"role": self.role})
                                 self.paused = True
-                                await trio.sleep(PAUSE_RETRY_SECONDS)
+                                await self._pause(session, engine, PAUSE_RETRY_SECONDS)
                                 continue
                             if self.paused:
                                 self._status("up", session.peer)
@@ -345,8 +346,11 @@ class Daemon:
                             deadline = _deadline(engine.timeout)
                             continue
                         item: Any = None
-                        with trio.move_on_at(deadline) as waiting:
+                        with trio.move_on_at(min(deadline, self._keepalive_due(session, engine))) as waiting:
                             item = await frames.receive()
+                        if waiting.cancelled_caught and trio.current_time() < deadline:
+                            await self._keep_alive(session, engine)  # Alice, done with her rounds
+                            continue
                         if waiting.cancelled_caught:
                             log.warning(
                                 "%s: no frame in state %s within its timeout%s",
@@ -542,6 +546,7 @@ class Daemon:
             match action:
                 case engine_mod.Send(frame=frame):
                     await session.write(frame)
+                    session.last_sent = trio.current_time()
                 case engine_mod.ReserveRound(round=number):
                     await self._store_call(self.store.reserve_round, number)
                     self._rounds_started.add(number)
@@ -596,6 +601,30 @@ class Daemon:
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
             return await trio.to_thread.run_sync(function, *args)
+
+    def _keepalive_due(self, session: _Session, engine: engine_mod.Engine) -> float:
+        """When Alice, in IDLE, owes Bob a keepalive: a quarter of his idle timeout after her last frame
+        (``inf`` when she owes none)."""
+        if (
+            self.role != "alice"
+            or engine.state is not engine_mod.State.IDLE
+            or not engine.peer_takes_keepalive
+        ):
+            return math.inf
+        return session.last_sent + self.config.timeouts.idle / 4
+
+    async def _pause(self, session: _Session, engine: engine_mod.Engine, seconds: float) -> None:
+        """Alice, paused: wait ``seconds`` before trying again, with keepalives as they fall due."""
+        until = trio.current_time() + seconds
+        while trio.current_time() < until:
+            await trio.sleep_until(min(until, self._keepalive_due(session, engine)))
+            await self._keep_alive(session, engine)
+
+    async def _keep_alive(self, session: _Session, engine: engine_mod.Engine) -> None:
+        """Alice, starting no round for now (paused, or done): tell Bob she is there when it is due, so
+        his idle timeout does not end the connection (a new handshake would cost reserve bits, §17)."""
+        if trio.current_time() >= self._keepalive_due(session, engine):
+            await self._execute(session, engine.keepalive())
 
     def _round_seconds(self) -> float:
         if self._round_started is None:

@@ -44,6 +44,7 @@ T = TypeVar("T")
 SUPPORTED_VERSIONS = (1,)
 NONCE_BYTES = 32
 KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
+KEEPALIVE_CAPABILITY = "keepalive"
 _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
@@ -324,6 +325,7 @@ class Engine:
             capabilities.append("reserve")
         if self.settings.key_channel:
             capabilities.append(KEY_CHANNEL_CAPABILITY)
+        capabilities.append(KEEPALIVE_CAPABILITY)  # Bob takes keepalive in IDLE (§13)
         self._capabilities = capabilities
         body = wire.encode_message(
             "hello",
@@ -378,6 +380,24 @@ class Engine:
         except RemoteProtocolError as error:
             self._fail(error)
             raise
+
+    @property
+    def peer_takes_keepalive(self) -> bool:
+        """Whether the peer's hello said it takes ``keepalive`` (§13)."""
+        return KEEPALIVE_CAPABILITY in self.peer_capabilities
+
+    def keepalive(self) -> list[Action]:
+        """Alice, in IDLE and starting no round for now: tell Bob she is there, so his IDLE timeout does
+        not end a connection that is only waiting (and the next handshake need not be paid for)."""
+        if self.role != "alice" or not self.peer_takes_keepalive:
+            raise LocalProtocolError("keepalive: only Alice sends it, and only to a peer that takes it")
+
+        def send() -> State:
+            self._send("keepalive")
+            return State.IDLE
+
+        self._transition("keepalive", send)
+        return self._flush()
 
     def start_round(self) -> list[Action]:
         """Alice, in IDLE: open the next round on the next frame of the link."""
@@ -1007,6 +1027,9 @@ class Engine:
         self._check_round_tag(r)
         self._out.append(CommitRound(r.number))
         self._round = None
+        return State.IDLE
+
+    def _on_keepalive(self, message: wire.Message) -> State:
         return State.IDLE
 
     def _on_abort(self, message: wire.Message) -> State:

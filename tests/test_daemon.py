@@ -191,12 +191,15 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 @pytest.mark.trio
-async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken(
+async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken_and_keepalives_hold_the_link(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from qkdd.admin import read_status_file  # noqa: PLC0415
 
-    alice_config, bob_config = configs(tmp_path, 0, etsi014=True)
+    alice_config, bob_config = (
+        dataclasses.replace(c, timeouts=dataclasses.replace(c.timeouts, idle=1.0))  # Bob's IDLE: 1 s
+        for c in configs(tmp_path, 0, etsi014=True)
+    )
     assert alice_config.etsi014 is not None
     full = dataclasses.replace(alice_config.etsi014, max_key_count=1)  # full after the first round
     caplog.set_level(logging.INFO, logger="qkdd")
@@ -210,13 +213,38 @@ async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken(
             assert read_status_file(alice_config.state_dir)["link"] == "paused: key store full"
             finished = alice.rounds_finished
             assert finished >= 1
-            await trio.sleep(2.5)  # two more checks: still full, no round
+            await trio.sleep(3.5)  # still full, no round; and Alice's keepalives hold the connection open
             assert alice.rounds_finished == finished
+            assert "within its timeout" not in caplog.text and caplog.text.count("key channel open") == 2
             assert alice.kme is not None
             alice.kme.settings = dataclasses.replace(full, max_key_count=10**9)  # as if keys were taken
             await until(lambda: alice.rounds_finished > finished)
             assert "link resumed" in caplog.text
             assert read_status_file(alice_config.state_dir)["link"] == "up"
+            alice.request_stop("test over")
+            bob.request_stop("test over")
+
+
+@pytest.mark.trio
+async def test_alice_done_with_her_rounds_keeps_the_link_for_key_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With run.max_rounds reached and key delivery on, Alice keeps the connection (and with it the key
+    channel) through keepalives, however short Bob's idle timeout."""
+    alice_config, bob_config = (
+        dataclasses.replace(c, timeouts=dataclasses.replace(c.timeouts, idle=1.0))
+        for c in configs(tmp_path, 1, etsi014=True)
+    )
+    caplog.set_level(logging.INFO, logger="qkdd")
+    bob = Daemon(bob_config)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(bob.run)
+            alice = alice_towards(alice_config, port)
+            nursery.start_soon(alice.run)
+            await until(lambda: alice.rounds_finished == 1 and bob.rounds_finished == 1)
+            await trio.sleep(3.5)
+            assert "within its timeout" not in caplog.text and caplog.text.count("key channel open") == 2
             alice.request_stop("test over")
             bob.request_stop("test over")
 

@@ -312,6 +312,7 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
     "amplify": {"round": 0, "input_bits": 1, "output_bits": 0, "reserve_bits": 0, "seed": b""},
     "commit": {"round": 0, "blocks": 0},
     "committed": {"round": 0},
+    "keepalive": {},
     "abort": {"round": 0, "reason": "test"},
     # the key channel's (§19): the engine refuses them, they never belong to a round
     "keys_hello": {"kme_id": "kme", "saes": ["sae"], "serial": 0, "applied": 0},

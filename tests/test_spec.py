@@ -83,6 +83,8 @@ def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(
     monkeypatch.setattr(engine.Engine, "_transition", recording)
     pair = ConnectionPair()
     pair.connect()
+    pair.handle("alice", pair.alice.keepalive())
+    pair.run()
     pair.round()
     pair.handle("alice", pair.alice.start_round())
     pair.handle("alice", pair.alice.abort_round("operator request"))
