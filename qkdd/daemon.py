@@ -314,7 +314,7 @@ class Daemon:
                                     self.request_stop("all rounds done")
                                 return ready
                             if self.config.round_pause:
-                                await trio.sleep(self.config.round_pause)
+                                await self._pause(session, engine, self.config.round_pause)
                             if self.kme is not None and await self._store_call(self.kme.store_full):
                                 if not self.paused:
                                     self._status("paused: key store full", session.peer)
@@ -614,7 +614,8 @@ class Daemon:
         return session.last_sent + self.config.timeouts.idle / 4
 
     async def _pause(self, session: _Session, engine: engine_mod.Engine, seconds: float) -> None:
-        """Alice, paused: wait ``seconds`` before trying again, with keepalives as they fall due."""
+        """Alice, between rounds: wait ``seconds`` (a pause, or run.round_pause), with keepalives as they
+        fall due."""
         until = trio.current_time() + seconds
         while trio.current_time() < until:
             await trio.sleep_until(min(until, self._keepalive_due(session, engine)))
