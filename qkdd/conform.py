@@ -58,6 +58,8 @@ REQUIREMENTS = {
     "QKDP-4.1": "A round whose error rate exceeds the threshold aborts and stores no key; the link goes on.",
     "QKDP-11.1": "A silent peer is dropped with error timeout within the state's timeout.",
     "QKDP-13.2": "An abort in any round state drops the round at both sides; the next round commits.",
+    "QKDP-13.3": "A Bob whose hello lists keepalive takes keepalive in IDLE and stays there; the next round "
+    "commits.",
     "QKDP-19.1": "A peer that offers the key channel opens it after the handshake with keys_hello, the "
     "channel's frame 0 under the channel's MAC key.",
     "QKDP-19.2": "A key_notice that is not the next entry of the sender's log is refused (bad-message).",
@@ -274,6 +276,7 @@ class Conformance:
             if state in self.spec.round_states:
                 out.append(("QKDP-13.2", f"abort in {state}", partial(self.abort_in, state)))
         out += [
+            ("QKDP-13.3", "keepalive in IDLE", self.keepalive),
             ("QKDP-19.1", "key channel opens", self.key_channel_opens),
             ("QKDP-19.2", "key_notice out of order", self.key_notice_out_of_order),
             ("QKDP-19.3", "key-channel frame with a bad MAC", self.key_frame_bad_mac),
@@ -491,6 +494,20 @@ class Conformance:
         if states != ["committed"] * HONEST_ROUNDS:
             raise Failed(f"rounds ended {states}: {[r['reason'] for r in rounds]}")
         return f"rounds {[r['round'] for r in rounds]} committed, confirmation tags matched"
+
+    def keepalive(self) -> str:
+        if self.role == "bob":
+            return "nothing to check as Bob: an Alice sends keepalive only while she starts no round"
+        with self.connection() as c:
+            c.handshake()
+            if not c.engine.peer_takes_keepalive:
+                return "the peer does not list keepalive: nothing to check"
+            for _ in range(3):
+                c.act(c.engine.keepalive())
+            (after,) = self._rounds(c, 1)
+        if after["state"] != "committed":
+            raise Failed(f"the round after three keepalives ended {after['state']}: {after['reason']}")
+        return f"three keepalives in IDLE, then round {after['round']} committed"
 
     def qber_abort(self) -> str:
         noisy = _NoisyAlice(self.link) if self.role == "alice" else _NoisyBob(self.link)  # type: ignore[arg-type]
