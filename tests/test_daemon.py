@@ -24,7 +24,10 @@ SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5, "single_pho
 TIMEOUTS = "[timeouts]\nhandshake = 0.5\nround = 2.0\nidle = 5.0\nshutdown_grace = 1.0\nreconnect_max = 0.2\n"
 
 
-def configs(tmp_path: Path, rounds: int, **options: Any) -> tuple[config.Config, config.Config]:
+def configs(
+    tmp_path: Path, rounds: int, idle: float | None = None, **options: Any
+) -> tuple[config.Config, config.Config]:
+    """Both roles' configs with the short TIMEOUTS (``idle``: another timeouts.idle)."""
     alice_path, bob_path = demo.write_configs(tmp_path, rounds, SIM, **options)
     loaded = []
     for path in (alice_path, bob_path):
@@ -33,12 +36,27 @@ def configs(tmp_path: Path, rounds: int, **options: Any) -> tuple[config.Config,
         tail = tail.split("[run]", 1)[1]
         path.write_text(head + TIMEOUTS + "\n[run]" + tail)
         loaded.append(config.load(path))
+        if idle is not None:
+            loaded[-1] = dataclasses.replace(
+                loaded[-1], timeouts=dataclasses.replace(loaded[-1].timeouts, idle=idle)
+            )
     return loaded[0], loaded[1]
 
 
 def alice_towards(alice_config: config.Config, port: int) -> Daemon:
     """Alice's daemon, aimed at a port on 127.0.0.1 (Bob's, or a proxy's)."""
     return Daemon(dataclasses.replace(alice_config, peer=config.Address("127.0.0.1", port)))
+
+
+async def start_pair(
+    nursery: trio.Nursery, alice_config: config.Config, bob_config: config.Config
+) -> tuple[Daemon, Daemon]:
+    """Bob, and Alice aimed at him, running in ``nursery``."""
+    bob = Daemon(bob_config)
+    port = await nursery.start(bob.run)
+    alice = alice_towards(alice_config, port)
+    nursery.start_soon(alice.run)
+    return alice, bob
 
 
 async def read_frames(stream: trio.SocketStream) -> list[dict[str, Any]]:
@@ -166,12 +184,9 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
 
     watch = Watch()
     logging.getLogger("qkdd").addHandler(watch)
-    bob = Daemon(bob_config)
     with trio.move_on_after(8):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(bob.run)
-            alice = alice_towards(alice_config, port)
-            nursery.start_soon(alice.run)
+            alice, bob = await start_pair(nursery, alice_config, bob_config)
             with trio.fail_after(6):
                 await paused.wait()
             logging.getLogger("qkdd").removeHandler(watch)
@@ -196,19 +211,15 @@ async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken_and_keepa
 ) -> None:
     from qkdd.admin import read_status_file  # noqa: PLC0415
 
-    alice_config, bob_config = (
-        dataclasses.replace(c, timeouts=dataclasses.replace(c.timeouts, idle=1.0))  # Bob's IDLE: 1 s
-        for c in configs(tmp_path, 0, etsi014=True)
-    )
+    alice_config, bob_config = configs(tmp_path, 0, idle=1.0, etsi014=True)  # Bob's IDLE: 1 s
     assert alice_config.etsi014 is not None
     full = dataclasses.replace(alice_config.etsi014, max_key_count=1)  # full after the first round
     caplog.set_level(logging.INFO, logger="qkdd")
-    bob = Daemon(bob_config)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(bob.run)
-            alice = alice_towards(dataclasses.replace(alice_config, etsi014=full), port)
-            nursery.start_soon(alice.run)
+            alice, bob = await start_pair(
+                nursery, dataclasses.replace(alice_config, etsi014=full), bob_config
+            )
             await until(lambda: "link paused: the key store holds" in caplog.text)
             assert read_status_file(alice_config.state_dir)["link"] == "paused: key store full"
             finished = alice.rounds_finished
@@ -231,17 +242,11 @@ async def test_alice_done_with_her_rounds_keeps_the_link_for_key_delivery(
 ) -> None:
     """With run.max_rounds reached and key delivery on, Alice keeps the connection (and with it the key
     channel) through keepalives, however short Bob's idle timeout."""
-    alice_config, bob_config = (
-        dataclasses.replace(c, timeouts=dataclasses.replace(c.timeouts, idle=1.0))
-        for c in configs(tmp_path, 1, etsi014=True)
-    )
+    alice_config, bob_config = configs(tmp_path, 1, idle=1.0, etsi014=True)
     caplog.set_level(logging.INFO, logger="qkdd")
-    bob = Daemon(bob_config)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(bob.run)
-            alice = alice_towards(alice_config, port)
-            nursery.start_soon(alice.run)
+            alice, bob = await start_pair(nursery, alice_config, bob_config)
             await until(lambda: alice.rounds_finished == 1 and bob.rounds_finished == 1)
             await trio.sleep(3.5)
             assert "within its timeout" not in caplog.text and caplog.text.count("key channel open") == 2

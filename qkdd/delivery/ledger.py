@@ -243,9 +243,9 @@ class KeyLedger:
             available = self.available_bytes()
             if available < need or need < 1:
                 raise Unavailable(f"{need * 8} bits asked for a lease, {available * 8} available")
-            amount = max(need, min(want, available // 2))
-            entry = Grant(self.serial("bob") + 1, start, self._lease_end(start, amount))
-            self._write(entry, span=self._span(entry.start, entry.past))
+            past, span = self._lease_end(start, max(need, min(want, available // 2)))
+            entry = Grant(self.serial("bob") + 1, start, past)
+            self._write(entry, span=span)
         return entry
 
     def entries_after(self, serial: int) -> list[Entry]:
@@ -302,7 +302,7 @@ class KeyLedger:
                 if (
                     span < 1
                     or self.available_bytes() < span
-                    or self._lease_end(entry.start, span) != entry.past
+                    or self._lease_end(entry.start, span)[0] != entry.past
                 ):
                     raise Diverged(f"Bob's lease {entry.serial} up to {entry.past} does not fit this pool")
                 self._write(entry, span=span)
@@ -493,11 +493,14 @@ class KeyLedger:
             total += max(0, last - first)
         return total
 
-    def _lease_end(self, start: Pointer, nbytes: int) -> Pointer:
-        """The end of a lease of ``nbytes`` from ``start``: the end of the block holding its last byte."""
-        _, past = self._read(start, nbytes)
+    def _lease_end(self, start: Pointer, nbytes: int) -> tuple[Pointer, int]:
+        """The end of a lease of ``nbytes`` from ``start`` — the end of the block holding its last byte —
+        and the number of pool bytes the lease then holds."""
+        material, past = self._read(start, nbytes)
         block = self._block(past[0], past[1])
-        return (past[0], past[1], len(block)) if block is not None else past
+        if block is None:
+            return past, len(material)
+        return (past[0], past[1], len(block)), len(material) + len(block) - past[2]
 
     def _erase(self, start: Pointer, past: Pointer) -> None:
         """Erase [start, past): a block used up to its end is deleted (its front went before it), one used
