@@ -191,8 +191,40 @@ _HIGH_BITS = np.array([((1 << k) - 1) << (64 - k) for k in range(64)], dtype=np.
 """``_HIGH_BITS[k]``: a word's first (most significant) k bits."""
 
 
+_SELECT8 = np.argsort(
+    1 - np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1), axis=1, kind="stable"
+).astype(np.int64)
+"""``_SELECT8[v, k]``: the bit (0 = most significant) holding the k-th set bit of byte v."""
+
+
+class _Select:
+    """The position of the r-th set bit (0-based) of a packed bit string, for many r at once: a binary
+    search over running byte counts, then a 2 KiB table within the byte; r = the number of set bits
+    gives the string's length."""
+
+    def __init__(self, packed: Bits) -> None:
+        self.packed = np.append(packed, np.uint8(0))  # rank = count lands on this extra byte's bit 0
+        self.before = np.zeros(self.packed.size, dtype=np.int64)
+        np.cumsum(np.bitwise_count(packed), out=self.before[1:])
+
+    def __call__(self, ranks: Int64s) -> Int64s:
+        byte = np.searchsorted(self.before, ranks, side="right")
+        byte -= 1
+        position: Int64s = _SELECT8[self.packed[byte], ranks - self.before[byte]]
+        position += byte << 3
+        return position
+
+
 class _Pass:
-    """One pass's layout, shared by both roles: block bounds, index↔position maps, range parities."""
+    """One pass's layout, shared by both roles: block bounds and how to keep range parities in pass
+    order (:meth:`range_parity`).
+
+    An affine pass keeps a side's bits rearranged into pass order. A halves pass rearranges nothing: its
+    bits live in ``2·H`` *slots* (H = n rounded up to whole words), a member's bit at slot i and any other
+    bit at slot H + i, the remaining slots zero. Pass position t then holds the bit of the t-th occupied
+    slot, so a prefix of pass order is a prefix of the slots up to a select, and building one costs two
+    ANDs and a running count instead of an n-element permutation.
+    """
 
     def __init__(self, layout: PassLayout, n: int) -> None:
         self.layout = layout
@@ -211,71 +243,98 @@ class _Pass:
         self.block_count = self.block_starts.size
         lengths = self.block_ends - self.block_starts
         self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
-        self._order: Int64s | None = None
-        self._rank: Int64s | None = None
-        self._mask: Bits | None = None
+        self.half = -(-n // 64) * 64  # H, the halves pass's slot offset of non-members
+        self._slot_mask: Bits | None = None
+        self._select: _Select | None = None
 
-    @property
-    def mask(self) -> Bits:
-        """A halves pass's membership mask, one byte per bit (built lazily)."""
-        if self._mask is None:
+    def _slots(self) -> tuple[Bits, _Select]:
+        """A halves pass's occupied slots, packed, and their select (built lazily: O(n/8))."""
+        if self._slot_mask is None or self._select is None:
             assert self.packed_mask is not None
-            self._mask = np.unpackbits(self.packed_mask, count=self.n)
-        return self._mask
+            members = np.zeros(self.half // 8, dtype=np.uint8)
+            members[: self.packed_mask.size] = self.packed_mask
+            others = ~members
+            others[self.packed_mask.size :] = 0
+            if self.n % 8:
+                others[self.packed_mask.size - 1] &= 0xFF << (8 - self.n % 8) & 0xFF
+            self._slot_mask = np.concatenate([members, others])
+            self._select = _Select(self._slot_mask)
+        return self._slot_mask, self._select
 
-    def positions(self, indices: Int64s) -> Int64s:
-        """The pass-order position of each key index."""
+    def _is_member(self, indices: Int64s) -> Bits:
+        assert self.packed_mask is not None
+        shift = (7 - (indices & 7)).astype(np.uint8)
+        member: Bits = self.packed_mask[indices >> 3] >> shift
+        member &= 1
+        return member
+
+    def slots(self, indices: Int64s) -> Int64s:
+        """Where each key index lives in :meth:`range_parity`'s bit string: its pass-order position
+        (affine) or its slot (halves)."""
         if self.layout.kind == "affine":
             return (indices * self.layout.multiplier + self.layout.offset) % self.n
-        if self._rank is None:
-            self._rank = np.empty(self.n, dtype=np.int64)
-            self._rank[self.order] = np.arange(self.n, dtype=np.int64)
-        return self._rank[indices]
+        return indices + self.half * (1 - self._is_member(indices).astype(np.int64))
 
     def index_at(self, positions: Int64s) -> Int64s:
         """The key index at each pass-order position."""
         if self.layout.kind == "affine":
             inverse = pow(self.layout.multiplier, -1, self.n)
             return ((positions - self.layout.offset) % self.n) * inverse % self.n
-        return self.order[positions]
-
-    @property
-    def order(self) -> Int64s:
-        """A halves pass's ``order[t]``: the key index at position t (built lazily: O(n))."""
-        if self._order is None:
-            members = self.mask.view(bool)
-            self._order = np.concatenate([np.flatnonzero(members), np.flatnonzero(~members)])
-        return self._order
+        slots = self._slots()[1](positions)
+        return np.where(slots >= self.half, slots - self.half, slots)
 
     def block_of(self, indices: Int64s) -> Int64s:
         """The block holding each key index."""
         if self.layout.kind == "affine":
-            return self.positions(indices) // self.layout.block_size
+            return self.slots(indices) // self.layout.block_size
         if self.block_count == 1:
             return np.zeros(indices.size, dtype=np.int64)
-        return (1 - self.mask[indices]).astype(np.int64)
+        return (1 - self._is_member(indices)).astype(np.int64)
 
-    def in_order(self, bits: Bits) -> Bits:
-        """``bits`` rearranged into pass order, packed MSB-first."""
+    def range_parity(self, bits: Bits, packed: Bits | None = None) -> PassParity:
+        """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in this pass's order."""
         if self.layout.kind == "affine":
-            return _affine_gather(bits, self.layout.multiplier, self.layout.offset)
-        members = self.mask.view(bool)
-        return np.packbits(np.concatenate([bits[members], bits[~members]]))
+            return PassParity(
+                self, RangeParity(_affine_gather(bits, self.layout.multiplier, self.layout.offset), self.n)
+            )
+        slot_mask, select = self._slots()
+        doubled = np.zeros(slot_mask.size, dtype=np.uint8)
+        source = np.packbits(bits) if packed is None else packed
+        doubled[: source.size] = source
+        doubled[self.half // 8 : self.half // 8 + source.size] = source
+        doubled &= slot_mask
+        return PassParity(self, RangeParity(doubled, 2 * self.half), select)
 
-    def range_parity(self, bits: Bits) -> RangeParity:
-        """Range parities of ``bits`` in this pass's order."""
-        return RangeParity(self.in_order(bits), self.n)
-
-    def halves_parities(self, bits: Bits, packed: bytes | None = None) -> Bits:
+    def halves_parities(self, packed_bits: Bits) -> Bits:
         """A halves pass's block parities, by two popcounts and no rearrangement (affine passes take
         theirs from :meth:`range_parity`, which their searches need anyway)."""
         assert self.packed_mask is not None
-        packed_bits = np.frombuffer(packed if packed is not None else pack_bits(bits), dtype=np.uint8)
         total = int(np.bitwise_count(packed_bits).sum()) & 1
         if self.block_count == 1:
             return np.array([total], dtype=np.uint8)
         inside = int(np.bitwise_count(packed_bits & self.packed_mask).sum()) & 1
         return np.array([inside, inside ^ total], dtype=np.uint8)
+
+
+class PassParity:
+    """One side's range parities in one pass's order, kept up to date as its bits flip."""
+
+    def __init__(self, layout: _Pass, ranges: RangeParity, select: _Select | None = None) -> None:
+        self.layout = layout
+        self.ranges = ranges
+        self.select = select
+
+    def parity(self, starts: Positions, ends: Positions) -> Bits:
+        """Parity of pass-order positions ``[starts[i], ends[i])`` for each i."""
+        both = np.concatenate([starts, ends])
+        if self.select is not None:
+            both = self.select(both.astype(np.int64))
+        parity = self.ranges.at(both)
+        return parity[: starts.size] ^ parity[starts.size :]
+
+    def flip(self, indices: Int64s) -> None:
+        """Toggle the bits at key ``indices``."""
+        self.ranges.flip(self.layout.slots(indices))
 
 
 _GATHER_ROWS = 64
@@ -337,9 +396,9 @@ class CascadeAlice:
         if self.key.size == 0:
             raise InputError("key: cascade needs at least one bit")
         self.n = self.key.size
-        self._packed = pack_bits(self.key)
+        self._packed = np.packbits(self.key)
         self._passes: list[_Pass] = []
-        self._parities: dict[int, RangeParity] = {}
+        self._parities: dict[int, PassParity] = {}
         self.disclosed_bits = 0
         self.round_trips = 0
         self.finished = False
@@ -366,7 +425,7 @@ class CascadeAlice:
                         cascade_pass.block_starts, cascade_pass.block_ends
                     )
                 else:
-                    parities = cascade_pass.halves_parities(self.key, self._packed)
+                    parities = cascade_pass.halves_parities(self._packed)
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
                 pass_ids, starts_, ends_ = _check_ranges(passes, starts, ends, self.n, len(self._passes))
@@ -374,7 +433,7 @@ class CascadeAlice:
                 single = pass_ids.min() == pass_ids.max()
                 for index in [int(pass_ids[0])] if single else np.unique(pass_ids).tolist():
                     if index not in self._parities:
-                        self._parities[index] = self._passes[index].range_parity(self.key)
+                        self._parities[index] = self._passes[index].range_parity(self.key, self._packed)
                     if single:
                         parities = self._parities[index].parity(starts_, ends_)
                         break
@@ -487,7 +546,7 @@ class _BobPass:
         self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
         self.odd_seen = 0  # entries of the flip log applied to ``odd`` (see CascadeBob._sync_odd)
         self.searching = np.zeros(layout.block_count, dtype=bool)
-        self.current: RangeParity | None = None  # range parities of Bob's bits in pass order (built lazily)
+        self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
         # Alice's sub-block parities by (block, heap index); 2 = unknown
@@ -680,7 +739,7 @@ class CascadeBob:
                 # from the range parities of Bob's bits (needed for the searches anyway)
                 state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
             else:
-                state.odd = alice_top != shared.halves_parities(self.key)
+                state.odd = alice_top != shared.halves_parities(np.packbits(self.key))
             state.odd_seen = len(self._flip_log)
             self._passes.append(state)
             if layout.kind == "halves":
@@ -805,7 +864,7 @@ class CascadeBob:
             state.current = state.layout.range_parity(self.key)
             state.flips_seen = len(self._flip_log)
         elif state.flips_seen < len(self._flip_log):
-            state.current.flip(state.layout.positions(self._flips_since(state.flips_seen)))
+            state.current.flip(self._flips_since(state.flips_seen))
             state.flips_seen = len(self._flip_log)
         return state.current.parity(starts, ends)
 

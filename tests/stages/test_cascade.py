@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -251,3 +252,45 @@ def test_range_parity_matches_direct_sums(values: list[int], data: st.DataObject
     np.bitwise_xor.at(bits, flips, 1)
     ranges_.flip(flips)
     assert ranges_.parity(starts, ends).tolist() == direct()
+
+
+@given(
+    st.lists(st.integers(0, 1), min_size=1, max_size=300),
+    st.sampled_from(["affine", "halves"]),
+    st.binary(min_size=16, max_size=16),
+    st.data(),
+)
+def test_pass_parity_follows_the_pass_order(
+    values: list[int], kind: str, seed: bytes, data: st.DataObject
+) -> None:
+    """Both kinds of pass answer range parities in their spec order (§5), before and after Bob's flips;
+    a halves pass builds no permutation, so this checks its slots and select against the definition."""
+    bits = np.array(values, dtype=np.uint8)
+    n = bits.size
+    if kind == "affine":
+        multiplier = data.draw(st.integers(1, max(n - 1, 1)).filter(lambda a: math.gcd(a, n) == 1))
+        layout = PassLayout(
+            "affine", data.draw(st.integers(1, n)), multiplier, data.draw(st.integers(0, n - 1))
+        )
+        order = (np.arange(n) - layout.offset) % n * pow(multiplier, -1, n) % n
+    else:
+        layout = PassLayout("halves", seed=seed)
+        members = cascade.halves_mask(seed, n).astype(bool)
+        order = np.concatenate([np.flatnonzero(members), np.flatnonzero(~members)])
+    shared = cascade._Pass(layout, n)
+    ranges = data.draw(st.lists(st.tuples(st.integers(0, n), st.integers(0, n)), min_size=1, max_size=20))
+    starts = np.array([min(r) for r in ranges], dtype=np.int64)
+    ends = np.array([max(r) for r in ranges], dtype=np.int64)
+    parities = shared.range_parity(bits)
+
+    def direct() -> list[int]:
+        return [int(bits[order[s:e]].sum()) & 1 for s, e in zip(starts, ends, strict=True)]
+
+    assert parities.parity(starts, ends).tolist() == direct()
+    assert shared.index_at(np.arange(n)).tolist() == order.tolist()
+    block_at_position = np.searchsorted(shared.block_starts, np.arange(n), side="right") - 1
+    assert shared.block_of(order).tolist() == block_at_position.tolist()
+    flips = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=10, unique=True)))
+    bits[flips] ^= 1
+    parities.flip(flips.astype(np.int64))
+    assert parities.parity(starts, ends).tolist() == direct()
