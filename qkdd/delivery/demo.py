@@ -163,6 +163,7 @@ def bench(quick: bool, as_json: bool) -> int:
                 rows.append(_measure(f"dec_keys at {slave}", link, count, call))
             call = _encrypt(clients["alice"], "bob", [], 10)
             rows.append(_measure("enc_keys at alice, 10 per call", link, count // 10, call, keys_per_call=10))
+            rows.append(_measure("HTTPS floor at alice (a 400)", link, count, _unrouted(clients["alice"])))
     if as_json:
         print(json.dumps({"etsi014": rows}))
     else:
@@ -183,6 +184,19 @@ def _encrypt(client: Client, slave: str, ids: list[str], number: int = 1) -> Cal
 def _decrypt(client: Client, master: str, ids: list[str]) -> Callable[[], object]:
     pending = iter(ids)
     return lambda: client.dec_keys(SAES[master], [next(pending)])
+
+
+def _unrouted(client: Client) -> Callable[[], object]:
+    """A request the API answers 400 without reaching the key manager: what TLS, HTTP and JSON cost on
+    their own (with the client's share), the floor under every row above."""
+
+    def call() -> object:
+        status, body = client.request("GET", "/api/v1/keys/floor")
+        if status != 400:
+            raise ApiError(status, body)
+        return body
+
+    return call
 
 
 def _measure(
