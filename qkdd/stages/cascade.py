@@ -23,10 +23,11 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
 * With ``reuse_parities`` (the improved variants) Bob remembers every sub-block parity Alice has
   disclosed or that follows from disclosed ones, and never asks for it again when a later cascade step
   searches the same block.
-* Computation: each side holds, per pass, its bits in pass order as packed 64-bit words with a running
-  parity per word (:class:`RangeParity`), so any range's parity costs two lookups and a popcount. Bob
-  flips his in place as he corrects errors; the other passes' odd-block flags catch up with the flips
-  only when they are next looked at.
+* Computation: each side holds, per pass, its bits as packed 64-bit words with a running parity per
+  word (:class:`RangeParity`): an affine pass's in pass order, a halves pass's in key order with pass
+  positions mapped to them by a select (:class:`_Pass`), so any range's parity costs two lookups and a
+  popcount. Bob flips his in place as he corrects errors; the other passes' odd-block flags catch up
+  with the flips only when they are next looked at.
 
 Variants (Martinez-Mateo, Pacher, Peev, Ciurana, Martin, "Demystifying the information reconciliation
 protocol Cascade", QIC 15 (2015), compares them):
@@ -326,11 +327,9 @@ class PassParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of pass-order positions ``[starts[i], ends[i])`` for each i."""
-        both = np.concatenate([starts, ends])
         if self.select is not None:
-            both = self.select(both.astype(np.int64))
-        parity = self.ranges.at(both)
-        return parity[: starts.size] ^ parity[starts.size :]
+            starts, ends = self.select(starts.astype(np.int64)), self.select(ends.astype(np.int64))
+        return self.ranges.parity(starts, ends)
 
     def flip(self, indices: Int64s) -> None:
         """Toggle the bits at key ``indices``."""
