@@ -9,7 +9,9 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
   order, then contiguous blocks of ``block_size`` positions (the last may be shorter). Two kinds:
   ``affine`` (``position(i) = (a·i + b) mod n``, gcd(a, n) = 1) for small blocks, and ``halves`` (a random
   subset from AES-128-CTR(seed) in index order, then its complement: two blocks) for the late
-  BICONF-style passes, whose top parities cost two popcounts instead of a permutation.
+  BICONF-style passes, whose top parities cost two popcounts instead of a permutation. Bob draws each
+  affine pass so that no two bits sharing a block of an earlier one share a block again, and on large
+  frames with a small step ``a^-1 mod n``, which both sides lay out by strided copies.
 * When a pass starts Alice sends every block parity. Bob compares with his own: a block with odd error
   parity holds at least one error, which a binary search finds with one disclosed parity per level
   (the right half's parity follows from the parent's and the left's, so it is never asked).
@@ -69,6 +71,11 @@ MAX_RANGES_PER_REQUEST = 1 << 22
 MIN_QBER = 1e-3
 """Block sizes are chosen as if the QBER were at least this."""
 SMALL_FRAME_BITS = (1 << 16, 1 << 18)
+STRIDED_FRAME_BITS = 1 << 17
+"""From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
+STEP_RANGE = (128, 640)
+MAX_STRIDED_STEP = 1024
+"""Either side gathers an affine pass by strided copies when its step is at most this."""
 """Frame lengths for which ``optimized`` uses two affine passes instead of three (see for_variant)."""
 
 VARIANTS = ("original", "biconf", "optimized")
@@ -342,7 +349,8 @@ _GATHER_ROWS = 64
 
 def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
-    ``(t - b) · a^-1 mod n``.
+    ``(t - b) · a^-1 mod n``. With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large
+    frames), by strided copies (:func:`_strided_gather`); otherwise by table lookups.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
     and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
@@ -352,9 +360,11 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     n = bits.size
     if n == 1:
         return np.packbits(bits)
+    inverse = pow(multiplier, -1, n)
+    if inverse <= MAX_STRIDED_STEP:
+        return _strided_gather(bits, inverse, offset)
     rows = (n + 1023) >> 10
     twice = np.concatenate([bits, bits])
-    inverse = pow(multiplier, -1, n)
     low = np.arange(1024, dtype=np.int64) * inverse % n
     high = (np.arange(rows, dtype=np.int64) * (1024 * inverse % n) + (-offset * inverse) % n) % n
     width = min(rows, _GATHER_ROWS)
@@ -367,6 +377,20 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
         np.take(twice, index[:count], out=gathered[:count])
         out[row * 128 : (row + count) * 128] = np.packbits(gathered[:count])
     return out[: (n + 7) // 8]
+
+
+def _strided_gather(bits: Bits, step: int, offset: int) -> Bits:
+    """:func:`_affine_gather` for a small step c: position ``(u + b) mod n`` holds index ``u·c mod n``.
+
+    As u runs from 0, ``u·c`` crosses a multiple of n ``c`` times; between two crossings (a *lap*) the
+    indices form the progression ``s, s + c, s + 2c, …`` below n, with ``s = -L·n mod c`` on lap L. So
+    the pass order is ``c`` strided slices one after another: a few copies at memory speed instead of a
+    lookup per bit (1.2 ms against 4.5 ms at 2^20 bits), then a rotation by b.
+    """
+    n = bits.size
+    laps = np.concatenate([bits[(-lap * n) % step :: step] for lap in range(step)])
+    rotated = np.concatenate([laps[n - offset :], laps[: n - offset]]) if offset else laps
+    return np.packbits(rotated)
 
 
 def _validate_layout(layout: PassLayout, n: int) -> None:
@@ -814,20 +838,36 @@ class CascadeBob:
                 offset += count
 
     def _affine_layout(self, block_size: int) -> PassLayout:
-        """A random affine permutation that keeps bits of the first pass's blocks apart."""
+        """A random affine pass in which no two bits that share a block of an earlier affine pass share
+        a block again, as far as 16 draws allow (two errors in the same blocks of two passes hide from
+        both). Bits i and i + d share a block of pass (a, k) only if ``a·d mod n`` lies within k of 0;
+        the first pass keeps key-adjacent bits (d below the first block size) apart instead, against
+        bursts of errors. On large frames the multiplier is the inverse of a step in ``STEP_RANGE``,
+        which both sides gather by strided copies (:func:`_strided_gather`)."""
         n = self.n
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
+        earlier = [
+            (state.layout.layout.multiplier, state.layout.layout.block_size)
+            for state in self._passes
+            if state.layout.layout.kind == "affine"
+        ] or [(1, min(self.schedule.first_block, n - 1) + 1)]
+        strided = n >= STRIDED_FRAME_BITS
         best: tuple[int, int] | None = None
-        window = min(self.schedule.first_block, n - 1)
-        d = np.arange(1, window + 1, dtype=np.int64)
         for _ in range(16):
-            multiplier = int(self._rng.integers(1, n))
+            if strided:
+                step = int(self._rng.integers(*STEP_RANGE))
+                multiplier = pow(step, -1, n) if math.gcd(step, n) == 1 else 0
+            else:
+                multiplier = int(self._rng.integers(1, n))
             if math.gcd(multiplier, n) != 1:
                 continue
-            # how close do two bits that shared a first-pass block land? (larger is better)
-            spread = (d * multiplier) % n
-            closest = int(np.minimum(spread, n - spread).min())
+            # the closest that two bits sharing a block of an earlier pass come in this pass's order
+            closest = n
+            for earlier_multiplier, earlier_block in earlier:
+                ratio = multiplier * pow(earlier_multiplier, -1, n) % n
+                spread = np.arange(1, earlier_block, dtype=np.int64) * ratio % n
+                closest = min(closest, int(np.minimum(spread, n - spread).min(initial=n)))
             if best is None or closest > best[0]:
                 best = (closest, multiplier)
             if closest >= block_size:

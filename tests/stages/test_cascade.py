@@ -221,6 +221,7 @@ def test_halves_mask_is_the_aes_ctr_keystream() -> None:
 
 def test_affine_gather_matches_definition(rng: np.random.Generator) -> None:
     # position t of pass (a, b) holds key index (t - b) * a^-1 mod n; sizes around the 1024-position rows
+    assert pow(12345, -1, 65537) > cascade.MAX_STRIDED_STEP  # the table path is tested too
     for n, a, b in [
         (1, 1, 0),
         (7, 3, 2),
@@ -228,11 +229,45 @@ def test_affine_gather_matches_definition(rng: np.random.Generator) -> None:
         (1025, 17, 1000),
         (65537, 12345, 3),
         (70000, 3, 69999),
+        # steps a^-1 mod n up to MAX_STRIDED_STEP take the strided path, laps of one or many positions
+        (1 << 17, pow(129, -1, 1 << 17), 77),
+        (487017, pow(2, -1, 487017), 0),
+        (5000, pow(1023, -1, 5000), 4999),
+        (1500, pow(1001, -1, 1500), 1),
     ]:
         bits = rng.integers(0, 2, n, dtype=np.uint8)
         order = (np.arange(n) - b) % n * pow(a, -1, n) % n
         packed = cascade._affine_gather(bits, a, b)
         assert np.array_equal(np.unpackbits(packed, count=n), bits[order])
+
+
+@pytest.mark.parametrize("n", [1 << 16, 1 << 18])
+@pytest.mark.parametrize("seed", range(4))
+def test_affine_passes_never_put_two_bits_in_the_same_blocks_twice(n: int, seed: int) -> None:
+    # two errors that share a block in two passes hide from both; Bob's layouts avoid it (on 2^18 bits
+    # with steps from STEP_RANGE, which the gather copies by strides)
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    noisy = key.copy()
+    noisy[rng.choice(n, n // 50, replace=False)] ^= 1
+    alice = cascade.CascadeAlice(key)
+    bob = cascade.CascadeBob(noisy, 0.02, rng)
+    layouts = []
+    message = bob.next_message()
+    while not isinstance(message, cascade.Finished):
+        if isinstance(message, cascade.StartPass) and message.layout.kind == "affine":
+            layouts.append(message.layout)
+        reply = alice.handle(message)
+        assert reply is not None
+        bob.receive(reply)
+        message = bob.next_message()
+    assert np.array_equal(bob.result().key, key)
+    first, second = layouts[0], layouts[1]
+    assert (pow(first.multiplier, -1, n) in range(*cascade.STEP_RANGE)) == (n >= cascade.STRIDED_FRAME_BITS)
+    index = np.arange(n, dtype=np.int64)
+    blocks = [(index * lay.multiplier + lay.offset) % n // lay.block_size for lay in (first, second)]
+    pairs = blocks[0] * n + blocks[1]
+    assert np.unique(pairs).size == n
 
 
 @given(st.lists(st.integers(0, 1), min_size=1, max_size=300), st.data())
