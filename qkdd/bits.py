@@ -104,11 +104,9 @@ def unpack_bits(data: bytes, count: int, what: str) -> Bits:
         raise RemoteProtocolError(
             f"{what}: expected {(count + 7) // 8} bytes for {count} bits, got {len(data)}"
         )
-    raw = np.frombuffer(data, dtype=np.uint8)
-    bits = np.unpackbits(raw)
-    if bits[count:].any():
+    if count % 8 and data[-1] & (0xFF >> count % 8):
         raise RemoteProtocolError(f"{what}: padding bits must be zero")
-    return bits[:count]
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
 
 
 _VARINT_MAX_BYTES = 10  # 64-bit values

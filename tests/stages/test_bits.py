@@ -56,6 +56,11 @@ def test_unpack_checks_length_and_padding() -> None:
         unpack_bits(b"\x00\x00", 3, "t")
     with pytest.raises(RemoteProtocolError, match="padding"):
         unpack_bits(b"\xff", 3, "t")
+    with pytest.raises(RemoteProtocolError, match="padding"):
+        unpack_bits(b"\x00\xa1", 11, "t")  # only the last padding bit is set
+    assert unpack_bits(b"\x00\xa0", 11, "t").tolist() == [0] * 8 + [1, 0, 1]
+    assert unpack_bits(b"\xff", 8, "t").tolist() == [1] * 8
+    assert unpack_bits(b"", 0, "t").size == 0
 
 
 @pytest.mark.parametrize(

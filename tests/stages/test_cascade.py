@@ -283,10 +283,12 @@ def test_range_parity_matches_direct_sums(values: list[int], data: st.DataObject
         return [int(bits[s:e].sum()) & 1 for s, e in zip(starts, ends, strict=True)]
 
     assert ranges_.parity(starts, ends).tolist() == direct()
-    flips = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=10)), dtype=np.int64)
-    np.bitwise_xor.at(bits, flips, 1)
-    ranges_.flip(flips)
-    assert ranges_.parity(starts, ends).tolist() == direct()
+    # batches of flips, some past PENDING_FLIPS: noted as pending, then recounted
+    for size in data.draw(st.lists(st.sampled_from([1, 10, 200]), min_size=1, max_size=4)):
+        flips = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=size, max_size=size)), np.int64)
+        np.bitwise_xor.at(bits, flips, 1)
+        ranges_.flip(flips)
+        assert ranges_.parity(starts, ends).tolist() == direct()
 
 
 @given(
@@ -325,6 +327,12 @@ def test_pass_parity_follows_the_pass_order(
     assert shared.index_at(np.arange(n)).tolist() == order.tolist()
     block_at_position = np.searchsorted(shared.block_starts, np.arange(n), side="right") - 1
     assert shared.block_of(order).tolist() == block_at_position.tolist()
+    if kind == "halves":
+        block_parities = [
+            int(bits[order[s:e]].sum()) & 1
+            for s, e in zip(shared.block_starts, shared.block_ends, strict=True)
+        ]
+        assert shared.halves_parities(np.packbits(bits)).tolist() == block_parities
     flips = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=10, unique=True)))
     bits[flips] ^= 1
     parities.flip(flips.astype(np.int64))
