@@ -591,7 +591,12 @@ def _default_clean_passes(n: int) -> int:
 
 
 class _BobPass:
-    """Bob's per-pass state on top of the shared layout, including the searches under way in it."""
+    """Bob's per-pass state on top of the shared layout, including the searches under way in it.
+
+    A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
+    children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
+    with ``offset = 1 - b·width`` fixed per search.
+    """
 
     def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
         self.index = index
@@ -604,21 +609,27 @@ class _BobPass:
         self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
-        # Alice's sub-block parities by (block, heap index); 2 = unknown
+        # Alice's sub-block parities by slot; 2 = unknown. Only a block searched before has any, so
+        # ``revisiting`` says whether a search under way may find some (else nobody looks)
         self.known: Bits | None = np.full(0, 2, dtype=np.uint8) if reuse else None
-        # searches under way: block, current node [start, end), heap index, Alice's node parity
+        self.searched = np.zeros(layout.block_count if reuse else 0, dtype=bool)
+        self.revisiting = False
+        # searches under way: block, current node [start, end), its slot, Alice's node parity
         self.blocks: Int64s = np.zeros(0, dtype=np.int64)
         self.starts: Int64s = np.zeros(0, dtype=np.int64)
         self.ends: Int64s = np.zeros(0, dtype=np.int64)
-        self.heap: Int64s = np.zeros(0, dtype=np.int64)
+        self.node: Int64s = np.zeros(0, dtype=np.int64)
+        self.offset: Int64s = np.zeros(0, dtype=np.int64)
         self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
 
-    def remember(self, slots: Int64s, parities: Bits) -> None:
+    def remember(self, slots: Int64s, left: Bits, right: Bits) -> None:
+        """Alice's parities of the left children at ``slots`` and of their right siblings."""
         if self.known is None:
             return
         if self.known.size == 0:
             self.known = np.full(self.layout.block_count * self.width, 2, dtype=np.uint8)
-        self.known[slots] = parities
+        self.known[slots] = left
+        self.known[slots + 1] = right
 
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
@@ -626,22 +637,25 @@ class _BobPass:
         if new.size == 0:
             return
         self.searching[new] = True
-        self._append(
-            new, self.layout.block_starts[new], self.layout.block_ends[new], new * 0, self.alice_top[new]
-        )
-
-    def _append(self, blocks: Int64s, starts: Int64s, ends: Int64s, heap: Int64s, parity: Bits) -> None:
-        self.blocks = np.concatenate([self.blocks, blocks])
-        self.starts = np.concatenate([self.starts, starts])
-        self.ends = np.concatenate([self.ends, ends])
-        self.heap = np.concatenate([self.heap, heap])
-        self.node_parity = np.concatenate([self.node_parity, parity])
+        if self.known is not None:
+            self.revisiting = self.revisiting or bool(self.searched[new].any())
+            self.searched[new] = True
+        roots = new * self.width
+        self.blocks = np.concatenate([self.blocks, new])
+        self.starts = np.concatenate([self.starts, self.layout.block_starts[new]])
+        self.ends = np.concatenate([self.ends, self.layout.block_ends[new]])
+        self.node = np.concatenate([self.node, roots])
+        self.offset = np.concatenate([self.offset, 1 - roots])
+        self.node_parity = np.concatenate([self.node_parity, self.alice_top[new]])
 
     def keep(self, which: npt.NDArray[np.bool_]) -> None:
         """Drop every search not in ``which``; their blocks may be searched again later."""
         self.searching[self.blocks[~which]] = False
         self.blocks, self.starts, self.ends = self.blocks[which], self.starts[which], self.ends[which]
-        self.heap, self.node_parity = self.heap[which], self.node_parity[which]
+        self.node, self.offset = self.node[which], self.offset[which]
+        self.node_parity = self.node_parity[which]
+        if self.blocks.size == 0:
+            self.revisiting = False
 
     def descend(
         self, alice_left: Bits, bob_left: Bits, mid: Int64s, slots: Int64s, rows: Int64s | None
@@ -649,35 +663,32 @@ class _BobPass:
         """Move searches one level down given Alice's and Bob's parities of their left child.
 
         ``mid`` and ``slots`` are :meth:`left_children`'s for the same searches; ``rows`` picks the
-        searches (``None``: all of them, in place).
+        searches (``None``: all of them).
         """
         node_parity = self.node_parity if rows is None else self.node_parity[rows]
         right_parity = node_parity ^ alice_left
-        self.remember(slots, alice_left)
-        self.remember(slots + 1, right_parity)
-        go_left = alice_left != bob_left
-        go_right = ~go_left
+        self.remember(slots, alice_left, right_parity)
+        go_right = alice_left == bob_left
         if rows is None:
-            np.copyto(self.ends, mid, where=go_left)
+            self.ends = np.where(go_right, self.ends, mid)
             np.copyto(self.starts, mid, where=go_right)
-            self.heap *= 2
-            self.heap += 1
-            self.heap += go_right
-            self.node_parity = np.where(go_left, alice_left, right_parity)
+            self.node = slots + go_right
+            self.node_parity = np.where(go_right, right_parity, alice_left)
             return
-        self.ends[rows] = np.where(go_left, mid, self.ends[rows])
-        self.starts[rows] = np.where(go_left, self.starts[rows], mid)
-        self.heap[rows] = 2 * self.heap[rows] + 1 + go_right
-        self.node_parity[rows] = np.where(go_left, alice_left, right_parity)
+        self.ends[rows] = np.where(go_right, self.ends[rows], mid)
+        self.starts[rows] = np.where(go_right, mid, self.starts[rows])
+        self.node[rows] = slots + go_right
+        self.node_parity[rows] = np.where(go_right, right_parity, alice_left)
 
-    def left_children(self) -> tuple[Int64s, Int64s]:
-        """(mid, known-parity slot) of the left child ``[start, mid)`` of every search under way."""
-        mid = self.ends - self.starts
+    def left_children(self, length: Int64s) -> tuple[Int64s, Int64s]:
+        """(mid, slot) of the left child ``[start, mid)`` of every search under way, given each node's
+        ``length`` (which this consumes)."""
+        mid = length
         mid += 1
         mid >>= 1
         mid += self.starts
-        slots = self.blocks * self.width
-        slots += 2 * self.heap + 1
+        slots = self.node * 2
+        slots += self.offset
         return mid, slots
 
 
@@ -814,22 +825,22 @@ class CascadeBob:
         of the same wave.
         """
         while True:
-            if not any(state.blocks.size for state in self._passes):
+            active = [state for state in self._passes if state.blocks.size]
+            if not active:
                 odd = [state for state in self._passes if self._sync_odd(state).any()]
                 if not odd:
                     return
-                min(
-                    odd, key=lambda st: int(st.layout.block_ends[0] - st.layout.block_starts[0])
-                ).start_searches()
+                first = min(odd, key=lambda st: int(st.layout.block_ends[0] - st.layout.block_starts[0]))
+                first.start_searches()
+                active = [first]
             progressed = False
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
-            for state in self._passes:
-                if state.blocks.size == 0:
-                    continue
-                leaves = state.ends - state.starts == 1
-                if leaves.any():
+            for state in active:
+                length = state.ends - state.starts
+                if length.min() == 1:
                     # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
                     # contradict each other
+                    leaves = length == 1
                     found = state.layout.index_at(state.starts[leaves])
                     if (self.key[found] == state.node_parity[leaves]).any():
                         raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
@@ -837,8 +848,9 @@ class CascadeBob:
                     self._apply_flips(found)
                     if state.blocks.size == 0:
                         continue
-                mid, slots = state.left_children()
-                if state.known is not None and state.known.size:
+                    length = length[~leaves]
+                mid, slots = state.left_children(length)
+                if state.revisiting and state.known is not None and state.known.size:
                     # descend through sub-blocks whose parity Alice already disclosed, with no round trip
                     alice_left = state.known[slots]
                     local = np.flatnonzero(alice_left != 2)
