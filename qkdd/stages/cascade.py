@@ -211,7 +211,7 @@ class RangeParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of ``[starts[i], ends[i])`` for each i."""
-        both = self.at(np.concatenate([starts, ends]))
+        both = self.at(np.concatenate([starts, ends], dtype=np.int64))  # int64 indexes fastest
         return both[: starts.size] ^ both[starts.size :]
 
 
