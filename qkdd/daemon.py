@@ -581,6 +581,10 @@ class Daemon:
                     self.rounds_finished += len(set(done) & self._rounds_started)
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
+                case engine_mod.Compute():
+                    # the frames before it are out: this work overlaps the peer's
+                    assert session.engine is not None
+                    await trio.to_thread.run_sync(session.engine.compute)
                 case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
                     if macs is not None and self.kme is not None:

@@ -149,7 +149,15 @@ class ConsumeReserve:
     upto: int
 
 
-Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve
+@dataclass(frozen=True, slots=True)
+class Compute:
+    """Work of the round that no frame waits for yet — Alice hashing the round key (§7) while Bob hashes
+    his: call :meth:`Engine.compute` after sending the frames before this action, best in a worker
+    thread, so that both sides hash at once. A driver that ignores it loses nothing: the engine does the
+    work itself when the round next needs it."""
+
+
+Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve | Compute
 
 
 class ReserveExhausted(QkddError):
@@ -243,6 +251,7 @@ class _Round:
     reserve: tuple[bytes, int] = (b"", 0)
     sent: bytearray = field(default_factory=bytearray)  # this direction's transcript (§16)
     received: bytearray = field(default_factory=bytearray)
+    work: Callable[[], None] | None = None  # announced by a Compute action, not done yet
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -380,6 +389,13 @@ class Engine:
         except RemoteProtocolError as error:
             self._fail(error)
             raise
+
+    def compute(self) -> None:
+        """Do the work a :class:`Compute` action announced, unless it is done or its round is gone."""
+        r = self._round
+        if r is not None and r.work is not None:
+            work, r.work = r.work, None
+            work()
 
     @property
     def peer_takes_keepalive(self) -> bool:
@@ -978,7 +994,6 @@ class Engine:
             )
             return self._end_aborted(f"no secret key: {self._length_reason}")
         seed = amplify.choose_seed(self._random, int(r.key.size), output)
-        self._split(r, amplify.amplify(r.key, seed), reserve_bits)
         self._send(
             "amplify",
             tagged=True,
@@ -988,6 +1003,9 @@ class Engine:
             reserve_bits=reserve_bits,
             seed=seed.seed,
         )
+        key = r.key
+        r.work = lambda: self._split(r, amplify.amplify(key, seed), reserve_bits)
+        self._out.append(Compute())
         return State.COMMITTING
 
     def _on_amplify(self, message: wire.Message) -> State:
@@ -1011,6 +1029,7 @@ class Engine:
         return State.COMMITTING
 
     def _on_commit(self, message: wire.Message) -> State:
+        self.compute()
         r = self._open_round()
         if message["blocks"] != len(r.blocks):
             raise RemoteProtocolError(

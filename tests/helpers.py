@@ -169,6 +169,8 @@ class ConnectionPair:
         self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
         self.log: list[tuple[str, str]] = []  # (sender, message type)
         self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
+        self.run_compute = True  # act on Compute as the daemon does (False: as a driver that ignores it)
+        self.computes: list[tuple[str, int]] = []  # (role, frames it had sent by then) per Compute
 
     def engine(self, role: str) -> engine.Engine:
         return self.alice if role == "alice" else self.bob
@@ -182,6 +184,10 @@ class ConnectionPair:
             if isinstance(action, engine.Send):
                 self.queues[peer].append(action.frame)
                 self.log.append((role, action.message))
+            elif isinstance(action, engine.Compute):
+                self.computes.append((role, len(self.log)))
+                if self.run_compute:
+                    self.engine(role).compute()
             else:
                 if isinstance(action, engine.RoundEnded):
                     self.summaries[role].append(action.summary)

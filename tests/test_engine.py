@@ -61,6 +61,21 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
     assert summary.auth in ("psk", "reserve") and 0 < summary.qber < 0.03
 
 
+@pytest.mark.parametrize("run_compute", [True, False])
+def test_alice_hashes_after_sending_the_seed_and_either_way_the_keys_agree(run_compute: bool) -> None:
+    # the daemon sends "amplify" and only then runs Alice's hashing (in a thread, while Bob hashes his);
+    # a driver that ignores Compute gets the same keys: Alice then hashes when Bob's commit arrives
+    pair = ConnectionPair()
+    pair.run_compute = run_compute
+    pair.connect()
+    pair.round()
+    pair.round()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    sent_before = [i + 1 for i, entry in enumerate(pair.log) if entry == ("alice", "amplify")]
+    assert len(sent_before) == 2 and pair.computes == [("alice", i) for i in sent_before]
+    pair.alice.compute()  # nothing announced: nothing to do
+
+
 def test_key_blocks_and_ids_are_deterministic_per_link_round_and_index() -> None:
     first, second = ConnectionPair(), ConnectionPair(link_id="other-link")
     for pair in (first, second):
