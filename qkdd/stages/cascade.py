@@ -37,10 +37,10 @@ protocol Cascade", QIC 15 (2015), compares them):
 * ``original`` — Brassard & Salvail 1993: k1 = ⌈0.73/Q⌉, k_{i+1} = 2·k_i, four passes, no parity reuse.
 * ``biconf`` — the original's first two passes, then BICONF (Buttler et al. 2003) random-halves passes
   until ``clean_passes`` in a row find no odd block, with parity reuse. Two passes leave errors in pairs
-  that share both their blocks; a halves pass misses all of them with probability 1/2 and each odd one
-  breaks about one pair, so a frame sees some 10-13 halves passes with errors left, each of which can
-  start a clean run: the frame error rate is about 12·2^-(c+1) for c clean passes (measured at 2^14 bits
-  and 5% QBER: 3 frames in 1000 for c = 10, 2 for c = 12). ``biconf`` therefore asks for 16.
+  that share both their blocks, which only a halves pass can see, and each halves pass misses all of
+  them with probability 1/2: a frame keeps an error when c clean passes in a row follow one that still
+  had errors, so the frame error rate falls as 2^-c. Measured at 2^14 bits and 5% QBER (1000 frames):
+  3 frames with an error for c = 10, 2 for c = 12, 1 for c = 16, which ``biconf`` asks for.
 * ``optimized`` — the 2015 paper's guidelines: block sizes are powers of two (every binary search
   discloses exactly log2 k parities), k1 = 2^⌈log2(0.8/Q)⌉, a second pass of larger blocks (and,
   outside 2^16-2^18 bits, a third of n/64 bits), then
@@ -75,6 +75,7 @@ MAX_RANGES_PER_REQUEST = 1 << 22
 MIN_QBER = 1e-3
 """Block sizes are chosen as if the QBER were at least this."""
 SMALL_FRAME_BITS = (1 << 16, 1 << 18)
+"""Frame lengths for which ``optimized`` uses two affine passes instead of three (see for_variant)."""
 BICONF_CLEAN_PASSES = 16
 """Clean random-halves passes in a row that end ``biconf`` (see the variants above)."""
 STRIDED_FRAME_BITS = 1 << 17
@@ -82,7 +83,6 @@ STRIDED_FRAME_BITS = 1 << 17
 STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
 """Either side gathers an affine pass by strided copies when its step is at most this."""
-"""Frame lengths for which ``optimized`` uses two affine passes instead of three (see for_variant)."""
 
 VARIANTS = ("original", "biconf", "optimized")
 
