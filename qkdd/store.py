@@ -205,9 +205,14 @@ class KeyStore:
         with transaction(self._db):
             if self._state(round_number) != "pending":
                 raise InputError(f"round {round_number} is not pending")
-            self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (round_number,))
-            self.reserve.commit(round_number)
-            count_committed(self._db, round_number)
+            self._mark_committed(round_number)
+
+    def _mark_committed(self, round_number: int) -> None:
+        """Inside a transaction: the pending round becomes committed, with its reserve bits and its key
+        material counted for delivery."""
+        self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (round_number,))
+        self.reserve.commit(round_number)
+        count_committed(self._db, round_number)
 
     def pending_rounds(self) -> list[int]:
         rows = self._db.execute("SELECT round FROM rounds WHERE state = 'pending' ORDER BY round").fetchall()
@@ -228,9 +233,7 @@ class KeyStore:
         with transaction(self._db):
             for r in self.pending_rounds():
                 if r in keep:
-                    self._db.execute("UPDATE rounds SET state = 'committed' WHERE round = ?", (r,))
-                    self.reserve.commit(r)
-                    count_committed(self._db, r)
+                    self._mark_committed(r)
                     done.append(r)
                 else:
                     self._db.execute("DELETE FROM keys WHERE round = ?", (r,))
