@@ -31,11 +31,12 @@ Every method runs in one SQLite transaction (the key store's database, ``synchro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 from qkdd.database import get_meta, set_meta, transaction
@@ -450,48 +451,51 @@ class KeyLedger:
         ).fetchone()
         return None if row is None else bytes(row[0])
 
-    def _blocks(self, start: Pointer, end: Pointer | None = None) -> sqlite3.Cursor:
-        """The committed blocks from the one of ``start`` (to the one of ``end``), in pool order."""
+    def _blocks(
+        self, start: Pointer, end: Pointer | None = None
+    ) -> Generator[tuple[int, int, bytes, int, int], None, None]:
+        """The committed blocks from the one of ``start`` (to the one of ``end``), in pool order, each as
+        (round, index, block, first, last): the bytes [first, last) of the block lie in [start, end)."""
         r, b, _ = start
         if end is None:
-            return self._db.execute(
+            cursor = self._db.execute(
                 "SELECT k.round, k.idx, k.key FROM keys k JOIN rounds r ON r.round = k.round "
                 "WHERE r.state = 'committed' AND (k.round, k.idx) >= (?, ?) ORDER BY k.round, k.idx",
                 (r, b),
             )
-        return self._db.execute(
-            "SELECT k.round, k.idx, k.key FROM keys k JOIN rounds r ON r.round = k.round "
-            "WHERE r.state = 'committed' AND (k.round, k.idx) BETWEEN (?, ?) AND (?, ?) "
-            "ORDER BY k.round, k.idx",
-            (r, b, end[0], end[1]),
-        )
+        else:
+            cursor = self._db.execute(
+                "SELECT k.round, k.idx, k.key FROM keys k JOIN rounds r ON r.round = k.round "
+                "WHERE r.state = 'committed' AND (k.round, k.idx) BETWEEN (?, ?) AND (?, ?) "
+                "ORDER BY k.round, k.idx",
+                (r, b, end[0], end[1]),
+            )
+        try:
+            for round_number, index, block in cursor:
+                first = start[2] if (round_number, index) == start[:2] else 0
+                last = end[2] if end is not None and (round_number, index) == end[:2] else len(block)
+                yield int(round_number), int(index), block, first, last
+        finally:
+            cursor.close()
 
     def _read(self, start: Pointer, nbytes: int, end: Pointer | None = None) -> tuple[bytes, Pointer]:
         """Up to ``nbytes`` pool bytes from ``start`` (not past ``end``) and the pointer past them."""
         parts: list[bytes] = []
         need = nbytes
         past = start
-        cursor = self._blocks(start, end)
-        for round_number, index, block in cursor:
-            if need == 0:
-                break
-            first = start[2] if (round_number, index) == start[:2] else 0
-            last = end[2] if end is not None and (round_number, index) == end[:2] else len(block)
-            piece = bytes(block[first : min(last, first + need)])
-            parts.append(piece)
-            need -= len(piece)
-            past = (int(round_number), int(index), first + len(piece))
-        cursor.close()
+        with contextlib.closing(self._blocks(start, end)) as blocks:
+            for round_number, index, block, first, last in blocks:
+                if need == 0:
+                    break
+                piece = bytes(block[first : min(last, first + need)])
+                parts.append(piece)
+                need -= len(piece)
+                past = (round_number, index, first + len(piece))
         return b"".join(parts), past
 
     def _span(self, start: Pointer, past: Pointer) -> int:
         """The number of pool bytes in [start, past)."""
-        total = 0
-        for round_number, index, block in self._blocks(start, past):
-            first = start[2] if (round_number, index) == start[:2] else 0
-            last = past[2] if (round_number, index) == past[:2] else len(block)
-            total += max(0, last - first)
-        return total
+        return sum(max(0, last - first) for _, _, _, first, last in self._blocks(start, past))
 
     def _lease_end(self, start: Pointer, nbytes: int) -> tuple[Pointer, int]:
         """The end of a lease of ``nbytes`` from ``start`` — the end of the block holding its last byte —
@@ -505,9 +509,7 @@ class KeyLedger:
     def _erase(self, start: Pointer, past: Pointer) -> None:
         """Erase [start, past): a block used up to its end is deleted (its front went before it), one used
         partly has the used bytes overwritten with zeros (``secure_delete`` zeroes freed pages too)."""
-        for round_number, index, block in self._blocks(start, past).fetchall():
-            first = start[2] if (round_number, index) == start[:2] else 0
-            last = past[2] if (round_number, index) == past[:2] else len(block)
+        for round_number, index, block, first, last in list(self._blocks(start, past)):
             if last <= first:
                 continue
             if last >= len(block):
