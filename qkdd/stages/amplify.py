@@ -105,13 +105,15 @@ class _FftwWorkspace:
         with self.lock:
             forward, backward = self._plan(length)
             real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
-            real[: s.size] = s
-            real[s.size :] = 0.0
-            forward()
+
+            def transform(bits: Bits) -> None:
+                real[: bits.size] = bits
+                real[bits.size :] = 0.0
+                forward()
+
+            transform(s)
             seed_spectrum = spectrum.copy()
-            real[: x.size] = x
-            real[x.size :] = 0.0
-            forward()
+            transform(x)
             spectrum *= seed_spectrum
             backward()  # __call__ normalises the inverse transform by 1/length
             return np.array(self._result[start : start + count])
