@@ -67,6 +67,8 @@ REQUIREMENTS = {
 }
 
 HONEST_ROUNDS = 2
+NO_KEY_CHANNEL = f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+"""The result of a key-channel check (§19) against a peer that does not offer the channel."""
 READ_TIMEOUT = 30.0
 
 
@@ -435,7 +437,7 @@ class Conformance:
         with self.connection(key_channel=True) as c:
             opened = self._key_channel(c)
             if opened is None:
-                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+                return NO_KEY_CHANNEL
             hello = opened[1]
             return (
                 f"keys_hello from KME {hello['kme_id']!r}: its log at {hello['serial']}, "
@@ -446,7 +448,7 @@ class Conformance:
         with self.connection(key_channel=True) as c:
             opened = self._open_key_channel(c)
             if opened is None:
-                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+                return NO_KEY_CHANNEL
             channel, hello = opened
             serial = hello["applied"] + 2  # the next entry would be applied + 1
             fields = {**_sample(self.spec, "key_notice"), "serial": serial}
@@ -458,7 +460,7 @@ class Conformance:
         with self.connection(key_channel=True) as c:
             opened = self._open_key_channel(c)
             if opened is None:
-                return f"the peer does not offer {KEY_CHANNEL_CAPABILITY}: nothing to check"
+                return NO_KEY_CHANNEL
             channel = opened[0]
             name = "key_lease" if self.role == "alice" else "key_notice"
             (payload,) = wire.FrameDecoder().feed(channel.encode(name, **_sample(self.spec, name)))
