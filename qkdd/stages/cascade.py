@@ -489,9 +489,10 @@ class CascadeAlice:
                     parities = cascade_pass.halves_parities(self._packed)
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
-                pass_ids, starts_, ends_ = _check_ranges(passes, starts, ends, self.n, len(self._passes))
+                pass_ids, starts_, ends_, single = _check_ranges(
+                    passes, starts, ends, self.n, len(self._passes)
+                )
                 parities = np.empty(pass_ids.size, dtype=np.uint8)
-                single = pass_ids.min() == pass_ids.max()
                 for index in [int(pass_ids[0])] if single else np.unique(pass_ids).tolist():
                     if index not in self._parities:
                         self._parities[index] = self._passes[index].range_parity(self.key, self._packed)
@@ -521,7 +522,10 @@ class CascadeAlice:
 
 def _check_ranges(
     passes: object, starts: object, ends: object, n: int, pass_count: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], bool]:
+    """A range request's arrays, checked, and whether they all name one pass. (Reductions are called
+    as ufunc methods: ``ndarray.max()`` and friends add Python frames that cost more than the work on
+    the small arrays of a search's later levels.)"""
     p, s, e = np.asarray(passes), np.asarray(starts), np.asarray(ends)
     if (
         p.ndim != 1
@@ -534,11 +538,12 @@ def _check_ranges(
         raise RemoteProtocolError("cascade: a range request is a uint8 and two uint32 arrays of equal length")
     if s.size == 0 or s.size > MAX_RANGES_PER_REQUEST:
         raise RemoteProtocolError(f"cascade: a range request holds 1..{MAX_RANGES_PER_REQUEST} ranges")
-    if p.max() >= pass_count:
+    last = int(np.maximum.reduce(p))
+    if last >= pass_count:
         raise RemoteProtocolError("cascade: range request names a pass that was not started")
-    if (s >= e).any() or e.max() > n:
+    if np.logical_or.reduce(s >= e) or np.maximum.reduce(e) > n:
         raise RemoteProtocolError("cascade: every range must satisfy start < end <= frame length")
-    return p, s, e
+    return p, s, e, int(np.minimum.reduce(p)) == last
 
 
 # --------------------------------------------------------------------------- Bob
@@ -831,8 +836,9 @@ class CascadeBob:
         soon as a search ends: blocks of one pass are disjoint, so no flip can land inside another search
         of the same wave.
         """
+        active: list[_BobPass] = []
         while True:
-            active = [state for state in self._passes if state.blocks.size]
+            active = [state for state in active if state.blocks.size]
             if not active:
                 odd = [state for state in self._passes if self._sync_odd(state).any()]
                 if not odd:
@@ -844,7 +850,7 @@ class CascadeBob:
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in active:
                 length = state.ends - state.starts
-                if length.min() == 1:
+                if np.minimum.reduce(length) == 1:
                     # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
                     # contradict each other
                     leaves = length == 1
@@ -866,6 +872,9 @@ class CascadeBob:
                         state.descend(alice_left[local], bob_left, mid[local], slots[local], local)
                         progressed = True
                         continue
+                    # Alice discloses a node's two children together, so below an unknown child
+                    # everything is unknown: these searches will find no known parity again
+                    state.revisiting = False
                 asks.append((state, mid, slots))
             if progressed or not asks:
                 continue
