@@ -39,8 +39,9 @@ MAX_INPUT_BITS = 1 << 24
 ROUNDING_MARGIN = 0.25
 """Largest distance of an FFT output from an integer that is accepted before reducing mod 2."""
 
-_Convolver = Callable[[Bits, Bits, int, int, int], npt.NDArray[np.float64]]
-"""(s, x, length, start, count) -> circular convolution of length ``length``, at start..start+count."""
+_Convolver = Callable[[Bits, Bits, int, int, int], Bits]
+"""(s, x, length, start, count) -> the circular convolution of length ``length`` at start..start+count,
+mod 2 (:func:`_parities`)."""
 
 
 def _smooth_length(minimum: int) -> int:
@@ -59,10 +60,22 @@ def _smooth_length(minimum: int) -> int:
     return best
 
 
-def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int) -> npt.NDArray[np.float64]:
+def _parities(conv: npt.NDArray[np.float64]) -> Bits:
+    """The integers an FFT convolution approximates, mod 2, after checking that each value lies within
+    :data:`ROUNDING_MARGIN` of one (``conv`` is overwritten)."""
+    rounded = np.rint(conv)
+    error = np.subtract(conv, rounded, out=conv)
+    if max(np.maximum.reduce(error), -np.minimum.reduce(error)) > ROUNDING_MARGIN:
+        raise LocalProtocolError("Toeplitz FFT rounding error too large; refusing to produce a key")
+    integers = rounded.astype(np.int32)  # at most n <= 2^24
+    integers &= 1
+    return integers.astype(np.uint8)
+
+
+def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int) -> Bits:
     spectrum = np.fft.rfft(s.astype(np.float64), length)
     spectrum *= np.fft.rfft(x.astype(np.float64), length)
-    return np.fft.irfft(spectrum, length)[start : start + count]
+    return _parities(np.fft.irfft(spectrum, length)[start : start + count])
 
 
 class _FftwWorkspace:
@@ -82,6 +95,7 @@ class _FftwWorkspace:
             capacity = length + length // 8  # room for the next rounds' slightly longer keys
             self._real = self._pyfftw.empty_aligned(capacity, dtype="float64")
             self._spectrum = self._pyfftw.empty_aligned(capacity // 2 + 1, dtype="complex128")
+            self._seed_spectrum = self._pyfftw.empty_aligned(capacity // 2 + 1, dtype="complex128")
             self._result = self._pyfftw.empty_aligned(capacity, dtype="float64")
             self._capacity = capacity
             self._plans.clear()
@@ -101,7 +115,7 @@ class _FftwWorkspace:
             self._plans[length] = plan
         return plan
 
-    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int) -> npt.NDArray[np.float64]:
+    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int) -> Bits:
         with self.lock:
             forward, backward = self._plan(length)
             real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
@@ -112,11 +126,12 @@ class _FftwWorkspace:
                 forward()
 
             transform(s)
-            seed_spectrum = spectrum.copy()
+            seed_spectrum = self._seed_spectrum[: spectrum.size]
+            np.copyto(seed_spectrum, spectrum)
             transform(x)
             spectrum *= seed_spectrum
             backward()  # __call__ normalises the inverse transform by 1/length
-            return np.array(self._result[start : start + count])
+            return _parities(self._result[start : start + count])
 
 
 @functools.cache
@@ -169,11 +184,7 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int) -> Bits:
         return np.zeros(0, dtype=np.uint8)
     if s.size != n + m - 1:
         raise InputError(f"seed: expected {n + m - 1} bits for n={n}, m={m}, got {s.size}")
-    conv = _backend()[1](s, x, _smooth_length(n + m - 1), n - 1, m)
-    rounded = np.rint(conv)
-    if np.abs(conv - rounded).max() > ROUNDING_MARGIN:
-        raise LocalProtocolError("Toeplitz FFT rounding error too large; refusing to produce a key")
-    return (rounded.astype(np.int64) & 1).astype(np.uint8)
+    return _backend()[1](s, x, _smooth_length(n + m - 1), n - 1, m)
 
 
 def toeplitz_hash_rows(key: Bits, seed: Bits, output_bits: int, rows: npt.NDArray[np.int64]) -> Bits:

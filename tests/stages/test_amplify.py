@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdd.errors import InputError, RemoteProtocolError
+from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 from qkdd.stages import amplify
 from qkdd.stages.amplify import _numpy_convolve, _smooth_length, toeplitz_hash, toeplitz_hash_rows
 from tests.conftest import STRESS, hex_bits, load_vectors
@@ -58,7 +58,14 @@ def test_backends_agree() -> None:
         x = rng.integers(0, 2, n, dtype=np.uint8)
         length = _smooth_length(n + m - 1)
         reference = _numpy_convolve(s, x, length, n - 1, m)
-        np.testing.assert_allclose(amplify._backend()[1](s, x, length, n - 1, m), reference, atol=1e-6)
+        assert np.array_equal(amplify._backend()[1](s, x, length, n - 1, m), reference)
+
+
+def test_fft_values_off_an_integer_are_refused_not_rounded() -> None:
+    assert amplify._parities(np.array([1.0, 2.2, 2.8, 1e6 + 0.1])).tolist() == [1, 0, 1, 0]
+    for bad in (2.3, 2.7):
+        with pytest.raises(LocalProtocolError, match="rounding error"):
+            amplify._parities(np.array([1.0, bad]))
 
 
 def test_smooth_length() -> None:
