@@ -45,6 +45,11 @@ protocol Cascade", QIC 15 (2015), compares them):
   discloses exactly log2 k parities), k1 = 2^⌈log2(0.8/Q)⌉, a second pass of larger blocks (and,
   outside 2^16-2^18 bits, a third of n/64 bits, at most ``THIRD_BLOCK_MAX``), then
   random-halves passes until ``clean_passes`` in a row are clean; parity reuse throughout.
+* ``fast`` — ``optimized`` with first blocks of 2^⌈log2(0.5/Q)⌉ bits: half as large below 2.5% QBER
+  (the same above). Fewer error pairs survive the first pass, so far fewer back-searches follow: at
+  2^20 bits and 2% QBER, 162 round trips instead of 304 and about 1.5x the throughput, for an
+  efficiency of 1.053 instead of 1.041 (``FIRST_BLOCK_ERRORS``). For links where the round trips or the
+  post-processing's speed, not the last percent of key, limit the key rate.
 
 Bob's side is written as a generator that yields requests and receives replies; :class:`CascadeBob`
 wraps it in the ``next_message()`` / ``receive()`` sans-IO interface.
@@ -90,7 +95,14 @@ STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
 """Either side gathers an affine pass by strided copies when its step is at most this."""
 
-VARIANTS = ("original", "biconf", "optimized")
+VARIANTS = ("original", "biconf", "optimized", "fast")
+FIRST_BLOCK_ERRORS = {"optimized": 0.8, "fast": 0.5}
+"""The ``optimized`` and ``fast`` first block: the smallest power of two holding at least this many
+expected errors. A block with an even number of errors hides them from its pass; the fewer such pairs
+the first pass leaves, the fewer searches cascade back and forth later (each a few round trips), and the
+more first-pass parities are disclosed. Measured at 2^20 bits, 6 frames per cell (round trips, f):
+2%: 32-bit blocks 162, 1.053 against 64-bit 304, 1.041; 1%: 64-bit 164, 1.046 against 128-bit 301,
+1.035; 0.5%: 128-bit 155, 1.042 against 256-bit 277, 1.031."""
 
 
 # --------------------------------------------------------------------------- messages
@@ -572,17 +584,18 @@ class Schedule:
                 return cls(variant, tuple(min(n, k1 << i) for i in range(4)), 0, reuse_parities=False)
             clean = BICONF_CLEAN_PASSES if clean_passes is None else clean_passes
             return cls(variant, (k1, min(n, 2 * k1)), clean, reuse_parities=True)
-        if variant == "optimized":
+        if variant in FIRST_BLOCK_ERRORS:
             top = _pow2_at_most(n)
+            first = _pow2_at_least(FIRST_BLOCK_ERRORS[variant] / q)
             # a third pass of n/64-bit blocks hits every error cycle left by the first two at once,
             # so they unravel in parallel rather than one random-halves pass at a time
             if SMALL_FRAME_BITS[0] <= n < SMALL_FRAME_BITS[1]:
                 # 2^16-2^18 bits: few error cycles survive two passes; a larger second block is cheaper
                 # (measured at 2^14 it lets 1 frame in 1000 keep an error at 3-5% QBER: not used there)
-                sizes = [_pow2_at_least(0.8 / q), _pow2_at_least(4.0 / q)]
+                sizes = [first, _pow2_at_least(4.0 / q)]
             else:
                 third = min(max(1, top // 64), THIRD_BLOCK_MAX)
-                sizes = [_pow2_at_least(0.8 / q), _pow2_at_least(2.0 / q), third]
+                sizes = [first, _pow2_at_least(2.0 / q), third]
             sizes = [min(size, top) for size in sizes]
             clean = _default_clean_passes(n) if clean_passes is None else clean_passes
             return cls(variant, tuple(sizes), clean, reuse_parities=True)

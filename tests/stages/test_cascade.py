@@ -73,6 +73,17 @@ def test_optimized_efficiency_beats_original(rng: np.random.Generator) -> None:
     assert original.disclosed_bits / ideal > optimized.disclosed_bits / ideal
 
 
+def test_fast_trades_a_little_efficiency_for_far_fewer_round_trips(rng: np.random.Generator) -> None:
+    n, qber = 1 << 16, 0.02
+    ideal = n * binary_entropy(qber)
+    alice_key, bob_key = _frame(rng, n, round(n * qber))
+    optimized, _ = reconcile_in_memory(alice_key, bob_key, qber, rng, variant="optimized")
+    fast, _ = reconcile_in_memory(alice_key, bob_key, qber, rng, variant="fast")
+    assert np.array_equal(fast.key, alice_key)
+    assert fast.round_trips < 0.8 * optimized.round_trips
+    assert optimized.disclosed_bits < fast.disclosed_bits < 1.07 * ideal
+
+
 def test_round_trips_do_not_grow_with_blocks(rng: np.random.Generator) -> None:
     # 16x more blocks in the first pass, far fewer than 16x more round trips
     trips = []
@@ -92,6 +103,14 @@ def test_schedules() -> None:
     assert cascade.Schedule.for_variant("optimized", 0.02, 1 << 16).block_sizes == (64, 256)
     assert cascade.Schedule.for_variant("optimized", 0.02, 1 << 14).block_sizes == (64, 128, 256)
     assert cascade.Schedule.for_variant("optimized", 0.0, 100).first_block <= 100
+    # the third pass's blocks stop growing with the frame at THIRD_BLOCK_MAX
+    assert cascade.Schedule.for_variant("optimized", 0.02, 1 << 22).block_sizes == (64, 128, 1 << 13)
+    # fast: first blocks for 0.5 expected errors instead of 0.8 (the same from 2.5% QBER up)
+    assert cascade.Schedule.for_variant("fast", 0.02, 10**6).block_sizes == (32, 128, 8192)
+    assert cascade.Schedule.for_variant("fast", 0.01, 1 << 16).block_sizes == (64, 512)
+    for qber in (0.03, 0.05):
+        fast = cascade.Schedule.for_variant("fast", qber, 1 << 20)
+        assert fast.block_sizes == cascade.Schedule.for_variant("optimized", qber, 1 << 20).block_sizes
     with pytest.raises(InputError, match="unknown cascade variant"):
         cascade.Schedule.for_variant("turbo", 0.01, 100)
 
