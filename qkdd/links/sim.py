@@ -143,9 +143,12 @@ def _hash(key: int, stream: int, indices: npt.NDArray[np.int64]) -> U64:
     return x
 
 
-def _field(x: U64, shift: int) -> npt.NDArray[np.float64]:
-    """Bits [shift, shift + 24) of each hash as a uniform in [0, 1) (resolution 2^-24)."""
-    return ((x >> np.uint64(shift)) & np.uint64(0xFFFFFF)).astype(np.float64) * 2.0**-24
+def _at_least(x: U64, shift: int, probability: float) -> npt.NDArray[np.bool_]:
+    """Whether bits [shift, shift + 24) of each hash, read as a uniform u = k·2^-24 in [0, 1), reach
+    ``probability``: k >= ⌈probability·2^24⌉, in integers (exact: scaling by 2^24 rounds nothing)."""
+    field = x >> np.uint64(shift) if shift else x.copy()
+    field &= np.uint64(0xFFFFFF)
+    return field >= np.uint64(math.ceil(probability * 2.0**24))
 
 
 @dataclass(frozen=True)
@@ -160,15 +163,23 @@ class SimPreparation:
         return self.parameters.pulses_per_frame
 
     def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
-        # one 64-bit hash per pulse: bits 0-23 pick the intensity, 24-47 the basis, bit 63 the bit value
-        x = _hash(_frame_key(self.parameters.seed, self.frame), _PREPARATION, indices)
-        u = _field(x, 0)
-        classes = np.zeros(indices.size, dtype=np.uint8)
+        x = self.hashes(indices)
+        return (*self.bits_and_bases(x), self.classes(x))
+
+    # one 64-bit hash per pulse: bits 0-23 pick the intensity, 24-47 the basis, bit 63 the bit value
+
+    def hashes(self, indices: npt.NDArray[np.int64]) -> U64:
+        return _hash(_frame_key(self.parameters.seed, self.frame), _PREPARATION, indices)
+
+    def classes(self, x: U64) -> npt.NDArray[np.uint8]:
+        classes = np.zeros(x.size, dtype=np.uint8)
         for edge in self.parameters._cumulative:
-            classes += u >= edge
-        bases = (_field(x, 24) >= self.parameters.z_probability).astype(np.uint8)
-        bits = (x >> np.uint64(63)).astype(np.uint8)
-        return bits, bases, classes
+            classes += _at_least(x, 0, edge)
+        return classes
+
+    def bits_and_bases(self, x: U64) -> tuple[Bits, Bits]:
+        bases = _at_least(x, 24, self.parameters.z_probability).astype(np.uint8)
+        return (x >> np.uint64(63)).astype(np.uint8), bases
 
 
 def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArray[np.int64]:
@@ -253,9 +264,10 @@ class SimBob:
         top = max(arrival)
         candidates = _bernoulli_indices(rng, n, top)
         candidates += start
-        bits, bases, classes = preparation.at(candidates)
-        keep = rng.random(candidates.size) * top < np.array(arrival)[classes]
-        indices, bits, bases = candidates[keep], bits[keep], bases[keep]
+        x = preparation.hashes(candidates)
+        keep = np.flatnonzero(rng.random(candidates.size) * top < np.array(arrival)[preparation.classes(x)])
+        indices, x = candidates[keep], x[keep]
+        bits, bases = preparation.bits_and_bases(x)
         # dark counts are rare: merge both detectors' into the sorted detections as one small batch
         dark_counts = [_bernoulli_indices(rng, n, p.dark_count_probability) + start for _ in (0, 1)]
         extra = np.union1d(*dark_counts)
@@ -265,14 +277,14 @@ class SimBob:
         indices = np.insert(indices, at, extra)
         bits = np.insert(bits, at, extra_bits)
         bases = np.insert(bases, at, extra_bases)
-        has_signal = np.insert(np.ones(keep.sum(), dtype=bool), at, False)
+        has_signal = np.insert(np.ones(keep.size, dtype=bool), at, False)
         dark = np.zeros((2, indices.size), dtype=bool)  # which detector had a dark count
         for which, counts in enumerate(dark_counts):
             dark[which, np.searchsorted(indices, counts)] = True
         if p.eve_fraction > 0:
             x = _hash(_frame_key(p.seed, preparation.frame), _EVE, indices)
-            eve = _field(x, 0) < p.eve_fraction
-            eve_bases = (_field(x, 24) < 0.5).astype(np.uint8)
+            eve = ~_at_least(x, 0, p.eve_fraction)
+            eve_bases = (~_at_least(x, 24, 0.5)).astype(np.uint8)
             eve_bits = np.where(eve_bases == bases, bits, (x >> np.uint64(63)).astype(np.uint8))
             bases = np.where(eve, eve_bases, bases)
             bits = np.where(eve, eve_bits, bits)
