@@ -51,18 +51,30 @@ def _reduce(x: U64) -> U64:
     return np.where(x >= _P, x - _P, x)
 
 
-def _mulmod(a: U64, b: U64) -> U64:
-    """a · b mod p for a, b < p, elementwise, without 128-bit integers."""
+def _mulmod_unreduced(a: U64, b: U64) -> U64:
+    """A value below 2^63 + 2^32 congruent to a · b mod p, for a, b < p, elementwise, without 128-bit
+    integers (the hash sums these as they are; :func:`_mulmod` reduces them)."""
     a_hi, a_lo = a >> np.uint64(31), a & _MASK31  # a_hi < 2^30
     b_hi, b_lo = b >> np.uint64(31), b & _MASK31
     # a·b = hh·2^62 + (hl + lh)·2^31 + ll, and 2^62 ≡ 2 (mod p)
     hh = a_hi * b_hi  # < 2^60
-    mid = a_hi * b_lo + a_lo * b_hi  # < 2^62
+    mid = a_hi * b_lo
+    mid += a_lo * b_hi  # < 2^62
     ll = a_lo * b_lo  # < 2^62
     # mid·2^31 = (mid >> 30)·2^61 + (mid & (2^30 − 1))·2^31 ≡ (mid >> 30) + ((mid & mask30) << 31)
-    mid_part = (mid >> np.uint64(30)) + ((mid & _MASK30) << np.uint64(31))  # < 2^32 + 2^61
-    total = _reduce(hh << np.uint64(1)) + _reduce(mid_part) + _reduce(ll)  # < 3p < 2^63
-    return _reduce(total)
+    total = mid >> np.uint64(30)  # < 2^32
+    mid &= _MASK30
+    mid <<= np.uint64(31)
+    total += mid  # < 2^32 + 2^61
+    hh <<= np.uint64(1)
+    total += hh  # < 2^32 + 2^62
+    total += ll  # < 2^32 + 2^63: no overflow
+    return total
+
+
+def _mulmod(a: U64, b: U64) -> U64:
+    """a · b mod p for a, b < p, elementwise."""
+    return _reduce(_mulmod_unreduced(a, b))
 
 
 CHUNK = 1 << 14
@@ -119,8 +131,8 @@ class PolynomialHash:
 
     def of_blocks(self, blocks: U64) -> int:
         """The hash of a message already split by :func:`message_blocks`."""
-        terms = _mulmod(blocks, np.broadcast_to(self._descending, blocks.shape))
-        # row sums modulo p without overflow: add the 32-bit halves separately
+        terms = _mulmod_unreduced(blocks, np.broadcast_to(self._descending, blocks.shape))
+        # row sums modulo p without overflow: add the 32-bit halves separately (each term < 2^64)
         high: U64 = np.sum(terms >> np.uint64(32), axis=1, dtype=np.uint64)
         low: U64 = np.sum(terms & np.uint64(0xFFFFFFFF), axis=1, dtype=np.uint64)
         h = 0

@@ -19,6 +19,11 @@ def test_large_message_and_extreme_keys() -> None:
     message = np.random.default_rng(3).bytes(100_003)
     for key in (0, 1, 2, wc.PRIME - 1, 0x1234_5678_9ABC_DEF):
         assert wc.polynomial_hash(message, key) == wc.polynomial_hash_reference(message, key)
+    # the largest blocks (2^56 - 1) times the largest powers: the unreduced products and their row sums
+    # come closest to 2^64 here
+    largest = b"\xff" * (7 * wc.CHUNK + 5)
+    for key in (wc.PRIME - 1, wc.PRIME - 2):
+        assert wc.polynomial_hash(largest, key) == wc.polynomial_hash_reference(largest, key)
 
 
 def test_vectors() -> None:
