@@ -227,7 +227,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return bench.main_keyrate(args.quick, args.json)
         from qkdd import bench  # noqa: PLC0415
 
-        variants = args.variant or (["optimized", "original"] if args.quick else list(VARIANTS))
+        variants = args.variant or (["fast", "optimized", "original"] if args.quick else list(VARIANTS))
         return bench.main(args.quick, args.json, variants, args.frames)
     if args.command == "conform":
         from qkdd import config, conform  # noqa: PLC0415
