@@ -153,24 +153,23 @@ def decode_varints(data: bytes, count: int, what: str) -> npt.NDArray[np.uint64]
         raise RemoteProtocolError(f"{what}: expected {count} varints, found {last.size} (or a truncated one)")
     if last.size == raw.size:  # every varint is one byte (the usual case for detection gaps)
         return raw.astype(np.uint64)
-    starts = np.empty(count, dtype=np.int64)
-    starts[0] = 0
-    starts[1:] = last[:-1] + 1
-    lengths = last - starts + 1
-    if lengths.max() > _VARINT_MAX_BYTES:
-        raise RemoteProtocolError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
-    top = raw[last]  # the most significant group of each value
-    if np.any((lengths > 1) & (top == 0)):
-        raise RemoteProtocolError(f"{what}: overlong (non-canonical) varint")
-    if np.any((lengths == _VARINT_MAX_BYTES) & (top > 1)):
-        raise RemoteProtocolError(f"{what}: varint exceeds 64 bits")
-    values = top.astype(np.uint64)
-    # the lower groups, only for the (usually few) multi-byte values
+    lengths = np.diff(last, prepend=-1)
+    values = raw[last].astype(np.uint64)  # the most significant group of each value
+    # the lower groups and the checks, only for the (usually few) multi-byte values
     rows = np.flatnonzero(lengths > 1)
-    values[rows] <<= np.uint64(7) * (lengths[rows] - 1).astype(np.uint64)
+    row_lengths, top = lengths[rows], values[rows]
+    if row_lengths.max() > _VARINT_MAX_BYTES:
+        raise RemoteProtocolError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
+    if np.any(top == 0):
+        raise RemoteProtocolError(f"{what}: overlong (non-canonical) varint")
+    if np.any((row_lengths == _VARINT_MAX_BYTES) & (top > 1)):
+        raise RemoteProtocolError(f"{what}: varint exceeds 64 bits")
+    starts = last[rows] - row_lengths + 1
+    values[rows] <<= np.uint64(7) * (row_lengths - 1).astype(np.uint64)
     j = 0
     while rows.size:
-        values[rows] |= (raw[starts[rows] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        values[rows] |= (raw[starts + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
         j += 1
-        rows = rows[lengths[rows] > j + 1]
+        more = row_lengths > j + 1
+        rows, row_lengths, starts = rows[more], row_lengths[more], starts[more]
     return values
