@@ -246,7 +246,7 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
     matches = bases == bob_bases
     keep = np.flatnonzero(matches)  # one pass over the mask, then four gathers
     kept_classes = classes[keep].astype(np.uint8)
-    answer = SiftAnswer(np.packbits(matches).tobytes(), _pack_classes(kept_classes))
+    answer = SiftAnswer(pack_bits(matches.view(np.uint8)), _pack_classes(kept_classes))
     return answer, SiftedKey(bits[keep], bases[keep], kept_classes, indices[keep])
 
 
