@@ -113,28 +113,40 @@ _VARINT_MAX_BYTES = 10  # 64-bit values
 
 
 def encode_varints(values: npt.NDArray[np.int64] | npt.NDArray[np.uint64]) -> bytes:
-    """Unsigned LEB128: seven bits per byte, least significant group first, high bit = more follows."""
-    v = np.asarray(values).astype(np.uint64)
+    """Unsigned LEB128: seven bits per byte, least significant group first, high bit = more follows.
+
+    Every value's first byte comes from one pass over the array; the further bytes of the (usually
+    few) values of 128 and more are computed for those alone and inserted after their first byte.
+    """
+    v = np.asarray(values)
     if v.size == 0:
         return b""
-    width = max(1, -(-int(v.max()).bit_length() // 7))  # bytes of the largest value
-    nbytes = np.ones(v.size, dtype=np.int64)
-    for j in range(1, width):
-        nbytes += v >= np.uint64(1 << (7 * j))
-    ends = np.cumsum(nbytes)
-    starts = ends - nbytes
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    out[starts] = (v & np.uint64(0x7F)).astype(np.uint8) | ((nbytes > 1).astype(np.uint8) << np.uint8(7))
-    # later groups only for the (usually few) values that need them
-    rows = np.flatnonzero(nbytes > 1)
-    j = 1
+    if v.dtype != np.uint64:
+        v = v.astype(np.uint64)
+    out = v.astype(np.uint8)
+    out &= 0x7F
+    longer = np.flatnonzero(v >= np.uint64(0x80))
+    if longer.size == 0:
+        return out.tobytes()
+    out[longer] |= 0x80
+    # the further bytes, a level at a time: level j holds byte j + 1 of the long values that have one
+    rest = v[longer] >> np.uint64(7)
+    rows = np.arange(longer.size)  # which long value each entry of ``rest`` belongs to
+    counts = np.zeros(longer.size, dtype=np.int64)
+    levels, owners = [], []
     while rows.size:
-        group = (v[rows] >> np.uint64(7 * j)) & np.uint64(0x7F)
-        more = nbytes[rows] > j + 1
-        out[starts[rows] + j] = group.astype(np.uint8) | (more.astype(np.uint8) << np.uint8(7))
-        rows = rows[more]
-        j += 1
-    return out.tobytes()
+        group = (rest & np.uint64(0x7F)).astype(np.uint8)
+        rest >>= np.uint64(7)
+        more = rest > 0
+        group[more] |= 0x80
+        levels.append(group)
+        owners.append(rows)
+        counts[rows] += 1
+        rest, rows = rest[more], rows[more]
+    # each long value's further bytes in order, inserted right after its first byte
+    order = np.argsort(np.concatenate(owners), kind="stable")
+    further = np.concatenate(levels)[order]
+    return np.insert(out, np.repeat(longer + 1, counts), further).tobytes()
 
 
 def decode_varints(data: bytes, count: int, what: str) -> npt.NDArray[np.uint64]:

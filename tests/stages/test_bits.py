@@ -26,6 +26,24 @@ def test_varints_round_trip(values: list[int]) -> None:
     assert decode_varints(encode_varints(array), len(values), "t").tolist() == values
 
 
+def _leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        group, value = value & 0x7F, value >> 7
+        out.append(group | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+@given(
+    st.lists(st.one_of(st.integers(0, 127), st.integers(128, 2**21), st.integers(0, 2**64 - 1)), max_size=200)
+)
+def test_varints_match_a_per_value_encoder(values: list[int]) -> None:
+    """Mostly one-byte values with a few long ones between them, as detection gaps are."""
+    encoded = encode_varints(np.array(values, dtype=np.uint64))
+    assert encoded == b"".join(_leb128(v) for v in values)
+
+
 def test_varint_vectors() -> None:
     for vector in load_vectors("varint"):
         encoded = encode_varints(np.array([vector["value"]], dtype=np.uint64))
