@@ -110,7 +110,7 @@ class Detections:
                 f"detection arrays differ in length: indices {indices.size}, bases {bases.size}, "
                 f"bits {bits.size}"
             )
-        if indices.size > 1 and np.any(np.diff(indices) <= 0):
+        if indices.size > 1 and np.logical_or.reduce(indices[1:] <= indices[:-1]):
             raise InputError("detection indices must be strictly increasing")
         if self.double_clicks is not None and np.asarray(self.double_clicks).shape != indices.shape:
             raise InputError("double_clicks must have one flag per detection")
@@ -186,7 +186,10 @@ class SiftedKey:
 
 def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal["bitmap", "gaps"], bytes]:
     """The smaller of the bitmap and varint-gap encodings of strictly increasing indices."""
-    gaps = np.diff(indices, prepend=-1) - 1
+    gaps = np.empty_like(indices)  # index minus previous index minus 1 (the first: the index itself)
+    gaps[:1] = indices[:1]
+    np.subtract(indices[1:], indices[:-1], out=gaps[1:])
+    gaps[1:] -= 1
     gap_bytes = encode_varints(gaps)
     if len(gap_bytes) <= (pulses + 7) // 8:
         return "gaps", gap_bytes

@@ -36,7 +36,8 @@ def test_index_encoding_picks_the_smaller(rng: np.random.Generator) -> None:
     dense = np.sort(rng.choice(10**4, 5000, replace=False))
     assert sifting.encode_indices(sparse, 10**6)[0] == "gaps"
     assert sifting.encode_indices(dense, 10**4)[0] == "bitmap"
-    for indices, pulses in ((sparse, 10**6), (dense, 10**4)):
+    edges = (np.zeros(0, dtype=np.int64), np.array([0]), np.array([7, 8, 9 + 300, 10**6 - 1]))
+    for indices, pulses in ((sparse, 10**6), (dense, 10**4), *((e, 10**6) for e in edges)):
         encoding, payload = sifting.encode_indices(indices, pulses)
         message = sifting.SiftAnnounce(pulses, indices.size, encoding, payload, b"")
         assert np.array_equal(sifting.decode_indices(message), indices)
