@@ -259,8 +259,8 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     Raises:
         RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
     """
-    matches = unpack_bits(answer.matches, int(detections.indices.size), "sift matches").astype(bool)
-    classes = _unpack_classes(answer.intensities, int(matches.sum()))
+    matches = np.flatnonzero(unpack_bits(answer.matches, int(detections.indices.size), "sift matches"))
+    classes = _unpack_classes(answer.intensities, int(matches.size))
     return SiftedKey(
         detections.bits[matches], detections.bases[matches], classes, detections.indices[matches]
     )
