@@ -40,7 +40,7 @@ def parse_address(text: object, key: str) -> Address:
 
 @dataclass(frozen=True)
 class PostProcessing:
-    cascade_variant: str = "fast"
+    cascade_variant: str = cascade.DEFAULT_VARIANT
     qber_threshold: float = estimation.DEFAULT_THRESHOLD
     z_sample_fraction: float = 0.0
     qber_prior: float = 0.02
@@ -228,7 +228,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
 
     post_raw = _table(raw, "post")
     _take(post_raw, "post.", set(PostProcessing.__dataclass_fields__))
-    variant = post_raw.get("cascade_variant", "fast")
+    variant = post_raw.get("cascade_variant", cascade.DEFAULT_VARIANT)
     if variant not in cascade.VARIANTS:
         raise InputError(
             f"post.cascade_variant: expected one of {', '.join(cascade.VARIANTS)}, got {variant!r}"
@@ -425,7 +425,7 @@ backend = "sim"
 {sim_lines or "seed = 1"}
 
 [post]
-# cascade_variant = "fast"
+# cascade_variant = "{cascade.DEFAULT_VARIANT}"
 # qber_threshold = 0.11
 # eps_sec = 1e-9
 # eps_cor = 1e-15

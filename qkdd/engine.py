@@ -209,7 +209,7 @@ class EngineSettings:
     link_id: str
     psk: bytes = field(repr=False)
     versions: tuple[int, ...] = SUPPORTED_VERSIONS
-    cascade_variant: str = "fast"
+    cascade_variant: str = cascade.DEFAULT_VARIANT
     qber_threshold: float = estimation.DEFAULT_THRESHOLD
     z_sample_fraction: float = 0.0
     qber_prior: float = 0.02

@@ -98,6 +98,8 @@ MAX_STRIDED_STEP = 1024
 """Either side gathers an affine pass by strided copies when its step is at most this."""
 
 VARIANTS = ("original", "biconf", "optimized", "fast")
+DEFAULT_VARIANT = "fast"
+"""What Bob runs unless told otherwise (the daemons' ``post.cascade_variant``)."""
 FIRST_BLOCK_ERRORS = {"optimized": 0.8, "fast": 0.5}
 """The ``optimized`` and ``fast`` first block: the smallest power of two holding at least this many
 expected errors. A block with an even number of errors hides them from its pass; the fewer such pairs
@@ -743,7 +745,7 @@ class CascadeBob:
         qber_estimate: float,
         source: RandomSource,
         *,
-        variant: str = "optimized",
+        variant: str = DEFAULT_VARIANT,
         schedule: Schedule | None = None,
     ) -> None:
         self.original = as_bits(key, "key")
@@ -984,7 +986,12 @@ class CascadeBob:
 
 
 def reconcile_in_memory(
-    alice_key: Bits, bob_key: Bits, qber_estimate: float, source: RandomSource, *, variant: str = "optimized"
+    alice_key: Bits,
+    bob_key: Bits,
+    qber_estimate: float,
+    source: RandomSource,
+    *,
+    variant: str = DEFAULT_VARIANT,
 ) -> tuple[CascadeResult, CascadeAlice]:
     """Run both roles in one process with no network (benchmarks, tests, the local pipeline)."""
     alice = CascadeAlice(alice_key)

@@ -18,7 +18,7 @@ from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrec
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    cascade_variant: str = "fast"
+    cascade_variant: str = cascade.DEFAULT_VARIANT
     qber_threshold: float = estimation.DEFAULT_THRESHOLD
     z_sample_fraction: float = 0.0
     qber_prior: float = 0.02  # Cascade's block size when no Z sample is taken

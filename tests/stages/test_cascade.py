@@ -56,7 +56,7 @@ def test_tiny_frames(n: int, seed: int, variant: str) -> None:
 
 def test_no_errors_discloses_only_top_parities(rng: np.random.Generator) -> None:
     key = rng.integers(0, 2, 1 << 14, dtype=np.uint8)
-    result, _ = reconcile_in_memory(key, key.copy(), 0.01, rng)
+    result, _ = reconcile_in_memory(key, key.copy(), 0.01, rng, variant="optimized")
     schedule = cascade.Schedule.for_variant("optimized", 0.01, key.size)
     expected = sum(key.size // k for k in schedule.block_sizes) + 2 * schedule.clean_passes
     assert result.disclosed_bits == expected
