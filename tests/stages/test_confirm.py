@@ -14,6 +14,13 @@ def test_vectors() -> None:
         assert confirm.polynomial_hash(key, int(vector["hash_key"], 16)) == int(vector["tag"], 16)
 
 
+@pytest.mark.parametrize("n", [0, 1, 87, 88, 89, 8 * 88 - 1, 8 * 88, 8 * 88 + 1, 16 * 88 + 5, 100_000])
+def test_grouped_hash_equals_the_definition(n: int, rng: np.random.Generator) -> None:
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    for hash_key in (0, 1, confirm.PRIME - 1, int(rng.integers(0, 2**62)) * 3):
+        assert confirm.polynomial_hash(key, hash_key) == confirm.polynomial_hash_reference(key, hash_key)
+
+
 def test_equal_keys_match_and_any_flip_is_caught(rng: np.random.Generator) -> None:
     key = rng.integers(0, 2, 5000, dtype=np.uint8)
     request = confirm.alice_confirm(key, rng)
