@@ -143,11 +143,16 @@ def _hash(key: int, stream: int, indices: npt.NDArray[np.int64]) -> U64:
     return x
 
 
-def _at_least(x: U64, shift: int, probability: float) -> npt.NDArray[np.bool_]:
-    """Whether bits [shift, shift + 24) of each hash, read as a uniform u = k·2^-24 in [0, 1), reach
-    ``probability``: k >= ⌈probability·2^24⌉, in integers (exact: scaling by 2^24 rounds nothing)."""
+def _field(x: U64, shift: int) -> U64:
+    """Bits [shift, shift + 24) of each hash: the k of a uniform u = k·2^-24 in [0, 1)."""
     field = x >> np.uint64(shift) if shift else x.copy()
     field &= np.uint64(0xFFFFFF)
+    return field
+
+
+def _at_least(field: U64, probability: float) -> npt.NDArray[np.bool_]:
+    """Whether u = k·2^-24 reaches ``probability``: k >= ⌈probability·2^24⌉, in integers (exact:
+    scaling by 2^24 rounds nothing)."""
     return field >= np.uint64(math.ceil(probability * 2.0**24))
 
 
@@ -173,12 +178,13 @@ class SimPreparation:
 
     def classes(self, x: U64) -> npt.NDArray[np.uint8]:
         classes = np.zeros(x.size, dtype=np.uint8)
+        field = _field(x, 0)  # one field, compared with every class edge
         for edge in self.parameters._cumulative:
-            classes += _at_least(x, 0, edge)
+            classes += _at_least(field, edge)
         return classes
 
     def bits_and_bases(self, x: U64) -> tuple[Bits, Bits]:
-        bases = _at_least(x, 24, self.parameters.z_probability).astype(np.uint8)
+        bases = _at_least(_field(x, 24), self.parameters.z_probability).astype(np.uint8)
         return (x >> np.uint64(63)).astype(np.uint8), bases
 
 
@@ -283,8 +289,8 @@ class SimBob:
             dark[which, np.searchsorted(indices, counts)] = True
         if p.eve_fraction > 0:
             x = _hash(_frame_key(p.seed, preparation.frame), _EVE, indices)
-            eve = ~_at_least(x, 0, p.eve_fraction)
-            eve_bases = (~_at_least(x, 24, 0.5)).astype(np.uint8)
+            eve = ~_at_least(_field(x, 0), p.eve_fraction)
+            eve_bases = (~_at_least(_field(x, 24), 0.5)).astype(np.uint8)
             eve_bits = np.where(eve_bases == bases, bits, (x >> np.uint64(63)).astype(np.uint8))
             bases = np.where(eve, eve_bases, bases)
             bits = np.where(eve, eve_bits, bits)
