@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 from qkdd.stages import amplify
-from qkdd.stages.amplify import _numpy_convolve, _smooth_length, toeplitz_hash, toeplitz_hash_rows
+from qkdd.stages.amplify import (
+    _numpy_convolve,
+    _smooth_length,
+    _transform_length,
+    toeplitz_hash,
+    toeplitz_hash_rows,
+)
 from tests.conftest import STRESS, hex_bits, load_vectors
 
 
@@ -56,7 +62,7 @@ def test_backends_agree() -> None:
     for n, m in ((5000, 1234), (3000, 700), (5100, 1300), (20000, 5000), (5000, 1234)):
         s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
         x = rng.integers(0, 2, n, dtype=np.uint8)
-        length = _smooth_length(n + m - 1)
+        length = _transform_length(n + m - 1)
         reference = _numpy_convolve(s, x, length, n - 1, m)
         assert np.array_equal(amplify._backend()[1](s, x, length, n - 1, m), reference)
 
@@ -77,6 +83,18 @@ def test_smooth_length() -> None:
             while reduced % p == 0:
                 reduced //= p
         assert reduced == 1
+
+
+def test_transform_lengths_form_a_coarse_grid() -> None:
+    """Nearby rounds share a length (and so an FFTW plan): about 20 lengths per octave, each 5-smooth
+    and at most 7 % above what it has to hold."""
+    for minimum in [1, 1000, 1024, 1025, 1572865, 2_900_000, (1 << 24) - 1]:
+        length = _transform_length(minimum)
+        assert minimum <= length <= max(1024, minimum * 1.07)
+        assert _smooth_length(length) == length
+    octave = {_transform_length(m) for m in range(1 << 21, 1 << 22, 101)}
+    assert 15 <= len(octave) <= 21
+    assert _transform_length(2_900_000) == _transform_length(2_910_000)
 
 
 def test_vectors() -> None:
