@@ -582,9 +582,10 @@ class Daemon:
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
                 case engine_mod.Compute():
-                    # the frames before it are out: this work overlaps the peer's
+                    # the frames before it are out: this work overlaps the peer's, and the session goes
+                    # on reading frames (the engine waits for the work where it needs the result)
                     assert session.engine is not None
-                    await trio.to_thread.run_sync(session.engine.compute)
+                    trio.lowlevel.start_thread_soon(session.engine.compute, _log_compute_failure)
                 case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
                     if macs is not None and self.kme is not None:
@@ -641,6 +642,15 @@ class Daemon:
         self._round_started = None
         self._clock = None
         self._round_idle.set()
+
+
+def _log_compute_failure(result: Any) -> None:
+    """A Compute thread's end (``result``: its outcome). The engine keeps its work's failures and raises
+    them where it uses the result, so anything raised here is a bug in the engine itself."""
+    try:
+        result.unwrap()
+    except Exception as error:
+        log.error("round work failed outside the engine: %r", error)
 
 
 def _deadline(timeout: float | None) -> float:

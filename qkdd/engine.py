@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hmac
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -151,10 +152,11 @@ class ConsumeReserve:
 
 @dataclass(frozen=True, slots=True)
 class Compute:
-    """Work of the round that no frame waits for yet — Alice hashing the round key (§7) while Bob hashes
-    his: call :meth:`Engine.compute` after sending the frames before this action, best in a worker
-    thread, so that both sides hash at once. A driver that ignores it loses nothing: the engine does the
-    work itself when the round next needs it."""
+    """Work of the round that no frame waits for yet — Alice hashing her key (§7) while Bob reconciles,
+    and storing its blocks while Bob hashes his: call :meth:`Engine.compute` after sending the frames
+    before this action, on a worker thread, and go on feeding the engine frames meanwhile (the engine
+    waits for that work where it needs its result). A driver that ignores it loses nothing: the engine
+    then does the work itself when the round needs it."""
 
 
 Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve | Compute
@@ -227,6 +229,33 @@ class EngineSettings:
     key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
 
 
+class _Work:
+    """A piece of a round's work that a driver may run early on another thread (:class:`Compute`) and
+    the engine collects when it needs the result. It runs once: a second caller waits for the first, and
+    a failure is raised to whoever asks for the result."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self._function: Callable[[], Any] | None = function
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._error: Exception | None = None
+
+    def run(self) -> None:
+        with self._lock:
+            if self._function is not None:
+                function, self._function = self._function, None
+                try:
+                    self._value = function()
+                except Exception as error:  # handed to result()
+                    self._error = error
+
+    def result(self) -> Any:
+        self.run()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @dataclass
 class _Round:
     number: int
@@ -251,7 +280,9 @@ class _Round:
     reserve: tuple[bytes, int] = (b"", 0)
     sent: bytearray = field(default_factory=bytearray)  # this direction's transcript (§16)
     received: bytearray = field(default_factory=bytearray)
-    work: Callable[[], None] | None = None  # announced by a Compute action, not done yet
+    work: _Work | None = None  # announced by a Compute action
+    # Alice: the seed for any output length, and her key hashed to the longest she may need (§7)
+    speculation: tuple[Bits, _Work] | None = None
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -391,11 +422,13 @@ class Engine:
             raise
 
     def compute(self) -> None:
-        """Do the work a :class:`Compute` action announced, unless it is done or its round is gone."""
+        """Do the work a :class:`Compute` action announced, unless it is done (or being done on another
+        thread: then wait for it) or its round is gone. Safe to call from a thread other than the one
+        that feeds frames."""
         r = self._round
-        if r is not None and r.work is not None:
-            work, r.work = r.work, None
-            work()
+        work = r.work if r is not None else None
+        if work is not None:
+            work.run()
 
     @property
     def peer_takes_keepalive(self) -> bool:
@@ -847,7 +880,26 @@ class Engine:
             return self._end_aborted(reason)
         assert r.key is not None
         r.alice = cascade.CascadeAlice(r.key)
+        self._speculate(r)
         return State.RECONCILING
+
+    def _speculate(self, r: _Round) -> None:
+        """Alice: hash her key while Bob reconciles (her key no longer changes). The output length is
+        not known yet, but it cannot exceed the §8 bound with nothing disclosed but the confirmation
+        tag, and the hash to fewer bits is a prefix of the hash to more (:func:`amplify.longest_seed`)."""
+        assert r.key is not None
+        key, n = r.key, int(r.key.size)
+        seed = amplify.longest_seed(self._random, n)
+
+        def hash_longest() -> tuple[int, Bits]:
+            longest = min(n, self._length_bound(r, confirm.TAG_BITS).secret_bits)
+            if longest <= 0:
+                return 0, np.zeros(0, dtype=np.uint8)
+            return longest, amplify.toeplitz_hash(key, seed[: n + longest - 1], longest, threads=1)
+
+        r.speculation = (seed, _Work(hash_longest))
+        r.work = r.speculation[1]
+        self._out.append(Compute())
 
     def _take_estimate(self, r: _Round, estimate: estimation.Estimate) -> str | None:
         """Both sides: record §4's estimate and cut the key, or say why the round must stop."""
@@ -993,7 +1045,10 @@ class Engine:
                 "amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, reserve_bits=0, seed=b""
             )
             return self._end_aborted(f"no secret key: {self._length_reason}")
-        seed = amplify.choose_seed(self._random, int(r.key.size), output)
+        assert r.speculation is not None
+        longest_seed, hashed = r.speculation
+        n = int(r.key.size)
+        seed = amplify.seed_prefix(longest_seed, n, output)
         self._send(
             "amplify",
             tagged=True,
@@ -1004,7 +1059,14 @@ class Engine:
             seed=seed.seed,
         )
         key = r.key
-        r.work = lambda: self._split(r, amplify.amplify(key, seed), reserve_bits)
+
+        def finish() -> None:
+            longest, final = hashed.result()
+            if output > longest:  # not after §8 (a bound that grew with disclosure): hash afresh
+                final = amplify.toeplitz_hash(key, longest_seed[: n + output - 1], output)
+            self._split(r, final[:output], reserve_bits)
+
+        r.work = _Work(finish)
         self._out.append(Compute())
         return State.COMMITTING
 
@@ -1029,8 +1091,9 @@ class Engine:
         return State.COMMITTING
 
     def _on_commit(self, message: wire.Message) -> State:
-        self.compute()
         r = self._open_round()
+        assert r.work is not None
+        r.work.result()  # her key blocks: done on a Compute thread by now, or done here
         if message["blocks"] != len(r.blocks):
             raise RemoteProtocolError(
                 f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}"
@@ -1066,23 +1129,28 @@ class Engine:
     def _secret_length(self, r: _Round) -> int:
         """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
         single-photon bound for a single-photon source. Both sides compute it from the same counts."""
-        assert r.estimate is not None and r.key is not None and r.sifted is not None
-        info = self._link.info
-        length = secrecy.round_key_length(
-            info.intensities,
-            info.intensity_probabilities,
-            r.sifted,
-            r.estimate,
-            r.disclosed_bits,
-            eps_sec=self.settings.eps_sec,
-            eps_cor=self.settings.eps_cor,
-        )
+        length = self._length_bound(r, r.disclosed_bits)
         self._length_reason = length.reason or (
             None
             if length.secret_bits >= self.settings.key_block_bits
             else f"{length.secret_bits} secret bits, less than one key block"
         )
         return length.secret_bits
+
+    def _length_bound(self, r: _Round, disclosed_bits: int) -> keylength.KeyLength:
+        """§8's bound for the round's counts with ``disclosed_bits`` disclosed (no side effects: Alice's
+        speculative hashing calls it from a worker thread)."""
+        assert r.estimate is not None and r.sifted is not None
+        info = self._link.info
+        return secrecy.round_key_length(
+            info.intensities,
+            info.intensity_probabilities,
+            r.sifted,
+            r.estimate,
+            disclosed_bits,
+            eps_sec=self.settings.eps_sec,
+            eps_cor=self.settings.eps_cor,
+        )
 
     def _refill(self, bound: int) -> int:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""

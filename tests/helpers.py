@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,7 +170,10 @@ class ConnectionPair:
         self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
         self.log: list[tuple[str, str]] = []  # (sender, message type)
         self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
-        self.run_compute = True  # act on Compute as the daemon does (False: as a driver that ignores it)
+        # act on Compute at once (True), on a thread of its own while frames go on, as the daemon does
+        # ("thread"), or not at all, as a driver that ignores it (False)
+        self.run_compute: bool | str = True
+        self.threads: list[threading.Thread] = []
         self.computes: list[tuple[str, int]] = []  # (role, frames it had sent by then) per Compute
 
     def engine(self, role: str) -> engine.Engine:
@@ -186,7 +190,11 @@ class ConnectionPair:
                 self.log.append((role, action.message))
             elif isinstance(action, engine.Compute):
                 self.computes.append((role, len(self.log)))
-                if self.run_compute:
+                if self.run_compute == "thread":
+                    thread = threading.Thread(target=self.engine(role).compute)
+                    thread.start()
+                    self.threads.append(thread)
+                elif self.run_compute:
                     self.engine(role).compute()
             else:
                 if isinstance(action, engine.RoundEnded):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from typing import Any
 
 import msgpack
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from qkdd import engine, spec, wire
 from qkdd.errors import LocalProtocolError, RemoteProtocolError
-from qkdd.stages import amplify
+from qkdd.stages import amplify, confirm
 from tests.helpers import ConnectionPair, make_engine
 
 ROLES = ("alice", "bob")
@@ -61,19 +63,63 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
     assert summary.auth in ("psk", "reserve") and 0 < summary.qber < 0.03
 
 
-@pytest.mark.parametrize("run_compute", [True, False])
-def test_alice_hashes_after_sending_the_seed_and_either_way_the_keys_agree(run_compute: bool) -> None:
-    # the daemon sends "amplify" and only then runs Alice's hashing (in a thread, while Bob hashes his);
+@pytest.mark.parametrize("run_compute", [True, "thread", False])
+def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_compute: bool | str) -> None:
+    # the daemon runs Alice's hashing on a thread once her estimate answer is out (while Bob reconciles)
+    # and her key blocks once "amplify" is out (while Bob hashes his), and goes on feeding frames;
     # a driver that ignores Compute gets the same keys: Alice then hashes when Bob's commit arrives
     pair = ConnectionPair()
     pair.run_compute = run_compute
     pair.connect()
     pair.round()
     pair.round()
+    for thread in pair.threads:
+        thread.join(timeout=30)
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
-    sent_before = [i + 1 for i, entry in enumerate(pair.log) if entry == ("alice", "amplify")]
-    assert len(sent_before) == 2 and pair.computes == [("alice", i) for i in sent_before]
-    pair.alice.compute()  # nothing announced: nothing to do
+    after = (("alice", "estimate_answer"), ("alice", "amplify"))
+    sent = [i + 1 for i, entry in enumerate(pair.log) if entry in after]
+    assert len(sent) == 4 and pair.computes == [("alice", i) for i in sent]
+    assert len(pair.threads) == (4 if run_compute == "thread" else 0)
+    pair.alice.compute()  # nothing left to do
+
+
+def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alice hashes early to the §8 bound with nothing disclosed, which no output can exceed. Should an
+    output exceed it anyway, she hashes again to the right length: the keys still agree."""
+    bound = engine.Engine._length_bound
+
+    def short_when_early(self: engine.Engine, r: Any, disclosed_bits: int) -> Any:
+        length = bound(self, r, disclosed_bits)
+        if disclosed_bits == confirm.TAG_BITS:  # the early call
+            return dataclasses.replace(length, secret_bits=length.secret_bits // 2)
+        return length
+
+    monkeypatch.setattr(engine.Engine, "_length_bound", short_when_early)
+    pair = ConnectionPair()
+    pair.connect()
+    pair.round()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+
+
+def test_a_failure_in_early_work_surfaces_where_its_result_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Alice's hashing, on a Compute thread, fails; Bob's, on the main thread, does not
+    hash_on_main_thread = amplify.toeplitz_hash
+
+    def failing(key: Any, seed: Any, output_bits: int, **options: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            return hash_on_main_thread(key, seed, output_bits, **options)
+        raise LocalProtocolError("Toeplitz FFT rounding error too large; refusing to produce a key")
+
+    pair = ConnectionPair()
+    pair.run_compute = "thread"
+    pair.connect()
+    monkeypatch.setattr(amplify, "toeplitz_hash", failing)
+    with pytest.raises(LocalProtocolError, match="rounding error"):
+        pair.round()
+    for thread in pair.threads:
+        thread.join(timeout=30)
+    # Alice commits nothing; Bob holds the round only as pending, which the next handshake drops (§13)
+    assert not pair.alice_store.committed and not pair.bob_store.committed
 
 
 def test_key_blocks_and_ids_are_deterministic_per_link_round_and_index() -> None:

@@ -39,9 +39,9 @@ MAX_INPUT_BITS = 1 << 24
 ROUNDING_MARGIN = 0.25
 """Largest distance of an FFT output from an integer that is accepted before reducing mod 2."""
 
-_Convolver = Callable[[Bits, Bits, int, int, int], Bits]
-"""(s, x, length, start, count) -> the circular convolution of length ``length`` at start..start+count,
-mod 2 (:func:`_parities`)."""
+_Convolver = Callable[[Bits, Bits, int, int, int, int], Bits]
+"""(s, x, length, start, count, threads) -> the circular convolution of length ``length`` at
+start..start+count, mod 2 (:func:`_parities`), on up to ``threads`` threads."""
 
 
 def _smooth_length(minimum: int) -> int:
@@ -89,7 +89,7 @@ def _parities(conv: npt.NDArray[np.float64]) -> Bits:
     return integers.astype(np.uint8)
 
 
-def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int) -> Bits:
+def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int, threads: int = 1) -> Bits:
     spectrum = np.fft.rfft(s.astype(np.float64), length)
     spectrum *= np.fft.rfft(x.astype(np.float64), length)
     return _parities(np.fft.irfft(spectrum, length)[start : start + count])
@@ -104,10 +104,10 @@ class _FftwWorkspace:
     def __init__(self, pyfftw: Any) -> None:
         self._pyfftw = pyfftw
         self._capacity = 0
-        self._plans: dict[int, tuple[Any, Any]] = {}
+        self._plans: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.lock = threading.Lock()
 
-    def _plan(self, length: int) -> tuple[Any, Any]:
+    def _plan(self, length: int, threads: int) -> tuple[Any, Any]:
         if length > self._capacity:
             capacity = length + length // 8  # room for the next rounds' slightly longer keys
             self._real = self._pyfftw.empty_aligned(capacity, dtype="float64")
@@ -116,9 +116,8 @@ class _FftwWorkspace:
             self._result = self._pyfftw.empty_aligned(capacity, dtype="float64")
             self._capacity = capacity
             self._plans.clear()
-        plan = self._plans.get(length)
+        plan = self._plans.get((length, threads))
         if plan is None:
-            threads = min(2, os.cpu_count() or 1)
             flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
             real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
             plan = (
@@ -129,12 +128,12 @@ class _FftwWorkspace:
             )
             if len(self._plans) >= 8:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[length] = plan
+            self._plans[length, threads] = plan
         return plan
 
-    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int) -> Bits:
+    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int, threads: int) -> Bits:
         with self.lock:
-            forward, backward = self._plan(length)
+            forward, backward = self._plan(length, threads)
             real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
 
             def transform(bits: Bits) -> None:
@@ -178,8 +177,9 @@ def fft_backend_name() -> str:
     return _backend()[0]
 
 
-def toeplitz_hash(key: Bits, seed: Bits, output_bits: int) -> Bits:
-    """Hash ``key`` (n bits) to ``output_bits`` (m) bits with the Toeplitz matrix of ``seed`` (n+m-1 bits).
+def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | None = None) -> Bits:
+    """Hash ``key`` (n bits) to ``output_bits`` (m) bits with the Toeplitz matrix of ``seed`` (n+m-1 bits),
+    on up to ``threads`` threads (default: up to two, as many as there are cores).
 
     Raises:
         InputError: bad shapes or dtypes, ``m > n``, ``n > MAX_INPUT_BITS``, or an empty key.
@@ -201,7 +201,8 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int) -> Bits:
         return np.zeros(0, dtype=np.uint8)
     if s.size != n + m - 1:
         raise InputError(f"seed: expected {n + m - 1} bits for n={n}, m={m}, got {s.size}")
-    return _backend()[1](s, x, _transform_length(n + m - 1), n - 1, m)
+    threads = threads if threads is not None else min(2, os.cpu_count() or 1)
+    return _backend()[1](s, x, _transform_length(n + m - 1), n - 1, m, threads)
 
 
 def toeplitz_hash_rows(key: Bits, seed: Bits, output_bits: int, rows: npt.NDArray[np.int64]) -> Bits:
@@ -231,8 +232,24 @@ def choose_seed(source: RandomSource, input_bits: int, output_bits: int) -> Ampl
     """Alice's side: a fresh uniformly random seed for hashing ``input_bits`` to ``output_bits``."""
     if not 0 < output_bits <= input_bits:
         raise InputError(f"output_bits must lie in [1, {input_bits}], got {output_bits}")
-    seed = random_bits(source, input_bits + output_bits - 1)
-    return AmplificationSeed(input_bits, output_bits, pack_bits(seed))
+    return seed_prefix(random_bits(source, input_bits + output_bits - 1), input_bits, output_bits)
+
+
+def longest_seed(source: RandomSource, input_bits: int) -> Bits:
+    """Alice's side, before the output length is known: 2n − 1 uniformly random bits, the seed for the
+    longest output (m = n). The seed for any m ≤ n is its first n + m − 1 bits (:func:`seed_prefix`), and
+    hashing to m bits gives the first m bits of hashing to any longer length with the same seed: row i
+    of T reads only ``s[i … i + n − 1]``. So Alice may hash before reconciliation ends, with a bound on m."""
+    if input_bits < 1:
+        raise InputError(f"input_bits must be at least 1, got {input_bits}")
+    return random_bits(source, 2 * input_bits - 1)
+
+
+def seed_prefix(seed: Bits, input_bits: int, output_bits: int) -> AmplificationSeed:
+    """The message for output length ``output_bits``: the first n + m − 1 bits of ``seed``."""
+    if not 0 < output_bits <= input_bits or seed.size < input_bits + output_bits - 1:
+        raise InputError(f"no seed for {input_bits} -> {output_bits} bits in {seed.size} seed bits")
+    return AmplificationSeed(input_bits, output_bits, pack_bits(seed[: input_bits + output_bits - 1]))
 
 
 def amplify(key: Bits, message: AmplificationSeed) -> Bits:

@@ -15,6 +15,7 @@ from qkdd.stages.amplify import (
     toeplitz_hash_rows,
 )
 from tests.conftest import STRESS, hex_bits, load_vectors
+from tests.helpers import SeededRandom
 
 
 @given(st.integers(1, 300), st.data())
@@ -64,7 +65,7 @@ def test_backends_agree() -> None:
         x = rng.integers(0, 2, n, dtype=np.uint8)
         length = _transform_length(n + m - 1)
         reference = _numpy_convolve(s, x, length, n - 1, m)
-        assert np.array_equal(amplify._backend()[1](s, x, length, n - 1, m), reference)
+        assert np.array_equal(amplify._backend()[1](s, x, length, n - 1, m, 2), reference)
 
 
 def test_fft_values_off_an_integer_are_refused_not_rounded() -> None:
@@ -95,6 +96,23 @@ def test_transform_lengths_form_a_coarse_grid() -> None:
     octave = {_transform_length(m) for m in range(1 << 21, 1 << 22, 101)}
     assert 15 <= len(octave) <= 21
     assert _transform_length(2_900_000) == _transform_length(2_910_000)
+
+
+def test_hash_to_fewer_bits_is_a_prefix_of_the_hash_to_more() -> None:
+    """What lets Alice hash before she knows the output length: with the seed of the longest output,
+    the message for m bits carries its first n + m - 1 bits and the m-bit hash is the longer one's head."""
+    rng = np.random.default_rng(11)
+    for n in (1, 97, 5000):
+        x = rng.integers(0, 2, n, dtype=np.uint8)
+        longest = amplify.longest_seed(SeededRandom(n), n)
+        assert longest.size == 2 * n - 1
+        full = toeplitz_hash(x, longest, n)
+        for m in sorted({1, n // 3 + 1, n}):
+            message = amplify.seed_prefix(longest, n, m)
+            assert (message.input_bits, message.output_bits) == (n, m)
+            assert np.array_equal(amplify.amplify(x, message), full[:m])
+    with pytest.raises(InputError):
+        amplify.seed_prefix(longest, 5000, 5001)
 
 
 def test_vectors() -> None:
