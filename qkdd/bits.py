@@ -160,28 +160,33 @@ def decode_varints(data: bytes, count: int, what: str) -> npt.NDArray[np.uint64]
         if raw.size:
             raise RemoteProtocolError(f"{what}: {raw.size} bytes where no varint was expected")
         return np.zeros(0, dtype=np.uint64)
-    last = np.flatnonzero(raw < 0x80)
-    if last.size != count or raw.size == 0 or raw[-1] >= 0x80:
-        raise RemoteProtocolError(f"{what}: expected {count} varints, found {last.size} (or a truncated one)")
-    if last.size == raw.size:  # every varint is one byte (the usual case for detection gaps)
-        return raw.astype(np.uint64)
-    lengths = np.diff(last, prepend=-1)
-    values = raw[last].astype(np.uint64)  # the most significant group of each value
-    # the lower groups and the checks, only for the (usually few) multi-byte values
-    rows = np.flatnonzero(lengths > 1)
-    row_lengths, top = lengths[rows], values[rows]
+    final = raw < 0x80  # each varint's last byte
+    found = int(np.count_nonzero(final))
+    if found != count or raw.size == 0 or raw[-1] >= 0x80:
+        raise RemoteProtocolError(f"{what}: expected {count} varints, found {found} (or a truncated one)")
+    values = raw[final].astype(np.uint64)  # the most significant group of each value
+    if found == raw.size:  # every varint is one byte (the usual case for detection gaps)
+        return values
+    # the (usually few) multi-byte values: each is a run of continuation bytes and the byte after it
+    more = np.flatnonzero(~final)
+    ends = np.flatnonzero(np.diff(more) != 1)  # where a run of continuation bytes stops
+    run_last = np.append(ends, more.size - 1)
+    run_first = np.insert(ends + 1, 0, 0)
+    starts = more[run_first]
+    row_lengths = run_last - run_first + 2
+    rows = more[run_last] + 1 - (run_last + 1)  # the value's index: its last byte's, less the bytes before
+    top = values[rows]
     if row_lengths.max() > _VARINT_MAX_BYTES:
         raise RemoteProtocolError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
     if np.any(top == 0):
         raise RemoteProtocolError(f"{what}: overlong (non-canonical) varint")
     if np.any((row_lengths == _VARINT_MAX_BYTES) & (top > 1)):
         raise RemoteProtocolError(f"{what}: varint exceeds 64 bits")
-    starts = last[rows] - row_lengths + 1
     values[rows] <<= np.uint64(7) * (row_lengths - 1).astype(np.uint64)
     j = 0
     while rows.size:
         values[rows] |= (raw[starts + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
         j += 1
-        more = row_lengths > j + 1
-        rows, row_lengths, starts = rows[more], row_lengths[more], starts[more]
+        longer = row_lengths > j + 1
+        rows, row_lengths, starts = rows[longer], row_lengths[longer], starts[longer]
     return values
