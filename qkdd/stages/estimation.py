@@ -155,7 +155,7 @@ def _estimate(
     if not 0.0 < threshold <= 0.5:
         raise InputError(f"threshold must lie in (0, 0.5], got {threshold}")
     x_errors = as_bits(alice_x, "alice X") ^ as_bits(bob_x, "bob X")
-    classes = sifted.intensities[sifted.bases == X]
+    classes = sifted.intensities[~sifted.z_mask]
     per_class_bits = np.bincount(classes, minlength=MAX_INTENSITY_CLASSES)
     per_class_errors = np.bincount(classes, weights=x_errors, minlength=MAX_INTENSITY_CLASSES)
     by_intensity = {

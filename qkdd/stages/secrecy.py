@@ -13,7 +13,7 @@ import numpy as np
 
 from qkdd.stages import decoy, keylength
 from qkdd.stages.estimation import Estimate
-from qkdd.stages.sifting import SiftedKey, Z
+from qkdd.stages.sifting import SiftedKey
 
 
 def round_key_length(
@@ -27,7 +27,7 @@ def round_key_length(
     eps_cor: float,
 ) -> keylength.KeyLength:
     """Secret bits of a round whose key is the Z bits of ``sifted`` that ``estimate`` left as key."""
-    key_classes = sifted.intensities[sifted.bases == Z][estimate.z_key_mask]
+    key_classes = sifted.intensities[sifted.z_mask][estimate.z_key_mask]
     if not intensities:
         counts = keylength.RoundCounts(
             int(key_classes.size), estimate.x_bits, estimate.x_errors, disclosed_bits

@@ -15,6 +15,7 @@ Alice's side never needs the whole frame: it asks its preparation only for the d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -165,11 +166,18 @@ class SiftedKey:
     intensities: npt.NDArray[np.uint8]
     pulse_indices: npt.NDArray[np.int64]
 
+    @functools.cached_property
+    def z_mask(self) -> npt.NDArray[np.bool_]:
+        """Which sifted bits are Z bits (computed once: every stage asks for it; read-only)."""
+        mask: npt.NDArray[np.bool_] = self.bases == Z
+        mask.flags.writeable = False
+        return mask
+
     def select(self, basis: int, intensity: int | None = None) -> Bits:
         """The sifted bits of one basis (and, optionally, one intensity class)."""
-        keep: npt.NDArray[np.bool_] = self.bases == basis
+        keep: npt.NDArray[np.bool_] = self.z_mask if basis == Z else ~self.z_mask
         if intensity is not None:
-            keep &= self.intensities == intensity
+            keep = keep & (self.intensities == intensity)
         selected: Bits = self.bits[keep]
         return selected
 
