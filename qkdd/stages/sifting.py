@@ -173,12 +173,22 @@ class SiftedKey:
         mask.flags.writeable = False
         return mask
 
+    @functools.cached_property
+    def _by_basis(self) -> dict[int, Bits]:
+        return {}
+
     def select(self, basis: int, intensity: int | None = None) -> Bits:
-        """The sifted bits of one basis (and, optionally, one intensity class)."""
+        """The sifted bits of one basis (and, optionally, one intensity class). A whole basis is
+        selected once and kept (read-only): estimation and the key cut ask for each more than once."""
+        if intensity is None and basis in self._by_basis:
+            return self._by_basis[basis]
         keep: npt.NDArray[np.bool_] = self.z_mask if basis == Z else ~self.z_mask
         if intensity is not None:
             keep = keep & (self.intensities == intensity)
         selected: Bits = self.bits[keep]
+        if intensity is None:
+            selected.flags.writeable = False
+            self._by_basis[basis] = selected
         return selected
 
     def counts(self) -> dict[tuple[int, int], int]:
