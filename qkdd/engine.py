@@ -153,10 +153,11 @@ class ConsumeReserve:
 @dataclass(frozen=True, slots=True)
 class Compute:
     """Work of the round that no frame waits for yet — Alice hashing her key (§7) while Bob reconciles,
-    and storing its blocks while Bob hashes his: call :meth:`Engine.compute` after sending the frames
-    before this action, on a worker thread, and go on feeding the engine frames meanwhile (the engine
-    waits for that work where it needs its result). A driver that ignores it loses nothing: the engine
-    then does the work itself when the round needs it."""
+    and cutting its blocks while Bob hashes his; either side hashing the round's transcripts (§16) as
+    they grow: call :meth:`Engine.compute` after sending the frames before this action, on a worker
+    thread, and go on feeding the engine frames meanwhile (the engine waits for that work where it needs
+    its result). A driver that ignores it loses nothing: the engine then does the work itself when the
+    round needs it."""
 
 
 Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve | Compute
@@ -278,8 +279,9 @@ class _Round:
     blocks: tuple[tuple[str, bytes], ...] = ()
     auth: str = "psk"
     reserve: tuple[bytes, int] = (b"", 0)
-    sent: bytearray = field(default_factory=bytearray)  # this direction's transcript (§16)
-    received: bytearray = field(default_factory=bytearray)
+    # this direction's transcript since its last tag, and the peer's (§16); hashed as they grow
+    sent: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
+    received: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
     work: _Work | None = None  # announced by a Compute action
     # Alice: the seed for any output length, and her key hashed to the longest she may need (§7)
     speculation: tuple[Bits, _Work] | None = None
@@ -426,9 +428,12 @@ class Engine:
         thread: then wait for it) or its round is gone. Safe to call from a thread other than the one
         that feeds frames."""
         r = self._round
-        work = r.work if r is not None else None
-        if work is not None:
-            work.run()
+        if r is None:
+            return
+        r.sent.absorb()
+        r.received.absorb()
+        if r.work is not None:
+            r.work.run()
 
     @property
     def peer_takes_keepalive(self) -> bool:
@@ -526,10 +531,10 @@ class Engine:
         mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
         tag = b""
         if self._round is not None:
-            self._round.sent += _transcript_entry(seq, body)
+            _record(self._round.sent, seq, body)
             if tagged and self._round.auth == "reserve":
                 tag = self._round_tag(self._round.sent)
-                self._round.sent = bytearray()  # the next tag covers the frames after this one
+                self._round.sent = wc.Transcript(self._mac())  # the next tag covers the frames after this
         self._send_seq += 1
         self._sent.append(name)
         self._out.append(Send(wire.encode_frame(seq, body, mac, tag), name))
@@ -554,10 +559,10 @@ class Engine:
         self._out.append(ConsumeReserve(self._pointer))
         return pads
 
-    def _round_tag(self, transcript: bytearray) -> bytes:
-        if len(transcript) > wc.MAX_TRANSCRIPT_BYTES:
+    def _round_tag(self, transcript: wc.Transcript) -> bytes:
+        if transcript.length > wc.MAX_TRANSCRIPT_BYTES:
             raise LocalProtocolError("round transcript over the authenticated maximum")
-        return self._mac().tag(bytes(transcript), self._take_pads())
+        return transcript.tag(self._take_pads())
 
     def _check_round_tag(self, r: _Round) -> None:
         """Verify the peer's transcript tag on the frame just received (reserve rounds, §16)."""
@@ -566,14 +571,21 @@ class Engine:
             if tag:
                 raise RemoteProtocolError("a transcript tag in a PSK round", code="bad-message")
             return
-        if len(tag) != wc.TAG_BYTES or len(r.received) > wc.MAX_TRANSCRIPT_BYTES:
+        if len(tag) != wc.TAG_BYTES or r.received.length > wc.MAX_TRANSCRIPT_BYTES:
             raise RemoteProtocolError("missing or malformed transcript tag", code="bad-mac")
-        expected = self._mac().tag(bytes(r.received), self._take_pads())
+        expected = r.received.tag(self._take_pads())
         if not hmac.compare_digest(expected, tag):
             raise RemoteProtocolError(f"round {r.number}: the transcript tag does not verify", code="bad-mac")
-        r.received = bytearray()
+        r.received = wc.Transcript(self._mac())
 
     def _flush(self) -> list[Action]:
+        r = self._round
+        if (
+            r is not None
+            and r.sent.unabsorbed + r.received.unabsorbed >= wc.Transcript.CHUNK_BYTES
+            and not any(isinstance(action, Compute) for action in self._out)
+        ):
+            self._out.append(Compute())  # hash the transcripts while waiting, not when the tag is due
         out, self._out = self._out, []
         return out
 
@@ -609,7 +621,7 @@ class Engine:
                 f"{message.type} names round {message['round']}, the open round is {self._round.number}"
             )
         if self._round is not None:
-            self._round.received += _transcript_entry(self._frame.seq, self._frame.body)
+            _record(self._round.received, self._frame.seq, self._frame.body)
         new_state: State = handler(message)
         return new_state
 
@@ -792,7 +804,9 @@ class Engine:
         number = self._next_round
         self._next_round += 1
         preparation = link.preparation(number)
-        self._round = _Round(number, number, pulses=preparation.pulses, preparation=preparation, auth=auth)
+        self._round = self._new_round(
+            number, number, pulses=preparation.pulses, preparation=preparation, auth=auth
+        )
         self._out.append(ReserveRound(number))
         self._send("round_start", round=number, frame=number, pulses=preparation.pulses, auth=auth)
         return State.SIFTING
@@ -835,10 +849,10 @@ class Engine:
                 f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}",
                 code="config-mismatch",
             )
-        self._round = _Round(
+        self._round = self._new_round(
             number, message["frame"], pulses=detected.pulses, detected=detected, auth=message["auth"]
         )
-        self._round.received += _transcript_entry(self._frame.seq, self._frame.body)
+        _record(self._round.received, self._frame.seq, self._frame.body)
         self._round.detections = int(detected.indices.size)
         self._send("sift_announce", round=number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
@@ -1119,6 +1133,12 @@ class Engine:
 
     # -- round helpers
 
+    def _new_round(self, number: int, frame: int, *, auth: str, **fields: Any) -> _Round:
+        r = _Round(number, frame, auth=auth, **fields)
+        if auth == "reserve":  # the reserve's hash keys are there: the round was checked to afford it
+            r.sent, r.received = wc.Transcript(self._mac()), wc.Transcript(self._mac())
+        return r
+
     def _open_round(self) -> _Round:
         if self._round is None:  # pragma: no cover - the state table only routes round messages here
             raise LocalProtocolError("no open round")
@@ -1218,9 +1238,10 @@ def _build(cls: type[T], message: wire.Message) -> T:
     return cls(**{f.name: message[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
-def _transcript_entry(seq: int, body: bytes) -> bytes:
-    """One frame in a round transcript (§16): 8-byte seq, 4-byte body length, body."""
-    return seq.to_bytes(8, "big") + len(body).to_bytes(4, "big") + body
+def _record(transcript: wc.Transcript, seq: int, body: bytes) -> None:
+    """Append one frame to a round transcript (§16): 8-byte seq, 4-byte body length, body."""
+    transcript.append(seq.to_bytes(8, "big") + len(body).to_bytes(4, "big"))
+    transcript.append(bytes(body))
 
 
 def _key_size_problem(estimate: estimation.Estimate) -> str | None:

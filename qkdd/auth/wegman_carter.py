@@ -25,6 +25,9 @@ the same sum with numpy: the powers of k by repeated doubling and every product 
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+
 import numpy as np
 import numpy.typing as npt
 
@@ -81,9 +84,10 @@ CHUNK = 1 << 14
 """Blocks per vectorised chunk; the powers k^1 … k^CHUNK are computed once per key and cached."""
 
 
-def _blocks(message: bytes, chunks_of: int) -> U64:
+def _blocks(message: bytes, chunks_of: int, length: int | None = None) -> U64:
     """b_1 … b_(L+1), left-padded with zero blocks to a multiple of ``chunks_of`` (zeros leave Horner's
-    value unchanged)."""
+    value unchanged). ``length``: the length block's value, if not ``len(message)`` (the tail of a longer
+    message, :class:`Transcript`)."""
     count = -(-len(message) // BLOCK_BYTES)
     total = -(-(count + 1) // chunks_of) * chunks_of
     wide = np.zeros((total, 8), dtype=np.uint8)  # each 7-byte block in the low bytes of a big-endian word
@@ -91,8 +95,15 @@ def _blocks(message: bytes, chunks_of: int) -> U64:
     raw = np.frombuffer(message + bytes(-len(message) % BLOCK_BYTES), dtype=np.uint8)
     wide[start : start + count, 1:] = raw.reshape(count, BLOCK_BYTES)
     blocks = wide.view(">u8").reshape(total).astype(np.uint64)
-    blocks[-1] = len(message)
+    blocks[-1] = len(message) if length is None else length
     return blocks
+
+
+def _whole_blocks(data: bytes) -> U64:
+    """The blocks of ``data``, a whole number of chunks of blocks, as rows of :data:`CHUNK`."""
+    wide = np.zeros((len(data) // BLOCK_BYTES, 8), dtype=np.uint8)
+    wide[:, 1:] = np.frombuffer(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
+    return wide.view(">u8").reshape(-1, CHUNK).astype(np.uint64)
 
 
 def message_blocks(message: bytes) -> U64:
@@ -129,13 +140,13 @@ class PolynomialHash:
     def __call__(self, message: bytes) -> int:
         return self.of_blocks(message_blocks(message))
 
-    def of_blocks(self, blocks: U64) -> int:
-        """The hash of a message already split by :func:`message_blocks`."""
+    def of_blocks(self, blocks: U64, h: int = 0) -> int:
+        """The hash of a message already split by :func:`message_blocks` — or, from Horner's value
+        ``h`` after earlier blocks, the value after these rows of blocks too (:class:`Transcript`)."""
         terms = _mulmod_unreduced(blocks, np.broadcast_to(self._descending, blocks.shape))
         # row sums modulo p without overflow: add the 32-bit halves separately (each term < 2^64)
         high: U64 = np.sum(terms >> np.uint64(32), axis=1, dtype=np.uint64)
         low: U64 = np.sum(terms & np.uint64(0xFFFFFFFF), axis=1, dtype=np.uint64)
-        h = 0
         for hi, lo in zip(high.tolist(), low.tolist(), strict=True):
             h = (h * self._chunk_power + (int(hi) << 32) + int(lo)) % PRIME
         return h
@@ -171,7 +182,7 @@ class Mac:
     def __init__(self, keys: list[int]) -> None:
         if len(keys) != HASHES:
             raise ValueError(f"a tag needs {HASHES} hash keys")
-        self._hashes = [PolynomialHash(k) for k in keys]
+        self.hashes = [PolynomialHash(k) for k in keys]
 
     def tag(self, message: bytes, pads: list[int]) -> bytes:
         """The Wegman–Carter tag of ``message``: two 8-byte big-endian field elements."""
@@ -180,8 +191,74 @@ class Mac:
         blocks = message_blocks(message)
         return b"".join(
             ((h.of_blocks(blocks) + r) % PRIME).to_bytes(8, "big")
-            for h, r in zip(self._hashes, pads, strict=True)
+            for h, r in zip(self.hashes, pads, strict=True)
         )
+
+
+class Transcript:
+    """One direction's round transcript (qkdp-v1.md §16), hashed as it grows.
+
+    :meth:`append` only queues the bytes; :meth:`absorb` hashes every whole chunk of :data:`CHUNK`
+    blocks queued so far and may run on another thread while frames keep coming (qkdd's daemon does it
+    while it waits for the peer); :meth:`tag` absorbs the rest and tags all bytes appended. The tag
+    equals ``mac.tag(b"".join(appended), pads)``: Horner's value after the whole chunks, times k^c, plus
+    the hash of the c remaining blocks (the tail and the length block) from zero. Without a MAC (a PSK
+    round) it only counts bytes."""
+
+    CHUNK_BYTES = CHUNK * BLOCK_BYTES
+    """What one absorbing step hashes (114,688 bytes)."""
+
+    def __init__(self, mac: Mac | None) -> None:
+        self.mac = mac
+        self.length = 0
+        self._queued: deque[bytes] = deque()  # appended, not yet taken by absorb (thread-safe ends)
+        self._tail = b""  # taken but less than a chunk: hashed at the end
+        self._values = [0] * HASHES  # Horner's value after the absorbed chunks, per hash
+        self._absorbed = 0  # bytes in those chunks (written by absorb alone)
+        self._lock = threading.Lock()
+
+    def append(self, data: bytes) -> None:
+        self.length += len(data)
+        if self.mac is not None:
+            self._queued.append(data)
+
+    @property
+    def unabsorbed(self) -> int:
+        """Bytes appended but not absorbed yet: what :meth:`tag` would hash if called now."""
+        return self.length - self._absorbed if self.mac is not None else 0
+
+    def absorb(self) -> None:
+        if self.mac is None:
+            return
+        with self._lock:
+            pieces = [self._tail]
+            while self._queued:
+                pieces.append(self._queued.popleft())
+            data = b"".join(pieces)
+            whole = len(data) // self.CHUNK_BYTES * self.CHUNK_BYTES
+            if whole:
+                rows = _whole_blocks(data[:whole])
+                self._values = [
+                    h.of_blocks(rows, value) for h, value in zip(self.mac.hashes, self._values, strict=True)
+                ]
+                self._absorbed += whole
+            self._tail = data[whole:]
+
+    def tag(self, pads: list[int]) -> bytes:
+        if self.mac is None:
+            raise ValueError("a transcript without a MAC has no tag")
+        if len(pads) != HASHES:
+            raise ValueError(f"a tag needs {HASHES} pads")
+        if self.length > MAX_TRANSCRIPT_BYTES:
+            raise ValueError(f"messages are at most {MAX_TRANSCRIPT_BYTES} bytes")
+        self.absorb()
+        with self._lock:
+            rest = _blocks(self._tail, CHUNK, self.length).reshape(-1, CHUNK)
+            count = -(-len(self._tail) // BLOCK_BYTES) + 1
+            return b"".join(
+                ((value * pow(h.key, count, PRIME) + h.of_blocks(rest) + r) % PRIME).to_bytes(8, "big")
+                for h, value, r in zip(self.mac.hashes, self._values, pads, strict=True)
+            )
 
 
 def tag(message: bytes, keys: list[int], pads: list[int]) -> bytes:

@@ -40,6 +40,24 @@ def test_rounds_switch_from_psk_to_the_reserve() -> None:
     no_bit_used_twice(pair)
 
 
+@pytest.mark.parametrize("run_compute", [True, "thread", False])
+def test_transcripts_hashed_while_waiting_give_the_same_tags(run_compute: bool | str) -> None:
+    """In reserve rounds both sides hash their transcripts as they grow (Compute after frames that
+    leave a chunk unhashed, run at once, on threads, or never): every tag still verifies."""
+    pair = pair_with(sim={"pulses_per_frame": 1 << 21})
+    pair.run_compute = run_compute
+    for _ in range(4):
+        pair.round()
+    for thread in pair.threads:
+        thread.join(timeout=30)
+    assert [s.auth for s in pair.summaries["alice"]][-2:] == ["reserve", "reserve"]
+    assert not any(s.aborted for s in pair.summaries["alice"])
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    computing = {role for role, _ in pair.computes}
+    assert computing == {"alice", "bob"}  # both had transcripts to hash, not only Alice her key
+    no_bit_used_twice(pair)
+
+
 def test_a_reserve_handshake_retires_the_psk() -> None:
     first = pair_with()
     for _ in range(4):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,3 +52,56 @@ def test_split_bits_and_bound() -> None:
     bits = (1 << 127).to_bytes(16, "big")  # the first bit set
     assert wc.split_bits(bits, 2) == [1 << 60, 0]
     assert wc.forgery_bound(wc.MAX_TRANSCRIPT_BYTES) < 2.0**-71
+
+
+CHUNK_BYTES = wc.CHUNK * wc.BLOCK_BYTES
+
+
+@given(
+    st.lists(st.integers(0, 3 * CHUNK_BYTES), max_size=6),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    st.integers(1, wc.PRIME - 1),
+)
+def test_transcript_hashed_as_it_grows_tags_like_the_whole(
+    sizes: list[int], absorb_after: list[bool], key: int
+) -> None:
+    """Frames of any sizes (chunk boundaries anywhere), absorbed after any of them: the same tag as the
+    whole transcript's."""
+    rng = np.random.default_rng(len(sizes))
+    frames = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes]
+    mac = wc.Mac([key, wc.PRIME - key])
+    transcript = wc.Transcript(mac)
+    for frame, absorb in zip(frames, absorb_after, strict=False):
+        transcript.append(frame)
+        if absorb:
+            transcript.absorb()
+    pads = [5, wc.PRIME - 1]
+    assert transcript.length == sum(sizes)
+    assert transcript.tag(pads) == mac.tag(b"".join(frames), pads)
+
+
+def test_transcript_absorbed_on_another_thread_while_frames_come() -> None:
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, int(size), dtype=np.uint8).tobytes() for size in rng.integers(1, 4e5, 40)]
+    mac = wc.Mac([12345, 67890])
+    transcript = wc.Transcript(mac)
+    workers = []
+    for frame in frames:
+        transcript.append(frame)
+        worker = threading.Thread(target=transcript.absorb)
+        worker.start()
+        workers.append(worker)
+    tag = transcript.tag([1, 2])
+    for worker in workers:
+        worker.join(timeout=30)
+    assert tag == mac.tag(b"".join(frames), [1, 2])
+    assert transcript.unabsorbed < wc.Transcript.CHUNK_BYTES
+
+
+def test_transcript_without_a_mac_only_counts() -> None:
+    transcript = wc.Transcript(None)
+    transcript.append(b"abc")
+    transcript.absorb()
+    assert transcript.length == 3 and transcript.unabsorbed == 0
+    with pytest.raises(ValueError, match="no tag"):
+        transcript.tag([1, 2])
