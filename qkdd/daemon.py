@@ -27,14 +27,15 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
+from qkdd import background, wire
 from qkdd import engine as engine_mod
-from qkdd import wire
 from qkdd.admin import write_status_file
 from qkdd.auth import pki
 from qkdd.auth.psk import read_psk
@@ -171,6 +172,8 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
+        # Compute work: Alice's early hashing can wait on the lock of work another job runs, so two
+        self._background = background.executor("qkdd-compute", workers=2)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None
         if config.etsi014 is not None:
@@ -585,7 +588,7 @@ class Daemon:
                     # the frames before it are out: this work overlaps the peer's, and the session goes
                     # on reading frames (the engine waits for the work where it needs the result)
                     assert session.engine is not None
-                    trio.lowlevel.start_thread_soon(session.engine.compute, _log_compute_failure)
+                    self._background.submit(session.engine.compute).add_done_callback(_log_compute_failure)
                 case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
                     if macs is not None and self.kme is not None:
@@ -644,12 +647,11 @@ class Daemon:
         self._round_idle.set()
 
 
-def _log_compute_failure(result: Any) -> None:
-    """A Compute thread's end (``result``: its outcome). The engine keeps its work's failures and raises
-    them where it uses the result, so anything raised here is a bug in the engine itself."""
-    try:
-        result.unwrap()
-    except Exception as error:
+def _log_compute_failure(done: Future[None]) -> None:
+    """A Compute job's end. The engine keeps its work's failures and raises them where it uses the
+    result, so anything raised here is a bug in the engine itself."""
+    error = done.exception()
+    if error is not None:
         log.error("round work failed outside the engine: %r", error)
 
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from qkdd import background
 from qkdd.bits import Bits
 from qkdd.errors import InputError
 from qkdd.links import AliceLink, BobLink, LinkInfo
@@ -225,12 +226,13 @@ class SimAlice:
 
 class SimBob:
     """Bob's detector. Like real hardware, which records the next frame while the current one is being
-    post-processed, it simulates frame f + 1 in a background thread once frame f has been asked for."""
+    post-processed, it simulates frame f + 1 in a background thread (:mod:`qkdd.background`: at a lower
+    priority) once frame f has been asked for."""
 
     def __init__(self, parameters: SimParameters) -> None:
         self.parameters = parameters
         self.info = _info(parameters)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkdd-sim")
+        self._worker = background.executor("qkdd-sim")
         self._next: tuple[int, Future[Detections]] | None = None
 
     def detections(self, frame: int) -> Detections:
