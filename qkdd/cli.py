@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--eve", type=float, default=0.0, metavar="FRACTION", help="intercept-resend on this fraction"
     )
-    demo.add_argument("--pulses", type=int, default=1 << 24, help="pulses per frame (default 2^24)")
+    demo.add_argument("--pulses", type=int, help="pulses per frame (default 2^26)")
     demo.add_argument("--state-dir", type=Path, help="keep the state here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true")
     demo.add_argument(
@@ -248,6 +248,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from qkdd import demo  # noqa: PLC0415
 
+        if args.pulses is None:
+            args.pulses = demo.DEMO_PULSES
         if args.etsi014:
             from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
 
