@@ -1,7 +1,7 @@
 """``qkdd demo`` and ``qkdd bench e2e``: Alice and Bob as two OS processes over 127.0.0.1.
 
-The demo writes two configs and a PSK into a state folder, starts Bob (listening on an ephemeral port,
-which he writes to ``bob/listen-address``), then Alice; both stop after ``--rounds`` rounds. It then
+The demo writes two configs and a PSK into a state folder, starts Bob (on a free port it picks) and Alice
+at once (she retries until he listens); both stop after ``--rounds`` rounds. It then
 reads both key stores, prints one row per round from Alice's round log, and checks that both stores hold
 the same key IDs with the same bytes.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -160,25 +161,41 @@ def wait_for_listen_address(state_dir: Path, process: subprocess.Popen[bytes], t
 def start_pair(
     alice_config: Path, bob_config: Path, via: Callable[[str], str] | None = None
 ) -> list[subprocess.Popen[bytes]]:
-    """Start Bob, then Alice aimed at the port Bob reports (or at ``via(that address)``, a relay);
-    returns [alice, bob]."""
+    """Start both daemons at once, Bob on a port chosen here and Alice aimed at it (or at
+    ``via(that address)``, a relay); returns [alice, bob]. Each daemon takes about a second to start (its
+    imports); started one after the other, that second came before every first key. Alice retries until
+    Bob listens (her reconnect backoff starts at 0.1 s). Should another program take the port in the
+    meantime, Bob's bind fails and the demo says so (``wait_for_listen_address``)."""
     state_dir = bob_config.parent
     for role in ("alice", "bob"):
         for name in ("listen-address", "etsi014-address"):
             (state_dir / role / name).unlink(missing_ok=True)
+    listen = 'listen = "127.0.0.1:0"'
+    if listen in bob_config.read_text():
+        with socket.socket() as probe:  # a free port now; Bob binds it a moment later
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        bob_config.write_text(bob_config.read_text().replace(listen, f'listen = "127.0.0.1:{port}"', 1))
+    bob_address = next(
+        line.split('"')[1] for line in bob_config.read_text().splitlines() if line.startswith("listen = ")
+    )
+    address = via(bob_address) if via is not None else bob_address
+    alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"'))
     bob = spawn(bob_config, state_dir / "bob.log")
     try:
-        address = wait_for_listen_address(state_dir / "bob", bob)
-        if via is not None:
-            address = via(address)
-        alice_config.write_text(
-            alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"')
-        )
-        return [spawn(alice_config, state_dir / "alice.log"), bob]
+        alice = spawn(alice_config, state_dir / "alice.log")
     except BaseException:
         bob.kill()
         bob.wait()
         raise
+    try:
+        wait_for_listen_address(state_dir / "bob", bob)
+    except BaseException:
+        for process in (alice, bob):
+            process.kill()
+            process.wait()
+        raise
+    return [alice, bob]
 
 
 def run_demo(
