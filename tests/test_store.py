@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qkdd.database import transaction
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary, key_blocks, key_id
 from qkdd.store import DATABASE, KeyStore
@@ -127,3 +129,26 @@ def test_a_dropped_pending_round_leaves_the_reserve_alone(tmp_path: Path) -> Non
     store.store_round(summary(0), blocks(0), True, None, (bytes(64), 512))
     assert store.resolve([]) == ([], [0])
     assert store.reserve.total_bits == 0
+
+
+def test_a_transaction_that_need_not_be_durable_leaves_the_database_durable(tmp_path: Path) -> None:
+    """Applying a peer's key-channel entry commits without an fsync (the peer repeats a lost entry);
+    that setting holds for that transaction alone, whether it commits or rolls back."""
+    db = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (x INTEGER)")
+
+    def synchronous() -> int:
+        return int(db.execute("PRAGMA synchronous").fetchone()[0])
+
+    with transaction(db, durable=False):
+        db.execute("INSERT INTO t VALUES (1)")
+        assert synchronous() == 1  # NORMAL
+    assert synchronous() == 2  # FULL
+    with pytest.raises(RuntimeError), transaction(db, durable=False):
+        db.execute("INSERT INTO t VALUES (2)")
+        raise RuntimeError("rolled back")
+    assert synchronous() == 2
+    assert db.execute("SELECT x FROM t").fetchall() == [(1,)]
+    db.close()

@@ -26,7 +26,10 @@ Theory of operation
   site asked for a key of an entry it has not applied yet knows to wait for it (:func:`key_origin`).
 
 Every method runs in one SQLite transaction (the key store's database, ``synchronous=FULL`` and
-``secure_delete``), so a crash leaves either all of a step or none of it.
+``secure_delete``), so a crash leaves either all of a step or none of it. Applying a peer's entry alone
+commits without waiting for the disk: should the machine fail before the next durable commit, the entry
+is lost here and the peer sends it again, since this site then reports a lower ``applied``; nothing of
+it can have been handed out meanwhile, because a hand-out is a durable commit and writes it first.
 """
 
 from __future__ import annotations
@@ -289,7 +292,9 @@ class KeyLedger:
         a grant). Raises :class:`Diverged` if it does not fit (nothing is taken)."""
         if entry.origin != self.peer or (isinstance(entry, Grant) and self.role != "alice"):
             raise Diverged(f"a log entry of {entry.origin} cannot be applied at {self.role}'s site")
-        with transaction(self._db):
+        # not durable at once (no fsync): an entry lost with the machine is sent again (keys_hello), and
+        # the next durable commit here — any allocation, grant or hand-out — writes it first (WAL order)
+        with transaction(self._db, durable=False):
             expected = self.serial(entry.origin) + 1
             if entry.serial != expected:
                 raise Diverged(f"{entry.origin}'s entry {entry.serial} arrived; expected {expected}")

@@ -26,7 +26,7 @@ from qkdd.delivery.ledger import (
 )
 from qkdd.errors import InputError
 from qkdd.records import RoundSummary, key_id
-from qkdd.store import KeyStore
+from qkdd.store import DATABASE, KeyStore
 
 BLOCK = 32  # bytes per key block (key_block_bits = 256)
 
@@ -266,3 +266,32 @@ def test_a_store_with_the_records_of_the_old_key_channel_is_refused(tmp_path: Pa
     with pytest.raises(InputError, match="keys/1"):
         KeyLedger(db, "bob")
     db.close()
+
+
+def test_an_application_lost_with_the_machine_is_made_good_by_the_peer(
+    stores: tuple[KeyStore, KeyStore], tmp_path: Path
+) -> None:
+    """Alice applies Bob's entries without waiting for the disk. The state a machine failure could leave
+    — the database as it was before an application — reports a lower ``applied``, Bob's log has the
+    entry again, and applying it gives the same pools."""
+    commit_round(stores, 0, 4)
+    alice, bob = ledgers(stores)
+    first = bob.allocate(1, 256, "b", ["a"])[0]
+    alice.apply(first)
+    before = tmp_path / "before.db"
+    stores[0]._db.execute("VACUUM INTO ?", (str(before),))  # what the disk held before the next apply
+    second = bob.allocate(2, 256, "b", ["a"])[0]
+    alice.apply(second)
+    stores[0].close()
+    db_path = tmp_path / "alice" / DATABASE
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    before.rename(db_path)
+    restarted = KeyStore(tmp_path / "alice", "link")
+    ledger = restarted.ledger("alice")
+    assert ledger.serial("bob") == 1  # what the restarted site reports as applied in keys_hello
+    for entry in bob.entries_after(ledger.serial("bob")):
+        ledger.apply(entry)
+    assert ledger.serial("bob") == 2
+    assert same_pools((restarted, stores[1]))
+    restarted.close()
