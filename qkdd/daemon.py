@@ -172,7 +172,7 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
-        # Compute work: Alice's early hashing can wait on the lock of work another job runs, so two
+        # Compute work, on two threads: a job may wait for work another one is doing (Alice's early hash)
         self._background = background.executor("qkdd-compute", workers=2)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None

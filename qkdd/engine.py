@@ -1076,7 +1076,7 @@ class Engine:
 
         def finish() -> None:
             longest, final = hashed.result()
-            if output > longest:  # not after §8 (a bound that grew with disclosure): hash afresh
+            if output > longest:  # §8's bounds only fall as disclosure grows; should one not, hash anew
                 final = amplify.toeplitz_hash(key, longest_seed[: n + output - 1], output)
             self._split(r, final[:output], reserve_bits)
 

@@ -69,9 +69,9 @@ def _transform_length(minimum: int) -> int:
     2^s at or above it, where 2^s is ``minimum``'s magnitude over 2^GRID_BITS.
 
     A round's length varies by a fraction of a percent from the last one. On the smoothest lengths alone
-    nearly every round would need a new FFTW plan (about 50 ms for each direction at 2^22, even with
-    FFTW_ESTIMATE); on this grid, about 20 lengths per octave (3.5 % apart on average), consecutive rounds
-    mostly share one, at the price of transforms about 2 % longer on average.
+    nearly every round would need a new FFTW plan (about 50 ms for each direction at 2.4 million points,
+    even with FFTW_ESTIMATE); on this grid, about 20 lengths per octave (3.5 % apart on average),
+    consecutive rounds mostly share one, at the price of transforms about 2 % longer on average.
     """
     shift = max(0, minimum.bit_length() - GRID_BITS)
     return _smooth_length(-(-minimum >> shift)) << shift
