@@ -258,7 +258,9 @@ class SimBob:
         indices, bob_bases, bits, double_clicks = (
             np.concatenate(arrays) for arrays in zip(*parts, strict=True)
         )
-        return Detections(p.pulses_per_frame, indices, bob_bases, bits, double_clicks=double_clicks)
+        detections = Detections(p.pulses_per_frame, indices, bob_bases, bits, double_clicks=double_clicks)
+        _ = detections.encoded_indices  # Bob's announcement, encoded here rather than in the round
+        return detections
 
     def _chunk(
         self, rng: np.random.Generator, preparation: SimPreparation, start: int, n: int

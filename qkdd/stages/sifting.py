@@ -119,6 +119,12 @@ class Detections:
         object.__setattr__(self, "bases", bases)
         object.__setattr__(self, "bits", bits)
 
+    @functools.cached_property
+    def encoded_indices(self) -> tuple[Literal["bitmap", "gaps"], bytes]:
+        """The indices as Bob announces them (:func:`encode_indices`), computed once. A backend may ask
+        for it ahead of time, e.g. where it records the next frame, to take it off the round's path."""
+        return encode_indices(self.indices, self.pulses)
+
 
 def resolve_double_clicks(detections: Detections, source: RandomSource) -> Detections:
     """Replace the bit of every double click by a uniformly random bit."""
@@ -127,7 +133,10 @@ def resolve_double_clicks(detections: Detections, source: RandomSource) -> Detec
     flags = np.asarray(detections.double_clicks, dtype=bool)
     bits = detections.bits.copy()
     bits[flags] = random_bits(source, int(flags.sum()))
-    return Detections(detections.pulses, detections.indices, detections.bases, bits, None)
+    resolved = Detections(detections.pulses, detections.indices, detections.bases, bits, None)
+    if "encoded_indices" in detections.__dict__:  # the same indices: keep an encoding made ahead
+        resolved.__dict__["encoded_indices"] = detections.__dict__["encoded_indices"]
+    return resolved
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +254,7 @@ def bob_announce(detections: Detections) -> SiftAnnounce:
     """Bob's first message of a frame."""
     if detections.double_clicks is not None:
         raise InputError("resolve double clicks (resolve_double_clicks) before sifting")
-    encoding, payload = encode_indices(detections.indices, detections.pulses)
+    encoding, payload = detections.encoded_indices
     return SiftAnnounce(
         detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases)
     )

@@ -66,6 +66,26 @@ def test_double_clicks_get_random_bits(rng: np.random.Generator) -> None:
         sifting.bob_announce(det)
 
 
+def test_an_announcement_encoded_ahead_is_the_one_sent(rng: np.random.Generator) -> None:
+    """A backend may encode Bob's indices ahead (the simulator does, with the next frame); resolving
+    double clicks keeps that encoding, and the announcement carries exactly what encode_indices gives."""
+    indices = np.sort(rng.choice(1 << 16, 3000, replace=False)).astype(np.int64)
+    det = sifting.Detections(
+        1 << 16,
+        indices,
+        np.zeros(3000, np.uint8),
+        np.ones(3000, np.uint8),
+        double_clicks=np.zeros(3000, bool),
+    )
+    ahead = det.encoded_indices
+    resolved = sifting.resolve_double_clicks(det, rng)
+    assert resolved.encoded_indices is ahead
+    announce = sifting.bob_announce(resolved)
+    assert (announce.encoding, announce.indices) == sifting.encode_indices(indices, 1 << 16)
+    fresh = sifting.resolve_double_clicks(dataclasses.replace(det), rng)  # nothing encoded ahead
+    assert sifting.bob_announce(fresh).indices == announce.indices
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
