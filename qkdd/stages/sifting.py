@@ -241,9 +241,16 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         return indices
     if message.encoding == "gaps":
         gaps = decode_varints(message.indices, message.detections, "sift gaps")
-        if gaps.size and gaps.max() >= message.pulses:
+        # the last index is the sum of (gap + 1), less 1; summed in floats first (exact for any sum that
+        # fits a frame) so that gaps that each fit but together overflow 64 bits are refused too
+        if gaps.size and (
+            gaps.max() >= message.pulses or float(gaps.sum(dtype=np.float64)) + gaps.size > message.pulses
+        ):
             raise RemoteProtocolError("sift: detection index outside the frame")
-        indices = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        indices = gaps.view(np.int64)  # in place: every gap is below the frame size, far below 2^63
+        indices += 1
+        np.cumsum(indices, out=indices)
+        indices -= 1
         if indices.size and indices[-1] >= message.pulses:
             raise RemoteProtocolError("sift: detection index outside the frame")
         return indices

@@ -84,6 +84,24 @@ def test_preparation_is_counter_based() -> None:
     assert not np.array_equal(everything[0], other_frame[0])
 
 
+def _splitmix64(key: int, stream: int, index: int) -> int:
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B97F4A7C15 + key + stream * 0xD1B54A32D192ED03) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_the_hash_is_splitmix64_across_its_blocks() -> None:
+    """The vectorised hash runs in blocks that stay in cache; every block gives the scalar function's
+    values, the last (partial) one included."""
+    indices = np.arange(0, 3 * sim._HASH_BLOCK + 5, 7, dtype=np.int64) * 1_000_003
+    hashed = sim._hash(0xDEADBEEF, 2, indices)
+    rows = [0, 1, sim._HASH_BLOCK // 7, indices.size - 1]
+    assert [int(hashed[i]) for i in rows] == [_splitmix64(0xDEADBEEF, 2, int(indices[i])) for i in rows]
+    assert sim._hash(1, 1, indices[:0]).size == 0
+
+
 def test_intensity_and_basis_frequencies() -> None:
     bits, bases, classes = SimPreparation(SimParameters(), frame=0).at(np.arange(200_000))
     assert abs(bases.mean() - 0.2) < 0.005 and abs(bits.mean() - 0.5) < 0.005

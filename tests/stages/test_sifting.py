@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from qkdd.bits import encode_varints
 from qkdd.errors import InputError, RemoteProtocolError
 from qkdd.stages import sifting
 from qkdd.stages.pipeline import synthetic_frame
@@ -130,6 +131,16 @@ def test_peer_announcements_that_do_not_fit(rng: np.random.Generator) -> None:
     for message, pattern in bad:
         with pytest.raises(RemoteProtocolError, match=pattern):
             sifting.alice_answer(prep, message)
+
+
+def test_gaps_that_each_fit_but_overflow_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gaps that each lie inside the frame but whose sum passes 2^63. With frames up to 2^40 pulses that
+    takes over 2^23 gaps (56 MB); with the limit raised to 2^62 for the test, three do."""
+    monkeypatch.setattr(sifting, "MAX_FRAME_PULSES", 1 << 62)
+    largest = np.full(3, (1 << 62) - 1, dtype=np.uint64)
+    message = sifting.SiftAnnounce(1 << 62, 3, "gaps", encode_varints(largest), b"\x00")
+    with pytest.raises(RemoteProtocolError, match="outside the frame"):
+        sifting.decode_indices(message)
 
 
 def test_answers_that_do_not_fit(rng: np.random.Generator) -> None:
