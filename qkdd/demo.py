@@ -171,14 +171,14 @@ def start_pair(
         for name in ("listen-address", "etsi014-address"):
             (state_dir / role / name).unlink(missing_ok=True)
     listen = 'listen = "127.0.0.1:0"'
-    if listen in bob_config.read_text():
+    text = bob_config.read_text()
+    if listen in text:
         with socket.socket() as probe:  # a free port now; Bob binds it a moment later
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        bob_config.write_text(bob_config.read_text().replace(listen, f'listen = "127.0.0.1:{port}"', 1))
-    bob_address = next(
-        line.split('"')[1] for line in bob_config.read_text().splitlines() if line.startswith("listen = ")
-    )
+        text = text.replace(listen, f'listen = "127.0.0.1:{port}"', 1)
+        bob_config.write_text(text)
+    bob_address = next(line.split('"')[1] for line in text.splitlines() if line.startswith("listen = "))
     address = via(bob_address) if via is not None else bob_address
     alice_config.write_text(alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "{address}"'))
     bob = spawn(bob_config, state_dir / "bob.log")

@@ -99,7 +99,7 @@ def _blocks(message: bytes, chunks_of: int, length: int | None = None) -> U64:
     return blocks
 
 
-def _whole_blocks(data: bytes) -> U64:
+def _whole_blocks(data: bytes | memoryview) -> U64:
     """The blocks of ``data``, a whole number of chunks of blocks, as rows of :data:`CHUNK`."""
     wide = np.zeros((len(data) // BLOCK_BYTES, 8), dtype=np.uint8)
     wide[:, 1:] = np.frombuffer(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
@@ -237,7 +237,7 @@ class Transcript:
             data = b"".join(pieces)
             whole = len(data) // self.CHUNK_BYTES * self.CHUNK_BYTES
             if whole:
-                rows = _whole_blocks(data[:whole])
+                rows = _whole_blocks(memoryview(data)[:whole])  # no copy of the chunks
                 self._values = [
                     h.of_blocks(rows, value) for h, value in zip(self.mac.hashes, self._values, strict=True)
                 ]

@@ -241,8 +241,9 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         return indices
     if message.encoding == "gaps":
         gaps = decode_varints(message.indices, message.detections, "sift gaps")
-        # the last index is the sum of (gap + 1), less 1; summed in floats first (exact for any sum that
-        # fits a frame) so that gaps that each fit but together overflow 64 bits are refused too
+        # the last index is the sum of (gap + 1), less 1: it lies in the frame iff that sum is at most the
+        # frame size. Summed in floats (exact for any sum below 2^53, so for every sum that can fit), so
+        # that gaps that each fit but together overflow 64 bits are refused too
         if gaps.size and (
             gaps.max() >= message.pulses or float(gaps.sum(dtype=np.float64)) + gaps.size > message.pulses
         ):
@@ -251,8 +252,6 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         indices += 1
         np.cumsum(indices, out=indices)
         indices -= 1
-        if indices.size and indices[-1] >= message.pulses:
-            raise RemoteProtocolError("sift: detection index outside the frame")
         return indices
     raise RemoteProtocolError(f"sift: unknown index encoding {message.encoding!r}")
 
