@@ -92,6 +92,7 @@ class Etsi014:
     max_key_count: int = 100000
     max_sae_id_count: int = 8
     lease_size: int = 65536  # bits Alice leases from Bob at a time for her masters (§19)
+    batch_size: int = 8192  # bits enc_keys may allocate ahead for SAEs that ask again (§19; 0: never)
 
 
 @dataclass(frozen=True)
@@ -303,14 +304,17 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         "lease_size",
     )
     files = ("certificate_file", "key_file", "ca_file")
-    _take(raw, "etsi014.", {"listen", "kme_id", "sae", *files, *limits, "max_sae_id_count"})
+    _take(raw, "etsi014.", {"listen", "kme_id", "sae", *files, *limits, "max_sae_id_count", "batch_size"})
     values = {
         name: _number(
             raw.get(name, getattr(Etsi014, name)), f"etsi014.{name}", low=1, high=1 << 30, integer=True
         )
         for name in limits
     }
-    for name in ("key_size", "min_key_size", "max_key_size", "lease_size"):
+    values["batch_size"] = _number(
+        raw.get("batch_size", Etsi014.batch_size), "etsi014.batch_size", low=0, high=1 << 30, integer=True
+    )
+    for name in ("key_size", "min_key_size", "max_key_size", "lease_size", "batch_size"):
         if values[name] % 8:
             raise InputError(f"etsi014.{name}: expected a multiple of 8, got {values[name]}")
     if not values["min_key_size"] <= values["key_size"] <= values["max_key_size"] <= 1 << 20:

@@ -105,6 +105,8 @@ def test_etsi014_table(tmp_path: Path) -> None:
     loaded = config.from_mapping(etsi014(), tmp_path).etsi014
     assert loaded is not None and loaded.kme_id == "l-alice" and loaded.ca == tmp_path / "ca.crt"
     assert loaded.saes[1].fingerprint == "ab" * 31 + "cd" and loaded.key_size == 256
+    assert loaded.batch_size == 8192
+    assert config.from_mapping(etsi014(batch_size=0), tmp_path).etsi014.batch_size == 0  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -112,6 +114,8 @@ def test_etsi014_table(tmp_path: Path) -> None:
     [
         ({"listen": "nope"}, "etsi014.listen"),
         ({"key_size": 100}, "etsi014.key_size: expected a multiple of 8"),
+        ({"batch_size": 100}, "etsi014.batch_size: expected a multiple of 8"),
+        ({"batch_size": -8}, "etsi014.batch_size"),
         ({"min_key_size": 512}, "min_key_size <= key_size"),
         ({"max_sae_id_count": 16}, "etsi014.max_sae_id_count"),
         ({"sae": []}, "at least one"),

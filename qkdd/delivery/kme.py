@@ -10,6 +10,11 @@ Theory of operation
   entry (``key_notice``) to the peer, then answers the master without waiting: the peer applies
   notices in order, so by the time the slave asks there, the notice has arrived — or is a few
   microseconds from it, and dec_keys waits for it (the key ID says which entry it needs).
+* **Batches**: when a master asks again for keys of the same size for the same slaves, enc_keys
+  allocates ahead — the request's keys and up to ``batch_size`` bits more, doubling from one allocation
+  to the next — and the extra keys wait in memory for that master's next requests, which then need no
+  transaction and no notice. Keys waiting when the daemon stops are never handed out (their material is
+  already erased; the peer's copies wait for IDs no slave will learn).
 * Alice asks Bob for a lease (``key_lease``) when hers is short, before allocating, and ahead of need in
   the background once it falls below half of ``lease_size``; Bob answers ``key_grant`` (an entry of his
   log) or ``key_refuse``.
@@ -22,6 +27,7 @@ Theory of operation
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import logging
 import uuid
@@ -53,6 +59,7 @@ StoreCall = Callable[..., Awaitable[Any]]
 Send = Callable[[bytes], Awaitable[None]]
 
 
+MAX_BATCHES = 1024  # (master, slaves, size) triples remembered for batches (those with keys waiting stay)
 MAX_LEASE_BYTES = int(next(f.max for f in spec.load().messages["key_lease"].fields if f.name == "need"))
 
 
@@ -70,6 +77,14 @@ class _Waiter:
     def resolve(self, error: DeliveryError | None = None) -> None:
         self.error = error
         self.event.set()
+
+
+@dataclass
+class _Batch:
+    """Keys allocated ahead for one (master, slaves, size), handed out by that master's next requests."""
+
+    keys: collections.deque[tuple[str, bytes]] = field(default_factory=collections.deque)
+    ahead: int = 0  # keys the next allocation for these SAEs takes beyond the request
 
 
 @dataclass
@@ -134,6 +149,8 @@ class KeyManager:
         self.peer_serial = 0  # the last entry of the peer's log applied here
         self._leased = 0  # Alice: bytes left in her leases (as of her last allocation or grant)
         self.local_saes = frozenset(s.id for s in settings.saes)
+        # keys of this site's entries allocated ahead for their master, in memory only (§19: batches)
+        self._batches: dict[tuple[str, tuple[str, ...], int], _Batch] = {}
 
     # -- the key channel
 
@@ -331,6 +348,9 @@ class KeyManager:
         """New keys for ``master`` (an SAE of this site) and ``slaves`` (SAEs of the peer site)."""
         link = self._open_link()
         self._check_request(number, size, slaves)
+        batch = self._batch(master, slaves, size)
+        if len(batch.keys) >= number:
+            return [batch.keys.popleft() for _ in range(number)]
         nbytes = number * size // 8
         if self.role == "alice" and nbytes > MAX_LEASE_BYTES:
             raise Unavailable(f"{nbytes * 8} bits in one request is more than a lease can carry")
@@ -341,22 +361,41 @@ class KeyManager:
             try:
                 async with self._writing:
                     assignment, keys, self._leased = await self._store_call(
-                        self._allocate, number, size, master, slaves
+                        self._allocate, number, size, master, slaves, batch.ahead
                     )
                     await self._post(assignment)
+                    # the entry is written and queued before any key of it leaves, so the rest can wait
+                    batch.keys.extend(zip(assignment.key_ids[number:], keys[number:], strict=True))
                 break
             except Unavailable:
                 if self.role == "bob" or trio.current_time() >= deadline:
                     raise
                 self._leased = await self._store_call(self.ledger.lease_bytes)  # another master was first
+        # these SAEs asked again: allocate more ahead next time, doubling up to ``batch_size`` bits
+        batch.ahead = min(self.settings.batch_size // size, max(number, 2 * batch.ahead))
         if self.role == "alice" and self._leased < self.settings.lease_size // 16:
             self._refill.set()
-        return list(zip(assignment.key_ids, keys, strict=True))
+        return list(zip(assignment.key_ids[:number], keys[:number], strict=True))
+
+    def _batch(self, master: str, slaves: Sequence[str], size: int) -> _Batch:
+        """The keys allocated ahead for ``master``, ``slaves`` and ``size`` (none yet: a new batch)."""
+        name = (master, tuple(sorted(slaves)), size)
+        batch = self._batches.get(name)
+        if batch is None:
+            if len(self._batches) >= MAX_BATCHES:  # forget the SAEs that have no key waiting
+                self._batches = {k: b for k, b in self._batches.items() if b.keys}
+            batch = self._batches[name] = _Batch()
+        return batch
+
+    def batched_keys(self, master: str, slaves: Sequence[str], size: int) -> int:
+        """Keys allocated ahead for ``master``, ``slaves`` and ``size``, waiting in memory."""
+        batch = self._batches.get((master, tuple(sorted(slaves)), size))
+        return 0 if batch is None else len(batch.keys)
 
     def _allocate(
-        self, number: int, size: int, master: str, slaves: Sequence[str]
+        self, number: int, size: int, master: str, slaves: Sequence[str], extra: int
     ) -> tuple[Assignment, list[bytes], int]:
-        assignment, keys = self.ledger.allocate(number, size, master, slaves)
+        assignment, keys = self.ledger.allocate(number, size, master, slaves, extra)
         return assignment, keys, self.ledger.lease_bytes() if self.role == "alice" else 0
 
     async def _await_lease(self, link: _Link, nbytes: int, deadline: float) -> None:
@@ -412,6 +451,7 @@ class KeyManager:
         link = self._open_link()
         self._check_request(1, self.settings.key_size, [slave])
         stored = await self._store_call(self.stored_keys)
+        stored += self.batched_keys(master, [slave], self.settings.key_size)
         s = self.settings
         return {
             "source_KME_ID": s.kme_id,

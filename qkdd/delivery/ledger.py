@@ -76,6 +76,7 @@ Lease = tuple[Pointer, Pointer, int]
 START: Pointer = (0, 0, 0)
 ROLES = ("alice", "bob")
 _MAX_SERIAL = (1 << 48) - 1
+_MAX_KEYS = 1 << 16  # keys in one entry: the 16-bit index of a key ID
 
 
 class DeliveryError(QkddError):
@@ -213,16 +214,27 @@ class KeyLedger:
     # -- writing this site's log
 
     def allocate(
-        self, number: int, size: int, master: str, slaves: Sequence[str]
+        self, number: int, size: int, master: str, slaves: Sequence[str], extra: int = 0
     ) -> tuple[Assignment, list[bytes]]:
         """``number`` keys of ``size`` bits for ``master`` (of this site) and ``slaves``, cut from Bob's
         head (at Bob) or Alice's leases (at Alice): the new entry of this site's log and the keys.
-        Raises :class:`Unavailable` if the stream is short (nothing is taken)."""
+        Raises :class:`Unavailable` if the stream is short (nothing is taken).
+
+        ``extra``: up to that many keys more, for the same SAEs, as far as the stream has spare material —
+        at Bob at most a quarter of what his pool holds beyond the request, so other masters keep theirs;
+        at Alice all of her leases (they serve only her masters)."""
         with transaction(self._db):
             serial = self.serial(self.role) + 1
             start = self._position(self.role)
             if start is None:
                 raise Unavailable("no leased key material left")
+            if extra:
+                need = number * size // 8
+                if self.role == "alice":
+                    spare = self.lease_bytes() - need
+                else:
+                    spare = (self.available_bytes() - need) // 4
+                number += max(0, min(extra, spare // (size // 8), _MAX_KEYS - number))
             assignment = Assignment(
                 self.role,
                 serial,

@@ -6,8 +6,8 @@ import contextlib
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,18 +119,28 @@ class Sites:
         return dict(self.stores["bob"].committed_keys()) == dict(self.stores["alice"].committed_keys())
 
 
-@pytest.fixture
-async def sites(tmp_path: Path) -> AsyncIterator[Sites]:
-    stores = {role: KeyStore(tmp_path / role, "link") for role in ("alice", "bob")}
-    blocks = [(key_id("link", 0, i), os.urandom(BLOCK)) for i in range(8)]
+@contextlib.contextmanager
+def open_sites(folder: Path, blocks: int = 8, **options: Any) -> Iterator[Sites]:
+    """Two sites whose pools hold ``blocks`` identical key blocks; ``options`` change the settings."""
+    stores = {role: KeyStore(folder / role, "link") for role in ("alice", "bob")}
+    rows = [(key_id("link", 0, i), os.urandom(BLOCK)) for i in range(blocks)]
     for store in stores.values():
-        store.store_round(summary(0), blocks, False, 1.0)
+        store.store_round(summary(0), rows, False, 1.0)
     managers = {
-        role: KeyManager(role, settings(role), stores[role].ledger(role), direct) for role in ("alice", "bob")
+        role: KeyManager(role, replace(settings(role), **options), stores[role].ledger(role), direct)
+        for role in ("alice", "bob")
     }
-    yield Sites(stores, managers)
-    for store in stores.values():
-        store.close()
+    try:
+        yield Sites(stores, managers)
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[Sites]:
+    with open_sites(tmp_path) as opened:
+        yield opened
 
 
 @pytest.mark.trio
@@ -296,7 +306,51 @@ async def test_concurrent_masters_at_both_sites_get_disjoint_keys(sites: Sites) 
         assert sites.same_pools()
         nursery.cancel_scope.cancel()
     assert len({key for _, key in got}) == len(got) and len({k for k, _ in got}) == len(got)
-    assert len(got) + sites.free() // BLOCK == 8  # every block went to one master or is still there
+    ahead = sum(len(b.keys) for m in sites.managers.values() for b in m._batches.values())
+    assert len(got) + ahead + sites.free() // BLOCK == 8  # each block: to one master, waiting, or left
+
+
+@pytest.mark.trio
+async def test_a_master_that_asks_again_gets_keys_allocated_ahead(tmp_path: Path) -> None:
+    with open_sites(tmp_path, 64, batch_size=8 * 256) as sites:
+        alice, bob = sites.managers["alice"], sites.managers["bob"]
+        async with trio.open_nursery() as nursery:
+            lossy = await sites.connect(nursery)
+            sent = []
+            for _ in range(12):
+                sent += await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
+            # one entry for 1 key, then 1 + 1, 1 + 2, 1 + 4 and 1 + 8 (``batch_size``): 8 keys wait
+            assert bob.ledger.serial("bob") == 5 and bob.batched_keys("sae-bob", ["sae-alice"], 256) == 8
+            assert len({k for k, _ in sent}) == len({key for _, key in sent}) == 12
+            status = await bob.status("sae-bob", "sae-alice")
+            assert status["stored_key_count"] == 64 - 12  # counts the keys waiting for these SAEs
+            assert await alice.dec_keys("sae-alice", "sae-bob", [k for k, _ in sent]) == sent
+            lossy.cut()
+            with pytest.raises(Unavailable, match="unreachable"):  # no peer: 503, even with keys waiting
+                await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
+            assert bob.batched_keys("sae-bob", ["sae-alice"], 256) == 8
+            # a restart: what waited in memory is gone, never handed out; the peer holds it, unasked
+            bob = sites.managers["bob"] = KeyManager("bob", bob.settings, bob.ledger, direct)
+            nursery.start_soon(bob.run)
+            await sites.connect(nursery)
+            again = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
+            assert bob.ledger.serial("bob") == 6 and again[0] not in sent
+            assert again[0][1] not in {key for _, key in sent}
+            await trio.testing.wait_all_tasks_blocked()
+            assert alice.ledger.waiting_keys() == 8 + 1 and sites.same_pools()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_without_batches_every_request_is_an_entry(tmp_path: Path) -> None:
+    with open_sites(tmp_path, 64, batch_size=0) as sites:
+        async with trio.open_nursery() as nursery:
+            await sites.connect(nursery)
+            for _ in range(4):
+                await sites.managers["alice"].enc_keys("sae-alice", ["sae-bob"], 1, 256)
+            assert sites.managers["alice"].ledger.serial("alice") == 4
+            assert sites.managers["alice"].batched_keys("sae-alice", ["sae-bob"], 256) == 0
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio

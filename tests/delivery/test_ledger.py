@@ -78,6 +78,29 @@ def test_both_sides_cut_the_same_bytes_across_blocks_and_rounds(stores: tuple[Ke
     assert bob.serial("bob") == 2  # a refused allocation takes nothing
 
 
+def test_keys_allocated_ahead_leave_others_their_share(stores: tuple[KeyStore, KeyStore]) -> None:
+    material = commit_round(stores, 0, 16)
+    alice, bob = ledgers(stores)
+    # Bob: beyond the request, at most a quarter of what is left (15 blocks / 4: 3 keys)
+    batch, keys = bob.allocate(1, 256, "sae-b", ["sae-a"], extra=100)
+    assert batch.number == len(keys) == len(batch.key_ids) == 4 and keys[3] == material[96:128]
+    assert alice.apply(batch) == keys and bob.available_bytes() == 12 * BLOCK
+    assert bob.allocate(1, 256, "sae-b", ["sae-a"], extra=1)[0].number == 2  # no more than asked
+    alice.apply(bob.entries_after(1)[0])
+    # Alice: as far as her leases go
+    alice.apply(bob.grant(3 * BLOCK, 3 * BLOCK))
+    mine, _ = alice.allocate(1, 128, "sae-a", ["sae-b"], extra=100)
+    assert mine.number == 6 and alice.lease_bytes() == 0
+    bob.apply(mine)
+    assert same_pools(stores)
+    # never beyond the 16-bit index of a key ID
+    commit_round(stores, 1, 8192)
+    large, _ = bob.allocate(65000, 8, "sae-b", ["sae-a"], extra=10000)
+    assert large.number == 1 << 16 and key_origin(large.key_ids[-1]) == ("bob", 4)  # 3: the grant
+    assert uuid.UUID(large.key_ids[-1]).int & 0xFFFF == 0xFFFF
+    assert len(set(large.key_ids)) == 1 << 16
+
+
 def test_material_is_erased_at_once_at_both_sites(stores: tuple[KeyStore, KeyStore]) -> None:
     commit_round(stores, 0, 2)
     alice, bob = ledgers(stores)
