@@ -27,6 +27,19 @@ def lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + NICENESS))
 
 
+def name_thread(name: str) -> None:
+    """Give the calling thread ``name`` (15 bytes at most) where the OS shows it — ``top -H``, ``ps -L``,
+    ``/proc/PID/task/TID/comm`` — so that an operator sees which thread takes the CPU."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name[:15])
+
+
 def executor(name: str, workers: int = 1) -> ThreadPoolExecutor:
-    """A pool whose threads run at the lowered priority."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=lower_priority)
+    """A pool whose threads run at the lowered priority, named ``name`` for the OS."""
+
+    def start() -> None:
+        name_thread(name)
+        lower_priority()
+
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=start)
