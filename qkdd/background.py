@@ -30,9 +30,8 @@ def lower_priority() -> None:
 def name_thread(name: str) -> None:
     """Give the calling thread ``name`` (15 bytes at most) where the OS shows it — ``top -H``, ``ps -L``,
     ``/proc/PID/task/TID/comm`` — so that an operator sees which thread takes the CPU."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(name[:15])
+    with contextlib.suppress(OSError), open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+        comm.write(name[:15])
 
 
 def executor(name: str, workers: int = 1) -> ThreadPoolExecutor:

@@ -27,14 +27,17 @@ def round_key_length(
     eps_cor: float,
 ) -> keylength.KeyLength:
     """Secret bits of a round whose key is the Z bits of ``sifted`` that ``estimate`` left as key."""
-    key_classes = sifted.intensities[sifted.z_mask][estimate.z_key_mask]
+    # the Z bits' class counts are kept with the sifted key; the sampled bits (often none) come off
+    sampled = sifted.z_classes[~estimate.z_key_mask]
+    key_counts = np.zeros(max(len(intensities), len(sifted.z_class_counts)), dtype=np.int64)
+    key_counts[: len(sifted.z_class_counts)] = sifted.z_class_counts
+    key_counts -= np.bincount(sampled, minlength=key_counts.size)[: key_counts.size]
     if not intensities:
         counts = keylength.RoundCounts(
-            int(key_classes.size), estimate.x_bits, estimate.x_errors, disclosed_bits
+            int(key_counts.sum()), estimate.x_bits, estimate.x_errors, disclosed_bits
         )
         return keylength.single_photon_key_length(counts, eps_sec=eps_sec, eps_cor=eps_cor)
     classes = range(len(intensities))
-    key_counts = np.bincount(key_classes, minlength=len(intensities))
     tested = estimate.x_by_intensity
     return decoy.decoy_key_length(
         decoy.DecoyCounts(

@@ -186,6 +186,18 @@ class SiftedKey:
     def _by_basis(self) -> dict[int, Bits]:
         return {}
 
+    @functools.cached_property
+    def z_classes(self) -> npt.NDArray[np.uint8]:
+        """The intensity class of each sifted Z bit (computed once; read-only)."""
+        classes: npt.NDArray[np.uint8] = self.intensities[self.z_mask]
+        classes.flags.writeable = False
+        return classes
+
+    @functools.cached_property
+    def z_class_counts(self) -> tuple[int, ...]:
+        """How many sifted Z bits each intensity class has (index: class)."""
+        return tuple(int(c) for c in np.bincount(self.z_classes))
+
     def select(self, basis: int, intensity: int | None = None) -> Bits:
         """The sifted bits of one basis (and, optionally, one intensity class). A whole basis is
         selected once and kept (read-only): estimation and the key cut ask for each more than once."""
