@@ -9,14 +9,16 @@ the same key IDs with the same bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +304,15 @@ def _format_row(row: dict[str, Any]) -> str:
 HEADER = "round     pulses detections    sifted   QBER(Z) phase(X) disclosed    secret  key kb/s seconds"
 
 
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder for a run's state, removed when the run succeeds and kept when it fails, so
+    that the daemons' logs its error message points to are still there."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    yield folder  # an exception propagates from here and skips the removal
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise QkddError("--rounds must be at least 1")
@@ -312,8 +323,8 @@ def main(args: argparse.Namespace) -> int:
     if args.state_dir is not None:
         result = run_demo(args.state_dir.resolve(), args.rounds, sim, bootstrap=args.bootstrap)
     else:
-        with tempfile.TemporaryDirectory(prefix="qkdd-demo-") as folder:
-            result = run_demo(Path(folder), args.rounds, sim, bootstrap=args.bootstrap)
+        with scratch_folder("qkdd-demo-") as folder:
+            result = run_demo(folder, args.rounds, sim, bootstrap=args.bootstrap)
     if args.json:
         print(json.dumps(result.as_json()))
     else:
@@ -337,10 +348,10 @@ def bench_e2e(quick: bool, as_json: bool, rounds: int, rtts_ms: Sequence[float] 
     runs += [(10.0, float(rtt)) for rtt in rtts_ms if rtt > 0]
     rows = []
     for distance, rtt_ms in runs:
-        with tempfile.TemporaryDirectory(prefix="qkdd-bench-") as folder:
+        with scratch_folder("qkdd-bench-") as folder:
             sim = {"distance_km": distance, "pulses_per_frame": DEMO_PULSES}
             started = time.time()
-            result = run_demo(Path(folder), max(1, rounds), sim, rtt=rtt_ms / 1e3)
+            result = run_demo(folder, max(1, rounds), sim, rtt=rtt_ms / 1e3)
         round_seconds = sum(r["seconds"] or 0 for r in result.rounds)
         sifted = sum(r["sifted_bits"] for r in result.rounds)
         rows.append(

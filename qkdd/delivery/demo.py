@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery.client import ApiError, Client
-from qkdd.demo import SAES, start_pair, write_configs
+from qkdd.demo import SAES, scratch_folder, start_pair, write_configs
 from qkdd.errors import QkddError
 from qkdd.store import DATABASE
 
@@ -140,8 +139,8 @@ def _folder(state_dir: Path | None) -> Iterator[Path]:
     if state_dir is not None:
         yield state_dir.resolve()
         return
-    with tempfile.TemporaryDirectory(prefix="qkdd-etsi014-") as folder:
-        yield Path(folder)
+    with scratch_folder("qkdd-etsi014-") as folder:
+        yield folder
 
 
 def bench(quick: bool, as_json: bool) -> int:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from qkdd.demo import scratch_folder
+from qkdd.errors import QkddError
 
 FIELDS = {
     "round",
@@ -113,3 +117,16 @@ def test_demo_rejects_bad_parameters() -> None:
         check=False,
     )
     assert done.returncode == 2 and "link.sim.eve_fraction" in done.stderr
+
+
+def test_a_failed_run_keeps_the_logs_its_error_points_to() -> None:
+    with scratch_folder("qkdd-test-") as done:
+        (done / "alice.log").write_text("fine")
+    assert not done.exists()  # a run that succeeds leaves nothing behind
+    with pytest.raises(QkddError), scratch_folder("qkdd-test-") as failed:
+        (failed / "alice.log").write_text("why it failed")
+        raise QkddError(f"alice exited with status 1; see {failed / 'alice.log'}")
+    try:
+        assert (failed / "alice.log").read_text() == "why it failed"
+    finally:
+        shutil.rmtree(failed)
