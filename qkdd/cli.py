@@ -227,7 +227,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return bench.main_keyrate(args.quick, args.json)
         from qkdd import bench  # noqa: PLC0415
 
-        variants = args.variant or (["fast", "optimized", "original"] if args.quick else list(VARIANTS))
+        quick = ["parallel", "fast", "optimized", "original"]
+        variants = args.variant or (quick if args.quick else list(VARIANTS))
         return bench.main(args.quick, args.json, variants, args.frames)
     if args.command == "conform":
         from qkdd import config, conform  # noqa: PLC0415

@@ -81,6 +81,52 @@ def test_variants_trade_efficiency_and_round_trips_as_documented(rng: np.random.
     assert optimized.disclosed_bits < fast.disclosed_bits < 1.07 * ideal
 
 
+def test_parallel_cuts_the_round_trips_of_long_frames_for_a_little_disclosure(
+    rng: np.random.Generator,
+) -> None:
+    # three frames: one frame's round trips vary by a third around the mean (long chains are rare)
+    n, qber = 1 << 20, 0.01
+    totals = {"fast": [0, 0], "parallel": [0, 0]}
+    for _ in range(3):
+        alice_key, bob_key = _frame(rng, n, round(n * qber))
+        for variant, total in totals.items():
+            result = reconcile_in_memory(alice_key, bob_key, qber, rng, variant=variant)[0]
+            assert np.array_equal(result.key, alice_key)
+            total[0] += result.round_trips
+            total[1] += result.disclosed_bits
+    (fast_trips, fast_bits), (trips, bits) = totals["fast"], totals["parallel"]
+    assert trips < 0.75 * fast_trips
+    assert fast_bits < bits < 1.02 * fast_bits
+
+
+def test_a_search_whose_error_another_pass_found_ends(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # parallel searches share bits across passes: a flip inside another pass's search can make its node
+    # even; that search ends (its error is found) instead of reaching a leaf that contradicts Alice
+    ended = []
+    keep = cascade._BobPass.keep
+
+    def counting(state: cascade._BobPass, which: np.ndarray) -> None:
+        ended.append(int(np.count_nonzero(~which)))
+        keep(state, which)
+
+    found = cascade.CascadeBob._drop_found
+
+    def watched(bob: CascadeBob, state: cascade._BobPass) -> bool:
+        monkeypatch.setattr(cascade._BobPass, "keep", counting)
+        try:
+            return found(bob, state)
+        finally:
+            monkeypatch.setattr(cascade._BobPass, "keep", keep)
+
+    monkeypatch.setattr(cascade.CascadeBob, "_drop_found", watched)
+    alice_key, bob_key = _frame(rng, 20000, 1000)
+    result, alice = reconcile_in_memory(alice_key, bob_key, 0.05, rng, variant="parallel")
+    assert sum(ended) > 0
+    assert np.array_equal(result.key, alice_key) and result.disclosed_bits == alice.disclosed_bits
+
+
 def test_round_trips_do_not_grow_with_blocks(rng: np.random.Generator) -> None:
     # 16x more blocks in the first pass, far fewer than 16x more round trips
     trips = []
@@ -108,6 +154,11 @@ def test_schedules() -> None:
     for qber in (0.03, 0.05):
         fast = cascade.Schedule.for_variant("fast", qber, 1 << 20)
         assert fast.block_sizes == cascade.Schedule.for_variant("optimized", qber, 1 << 20).block_sizes
+    # parallel: fast's passes; searches at once only where there is a third affine pass
+    parallel = cascade.Schedule.for_variant("parallel", 0.02, 10**6)
+    assert parallel.block_sizes == (32, 128, 8192) and parallel.tail_blocks == cascade.PARALLEL_TAIL_BLOCKS
+    assert cascade.Schedule.for_variant("parallel", 0.01, 1 << 16).tail_blocks is None
+    assert cascade.Schedule.for_variant("fast", 0.02, 10**6).tail_blocks is None
     with pytest.raises(InputError, match="unknown cascade variant"):
         cascade.Schedule.for_variant("turbo", 0.01, 100)
 
