@@ -29,9 +29,15 @@ class DelayRelay:
         while True:
             try:
                 client, _ = self._server.accept()
+            except OSError:  # the relay was closed
+                return
+            try:
                 upstream = socket.create_connection(self.target, timeout=30)
             except OSError:
-                return
+                # the target does not listen (yet): this connection fails like a direct one would, and
+                # the relay goes on accepting (it used to stop, leaving later clients unanswered)
+                client.close()
+                continue
             upstream.settimeout(None)
             for source, sink in ((client, upstream), (upstream, client)):
                 chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
