@@ -48,9 +48,9 @@ protocol Cascade", QIC 15 (2015), compares them):
 * ``fast`` — ``optimized`` with first blocks of 2^⌈log2(0.5/Q)⌉ bits: half as large below 2.5% QBER
   (the same above). Fewer error pairs survive the first pass, so far fewer back-searches follow: at
   2^20 bits and 2% QBER (``qkdd bench``), 168 round trips instead of 275 and 14.5 instead of 10.1 Mbit/s,
-  for an efficiency of 1.053 instead of 1.041 (``FIRST_BLOCK_ERRORS``). The daemons' default: on most
-  links the round trips and the post-processing's speed limit the key rate more than the last percent
-  of efficiency does.
+  for an efficiency of 1.053 instead of 1.041 (``FIRST_BLOCK_ERRORS``). The daemons' default until
+  ``parallel``: on most links the round trips and the post-processing's speed limit the key rate more
+  than the last percent of efficiency does.
 * ``parallel`` — ``fast``'s passes, but every affine pass starts before any search, and then the odd
   blocks of all passes are searched at once, a pass's own once the passes of smaller blocks are down to
   ``PARALLEL_TAIL_BLOCKS`` odd blocks. What costs ``fast`` its round trips is the chains between its first
