@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
@@ -58,6 +60,51 @@ def test_a_relay_started_before_its_target_listens_serves_once_it_does() -> None
             with connection:
                 client.sendall(b"hello")
                 assert connection.recv(5) == b"hello"
+
+
+def _our_sockets_on(*ports: int) -> int:
+    """How many of this process's open TCP sockets have one of ``ports`` at either end."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            ends = {int(address.split(":")[1], 16) for address in fields[1:3]}
+            count += fields[9] in inodes and not ends.isdisjoint(ports)
+    return count
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_closes_every_socket_it_opened() -> None:
+    # it once left each connection's two sockets to the garbage collector: a ResourceWarning that
+    # pytest's unraisable-exception hook then pinned on whichever later test happened to collect them
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        server.settimeout(10)
+        with DelayRelay(f"127.0.0.1:{port}", 0.01) as relay:
+            host, _, relay_port = relay.address.rpartition(":")
+            for _ in range(3):  # connections that end on their own: the client hangs up
+                with socket.create_connection((host, int(relay_port)), timeout=10) as client:
+                    connection, _ = server.accept()
+                    with connection:
+                        client.sendall(b"ping")
+                        assert connection.recv(4) == b"ping"
+            # one still open when the relay closes: close() ends it, the client reads the end
+            live = socket.create_connection((host, int(relay_port)), timeout=10)
+            connection, _ = server.accept()
+        with live, connection:
+            assert live.recv(1) == b""
+            assert connection.recv(1) == b""
+        relay_port_number = int(relay_port)
+        deadline = time.monotonic() + 10
+        while _our_sockets_on(port, relay_port_number) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _our_sockets_on(port, relay_port_number) == 1  # the test's own listening server alone
 
 
 def test_bench_rejects_a_bad_round_trip_list(capsys: pytest.CaptureFixture[str]) -> None:

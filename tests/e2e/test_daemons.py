@@ -73,7 +73,11 @@ class CuttingProxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target, timeout=30)
+            try:
+                upstream = socket.create_connection(self.target, timeout=30)
+            except OSError:  # Bob is gone (e.g. done): refuse Alice's reconnect like Bob would
+                client.close()
+                continue
             self.connections += 1
             armed = self.connections == 1
             counts = {"alice": 0, "bob": 0}
