@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=int, help="frames per (variant, QBER, size) cell, overriding defaults"
     )
     bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
+    bench.add_argument("--pulses", type=int, help="e2e: pulses per frame (default: the demo's, 2^26)")
     bench.add_argument(
         "--rtt",
         type=_milliseconds,
@@ -212,7 +213,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.what == "e2e":
             from qkdd import demo  # noqa: PLC0415
 
-            return demo.bench_e2e(args.quick, args.json, args.rounds, args.rtt)
+            return demo.bench_e2e(args.quick, args.json, args.rounds, args.rtt, args.pulses)
         if args.what == "etsi014":
             from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
 

@@ -130,3 +130,48 @@ def test_a_failed_run_keeps_the_logs_its_error_points_to() -> None:
         assert (failed / "alice.log").read_text() == "why it failed"
     finally:
         shutil.rmtree(failed)
+
+
+def _bench_e2e(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qkdd", "bench", "e2e", "--quick", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_bench_e2e_reports_the_rates_overall_and_once_running() -> None:
+    done = _bench_e2e("--json", "--rounds", "3", "--pulses", str(1 << 23), "--rtt", "10")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["e2e"]
+    assert [(row["distance_km"], row["rtt_ms"]) for row in rows] == [(10.0, 0.0), (10.0, 10.0)]
+    for row in rows:
+        assert row["keys_match"] is True and row["rounds"] == 3
+        assert 0 < row["first_key_seconds"] < row["wall_seconds"]
+        assert row["sifted_bps"] > 0 and row["secret_bps"] > 0
+        # round 0 also starts the processes' work (imports, FFT plans, the first frame): slower
+        assert row["steady_sifted_bps"] > row["sifted_bps"]
+        assert row["steady_secret_bps"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_e2e_with_one_round_has_no_rate_once_running() -> None:
+    done = _bench_e2e("--rounds", "1", "--pulses", str(1 << 23), "--rtt", "0")
+    assert done.returncode == 0, done.stderr
+    header, units, row = done.stdout.splitlines()
+    assert "after round 0" in header and "sifted Mbit/s" in units
+    cells = row.split()
+    assert cells[:3] == ["10", "0", "1"] and cells[5:7] == ["-", "-"] and cells[-1] == "True"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(("--pulses", "0"), "pulses_per_frame"), (("--rounds", "0"), "--rounds must be at least 1")],
+)
+def test_bench_e2e_rejects_bad_parameters_before_starting(arguments: tuple[str, ...], message: str) -> None:
+    done = _bench_e2e(*arguments)
+    assert done.returncode != 0 and message in done.stderr
+    assert done.stdout == ""
