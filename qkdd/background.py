@@ -34,11 +34,13 @@ def name_thread(name: str) -> None:
         comm.write(name[:15])
 
 
-def executor(name: str, workers: int = 1) -> ThreadPoolExecutor:
-    """A pool whose threads run at the lowered priority, named ``name`` for the OS."""
+def executor(name: str, workers: int = 1, *, lower: bool = True) -> ThreadPoolExecutor:
+    """A pool whose threads run at the lowered priority (unless ``lower`` is false: work the critical
+    path is about to wait for), named ``name`` for the OS."""
 
     def start() -> None:
         name_thread(name)
-        lower_priority()
+        if lower:
+            lower_priority()
 
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=start)

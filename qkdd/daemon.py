@@ -174,6 +174,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         # Compute work, on two threads: a job may wait for work another one is doing (Alice's early hash)
         self._background = background.executor("qkdd-compute", workers=2)
+        self._urgent = background.executor("qkdd-urgent", lower=False)  # Compute(urgent=True)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None
         if config.etsi014 is not None:
@@ -584,11 +585,12 @@ class Daemon:
                     self.rounds_finished += len(set(done) & self._rounds_started)
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
-                case engine_mod.Compute():
+                case engine_mod.Compute(urgent=urgent):
                     # the frames before it are out: this work overlaps the peer's, and the session goes
                     # on reading frames (the engine waits for the work where it needs the result)
                     assert session.engine is not None
-                    self._background.submit(session.engine.compute).add_done_callback(_log_compute_failure)
+                    pool = self._urgent if urgent else self._background
+                    pool.submit(session.engine.compute).add_done_callback(_log_compute_failure)
                 case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
                     if macs is not None and self.kme is not None:

@@ -157,7 +157,12 @@ class Compute:
     they grow: call :meth:`Engine.compute` after sending the frames before this action, on a worker
     thread, and go on feeding the engine frames meanwhile (the engine waits for that work where it needs
     its result). A driver that ignores it loses nothing: the engine then does the work itself when the
-    round needs it."""
+    round needs it.
+
+    ``urgent`` work is due within about a round trip — Bob transforming his key while the confirmation
+    runs, which his hash then waits for — so a driver should not run it at a lowered priority."""
+
+    urgent: bool = False
 
 
 Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve | Compute
@@ -430,10 +435,10 @@ class Engine:
         r = self._round
         if r is None:
             return
+        if r.work is not None:  # first: the round may wait for it, not for the transcripts' hashes
+            r.work.run()
         r.sent.absorb()
         r.received.absorb()
-        if r.work is not None:
-            r.work.run()
 
     @property
     def peer_takes_keepalive(self) -> bool:
@@ -992,7 +997,24 @@ class Engine:
                 hash_key=request.hash_key.to_bytes(12, "big"),
                 tag=request.tag.to_bytes(12, "big"),
             )
+        else:
+            self._prepare_amplification(r)
         return State.CONFIRMING
+
+    def _prepare_amplification(self, r: _Round) -> None:
+        """Bob: transform his key for privacy amplification while the confirmation runs, so that Alice's
+        seed leaves him two of the hash's three transforms (:class:`amplify.PreparedKey`). His key no
+        longer changes (a failed confirmation ends the round), and the output cannot exceed §8's bound
+        now that the disclosure is final."""
+        key, disclosed = r.key, r.disclosed_bits
+        assert key is not None
+
+        def prepare() -> amplify.PreparedKey | None:
+            bound = min(int(key.size), self._length_bound(r, disclosed).secret_bits)
+            return amplify.prepare_key(key, bound) if bound > 0 else None
+
+        r.work = _Work(prepare)
+        self._out.append(Compute(urgent=True))
 
     def _on_cascade_pass(self, message: wire.Message) -> State:
         layout = cascade.PassLayout(
@@ -1099,7 +1121,8 @@ class Engine:
             return self._end_aborted(f"no secret key: {self._length_reason}")
         self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
-        self._split(r, amplify.amplify(r.key, seed), reserve_bits)
+        prepared, r.work = (None if r.work is None else r.work.result()), None
+        self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits)
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
         return State.COMMITTING

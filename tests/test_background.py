@@ -19,6 +19,8 @@ def test_background_threads_alone_run_at_a_lower_priority() -> None:
         inside = pool.submit(niceness).result(timeout=10)
     assert inside == min(19, before + background.NICENESS)
     assert niceness() == before  # the calling thread (and the process) keep theirs
+    with background.executor("test-urgent", lower=False) as pool:  # work the round is about to wait for
+        assert pool.submit(niceness).result(timeout=10) == before
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux names threads in /proc")

@@ -66,8 +66,9 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
 @pytest.mark.parametrize("run_compute", [True, "thread", False])
 def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_compute: bool | str) -> None:
     # the daemon runs Alice's hashing on a thread once her estimate answer is out (while Bob reconciles)
-    # and her key blocks once "amplify" is out (while Bob hashes his), and goes on feeding frames;
-    # a driver that ignores Compute gets the same keys: Alice then hashes when Bob's commit arrives
+    # and her key blocks once "amplify" is out (while Bob hashes his), Bob's key transform once
+    # "cascade_done" is out (while the confirmation runs), and goes on feeding frames; a driver that
+    # ignores Compute gets the same keys: each side then does the work where it needs the result
     pair = ConnectionPair()
     pair.run_compute = run_compute
     pair.connect()
@@ -76,11 +77,12 @@ def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_com
     for thread in pair.threads:
         thread.join(timeout=30)
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
-    after = (("alice", "estimate_answer"), ("alice", "amplify"))
-    sent = [i + 1 for i, entry in enumerate(pair.log) if entry in after]
-    assert len(sent) == 4 and pair.computes == [("alice", i) for i in sent]
-    assert len(pair.threads) == (4 if run_compute == "thread" else 0)
+    after = (("alice", "estimate_answer"), ("alice", "amplify"), ("bob", "cascade_done"))
+    sent = [(entry[0], i + 1) for i, entry in enumerate(pair.log) if entry in after]
+    assert len(sent) == 6 and pair.computes == sent
+    assert len(pair.threads) == (6 if run_compute == "thread" else 0)
     pair.alice.compute()  # nothing left to do
+    pair.bob.compute()
 
 
 def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,6 +121,52 @@ def test_a_failure_in_early_work_surfaces_where_its_result_is_used(monkeypatch: 
     for thread in pair.threads:
         thread.join(timeout=30)
     # Alice commits nothing; Bob holds the round only as pending, which the next handshake drops (§13)
+    assert not pair.alice_store.committed and not pair.bob_store.committed
+
+
+def test_bob_hashes_from_the_key_transform_he_prepared_during_the_confirmation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prepared: list[amplify.PreparedKey] = []
+    used: list[amplify.PreparedKey | None] = []
+    prepare, hash_prepared = amplify.prepare_key, amplify.hash_prepared
+
+    def recording_prepare(key: Any, most: int, **options: Any) -> amplify.PreparedKey:
+        prepared.append(prepare(key, most, **options))
+        return prepared[-1]
+
+    def recording_hash(key: amplify.PreparedKey, seed: Any, output_bits: int, **options: Any) -> Any:
+        used.append(key)
+        return hash_prepared(key, seed, output_bits, **options)
+
+    monkeypatch.setattr(amplify, "prepare_key", recording_prepare)
+    monkeypatch.setattr(amplify, "hash_prepared", recording_hash)
+    pair = ConnectionPair()
+    pair.run_compute = "thread"
+    pair.connect()
+    pair.round()
+    for thread in pair.threads:
+        thread.join(timeout=30)
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    (summary,) = pair.summaries["bob"]
+    assert used == prepared and len(prepared) == 1  # Bob's hash: from his transform, once
+    assert summary.secret_bits <= prepared[0].max_output_bits <= prepared[0].input_bits < summary.sifted_bits
+
+
+def test_a_failure_in_bobs_early_transform_stops_the_round_where_he_hashes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def failing(key: Any, most: int, **options: Any) -> Any:
+        raise LocalProtocolError("Toeplitz FFT rounding error too large; refusing to produce a key")
+
+    monkeypatch.setattr(amplify, "prepare_key", failing)
+    pair = ConnectionPair()
+    pair.run_compute = "thread"
+    pair.connect()
+    with pytest.raises(LocalProtocolError, match="rounding error"):
+        pair.round()
+    for thread in pair.threads:
+        thread.join(timeout=30)
     assert not pair.alice_store.committed and not pair.bob_store.committed
 
 

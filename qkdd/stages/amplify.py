@@ -23,9 +23,8 @@ import functools
 import operator
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,9 +38,23 @@ MAX_INPUT_BITS = 1 << 24
 ROUNDING_MARGIN = 0.25
 """Largest distance of an FFT output from an integer that is accepted before reducing mod 2."""
 
-_Convolver = Callable[[Bits, Bits, int, int, int, int], Bits]
-"""(s, x, length, start, count, threads) -> the circular convolution of length ``length`` at
-start..start+count, mod 2 (:func:`_parities`), on up to ``threads`` threads."""
+Spectrum = npt.NDArray[np.complex128]
+
+
+class _Backend(Protocol):
+    name: str
+
+    def spectrum(self, bits: Bits, length: int, threads: int) -> Spectrum:
+        """The real FFT of ``bits`` zero-padded to ``length`` (a new array the caller owns)."""
+
+    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int, threads: int) -> Bits:
+        """The circular convolution of length ``length`` of ``s`` and ``x`` at start..start+count, mod 2
+        (:func:`_parities`), on up to ``threads`` threads."""
+
+    def convolve_spectrum(
+        self, s: Bits, x: Spectrum, length: int, start: int, count: int, threads: int
+    ) -> Bits:
+        """The same, with ``x`` given as its :meth:`spectrum` at this length."""
 
 
 def _smooth_length(minimum: int) -> int:
@@ -89,10 +102,21 @@ def _parities(conv: npt.NDArray[np.float64]) -> Bits:
     return integers.astype(np.uint8)
 
 
-def _numpy_convolve(s: Bits, x: Bits, length: int, start: int, count: int, threads: int = 1) -> Bits:
-    spectrum = np.fft.rfft(s.astype(np.float64), length)
-    spectrum *= np.fft.rfft(x.astype(np.float64), length)
-    return _parities(np.fft.irfft(spectrum, length)[start : start + count])
+class _NumpyBackend:
+    name = "numpy"
+
+    def spectrum(self, bits: Bits, length: int, threads: int = 1) -> Spectrum:
+        return np.fft.rfft(bits.astype(np.float64), length)
+
+    def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int, threads: int = 1) -> Bits:
+        return self.convolve_spectrum(s, self.spectrum(x, length), length, start, count)
+
+    def convolve_spectrum(
+        self, s: Bits, x: Spectrum, length: int, start: int, count: int, threads: int = 1
+    ) -> Bits:
+        spectrum = self.spectrum(s, length)
+        spectrum *= x
+        return _parities(np.fft.irfft(spectrum, length)[start : start + count])
 
 
 class _FftwWorkspace:
@@ -100,6 +124,8 @@ class _FftwWorkspace:
     (FFTW_ESTIMATE: planning takes milliseconds). A round's length varies with its key size, so plans
     come and go, but the buffers stay: their pages are not faulted in afresh each round, which on a
     virtual machine costs more than the transforms."""
+
+    name = "pyfftw"
 
     def __init__(self, pyfftw: Any) -> None:
         self._pyfftw = pyfftw
@@ -131,27 +157,43 @@ class _FftwWorkspace:
             self._plans[length, threads] = plan
         return plan
 
+    def _transform(self, bits: Bits, length: int, threads: int) -> Spectrum:
+        """The spectrum of ``bits`` in the workspace (valid until the next transform; hold the lock)."""
+        forward, _ = self._plan(length, threads)
+        real = self._real[:length]
+        real[: bits.size] = bits
+        real[bits.size :] = 0.0
+        forward()
+        spectrum: Spectrum = self._spectrum[: length // 2 + 1]
+        return spectrum
+
+    def spectrum(self, bits: Bits, length: int, threads: int) -> Spectrum:
+        with self.lock:
+            return self._transform(bits, length, threads).copy()
+
     def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int, threads: int) -> Bits:
         with self.lock:
-            forward, backward = self._plan(length, threads)
-            real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
+            self._plan(length, threads)  # sizes the buffers
+            seed_spectrum = self._seed_spectrum[: length // 2 + 1]
+            np.copyto(seed_spectrum, self._transform(s, length, threads))
+            self._transform(x, length, threads)[:] *= seed_spectrum
+            return self._inverse(length, start, count, threads)
 
-            def transform(bits: Bits) -> None:
-                real[: bits.size] = bits
-                real[bits.size :] = 0.0
-                forward()
+    def convolve_spectrum(
+        self, s: Bits, x: Spectrum, length: int, start: int, count: int, threads: int
+    ) -> Bits:
+        with self.lock:
+            self._transform(s, length, threads)[:] *= x
+            return self._inverse(length, start, count, threads)
 
-            transform(s)
-            seed_spectrum = self._seed_spectrum[: spectrum.size]
-            np.copyto(seed_spectrum, spectrum)
-            transform(x)
-            spectrum *= seed_spectrum
-            backward()  # __call__ normalises the inverse transform by 1/length
-            return _parities(self._result[start : start + count])
+    def _inverse(self, length: int, start: int, count: int, threads: int) -> Bits:
+        """The parities of the workspace spectrum's inverse transform at start..start+count."""
+        self._plan(length, threads)[1]()  # __call__ normalises the inverse transform by 1/length
+        return _parities(self._result[start : start + count])
 
 
 @functools.cache
-def _backend() -> tuple[str, _Convolver]:
+def _backend() -> _Backend:
     """FFTW through pyFFTW when installed (about 4x faster here), else numpy's pocketfft.
 
     ``QKDD_FFT=numpy`` forces the numpy path (tests compare both).
@@ -162,8 +204,8 @@ def _backend() -> tuple[str, _Convolver]:
         except ImportError:
             pass
         else:
-            return "pyfftw", _FftwWorkspace(pyfftw).convolve
-    return "numpy", _numpy_convolve
+            return _FftwWorkspace(pyfftw)
+    return _NumpyBackend()
 
 
 def warm_up() -> None:
@@ -174,20 +216,19 @@ def warm_up() -> None:
 
 def fft_backend_name() -> str:
     """Which FFT implementation :func:`toeplitz_hash` uses: ``"pyfftw"`` or ``"numpy"``."""
-    return _backend()[0]
+    return _backend().name
 
 
-def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | None = None) -> Bits:
-    """Hash ``key`` (n bits) to ``output_bits`` (m) bits with the Toeplitz matrix of ``seed`` (n+m-1 bits),
-    on up to ``threads`` threads (default: up to two, as many as there are cores).
+def _threads(threads: int | None) -> int:
+    return threads if threads is not None else min(2, os.cpu_count() or 1)
 
-    Raises:
-        InputError: bad shapes or dtypes, ``m > n``, ``n > MAX_INPUT_BITS``, or an empty key.
-    """
+
+def _checked_key(key: Bits, output_bits: object, most: str = "n") -> tuple[Bits, int]:
+    """The key as bits and the output length as an int, or :class:`InputError`; ``most`` names the
+    largest output allowed (``n``, the key's length, for a hash; a prepared key may set less)."""
     x = as_bits(key, "key")
-    s = as_bits(seed, "seed")
     try:
-        m = operator.index(output_bits)  # numpy integers too
+        m = operator.index(output_bits)  # type: ignore[arg-type]  # numpy integers too
     except TypeError:
         raise InputError(f"output_bits must be an integer, got {type(output_bits).__name__}") from None
     n = x.size
@@ -197,12 +238,75 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | Non
         raise InputError(f"key: {n} bits exceeds the exact-FFT limit of {MAX_INPUT_BITS}")
     if not 0 <= m <= n:
         raise InputError(f"output_bits must lie in [0, {n}], got {m}")
-    if m == 0:
-        return np.zeros(0, dtype=np.uint8)
+    return x, m
+
+
+def _checked_seed(seed: Bits, n: int, m: int) -> Bits:
+    s = as_bits(seed, "seed")
     if s.size != n + m - 1:
         raise InputError(f"seed: expected {n + m - 1} bits for n={n}, m={m}, got {s.size}")
-    threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-    return _backend()[1](s, x, _transform_length(n + m - 1), n - 1, m, threads)
+    return s
+
+
+def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | None = None) -> Bits:
+    """Hash ``key`` (n bits) to ``output_bits`` (m) bits with the Toeplitz matrix of ``seed`` (n+m-1 bits),
+    on up to ``threads`` threads (default: up to two, as many as there are cores).
+
+    Raises:
+        InputError: bad shapes or dtypes, ``m > n``, ``n > MAX_INPUT_BITS``, or an empty key.
+    """
+    x, m = _checked_key(key, output_bits)
+    if m == 0:
+        return np.zeros(0, dtype=np.uint8)
+    n = x.size
+    s = _checked_seed(seed, n, m)
+    return _backend().convolve(s, x, _transform_length(n + m - 1), n - 1, m, _threads(threads))
+
+
+@dataclass(frozen=True)
+class PreparedKey:
+    """A key transformed ahead of its seed, for hashing it to at most ``max_output_bits`` bits
+    (:func:`prepare_key`). The convolution is linear, so the key's transform does not depend on the seed:
+    Bob computes it while the confirmation runs, and the seed's arrival leaves two of the three
+    transforms (:func:`hash_prepared`). Any transform length of at least n + m − 1 gives the same hash
+    (the module docstring), so the one for ``max_output_bits`` serves every shorter output."""
+
+    input_bits: int
+    max_output_bits: int
+    length: int
+    spectrum: Spectrum = field(repr=False)
+
+
+def prepare_key(key: Bits, max_output_bits: int, *, threads: int | None = None) -> PreparedKey:
+    """Transform ``key`` for :func:`hash_prepared` to at most ``max_output_bits`` (≥ 1) bits.
+
+    Raises:
+        InputError: as :func:`toeplitz_hash`, or ``max_output_bits`` < 1.
+    """
+    x, most = _checked_key(key, max_output_bits)
+    if most < 1:
+        raise InputError(f"max_output_bits must be at least 1, got {most}")
+    length = _transform_length(x.size + most - 1)
+    return PreparedKey(x.size, most, length, _backend().spectrum(x, length, _threads(threads)))
+
+
+def hash_prepared(prepared: PreparedKey, seed: Bits, output_bits: int, *, threads: int | None = None) -> Bits:
+    """The same bits as ``toeplitz_hash(key, seed, output_bits)`` for the key ``prepared`` was made of.
+
+    Raises:
+        InputError: ``output_bits`` outside [0, ``prepared.max_output_bits``], or a seed of the wrong size.
+    """
+    try:
+        m = operator.index(output_bits)  # numpy integers too
+    except TypeError:
+        raise InputError(f"output_bits must be an integer, got {type(output_bits).__name__}") from None
+    if not 0 <= m <= prepared.max_output_bits:
+        raise InputError(f"output_bits must lie in [0, {prepared.max_output_bits}] (prepared), got {m}")
+    if m == 0:
+        return np.zeros(0, dtype=np.uint8)
+    n = prepared.input_bits
+    s = _checked_seed(seed, n, m)
+    return _backend().convolve_spectrum(s, prepared.spectrum, prepared.length, n - 1, m, _threads(threads))
 
 
 def toeplitz_hash_rows(key: Bits, seed: Bits, output_bits: int, rows: npt.NDArray[np.int64]) -> Bits:
@@ -252,8 +356,9 @@ def seed_prefix(seed: Bits, input_bits: int, output_bits: int) -> AmplificationS
     return AmplificationSeed(input_bits, output_bits, pack_bits(seed[: input_bits + output_bits - 1]))
 
 
-def amplify(key: Bits, message: AmplificationSeed) -> Bits:
-    """Either side: hash the reconciled key with the seed Alice chose.
+def amplify(key: Bits, message: AmplificationSeed, prepared: PreparedKey | None = None) -> Bits:
+    """Either side: hash the reconciled key with the seed Alice chose; with ``prepared``
+    (:func:`prepare_key` of this key), from its transform when the output fits it.
 
     Raises:
         RemoteProtocolError: the message does not fit this key (length, bounds, padding).
@@ -263,4 +368,10 @@ def amplify(key: Bits, message: AmplificationSeed) -> Bits:
     if not 0 < message.output_bits <= message.input_bits:
         raise RemoteProtocolError(f"output length {message.output_bits} out of range")
     seed = unpack_bits(message.seed, message.input_bits + message.output_bits - 1, "amplification seed")
+    if (
+        prepared is not None
+        and prepared.input_bits == key.size
+        and message.output_bits <= prepared.max_output_bits
+    ):
+        return hash_prepared(prepared, seed, message.output_bits)
     return toeplitz_hash(key, seed, message.output_bits)

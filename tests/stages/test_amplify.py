@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 from qkdd.stages import amplify
 from qkdd.stages.amplify import (
-    _numpy_convolve,
+    _NumpyBackend,
     _smooth_length,
     _transform_length,
     toeplitz_hash,
@@ -64,8 +64,13 @@ def test_backends_agree() -> None:
         s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
         x = rng.integers(0, 2, n, dtype=np.uint8)
         length = _transform_length(n + m - 1)
-        reference = _numpy_convolve(s, x, length, n - 1, m)
-        assert np.array_equal(amplify._backend()[1](s, x, length, n - 1, m, 2), reference)
+        reference = _NumpyBackend().convolve(s, x, length, n - 1, m)
+        assert np.array_equal(amplify._backend().convolve(s, x, length, n - 1, m, 2), reference)
+        spectrum = amplify._backend().spectrum(x, length, 2)  # the prepared path, across backends
+        assert np.array_equal(_NumpyBackend().convolve_spectrum(s, spectrum, length, n - 1, m), reference)
+        assert np.array_equal(
+            amplify._backend().convolve_spectrum(s, spectrum, length, n - 1, m, 1), reference
+        )
 
 
 def test_fft_values_off_an_integer_are_refused_not_rounded() -> None:
@@ -162,3 +167,57 @@ def test_warm_up_loads_the_backend() -> None:
     amplify._backend.cache_clear()
     amplify.warm_up()
     assert amplify._backend.cache_info().currsize == 1  # the first round finds it loaded
+
+
+@given(st.integers(1, 300), st.data())
+def test_a_prepared_key_hashes_to_the_same_bits_for_every_output_up_to_its_bound(
+    n: int, data: st.DataObject
+) -> None:
+    most = data.draw(st.integers(1, n))
+    m = data.draw(st.integers(0, most))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1 if m else 0, dtype=np.uint8)
+    prepared = amplify.prepare_key(key, most)
+    assert np.array_equal(amplify.hash_prepared(prepared, seed, m), toeplitz_hash(key, seed, m))
+
+
+def test_a_prepared_key_of_a_round_sized_frame_matches_the_direct_hash() -> None:
+    # the transform length for the bound is longer than the one for the output: both give the same bits
+    rng = np.random.default_rng(11)
+    n, most, m = 1_000_000, 400_000, 310_000
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    prepared = amplify.prepare_key(key, most)
+    assert prepared.length > _transform_length(n + m - 1)
+    expected = toeplitz_hash(key, seed, m)
+    assert np.array_equal(amplify.hash_prepared(prepared, seed, m), expected)
+    rows = rng.choice(m, 64, replace=False)
+    assert np.array_equal(expected[rows], toeplitz_hash_rows(key, seed, m, rows))
+
+
+def test_prepared_keys_refuse_what_does_not_fit_them(rng: np.random.Generator) -> None:
+    key = rng.integers(0, 2, 1000, dtype=np.uint8)
+    prepared = amplify.prepare_key(key, 300)
+    with pytest.raises(InputError, match=r"\[0, 300\] \(prepared\)"):
+        amplify.hash_prepared(prepared, np.zeros(1300, np.uint8), 301)
+    with pytest.raises(InputError, match="seed: expected 1299"):
+        amplify.hash_prepared(prepared, np.zeros(1300, np.uint8), 300)
+    with pytest.raises(InputError, match="must be an integer"):
+        amplify.hash_prepared(prepared, np.zeros(1300, np.uint8), 300.0)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="at least 1"):
+        amplify.prepare_key(key, 0)
+    with pytest.raises(InputError, match=r"\[0, 1000\]"):
+        amplify.prepare_key(key, 1001)
+    assert amplify.hash_prepared(prepared, np.zeros(0, np.uint8), 0).size == 0
+
+
+def test_amplify_uses_a_prepared_key_only_where_it_fits(rng: np.random.Generator) -> None:
+    key = rng.integers(0, 2, 1000, dtype=np.uint8)
+    for most, output in ((400, 400), (400, 350), (300, 400)):  # the last one is hashed directly
+        message = amplify.choose_seed(rng, 1000, output)
+        direct = amplify.amplify(key, message)
+        assert np.array_equal(amplify.amplify(key, message, amplify.prepare_key(key, most)), direct)
+    other = amplify.prepare_key(key[:999], 400)  # another key's transform is never used
+    message = amplify.choose_seed(rng, 1000, 400)
+    assert np.array_equal(amplify.amplify(key, message, other), amplify.amplify(key, message))
