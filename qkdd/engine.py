@@ -948,8 +948,17 @@ class Engine:
         return self._send_cascade(r)
 
     def _send_cascade(self, r: _Round) -> State:
+        """Bob: send what Cascade asks now — a flight of requests (§5), or nothing while answers to an
+        earlier one are still on their way."""
         assert r.bob is not None and r.key is not None
-        match r.bob.next_message():
+        for message in r.bob.outgoing():
+            if isinstance(message, cascade.Finished):
+                return self._finish_cascade(r, message.disclosed_bits)
+            self._send_cascade_request(r, message)
+        return State.RECONCILING
+
+    def _send_cascade_request(self, r: _Round, message: cascade.StartPass | cascade.RangeRequest) -> None:
+        match message:
             case cascade.StartPass(index=index, layout=layout):
                 self._send(
                     "cascade_pass",
@@ -969,17 +978,15 @@ class Engine:
                     starts=starts.astype("<u4").tobytes(),
                     ends=ends.astype("<u4").tobytes(),
                 )
-            case cascade.Finished(disclosed_bits=disclosed):
-                result = r.bob.result()
-                r.key = result.key
-                self._send(
-                    "cascade_done",
-                    round=r.number,
-                    disclosed_bits=disclosed,
-                    corrected_bits=result.corrected_bits,
-                )
-                return self._after_cascade(r, disclosed, result.corrected_bits)
-        return State.RECONCILING
+
+    def _finish_cascade(self, r: _Round, disclosed: int) -> State:
+        assert r.bob is not None
+        result = r.bob.result()
+        r.key = result.key
+        self._send(
+            "cascade_done", round=r.number, disclosed_bits=disclosed, corrected_bits=result.corrected_bits
+        )
+        return self._after_cascade(r, disclosed, result.corrected_bits)
 
     def _after_cascade(self, r: _Round, disclosed: int, corrected: int) -> State:
         assert r.key is not None

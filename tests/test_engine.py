@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 from typing import Any
 
@@ -539,3 +540,17 @@ def test_a_frame_too_large_for_amplification_is_aborted_on_both_sides(
         (summary,) = pair.summaries[role]
         assert summary.aborted and "frame too large" in (summary.reason or "")
     assert not pair.alice_store.key_map() and pair.alice.state is pair.bob.state is engine.State.IDLE
+
+
+def test_bob_sends_the_clean_finish_of_cascade_as_one_flight() -> None:
+    # §5 "Flights": the halves passes a clean finish needs leave Bob back to back, before any answer;
+    # Alice answers each in order, and the round commits as usual
+    pair = ConnectionPair()
+    pair.connect()
+    pair.round()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+    runs = [len(list(run)) for entry, run in itertools.groupby(pair.log) if entry == ("bob", "cascade_pass")]
+    assert max(runs) >= 12  # 12 clean passes below 2^16 key bits, 14 from there
+    answers = sum(entry == ("alice", "cascade_parities") for entry in pair.log)
+    sent = sum(entry[0] == "bob" and entry[1] in ("cascade_pass", "cascade_ranges") for entry in pair.log)
+    assert answers == sent

@@ -60,14 +60,18 @@ protocol Cascade", QIC 15 (2015), compares them):
   The daemons' default: each round trip saved is the link's round-trip time saved.
 
 Bob's side is written as a generator that yields requests and receives replies; :class:`CascadeBob`
-wraps it in the ``next_message()`` / ``receive()`` sans-IO interface.
+wraps it in a sans-IO interface: ``outgoing()`` / ``receive()``, or ``next_message()`` / ``receive()`` for
+a driver that sends one request at a time. Requests whose answers cannot change what Bob asks next go
+in one flight, a round trip for all (§5 "Flights"): the starts of ``parallel``'s affine passes, and the
+random-halves passes that a clean finish still needs. Either driver gets the same passes, parities and
+disclosure; a flight only saves the waits.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,6 +174,19 @@ class Finished:
 
 
 BobMessage = StartPass | RangeRequest | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """Requests Bob's generator sends together, before any answer, with the number of parities each
+    answer must hold; it receives the answers' parities, checked, in request order."""
+
+    messages: tuple[StartPass | RangeRequest, ...]
+    counts: tuple[int, ...]
+
+
+_Request = _Flight | Finished
+_Reply = list[Bits]
 
 
 # --------------------------------------------------------------------------- pass layouts
@@ -491,7 +508,7 @@ class CascadeAlice:
         self._passes: list[_Pass] = []
         self._parities: dict[int, PassParity] = {}
         self.disclosed_bits = 0
-        self.round_trips = 0
+        self.answers = 0  # requests answered: a round trip each, unless Bob sent several in one flight
         self.finished = False
         self._max_disclosed = int(max_disclosed_fraction * self.n) + 64
 
@@ -556,7 +573,7 @@ class CascadeAlice:
 
     def _reply(self, parities: Bits) -> Parities:
         self.disclosed_bits += int(parities.size)
-        self.round_trips += 1
+        self.answers += 1
         if self.disclosed_bits > self._max_disclosed:
             raise RemoteProtocolError("cascade: disclosure limit exceeded; aborting reconciliation")
         return Parities(int(parities.size), pack_bits(parities))
@@ -773,8 +790,10 @@ class CascadeResult:
 class CascadeBob:
     """Bob's side: drives the passes and binary searches and corrects his key.
 
-    Use: ``msg = bob.next_message()``; while it is not :class:`Finished`, send it to Alice and call
-    ``bob.receive(reply)`` then ``next_message()`` again. ``bob.result()`` once finished.
+    Use: send every message of ``bob.outgoing()`` to Alice and feed her answers, in order, to
+    ``bob.receive(reply)``; when ``outgoing()`` returns :class:`Finished`, send it and call
+    ``bob.result()``. Or, one request at a time: ``msg = bob.next_message()``; while it is not
+    :class:`Finished`, send it, call ``bob.receive(reply)`` and ``next_message()`` again.
     """
 
     def __init__(
@@ -796,6 +815,7 @@ class CascadeBob:
         self.key = self.original.copy()
         self._source = source
         self._rng = np.random.default_rng(np.frombuffer(source.bytes(16), dtype=np.uint32))
+        self._layouts: list[PassLayout] = []  # every pass asked for, started or still in flight
         self._passes: list[_BobPass] = []
         self._flip_log: list[Int64s] = []
         self._waved = -1  # the flip log's length when the searches to run were last chosen (parallel)
@@ -803,43 +823,72 @@ class CascadeBob:
         self.round_trips = 0
         self.corrected_bits = 0
         self._protocol = self._run()
-        self._pending: BobMessage | None = None
+        # the flight under way: its requests, how many of them went out, the answers so far
+        self._flight: tuple[BobMessage, ...] = ()
+        self._counts: tuple[int, ...] = ()
+        self._handed = 0
+        self._answers: list[Bits] = []
         self._done = False
         self._failed: RemoteProtocolError | None = None
 
     # -- sans-IO interface
 
+    def outgoing(self) -> list[BobMessage]:
+        """The requests to send now, each returned once: all of a flight at once (their answers come
+        back in request order), nothing while answers are awaited, and :class:`Finished` at the end."""
+        self._advance()
+        messages = list(self._flight[self._handed :])
+        self._handed = len(self._flight)
+        return messages
+
     def next_message(self) -> BobMessage:
-        """The next message for Alice (a :class:`Finished` when reconciliation is over)."""
+        """For a driver that sends one request at a time: the oldest request not answered yet (the same
+        one until :meth:`receive` answers it; a :class:`Finished` when reconciliation is over)."""
+        self._advance()
+        self._handed = max(self._handed, len(self._answers) + 1)
+        return self._flight[len(self._answers)]
+
+    def _advance(self) -> None:
         self._check_usable()
-        if self._pending is None:
+        if not self._flight:
             if self._done:
                 raise LocalProtocolError("cascade: already finished")
-            self._pending = next(self._protocol)
-        return self._pending
+            self._start(next(self._protocol))
+
+    def _start(self, request: _Request) -> None:
+        if isinstance(request, Finished):
+            self._flight, self._counts = (request,), ()
+        else:
+            self._flight, self._counts = request.messages, request.counts
+        self._handed = 0
+        self._answers = []
 
     def _check_usable(self) -> None:
         if self._failed is not None:
             raise LocalProtocolError(f"cascade: unusable after an earlier error ({self._failed})")
 
     def receive(self, reply: Parities) -> None:
-        """Feed Alice's answer to the last request.
+        """Feed Alice's answer to the oldest request sent and not answered yet.
 
         Raises:
             RemoteProtocolError: the answer does not fit the question (count, length, padding).
         """
         self._check_usable()
-        if self._pending is None or isinstance(self._pending, Finished):
+        if len(self._answers) >= min(self._handed, len(self._counts)):
             raise LocalProtocolError("cascade: no request is waiting for an answer")
-        self._pending = None
         try:
-            self._pending = self._protocol.send(reply)
+            count = self._counts[len(self._answers)]
+            if not isinstance(reply, Parities) or reply.count != count:
+                raise RemoteProtocolError(f"cascade: expected {count} parities in the answer")
+            self._answers.append(unpack_bits(reply.parities, count, "cascade parities"))
+            if len(self._answers) == len(self._flight):
+                self._start(self._protocol.send(self._answers))
         except RemoteProtocolError as error:
             self._failed = error  # final, like h11's ERROR state
             raise
 
     def result(self) -> CascadeResult:
-        if not isinstance(self._pending, Finished):
+        if not self._done:
             raise LocalProtocolError("cascade: not finished")
         return CascadeResult(
             self.key, self.disclosed_bits, self.corrected_bits, len(self._passes), self.round_trips
@@ -847,45 +896,60 @@ class CascadeBob:
 
     # -- the protocol, as a generator
 
-    def _ask(self, message: StartPass | RangeRequest, expected: int) -> Generator[BobMessage, Parities, Bits]:
-        reply = yield message
-        if not isinstance(reply, Parities) or reply.count != expected:
-            raise RemoteProtocolError(f"cascade: expected {expected} parities in the answer")
-        self.round_trips += 1
-        self.disclosed_bits += expected
-        return unpack_bits(reply.parities, expected, "cascade parities")
+    def _ask(self, message: StartPass | RangeRequest, expected: int) -> Generator[_Request, _Reply, Bits]:
+        (answer,) = yield from self._ask_all((message,), (expected,))
+        return answer
 
-    def _run(self) -> Generator[BobMessage, Parities, None]:
+    def _ask_all(
+        self, messages: Sequence[StartPass | RangeRequest], expected: Sequence[int]
+    ) -> Generator[_Request, _Reply, list[Bits]]:
+        """Send ``messages`` in one flight (one round trip); the answers' parities, checked by
+        :meth:`receive` as each arrives."""
+        answers = yield _Flight(tuple(messages), tuple(expected))
+        self.round_trips += 1
+        self.disclosed_bits += sum(expected)
+        return answers
+
+    def _run(self) -> Generator[_Request, _Reply, None]:
         schedule = self.schedule
         clean_in_a_row = 0
         while len(self._passes) < MAX_PASSES:
             index = len(self._passes)
             if index < len(schedule.block_sizes):
-                layout = self._affine_layout(min(schedule.block_sizes[index], self.n))
+                # ``parallel`` starts every affine pass before any search: in one flight
+                count = len(schedule.block_sizes) - index if schedule.tail_blocks is not None else 1
+                for size in schedule.block_sizes[index : index + count]:
+                    self._layouts.append(self._affine_layout(min(size, self.n)))  # apart from the earlier
             elif schedule.clean_passes and clean_in_a_row < schedule.clean_passes:
-                layout = PassLayout("halves", seed=self._source.bytes(16))
+                # the halves passes a clean finish still needs, in one flight: Alice's parities do not
+                # depend on what Bob finds, and he compares his own as he takes each answer in turn, so
+                # this asks exactly the passes that asking one at a time would
+                count = min(schedule.clean_passes - clean_in_a_row, MAX_PASSES - index)
+                self._layouts += [PassLayout("halves", seed=self._source.bytes(16)) for _ in range(count)]
             else:
                 break
-            shared = _Pass(layout, self.n)
-            alice_top = yield from self._ask(StartPass(index, layout), shared.block_count)
-            state = _BobPass(index, shared, alice_top, schedule.reuse_parities)
-            if layout.kind == "affine":
-                # from the range parities of Bob's bits (needed for the searches anyway)
-                state.odd = alice_top != self._bob_parity(state, shared.block_starts, shared.block_ends)
-            else:
-                state.odd = alice_top != shared.halves_parities(np.packbits(self.key))
-            state.odd_seen = len(self._flip_log)
-            self._passes.append(state)
-            if layout.kind == "halves":
-                clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
-            if schedule.tail_blocks is not None and len(self._passes) < len(schedule.block_sizes):
-                continue  # every affine pass first: their searches then run at once (``parallel``)
-            yield from self._settle()
-        self._pending = Finished(self.disclosed_bits)
+            layouts = self._layouts[index:]
+            shared = [_Pass(layout, self.n) for layout in layouts]
+            requests = [StartPass(index + i, layout) for i, layout in enumerate(layouts)]
+            answers = yield from self._ask_all(requests, [each.block_count for each in shared])
+            for layout, alice_top in zip(shared, answers, strict=True):
+                state = _BobPass(len(self._passes), layout, alice_top, schedule.reuse_parities)
+                if layout.layout.kind == "affine":
+                    # from the range parities of Bob's bits (needed for the searches anyway)
+                    state.odd = alice_top != self._bob_parity(state, layout.block_starts, layout.block_ends)
+                else:
+                    state.odd = alice_top != layout.halves_parities(np.packbits(self.key))
+                state.odd_seen = len(self._flip_log)
+                self._passes.append(state)
+                if layout.layout.kind == "halves":
+                    clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
+                if schedule.tail_blocks is not None and len(self._passes) < len(schedule.block_sizes):
+                    continue  # every affine pass first: their searches then run at once (``parallel``)
+                yield from self._settle()
         self._done = True
-        yield self._pending
+        yield Finished(self.disclosed_bits)
 
-    def _settle(self) -> Generator[BobMessage, Parities, None]:
+    def _settle(self) -> Generator[_Request, _Reply, None]:
         """Search odd blocks, a pass at a time, until no block of any pass is odd.
 
         Sequential (``tail_blocks`` None): each wave searches every odd block of the pass with the
@@ -1013,9 +1077,7 @@ class CascadeBob:
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
         earlier = [
-            (state.layout.layout.multiplier, state.layout.layout.block_size)
-            for state in self._passes
-            if state.layout.layout.kind == "affine"
+            (layout.multiplier, layout.block_size) for layout in self._layouts if layout.kind == "affine"
         ] or [(1, min(self.schedule.first_block, n - 1) + 1)]
         strided = n >= STRIDED_FRAME_BITS
         best: tuple[int, int] | None = None
