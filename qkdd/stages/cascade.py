@@ -53,10 +53,11 @@ protocol Cascade", QIC 15 (2015), compares them):
   than the last percent of efficiency does.
 * ``parallel`` — ``fast``'s passes, but every affine pass starts before any search, and then the odd
   blocks of all passes are searched at once, a pass's own once the passes of smaller blocks are down to
-  ``PARALLEL_TAIL_BLOCKS`` odd blocks. What costs ``fast`` its round trips is the chains between its first
-  two passes (an error found in one makes a block of the other odd, a full binary search per link); the
-  third pass's blocks, searched alongside, cut them short. At 1.66 million bits and 1% QBER: 119 round
-  trips instead of 185 (the worst frame 135 instead of 246), for an efficiency of 1.052 instead of 1.045.
+  ``PARALLEL_TAIL_BLOCKS`` odd blocks (fewer on frames below 2^20 bits). What costs ``fast`` its round
+  trips is the chains between its first two passes (an error found in one makes a block of the other odd,
+  a full binary search per link); the third pass's blocks, searched alongside, cut them short. At 1.66
+  million bits and 1% QBER: 119 round trips instead of 185 (the worst frame 135 instead of 246), for an
+  efficiency of 1.052 instead of 1.045 (before flights, which take about 15 more off both).
   The daemons' default: each round trip saved is the link's round-trip time saved.
 
 Bob's side is written as a generator that yields requests and receives replies; :class:`CascadeBob`
@@ -108,7 +109,14 @@ PARALLEL_TAIL_BLOCKS = 64
 blocks. Measured on 1.66 million bits at 1% QBER (6 frames; round trips, f), against ``fast``'s 185 and
 1.045 (its worst frame 246): 16 → 141, 1.048; 64 → 119, 1.052 (worst 135); 256 → 101, 1.062; 1024 → 90,
 1.076; searching every pass at once, 78 and 1.19. With 64: at 2% QBER 197 → 128 round trips for +0.004
-in f, at 5% 377 → 229 for +0.004, on 2^20 bits at 1% 181 → 111 for +0.010."""
+in f, at 5% 377 → 229 for +0.004, on 2^20 bits at 1% 181 → 111 for +0.010. Shorter frames hold fewer
+errors, and a fixed 64 has nearly every search start at once there: at 2^14 bits and 1% QBER, f 1.28
+against ``fast``'s 1.11. So the threshold scales with the frame, one odd block per
+``PARALLEL_TAIL_BITS`` key bits, up to 64 (:func:`_tail_blocks`)."""
+PARALLEL_TAIL_BITS = 1 << 14
+"""``parallel``: key bits per odd block of the threshold below 2^20 bits. Measured (6-10 frames, 1% QBER;
+round trips, f): at 2^14 bits, threshold 1 → 66, 1.114 (``fast``: 66, 1.112), 4 → 46, 1.139, 64 → 30,
+1.279; at 2^18, 16 → 88, 1.060 (``fast``: 108, 1.048), 64 → 71, 1.077."""
 STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
@@ -651,9 +659,14 @@ class Schedule:
             clean = _default_clean_passes(n) if clean_passes is None else clean_passes
             # with two affine passes there is no chain for a third to break: searching at once only adds
             # disclosure there (measured at 2^16 bits, 1% QBER: the same round trips, +0.008 in f)
-            tail = PARALLEL_TAIL_BLOCKS if variant == "parallel" and len(sizes) > 2 else None
+            tail = _tail_blocks(n) if variant == "parallel" and len(sizes) > 2 else None
             return cls(variant, tuple(sizes), clean, reuse_parities=True, tail_blocks=tail)
         raise InputError(f"unknown cascade variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def _tail_blocks(n: int) -> int:
+    """``parallel``'s threshold on a frame of ``n`` bits (:data:`PARALLEL_TAIL_BITS`)."""
+    return min(PARALLEL_TAIL_BLOCKS, max(1, n // PARALLEL_TAIL_BITS))
 
 
 def _block_size(state: _BobPass) -> int:
