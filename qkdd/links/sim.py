@@ -167,10 +167,15 @@ def _field(x: U64, shift: int) -> npt.NDArray[np.uint32]:
     return field
 
 
+def _threshold(probability: float) -> int:
+    """⌈probability·2^24⌉: u = k·2^-24 reaches ``probability`` iff k is at least this (exact: scaling by
+    2^24 rounds nothing)."""
+    return min(math.ceil(probability * 2.0**24), 1 << 24)
+
+
 def _at_least(field: npt.NDArray[np.uint32], probability: float) -> npt.NDArray[np.bool_]:
-    """Whether u = k·2^-24 reaches ``probability``: k >= ⌈probability·2^24⌉, in integers (exact:
-    scaling by 2^24 rounds nothing)."""
-    return field >= np.uint32(min(math.ceil(probability * 2.0**24), 1 << 24))
+    """Whether u = k·2^-24 reaches ``probability`` (``field`` holds the k)."""
+    return field >= np.uint32(_threshold(probability))
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,11 @@ class SimPreparation:
         return classes
 
     def bits_and_bases(self, x: U64) -> tuple[Bits, Bits]:
-        bases = _at_least(_field(x, 24), self.parameters.z_probability).astype(np.uint8)
-        return (x >> np.uint64(63)).astype(np.uint8), bases
+        # without extracting the fields: bits 24-47 of x reach k iff x's low 48 bits reach k·2^24 (the
+        # 24 bits below add less than 2^24), and bit 63 is set iff x reaches 2^63
+        low48 = np.bitwise_and(x, np.uint64((1 << 48) - 1))
+        bases = low48 >= np.uint64(_threshold(self.parameters.z_probability) << 24)
+        return (x >= np.uint64(1 << 63)).view(np.uint8), bases.view(np.uint8)
 
 
 def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArray[np.int64]:

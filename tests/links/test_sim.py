@@ -102,6 +102,18 @@ def test_the_hash_is_splitmix64_across_its_blocks() -> None:
     assert sim._hash(1, 1, indices[:0]).size == 0
 
 
+def test_bit_and_basis_are_bit_63_and_bits_24_to_47_of_the_hash() -> None:
+    parameters = SimParameters.from_options({"pulses_per_frame": PULSES, "z_probability": 0.8})
+    k = math.ceil(0.8 * 2**24)  # the basis is Z (0) below this value of bits 24-47, X (1) from it
+    low = (1 << 24) - 1
+    values = [0, low, k << 24, (k << 24) - 1, ((k - 1) << 24) | low, (1 << 48) - 1, 1 << 63, (1 << 64) - 1]
+    values += [(1 << 63) | (k << 24), (1 << 63) | ((k << 24) - 1), (1 << 48) | ((k - 1) << 24)]
+    bits, bases = SimPreparation(parameters, 0).bits_and_bases(np.array(values, dtype=np.uint64))
+    assert bits.dtype == bases.dtype == np.uint8
+    assert bits.tolist() == [v >> 63 for v in values]
+    assert bases.tolist() == [int((v >> 24) & low >= k) for v in values]
+
+
 def test_intensity_and_basis_frequencies() -> None:
     bits, bases, classes = SimPreparation(SimParameters(), frame=0).at(np.arange(200_000))
     assert abs(bases.mean() - 0.2) < 0.005 and abs(bits.mean() - 0.5) < 0.005
