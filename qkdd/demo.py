@@ -404,15 +404,15 @@ def bench_e2e(
         )
         print(f"{'':>5} {'':>6} {'':>6} {'':>14} {'':>14} {'sifted Mbit/s':>14} {'secret kbit/s':>14}")
 
-        def rate(value: float | None, unit: float) -> str:
-            return "-" if value is None else f"{value / unit:.2f}" if unit == 1e6 else f"{value / unit:.1f}"
+        def rate(value: float | None, unit: float, digits: int) -> str:
+            return "-" if value is None else f"{value / unit:.{digits}f}"
 
         for row in rows:
             first = "-" if row["first_key_seconds"] is None else f"{row['first_key_seconds']:.2f}"
             print(
                 f"{row['distance_km']:>5.0f} {row['rtt_ms']:>6.0f} {row['rounds']:>6} "
-                f"{rate(row['sifted_bps'], 1e6):>14} {rate(row['secret_bps'], 1e3):>14} "
-                f"{rate(row['steady_sifted_bps'], 1e6):>14} {rate(row['steady_secret_bps'], 1e3):>14} "
+                f"{rate(row['sifted_bps'], 1e6, 2):>14} {rate(row['secret_bps'], 1e3, 1):>14} "
+                f"{rate(row['steady_sifted_bps'], 1e6, 2):>14} {rate(row['steady_secret_bps'], 1e3, 1):>14} "
                 f"{first:>12} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1

@@ -223,14 +223,17 @@ def _threads(threads: int | None) -> int:
     return threads if threads is not None else min(2, os.cpu_count() or 1)
 
 
-def _checked_key(key: Bits, output_bits: object, most: str = "n") -> tuple[Bits, int]:
-    """The key as bits and the output length as an int, or :class:`InputError`; ``most`` names the
-    largest output allowed (``n``, the key's length, for a hash; a prepared key may set less)."""
-    x = as_bits(key, "key")
+def _output_length(output_bits: int) -> int:
     try:
-        m = operator.index(output_bits)  # type: ignore[arg-type]  # numpy integers too
+        return operator.index(output_bits)  # numpy integers too
     except TypeError:
         raise InputError(f"output_bits must be an integer, got {type(output_bits).__name__}") from None
+
+
+def _checked_key(key: Bits, output_bits: int) -> tuple[Bits, int]:
+    """The key as bits and the output length (at most the key's) as an int, or :class:`InputError`."""
+    x = as_bits(key, "key")
+    m = _output_length(output_bits)
     n = x.size
     if n == 0:
         raise InputError("key: privacy amplification needs at least one input bit")
@@ -263,7 +266,7 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | Non
     return _backend().convolve(s, x, _transform_length(n + m - 1), n - 1, m, _threads(threads))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedKey:
     """A key transformed ahead of its seed, for hashing it to at most ``max_output_bits`` bits
     (:func:`prepare_key`). The convolution is linear, so the key's transform does not depend on the seed:
@@ -296,10 +299,7 @@ def hash_prepared(prepared: PreparedKey, seed: Bits, output_bits: int, *, thread
     Raises:
         InputError: ``output_bits`` outside [0, ``prepared.max_output_bits``], or a seed of the wrong size.
     """
-    try:
-        m = operator.index(output_bits)  # numpy integers too
-    except TypeError:
-        raise InputError(f"output_bits must be an integer, got {type(output_bits).__name__}") from None
+    m = _output_length(output_bits)
     if not 0 <= m <= prepared.max_output_bits:
         raise InputError(f"output_bits must lie in [0, {prepared.max_output_bits}] (prepared), got {m}")
     if m == 0:
