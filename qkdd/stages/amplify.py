@@ -19,6 +19,7 @@ wrong key silently.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import operator
 import os
@@ -31,6 +32,7 @@ import numpy.typing as npt
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, random_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
+from qkdd.stages.fft_lengths import FFTW_LENGTHS
 
 MAX_INPUT_BITS = 1 << 24
 """Largest input the FFT path is specified (and tested) to hash exactly."""
@@ -43,6 +45,9 @@ Spectrum = npt.NDArray[np.complex128]
 
 class _Backend(Protocol):
     name: str
+
+    def length(self, minimum: int) -> int:
+        """The transform length for a convolution of ``minimum`` outputs."""
 
     def spectrum(self, bits: Bits, length: int, threads: int) -> Spectrum:
         """The real FFT of ``bits`` zero-padded to ``length`` (a new array the caller owns)."""
@@ -105,6 +110,9 @@ def _parities(conv: npt.NDArray[np.float64]) -> Bits:
 class _NumpyBackend:
     name = "numpy"
 
+    def length(self, minimum: int) -> int:
+        return _transform_length(minimum)
+
     def spectrum(self, bits: Bits, length: int, threads: int = 1) -> Spectrum:
         return np.fft.rfft(bits.astype(np.float64), length)
 
@@ -126,6 +134,13 @@ class _FftwWorkspace:
     virtual machine costs more than the transforms."""
 
     name = "pyfftw"
+
+    def length(self, minimum: int) -> int:
+        """The fastest measured length at or above ``minimum`` (:mod:`qkdd.stages.fft_lengths`), else the
+        grid's."""
+        if FFTW_LENGTHS[0] <= minimum <= FFTW_LENGTHS[-1]:
+            return FFTW_LENGTHS[bisect.bisect_left(FFTW_LENGTHS, minimum)]
+        return _transform_length(minimum)
 
     def __init__(self, pyfftw: Any) -> None:
         self._pyfftw = pyfftw
@@ -263,7 +278,8 @@ def toeplitz_hash(key: Bits, seed: Bits, output_bits: int, *, threads: int | Non
         return np.zeros(0, dtype=np.uint8)
     n = x.size
     s = _checked_seed(seed, n, m)
-    return _backend().convolve(s, x, _transform_length(n + m - 1), n - 1, m, _threads(threads))
+    backend = _backend()
+    return backend.convolve(s, x, backend.length(n + m - 1), n - 1, m, _threads(threads))
 
 
 @dataclass(frozen=True, eq=False)
@@ -289,8 +305,9 @@ def prepare_key(key: Bits, max_output_bits: int, *, threads: int | None = None) 
     x, most = _checked_key(key, max_output_bits)
     if most < 1:
         raise InputError(f"max_output_bits must be at least 1, got {most}")
-    length = _transform_length(x.size + most - 1)
-    return PreparedKey(x.size, most, length, _backend().spectrum(x, length, _threads(threads)))
+    backend = _backend()
+    length = backend.length(x.size + most - 1)
+    return PreparedKey(x.size, most, length, backend.spectrum(x, length, _threads(threads)))
 
 
 def hash_prepared(prepared: PreparedKey, seed: Bits, output_bits: int, *, threads: int | None = None) -> Bits:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
-from qkdd.stages import amplify
+from qkdd.stages import amplify, fft_lengths
 from qkdd.stages.amplify import (
     _NumpyBackend,
     _smooth_length,
@@ -14,6 +14,7 @@ from qkdd.stages.amplify import (
     toeplitz_hash,
     toeplitz_hash_rows,
 )
+from qkdd.stages.fft_lengths import FFTW_LENGTHS
 from tests.conftest import STRESS, hex_bits, load_vectors
 from tests.helpers import SeededRandom
 
@@ -189,7 +190,7 @@ def test_a_prepared_key_of_a_round_sized_frame_matches_the_direct_hash() -> None
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     prepared = amplify.prepare_key(key, most)
-    assert prepared.length > _transform_length(n + m - 1)
+    assert prepared.length > amplify._backend().length(n + m - 1)
     expected = toeplitz_hash(key, seed, m)
     assert np.array_equal(amplify.hash_prepared(prepared, seed, m), expected)
     rows = rng.choice(m, 64, replace=False)
@@ -221,3 +222,54 @@ def test_amplify_uses_a_prepared_key_only_where_it_fits(rng: np.random.Generator
     other = amplify.prepare_key(key[:999], 400)  # another key's transform is never used
     message = amplify.choose_seed(rng, 1000, 400)
     assert np.array_equal(amplify.amplify(key, message, other), amplify.amplify(key, message))
+
+
+def test_fftw_takes_the_fastest_measured_length_and_the_grid_outside_the_table() -> None:
+    pyfftw = pytest.importorskip("pyfftw")
+    workspace = amplify._FftwWorkspace(pyfftw)
+    table = FFTW_LENGTHS
+    for minimum in (table[0], table[0] + 1, 2_680_000, 2_830_000, table[-1]):
+        chosen = workspace.length(minimum)
+        assert chosen >= minimum and chosen in table
+        assert all(length < minimum for length in table if length < chosen)  # the first at or above
+    assert workspace.length(2_830_000) == 3_000_000  # 58 ms here, against the grid's 2,949,120: 89 ms
+    for minimum in (table[0] - 1, 5000, table[-1] + 1):
+        assert workspace.length(minimum) == _transform_length(minimum)
+    assert _NumpyBackend().length(2_830_000) == _transform_length(2_830_000)
+
+
+def test_the_table_holds_5_smooth_lengths_that_no_longer_one_beats() -> None:
+    assert list(FFTW_LENGTHS) == sorted(set(FFTW_LENGTHS))
+    candidates = set(fft_lengths.smooth_lengths(10**6, 8_400_000))
+    assert set(FFTW_LENGTHS) <= candidates
+    assert fft_lengths.smooth_lengths(1, 100) == [
+        4,
+        8,
+        12,
+        16,
+        20,
+        24,
+        32,
+        36,
+        40,
+        48,
+        60,
+        64,
+        72,
+        80,
+        96,
+        100,
+    ]
+    # the suffix minima: the first kept length at or above any minimum is the fastest one there
+    times = {4: 3.0, 8: 1.0, 12: 2.0, 16: 1.5, 20: 0.5, 24: 0.9}
+    assert fft_lengths.fastest(times) == [20, 24]
+    assert fft_lengths.fastest({4: 1.0, 8: 2.0, 12: 3.0}) == [4, 8, 12]
+
+
+def test_the_table_tool_times_a_range_and_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("pyfftw")
+    assert fft_lengths.main(["--low", "1000", "--high", "3000", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("FFTW_LENGTHS = (") and printed[-1].endswith("3000)")
+    assert fft_lengths.main(["--low", "5", "--high", "7"]) == 2
+    assert "no lengths" in capsys.readouterr().err
