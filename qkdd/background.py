@@ -6,7 +6,8 @@ On a two-core machine that runs both daemons, such work competes with the round'
 side that the other one waits for). Its threads therefore run at a lower scheduling priority: Linux
 keeps a nice value per thread, so ``setpriority`` on the thread's own ID lowers that thread alone. A
 thread cannot raise its priority again without privileges, so these are pools of their own, never the
-threads that run critical work.
+threads that run critical work. Work the round is about to wait for (``Compute(urgent=True)``: Bob
+transforming his key during the confirmation) gets a pool of its own at the daemon's priority.
 """
 
 from __future__ import annotations
