@@ -114,6 +114,16 @@ def test_bit_and_basis_are_bit_63_and_bits_24_to_47_of_the_hash() -> None:
     assert bases.tolist() == [int((v >> 24) & low >= k) for v in values]
 
 
+def test_a_large_lookup_split_over_two_threads_gives_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    preparation = SimPreparation(SimParameters.from_options({"pulses_per_frame": 1 << 24}), 5)
+    indices = np.sort(np.random.default_rng(2).choice(1 << 24, 3001, replace=False)).astype(np.int64)
+    whole = preparation.at(indices)  # below the threshold: one thread
+    monkeypatch.setattr(sim, "PARALLEL_AT", 1000)
+    split = preparation.at(indices)
+    for one, other in zip(whole, split, strict=True):
+        assert one.dtype == other.dtype and np.array_equal(one, other)
+
+
 def test_intensity_and_basis_frequencies() -> None:
     bits, bases, classes = SimPreparation(SimParameters(), frame=0).at(np.arange(200_000))
     assert abs(bases.mean() - 0.2) < 0.005 and abs(bits.mean() - 0.5) < 0.005
