@@ -38,7 +38,7 @@ from qkdd.auth import wegman_carter as wc
 from qkdd.bits import Bits, RandomSource, pack_bits
 from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink
-from qkdd.records import RoundSummary, key_blocks
+from qkdd.records import RoundSummary, key_blocks, key_ids
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
@@ -1016,9 +1016,13 @@ class Engine:
         key, disclosed = r.key, r.disclosed_bits
         assert key is not None
 
-        def prepare() -> amplify.PreparedKey | None:
+        def prepare() -> tuple[amplify.PreparedKey | None, list[str]]:
             bound = min(int(key.size), self._length_bound(r, disclosed).secret_bits)
-            return amplify.prepare_key(key, bound) if bound > 0 else None
+            if bound <= 0:
+                return None, []
+            # and the IDs of as many blocks as the bound holds: the split then only cuts
+            ids = key_ids(self.settings.link_id, r.number, bound // self.settings.key_block_bits)
+            return amplify.prepare_key(key, bound), ids
 
         r.work = _Work(prepare)
         self._out.append(Compute(urgent=True))
@@ -1128,8 +1132,8 @@ class Engine:
             return self._end_aborted(f"no secret key: {self._length_reason}")
         self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
-        prepared, r.work = (None if r.work is None else r.work.result()), None
-        self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits)
+        (prepared, ids), r.work = ((None, []) if r.work is None else r.work.result()), None
+        self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits, ids)
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
         return State.COMMITTING
@@ -1214,11 +1218,10 @@ class Engine:
         key_bits = (bound - reserve_bits) // block * block
         return reserve_bits + key_bits if key_bits > 0 else 0
 
-    def _split(self, r: _Round, final: Bits, reserve_bits: int) -> None:
+    def _split(self, r: _Round, final: Bits, reserve_bits: int, ids: Sequence[str] = ()) -> None:
         r.reserve = (pack_bits(final[:reserve_bits]), reserve_bits)
-        r.blocks = tuple(
-            key_blocks(self.settings.link_id, r.number, final[reserve_bits:], self.settings.key_block_bits)
-        )
+        key, block_bits = final[reserve_bits:], self.settings.key_block_bits
+        r.blocks = tuple(key_blocks(self.settings.link_id, r.number, key, block_bits, ids))
 
     def _summary(self, r: _Round, reason: str | None) -> RoundSummary:
         return RoundSummary(

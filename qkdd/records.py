@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,13 +50,21 @@ def key_id(link_id: str, round_number: int, index: int) -> str:
 _NAMESPACE = KEY_ID_NAMESPACE.bytes
 
 
-def key_blocks(link_id: str, round_number: int, key: Bits, block_bits: int) -> list[tuple[str, bytes]]:
-    """Split a round's final key into whole blocks of ``block_bits`` bits (the tail is discarded)."""
+def key_ids(link_id: str, round_number: int, count: int) -> list[str]:
+    """The IDs of blocks 0 … count − 1 of a round (:func:`key_id`)."""
+    return [key_id(link_id, round_number, i) for i in range(count)]
+
+
+def key_blocks(
+    link_id: str, round_number: int, key: Bits, block_bits: int, ids: Sequence[str] = ()
+) -> list[tuple[str, bytes]]:
+    """Split a round's final key into whole blocks of ``block_bits`` bits (the tail is discarded). ``ids``
+    may hold the first blocks' IDs, computed ahead (:func:`key_ids`); the rest are computed here."""
     if block_bits <= 0 or block_bits % 8:
         raise ValueError("key block size must be a positive multiple of 8 bits")
     count = key.size // block_bits
     packed = np.frombuffer(pack_bits(key[: count * block_bits]), dtype=np.uint8)
     size = block_bits // 8
-    return [
-        (key_id(link_id, round_number, i), packed[i * size : (i + 1) * size].tobytes()) for i in range(count)
-    ]
+    names = list(ids[:count])
+    names += [key_id(link_id, round_number, i) for i in range(len(names), count)]
+    return [(names[i], packed[i * size : (i + 1) * size].tobytes()) for i in range(count)]

@@ -11,7 +11,7 @@ import pytest
 
 from qkdd.database import transaction
 from qkdd.errors import InputError
-from qkdd.records import RoundSummary, key_blocks, key_id
+from qkdd.records import RoundSummary, key_blocks, key_id, key_ids
 from qkdd.store import DATABASE, KeyStore
 from tests.conftest import load_vectors
 
@@ -92,6 +92,10 @@ def test_key_blocks_cut_whole_blocks() -> None:
     assert cut[0][1] == np.packbits(key[:256]).tobytes()
     with pytest.raises(ValueError, match="multiple of 8"):
         key_blocks("l", 3, key, 12)
+    assert [name for name, _ in cut] == [key_id("l", 3, 0), key_id("l", 3, 1)]
+    # IDs computed ahead serve the first blocks; more than the blocks, or fewer, change nothing
+    for ahead in (key_ids("l", 3, 5), key_ids("l", 3, 1), []):
+        assert key_blocks("l", 3, key, 256, ahead) == cut
 
 
 def test_the_reserve_is_the_committed_chunks_in_commit_order(tmp_path: Path) -> None:
