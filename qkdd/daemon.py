@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -546,7 +547,7 @@ class Daemon:
 
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
-        for action in actions:
+        for action in _coalesced(actions):
             match action:
                 case engine_mod.Send(frame=frame):
                     await session.write(frame)
@@ -647,6 +648,23 @@ class Daemon:
         self._round_started = None
         self._clock = None
         self._round_idle.set()
+
+
+def _coalesced(actions: list[engine_mod.Action]) -> list[engine_mod.Action]:
+    """``actions`` with each run of consecutive frames (a Cascade flight) joined into one, so that it goes
+    out in one write and wakes the peer once; the order of everything is kept."""
+    merged: list[engine_mod.Action] = []
+    for sends, run in itertools.groupby(actions, key=lambda action: isinstance(action, engine_mod.Send)):
+        if sends:
+            frames = [action for action in run if isinstance(action, engine_mod.Send)]
+            if len(frames) == 1:
+                merged.append(frames[0])
+            else:
+                body = b"".join(each.frame for each in frames)
+                merged.append(engine_mod.Send(body, "+".join(each.message for each in frames)))
+        else:
+            merged.extend(run)
+    return merged
 
 
 def _log_compute_failure(done: Future[None]) -> None:

@@ -15,8 +15,8 @@ import msgpack
 import pytest
 import trio
 
-from qkdd import config, demo
-from qkdd.daemon import Daemon, RoundClock
+from qkdd import config, demo, engine
+from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
 from qkdd.store import KeyStore
 
@@ -432,3 +432,20 @@ async def test_each_round_summary_says_where_its_time_went(
         assert {"sifting", "estimating", "reconciling", "confirming"} <= stages.keys()
         assert all(0 <= busy <= wall + 1e-3 for wall, busy in stages.values())
         assert sum(wall for wall, _ in stages.values()) == pytest.approx(seconds, abs=0.01)
+
+
+def test_a_run_of_frames_goes_out_in_one_write_in_order() -> None:
+    # a Cascade flight: the peer reads it in one go instead of one wake-up per frame
+    def send(name: str) -> engine.Send:
+        return engine.Send(name.encode(), name)
+
+    reserve, compute = engine.ReserveRound(7), engine.Compute()
+    actions: list[engine.Action] = [send("a"), send("b"), reserve, send("c"), compute, send("d"), send("e")]
+    assert _coalesced(actions) == [
+        engine.Send(b"ab", "a+b"),
+        reserve,
+        send("c"),
+        compute,
+        engine.Send(b"de", "d+e"),
+    ]
+    assert _coalesced([]) == []
