@@ -188,9 +188,9 @@ class _FftwWorkspace:
 
     def convolve(self, s: Bits, x: Bits, length: int, start: int, count: int, threads: int) -> Bits:
         with self.lock:
-            self._plan(length, threads)  # sizes the buffers
-            seed_spectrum = self._seed_spectrum[: length // 2 + 1]
-            np.copyto(seed_spectrum, self._transform(s, length, threads))
+            spectrum = self._transform(s, length, threads)  # sizes the buffers first
+            seed_spectrum = self._seed_spectrum[: spectrum.size]
+            np.copyto(seed_spectrum, spectrum)
             self._transform(x, length, threads)[:] *= seed_spectrum
             return self._inverse(length, start, count, threads)
 
