@@ -4,7 +4,15 @@ Every round allocates and frees arrays of megabytes. glibc serves those with ``m
 with ``munmap`` on free, so the next round faults every page in again — and where the host reclaims
 freed guest memory (virtual machines with free-page reporting), each such fault is far costlier than
 the work on the page. Raising the mmap threshold to its maximum (32 MiB) and disabling heap trimming
-makes the allocator keep and reuse that memory. Measured with ``qkdd bench e2e --quick`` on the 2-core
+makes the allocator keep and reuse that memory.
+
+That alone covers the main thread only. Every other thread allocates from an arena of its own, made of
+64 MiB heaps that glibc unmaps as soon as one is empty — and a round's worker threads (sifting, the
+simulator, the FFTs) free far more than 64 MiB at a time, so their pages were faulted in afresh every
+round all the same (about 6,000 faults per 2^26-pulse round, 6% of the daemons' CPU in the kernel
+zeroing pages). One arena for all threads (``M_ARENA_MAX``) keeps that memory too: the steady-state
+faults drop about tenfold. Large arrays are few and their allocations short, so threads rarely wait on
+the arena's lock. Measured with ``qkdd bench e2e --quick`` on the 2-core
 machine: see the README's benchmark notes. Without glibc this does nothing.
 """
 
@@ -16,6 +24,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
 
 
@@ -33,4 +42,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, 1 << 30), (M_ARENA_MAX, 1))
+    return all([bool(mallopt(option, value)) for option, value in settings])
