@@ -11,6 +11,7 @@ after Cascade (before confirmation); throughput is sifted bits per second of wal
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -139,9 +140,13 @@ def bench_auth(quick: bool) -> dict[str, Any]:
     message = np.random.default_rng(4).bytes(size)
     mac = wc.Mac([12345, 67890])
     mac.tag(message[:1000], [1, 2])
-    started = time.perf_counter()
-    mac.tag(message, [1, 2])
-    seconds = time.perf_counter() - started
+    seconds = math.inf
+    for _ in range(3):  # a round's transcript, as the engine hashes it; the best of three
+        started = time.perf_counter()
+        transcript = wc.Transcript(mac)
+        transcript.append(message)
+        transcript.tag([1, 2])
+        seconds = min(seconds, time.perf_counter() - started)
     parameters = SimParameters()
     frame = run_frame(
         SimAlice(parameters).preparation(1),

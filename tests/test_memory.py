@@ -18,7 +18,8 @@ def work():
     # what a round's worker thread does: far more than one 64 MiB heap of arrays, freed at once
     for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        arrays = [np.ones(1 << 21) for _ in range(48)]  # 768 MiB in arrays of 16 MiB, each below the mmap threshold
+        # 768 MiB in arrays of 16 MiB, each below the mmap threshold
+        arrays = [np.ones(1 << 21) for _ in range(48)]
         del arrays
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 thread = threading.Thread(target=work)

@@ -21,6 +21,8 @@ Hash definition (pinned by protocol/vectors/wegman_carter.json): split the messa
 blocks b_1 … b_L (the last zero-padded; each < 2^56 < p), append b_{L+1} = the byte length, and evaluate
 ``h = 0; h = (h + b_i) · k mod p`` for i = 1 … L + 1, i.e. h = Σ b_i · k^(L+2−i). The fast path evaluates
 the same sum with numpy: the powers of k by repeated doubling and every product modulo p in 64-bit limbs.
+A transcript's whole chunks take a faster path (:meth:`Mac.chunk_values`): one float64 matrix product
+per chunk for both hashes, on byte and 31-bit limbs small enough that every sum is an exact integer.
 """
 
 from __future__ import annotations
@@ -99,13 +101,6 @@ def _blocks(message: bytes, chunks_of: int, length: int | None = None) -> U64:
     return blocks
 
 
-def _whole_blocks(data: bytes | memoryview) -> U64:
-    """The blocks of ``data``, a whole number of chunks of blocks, as rows of :data:`CHUNK`."""
-    wide = np.zeros((len(data) // BLOCK_BYTES, 8), dtype=np.uint8)
-    wide[:, 1:] = np.frombuffer(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES)
-    return wide.view(">u8").reshape(-1, CHUNK).astype(np.uint64)
-
-
 def message_blocks(message: bytes) -> U64:
     """The message's blocks as the hash consumes them: rows of :data:`CHUNK` blocks."""
     if len(message) > MAX_TRANSCRIPT_BYTES:
@@ -176,6 +171,14 @@ def split_bits(bits: bytes, count: int) -> list[int]:
     return out
 
 
+LIMB_BITS = 31
+"""The powers' limb size in :meth:`Mac.chunk_values`: a byte times a limb, summed over a chunk, stays
+below 2^(8 + 31 + 14) = 2^53, where every float64 integer is exact."""
+
+ROWS_PER_PRODUCT = 4
+"""Chunks converted to float64 at a time in :meth:`Mac.chunk_values` (3.7 MB of scratch)."""
+
+
 class Mac:
     """Tags under one reusable hash key pair; each call takes fresh pads."""
 
@@ -183,6 +186,43 @@ class Mac:
         if len(keys) != HASHES:
             raise ValueError(f"a tag needs {HASHES} hash keys")
         self.hashes = [PolynomialHash(k) for k in keys]
+        # each hash's descending powers k^CHUNK … k^1 split into a low and a high limb, as float64 rows
+        mask = np.uint64((1 << LIMB_BITS) - 1)
+        self._limbs = np.array(
+            [
+                limb
+                for h in self.hashes
+                for limb in (h._descending & mask, h._descending >> np.uint64(LIMB_BITS))
+            ],
+            dtype=np.float64,
+        )
+
+    def chunk_values(self, data: bytes | memoryview, values: list[int]) -> list[int]:
+        """Each hash's Horner value after the whole chunks ``data`` (a multiple of CHUNK blocks), from
+        ``values``: the same as :meth:`PolynomialHash.of_blocks` on their blocks, three to seven times
+        faster.
+
+        With ``B[r, j, a]`` byte ``a`` of block ``j`` of chunk ``r`` and ``k^(CHUNK − j) = lo_j +
+        hi_j·2^31``, the chunk's sum is Σ_a 2^(8(6 − a)) · (S_lo[r, a] + 2^31 · S_hi[r, a]) with
+        ``S[r, a] = Σ_j limb_j · B[r, j, a]``: a matrix product whose terms are below 2^39 and whose sums
+        are below 2^53, so the float64 product is exact (any summation order gives the same integers).
+        """
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, CHUNK, BLOCK_BYTES)
+        scratch = np.empty((min(ROWS_PER_PRODUCT, raw.shape[0]), CHUNK, BLOCK_BYTES), dtype=np.float64)
+        values = list(values)
+        for start in range(0, raw.shape[0], ROWS_PER_PRODUCT):
+            rows = raw[start : start + ROWS_PER_PRODUCT]
+            chunk = scratch[: rows.shape[0]]
+            np.copyto(chunk, rows, casting="unsafe")
+            sums = np.matmul(self._limbs, chunk).astype(np.int64).tolist()  # [row][2·hash + limb][byte]
+            for row in sums:
+                for i, h in enumerate(self.hashes):
+                    low, high = row[2 * i], row[2 * i + 1]
+                    total = 0
+                    for a in range(BLOCK_BYTES):
+                        total = (total << 8) + low[a] + (high[a] << LIMB_BITS)
+                    values[i] = (values[i] * h._chunk_power + total) % PRIME
+        return values
 
     def tag(self, message: bytes, pads: list[int]) -> bytes:
         """The Wegman–Carter tag of ``message``: two 8-byte big-endian field elements."""
@@ -237,10 +277,7 @@ class Transcript:
             data = b"".join(pieces)
             whole = len(data) // self.CHUNK_BYTES * self.CHUNK_BYTES
             if whole:
-                rows = _whole_blocks(memoryview(data)[:whole])  # no copy of the chunks
-                self._values = [
-                    h.of_blocks(rows, value) for h, value in zip(self.mac.hashes, self._values, strict=True)
-                ]
+                self._values = self.mac.chunk_values(memoryview(data)[:whole], self._values)  # no copy
                 self._absorbed += whole
             self._tail = data[whole:]
 

@@ -80,6 +80,16 @@ def test_transcript_hashed_as_it_grows_tags_like_the_whole(
     assert transcript.tag(pads) == mac.tag(b"".join(frames), pads)
 
 
+def test_transcript_chunks_with_the_largest_bytes_and_keys_hash_exactly() -> None:
+    """The float64 chunk products' sums come closest to 2^53 with every byte 0xFF and powers near p."""
+    message = b"\xff" * (5 * CHUNK_BYTES + 3)
+    for keys in ([wc.PRIME - 1, wc.PRIME - 2], [1, 0], [(1 << 31) - 1, (1 << 60) + (1 << 31)]):
+        transcript = wc.Transcript(wc.Mac(keys))
+        transcript.append(message)
+        expected = [(wc.polynomial_hash_reference(message, k) + 9) % wc.PRIME for k in keys]
+        assert transcript.tag([9, 9]) == b"".join(v.to_bytes(8, "big") for v in expected)
+
+
 def test_transcript_absorbed_on_another_thread_while_frames_come() -> None:
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, int(size), dtype=np.uint8).tobytes() for size in rng.integers(1, 4e5, 40)]
