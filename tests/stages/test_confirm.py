@@ -14,10 +14,37 @@ def test_vectors() -> None:
         assert confirm.polynomial_hash(key, int(vector["hash_key"], 16)) == int(vector["tag"], 16)
 
 
-@pytest.mark.parametrize("n", [0, 1, 87, 88, 89, 8 * 88 - 1, 8 * 88, 8 * 88 + 1, 16 * 88 + 5, 100_000])
+ROW = confirm.ROW_BLOCKS * 88
+
+
+@pytest.mark.parametrize(
+    "n",
+    [
+        0,
+        1,
+        87,
+        88,
+        89,
+        8 * 88 - 1,
+        8 * 88,
+        8 * 88 + 1,
+        16 * 88 + 5,
+        100_000,
+        ROW,
+        ROW + 1,
+        3 * ROW + 8 * 88 + 5,
+    ],
+)
 def test_grouped_hash_equals_the_definition(n: int, rng: np.random.Generator) -> None:
     key = rng.integers(0, 2, n, dtype=np.uint8)
     for hash_key in (0, 1, confirm.PRIME - 1, int(rng.integers(0, 2**62)) * 3):
+        assert confirm.polynomial_hash(key, hash_key) == confirm.polynomial_hash_reference(key, hash_key)
+
+
+def test_rows_of_the_largest_blocks_and_powers_hash_exactly() -> None:
+    """The float64 row products' sums come closest to 2^53 with every bit set and hash keys near p."""
+    key = np.ones(2 * ROW + 100, dtype=np.uint8)
+    for hash_key in (confirm.PRIME - 1, confirm.PRIME - 2, (1 << 88) + (1 << 60) - 1):
         assert confirm.polynomial_hash(key, hash_key) == confirm.polynomial_hash_reference(key, hash_key)
 
 
