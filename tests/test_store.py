@@ -34,6 +34,59 @@ def test_files_are_private(tmp_path: Path) -> None:
     store.close()
 
 
+OLD_KEYS_TABLE = """
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'aborted')),
+    frame INTEGER NOT NULL, pulses INTEGER NOT NULL, detections INTEGER NOT NULL,
+    sifted_bits INTEGER NOT NULL, qber REAL, phase_error REAL, disclosed_bits INTEGER NOT NULL,
+    secret_bits INTEGER NOT NULL, reason TEXT, auth TEXT NOT NULL, seconds REAL, finished_at REAL NOT NULL
+);
+CREATE TABLE keys (
+    key_id TEXT PRIMARY KEY,
+    round INTEGER NOT NULL REFERENCES rounds (round),
+    idx INTEGER NOT NULL,
+    key BLOB NOT NULL
+);
+CREATE INDEX keys_round ON keys (round);
+CREATE INDEX keys_position ON keys (round, idx);
+"""
+
+
+def test_an_older_store_is_converted_with_every_key_kept(tmp_path: Path) -> None:
+    """Stores written before the keys table was clustered by (round, index) keep every key, in order,
+    and go on taking rounds."""
+    db = sqlite3.connect(tmp_path / DATABASE)
+    db.executescript(OLD_KEYS_TABLE)
+    for number in (0, 1):
+        db.execute(
+            "INSERT INTO rounds VALUES "
+            "(?, 'committed', ?, 100, 10, 8, 0.01, 0.02, 5, 512, NULL, 'psk', 1, 0)",
+            (number, number),
+        )
+        for index, (kid, key) in reversed(list(enumerate(blocks(number, 3)))):  # out of order on purpose
+            db.execute("INSERT INTO keys VALUES (?, ?, ?, ?)", (kid, number, index, key))
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('link_id', 'l')")
+    db.commit()
+    db.close()
+    store = KeyStore(tmp_path, "l")
+    assert list(store.committed_keys()) == blocks(0, 3) + blocks(1, 3)
+    store.store_round(summary(2), blocks(2), False, 1.0)
+    assert list(store.committed_keys())[-2:] == blocks(2)
+    assert store.statistics().stored_keys == 8
+    store.close()
+    db = sqlite3.connect(tmp_path / DATABASE)
+    (table,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'keys'").fetchone()
+    assert "WITHOUT ROWID" in table
+    assert (
+        db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'keys' AND type = 'index'").fetchall()
+        == []
+    )
+    db.close()
+    KeyStore(tmp_path, "l").close()  # a converted store opens as it is
+
+
 def test_round_numbers_only_grow(tmp_path: Path) -> None:
     store = KeyStore(tmp_path, "l")
     assert store.next_round == 0

@@ -65,7 +65,6 @@ CREATE TABLE IF NOT EXISTS delivery_keys (
     key BLOB,
     FOREIGN KEY (origin, serial) REFERENCES delivery_log (origin, serial)
 );
-CREATE INDEX IF NOT EXISTS keys_position ON keys (round, idx);
 """
 
 Pointer = tuple[int, int, int]
