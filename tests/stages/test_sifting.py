@@ -150,3 +150,13 @@ def test_answers_that_do_not_fit(rng: np.random.Generator) -> None:
         sifting.bob_sift(det, dataclasses.replace(answer, matches=answer.matches + b"\x00"))
     with pytest.raises(RemoteProtocolError, match="intensity"):
         sifting.bob_sift(det, dataclasses.replace(answer, intensities=b""))
+
+
+def test_z_class_counts_count_every_class_of_the_z_bits(rng: np.random.Generator) -> None:
+    n = 10_000
+    bases = (rng.random(n) < 0.3).astype(np.uint8)
+    classes = rng.integers(0, 3, n).astype(np.uint8)
+    key = sifting.SiftedKey(rng.integers(0, 2, n).astype(np.uint8), bases, classes, np.arange(n))
+    expected = np.bincount(classes[bases == sifting.Z], minlength=sifting.MAX_INTENSITY_CLASSES)
+    assert key.z_class_counts == tuple(int(c) for c in expected)
+    assert key.z_class_counts[3] == 0
