@@ -273,3 +273,20 @@ def test_the_table_tool_times_a_range_and_prints_a_table(capsys: pytest.CaptureF
     assert printed[-1].startswith("FFTW_LENGTHS = (") and printed[-1].endswith("3000)")
     assert fft_lengths.main(["--low", "5", "--high", "7"]) == 2
     assert "no lengths" in capsys.readouterr().err
+
+
+def test_fftw_plans_survive_the_buffers_growing(rng: np.random.Generator) -> None:
+    """A longer transform grows the workspace's buffers; the plans made for shorter lengths move to the
+    new buffers (planning millions of points takes 50-200 ms) and still hash exactly."""
+    pyfftw = pytest.importorskip("pyfftw")
+    workspace = amplify._FftwWorkspace(pyfftw)
+    key = rng.integers(0, 2, 600, dtype=np.uint8)
+    short_seed, long_seed = (rng.integers(0, 2, 600 + m - 1, dtype=np.uint8) for m in (200, 600))
+    short_length = workspace.length(799)
+    first = workspace.convolve(short_seed, key, short_length, 599, 200, 1)
+    plan = workspace._plans[short_length, 1]
+    workspace.convolve(long_seed, key, 4 * short_length, 599, 600, 1)  # outgrows the buffers
+    assert workspace._plans[short_length, 1] is plan
+    again = workspace.convolve(short_seed, key, short_length, 599, 200, 1)
+    assert np.array_equal(again, first)
+    assert np.array_equal(first, amplify.toeplitz_hash_rows(key, short_seed, 200, np.arange(200)))
