@@ -15,6 +15,7 @@ Alice's side never needs the whole frame: it asks its preparation only for the d
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -133,9 +134,11 @@ def resolve_double_clicks(detections: Detections, source: RandomSource) -> Detec
     flags = np.asarray(detections.double_clicks, dtype=bool)
     bits = detections.bits.copy()
     bits[flags] = random_bits(source, int(flags.sum()))
-    resolved = Detections(detections.pulses, detections.indices, detections.bases, bits, None)
-    if "encoded_indices" in detections.__dict__:  # the same indices: keep an encoding made ahead
-        resolved.__dict__["encoded_indices"] = detections.__dict__["encoded_indices"]
+    # the same validated detections with other bits (still 0 or 1): a copy, not a second validation of
+    # millions of indices on Bob's critical path; an encoding of the indices made ahead comes along
+    resolved = copy.copy(detections)
+    object.__setattr__(resolved, "bits", bits)
+    object.__setattr__(resolved, "double_clicks", None)
     return resolved
 
 

@@ -63,6 +63,9 @@ def test_double_clicks_get_random_bits(rng: np.random.Generator) -> None:
     resolved = sifting.resolve_double_clicks(det, rng)
     assert resolved.double_clicks is None
     assert 5 < resolved.bits.sum() < 45
+    # a copy with new bits: the validated indices are shared, the original is left as it was
+    assert resolved.indices is det.indices and resolved.pulses == det.pulses
+    assert det.double_clicks is not None and det.bits.sum() == 0
     with pytest.raises(InputError, match="double clicks"):
         sifting.bob_announce(det)
 
