@@ -236,7 +236,7 @@ def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal
     gaps[:1] = indices[:1]
     np.subtract(indices[1:], indices[:-1], out=gaps[1:])
     gaps[1:] -= 1
-    gap_bytes = encode_varints(gaps)
+    gap_bytes = encode_varints(gaps.view(np.uint64))  # all >= 0: read as unsigned in place, not copied
     if len(gap_bytes) <= (pulses + 7) // 8:
         return "gaps", gap_bytes
     bitmap = np.zeros(pulses, dtype=np.uint8)
