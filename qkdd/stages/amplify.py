@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from qkdd import background
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, random_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
 from qkdd.stages.fft_lengths import FFTW_LENGTHS
@@ -147,6 +148,7 @@ class _FftwWorkspace:
         self._capacity = 0
         self._plans: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.lock = threading.Lock()
+        self.planning: threading.Thread | None = None  # the last plan made ahead (:meth:`_plan_ahead`)
 
     def _plan(self, length: int, threads: int) -> tuple[Any, Any]:
         if length > self._capacity:
@@ -166,18 +168,54 @@ class _FftwWorkspace:
                 backward.update_arrays(self._spectrum[: known // 2 + 1], self._result[:known])
         plan = self._plans.get((length, threads))
         if plan is None:
-            flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
-            real, spectrum = self._real[:length], self._spectrum[: length // 2 + 1]
-            plan = (
-                self._pyfftw.FFTW(real, spectrum, flags=flags, threads=threads),
-                self._pyfftw.FFTW(
-                    spectrum, self._result[:length], direction="FFTW_BACKWARD", flags=flags, threads=threads
-                ),
-            )
-            if len(self._plans) >= 8:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[length, threads] = plan
+            plan = self._make_plan(length, threads, (self._real, self._spectrum, self._result))
+            self._remember(length, threads, plan)
+            self._plan_ahead(length, threads)
         return plan
+
+    def _make_plan(self, length: int, threads: int, buffers: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+        """Forward and inverse plans of ``length`` on ``buffers`` (real, spectrum, result). FFTW_ESTIMATE
+        plans without touching the buffers' contents."""
+        flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
+        real, spectrum, result = buffers[0][:length], buffers[1][: length // 2 + 1], buffers[2][:length]
+        return (
+            self._pyfftw.FFTW(real, spectrum, flags=flags, threads=threads),
+            self._pyfftw.FFTW(spectrum, result, direction="FFTW_BACKWARD", flags=flags, threads=threads),
+        )
+
+    def _remember(self, length: int, threads: int, plan: tuple[Any, Any]) -> None:
+        if len(self._plans) >= 8:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[length, threads] = plan
+
+    def _plan_ahead(self, length: int, threads: int) -> None:
+        """Plan the next longer measured length on a background thread (call with the lock held).
+
+        A round's length is the table entry above its key's needs, and a slightly longer key than the
+        last rounds' takes the next entry (2.56 -> 3.0 million points at the demo's frames): planning it
+        then would cost 100-200 ms on the round's critical path; planned ahead, it costs idle time."""
+        index = bisect.bisect_right(FFTW_LENGTHS, length)
+        if index == len(FFTW_LENGTHS) or FFTW_LENGTHS[index] > self._capacity:
+            return
+        following = FFTW_LENGTHS[index]
+        if (following, threads) in self._plans:
+            return
+        buffers = (self._real, self._spectrum, self._result)
+
+        def plan() -> None:
+            background.name_thread("qkdd-fft-plan")
+            background.lower_priority()
+            made = self._make_plan(following, threads, buffers)
+            with self.lock:
+                if (following, threads) in self._plans:
+                    return
+                if self._real is not buffers[0]:  # the buffers grew meanwhile: move the plans there
+                    made[0].update_arrays(self._real[:following], self._spectrum[: following // 2 + 1])
+                    made[1].update_arrays(self._spectrum[: following // 2 + 1], self._result[:following])
+                self._remember(following, threads, made)
+
+        self.planning = threading.Thread(target=plan, name="qkdd-fft-plan", daemon=True)
+        self.planning.start()
 
     def _transform(self, bits: Bits, length: int, threads: int) -> Spectrum:
         """The spectrum of ``bits`` in the workspace (valid until the next transform; hold the lock)."""

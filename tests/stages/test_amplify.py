@@ -290,3 +290,20 @@ def test_fftw_plans_survive_the_buffers_growing(rng: np.random.Generator) -> Non
     again = workspace.convolve(short_seed, key, short_length, 599, 200, 1)
     assert np.array_equal(again, first)
     assert np.array_equal(first, amplify.toeplitz_hash_rows(key, short_seed, 200, np.arange(200)))
+
+
+def test_fftw_plans_the_next_measured_length_ahead(rng: np.random.Generator) -> None:
+    """A transform at a table length plans the next longer one on a background thread, so that a
+    round whose key is a little longer does not plan on its critical path; that plan hashes exactly."""
+    pyfftw = pytest.importorskip("pyfftw")
+    workspace = amplify._FftwWorkspace(pyfftw)
+    key = rng.integers(0, 2, 600_000, dtype=np.uint8)
+    seed = rng.integers(0, 2, 600_000 + 410_000 - 1, dtype=np.uint8)
+    workspace.spectrum(key, FFTW_LENGTHS[0], 1)
+    assert workspace.planning is not None
+    workspace.planning.join(timeout=60)
+    ahead = workspace._plans[FFTW_LENGTHS[1], 1]
+    hashed = workspace.convolve(seed, key, FFTW_LENGTHS[1], 599_999, 410_000, 1)
+    assert workspace._plans[FFTW_LENGTHS[1], 1] is ahead
+    rows = np.array([0, 1, 204_999, 409_999])
+    assert np.array_equal(hashed[rows], amplify.toeplitz_hash_rows(key, seed, 410_000, rows))
