@@ -199,7 +199,7 @@ class Mac:
 
     def chunk_values(self, data: bytes | memoryview, values: list[int]) -> list[int]:
         """Each hash's Horner value after the whole chunks ``data`` (a multiple of CHUNK blocks), from
-        ``values``: the same as :meth:`PolynomialHash.of_blocks` on their blocks, three to seven times
+        ``values``: the same as :meth:`PolynomialHash.of_blocks` on their blocks, three to five times
         faster.
 
         With ``B[r, j, a]`` byte ``a`` of block ``j`` of chunk ``r`` and ``k^(CHUNK − j) = lo_j +
