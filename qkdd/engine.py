@@ -972,10 +972,16 @@ class Engine:
         """Bob: send what Cascade asks now — a flight of requests (§5), or nothing while answers to an
         earlier one are still on their way."""
         assert r.bob is not None and r.key is not None
-        for message in r.bob.outgoing():
+        flight = r.bob.outgoing()
+        for message in flight:
             if isinstance(message, cascade.Finished):
                 return self._finish_cascade(r, message.disclosed_bits)
             self._send_cascade_request(r, message)
+        if flight and r.bob.preparing:
+            # his own range parities of the passes this flight starts, on a thread while Alice builds
+            # hers: the answers then find them ready (_on_cascade_parities waits for them)
+            r.work = _Work(r.bob.prepare)
+            self._out.append(Compute(urgent=True))
         return State.RECONCILING
 
     def _send_cascade_request(self, r: _Round, message: cascade.StartPass | cascade.RangeRequest) -> None:
@@ -1072,6 +1078,8 @@ class Engine:
     def _on_cascade_parities(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.bob is not None
+        if r.work is not None:
+            r.work.result()  # Bob's range parities of the passes just started (_send_cascade)
         r.bob.receive(cascade.Parities(message["count"], message["parities"]))
         return self._send_cascade(r)
 

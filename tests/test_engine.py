@@ -67,10 +67,11 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
 @pytest.mark.parametrize("run_compute", [True, "thread", False])
 def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_compute: bool | str) -> None:
     # the daemon runs Alice's hashing (and her key IDs) on a thread once her estimate answer is out (while
-    # Bob reconciles) and her key blocks once "amplify" is out (while Bob hashes his), Bob's key IDs once
-    # his first Cascade requests are out, his key transform once "cascade_done" is out (while the
-    # confirmation runs), and goes on feeding frames; a driver that ignores Compute gets the same keys:
-    # each side then does the work where it needs the result
+    # Bob reconciles) and her key blocks once "amplify" is out (while Bob hashes his), Bob's range
+    # parities of the passes he starts and his key IDs once his first Cascade requests are out, his key
+    # transform once "cascade_done" is out (while the confirmation runs), and goes on feeding frames; a
+    # driver that ignores Compute gets the same keys: each side then does the work where it needs the
+    # result
     pair = ConnectionPair()
     pair.run_compute = run_compute
     pair.connect()
@@ -82,13 +83,13 @@ def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_com
     after = (("alice", "estimate_answer"), ("alice", "amplify"), ("bob", "cascade_done"))
     sent = [(entry[0], i + 1) for i, entry in enumerate(pair.log) if entry in after]
     for i, entry in enumerate(pair.log):
-        if entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his Compute
+        if entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his Computes
             end = i + 1
             while pair.log[end][0] == "bob":
                 end += 1
-            sent.append(("bob", end))
-    assert len(sent) == 8 and pair.computes == sorted(sent, key=lambda entry: entry[1])
-    assert len(pair.threads) == (8 if run_compute == "thread" else 0)
+            sent += [("bob", end), ("bob", end)]
+    assert len(sent) == 10 and pair.computes == sorted(sent, key=lambda entry: entry[1])
+    assert len(pair.threads) == (10 if run_compute == "thread" else 0)
     pair.alice.compute()  # nothing left to do
     pair.bob.compute()
 

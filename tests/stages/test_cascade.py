@@ -43,6 +43,35 @@ def test_corrects_and_both_sides_count_the_same(variant: str, n: int, qber: floa
     assert alice.finished
 
 
+@pytest.mark.parametrize("variant", cascade.VARIANTS)
+def test_bob_preparing_his_range_parities_ahead_changes_nothing(variant: str) -> None:
+    """Bob may build his range parities of the affine passes a flight starts while Alice answers it
+    (the engine does, on another thread): the same searches, disclosure and corrected key."""
+    results = []
+    for ahead in (False, True):
+        rng = np.random.default_rng(11)
+        alice_key, bob_key = _frame(rng, 30_000, 600)
+        alice, bob = CascadeAlice(alice_key), CascadeBob(bob_key, 0.02, rng, variant=variant)
+        prepared = 0
+        while True:
+            flight = bob.outgoing()
+            if ahead and flight and bob.preparing:
+                bob.prepare()
+                prepared += 1
+                assert not bob.preparing
+            if isinstance(flight[0], cascade.Finished):
+                break
+            for message in flight:
+                reply = alice.handle(message)
+                assert reply is not None
+                bob.receive(reply)
+        result = bob.result()
+        assert np.array_equal(result.key, alice_key)
+        assert prepared >= (1 if ahead else 0)
+        results.append((result.disclosed_bits, result.round_trips, result.corrected_bits))
+    assert results[0] == results[1]
+
+
 @given(st.integers(1, 70), st.integers(0, 2**32 - 1), st.sampled_from(cascade.VARIANTS))
 def test_tiny_frames(n: int, seed: int, variant: str) -> None:
     rng = np.random.default_rng(seed)
