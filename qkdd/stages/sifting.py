@@ -261,16 +261,24 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
     if message.encoding == "gaps":
         gaps = decode_varints(message.indices, message.detections, "sift gaps")
         # the last index is the sum of (gap + 1), less 1: it lies in the frame iff that sum is at most the
-        # frame size. Summed in floats (exact for any sum below 2^53, so for every sum that can fit), so
-        # that gaps that each fit but together overflow 64 bits are refused too
+        # frame size. With every gap below the frame size, the 64-bit running sum cannot overflow while
+        # count · frame size stays below 2^62 (every real frame): then the last index tells. Otherwise the
+        # sum is taken in floats first (exact below 2^53, so for every sum that can fit), so that gaps that
+        # each fit but together overflow 64 bits are refused too
         if gaps.size and (
-            gaps.max() >= message.pulses or float(gaps.sum(dtype=np.float64)) + gaps.size > message.pulses
+            gaps.max() >= message.pulses
+            or (
+                gaps.size * message.pulses >= 1 << 62
+                and float(gaps.sum(dtype=np.float64)) + gaps.size > message.pulses
+            )
         ):
             raise RemoteProtocolError("sift: detection index outside the frame")
         indices = gaps.view(np.int64)  # in place: every gap is below the frame size, far below 2^63
         indices += 1
         np.cumsum(indices, out=indices)
         indices -= 1
+        if indices.size and indices[-1] >= message.pulses:
+            raise RemoteProtocolError("sift: detection index outside the frame")
         return indices
     raise RemoteProtocolError(f"sift: unknown index encoding {message.encoding!r}")
 

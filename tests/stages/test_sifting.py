@@ -131,6 +131,9 @@ def test_peer_announcements_that_do_not_fit(rng: np.random.Generator) -> None:
     ]
     gaps = sifting.SiftAnnounce(1000, 1, "gaps", bytes([0xE8, 0x07]), b"\x00")  # index 1000
     bad.append((gaps, "outside the frame"))
+    # two gaps of 600 pulses: each inside the frame, the second index (1201) past its end
+    apart = sifting.SiftAnnounce(1000, 2, "gaps", encode_varints(np.array([600, 600])), b"\x00")
+    bad.append((apart, "outside the frame"))
     for message, pattern in bad:
         with pytest.raises(RemoteProtocolError, match=pattern):
             sifting.alice_answer(prep, message)
