@@ -591,7 +591,7 @@ class Daemon:
                     # on reading frames (the engine waits for the work where it needs the result)
                     assert session.engine is not None
                     pool = self._urgent if urgent else self._background
-                    pool.submit(session.engine.compute).add_done_callback(_log_compute_failure)
+                    pool.submit(session.engine.compute, urgent).add_done_callback(_log_compute_failure)
                 case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
                     await self._store_call(self.store.set_epoch, epoch)
                     if macs is not None and self.kme is not None:

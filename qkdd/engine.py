@@ -159,8 +159,10 @@ class Compute:
     its result). A driver that ignores it loses nothing: the engine then does the work itself when the
     round needs it.
 
-    ``urgent`` work is due within about a round trip — Bob transforming his key while the confirmation
-    runs, which his hash then waits for — so a driver should not run it at a lowered priority."""
+    ``urgent`` work is due within about a round trip — Bob building his range parities while Alice answers
+    a flight that starts Cascade passes, and transforming his key while the confirmation runs — so a driver
+    should not run it at a lowered priority. ``compute(urgent=True)`` runs that work alone, and an
+    ordinary ``compute()`` never takes it, so that it never runs at the lower priority."""
 
     urgent: bool = False
 
@@ -288,6 +290,7 @@ class _Round:
     sent: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
     received: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
     work: _Work | None = None  # announced by a Compute action
+    urgent: _Work | None = None  # announced by a Compute(urgent=True) action
     # the IDs of as many key blocks as §8's bound could allow, computed while Cascade runs (_early_key_ids)
     key_ids: _Work | None = None
     # Alice: the seed for any output length, and her key hashed to the longest she may need (§7)
@@ -430,12 +433,16 @@ class Engine:
             self._fail(error)
             raise
 
-    def compute(self) -> None:
-        """Do the work a :class:`Compute` action announced, unless it is done (or being done on another
-        thread: then wait for it) or its round is gone. Safe to call from a thread other than the one
-        that feeds frames."""
+    def compute(self, urgent: bool = False) -> None:
+        """Do the work a :class:`Compute` action announced (with its ``urgent``), unless it is done (or
+        being done on another thread: then wait for it) or its round is gone. Safe to call from a thread
+        other than the one that feeds frames."""
         r = self._round
         if r is None:
+            return
+        if urgent:
+            if r.urgent is not None:
+                r.urgent.run()
             return
         for work in (r.work, r.key_ids):  # first: the round may wait for them, not for the transcripts
             if work is not None:
@@ -980,7 +987,7 @@ class Engine:
         if flight and r.bob.preparing:
             # his own range parities of the passes this flight starts, on a thread while Alice builds
             # hers: the answers then find them ready (_on_cascade_parities waits for them)
-            r.work = _Work(r.bob.prepare)
+            r.urgent = _Work(r.bob.prepare)
             self._out.append(Compute(urgent=True))
         return State.RECONCILING
 
@@ -1047,7 +1054,7 @@ class Engine:
             bound = min(int(key.size), self._length_bound(r, disclosed).secret_bits)
             return amplify.prepare_key(key, bound) if bound > 0 else None
 
-        r.work = _Work(prepare)
+        r.urgent = _Work(prepare)
         self._out.append(Compute(urgent=True))
 
     def _on_cascade_pass(self, message: wire.Message) -> State:
@@ -1078,8 +1085,8 @@ class Engine:
     def _on_cascade_parities(self, message: wire.Message) -> State:
         r = self._open_round()
         assert r.bob is not None
-        if r.work is not None:
-            r.work.result()  # Bob's range parities of the passes just started (_send_cascade)
+        if r.urgent is not None:
+            r.urgent.result()  # Bob's range parities of the passes just started (_send_cascade)
         r.bob.receive(cascade.Parities(message["count"], message["parities"]))
         return self._send_cascade(r)
 
@@ -1157,7 +1164,7 @@ class Engine:
             return self._end_aborted(f"no secret key: {self._length_reason}")
         self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
-        prepared, r.work = (None if r.work is None else r.work.result()), None
+        prepared, r.urgent = (None if r.urgent is None else r.urgent.result()), None
         self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits, self._ids(r))
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))

@@ -191,11 +191,11 @@ class ConnectionPair:
             elif isinstance(action, engine.Compute):
                 self.computes.append((role, len(self.log)))
                 if self.run_compute == "thread":
-                    thread = threading.Thread(target=self.engine(role).compute)
+                    thread = threading.Thread(target=self.engine(role).compute, args=(action.urgent,))
                     thread.start()
                     self.threads.append(thread)
                 elif self.run_compute:
-                    self.engine(role).compute()
+                    self.engine(role).compute(action.urgent)
             else:
                 if isinstance(action, engine.RoundEnded):
                     self.summaries[role].append(action.summary)

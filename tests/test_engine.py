@@ -94,6 +94,25 @@ def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_com
     pair.bob.compute()
 
 
+def test_ordinary_compute_never_takes_urgent_work() -> None:
+    """Urgent work (Bob's range parities of the passes a flight starts) runs only on compute(urgent=True):
+    a driver's lowered-priority thread, which calls compute(), must not pick it up first."""
+    pair = ConnectionPair()
+    pair.run_compute = False
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    while pair.bob.state is not engine.State.RECONCILING:
+        assert pair.step()
+    r = pair.bob._round
+    assert r is not None and r.urgent is not None and r.key_ids is not None
+    pair.bob.compute()
+    assert r.urgent._function is not None and r.key_ids._function is None  # not run; the IDs are
+    pair.bob.compute(urgent=True)
+    assert r.urgent._function is None
+    pair.run()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+
+
 def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """Alice hashes early to the §8 bound with nothing disclosed, which no output can exceed. Should an
     output exceed it anyway, she hashes again to the right length: the keys still agree."""
