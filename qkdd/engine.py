@@ -921,7 +921,7 @@ class Engine:
         seed = amplify.longest_seed(self._random, n)
 
         def hash_longest() -> tuple[int, Bits]:
-            longest = min(n, self._length_bound(r, confirm.TAG_BITS).secret_bits)
+            longest = self._longest_output(r)
             if longest <= 0:
                 return 0, np.zeros(0, dtype=np.uint8)
             return longest, amplify.toeplitz_hash(key, seed[: n + longest - 1], longest, threads=1)
@@ -936,14 +936,19 @@ class Engine:
         disclosed but the confirmation tag — at least as many as the round will have — computed on a
         Compute thread while Cascade runs, so that neither side's key split waits for them (a few
         thousand SHA-1 hashes, 6–20 ms) once the output length is known."""
-        assert r.key is not None
-        n = int(r.key.size)
 
         def ids() -> list[str]:
-            most = max(0, min(n, self._length_bound(r, confirm.TAG_BITS).secret_bits))
+            most = max(0, self._longest_output(r))
             return key_ids(self.settings.link_id, r.number, most // self.settings.key_block_bits)
 
         return _Work(ids)
+
+    def _longest_output(self, r: _Round) -> int:
+        """The most output bits the round's key can have: §8's bound with nothing disclosed but the
+        confirmation tag (bounds only fall as disclosure grows), at most the key's size. Known as Cascade
+        starts, so that work sized by the output can begin then."""
+        assert r.key is not None
+        return min(int(r.key.size), self._length_bound(r, confirm.TAG_BITS).secret_bits)
 
     def _take_estimate(self, r: _Round, estimate: estimation.Estimate) -> str | None:
         """Both sides: record §4's estimate and cut the key, or say why the round must stop."""

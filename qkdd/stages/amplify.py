@@ -163,9 +163,8 @@ class _FftwWorkspace:
             self._capacity = capacity
             # the plans move to the new buffers (same shapes and alignment) instead of being made again:
             # planning a length of millions takes 50-200 ms, on the round's critical path
-            for (known, _), (forward, backward) in self._plans.items():
-                forward.update_arrays(self._real[:known], self._spectrum[: known // 2 + 1])
-                backward.update_arrays(self._spectrum[: known // 2 + 1], self._result[:known])
+            for (known, _), made in self._plans.items():
+                self._move(known, made)
         plan = self._plans.get((length, threads))
         if plan is None:
             plan = self._make_plan(length, threads, (self._real, self._spectrum, self._result))
@@ -182,6 +181,12 @@ class _FftwWorkspace:
             self._pyfftw.FFTW(real, spectrum, flags=flags, threads=threads),
             self._pyfftw.FFTW(spectrum, result, direction="FFTW_BACKWARD", flags=flags, threads=threads),
         )
+
+    def _move(self, length: int, plan: tuple[Any, Any]) -> None:
+        """Point the plans of ``length`` at the current buffers (same shapes and alignment)."""
+        forward, backward = plan
+        forward.update_arrays(self._real[:length], self._spectrum[: length // 2 + 1])
+        backward.update_arrays(self._spectrum[: length // 2 + 1], self._result[:length])
 
     def _remember(self, length: int, threads: int, plan: tuple[Any, Any]) -> None:
         if len(self._plans) >= 8:
@@ -210,8 +215,7 @@ class _FftwWorkspace:
                 if (following, threads) in self._plans:
                     return
                 if self._real is not buffers[0]:  # the buffers grew meanwhile: move the plans there
-                    made[0].update_arrays(self._real[:following], self._spectrum[: following // 2 + 1])
-                    made[1].update_arrays(self._spectrum[: following // 2 + 1], self._result[:following])
+                    self._move(following, made)
                 self._remember(following, threads, made)
 
         self.planning = threading.Thread(target=plan, name="qkdd-fft-plan", daemon=True)

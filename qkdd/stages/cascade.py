@@ -965,16 +965,17 @@ class CascadeBob:
             requests = [StartPass(index + i, layout) for i, layout in enumerate(layouts)]
             answers = yield from self._ask_all(requests, [each.block_count for each in shared])
             self._unprepared = []  # (prepare, if it ran, is over: the answers wait for it)
-            for layout, alice_top in zip(shared, answers, strict=True):
-                state = _BobPass(len(self._passes), layout, alice_top, schedule.reuse_parities)
-                if layout.layout.kind == "affine":
+            for cascade_pass, alice_top in zip(shared, answers, strict=True):
+                state = _BobPass(len(self._passes), cascade_pass, alice_top, schedule.reuse_parities)
+                starts, ends = cascade_pass.block_starts, cascade_pass.block_ends
+                if cascade_pass.layout.kind == "affine":
                     # from the range parities of Bob's bits (needed for the searches anyway)
-                    state.odd = alice_top != self._bob_parity(state, layout.block_starts, layout.block_ends)
+                    state.odd = alice_top != self._bob_parity(state, starts, ends)
                 else:
-                    state.odd = alice_top != layout.halves_parities(np.packbits(self.key))
+                    state.odd = alice_top != cascade_pass.halves_parities(np.packbits(self.key))
                 state.odd_seen = len(self._flip_log)
                 self._passes.append(state)
-                if layout.layout.kind == "halves":
+                if cascade_pass.layout.kind == "halves":
                     clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
                 if schedule.tail_blocks is not None and len(self._passes) < len(schedule.block_sizes):
                     continue  # every affine pass first: their searches then run at once (``parallel``)
