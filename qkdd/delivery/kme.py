@@ -281,15 +281,15 @@ class KeyManager:
 
     async def _ask_lease(self, link: _Link, need: int) -> _Waiter:
         """Alice: the lease request in flight, sending one for at least ``need`` bytes if none is."""
-        if self._lease is None:
-            self._lease = _Waiter()
-            self._lease_request = self._next_request
-            self._next_request += 1
-            want = max(need, self.settings.lease_size // 8)
-            await link.send(
-                link.channel.encode("key_lease", request=self._lease_request, need=need, want=want)
-            )
-        return self._lease
+        if self._lease is not None:
+            return self._lease
+        # the answer may come (and clear _lease) while the request is being written: keep the waiter
+        waiter = self._lease = _Waiter()
+        self._lease_request = self._next_request
+        self._next_request += 1
+        want = max(need, self.settings.lease_size // 8)
+        await link.send(link.channel.encode("key_lease", request=self._lease_request, need=need, want=want))
+        return waiter
 
     async def _post(self, entry: Entry, request: int = 0) -> None:
         """Queue a new entry of this site's log for the peer (call with ``_writing`` held, right after
