@@ -104,7 +104,8 @@ def status(args: argparse.Namespace) -> int:
             "reserve_total_bits": store.reserve.total_bits,
             "reserve_available_bits": store.reserve.status().available_bits,
             "psk_retired": store.psk_retired,
-            "epoch": store.epoch,
+            "epoch": store.epoch,  # qkdp/1's restore detector, kept as it was; qkdp/2 uses handshake_keys
+            "handshake_keys": store.reserve.handshake_keys().positions(),
         }
         # ETSI 014 key delivery (§19): Bob's free pool, Alice's leases, keys waiting for their slave SAEs,
         # and the assignments of both sites' logs that this site holds

@@ -2,7 +2,7 @@
 
 Theory of operation: inside qkdd a bit string is a 1-D ``numpy.uint8`` array holding 0 or 1 per element
 (fast to index, gather and sum). On the wire it is packed eight to a byte, most significant bit first
-(``numpy.packbits`` default order), with zero padding in the last byte; ``protocol/qkdp-v1.md`` §2 fixes
+(``numpy.packbits`` default order), with zero padding in the last byte; ``protocol/qkdp-v2.md`` §2 fixes
 this. Varints are unsigned LEB128, encoded and decoded without a Python loop over values.
 
 Randomness is always injected: every function that draws takes a :class:`RandomSource`, anything with a

@@ -361,7 +361,7 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
             raw.get("max_sae_id_count", Etsi014.max_sae_id_count),
             "etsi014.max_sae_id_count",
             low=0,
-            high=15,  # with the slave of the path, at most 16 (protocol/qkdp-v1.toml, key_notice.slaves)
+            high=15,  # with the slave of the path, at most 16 (protocol/qkdp-v2.toml, key_notice.slaves)
             integer=True,
         ),
         **values,

@@ -1,5 +1,5 @@
 """``qkdd conform``: play one role of qkdp/1 against any implementation and check that it meets the
-numbered requirements of protocol/qkdp-v1.md §21.
+numbered requirements of protocol/qkdp-v2.md §21.
 
 Each scenario opens its own connection (as Alice we connect to ``--peer``; as Bob we listen on
 ``--peer`` and the implementation under test connects to us), drives our engine, or deliberately breaks
@@ -33,13 +33,13 @@ from qkdd.config import Config
 from qkdd.daemon import credentials, engine_settings
 from qkdd.delivery.channel import KeyChannel, is_key_message
 from qkdd.delivery.ledger import make_key_id
-from qkdd.engine import KEY_CHANNEL_CAPABILITY, Engine, State
+from qkdd.engine import KEY_CHANNEL_CAPABILITY, SUPPORTED_VERSIONS, Engine, State
 from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import AliceLink, BobLink, open_link
 from qkdd.stages.sifting import Detections
 from qkdd.store import KeyStore
 
-#: requirement ID -> what it says; protocol/qkdp-v1.md §21 lists the same (tests/test_conform.py)
+#: requirement ID -> what it says; protocol/qkdp-v2.md §21 lists the same (tests/test_conform.py)
 REQUIREMENTS = {
     "QKDP-10.1": "With a protocol version in common, the handshake completes at the highest one.",
     "QKDP-10.2": "With no version in common, the peer sends error version-mismatch listing its versions, "
@@ -49,7 +49,7 @@ REQUIREMENTS = {
     "QKDP-9.3": "A payload that is not msgpack, or not a map, is refused (bad-frame).",
     "QKDP-9.4": "An unknown message type is refused (bad-message).",
     "QKDP-9.5": "A missing, extra or ill-typed field is refused (bad-message).",
-    "QKDP-9.6": "A value outside the bounds of qkdp-v1.toml is refused (bad-message).",
+    "QKDP-9.6": "A value outside the bounds of qkdp-v2.toml is refused (bad-message).",
     "QKDP-9.7": "A stream that ends inside a frame closes the connection.",
     "QKDP-12.1": "After the handshake, a frame whose MAC does not verify is refused (bad-mac).",
     "QKDP-12.2": "A replayed frame (a sequence number already seen) is refused (bad-seq).",
@@ -124,8 +124,11 @@ class Connection:
                     self.store.resolve(committed)
                 case engine_mod.ConsumeReserve(upto=upto):
                     self.store.reserve.consume(upto)
-                case engine_mod.Ready(epoch=epoch, channel_macs=macs):
-                    self.store.set_epoch(epoch)
+                case engine_mod.SetHandshakeKeys(keys=keys):
+                    self.store.reserve.set_handshake_keys(keys)
+                case engine_mod.RetirePsk():
+                    self.store.retire_psk()
+                case engine_mod.Ready(channel_macs=macs):
                     self.channel_macs = macs
 
     def frame(self, timeout: float = READ_TIMEOUT) -> bytes | None:
@@ -299,11 +302,12 @@ class Conformance:
         return results
 
     def common_version(self) -> str:
-        with self.connection(versions=(1, 7)) as c:
+        ours = SUPPORTED_VERSIONS[-1]
+        with self.connection(versions=(ours, 7)) as c:
             c.handshake()
-            if c.engine.version != 1:
-                raise Failed(f"negotiated version {c.engine.version}, expected 1")
-            return "handshake completed at version 1 (we offered 1 and 7)"
+            if c.engine.version != ours:
+                raise Failed(f"negotiated version {c.engine.version}, expected {ours}")
+            return f"handshake completed at version {ours} (we offered {ours} and 7)"
 
     def no_common_version(self) -> str:
         with self.connection(versions=(200,)) as c:
@@ -311,7 +315,9 @@ class Conformance:
             while (payload := c.frame()) is not None:
                 message = wire.decode_message(wire.decode_envelope(payload).body)
                 if message.type == "error":
-                    if message["code"] != "version-mismatch" or 1 not in message["versions"]:
+                    if message["code"] != "version-mismatch" or not set(SUPPORTED_VERSIONS) & set(
+                        message["versions"]
+                    ):
                         raise Failed(f"error {message['code']} listing {message['versions']}")
                     if c.frame() is not None:
                         raise Failed("the peer sent more after its error frame")

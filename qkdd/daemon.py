@@ -377,12 +377,17 @@ class Daemon:
                             self._begin_round(RoundClock(engine.state.value, trio.current_time()))
                         # only the connection that runs rounds has a round clock (others are handshaking)
                         timed = self._clock if self._active is session else None
-                        actions = await self._step(engine, timed, engine.receive_frame, *item, thread=heavy)
+                        envelope, message, handled = item
+                        actions = await self._step(
+                            engine, timed, engine.receive_frame, envelope, message, thread=heavy
+                        )
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshakes -= 1
                             await self._become_active(session)
                         await self._execute(session, actions)
+                        if handled is not None:
+                            handled.set()
                         deadline = _deadline(engine.timeout)
                         if self.role == "bob" and self._all_done() and engine.state is engine_mod.State.IDLE:
                             self.request_stop("all rounds done")
@@ -431,16 +436,23 @@ class Daemon:
                     return
                 for payload in decoder.feed(data):
                     envelope = wire.decode_envelope(payload)
+                    if not session.keys_ready.is_set():
+                        # before the handshake every frame is the engine's, one at a time: nothing is
+                        # routed by a type no one has authenticated, and the frame after the last one of
+                        # the handshake is routed only once the handshake is over
+                        handled = trio.Event()
+                        await frames.send((envelope, None, handled))
+                        await handled.wait()
+                        continue
                     message = wire.decode_message(envelope.body)
                     if is_key_message(message):
                         await self._key_frame(session, envelope, message)
                     else:
-                        await frames.send((envelope, message))
+                        await frames.send((envelope, message, None))
         except Exception as error:
             await frames.send(error)
 
     async def _key_frame(self, session: _Session, envelope: wire.Envelope, message: wire.Message) -> None:
-        await session.keys_ready.wait()
         if session.key_channel is None or self.kme is None:
             raise RemoteProtocolError("the key channel was not negotiated", code="bad-state")
         await self.kme.receive(session.key_channel.receive(envelope, message))
@@ -448,25 +460,19 @@ class Daemon:
     async def _protocol_error(self, session: _Session, error: RemoteProtocolError) -> None:
         engine, peer = session.engine, session.peer
         assert engine is not None
-        if error.code == "stale-state" and isinstance(error, (engine_mod.StaleState, engine_mod.PeerError)):
-            log.critical("%s", error)
-            self.failed = True
-            self.request_stop("this state directory is stale (restored from a backup?)")
         frame = error.frame if error.frame is not None else None
         if frame is None and engine.state is not engine_mod.State.CLOSED:
             frame = engine.close(error.code, str(error))
         level = logging.INFO if error.code == "shutdown" else logging.WARNING
-        if error.code == "reserve-exhausted":
-            # no way to authenticate a handshake: say so once, keep trying quietly (the peer may refill)
+        advice = _NO_AUTHENTICATION.get(error.code)
+        if advice is not None:
+            # no way to authenticate: say so once, keep trying quietly (the peer may refill, a man in
+            # the middle may go away); never exit on what a peer or the network says (I3)
+            status, text = advice
             level = logging.INFO if self.paused else logging.WARNING
-            self._status("paused: key reserve exhausted (re-bootstrap needed)", peer)
+            self._status(status, peer)
             if not self.paused:
-                log.warning(
-                    "link paused: the key reserve cannot pay for a handshake and the bootstrap secret "
-                    "is retired; re-bootstrap with auth.fallback_to_psk = true and a fresh PSK on both "
-                    "sides",
-                    extra={"role": self.role},
-                )
+                log.warning("link paused: %s", text, extra={"role": self.role})
             self.paused = True
         log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
         if frame is not None:
@@ -485,7 +491,7 @@ class Daemon:
             self.config.link_id,
             session.peer,
             session.engine.version if session.engine else "?",
-            "psk",
+            session.engine.auth if session.engine else "?",
         )
         self._status("up", session.peer)
 
@@ -592,21 +598,16 @@ class Daemon:
                     assert session.engine is not None
                     pool = self._urgent if urgent else self._background
                     pool.submit(session.engine.compute, urgent).add_done_callback(_log_compute_failure)
-                case engine_mod.Ready(epoch=epoch, auth=auth, channel_macs=macs):
-                    await self._store_call(self.store.set_epoch, epoch)
+                case engine_mod.SetHandshakeKeys(keys=keys):
+                    await self._store_call(self.store.reserve.set_handshake_keys, keys)
+                case engine_mod.RetirePsk():
+                    await self._store_call(self.store.retire_psk)
+                    log.info("the bootstrap PSK is retired: the link now authenticates from its key reserve")
+                case engine_mod.Ready(channel_macs=macs):
                     if macs is not None and self.kme is not None:
                         session.key_channel = KeyChannel(self.role, macs)
                         await self.kme.attach(session.key_channel, session.write)
                     session.keys_ready.set()
-                    if (
-                        auth == "reserve"
-                        and not self.store.psk_retired
-                        and not self.config.auth.fallback_to_psk
-                    ):
-                        await self._store_call(self.store.retire_psk)
-                        log.info(
-                            "the bootstrap PSK is retired: the link now authenticates from its key reserve"
-                        )
         session.unsent = False
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
@@ -648,6 +649,21 @@ class Daemon:
         self._round_started = None
         self._clock = None
         self._round_idle.set()
+
+
+_REBOOTSTRAP = "re-bootstrap with a fresh PSK file and auth.fallback_to_psk = true on both sides"
+_NO_AUTHENTICATION = {
+    "reserve-exhausted": (
+        "paused: key reserve exhausted (re-bootstrap needed)",
+        f"the bootstrap secret is retired and there is no handshake key yet; {_REBOOTSTRAP}",
+    ),
+    "stale-state": (
+        "paused: no handshake key in common (re-bootstrap needed)",
+        "the two sides share no handshake key: one state directory was restored from a backup (or the "
+        f"connection is being tampered with, and then it passes); if it lasts, {_REBOOTSTRAP}",
+    ),
+}
+"""Protocol errors that mean no handshake can authenticate: the status and the advice, said once."""
 
 
 def _coalesced(actions: list[engine_mod.Action]) -> list[engine_mod.Action]:

@@ -1,4 +1,4 @@
-"""The qkdp/1 protocol engine of one connection, for either role (protocol/qkdp-v1.md §9–§14).
+"""The qkdp/2 protocol engine of one connection, for either role (protocol/qkdp-v2.md §9–§14).
 
 Theory of operation
 -------------------
@@ -7,7 +7,7 @@ local events to :meth:`Engine.start_round` / :meth:`Engine.abort_round`; each re
 :data:`Action` to carry out *in order*: frames to send, rounds to reserve, keys to store or commit. The
 engine opens no socket or file, reads no clock and draws randomness only from the source it is given.
 
-Every transition is looked up in ``protocol/qkdp-v1.toml`` (:mod:`qkdd.spec`) *before* its handler
+Every transition is looked up in ``protocol/qkdp-v2.toml`` (:mod:`qkdd.spec`) *before* its handler
 runs — a message the table does not allow in the current state is a ``bad-state`` error — and checked
 against the table after it ran: the new state and every message sent must be ones the table lists, or
 we raise :class:`LocalProtocolError`. So the engine cannot do what the spec does not say.
@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from qkdd import spec, wire
+from qkdd import policy, spec, wire
 from qkdd.auth import pki
 from qkdd.auth import psk as psk_auth
 from qkdd.auth import wegman_carter as wc
@@ -42,7 +42,7 @@ from qkdd.records import RoundSummary, key_blocks, key_ids
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)
 NONCE_BYTES = 32
 KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
 KEEPALIVE_CAPABILITY = "keepalive"
@@ -50,14 +50,11 @@ _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
 """One-time-pad bits a reserve-authenticated round consumes (§16)."""
-SESSION_KEY_BITS = 256
-HANDSHAKE_RESERVE_BITS = 2 * wc.OTP_BITS + SESSION_KEY_BITS
-"""Reserve bits a reserve-authenticated handshake consumes: two proofs and the session MAC key (§17)."""
 _TAGGED = {"amplify", "commit", "committed"}
 
 
 class State(enum.Enum):
-    """The states of ``protocol/qkdp-v1.toml`` (each role uses a subset)."""
+    """The states of ``protocol/qkdp-v2.toml`` (each role uses a subset)."""
 
     #: waiting for the peer's hello
     HELLO = "HELLO"
@@ -131,12 +128,22 @@ class ResolvePending:
 
 
 @dataclass(frozen=True, slots=True)
+class SetHandshakeKeys:
+    """Record this side's handshake keys (§17), durably, before the next frame goes out."""
+
+    keys: policy.HandshakeKeys
+
+
+@dataclass(frozen=True, slots=True)
+class RetirePsk:
+    """The first handshake authenticated by a reserve key verified: never accept the PSK again (§17)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
-    """The handshake is over; rounds may run. Persist ``epoch``; ``auth`` says how the connection was
-    authenticated (a ``reserve`` handshake retires the PSK, §17)."""
+    """The handshake is over; rounds may run. ``auth`` says how the connection was authenticated."""
 
     version: int
-    epoch: int
     auth: str
     #: the session's frame MACs by sender, from which the key channel (§19) derives its own; ``None``
     #: unless both hellos offered the key channel's capability
@@ -167,17 +174,54 @@ class Compute:
     urgent: bool = False
 
 
-Action = Send | ReserveRound | RoundEnded | CommitRound | ResolvePending | Ready | ConsumeReserve | Compute
+DURABLE_ACTIONS = (
+    ReserveRound,
+    RoundEnded,
+    CommitRound,
+    ResolvePending,
+    ConsumeReserve,
+    SetHandshakeKeys,
+    RetirePsk,
+)
+"""The actions that write durable state: each is checked against its transition's ``persist``."""
+
+
+def persist_kind(action: object) -> str | None:
+    """The ``persist`` kind of the spec (:data:`spec.PERSIST_KINDS`) an action writes, if it is durable."""
+    match action:
+        case ReserveRound():
+            return "next_round"
+        case RoundEnded(disposition=disposition):
+            return {"aborted": "aborted_round", "pending": "pending_round"}.get(disposition, "round")
+        case CommitRound():
+            return "commit_round"
+        case ResolvePending():
+            return "resolve_pending"
+        case ConsumeReserve():
+            return "reserve_consumed"
+        case SetHandshakeKeys():
+            return "handshake_keys"
+        case RetirePsk():
+            return "retire_psk"
+    return None
+
+
+Action = (
+    Send
+    | ReserveRound
+    | RoundEnded
+    | CommitRound
+    | ResolvePending
+    | Ready
+    | ConsumeReserve
+    | SetHandshakeKeys
+    | RetirePsk
+    | Compute
+)
 
 
 class ReserveExhausted(QkddError):
     """Alice cannot start a round: the reserve cannot pay for it and the PSK may not be used (§17)."""
-
-
-class StaleState(RemoteProtocolError):
-    """Our state directory is older than the peer's (restored from a backup): refuse to run (§17)."""
-
-    code = "stale-state"
 
 
 class ReserveView(Protocol):
@@ -193,15 +237,16 @@ class ReserveView(Protocol):
 
     def pads(self, start: int) -> list[int]: ...
 
+    def handshake_keys(self) -> policy.HandshakeKeys: ...
+
+    def handshake_key(self, position: int) -> bytes: ...
+
 
 class StoreView(Protocol):
     """What the engine reads of the key store (queries only; writes are actions)."""
 
     @property
     def next_round(self) -> int: ...
-
-    @property
-    def epoch(self) -> int: ...
 
     @property
     def psk_retired(self) -> bool: ...
@@ -328,9 +373,10 @@ class Engine:
         self._pointer = 0  # the next unused reserve bit, as agreed with the peer
         self._wc: wc.Mac | None = None
         self._frame = wire.Envelope(0, b"", b"")
-        self._epoch = store.epoch
+        self._keys = store.reserve.handshake_keys()  # §17: our handshake keys, as of this connection
+        self._handshake_key: int | None = None  # the one this connection authenticates with
+        self._peer_total = 0  # the peer's committed reserve bits, from its (authenticated) sync
         self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
-        self._proof_pads: list[list[int]] = []
         self._capabilities: list[str] = []  # what our hello offered
         self._nonce = random.bytes(NONCE_BYTES)
         self._hellos: dict[str, bytes] = {}
@@ -365,16 +411,9 @@ class Engine:
         """The opening hello (§10). Call once, right after connecting."""
         if self._send_seq:
             raise LocalProtocolError("initiate() called twice")
-        reserve = self._store.reserve
-        bootstrap = not self._store.psk_retired or self.settings.fallback_to_psk
         capabilities = []
-        if bootstrap:
+        if not self._store.psk_retired or self.settings.fallback_to_psk:
             capabilities.append(pki.CAPABILITY if self.settings.pki is not None else psk_auth.CAPABILITY)
-        # with fallback_to_psk the PSK stays the handshake method; rounds still use the reserve when they can
-        if not self.settings.fallback_to_psk and self._reserve_ready(
-            reserve.total_bits, reserve.consumed, HANDSHAKE_RESERVE_BITS
-        ):
-            capabilities.append("reserve")
         if self.settings.key_channel:
             capabilities.append(KEY_CHANNEL_CAPABILITY)
         capabilities.append(KEEPALIVE_CAPABILITY)  # Bob takes keepalive in IDLE (§13)
@@ -386,8 +425,7 @@ class Engine:
             role=self.role,
             link_id=self.settings.link_id,
             nonce=self._nonce,
-            reserve_total=reserve.total_bits,
-            reserve_consumed=reserve.consumed,
+            keys=self._listed_keys(),
         )
         self._hellos[self.role] = body
         self._emit("hello", body)
@@ -408,7 +446,7 @@ class Engine:
         try:
             envelope = payload if isinstance(payload, wire.Envelope) else wire.decode_envelope(payload)
             self._check_sequence(envelope)
-            message = message or wire.decode_message(envelope.body)
+            message = message or self._decode(envelope)
             if self.peer_role not in self._spec.messages[message.type].senders:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
             if message.type == "error":
@@ -432,6 +470,22 @@ class Engine:
         except RemoteProtocolError as error:
             self._fail(error)
             raise
+
+    def _decode(self, envelope: wire.Envelope) -> wire.Message:
+        try:
+            return wire.decode_message(envelope.body)
+        except RemoteProtocolError:
+            versions = wire.hello_versions(envelope.body) if envelope.seq == 0 else None
+            if versions is not None and not set(versions) & set(self.settings.versions):
+                raise self._version_mismatch(versions) from None
+            raise
+
+    def _version_mismatch(self, versions: Sequence[int]) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"no common protocol version: peer speaks {list(versions)}, "
+            f"we speak {list(self.settings.versions)}",
+            code="version-mismatch",
+        )
 
     def compute(self, urgent: bool = False) -> None:
         """Do the work a :class:`Compute` action announced (with its ``urgent``), unless it is done (or
@@ -520,11 +574,18 @@ class Engine:
                 )
             raise LocalProtocolError(f"{on} is not allowed in state {self.state.value}")
         self._sent = []
+        written = len(self._out)
         new_state = handler()
-        if new_state.value not in allowed.targets or any(m not in allowed.sends for m in self._sent):
+        persisted = {kind for action in self._out[written:] if (kind := persist_kind(action)) is not None}
+        if (
+            new_state.value not in allowed.targets
+            or any(m not in allowed.sends for m in self._sent)
+            or not persisted <= set(allowed.persist)
+        ):
             raise LocalProtocolError(
-                f"{self.role} {self.state.value} --{on}--> {new_state.value} sending {self._sent} "
-                "is not in protocol/qkdp-v1.toml"
+                f"{self.role} {self.state.value} --{on}--> {new_state.value} sending {self._sent} and "
+                f"persisting {sorted(persisted)} "
+                "is not in protocol/qkdp-v2.toml"
             )
         self.state = new_state
 
@@ -643,11 +704,7 @@ class Engine:
     def _on_hello(self, message: wire.Message) -> State:
         common = set(message["versions"]) & set(self.settings.versions)
         if not common:
-            raise RemoteProtocolError(
-                f"no common protocol version: peer speaks {message['versions']}, we speak "
-                f"{list(self.settings.versions)}",
-                code="version-mismatch",
-            )
+            raise self._version_mismatch(message["versions"])
         self.version = max(common)
         self.peer_capabilities = tuple(message["capabilities"])
         if message["role"] != self.peer_role:
@@ -661,28 +718,16 @@ class Engine:
         self._transcript = transcript
         nonces = self._nonce, message["nonce"]
         alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
-        reserve = self._store.reserve
-        # both advance to the larger consumption: no one-time-pad bit is used twice, crashes included
-        self._pointer = max(reserve.consumed, message["reserve_consumed"])
-        total = min(reserve.total_bits, message["reserve_total"])
         ours = self._capabilities
-        if (
-            "reserve" in ours
-            and "reserve" in message["capabilities"]
-            and self._reserve_ready(total, self._pointer, HANDSHAKE_RESERVE_BITS)
-        ):
+        # §17: nothing of the hello is stored; a tampered key list only makes the proofs fail
+        key = policy.choose_key(self._listed_keys(), message["keys"])
+        if key is not None:
             self.auth = "reserve"
-            start = self._pointer
-            self._pointer += 2 * wc.OTP_BITS + SESSION_KEY_BITS
-            if self.role == "alice":  # Bob marks them used only once Alice has proved herself (_on_auth)
-                self._out.append(ConsumeReserve(self._pointer))
-            self._proof_pads = [reserve.pads(start), reserve.pads(start + wc.OTP_BITS)]
-            session_key = reserve.read(start + 2 * wc.OTP_BITS, SESSION_KEY_BITS)
-            self._macs = psk_auth.session_macs(session_key, alice_nonce, bob_nonce, transcript)
-            if self.role == "alice":  # Bob proves only after Alice did, so strangers cannot drain his reserve
-                self._send(
-                    "auth", proof=self._mac().tag(transcript, self._proof_pads[0]), certificate=b"", kex=b""
-                )
+            self._handshake_key = key
+            secret = self._store.reserve.handshake_key(key)
+            self._handshake_secret = secret
+            self._macs = psk_auth.session_macs(secret, alice_nonce, bob_nonce, transcript)
+            self._send("auth", proof=psk_auth.proof(secret, self.role, transcript), certificate=b"", kex=b"")
             return State.AUTH
         if "pki" in ours and "pki" in message["capabilities"]:
             assert self.settings.pki is not None
@@ -699,12 +744,7 @@ class Engine:
                 )
             return State.AUTH
         if "psk" not in ours or "psk" not in message["capabilities"]:
-            raise RemoteProtocolError(
-                f"no common authentication: ours {ours}, the peer's {list(message['capabilities'])[:4]} "
-                "(the bootstrap method may be retired and the key reserve unable to pay for a handshake: "
-                "re-bootstrap the link)",
-                code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
-            )
+            raise self._no_common_authentication(message)
         self._macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
         self._send(
             "auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript), certificate=b"", kex=b""
@@ -737,26 +777,44 @@ class Engine:
         secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
         self._macs = psk_auth.session_macs(secret, *self._nonces, self._transcript)
 
+    def _listed_keys(self) -> list[int]:
+        reserve_total = self._store.reserve.total_bits
+        return policy.listed_keys(self._keys, reserve_total, self.settings.reserve_switch_bits)
+
+    def _no_common_authentication(self, message: wire.Message) -> RemoteProtocolError:
+        """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is
+        a state directory older than the peer's (or a tampered hello: then the next connection works)."""
+        ours, theirs = self._listed_keys(), list(message["keys"])
+        if ours and theirs:
+            return RemoteProtocolError(
+                f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "
+                "this lasts, one state directory was restored from a backup: re-bootstrap the link",
+                code="stale-state",
+            )
+        capabilities = list(message["capabilities"])[:4]
+        return RemoteProtocolError(
+            f"no common authentication: ours {self._capabilities}, the peer's {capabilities}, handshake "
+            f"keys ours {ours}, the peer's {theirs[:2]} (with the PSK retired and no handshake key: "
+            "re-bootstrap the link)",
+            code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
+        )
+
     def _on_auth(self, message: wire.Message) -> State:
         if self.auth == "reserve":
-            peer = 0 if self.peer_role == "alice" else 1
-            expected = self._mac().tag(self._transcript, self._proof_pads[peer])
-            if not hmac.compare_digest(expected, message["proof"]):
-                raise RemoteProtocolError(
-                    f"the {self.peer_role} reserve proof does not verify", code="auth-failed"
-                )
-            if self.role == "bob":
-                self._out.append(ConsumeReserve(self._pointer))
-                self._send(
-                    "auth",
-                    proof=self._mac().tag(self._transcript, self._proof_pads[1]),
-                    certificate=b"",
-                    kex=b"",
-                )
+            psk_auth.verify_proof(self._handshake_secret, self.peer_role, self._transcript, message["proof"])
+            assert self._handshake_key is not None
+            # §17: the peer holds this key, so older ones are never needed again
+            keys = policy.after_verified(self._keys, self._handshake_key, self._store.reserve.total_bits)
+            if keys != self._keys:
+                self._keys = keys
+                self._out.append(SetHandshakeKeys(keys))
+            if policy.retire_psk(self.auth, self._store.psk_retired, self.settings.fallback_to_psk):
+                self._out.append(RetirePsk())
         elif self.auth == "pki":
             self._pki_auth(message)
         else:
             psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
+        reserve = self._store.reserve
         self._send(
             "sync",
             next_round=self._next_round,
@@ -765,7 +823,8 @@ class Engine:
             eps_sec=self.settings.eps_sec,
             eps_cor=self.settings.eps_cor,
             key_block_bits=self.settings.key_block_bits,
-            epoch=self._store.epoch,
+            reserve_total=reserve.total_bits,
+            reserve_consumed=reserve.consumed,
         )
         return State.SYNC
 
@@ -776,39 +835,65 @@ class Engine:
                     f"{name}: the peer uses {message[name]}, we use {getattr(self.settings, name)}",
                     code="config-mismatch",
                 )
-        own, peer = self._store.epoch, message["epoch"]
-        if peer > own + 1:
-            raise StaleState(
-                f"this state directory is at epoch {own}, the peer's at {peer}: it was restored from a "
-                "backup (or copied); refusing to run, as reserve bits could be used twice"
-            )
-        if own > peer + 1:
-            raise RemoteProtocolError(
-                f"the peer's state is at epoch {peer}, ours at {own}: the peer's state directory was "
-                "restored from a backup",
-                code="stale-state",
-            )
-        self._epoch = max(own, peer) + 1
         self._next_round = max(self._next_round, message["next_round"])
+        # §17: both continue from the larger position, learnt only now that the peer is authenticated,
+        # so no pad either side marked used is used again, and a stranger moves nothing
+        self._pointer = max(self._store.reserve.consumed, message["reserve_consumed"])
+        self._peer_total = message["reserve_total"]
+        if self._pointer > self._store.reserve.consumed:
+            self._out.append(ConsumeReserve(self._pointer))
         if self.role == "bob":
             if message["pending"]:
                 raise RemoteProtocolError("Alice never has pending rounds")
             return State.RESOLVING
         committed = self._store.committed_among(message["pending"])
-        self._send("resolve", committed=committed)
+        self._send("resolve", committed=committed, key_next=self._announce_key())
         self._out.append(self._ready())
         return State.IDLE
 
+    def _announce_key(self) -> list[int]:
+        """Alice: the handshake key she announces in ``resolve`` (§17) — her unused next key again, or a
+        new one at the agreed first unused bit when policy wants one and both reserves hold it."""
+        total = self._store.reserve.total_bits
+        keyed = self.auth == "reserve"
+        if policy.want_new_key(
+            self._keys, total, self.settings.reserve_switch_bits, keyed=keyed
+        ) and policy.key_fits(self._pointer, self._store.reserve.consumed, min(total, self._peer_total)):
+            self._keys = dataclasses.replace(self._keys, next=self._pointer)
+            self._pointer += policy.HANDSHAKE_KEY_BITS
+            self._out.append(ConsumeReserve(self._pointer))  # its bits are never a pad
+            self._out.append(SetHandshakeKeys(self._keys))
+        return [] if self._keys.next is None else [self._keys.next]
+
     def _ready(self) -> Ready:
         keys = KEY_CHANNEL_CAPABILITY in self.peer_capabilities and self.settings.key_channel
-        return Ready(self.version or 1, self._epoch, self.auth, dict(self._macs) if keys else None)
+        return Ready(self.version or SUPPORTED_VERSIONS[-1], self.auth, dict(self._macs) if keys else None)
 
     def _on_resolve(self, message: wire.Message) -> State:
         if not set(message["committed"]) <= set(self._own_pending):
             raise RemoteProtocolError("resolve lists a round that is not pending here")
         self._out.append(ResolvePending(tuple(message["committed"])))
+        for key in message["key_next"]:
+            self._take_announced_key(key)
         self._out.append(self._ready())
         return State.IDLE
+
+    def _take_announced_key(self, key: int) -> None:
+        """Bob: Alice's announced handshake key (§17), from an authenticated ``resolve``: keep it as next
+        and mark its bits used (Alice did before announcing it)."""
+        if key in self._keys.positions():
+            return
+        if key + policy.HANDSHAKE_KEY_BITS > self._store.reserve.total_bits or (
+            self._keys.current is not None and key < self._keys.current
+        ):
+            raise RemoteProtocolError(
+                f"resolve announces a handshake key at reserve bit {key}; Bob holds "
+                f"{self._store.reserve.total_bits} bits and keys {self._keys.positions()}"
+            )
+        self._keys = dataclasses.replace(self._keys, next=key)
+        self._pointer = max(self._pointer, key + policy.HANDSHAKE_KEY_BITS)
+        self._out.append(ConsumeReserve(self._pointer))
+        self._out.append(SetHandshakeKeys(self._keys))
 
     # -- a round, Alice's and Bob's handlers interleaved in protocol order
 
@@ -832,13 +917,18 @@ class Engine:
         if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
             if self._reserve_ready(total, self._pointer, ROUND_RESERVE_BITS):
                 return "reserve"
-            if self.auth != "reserve" and self.settings.fallback_to_psk:
-                return self.auth
+            if self.settings.fallback_to_psk:
+                return self._session_auth()
             raise ReserveExhausted(
                 f"the key reserve holds {max(0, total - self._pointer)} unused bits, a round needs "
                 f"{ROUND_RESERVE_BITS}; the link pauses (set auth.fallback_to_psk to use the PSK instead)"
             )
         return self.auth  # the bootstrap method: psk or pki
+
+    def _session_auth(self) -> str:
+        """A round that takes no pad is authenticated by the connection's frame MACs alone: by the
+        bootstrap method, or ``session`` on a connection authenticated by a reserve handshake key."""
+        return "session" if self.auth == "reserve" else self.auth
 
     def _on_round_start(self, message: wire.Message) -> State:
         link = self._link
@@ -852,9 +942,15 @@ class Engine:
             raise RemoteProtocolError(
                 "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
             )
-        if message["auth"] != "reserve" and message["auth"] != self.auth:
+        if message["auth"] != "reserve" and message["auth"] != self._session_auth():
             raise RemoteProtocolError(
                 f"a {message['auth']} round on a {self.auth}-authenticated connection", code="bad-message"
+            )
+        if message["auth"] == "session" and not self.settings.fallback_to_psk:
+            raise RemoteProtocolError(
+                "a round without a reserve tag on a reserve-authenticated connection; Bob allows it only "
+                "with auth.fallback_to_psk",
+                code="config-mismatch",
             )
         self._next_round = number + 1
         self._out.append(ReserveRound(number))
@@ -1304,7 +1400,7 @@ class Engine:
 
 
 def _fields_of(value: Any) -> dict[str, Any]:
-    """A stage message's fields by name (they are named as in protocol/qkdp-v1.toml)."""
+    """A stage message's fields by name (they are named as in protocol/qkdp-v2.toml)."""
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 

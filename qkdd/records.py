@@ -13,7 +13,7 @@ import numpy as np
 from qkdd.bits import Bits, pack_bits
 
 KEY_ID_NAMESPACE = uuid.UUID("5b0e3f1c-6a8e-4a43-9c71-3d0f6f2a9b11")
-"""UUIDv5 namespace of key IDs (protocol/qkdp-v1.md §14)."""
+"""UUIDv5 namespace of key IDs (protocol/qkdp-v2.md §14)."""
 
 
 @dataclass(frozen=True, slots=True)

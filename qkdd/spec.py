@@ -1,14 +1,14 @@
-"""The qkdp/1 spec as data: ``protocol/qkdp-v1.toml`` loaded into typed, immutable tables.
+"""The qkdp/2 spec as data: ``protocol/qkdp-v2.toml`` loaded into typed, immutable tables.
 
 Theory of operation
 -------------------
 Everything that defines the wire protocol — the envelope, each message's fields and bounds, the states
-of each role, the transitions and the error codes — lives once, in ``protocol/qkdp-v1.toml``. This module
+of each role, the transitions and the error codes — lives once, in ``protocol/qkdp-v2.toml``. This module
 reads it and offers two things: :func:`check_fields`, which the wire layer uses to validate every message
 in both directions, and :class:`Spec.allowed`, which the engine consults before and after every
 transition. Nothing here knows which role we play or what a message means.
 
-``python -m qkdd.spec diagram`` prints the state diagram (Mermaid) that ``protocol/qkdp-v1.md`` embeds;
+``python -m qkdd.spec diagram`` prints the state diagram (Mermaid) that ``protocol/qkdp-v2.md`` embeds;
 a test checks that the embedded copy is current.
 """
 
@@ -25,10 +25,22 @@ from typing import Any
 
 from qkdd.errors import RemoteProtocolError
 
-SPEC_PATH = Path(__file__).parent / "_protocol" / "qkdp-v1.toml"
+SPEC_PATH = Path(__file__).parent / "_protocol" / "qkdp-v2.toml"
 """The spec file (``qkdd/_protocol`` is a link to the repository's ``protocol/`` folder)."""
 
 ROLES = ("alice", "bob")
+PERSIST_KINDS = (
+    "next_round",
+    "aborted_round",
+    "pending_round",
+    "round",
+    "commit_round",
+    "resolve_pending",
+    "reserve_consumed",
+    "handshake_keys",
+    "retire_psk",
+)
+"""The durable writes a transition may list under ``persist`` (the engine's durable actions)."""
 FIELD_TYPES = ("uint", "float", "bool", "str", "bin", "uints", "strs")
 
 
@@ -110,7 +122,7 @@ class Transition:
     on: str  # "recv:<message>" or a local event name
     targets: tuple[str, ...]
     sends: tuple[str, ...]
-    persist: str
+    persist: tuple[str, ...]  # the kinds of durable write allowed before the sends (PERSIST_KINDS)
 
 
 @dataclass(frozen=True)
@@ -197,7 +209,7 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
                     entry["on"],
                     tuple(entry["to"]),
                     tuple(entry.get("sends", ())),
-                    entry.get("persist", ""),
+                    tuple(entry.get("persist", ())),
                 )
             )
     for t in transitions:
@@ -207,6 +219,8 @@ def parse_spec(raw: Mapping[str, Any]) -> Spec:
         for sent in t.sends:
             if sent not in messages or t.role not in messages[sent].senders:
                 raise ValueError(f"spec: {t.role} cannot send {sent!r}")
+        if any(kind not in PERSIST_KINDS for kind in t.persist):
+            raise ValueError(f"spec: transition {t} persists an unknown kind of write")
         if t.on.startswith("recv:"):
             received = t.on[5:]
             if (
@@ -241,7 +255,7 @@ def load() -> Spec:
 
 
 def mermaid(spec: Spec, role: str) -> str:
-    """The state diagram of ``role`` in Mermaid syntax (generated; embedded in qkdp-v1.md)."""
+    """The state diagram of ``role`` in Mermaid syntax (generated; embedded in qkdp-v2.md)."""
     lines = ["stateDiagram-v2", f"    [*] --> {spec.states[role][0]}"]
     for t in spec.transitions:
         if t.role != role:
@@ -256,7 +270,7 @@ def mermaid(spec: Spec, role: str) -> str:
 
 
 def diagrams(spec: Spec) -> str:
-    """Both roles' diagrams as the Markdown block qkdp-v1.md embeds."""
+    """Both roles' diagrams as the Markdown block qkdp-v2.md embeds."""
     parts = []
     for role in ROLES:
         parts.append(f"**{role.capitalize()}**\n\n```mermaid\n{mermaid(spec, role)}\n```")

@@ -1,4 +1,4 @@
-"""The key store: one SQLite database in the state directory (protocol/qkdp-v1.md §13–§14).
+"""The key store: one SQLite database in the state directory (protocol/qkdp-v2.md §13–§14).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Framing (protocol/qkdp-v1.md §9): the only layer that sees bytes.
+"""Framing (protocol/qkdp-v2.md §9): the only layer that sees bytes.
 
 Theory of operation
 -------------------
@@ -7,7 +7,7 @@ A frame is a 4-byte big-endian length followed by that many bytes holding one ms
 ``{"type": name, ...fields}``. :class:`FrameDecoder` is fed bytes as they arrive and yields complete
 frame payloads; it refuses an oversize length as soon as the 4 length bytes are in, before buffering
 anything more. :func:`decode_envelope` and :func:`decode_message` turn payloads into checked values:
-every field present, none extra, each of its type and within the bounds of ``protocol/qkdp-v1.toml``.
+every field present, none extra, each of its type and within the bounds of ``protocol/qkdp-v2.toml``.
 
 Anything malformed raises :class:`RemoteProtocolError` (code ``bad-frame`` or ``bad-message``); after one,
 the decoder is unusable, because a byte stream cannot be resynchronised. Encoding goes through the same
@@ -144,6 +144,22 @@ def decode_message(body: bytes) -> Message:
         raise RemoteProtocolError(f"unknown message type {name[:32]!r}", code="bad-message")
     spec.check_fields(message_spec.fields, fields, name)
     return Message(name, fields)
+
+
+def hello_versions(body: bytes) -> list[int] | None:
+    """The ``versions`` of a hello of any protocol version (its other fields may differ from ours), or
+    ``None`` if ``body`` is no such hello: so that a peer of another version gets ``version-mismatch``
+    rather than a complaint about fields it could not know (§10)."""
+    try:
+        fields = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(fields, dict) or fields.get("type") != "hello":
+        return None
+    versions = fields.get("versions")
+    if not isinstance(versions, list) or not all(type(v) is int for v in versions[:16]):
+        return None
+    return versions[:16]
 
 
 def encode_message(name: str, **fields: Any) -> bytes:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from qkdd import engine, wire
+from qkdd import engine, policy, wire
 from qkdd.auth import wegman_carter as wc
 from qkdd.links.sim import SimParameters, open_link
 from qkdd.records import RoundSummary
@@ -35,6 +35,7 @@ class MemoryReserve:
     chunks: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     consumed_value: int = 128
     used: list[tuple[int, int]] = field(default_factory=list)  # audit: (from, to) of every consumption
+    keys: policy.HandshakeKeys = field(default_factory=policy.HandshakeKeys)
 
     @property
     def total_bits(self) -> int:
@@ -63,6 +64,14 @@ class MemoryReserve:
         assert start >= 128
         return wc.split_bits(self.read(start, wc.OTP_BITS), wc.HASHES)
 
+    def handshake_keys(self) -> policy.HandshakeKeys:
+        return self.keys
+
+    def handshake_key(self, position: int) -> bytes:
+        if position == policy.INITIAL_KEY:
+            return self.read(0, 128)
+        return self.read(position, policy.HANDSHAKE_KEY_BITS)
+
     def consume(self, upto: int) -> None:
         if upto > self.consumed_value:
             self.used.append((self.consumed_value, upto))
@@ -80,7 +89,6 @@ class MemoryStore:
     ready: bool = False
     reserve: MemoryReserve = field(default_factory=MemoryReserve)
     pending_reserve: dict[int, tuple[bytes, int]] = field(default_factory=dict)
-    epoch: int = 0
     psk_retired: bool = False
 
     @property
@@ -121,11 +129,12 @@ class MemoryStore:
                         self.pending_reserve.pop(r, None)
             case engine.ConsumeReserve(upto=upto):
                 self.reserve.consume(upto)
-            case engine.Ready(epoch=epoch, auth=auth):
+            case engine.SetHandshakeKeys(keys=keys):
+                self.reserve.keys = keys
+            case engine.RetirePsk():
+                self.psk_retired = True
+            case engine.Ready():
                 self.ready = True
-                self.epoch = epoch
-                if auth == "reserve":
-                    self.psk_retired = True
 
     def _add_reserve(self, round_number: int, reserve: tuple[bytes, int]) -> None:
         if reserve[1]:

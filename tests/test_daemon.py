@@ -149,13 +149,13 @@ async def test_a_failing_link_ends_the_connection_not_the_daemon(
 @pytest.mark.parametrize(
     ("used_up_to", "status", "message"),
     [
-        # enough for a handshake (500 bits) but not for a round (366 more)
-        (800, "paused: key reserve exhausted", "the key reserve holds"),
-        # not even enough for a handshake, and the PSK is retired
+        # a handshake key but not enough for a round (366 bits)
+        (200, "paused: key reserve exhausted", "the key reserve holds"),
+        # Alice's state restored from a backup older than Bob's handshake key: they share none
         (
-            200,
-            "paused: key reserve exhausted (re-bootstrap needed)",
-            "re-bootstrap with auth.fallback_to_psk",
+            -1,
+            "paused: no handshake key in common (re-bootstrap needed)",
+            "restored from a backup",
         ),
     ],
 )
@@ -163,6 +163,7 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, used_up_to: int, status: str, message: str
 ) -> None:
     from qkdd.admin import read_status_file  # noqa: PLC0415
+    from qkdd.policy import HandshakeKeys  # noqa: PLC0415
     from qkdd.records import RoundSummary  # noqa: PLC0415
 
     alice_config, bob_config = configs(tmp_path, 1)
@@ -171,8 +172,10 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
         store = KeyStore(config_.state_dir, config_.link_id)
         summary = RoundSummary(0, 0, 1, 1, 1, 0.01, 0.01, 1, 0, False, None, "psk")
         store.store_round(summary, [], False, None, (bytes(range(256)) * 4, 8192))
-        store.reserve.consume(8192 - used_up_to)
+        store.reserve.consume(8192 - max(used_up_to, 0))
         store.retire_psk()
+        if used_up_to < 0 and config_ is bob_config:
+            store.reserve.set_handshake_keys(HandshakeKeys(4096, None, 8192))
         store.close()
     caplog.set_level(logging.INFO, logger="qkdd")
     paused = trio.Event()

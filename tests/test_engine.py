@@ -1,4 +1,4 @@
-"""The protocol engine of both roles, through an in-memory ConnectionPair (qkdp-v1.md §9–§14)."""
+"""The protocol engine of both roles, through an in-memory ConnectionPair (qkdp-v2.md §9–§14)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
     pair = ConnectionPair()
     pair.connect()
     assert pair.alice.state is engine.State.IDLE and pair.bob.state is engine.State.IDLE
-    assert pair.alice.version == pair.bob.version == 1
+    assert pair.alice.version == pair.bob.version == 2
     for _ in range(3):
         pair.round()
     alice_keys, bob_keys = pair.alice_store.key_map(), pair.bob_store.key_map()
@@ -252,8 +252,39 @@ def test_no_common_version_sends_an_error_listing_ours() -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         bob.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, alice._hellos["alice"]))[0])
     assert caught.value.code == "version-mismatch"
-    assert error_of(caught.value.frame)["versions"] == [1]
+    assert error_of(caught.value.frame)["versions"] == [2]
     assert bob.state is engine.State.CLOSED
+
+
+def test_a_qkdp1_hello_gets_a_clean_version_mismatch() -> None:
+    """§10: the versions are checked before the fields, which differ between versions."""
+    bob, _ = make_engine("bob")
+    bob.initiate()
+    v1_hello = msgpack.packb(
+        {
+            "type": "hello",
+            "versions": [1],
+            "capabilities": ["psk", "keepalive"],
+            "role": "alice",
+            "link_id": "test-link",
+            "nonce": bytes(32),
+            "reserve_total": 4096,
+            "reserve_consumed": 128,
+        },
+        use_bin_type=True,
+    )
+    with pytest.raises(RemoteProtocolError) as caught:
+        bob.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, v1_hello))[0])
+    assert caught.value.code == "version-mismatch"
+    assert error_of(caught.value.frame)["versions"] == [2]
+    # a malformed hello of our own version is still a plain bad-message
+    bob, _ = make_engine("bob")
+    bob.initiate()
+    with pytest.raises(RemoteProtocolError) as caught:
+        bob.receive_frame(
+            wire.FrameDecoder().feed(wire.encode_frame(0, v1_hello.replace(b"\x91\x01", b"\x91\x02")))[0]
+        )
+    assert caught.value.code == "bad-message"
 
 
 @pytest.mark.parametrize(
@@ -394,13 +425,12 @@ def test_bob_pending_round_is_committed_when_alice_did() -> None:
 
 MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
     "hello": {
-        "versions": [1],
+        "versions": [2],
         "capabilities": ["psk"],
         "role": "alice",
         "link_id": "test-link",
         "nonce": bytes(32),
-        "reserve_total": 0,
-        "reserve_consumed": 0,
+        "keys": [],
     },
     "auth": {"proof": bytes(32), "certificate": b"", "kex": b""},
     "sync": {
@@ -410,9 +440,10 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "eps_sec": 1e-9,
         "eps_cor": 1e-15,
         "key_block_bits": 256,
-        "epoch": 0,
+        "reserve_total": 0,
+        "reserve_consumed": 0,
     },
-    "resolve": {"committed": []},
+    "resolve": {"committed": [], "key_next": []},
     "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19, "auth": "psk"},
     "sift_announce": {
         "round": 0,

@@ -1,4 +1,4 @@
-"""The engine and protocol/qkdp-v1.toml agree; the docs' diagram is generated from the file."""
+"""The engine and protocol/qkdp-v2.toml agree; the docs' diagram is generated from the file."""
 
 from __future__ import annotations
 

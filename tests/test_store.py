@@ -1,4 +1,4 @@
-"""The SQLite key store (qkdp-v1.md §13-§14)."""
+"""The SQLite key store (qkdp-v2.md §13-§14)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Framing and message checks (qkdp-v1.md §9): only RemoteProtocolError escapes the receive path."""
+"""Framing and message checks (qkdp-v2.md §9): only RemoteProtocolError escapes the receive path."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ from qkdd.errors import LocalProtocolError, RemoteProtocolError
 from tests.conftest import load_vectors
 
 HELLO = {
-    "versions": [1],
+    "versions": [2],
     "capabilities": ["psk"],
     "role": "alice",
     "link_id": "l",
     "nonce": bytes(32),
-    "reserve_total": 0,
-    "reserve_consumed": 0,
+    "keys": [],
 }
 
 

@@ -65,7 +65,7 @@ def varint_vectors() -> list[dict[str, object]]:
     return [{"value": v, "encoded": encode_varints(np.array([v], dtype=np.uint64)).hex()} for v in values]
 
 
-KEY_ID_NAMESPACE = uuid.UUID("5b0e3f1c-6a8e-4a43-9c71-3d0f6f2a9b11")  # qkdp-v1.md §14
+KEY_ID_NAMESPACE = uuid.UUID("5b0e3f1c-6a8e-4a43-9c71-3d0f6f2a9b11")  # qkdp-v2.md §14
 
 
 def key_id_vectors() -> list[dict[str, object]]:

@@ -1,1 +1,1 @@
-"""Authentication of the classical channel: bootstrap (PSK) and the per-frame MAC (qkdp-v1.md §12)."""
+"""Authentication of the classical channel: bootstrap (PSK) and the per-frame MAC (qkdp-v2.md §12)."""

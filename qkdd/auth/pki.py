@@ -1,4 +1,4 @@
-"""PKI bootstrap: a CA, node certificates, and the signed hybrid key exchange (qkdp-v1.md §18).
+"""PKI bootstrap: a CA, node certificates, and the signed hybrid key exchange (qkdp-v2.md §18).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Bootstrap authentication with a pre-shared key (protocol/qkdp-v1.md §12).
+"""Bootstrap authentication with a pre-shared key (protocol/qkdp-v2.md §12).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""The key reserve: authentication key bits taken from QKD's own output (qkdp-v1.md §16–§17).
+"""The key reserve: authentication key bits taken from QKD's own output (qkdp-v2.md §16–§17).
 
 Theory of operation
 -------------------
@@ -20,6 +20,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 from qkdd.auth import wegman_carter as wc
 from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import InputError
+from qkdd.policy import HANDSHAKE_KEY_BITS, INITIAL_KEY, HandshakeKeys
 
 KEY_REGION_BITS = 128
 """Reserve bits [0, 128) hold the two 61-bit hash keys; one-time pads start here."""
@@ -128,3 +130,32 @@ class KeyReserve:
         """Every consumption, in order: the audit trail."""
         rows = self._db.execute("SELECT first, past FROM reserve_use ORDER BY rowid").fetchall()
         return [(int(a), int(b)) for a, b in rows]
+
+    def handshake_keys(self) -> HandshakeKeys:
+        """This side's handshake keys (§17). A store from qkdp/1 has none recorded: if its PSK was retired,
+        its reserve handshakes continue under the key of :data:`INITIAL_KEY`."""
+        value = get_meta(self._db, "handshake_keys")
+        if value is None:
+            retired = get_meta(self._db, "psk_retired") == "1"
+            return HandshakeKeys(INITIAL_KEY if retired else None, None, self.total_bits if retired else 0)
+        raw = json.loads(value)
+        return HandshakeKeys(raw["current"], raw["next"], int(raw["since"]))
+
+    def set_handshake_keys(self, keys: HandshakeKeys) -> None:
+        """Record this side's handshake keys, durably."""
+        value = json.dumps({"current": keys.current, "next": keys.next, "since": keys.since})
+        with transaction(self._db):
+            set_meta(self._db, "handshake_keys", value)
+
+    def handshake_key(self, position: int) -> bytes:
+        """The secret of the handshake key at ``position``: 256 reserve bits, or the 128 hash-key bits for
+        :data:`INITIAL_KEY`.
+
+        Raises:
+            InputError: the reserve does not hold those bits.
+        """
+        if position == INITIAL_KEY:
+            return self.read(0, KEY_REGION_BITS)
+        if position < KEY_REGION_BITS:
+            raise InputError(f"no handshake key at reserve bit {position}: the hash keys are there")
+        return self.read(position, HANDSHAKE_KEY_BITS)

@@ -1,4 +1,4 @@
-"""Information-theoretic message authentication: Wegman–Carter with a polynomial hash (qkdp-v1.md §16).
+"""Information-theoretic message authentication: Wegman–Carter with a polynomial hash (qkdp-v2.md §16).
 
 Theory of operation
 -------------------
@@ -236,7 +236,7 @@ class Mac:
 
 
 class Transcript:
-    """One direction's round transcript (qkdp-v1.md §16), hashed as it grows.
+    """One direction's round transcript (qkdp-v2.md §16), hashed as it grows.
 
     :meth:`append` only queues the bytes; :meth:`absorb` hashes every whole chunk of :data:`CHUNK`
     blocks queued so far and may run on another thread while frames keep coming (qkdd's daemon does it

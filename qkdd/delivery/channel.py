@@ -1,8 +1,8 @@
-"""The key channel (protocol/qkdp-v1.md §19): framing and authentication, sans-IO.
+"""The key channel (protocol/qkdp-v2.md §19): framing and authentication, sans-IO.
 
 Theory of operation
 -------------------
-The key-channel messages of ``protocol/qkdp-v1.toml`` (``channel = "keys"``) share the connection with
+The key-channel messages of ``protocol/qkdp-v2.toml`` (``channel = "keys"``) share the connection with
 the round messages but not their sequence numbers: each direction counts its key-channel frames from 0.
 Every frame carries HMAC-SHA256 over (seq, body) under a key of its direction derived from the session's
 frame-MAC key (§12) with HKDF-Expand and the label ``"qkdp/1 channel keys"``. So the channel is

@@ -1,4 +1,4 @@
-"""PKI bootstrap (qkdp-v1.md §18): CA and node certificates, signed hybrid key exchange, every refusal."""
+"""PKI bootstrap (qkdp-v2.md §18): CA and node certificates, signed hybrid key exchange, every refusal."""
 
 from __future__ import annotations
 

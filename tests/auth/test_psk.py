@@ -1,4 +1,4 @@
-"""PSK bootstrap (qkdp-v1.md §12): vectors, proof checks, PSK files."""
+"""PSK bootstrap (qkdp-v2.md §12): vectors, proof checks, PSK files."""
 
 from __future__ import annotations
 

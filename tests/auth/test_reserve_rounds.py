@@ -1,4 +1,4 @@
-"""Reserve-based authentication in the engine (qkdp-v1.md §16-§17), through the in-memory ConnectionPair."""
+"""Reserve-based authentication in the engine (qkdp-v2.md §16-§17), through the in-memory ConnectionPair."""
 
 from __future__ import annotations
 
@@ -58,22 +58,48 @@ def test_transcripts_hashed_while_waiting_give_the_same_tags(run_compute: bool |
     no_bit_used_twice(pair)
 
 
+def reconnect(pair: ConnectionPair, **kwargs: Any) -> ConnectionPair:
+    again = ConnectionPair(alice_store=pair.alice_store, bob_store=pair.bob_store, **{**SMALL, **kwargs})
+    again.connect()
+    return again
+
+
 def test_a_reserve_handshake_retires_the_psk() -> None:
     first = pair_with()
     for _ in range(4):
         first.round()
-    # the next connection authenticates from the reserve, so a wrong PSK no longer matters
-    second = ConnectionPair(
-        alice_store=first.alice_store, bob_store=first.bob_store, bob_psk=bytes(32), **SMALL
-    )
-    second.connect()
+    # the next connection authenticates with a handshake key of the reserve, so the PSK no longer matters
+    second = reconnect(first, bob_psk=bytes(32))
     assert second.alice.auth == second.bob.auth == "reserve"
     assert first.alice_store.psk_retired and first.bob_store.psk_retired
     second.round()
     assert second.summaries["alice"][-1].auth == "reserve" and not second.summaries["alice"][-1].aborted
     assert second.alice_store.key_map() == second.bob_store.key_map()
     no_bit_used_twice(second)
-    assert first.alice_store.epoch == first.bob_store.epoch == 2
+    # it used the initial key (the hash-key bits) and announced a key of its own, used from then on
+    keys = second.alice_store.reserve.keys
+    assert keys == second.bob_store.reserve.keys and keys.current == 0 and keys.next is not None
+    third = reconnect(second)
+    assert third.alice_store.reserve.keys == third.bob_store.reserve.keys
+    assert (third.alice_store.reserve.keys.current, third.alice_store.reserve.keys.next) == (keys.next, None)
+
+
+def test_handshake_keys_rotate_once_per_refill_and_never_on_reconnects() -> None:
+    """§17: a new key is announced only after the reserve grew; connections that run no round, or that
+    are cut after the handshake, spend no reserve bit and change no key."""
+    pair = pair_with()
+    for _ in range(4):
+        pair.round()
+    pair = reconnect(pair)
+    pair.round()
+    pair = reconnect(pair)
+    keys, consumed = pair.alice_store.reserve.keys, pair.alice_store.reserve.consumed
+    for _ in range(5):
+        pair = reconnect(pair)
+        assert pair.alice.auth == "reserve"
+    assert pair.alice_store.reserve.keys == pair.bob_store.reserve.keys == keys
+    assert pair.alice_store.reserve.consumed == consumed
+    no_bit_used_twice(pair)
 
 
 def test_a_tampered_frame_with_a_valid_session_mac_fails_the_transcript_tag() -> None:
@@ -119,24 +145,27 @@ def test_the_reserve_running_dry_pauses_the_link_or_falls_back() -> None:
         else:
             for _ in range(30):
                 pair.round()
-            assert pair.summaries["alice"][-1].auth == "psk"
+            assert pair.summaries["alice"][-1].auth == "session"  # the frame MACs of a reserve handshake
             assert pair.alice_store.key_map() == pair.bob_store.key_map()
 
 
-def test_a_restored_state_directory_is_refused() -> None:
+def test_a_restored_state_directory_is_refused_without_changing_anything() -> None:
     first = pair_with()
     for _ in range(4):
         first.round()
-    again = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
-    again.connect()
-    for _ in range(2):
-        again.round()
-    assert first.alice_store.epoch == 2
-    first.alice_store.epoch = 0  # Alice's state dir restored from an old backup
-    stale = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
-    with pytest.raises(RemoteProtocolError) as caught:
-        stale.connect()
-    assert caught.value.code == "stale-state"
+    backup = first.alice_store.reserve.keys  # Alice's state directory is backed up here
+    again = reconnect(first)
+    again.round()
+    again = reconnect(again)  # the key announced after the backup is in use: the backup's keys retired
+    assert not set(backup.positions()) & set(again.bob_store.reserve.keys.positions())
+    first.alice_store.reserve.keys = backup  # and restored
+    bob_before = (again.bob_store.reserve.keys, again.bob_store.reserve.consumed)
+    for _ in range(3):  # it stays refused: a restore is not healed by retrying
+        stale = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
+        with pytest.raises(RemoteProtocolError) as caught:
+            stale.connect()
+        assert caught.value.code == "stale-state" and "restored from a backup" in str(caught.value)
+        assert (again.bob_store.reserve.keys, again.bob_store.reserve.consumed) == bob_before
 
 
 def test_a_crash_between_tags_never_reuses_a_pad() -> None:
@@ -209,27 +238,32 @@ def test_a_stranger_cannot_make_bob_spend_reserve_bits() -> None:
     assert first.bob_store.reserve.consumed == consumed
 
 
-def test_fallback_to_psk_re_bootstraps_a_retired_link() -> None:
+def test_fallback_to_psk_keeps_a_dry_link_running_on_session_authentication() -> None:
     first = pair_with()
     for _ in range(4):
         first.round()
-    second = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
-    second.connect()
-    assert first.alice_store.psk_retired
-    # the reserve is gone (say, a long outage): without the fallback nothing can authenticate
+    second = reconnect(first)
+    assert first.alice_store.psk_retired and second.alice.auth == "reserve"
+    # the reserve is gone (say, a long outage): the handshake key still authenticates the connection,
+    # but no round can pay for its tags, so the link pauses...
     for store in (first.alice_store, first.bob_store):
         store.reserve.consume(store.reserve.total_bits)
-    stuck = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
-    with pytest.raises(RemoteProtocolError) as caught:
-        stuck.connect()
-    assert caught.value.code == "reserve-exhausted"
-    again = ConnectionPair(
-        alice_store=first.alice_store, bob_store=first.bob_store, **{**SMALL, "fallback_to_psk": True}
-    )
-    again.connect()
-    assert again.alice.auth == "psk"
+    stuck = reconnect(second)
+    assert stuck.alice.auth == "reserve"
+    with pytest.raises(engine.ReserveExhausted):
+        stuck.round()
+    # ...unless both allow rounds authenticated by the session's frame MACs alone
+    again = reconnect(stuck, fallback_to_psk=True)
     again.round()
+    assert again.summaries["alice"][-1].auth == "session" and not again.summaries["alice"][-1].aborted
     assert again.alice_store.key_map() == again.bob_store.key_map()
+    # a Bob that does not allow it refuses such a round
+    for store in (first.alice_store, first.bob_store):
+        store.reserve.consume(store.reserve.total_bits)
+    refused = reconnect(again, alice_fallback_to_psk=True)
+    refused.handle("alice", refused.alice.start_round())
+    with pytest.raises(RemoteProtocolError, match="fallback_to_psk"):
+        refused.run()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The Wegman–Carter MAC (qkdp-v1.md §16): fast hash = reference hash = vectors; tags detect changes."""
+"""The Wegman–Carter MAC (qkdp-v2.md §16): fast hash = reference hash = vectors; tags detect changes."""
 
 from __future__ import annotations
 

@@ -1,0 +1,83 @@
+"""Protocol policy as pure functions (protocol/qkdp-v2.md §17): which handshake key to use, when to take a
+new one, when the PSK retires.
+
+Theory of operation
+-------------------
+A side's handshake keys are at most two positions in the key reserve: ``current``, the key of the last
+handshake that verified, and ``next``, a key Alice has announced in ``resolve`` and that has not been used
+yet. Both hellos list them; both sides pick the same key from the two lists (:func:`choose_key`). Keys
+change only on authenticated events: a verified proof retires every older key (:func:`after_verified`),
+and Alice takes a new key only after an authenticated ``sync`` and only when the reserve has grown since
+her current key was adopted (:func:`want_new_key`), so cutting connections spends nothing. Nothing here
+reads a clock, the disk or the network: the engine, ``qkdd conform`` and the tests call the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+HANDSHAKE_KEY_BITS = 256
+"""Reserve bits of one handshake key (the HMAC key of the PSK handshake, §12, in place of the PSK)."""
+INITIAL_KEY = 0
+"""The first handshake key of every link, before any was announced: the 128 hash-key bits of the reserve
+(the same at both sides as soon as the first round refilled it); also that of a link upgraded from qkdp/1."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeKeys:
+    """One side's handshake keys (reserve positions) and the reserve's size when ``current`` was adopted."""
+
+    current: int | None = None
+    next: int | None = None
+    since: int = 0
+
+    def positions(self) -> list[int]:
+        """The keys this side holds, oldest first."""
+        return [key for key in (self.current, self.next) if key is not None]
+
+
+def listed_keys(keys: HandshakeKeys, reserve_total: int, switch_bits: int) -> list[int]:
+    """What the hello lists: the keys held, and the initial key while no handshake used one yet and the
+    reserve holds at least ``switch_bits`` (the point at which the link switches to its reserve)."""
+    initial = [INITIAL_KEY] if keys.current is None and reserve_total >= switch_bits else []
+    return initial + keys.positions()
+
+
+def choose_key(ours: Sequence[int], theirs: Sequence[int]) -> int | None:
+    """§17: the newest key both hellos list (``None``: none in common). Both sides compute the same."""
+    common = set(ours) & set(theirs)
+    return max(common) if common else None
+
+
+def after_verified(keys: HandshakeKeys, used: int, reserve_total: int) -> HandshakeKeys:
+    """The keys once the peer's proof made with key ``used`` verified: every older key retires, since the
+    peer holds ``used`` and never again needs an older one (only an authenticated proof moves keys)."""
+    if used == keys.current:
+        return keys
+    if used == keys.next:
+        return HandshakeKeys(used, None, reserve_total)
+    if used == INITIAL_KEY and keys.current is None:
+        return HandshakeKeys(used, keys.next, 0)  # replaced by a key of its own at the first chance
+    raise ValueError(f"handshake key {used} is not one of {keys}")
+
+
+def want_new_key(keys: HandshakeKeys, reserve_total: int, switch_bits: int, *, keyed: bool) -> bool:
+    """Alice: whether to announce a new key now. Never while one is announced and unused (she sends that
+    one again); otherwise when this connection was not authenticated by a handshake key (the first key, or
+    a link re-bootstrapped after its keys parted), or when the reserve grew since the current key was
+    adopted. So a connection that is cut after ``resolve`` costs no key bits."""
+    if keys.next is not None or reserve_total < switch_bits:
+        return False
+    return keys.current is None or not keyed or reserve_total > keys.since
+
+
+def key_fits(position: int, consumed: int, common_total: int) -> bool:
+    """Whether a new key can start at ``position`` (the agreed first unused bit) in both reserves."""
+    return position >= consumed and position + HANDSHAKE_KEY_BITS <= common_total
+
+
+def retire_psk(auth: str, retired: bool, fallback_to_psk: bool) -> bool:
+    """Whether a verified handshake retires the bootstrap PSK: the first one authenticated by a reserve
+    key, unless ``auth.fallback_to_psk`` keeps it."""
+    return auth == "reserve" and not retired and not fallback_to_psk
