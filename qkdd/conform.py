@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 
 from qkdd import engine as engine_mod
-from qkdd import spec, wire
+from qkdd import policy, spec, wire
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
 from qkdd.daemon import credentials, engine_settings
@@ -44,6 +44,12 @@ REQUIREMENTS = {
     "QKDP-10.1": "With a protocol version in common, the handshake completes at the highest one.",
     "QKDP-10.2": "With no version in common, the peer sends error version-mismatch listing its versions, "
     "then closes.",
+    "QKDP-10.3": "A hello of another protocol version, with that version's fields, gets error "
+    "version-mismatch, not a complaint about its fields.",
+    "QKDP-22.1": "A hello whose handshake keys were rewritten in transit fails the handshake and changes "
+    "nothing: the next honest connection completes and runs a round.",
+    "QKDP-22.2": "A key-channel frame before the handshake is over is refused with an error frame; it "
+    "does not stall the connection.",
     "QKDP-9.1": "A frame length above the maximum is refused (bad-frame) before the body is buffered.",
     "QKDP-9.2": "A zero frame length is refused (bad-frame).",
     "QKDP-9.3": "A payload that is not msgpack, or not a map, is refused (bad-frame).",
@@ -264,6 +270,11 @@ class Conformance:
             ("QKDP-10.1", "common version", self.common_version),
             ("QKDP-10.2", "no version in common", self.no_common_version),
         ]
+        out += [
+            ("QKDP-10.3", "a qkdp/1 hello", self.other_version_hello),
+            ("QKDP-22.1", "hello keys rewritten, then an honest connection", self.rewritten_hello_keys),
+            ("QKDP-22.2", "key-channel frame before the handshake", self.early_key_frame),
+        ]
         for requirement, name, raw in self._malformed():
             out.append((requirement, name, partial(self.malformed_first_frame, raw)))
         for requirement, name, body in self._malformed_bodies():
@@ -323,6 +334,45 @@ class Conformance:
                         raise Failed("the peer sent more after its error frame")
                     return f"error version-mismatch listing {message['versions']}"
             raise Failed("the peer closed without an error frame")
+
+    def other_version_hello(self) -> str:
+        hello = {
+            "type": "hello",
+            "versions": [1],
+            "capabilities": ["psk", "keepalive"],
+            "role": self.role,
+            "link_id": self.settings.link_id,
+            "nonce": bytes(32),
+            "reserve_total": 0,
+            "reserve_consumed": 0,
+        }
+        with self.connection() as c:
+            c.send(wire.encode_frame(0, msgpack.packb(hello, use_bin_type=True)))
+            return self._expect(c, {"version-mismatch"})
+
+    def rewritten_hello_keys(self) -> str:
+        """Our hello lists handshake keys the peer cannot hold, as a man in the middle could rewrite
+        them; we cut the connection once the peer answered it. Nothing of a hello may be stored, so the
+        next honest connection completes and a round commits."""
+        with self.connection() as c:
+            c.engine._keys = policy.HandshakeKeys(1 << 40, (1 << 40) + policy.HANDSHAKE_KEY_BITS, 0)
+            c.act(c.engine.initiate())
+            try:
+                while c.engine.state is State.HELLO:
+                    c.step()
+                first = f"the peer answered in {c.engine.state.value}; cut"
+            except RemoteProtocolError as error:
+                first = f"refused ({error.code})"
+        return f"{first}; then {self.honest_rounds()}"
+
+    def early_key_frame(self) -> str:
+        body = msgpack.packb(
+            {"type": "keys_hello", "kme_id": "conform", "saes": [], "serial": 0, "applied": 0},
+            use_bin_type=True,
+        )
+        with self.connection() as c:
+            c.send(wire.encode_frame(0, body, b""))
+            return self._expect(c, {"bad-state", "bad-message"})
 
     def _malformed(self) -> list[tuple[str, str, bytes]]:
         maximum = self.spec.max_frame_bytes

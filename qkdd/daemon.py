@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import resource
 import signal
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,7 +56,14 @@ from qkdd.store import KeyStore
 log = logging.getLogger("qkdd")
 LISTEN_FILE = "listen-address"
 ETSI014_FILE = "etsi014-address"  # where the key delivery API listens (an ephemeral port is resolved)
-MAX_HANDSHAKES = 16
+MAX_HANDSHAKES = 512
+"""Connections held in the handshake at once; a new one closes the oldest (I5: idle sockets cannot keep
+the peer out, and one that reopens each closed socket must churn through all of them to reach the
+peer's)."""
+HANDSHAKE_FRAME_BYTES = 1 << 16
+"""The largest frame taken before the handshake is over: a hello or an auth with a PKI certificate."""
+REFUSAL_LOG_SECONDS = 60.0
+"""At most one log line per this many seconds about closed or refused connections (I5)."""
 PAUSE_RETRY_SECONDS = 5.0
 STORE_FULL_RETRY_SECONDS = 1.0  # how soon rounds resume once applications took keys from a full store
 READ_SIZE = 1 << 16
@@ -134,7 +142,7 @@ def engine_settings(
     )
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Session:
     peer: str
     stream: trio.SocketStream
@@ -191,7 +199,8 @@ class Daemon:
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
         self._active: _Session | None = None
-        self._handshakes = 0
+        self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first
+        self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
         self._round_started: float | None = None
         self._clock: RoundClock | None = None
         self._round_idle = trio.Event()
@@ -258,8 +267,8 @@ class Daemon:
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
-        if self._handshakes >= MAX_HANDSHAKES or self.stopping:
-            log.warning("refusing connection from %s: busy or stopping", peer)
+        if self.stopping:
+            self._refusals.note(f"refused a connection from {peer}: stopping")
             await stream.aclose()
             return
         await self._session(stream, peer)
@@ -297,7 +306,14 @@ class Daemon:
         )
         session.engine = engine
         ready = False
-        self._handshakes += 1
+        if len(self._handshaking) >= MAX_HANDSHAKES:
+            # the oldest connection still in the handshake goes: whoever holds sockets open without
+            # authenticating can never keep a new one (the real peer's) out
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            oldest.cancel_scope.cancel()
+            self._refusals.note(f"closed a connection from {oldest.peer} still in the handshake: too many")
+        self._handshaking[session] = None
         # the reader hands round frames over here (a few at most: rounds run in lockstep) and handles
         # key-channel frames itself, so key delivery never waits for a round's heavy step
         frames_in, frames = trio.open_memory_channel[Any](16)
@@ -357,11 +373,10 @@ class Daemon:
                             await self._keep_alive(session, engine)  # Alice, done with her rounds
                             continue
                         if waiting.cancelled_caught:
-                            log.warning(
-                                "%s: no frame in state %s within its timeout%s",
-                                peer,
-                                engine.state.value,
-                                _abandoned(engine),
+                            self._warn(
+                                session,
+                                f"{peer}: no frame in state {engine.state.value} within its timeout"
+                                f"{_abandoned(engine)}",
                             )
                             await session.write_quietly(
                                 engine.close("timeout", f"nothing received in {engine.state.value}")
@@ -383,7 +398,7 @@ class Daemon:
                         )
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
-                            self._handshakes -= 1
+                            self._handshaking.pop(session, None)
                             await self._become_active(session)
                         await self._execute(session, actions)
                         if handled is not None:
@@ -410,8 +425,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
                 if self.kme is not None and session.key_channel is not None:
                     self.kme.detach(session.key_channel)
-                if not ready:
-                    self._handshakes -= 1
+                self._handshaking.pop(session, None)
                 if self._active is session:
                     self._active = None
                     self._status("down")
@@ -426,7 +440,8 @@ class Daemon:
     async def _read(self, session: _Session, frames: trio.MemorySendChannel[Any]) -> None:
         """Read frames; pass round frames on, handle key-channel frames here. Every failure (and the end
         of the stream, as ``None``) goes to the session's main loop, which owns the error handling."""
-        decoder = wire.FrameDecoder(self.config.max_frame_bytes)
+        # before the handshake is over only handshake-sized frames: a stranger cannot make us buffer more
+        decoder = wire.FrameDecoder(min(HANDSHAKE_FRAME_BYTES, self.config.max_frame_bytes))
         try:
             while True:
                 data = await session.stream.receive_some(READ_SIZE)
@@ -443,6 +458,8 @@ class Daemon:
                         handled = trio.Event()
                         await frames.send((envelope, None, handled))
                         await handled.wait()
+                        if session.keys_ready.is_set():
+                            decoder.max_frame_bytes = self.config.max_frame_bytes
                         continue
                     message = wire.decode_message(envelope.body)
                     if is_key_message(message):
@@ -474,9 +491,21 @@ class Daemon:
             if not self.paused:
                 log.warning("link paused: %s", text, extra={"role": self.role})
             self.paused = True
-        log.log(level, "%s: protocol error %s: %s%s", peer, error.code, error, _abandoned(engine))
+        text = f"{peer}: protocol error {error.code}: {error}{_abandoned(engine)}"
+        if level == logging.WARNING:
+            self._warn(session, text)
+        else:
+            log.log(level, "%s", text)
         if frame is not None:
             await session.write_quietly(frame)
+
+    def _warn(self, session: _Session, text: str) -> None:
+        """A WARNING about a connection; rate-limited while it never authenticated, since anyone can
+        open such connections (I5)."""
+        if session.keys_ready.is_set():
+            log.warning("%s", text)
+        else:
+            self._refusals.note(text)
 
     async def _become_active(self, session: _Session) -> None:
         old = self._active
@@ -553,6 +582,9 @@ class Daemon:
 
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
+        # a round counts as done only once every action of its last step is carried out: a stop waits
+        # for that, so Alice's `committed` goes out before she closes (or Bob keeps the round pending)
+        finished = 0
         for action in _coalesced(actions):
             match action:
                 case engine_mod.Send(frame=frame):
@@ -579,11 +611,11 @@ class Daemon:
                     stages = "" if self._clock is None else self._clock.format(trio.current_time())
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
                     if disposition != "pending":
-                        self._round_done()
+                        finished += 1
                 case engine_mod.CommitRound(round=number):
                     await self._store_call(self.store.commit_round, number)
                     log.info("round %d committed", number)
-                    self._round_done()
+                    finished += 1
                 case engine_mod.ResolvePending(committed=committed):
                     done, dropped = await self._store_call(self.store.resolve, committed)
                     if done or dropped:
@@ -609,6 +641,8 @@ class Daemon:
                         await self.kme.attach(session.key_channel, session.write)
                     session.keys_ready.set()
         session.unsent = False
+        for _ in range(finished):
+            self._round_done()
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
@@ -664,6 +698,24 @@ _NO_AUTHENTICATION = {
     ),
 }
 """Protocol errors that mean no handshake can authenticate: the status and the advice, said once."""
+
+
+class _RateLimitedLog:
+    """One WARNING per ``seconds`` about a kind of event, with the count of those not logged since."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last = -math.inf
+        self._quiet = 0
+
+    def note(self, text: str) -> None:
+        now = trio.current_time()
+        if now - self._last < self.seconds:
+            self._quiet += 1
+            return
+        more = f" (and {self._quiet} more like it since the last such line)" if self._quiet else ""
+        log.warning("%s%s", text, more)
+        self._last, self._quiet = now, 0
 
 
 def _coalesced(actions: list[engine_mod.Action]) -> list[engine_mod.Action]:
@@ -738,8 +790,19 @@ def setup_logging(role: str, level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+def raise_file_limit(most: int = 65536) -> None:
+    """Raise the soft limit on open files toward the hard one: every connection holds a socket, and an
+    attacker's idle connections must not run us out of them (I5)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = most if hard == resource.RLIM_INFINITY else min(hard, most)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main_run(config: Config) -> int:
     setup_logging(config.role)
+    raise_file_limit()
     try:
         return trio.run(run_forever, config)
     except QkddError as error:

@@ -727,7 +727,8 @@ class Engine:
             secret = self._store.reserve.handshake_key(key)
             self._handshake_secret = secret
             self._macs = psk_auth.session_macs(secret, alice_nonce, bob_nonce, transcript)
-            self._send("auth", proof=psk_auth.proof(secret, self.role, transcript), certificate=b"", kex=b"")
+            if self.role == "alice":  # §17: Bob proves only once Alice's proof verified (_on_auth)
+                self._send_proof(secret)
             return State.AUTH
         if "pki" in ours and "pki" in message["capabilities"]:
             assert self.settings.pki is not None
@@ -781,6 +782,9 @@ class Engine:
         reserve_total = self._store.reserve.total_bits
         return policy.listed_keys(self._keys, reserve_total, self.settings.reserve_switch_bits)
 
+    def _send_proof(self, secret: bytes) -> None:
+        self._send("auth", proof=psk_auth.proof(secret, self.role, self._transcript), certificate=b"", kex=b"")
+
     def _no_common_authentication(self, message: wire.Message) -> RemoteProtocolError:
         """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is
         a state directory older than the peer's (or a tampered hello: then the next connection works)."""
@@ -810,6 +814,8 @@ class Engine:
                 self._out.append(SetHandshakeKeys(keys))
             if policy.retire_psk(self.auth, self._store.psk_retired, self.settings.fallback_to_psk):
                 self._out.append(RetirePsk())
+            if self.role == "bob":
+                self._send_proof(self._handshake_secret)
         elif self.auth == "pki":
             self._pki_auth(message)
         else:

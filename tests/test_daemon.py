@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from qkdd import config, demo, engine
+from qkdd import daemon as daemon_mod
 from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
 from qkdd.store import KeyStore
@@ -85,6 +86,71 @@ async def test_a_silent_peer_hits_the_handshake_timeout(tmp_path: Path) -> None:
                 assert trio.current_time() - started < 3
         assert [f["type"] for f in frames] == ["hello", "error"] and frames[1]["code"] == "timeout"
         bob.request_stop("test over")
+
+
+@pytest.mark.trio
+async def test_idle_and_oversized_connections_cannot_keep_alice_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """I5: an attacker holds three times the handshake limit in idle sockets, and starts frames larger
+    than a handshake message on some; Alice still gets in at once, the oldest idle sockets are closed,
+    a too-long frame is refused before it is buffered, and the refusals log one line."""
+    monkeypatch.setattr(daemon_mod, "MAX_HANDSHAKES", 8)
+    caplog.set_level(logging.INFO, logger="qkdd")
+    alice_config, bob_config = configs(tmp_path, 1)
+    bob = Daemon(bob_config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(bob.run)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(24)]
+        for stream in idle[:4]:  # a frame of 15 MiB announced: refused at its length
+            await stream.send_all(struct.pack(">I", 15 << 20) + b"x" * 1000)
+        with trio.fail_after(5):
+            alice = alice_towards(alice_config, port)
+            nursery.start_soon(alice.run)
+            await until(lambda: bob.rounds_finished >= 1)
+        closed = 0
+        for stream in idle:
+            with trio.move_on_after(5):
+                closed += await stream.receive_some(1 << 20) is not None
+            await stream.aclose()
+        assert closed == len(idle)  # every one was closed by Bob (evicted, refused or timed out)
+        alice.request_stop("test over")
+        bob.request_stop("test over")
+    lines = [r for r in caplog.records if "still in the handshake" in r.getMessage()]
+    assert len(lines) == 1 and "more like it" not in lines[0].getMessage()
+    assert not any("15728640" in r.getMessage() and r.levelno >= logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.trio
+async def test_alice_stopping_as_a_round_ends_still_tells_bob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM the moment Alice's round is done — a reserve round, whose `committed` carries a tag whose
+    pad she marks used first: she sends `committed` before she closes, so Bob commits the round too
+    instead of holding it pending until the next connection."""
+    done = Daemon._round_done
+
+    def stop_as_the_round_ends(self: Daemon) -> None:
+        if self.role == "alice" and self.rounds_finished == 3:
+            self.request_stop("SIGTERM")
+        done(self)
+
+    monkeypatch.setattr(Daemon, "_round_done", stop_as_the_round_ends)
+    reserve = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}
+    alice_config, bob_config = (
+        dataclasses.replace(c, auth=dataclasses.replace(c.auth, **reserve)) for c in configs(tmp_path, 0)
+    )
+    async with trio.open_nursery() as nursery:
+        alice, bob = await start_pair(nursery, alice_config, bob_config)
+        with trio.fail_after(10):
+            await until(lambda: alice.rounds_finished >= 4 and bob._active is None)
+        bob.request_stop("test over")
+    store = KeyStore(bob_config.state_dir, None, create=False)
+    try:
+        assert store.rounds(1)[0]["auth"] == "reserve"
+        assert store.pending_rounds() == [] and store.statistics().committed_rounds == 4
+    finally:
+        store.close()
 
 
 @pytest.mark.trio

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from qkdd.store import KeyStore
-from tests.test_daemon import configs, start_pair
+from tests.test_daemon import configs, start_pair, until
 
 DATA = Path(__file__).parent / "data" / "qkdp1"
 AUTH = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}
@@ -47,8 +47,7 @@ async def test_a_qkdp1_state_directory_carries_over(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, alice_config, bob_config)
-            while alice.rounds_finished < 2 or bob.rounds_finished < 2:
-                await trio.sleep(0.01)
+            await until(lambda: alice.rounds_finished >= 2 and bob.rounds_finished >= 2)
             alice.request_stop("test over")
             bob.request_stop("test over")
     keys, total, consumed, retired, epoch = snapshot(alice_config.state_dir)
