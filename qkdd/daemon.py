@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from qkdd import background, wire
+from qkdd import background, policy, wire
 from qkdd import engine as engine_mod
 from qkdd.admin import write_status_file
 from qkdd.auth import pki
@@ -201,6 +201,9 @@ class Daemon:
         self._active: _Session | None = None
         self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first
         self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
+        # Alice: unused reserve bits after the last committed round, and where she last waited for it
+        self._available_after_commit: int | None = None
+        self._waited_at: int | None = None
         self._round_started: float | None = None
         self._clock: RoundClock | None = None
         self._round_idle = trio.Event()
@@ -347,6 +350,8 @@ class Daemon:
                                     )
                                 self.paused = True
                                 await self._pause(session, engine, STORE_FULL_RETRY_SECONDS)
+                                continue
+                            if await self._wait_after_lost_rounds(session, engine):
                                 continue
                             clock = RoundClock(engine.state.value, trio.current_time())
                             try:
@@ -499,6 +504,33 @@ class Daemon:
         if frame is not None:
             await session.write_quietly(frame)
 
+    async def _wait_after_lost_rounds(self, session: _Session, engine: engine_mod.Engine) -> bool:
+        """Alice, before a round: if rounds keep spending pads without committing while the reserve is
+        low, wait as :func:`policy.lost_round_delay` says (once per loss). Whether she waited."""
+        available = (await self._store_call(self.store.reserve.status)).available_bits
+        if self._available_after_commit is None or available > self._available_after_commit:
+            self._available_after_commit = available
+        delay = policy.lost_round_delay(
+            available,
+            self._available_after_commit,
+            self.config.auth.reserve_target_bits,
+            engine_mod.ROUND_RESERVE_BITS,
+        )
+        if delay <= 0 or available == self._waited_at:
+            return False
+        self._waited_at = available
+        self._status(f"paused: rounds are cut after their tags; next round in {delay:.0f} s", session.peer)
+        log.warning(
+            "rounds keep spending key reserve without committing (%d bits left): the next round waits "
+            "%.0f s (a man in the middle cutting rounds, or a failing link)",
+            available,
+            delay,
+            extra={"role": self.role},
+        )
+        self.paused = True
+        await self._pause(session, engine, delay)
+        return True
+
     def _warn(self, session: _Session, text: str) -> None:
         """A WARNING about a connection; rate-limited while it never authenticated, since anyone can
         open such connections (I5)."""
@@ -610,6 +642,8 @@ class Daemon:
                         )
                     stages = "" if self._clock is None else self._clock.format(trio.current_time())
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
+                    if disposition == "committed":
+                        self._available_after_commit = None  # measured again before the next round
                     if disposition != "pending":
                         finished += 1
                 case engine_mod.CommitRound(round=number):

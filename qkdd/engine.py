@@ -783,7 +783,8 @@ class Engine:
         return policy.listed_keys(self._keys, reserve_total, self.settings.reserve_switch_bits)
 
     def _send_proof(self, secret: bytes) -> None:
-        self._send("auth", proof=psk_auth.proof(secret, self.role, self._transcript), certificate=b"", kex=b"")
+        proof = psk_auth.proof(secret, self.role, self._transcript)
+        self._send("auth", proof=proof, certificate=b"", kex=b"")
 
     def _no_common_authentication(self, message: wire.Message) -> RemoteProtocolError:
         """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is

@@ -81,3 +81,30 @@ def retire_psk(auth: str, retired: bool, fallback_to_psk: bool) -> bool:
     """Whether a verified handshake retires the bootstrap PSK: the first one authenticated by a reserve
     key, unless ``auth.fallback_to_psk`` keeps it."""
     return auth == "reserve" and not retired and not fallback_to_psk
+
+
+LOST_ROUND_FIRST_DELAY = 1.0
+LOST_ROUND_LONGEST_DELAY = 86400.0
+
+
+def lost_round_delay(
+    available_bits: int, available_after_commit: int, target_bits: int, round_bits: int
+) -> float:
+    """Alice: seconds to wait before opening the next reserve round.
+
+    A round that spent its pads and committed nothing (an attacker can cut every round after its first
+    tag) costs the reserve without refilling it. Below half of its target, each such round doubles the
+    wait, up to a day: an attack that never stops takes about log2(one day) rounds' pads and then one a
+    day, so half the default reserve lasts about two months of it, and a committed round ends the
+    backoff (qkdp-v2.md §22, I3).
+
+    Args:
+        available_bits: unused reserve bits now.
+        available_after_commit: unused reserve bits right after the last round that committed.
+        target_bits: ``auth.reserve_target_bits``.
+        round_bits: the pads one reserve round takes.
+    """
+    lost = (available_after_commit - available_bits) // round_bits
+    if available_bits >= target_bits // 2 or lost <= 0:
+        return 0.0
+    return float(min(LOST_ROUND_LONGEST_DELAY, LOST_ROUND_FIRST_DELAY * 2.0 ** min(lost - 1, 64)))
