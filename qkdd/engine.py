@@ -1349,14 +1349,12 @@ class Engine:
     def _refill(self, bound: int) -> int:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
         available = self._store.reserve.total_bits - self._pointer
-        want = min(self.settings.reserve_bits_per_round, self.settings.reserve_target_bits - available)
-        return max(0, min(want, bound // 4))
+        return policy.reserve_refill(
+            bound, available, self.settings.reserve_bits_per_round, self.settings.reserve_target_bits
+        )
 
     def _output_bits(self, bound: int, reserve_bits: int) -> int:
-        """Reserve bits plus whole key blocks (both sides discard the same tail); 0 when no block fits."""
-        block = self.settings.key_block_bits
-        key_bits = (bound - reserve_bits) // block * block
-        return reserve_bits + key_bits if key_bits > 0 else 0
+        return policy.output_bits(bound, reserve_bits, self.settings.key_block_bits)
 
     @staticmethod
     def _ids(r: _Round) -> Sequence[str]:

@@ -1,5 +1,6 @@
-"""Protocol policy as pure functions (protocol/qkdp-v2.md §17): which handshake key to use, when to take a
-new one, when the PSK retires.
+"""Protocol policy as pure functions (protocol/qkdp-v2.md §17, §22): which handshake key to use, when to
+take a new one, when the PSK retires; how much of a round refills the reserve and how long its output is;
+how long to wait after rounds lost to an attacker.
 
 Theory of operation
 -------------------
@@ -81,6 +82,20 @@ def retire_psk(auth: str, retired: bool, fallback_to_psk: bool) -> bool:
     """Whether a verified handshake retires the bootstrap PSK: the first one authenticated by a reserve
     key, unless ``auth.fallback_to_psk`` keeps it."""
     return auth == "reserve" and not retired and not fallback_to_psk
+
+
+def reserve_refill(bound: int, available_bits: int, per_round: int, target_bits: int) -> int:
+    """Alice: how many leading output bits of a round go to the key reserve (§17): up to ``per_round``
+    while the reserve holds fewer than ``target_bits`` unused bits, never more than a quarter of the
+    round's length bound ``bound`` (the rest is key). Bob takes her word and checks the output length."""
+    return max(0, min(per_round, target_bits - available_bits, bound // 4))
+
+
+def output_bits(bound: int, reserve_bits: int, key_block_bits: int) -> int:
+    """A round's output length (§17): the reserve bits plus whole key blocks of what the bound leaves
+    (both sides drop the same tail); 0 when not even one block fits."""
+    key_bits = (bound - reserve_bits) // key_block_bits * key_block_bits
+    return reserve_bits + key_bits if key_bits > 0 else 0
 
 
 LOST_ROUND_FIRST_DELAY = 1.0

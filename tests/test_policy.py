@@ -79,3 +79,16 @@ def test_an_attack_that_never_stops_takes_logarithmically_many_rounds_then_one_a
         lost += 1
     assert lost <= 17 + 60 + 1
     assert available > 0
+
+
+def test_a_round_refills_the_reserve_up_to_its_target_with_at_most_a_quarter_of_its_bound() -> None:
+    assert policy.reserve_refill(100_000, 1000, 2048, 65536) == 2048
+    assert policy.reserve_refill(100_000, 65000, 2048, 65536) == 536
+    assert policy.reserve_refill(100_000, 70000, 2048, 65536) == 0
+    assert policy.reserve_refill(4000, 1000, 2048, 65536) == 1000
+
+
+def test_the_output_is_the_reserve_share_and_whole_key_blocks_or_nothing() -> None:
+    assert policy.output_bits(10_000, 2048, 256) == 2048 + 31 * 256
+    assert policy.output_bits(2048 + 255, 2048, 256) == 0
+    assert policy.output_bits(256, 0, 256) == 256
