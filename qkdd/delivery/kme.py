@@ -17,7 +17,8 @@ Theory of operation
   already erased; the peer's copies wait for IDs no slave will learn).
 * Alice asks Bob for a lease (``key_lease``) when hers is short, before allocating, and ahead of need in
   the background once it falls below half of ``lease_size``; Bob answers ``key_grant`` (an entry of his
-  log) or ``key_refuse``.
+  log) or ``key_refuse``. A lease request belongs to its connection: the connection's end answers it
+  (503), and a request that waited through a reconnection asks again on the new one, never on the old.
 * No key channel (the peer is down or does not offer it) → 503 at once, nothing consumed. No lease within
   the channel's answer timeout → 503. A notice that could not be sent (the connection broke) goes again
   with every entry the peer lacks when the next connection opens (``keys_hello`` carries what each side
@@ -96,6 +97,10 @@ class _Link:
     open: trio.Event = field(default_factory=trio.Event)
     peer_kme_id: str = ""
     peer_saes: frozenset[str] = frozenset()
+    # Alice: the lease request in flight on this connection and its number. It belongs to the connection:
+    # its answer can only come on it, and its end answers it (503), so no later one inherits a stale wait
+    lease: _Waiter | None = None
+    lease_request: int = 0
 
     async def notify(self, entry: Entry, request: int = 0) -> None:
         """Send one log entry; a broken connection is no error (the next connection sends it again)."""
@@ -139,9 +144,7 @@ class KeyManager:
         self._store_call = store_call
         self._link: _Link | None = None
         self._writing = trio.Lock()  # this site's log entries are written and sent in serial order
-        self._lease: _Waiter | None = None  # Alice: the lease request in flight
-        self._next_request = 1
-        self._lease_request = 0
+        self._next_request = 1  # Alice: the number of her next lease request
         self._refill = trio.Event()  # Alice: set when the lease fell below half
         # this site's new log entries, in serial order, for run() to send
         self._outbox_in, self._outbox_out = trio.open_memory_channel[tuple[_Link, Entry, int]](1024)
@@ -176,10 +179,10 @@ class KeyManager:
         """The connection of ``channel`` (any, if ``None``) ended: what waits for the peer gets 503."""
         if self._link is None or (channel is not None and self._link.channel is not channel):
             return
-        self._link = None
-        if self._lease is not None:
-            self._lease.resolve(Unavailable("the peer KME became unreachable before it answered"))
-            self._lease = None
+        link, self._link = self._link, None
+        if link.lease is not None:
+            link.lease.resolve(Unavailable("the peer KME became unreachable before it answered"))
+            link.lease = None
         self._wake_readers()
 
     async def receive(self, message: wire.Message) -> None:
@@ -268,27 +271,36 @@ class KeyManager:
         past = (message["past_round"], message["past_block"], message["past_byte"])
         await self._apply(Grant(message["serial"], start, past))
         self._leased = await self._store_call(self.ledger.lease_bytes)
-        if self._lease is not None and message["request"] == self._lease_request:
-            self._lease.resolve()
-            self._lease = None
+        if link.lease is not None and message["request"] == link.lease_request:
+            link.lease.resolve()
+            link.lease = None
 
     async def _on_key_refuse(self, link: _Link, message: wire.Message) -> None:
-        if self._lease is not None and message["request"] == self._lease_request:
-            self._lease.resolve(
-                Unavailable(f"the peer KME has no key material to lease: {message['message']}")
-            )
-            self._lease = None
+        if link.lease is not None and message["request"] == link.lease_request:
+            refused = f"the peer KME has no key material to lease: {message['message']}"
+            link.lease.resolve(Unavailable(refused))
+            link.lease = None
 
     async def _ask_lease(self, link: _Link, need: int) -> _Waiter:
-        """Alice: the lease request in flight, sending one for at least ``need`` bytes if none is."""
-        if self._lease is not None:
-            return self._lease
-        # the answer may come (and clear _lease) while the request is being written: keep the waiter
-        waiter = self._lease = _Waiter()
-        self._lease_request = self._next_request
+        """Alice: the lease request in flight on ``link`` (the open one), sending one for at least ``need``
+        bytes if none is."""
+        if link is not self._link or not link.open.is_set():  # an answer could never come
+            raise Unavailable("the peer KME became unreachable before it answered")
+        if link.lease is not None:
+            return link.lease
+        # the answer may come (and clear link.lease) while the request is being written: keep the waiter
+        waiter = link.lease = _Waiter()
+        link.lease_request = self._next_request
         self._next_request += 1
         want = max(need, self.settings.lease_size // 8)
-        await link.send(link.channel.encode("key_lease", request=self._lease_request, need=need, want=want))
+        try:
+            frame = link.channel.encode("key_lease", request=link.lease_request, need=need, want=want)
+            await link.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # the connection broke under the request: nothing can answer it (its detach may be done)
+            waiter.resolve(Unavailable("the peer KME became unreachable before it answered"))
+            if link.lease is waiter:
+                link.lease = None
         return waiter
 
     async def _post(self, entry: Entry, request: int = 0) -> None:
@@ -315,7 +327,7 @@ class KeyManager:
             link = self._link
             if link is None or not link.open.is_set():
                 continue
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with contextlib.suppress(Unavailable):
                 waiter = await self._ask_lease(link, 1)
                 with trio.move_on_after(ANSWER_TIMEOUT):
                     await waiter.event.wait()
@@ -346,7 +358,7 @@ class KeyManager:
         self, master: str, slaves: Sequence[str], number: int, size: int
     ) -> list[tuple[str, bytes]]:
         """New keys for ``master`` (an SAE of this site) and ``slaves`` (SAEs of the peer site)."""
-        link = self._open_link()
+        self._open_link()  # no peer: 503 at once, even for keys allocated ahead
         self._check_request(number, size, slaves)
         batch = self._batch(master, slaves, size)
         if len(batch.keys) >= number:
@@ -357,7 +369,7 @@ class KeyManager:
         deadline = trio.current_time() + ANSWER_TIMEOUT
         while True:
             if self.role == "alice":
-                await self._await_lease(link, nbytes, deadline)
+                await self._await_lease(nbytes, deadline)
             try:
                 async with self._writing:
                     assignment, keys, self._leased = await self._store_call(
@@ -398,10 +410,11 @@ class KeyManager:
         assignment, keys = self.ledger.allocate(number, size, master, slaves, extra)
         return assignment, keys, self.ledger.lease_bytes() if self.role == "alice" else 0
 
-    async def _await_lease(self, link: _Link, nbytes: int, deadline: float) -> None:
-        """Alice: wait until her leases hold ``nbytes``, asking Bob for more if they do not."""
+    async def _await_lease(self, nbytes: int, deadline: float) -> None:
+        """Alice: wait until her leases hold ``nbytes``, asking Bob for more if they do not (on the
+        connection up now: the one the request started on may have ended while it waited)."""
         while self._leased < nbytes:
-            waiter = await self._ask_lease(link, nbytes - self._leased)
+            waiter = await self._ask_lease(self._open_link(), nbytes - self._leased)
             with trio.move_on_at(deadline):
                 await waiter.event.wait()
             if not waiter.event.is_set():

@@ -55,6 +55,7 @@ class Wire:
     channels: dict[str, KeyChannel] = field(default_factory=dict)
     errors: list[BaseException] = field(default_factory=list)
     released: trio.Event = field(default_factory=trio.Event)
+    closed: bool = False  # cut: writing fails, as on the daemon's closed stream
 
     async def connect(self, nursery: trio.Nursery) -> None:
         macs = {"alice": FrameMac(os.urandom(32)), "bob": FrameMac(os.urandom(32))}
@@ -69,6 +70,8 @@ class Wire:
 
     def _sender(self, send: trio.MemorySendChannel[bytes]) -> Callable[[bytes], Any]:
         async def write(frame: bytes) -> None:
+            if self.closed:
+                raise trio.ClosedResourceError
             envelope = wire.decode_envelope(frame[4:])
             if not self.drop(wire.decode_message(envelope.body).type):
                 await send.send(frame)
@@ -88,6 +91,7 @@ class Wire:
                 return
 
     def cut(self) -> None:
+        self.closed = True
         for role, manager in self.managers.items():
             manager.detach(self.channels[role])
 
@@ -247,6 +251,53 @@ async def test_a_lost_or_refused_lease_is_503_and_a_lost_grant_comes_again(
         with pytest.raises(Unavailable, match="no key material to lease"):
             await alice.enc_keys("sae-alice", ["sae-bob"], 1, 8 * (free + alice.ledger.lease_bytes() + 1))
         assert sites.free() - alice.ledger.lease_bytes() == free  # nothing taken
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_master_whose_connection_was_replaced_asks_for_its_lease_on_the_new_one(
+    sites: Sites, autojump_clock: trio.abc.Clock
+) -> None:
+    """Two of Alice's masters wait for one lease; the first takes all of it, and while the second
+    re-reads her leases the connection is replaced (Bob restarted). The second asks again on the new
+    connection. Before, she asked on the ended one: the write failed (503, internal error) and left a
+    lease request pending that nothing would answer, so every lease request on the new connection waited
+    for it and was 503 ("did not answer") for as long as that connection lasted."""
+    alice, bob = sites.managers["alice"], sites.managers["bob"]
+    loser: list[trio.lowlevel.Task] = []
+    wires: list[Wire] = []
+    outcomes: list[object] = []
+
+    async def store_call(function: Callable[..., Any], *args: Any) -> Any:
+        if loser and trio.lowlevel.current_task() is loser[0] and function == alice.ledger.lease_bytes:
+            loser.clear()  # the connection ends and the next one opens while she reads how much is left
+            wires[0].cut()
+            wires.append(await sites.connect(nursery))
+        try:
+            return function(*args)
+        except Unavailable:
+            if function == alice._allocate and not loser and len(wires) == 1:
+                loser.append(trio.lowlevel.current_task())  # the other master used the lease first
+            raise
+
+    async def master() -> None:
+        try:
+            outcomes.append(len(await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)))
+        except Exception as error:  # what it was, for the assertion below
+            outcomes.append(error)
+
+    alice._store_call = store_call
+    async with trio.open_nursery() as nursery:
+        wires.append(await sites.connect(nursery))
+        async with trio.open_nursery() as masters:
+            masters.start_soon(master)
+            masters.start_soon(master)
+        assert len(wires) == 2  # the race and the reconnection happened
+        assert outcomes == [2, 2]
+        sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)  # the new connection answers
+        assert await bob.dec_keys("sae-bob", "sae-alice", [k for k, _ in sent]) == sent
+        await trio.testing.wait_all_tasks_blocked()
+        assert sites.same_pools()
         nursery.cancel_scope.cancel()
 
 
