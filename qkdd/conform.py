@@ -355,7 +355,7 @@ class Conformance:
         them; we cut the connection once the peer answered it. Nothing of a hello may be stored, so the
         next honest connection completes and a round commits."""
         with self.connection() as c:
-            c.engine._keys = policy.HandshakeKeys(1 << 40, (1 << 40) + policy.HANDSHAKE_KEY_BITS, 0)
+            c.engine._hs.keys = policy.HandshakeKeys(1 << 40, (1 << 40) + policy.HANDSHAKE_KEY_BITS, 0)
             c.act(c.engine.initiate())
             try:
                 while c.engine.state is State.HELLO:

@@ -1,7 +1,13 @@
-"""The qkdp/2 protocol engine of one connection, for either role (protocol/qkdp-v2.md §9–§14).
+"""The qkdp/2 protocol engine of one connection, for either role (protocol/qkdp-v2.md §9–§16).
 
 Theory of operation
 -------------------
+Layers, each knowing only the one below: :mod:`qkdd.wire` (framing: the only code that sees bytes) →
+this engine's sequence numbers and MACs → :mod:`qkdd.handshake` (version, authentication, the agreement
+on rounds and the reserve; it hands over the authenticated session) → the rounds below, from
+``round_start`` to ``committed``, with their transcripts and tags → :mod:`qkdd.policy` (pure decisions).
+States, actions and settings live in :mod:`qkdd.interface`.
+
 Bytes in, actions out. The daemon feeds complete frame payloads to :meth:`Engine.receive_frame` and
 local events to :meth:`Engine.start_round` / :meth:`Engine.abort_round`; each returns a list of
 :data:`Action` to carry out *in order*: frames to send, rounds to reserve, keys to store or commit. The
@@ -22,30 +28,75 @@ committed (§13).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hmac
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from qkdd import policy, spec, wire
-from qkdd.auth import pki
 from qkdd.auth import psk as psk_auth
 from qkdd.auth import wegman_carter as wc
 from qkdd.bits import Bits, RandomSource, pack_bits
 from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
+from qkdd.handshake import Handshake, version_mismatch
+from qkdd.interface import (
+    DURABLE_ACTIONS,
+    KEEPALIVE_CAPABILITY,
+    KEY_CHANNEL_CAPABILITY,
+    NONCE_BYTES,
+    SUPPORTED_VERSIONS,
+    Action,
+    CommitRound,
+    Compute,
+    ConsumeReserve,
+    EngineSettings,
+    Ready,
+    ReserveRound,
+    ReserveView,
+    ResolvePending,
+    RetirePsk,
+    RoundEnded,
+    Send,
+    SetHandshakeKeys,
+    State,
+    StoreView,
+    persist_kind,
+)
+
+__all__ = [
+    "DURABLE_ACTIONS",
+    "KEEPALIVE_CAPABILITY",
+    "KEY_CHANNEL_CAPABILITY",
+    "NONCE_BYTES",
+    "SUPPORTED_VERSIONS",
+    "Action",
+    "CommitRound",
+    "Compute",
+    "ConsumeReserve",
+    "Engine",
+    "EngineSettings",
+    "PeerError",
+    "Ready",
+    "ReserveExhausted",
+    "ReserveRound",
+    "ReserveView",
+    "ResolvePending",
+    "RetirePsk",
+    "RoundEnded",
+    "Send",
+    "SetHandshakeKeys",
+    "State",
+    "StoreView",
+    "persist_kind",
+]
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary, key_blocks, key_ids
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
-SUPPORTED_VERSIONS = (2,)
-NONCE_BYTES = 32
-KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
-KEEPALIVE_CAPABILITY = "keepalive"
 _MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
@@ -53,233 +104,8 @@ ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
 _TAGGED = {"amplify", "commit", "committed"}
 
 
-class State(enum.Enum):
-    """The states of ``protocol/qkdp-v2.toml`` (each role uses a subset)."""
-
-    #: waiting for the peer's hello
-    HELLO = "HELLO"
-    #: waiting for the peer's bootstrap proof
-    AUTH = "AUTH"
-    #: authenticated; waiting for the peer's round numbering and parameters
-    SYNC = "SYNC"
-    #: Bob: waiting for Alice's word on his pending rounds
-    RESOLVING = "RESOLVING"
-    #: between rounds
-    IDLE = "IDLE"
-    #: a round is open; sifting under way
-    SIFTING = "SIFTING"
-    #: parameter estimation under way
-    ESTIMATING = "ESTIMATING"
-    #: Cascade under way
-    RECONCILING = "RECONCILING"
-    #: confirmation under way
-    CONFIRMING = "CONFIRMING"
-    #: Bob: waiting for the amplification seed
-    AMPLIFYING = "AMPLIFYING"
-    #: the key is computed; waiting for the peer's commit (Alice) or committed (Bob)
-    COMMITTING = "COMMITTING"
-    #: final: the connection is over
-    CLOSED = "CLOSED"
-
-
-# ------------------------------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Write this frame to the peer."""
-
-    frame: bytes
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveRound:
-    """Persist that ``round`` is in use before anything of it is sent."""
-
-    round: int
-
-
-@dataclass(frozen=True, slots=True)
-class RoundEnded:
-    """A round is over: store it as ``committed``, ``pending`` (Bob, §13) or ``aborted`` (no key)."""
-
-    summary: RoundSummary
-    disposition: str
-    blocks: tuple[tuple[str, bytes], ...] = ()
-    reserve: tuple[bytes, int] = (b"", 0)  # packed bits for the key reserve, and their count
-
-    def __repr__(self) -> str:  # never print key material
-        return f"RoundEnded({self.summary!r}, {self.disposition!r}, {len(self.blocks)} blocks)"
-
-
-@dataclass(frozen=True, slots=True)
-class CommitRound:
-    """Bob: Alice committed ``round``; commit the pending copy."""
-
-    round: int
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvePending:
-    """Bob: commit the pending rounds listed; drop every other pending round."""
-
-    committed: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SetHandshakeKeys:
-    """Record this side's handshake keys (§17), durably, before the next frame goes out."""
-
-    keys: policy.HandshakeKeys
-
-
-@dataclass(frozen=True, slots=True)
-class RetirePsk:
-    """The first handshake authenticated by a reserve key verified: never accept the PSK again (§17)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """The handshake is over; rounds may run. ``auth`` says how the connection was authenticated."""
-
-    version: int
-    auth: str
-    #: the session's frame MACs by sender, from which the key channel (§19) derives its own; ``None``
-    #: unless both hellos offered the key channel's capability
-    channel_macs: dict[str, psk_auth.FrameMac] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumeReserve:
-    """Mark every reserve bit below ``upto`` used, durably, before the next frame goes out (§16)."""
-
-    upto: int
-
-
-@dataclass(frozen=True, slots=True)
-class Compute:
-    """Work of the round that no frame waits for yet — Alice hashing her key (§7) while Bob reconciles,
-    and cutting its blocks while Bob hashes his; either side hashing the round's transcripts (§16) as
-    they grow: call :meth:`Engine.compute` after sending the frames before this action, on a worker
-    thread, and go on feeding the engine frames meanwhile (the engine waits for that work where it needs
-    its result). A driver that ignores it loses nothing: the engine then does the work itself when the
-    round needs it.
-
-    ``urgent`` work is due within about a round trip — Bob building his range parities while Alice answers
-    a flight that starts Cascade passes, and transforming his key while the confirmation runs — so a driver
-    should not run it at a lowered priority. ``compute(urgent=True)`` runs that work alone, and an
-    ordinary ``compute()`` never takes it, so that it never runs at the lower priority."""
-
-    urgent: bool = False
-
-
-DURABLE_ACTIONS = (
-    ReserveRound,
-    RoundEnded,
-    CommitRound,
-    ResolvePending,
-    ConsumeReserve,
-    SetHandshakeKeys,
-    RetirePsk,
-)
-"""The actions that write durable state: each is checked against its transition's ``persist``."""
-
-
-def persist_kind(action: object) -> str | None:
-    """The ``persist`` kind of the spec (:data:`spec.PERSIST_KINDS`) an action writes, if it is durable."""
-    match action:
-        case ReserveRound():
-            return "next_round"
-        case RoundEnded(disposition=disposition):
-            return {"aborted": "aborted_round", "pending": "pending_round"}.get(disposition, "round")
-        case CommitRound():
-            return "commit_round"
-        case ResolvePending():
-            return "resolve_pending"
-        case ConsumeReserve():
-            return "reserve_consumed"
-        case SetHandshakeKeys():
-            return "handshake_keys"
-        case RetirePsk():
-            return "retire_psk"
-    return None
-
-
-Action = (
-    Send
-    | ReserveRound
-    | RoundEnded
-    | CommitRound
-    | ResolvePending
-    | Ready
-    | ConsumeReserve
-    | SetHandshakeKeys
-    | RetirePsk
-    | Compute
-)
-
-
 class ReserveExhausted(QkddError):
     """Alice cannot start a round: the reserve cannot pay for it and the PSK may not be used (§17)."""
-
-
-class ReserveView(Protocol):
-    @property
-    def total_bits(self) -> int: ...
-
-    @property
-    def consumed(self) -> int: ...
-
-    def read(self, start: int, count: int) -> bytes: ...
-
-    def hash_keys(self) -> list[int]: ...
-
-    def pads(self, start: int) -> list[int]: ...
-
-    def handshake_keys(self) -> policy.HandshakeKeys: ...
-
-    def handshake_key(self, position: int) -> bytes: ...
-
-
-class StoreView(Protocol):
-    """What the engine reads of the key store (queries only; writes are actions)."""
-
-    @property
-    def next_round(self) -> int: ...
-
-    @property
-    def psk_retired(self) -> bool: ...
-
-    @property
-    def reserve(self) -> ReserveView: ...
-
-    def pending_rounds(self) -> list[int]: ...
-
-    def committed_among(self, rounds: Sequence[int]) -> list[int]: ...
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    link_id: str
-    psk: bytes = field(repr=False)
-    versions: tuple[int, ...] = SUPPORTED_VERSIONS
-    cascade_variant: str = cascade.DEFAULT_VARIANT
-    qber_threshold: float = estimation.DEFAULT_THRESHOLD
-    z_sample_fraction: float = 0.0
-    qber_prior: float = 0.02
-    eps_sec: float = keylength.DEFAULT_EPS_SEC
-    eps_cor: float = keylength.DEFAULT_EPS_COR
-    key_block_bits: int = 256
-    reserve_switch_bits: int = 4096  # rounds authenticate from the reserve once it holds this many bits
-    reserve_bits_per_round: int = 2048  # refill per round, while the reserve is below its target
-    reserve_target_bits: int = 65536
-    fallback_to_psk: bool = False  # never retire the PSK; use it when the reserve runs dry
-    pki: pki.Identity | None = field(default=None, repr=False)  # PKI bootstrap (§18) instead of the PSK
-    handshake_timeout: float = spec.load().timeouts["handshake"]
-    round_timeout: float = spec.load().timeouts["round"]
-    idle_timeout: float = spec.load().timeouts["idle"]
-    key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
 
 
 class _Work:
@@ -367,25 +193,14 @@ class Engine:
         self._store = store
         self._random = random
         self.state = State.HELLO
-        self.version: int | None = None
-        self.peer_capabilities: tuple[str, ...] = ()
-        self.auth = "psk"  # how this connection was authenticated
-        self._pointer = 0  # the next unused reserve bit, as agreed with the peer
         self._wc: wc.Mac | None = None
         self._frame = wire.Envelope(0, b"", b"")
-        self._keys = store.reserve.handshake_keys()  # §17: our handshake keys, as of this connection
-        self._handshake_key: int | None = None  # the one this connection authenticates with
-        self._peer_total = 0  # the peer's committed reserve bits, from its (authenticated) sync
         self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
-        self._capabilities: list[str] = []  # what our hello offered
-        self._nonce = random.bytes(NONCE_BYTES)
-        self._hellos: dict[str, bytes] = {}
-        self._macs: dict[str, psk_auth.FrameMac] = {}
         self._send_seq = 0
         self._recv_seq = 0
-        self._next_round = store.next_round
-        self._peer_pending: list[int] = []
-        self._own_pending = store.pending_rounds() if role == "bob" else []
+        # §10-§13: the handshake, until it hands over the authenticated session (version, method, MACs,
+        # reserve position, next round); its sends go through ours (sequence numbers, MACs)
+        self._hs = Handshake(role, settings, store, random, send=self._send, act=self._act)
         self._round: _Round | None = None
         self._out: list[Action] = []
         self._sent: list[str] = []
@@ -411,25 +226,47 @@ class Engine:
         """The opening hello (§10). Call once, right after connecting."""
         if self._send_seq:
             raise LocalProtocolError("initiate() called twice")
-        capabilities = []
-        if not self._store.psk_retired or self.settings.fallback_to_psk:
-            capabilities.append(pki.CAPABILITY if self.settings.pki is not None else psk_auth.CAPABILITY)
-        if self.settings.key_channel:
-            capabilities.append(KEY_CHANNEL_CAPABILITY)
-        capabilities.append(KEEPALIVE_CAPABILITY)  # Bob takes keepalive in IDLE (§13)
-        self._capabilities = capabilities
-        body = wire.encode_message(
-            "hello",
-            versions=list(self.settings.versions),
-            capabilities=capabilities,
-            role=self.role,
-            link_id=self.settings.link_id,
-            nonce=self._nonce,
-            keys=self._listed_keys(),
-        )
-        self._hellos[self.role] = body
-        self._emit("hello", body)
+        self._emit("hello", self._hs.hello())
         return self._flush()
+
+    # the session the handshake agreed (read by the rounds, the driver and the tests)
+
+    @property
+    def version(self) -> int | None:
+        return self._hs.version
+
+    @property
+    def auth(self) -> str:
+        """How this connection was authenticated: psk, pki or reserve (a handshake key, §17)."""
+        return self._hs.auth
+
+    @property
+    def peer_capabilities(self) -> tuple[str, ...]:
+        return self._hs.peer_capabilities
+
+    @property
+    def _macs(self) -> dict[str, psk_auth.FrameMac]:
+        return self._hs.macs
+
+    @property
+    def _pointer(self) -> int:
+        """The first unused reserve bit, as agreed with the peer (§17) and advanced by every pad taken."""
+        return self._hs.pointer
+
+    @_pointer.setter
+    def _pointer(self, value: int) -> None:
+        self._hs.pointer = value
+
+    @property
+    def _next_round(self) -> int:
+        return self._hs.next_round
+
+    @_next_round.setter
+    def _next_round(self, value: int) -> None:
+        self._hs.next_round = value
+
+    def _act(self, action: Action) -> None:
+        self._out.append(action)
 
     def receive_frame(
         self, payload: bytes | wire.Envelope, message: wire.Message | None = None
@@ -454,7 +291,7 @@ class Engine:
                 self.state = State.CLOSED
                 raise PeerError(message["code"], message["message"], list(message["versions"]))
             if message.type == "hello":
-                self._hellos[self.peer_role] = envelope.body
+                self._hs.received_hello(envelope.body)
             if self._is_stale(message):
                 # §13: the peer sent it before it learnt that we dropped that round. §16: it spent a
                 # one-time pad on the frame's transcript tag, so we skip that pad too, unverified:
@@ -477,15 +314,8 @@ class Engine:
         except RemoteProtocolError:
             versions = wire.hello_versions(envelope.body) if envelope.seq == 0 else None
             if versions is not None and not set(versions) & set(self.settings.versions):
-                raise self._version_mismatch(versions) from None
+                raise version_mismatch(self.settings.versions, versions) from None
             raise
-
-    def _version_mismatch(self, versions: Sequence[int]) -> RemoteProtocolError:
-        return RemoteProtocolError(
-            f"no common protocol version: peer speaks {list(versions)}, "
-            f"we speak {list(self.settings.versions)}",
-            code="version-mismatch",
-        )
 
     def compute(self, urgent: bool = False) -> None:
         """Do the work a :class:`Compute` action announced (with its ``urgent``), unless it is done (or
@@ -702,205 +532,16 @@ class Engine:
         return new_state
 
     def _on_hello(self, message: wire.Message) -> State:
-        common = set(message["versions"]) & set(self.settings.versions)
-        if not common:
-            raise self._version_mismatch(message["versions"])
-        self.version = max(common)
-        self.peer_capabilities = tuple(message["capabilities"])
-        if message["role"] != self.peer_role:
-            raise RemoteProtocolError(f"the peer says it is {message['role']}, as we are", code="wrong-peer")
-        if message["link_id"] != self.settings.link_id:
-            raise RemoteProtocolError(
-                f"the peer serves link {message['link_id'][:64]!r}, we serve {self.settings.link_id!r}",
-                code="wrong-peer",
-            )
-        transcript = psk_auth.transcript_hash(self._hellos["alice"], self._hellos["bob"])
-        self._transcript = transcript
-        nonces = self._nonce, message["nonce"]
-        alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
-        ours = self._capabilities
-        # §17: nothing of the hello is stored; a tampered key list only makes the proofs fail
-        key = policy.choose_key(self._listed_keys(), message["keys"])
-        if key is not None:
-            self.auth = "reserve"
-            self._handshake_key = key
-            secret = self._store.reserve.handshake_key(key)
-            self._handshake_secret = secret
-            self._macs = psk_auth.session_macs(secret, alice_nonce, bob_nonce, transcript)
-            if self.role == "alice":  # §17: Bob proves only once Alice's proof verified (_on_auth)
-                self._send_proof(secret)
-            return State.AUTH
-        if "pki" in ours and "pki" in message["capabilities"]:
-            assert self.settings.pki is not None
-            self.auth = "pki"
-            self._nonces = alice_nonce, bob_nonce
-            self._exchange = pki.Exchange()
-            if self.role == "alice":
-                self._kex_alice = self._exchange.offer()
-                self._send(
-                    "auth",
-                    proof=self.settings.pki.sign(pki.signed_data("alice", transcript, self._kex_alice)),
-                    certificate=self.settings.pki.certificate_der,
-                    kex=self._kex_alice,
-                )
-            return State.AUTH
-        if "psk" not in ours or "psk" not in message["capabilities"]:
-            raise self._no_common_authentication(message)
-        self._macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
-        self._send(
-            "auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript), certificate=b"", kex=b""
-        )
-        return State.AUTH
-
-    def _pki_auth(self, message: wire.Message) -> None:
-        """§18: check the peer's certificate and signature; finish the hybrid exchange."""
-        identity = self.settings.pki
-        assert identity is not None
-        certificate = identity.check_peer(message["certificate"])
-        if self.role == "bob":
-            kex_alice = message["kex"]
-            pki.verify_signature(
-                certificate, message["proof"], pki.signed_data("alice", self._transcript, kex_alice)
-            )
-            kex_bob, shared = self._exchange.accept(kex_alice)
-            self._send(
-                "auth",
-                proof=identity.sign(pki.signed_data("bob", self._transcript, kex_alice, kex_bob)),
-                certificate=identity.certificate_der,
-                kex=kex_bob,
-            )
-        else:
-            kex_alice, kex_bob = self._kex_alice, message["kex"]
-            pki.verify_signature(
-                certificate, message["proof"], pki.signed_data("bob", self._transcript, kex_alice, kex_bob)
-            )
-            shared = self._exchange.finish(kex_bob)
-        secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
-        self._macs = psk_auth.session_macs(secret, *self._nonces, self._transcript)
-
-    def _listed_keys(self) -> list[int]:
-        reserve_total = self._store.reserve.total_bits
-        return policy.listed_keys(self._keys, reserve_total, self.settings.reserve_switch_bits)
-
-    def _send_proof(self, secret: bytes) -> None:
-        proof = psk_auth.proof(secret, self.role, self._transcript)
-        self._send("auth", proof=proof, certificate=b"", kex=b"")
-
-    def _no_common_authentication(self, message: wire.Message) -> RemoteProtocolError:
-        """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is
-        a state directory older than the peer's (or a tampered hello: then the next connection works)."""
-        ours, theirs = self._listed_keys(), list(message["keys"])
-        if ours and theirs:
-            return RemoteProtocolError(
-                f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "
-                "this lasts, one state directory was restored from a backup: re-bootstrap the link",
-                code="stale-state",
-            )
-        capabilities = list(message["capabilities"])[:4]
-        return RemoteProtocolError(
-            f"no common authentication: ours {self._capabilities}, the peer's {capabilities}, handshake "
-            f"keys ours {ours}, the peer's {theirs[:2]} (with the PSK retired and no handshake key: "
-            "re-bootstrap the link)",
-            code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
-        )
+        return self._hs.on_hello(message)
 
     def _on_auth(self, message: wire.Message) -> State:
-        if self.auth == "reserve":
-            psk_auth.verify_proof(self._handshake_secret, self.peer_role, self._transcript, message["proof"])
-            assert self._handshake_key is not None
-            # §17: the peer holds this key, so older ones are never needed again
-            keys = policy.after_verified(self._keys, self._handshake_key, self._store.reserve.total_bits)
-            if keys != self._keys:
-                self._keys = keys
-                self._out.append(SetHandshakeKeys(keys))
-            if policy.retire_psk(self.auth, self._store.psk_retired, self.settings.fallback_to_psk):
-                self._out.append(RetirePsk())
-            if self.role == "bob":
-                self._send_proof(self._handshake_secret)
-        elif self.auth == "pki":
-            self._pki_auth(message)
-        else:
-            psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
-        reserve = self._store.reserve
-        self._send(
-            "sync",
-            next_round=self._next_round,
-            pending=self._own_pending[:1024],
-            qber_threshold=self.settings.qber_threshold,
-            eps_sec=self.settings.eps_sec,
-            eps_cor=self.settings.eps_cor,
-            key_block_bits=self.settings.key_block_bits,
-            reserve_total=reserve.total_bits,
-            reserve_consumed=reserve.consumed,
-        )
-        return State.SYNC
+        return self._hs.on_auth(message)
 
     def _on_sync(self, message: wire.Message) -> State:
-        for name in ("qber_threshold", "eps_sec", "eps_cor", "key_block_bits"):
-            if message[name] != getattr(self.settings, name):
-                raise RemoteProtocolError(
-                    f"{name}: the peer uses {message[name]}, we use {getattr(self.settings, name)}",
-                    code="config-mismatch",
-                )
-        self._next_round = max(self._next_round, message["next_round"])
-        # §17: both continue from the larger position, learnt only now that the peer is authenticated,
-        # so no pad either side marked used is used again, and a stranger moves nothing
-        self._pointer = max(self._store.reserve.consumed, message["reserve_consumed"])
-        self._peer_total = message["reserve_total"]
-        if self._pointer > self._store.reserve.consumed:
-            self._out.append(ConsumeReserve(self._pointer))
-        if self.role == "bob":
-            if message["pending"]:
-                raise RemoteProtocolError("Alice never has pending rounds")
-            return State.RESOLVING
-        committed = self._store.committed_among(message["pending"])
-        self._send("resolve", committed=committed, key_next=self._announce_key())
-        self._out.append(self._ready())
-        return State.IDLE
-
-    def _announce_key(self) -> list[int]:
-        """Alice: the handshake key she announces in ``resolve`` (§17) — her unused next key again, or a
-        new one at the agreed first unused bit when policy wants one and both reserves hold it."""
-        total = self._store.reserve.total_bits
-        keyed = self.auth == "reserve"
-        if policy.want_new_key(
-            self._keys, total, self.settings.reserve_switch_bits, keyed=keyed
-        ) and policy.key_fits(self._pointer, self._store.reserve.consumed, min(total, self._peer_total)):
-            self._keys = dataclasses.replace(self._keys, next=self._pointer)
-            self._pointer += policy.HANDSHAKE_KEY_BITS
-            self._out.append(ConsumeReserve(self._pointer))  # its bits are never a pad
-            self._out.append(SetHandshakeKeys(self._keys))
-        return [] if self._keys.next is None else [self._keys.next]
-
-    def _ready(self) -> Ready:
-        keys = KEY_CHANNEL_CAPABILITY in self.peer_capabilities and self.settings.key_channel
-        return Ready(self.version or SUPPORTED_VERSIONS[-1], self.auth, dict(self._macs) if keys else None)
+        return self._hs.on_sync(message)
 
     def _on_resolve(self, message: wire.Message) -> State:
-        if not set(message["committed"]) <= set(self._own_pending):
-            raise RemoteProtocolError("resolve lists a round that is not pending here")
-        self._out.append(ResolvePending(tuple(message["committed"])))
-        for key in message["key_next"]:
-            self._take_announced_key(key)
-        self._out.append(self._ready())
-        return State.IDLE
-
-    def _take_announced_key(self, key: int) -> None:
-        """Bob: Alice's announced handshake key (§17), from an authenticated ``resolve``: keep it as next
-        and mark its bits used (Alice did before announcing it)."""
-        if key in self._keys.positions():
-            return
-        if key + policy.HANDSHAKE_KEY_BITS > self._store.reserve.total_bits or (
-            self._keys.current is not None and key < self._keys.current
-        ):
-            raise RemoteProtocolError(
-                f"resolve announces a handshake key at reserve bit {key}; Bob holds "
-                f"{self._store.reserve.total_bits} bits and keys {self._keys.positions()}"
-            )
-        self._keys = dataclasses.replace(self._keys, next=key)
-        self._pointer = max(self._pointer, key + policy.HANDSHAKE_KEY_BITS)
-        self._out.append(ConsumeReserve(self._pointer))
-        self._out.append(SetHandshakeKeys(self._keys))
+        return self._hs.on_resolve(message)
 
     # -- a round, Alice's and Bob's handlers interleaved in protocol order
 

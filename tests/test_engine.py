@@ -239,7 +239,7 @@ def test_version_negotiation_picks_the_highest_common_version() -> None:
     bob, _ = make_engine("bob", versions=(1, 3))
     for e in (alice, bob):
         e.initiate()
-    hello_alice = wire.encode_frame(0, alice._hellos["alice"])
+    hello_alice = wire.encode_frame(0, alice._hs.hellos["alice"])
     bob.receive_frame(wire.FrameDecoder().feed(hello_alice)[0])
     assert bob.version == 3
 
@@ -250,7 +250,7 @@ def test_no_common_version_sends_an_error_listing_ours() -> None:
     alice.initiate()
     bob.initiate()
     with pytest.raises(RemoteProtocolError) as caught:
-        bob.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, alice._hellos["alice"]))[0])
+        bob.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, alice._hs.hellos["alice"]))[0])
     assert caught.value.code == "version-mismatch"
     assert error_of(caught.value.frame)["versions"] == [2]
     assert bob.state is engine.State.CLOSED
@@ -310,7 +310,7 @@ def test_same_role_on_both_ends_is_refused() -> None:
     one.initiate()
     two.initiate()
     with pytest.raises(RemoteProtocolError) as caught:
-        one.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, two._hellos["alice"]))[0])
+        one.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, two._hs.hellos["alice"]))[0])
     assert caught.value.code == "wrong-peer"
 
 
@@ -371,7 +371,7 @@ def test_a_reflected_auth_proof_fails() -> None:
     bob, _ = make_engine("bob")
     alice.initiate()
     bob.initiate()
-    actions = alice.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, bob._hellos["bob"]))[0])
+    actions = alice.receive_frame(wire.FrameDecoder().feed(wire.encode_frame(0, bob._hs.hellos["bob"]))[0])
     auth_frame = next(a.frame for a in actions if isinstance(a, engine.Send))
     with pytest.raises(RemoteProtocolError) as caught:
         alice.receive_frame(wire.FrameDecoder().feed(auth_frame)[0])

@@ -1,0 +1,254 @@
+"""What the protocol core shares with whoever drives it: states, actions, settings, and the views of the
+store it reads (protocol/qkdp-v2.md §9–§17).
+
+Theory of operation
+-------------------
+The core (:mod:`qkdd.handshake` and :mod:`qkdd.engine`) is sans-IO: bytes and results in, actions out.
+An :data:`Action` is one thing for the driver to carry out, in order: a frame to write, a durable write
+(each is checked against its transition's ``persist`` list of ``protocol/qkdp-v2.toml``, see
+:func:`persist_kind`), or work to run on a thread of its choosing. The core reads the store only through
+:class:`StoreView` and writes it only through actions. Nothing here knows a role or a message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qkdd import policy, spec
+from qkdd.auth import pki
+from qkdd.auth import psk as psk_auth
+from qkdd.records import RoundSummary
+from qkdd.stages import cascade, estimation, keylength
+
+SUPPORTED_VERSIONS = (2,)
+NONCE_BYTES = 32
+KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
+KEEPALIVE_CAPABILITY = "keepalive"
+
+
+class State(enum.Enum):
+    """The states of ``protocol/qkdp-v2.toml`` (each role uses a subset)."""
+
+    #: waiting for the peer's hello
+    HELLO = "HELLO"
+    #: waiting for the peer's bootstrap proof
+    AUTH = "AUTH"
+    #: authenticated; waiting for the peer's round numbering and parameters
+    SYNC = "SYNC"
+    #: Bob: waiting for Alice's word on his pending rounds
+    RESOLVING = "RESOLVING"
+    #: between rounds
+    IDLE = "IDLE"
+    #: a round is open; sifting under way
+    SIFTING = "SIFTING"
+    #: parameter estimation under way
+    ESTIMATING = "ESTIMATING"
+    #: Cascade under way
+    RECONCILING = "RECONCILING"
+    #: confirmation under way
+    CONFIRMING = "CONFIRMING"
+    #: Bob: waiting for the amplification seed
+    AMPLIFYING = "AMPLIFYING"
+    #: the key is computed; waiting for the peer's commit (Alice) or committed (Bob)
+    COMMITTING = "COMMITTING"
+    #: final: the connection is over
+    CLOSED = "CLOSED"
+
+
+# ------------------------------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write this frame to the peer."""
+
+    frame: bytes
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRound:
+    """Persist that ``round`` is in use before anything of it is sent."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundEnded:
+    """A round is over: store it as ``committed``, ``pending`` (Bob, §13) or ``aborted`` (no key)."""
+
+    summary: RoundSummary
+    disposition: str
+    blocks: tuple[tuple[str, bytes], ...] = ()
+    reserve: tuple[bytes, int] = (b"", 0)  # packed bits for the key reserve, and their count
+
+    def __repr__(self) -> str:  # never print key material
+        return f"RoundEnded({self.summary!r}, {self.disposition!r}, {len(self.blocks)} blocks)"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRound:
+    """Bob: Alice committed ``round``; commit the pending copy."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvePending:
+    """Bob: commit the pending rounds listed; drop every other pending round."""
+
+    committed: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetHandshakeKeys:
+    """Record this side's handshake keys (§17), durably, before the next frame goes out."""
+
+    keys: policy.HandshakeKeys
+
+
+@dataclass(frozen=True, slots=True)
+class RetirePsk:
+    """The first handshake authenticated by a reserve key verified: never accept the PSK again (§17)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The handshake is over; rounds may run. ``auth`` says how the connection was authenticated."""
+
+    version: int
+    auth: str
+    #: the session's frame MACs by sender, from which the key channel (§19) derives its own; ``None``
+    #: unless both hellos offered the key channel's capability
+    channel_macs: dict[str, psk_auth.FrameMac] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeReserve:
+    """Mark every reserve bit below ``upto`` used, durably, before the next frame goes out (§16)."""
+
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compute:
+    """Work of the round that no frame waits for yet — Alice hashing her key (§7) while Bob reconciles,
+    and cutting its blocks while Bob hashes his; either side hashing the round's transcripts (§16) as
+    they grow: call :meth:`Engine.compute` after sending the frames before this action, on a worker
+    thread, and go on feeding the engine frames meanwhile (the engine waits for that work where it needs
+    its result). A driver that ignores it loses nothing: the engine then does the work itself when the
+    round needs it.
+
+    ``urgent`` work is due within about a round trip — Bob building his range parities while Alice answers
+    a flight that starts Cascade passes, and transforming his key while the confirmation runs — so a driver
+    should not run it at a lowered priority. ``compute(urgent=True)`` runs that work alone, and an
+    ordinary ``compute()`` never takes it, so that it never runs at the lower priority."""
+
+    urgent: bool = False
+
+
+DURABLE_ACTIONS = (
+    ReserveRound,
+    RoundEnded,
+    CommitRound,
+    ResolvePending,
+    ConsumeReserve,
+    SetHandshakeKeys,
+    RetirePsk,
+)
+"""The actions that write durable state: each is checked against its transition's ``persist``."""
+
+
+def persist_kind(action: object) -> str | None:
+    """The ``persist`` kind of the spec (:data:`spec.PERSIST_KINDS`) an action writes, if it is durable."""
+    match action:
+        case ReserveRound():
+            return "next_round"
+        case RoundEnded(disposition=disposition):
+            return {"aborted": "aborted_round", "pending": "pending_round"}.get(disposition, "round")
+        case CommitRound():
+            return "commit_round"
+        case ResolvePending():
+            return "resolve_pending"
+        case ConsumeReserve():
+            return "reserve_consumed"
+        case SetHandshakeKeys():
+            return "handshake_keys"
+        case RetirePsk():
+            return "retire_psk"
+    return None
+
+
+Action = (
+    Send
+    | ReserveRound
+    | RoundEnded
+    | CommitRound
+    | ResolvePending
+    | Ready
+    | ConsumeReserve
+    | SetHandshakeKeys
+    | RetirePsk
+    | Compute
+)
+
+
+class ReserveView(Protocol):
+    @property
+    def total_bits(self) -> int: ...
+
+    @property
+    def consumed(self) -> int: ...
+
+    def read(self, start: int, count: int) -> bytes: ...
+
+    def hash_keys(self) -> list[int]: ...
+
+    def pads(self, start: int) -> list[int]: ...
+
+    def handshake_keys(self) -> policy.HandshakeKeys: ...
+
+    def handshake_key(self, position: int) -> bytes: ...
+
+
+class StoreView(Protocol):
+    """What the engine reads of the key store (queries only; writes are actions)."""
+
+    @property
+    def next_round(self) -> int: ...
+
+    @property
+    def psk_retired(self) -> bool: ...
+
+    @property
+    def reserve(self) -> ReserveView: ...
+
+    def pending_rounds(self) -> list[int]: ...
+
+    def committed_among(self, rounds: Sequence[int]) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    link_id: str
+    psk: bytes = field(repr=False)
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS
+    cascade_variant: str = cascade.DEFAULT_VARIANT
+    qber_threshold: float = estimation.DEFAULT_THRESHOLD
+    z_sample_fraction: float = 0.0
+    qber_prior: float = 0.02
+    eps_sec: float = keylength.DEFAULT_EPS_SEC
+    eps_cor: float = keylength.DEFAULT_EPS_COR
+    key_block_bits: int = 256
+    reserve_switch_bits: int = 4096  # rounds authenticate from the reserve once it holds this many bits
+    reserve_bits_per_round: int = 2048  # refill per round, while the reserve is below its target
+    reserve_target_bits: int = 65536
+    fallback_to_psk: bool = False  # never retire the PSK; use it when the reserve runs dry
+    pki: pki.Identity | None = field(default=None, repr=False)  # PKI bootstrap (§18) instead of the PSK
+    handshake_timeout: float = spec.load().timeouts["handshake"]
+    round_timeout: float = spec.load().timeouts["round"]
+    idle_timeout: float = spec.load().timeouts["idle"]
+    key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
