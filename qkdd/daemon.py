@@ -628,7 +628,9 @@ class Daemon:
                 case engine_mod.RoundEnded(
                     summary=summary, disposition=disposition, blocks=blocks, reserve=reserve
                 ):
-                    seconds = self._round_seconds()
+                    ended = trio.current_time()  # the summary's seconds and stages end at the same instant
+                    seconds = self._round_seconds(ended)
+                    stages = "" if self._clock is None else self._clock.format(ended)
                     if disposition == "aborted":
                         await self._store_call(self.store.record_aborted, summary, seconds)
                     else:
@@ -640,7 +642,6 @@ class Daemon:
                             seconds,
                             reserve,
                         )
-                    stages = "" if self._clock is None else self._clock.format(trio.current_time())
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
@@ -707,10 +708,8 @@ class Daemon:
         if trio.current_time() >= self._keepalive_due(session, engine):
             await self._execute(session, engine.keepalive())
 
-    def _round_seconds(self) -> float:
-        if self._round_started is None:
-            return 0.0
-        return trio.current_time() - self._round_started
+    def _round_seconds(self, now: float) -> float:
+        return 0.0 if self._round_started is None else now - self._round_started
 
     def _round_done(self) -> None:
         self.rounds_finished += 1
