@@ -419,7 +419,7 @@ state_dir = "{state_dir}"      # key store; never restore it from a backup
 # reserve_switch_bits = 4096     # authenticate from the key reserve once it holds this many bits
 # reserve_bits_per_round = 2048  # refill per round while the reserve is below reserve_target_bits
 # reserve_target_bits = 65536
-# fallback_to_psk = false        # true: never retire the PSK; use it when the reserve runs dry
+# fallback_to_psk = false        # true: never retire the PSK; a dry reserve runs frame-MAC rounds
 
 [link]
 backend = "sim"

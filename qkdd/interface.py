@@ -246,7 +246,7 @@ class EngineSettings:
     reserve_switch_bits: int = 4096  # rounds authenticate from the reserve once it holds this many bits
     reserve_bits_per_round: int = 2048  # refill per round, while the reserve is below its target
     reserve_target_bits: int = 65536
-    fallback_to_psk: bool = False  # never retire the PSK; use it when the reserve runs dry
+    fallback_to_psk: bool = False  # never retire the PSK; a dry reserve runs frame-MAC rounds (§17)
     pki: pki.Identity | None = field(default=None, repr=False)  # PKI bootstrap (§18) instead of the PSK
     handshake_timeout: float = spec.load().timeouts["handshake"]
     round_timeout: float = spec.load().timeouts["round"]
