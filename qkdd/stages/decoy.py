@@ -59,9 +59,15 @@ def _tau(n: int, mu: Sequence[float], p: Sequence[float]) -> float:
 def _hoeffding(
     counts: Sequence[int], mu: Sequence[float], p: Sequence[float], eps_sec: float
 ) -> tuple[list[float], list[float]]:
-    """n^±_k = e^{μ_k}/p_k (n_k ± sqrt(n/2 · ln(21/ε_sec))), n = Σ n_k (LCWXZ, after Eq. 3)."""
+    """n^±_k = e^{μ_k}/p_k (n_k ± sqrt(n/2 · ln(21/ε_sec))), n = Σ n_k (LCWXZ, after Eq. 3), with the
+    lower one clamped at zero.
+
+    The deviation bounds the expected count n*_k (LCWXZ Eqs. A7–A10), and n*_k = Σ_j p_{k|j} s_j is a sum
+    of non-negative terms (Eq. A3 and the line before Eq. A1; likewise m*_k with the errors v_j): so
+    n*_k ≥ max(0, n_k − δ). The clamp matters where a count is far below δ (the vacuum-like intensity's
+    errors: without it m^−_3 < 0 inflates v_{X,1} in Eq. 4)."""
     delta = math.sqrt(sum(counts) / 2 * math.log(EPS_SPLIT / eps_sec))
-    minus = [math.exp(m) / pk * (n - delta) for n, m, pk in zip(counts, mu, p, strict=True)]
+    minus = [math.exp(m) / pk * max(0.0, n - delta) for n, m, pk in zip(counts, mu, p, strict=True)]
     plus = [math.exp(m) / pk * (n + delta) for n, m, pk in zip(counts, mu, p, strict=True)]
     return minus, plus
 
