@@ -6,7 +6,8 @@ Q_μ = 1 − (1 − p_d)^2 e^(−η μ) (two detectors, each with dark-count pro
 error with probability E_μ = [ (1 − (1 − p_d)^2) e^(−η μ) / 2 + e_d (1 − e^(−η μ)) ] / Q_μ. After-pulses
 add a fraction p_ap of further detections with random bits. For a block of n_Z key-basis detections the
 expected counts per intensity and basis go into the finite-key decoy-state bound of
-:mod:`qkdd.stages.decoy` (Lim et al. 2014), with λ_EC = f_EC · n_Z · h(E_Z).
+:mod:`qkdd.stages.decoy` (Lim et al. 2014), with λ = f_EC · n_Z · h(E_Z) + the confirmation tag's bits
+(what the daemons count as disclosed).
 
 Reference columns: the asymptotic decoy-state rate (GLLP with the exact single-photon yield and error
 of the model: Gottesman, Lo, Lütkenhaus, Preskill 2004; Lo, Ma, Chen 2005) and the PLOB bound
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd.errors import InputError
+from qkdd.stages import confirm
 from qkdd.stages.decoy import DecoyCounts, bounds, decoy_key_length
 from qkdd.stages.keylength import binary_entropy
 
@@ -88,7 +90,7 @@ def expected_counts(model: LinkModel, km: float, block: int) -> tuple[DecoyCount
     n_x = tuple(round(pulses * (1 - pz) ** 2 * pk * q) for pk, q in zip(p, gains, strict=True))
     m_x = tuple(round(n * e) for n, e in zip(n_x, errors, strict=True))
     qber = sum(n * e for n, e in zip(n_z, errors, strict=True)) / max(sum(n_z), 1)
-    leak = math.ceil(model.f_ec * sum(n_z) * binary_entropy(qber))
+    leak = math.ceil(model.f_ec * sum(n_z) * binary_entropy(qber)) + confirm.TAG_BITS
     return DecoyCounts(model.intensities, p, n_z, n_x, m_x, leak), pulses, qber
 
 

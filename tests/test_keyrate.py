@@ -13,6 +13,8 @@ from qkdd import keyrate
 from qkdd.cli import main
 from qkdd.errors import InputError
 from qkdd.links.sim import SimAlice, SimBob, SimParameters
+from qkdd.stages.confirm import TAG_BITS
+from qkdd.stages.keylength import binary_entropy
 
 TUNED = keyrate.LinkModel(
     intensities=(0.5, 0.2, 0.0), intensity_probabilities=(0.4, 0.4, 0.2), z_probability=0.8
@@ -160,3 +162,9 @@ def test_a_round_stores_what_keyrate_predicts(km: float) -> None:
     block = round(pulses * model.key_detections_per_pulse(km))
     predicted = keyrate.row(model, km, block).key_per_pulse
     assert abs(achieved - predicted) <= 0.1 * predicted, (achieved, predicted)
+
+
+def test_the_model_discloses_reconciliation_and_the_confirmation_tag() -> None:
+    counts, _, qber = keyrate.expected_counts(TUNED, 50, 10**6)
+    reconciliation = math.ceil(TUNED.f_ec * sum(counts.key_detections) * binary_entropy(qber))
+    assert counts.disclosed_bits == reconciliation + TAG_BITS

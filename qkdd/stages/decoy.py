@@ -9,7 +9,10 @@ Three intensities μ1 > μ2 + μ3, μ2 > μ3 ≥ 0 (signal, decoy, vacuum or wea
 p_k. Observed: n_{Z,k} key-basis detections and n_{X,k} test-basis detections per intensity, m_{X,k}
 test-basis errors per intensity, and λ_EC, every bit disclosed by reconciliation and confirmation.
 
-    ℓ = ⌊ s_{Z,0} + s_{Z,1} (1 − h(φ_Z)) − λ_EC − 6 log2(21/ε_sec) − log2(2/ε_cor) ⌋      (LCWXZ Eq. 1)
+    ℓ = ⌊ s_{Z,0} + s_{Z,1} (1 − h(φ_Z)) − λ − 6 log2(21/ε_sec) ⌋      (LCWXZ Eq. 1, tag in λ)
+
+λ is every bit disclosed, the confirmation tag included; LCWXZ's own − log2(2/ε_cor) is the allowance for
+that tag (their App. B: the error-verification step publishes log2(2/ε_cor) bits) and is not taken again.
 
 Every lower bound is clipped at zero and every rate at 1/2; adversarial or degenerate counts (no vacuum
 detections, everything on decoys, no test-basis detections) give zero, never an exception.
@@ -36,7 +39,7 @@ class DecoyCounts:
     key_detections: tuple[int, ...]  # n_{Z,k}
     test_detections: tuple[int, ...]  # n_{X,k}
     test_errors: tuple[int, ...]  # m_{X,k}
-    disclosed_bits: int  # λ_EC
+    disclosed_bits: int  # λ: reconciliation and the confirmation tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +146,10 @@ def bounds(counts: DecoyCounts, eps_sec: float) -> DecoyBounds | None:
 
 
 def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> KeyLength:
-    """Secret bits by LCWXZ Eq. 1; zero, with a reason, when nothing is secret."""
+    """Secret bits by LCWXZ Eq. 1; zero, with a reason, when nothing is secret.
+
+    ``counts.disclosed_bits`` must include the confirmation tag, whose collision probability is the
+    ε_cor the round claims (``eps_cor`` is checked here, and costs no further bits)."""
     if not (0 < eps_sec < 1 and 0 < eps_cor < 1):
         raise ValueError("eps_sec and eps_cor must lie in (0, 1)")
     if sum(counts.key_detections) == 0:
@@ -170,7 +176,8 @@ def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> 
         + found.key_single * (1 - binary_entropy(found.phase_error))
         - counts.disclosed_bits
         - 6 * math.log2(EPS_SPLIT / eps_sec)
-        - math.log2(2 / eps_cor)
+        # no − log2(2/ε_cor): LCWXZ Eq. 1 charges it for the verification hash (Eq. B3's chain rule), and
+        # our tag is already in disclosed_bits at its real length; charging both counted it twice
     )
     if value < 1:
         return KeyLength(0, found.phase_error, "finite-size and disclosure costs exceed the entropy")

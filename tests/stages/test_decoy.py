@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdd.stages.confirm import TAG_BITS
 from qkdd.stages.decoy import DecoyCounts, bounds, decoy_key_length, valid_intensities
 
 MU = (0.5, 0.2, 0.0)
@@ -176,6 +177,26 @@ def test_the_bounds_equal_the_papers_formulas(km: float, n_z: float) -> None:
         ("phase", found.phase_error),
     ):
         assert math.isclose(value, reference[name], rel_tol=1e-9, abs_tol=1e-9), name
+
+
+@pytest.mark.parametrize(("km", "n_z"), [(0.0, 1e6), (50.0, 1e7), (100.0, 1e9)])
+def test_the_key_length_counts_the_confirmation_tag_once(km: float, n_z: float) -> None:
+    """Eq. 1 with the tag among the disclosed bits and no further log2(2/eps_cor), whatever eps_cor."""
+    counts = paper_counts(km, n_z)
+    qber = 0.01
+    leak = math.ceil(1.16 * sum(counts.key_detections) * -(qber * math.log2(qber) + 0.99 * math.log2(0.99)))
+    counts = DecoyCounts(
+        counts.intensities,
+        counts.probabilities,
+        counts.key_detections,
+        counts.test_detections,
+        counts.test_errors,
+        leak + TAG_BITS,
+    )
+    expected = math.floor(paper_bound(counts, 1e-9)["ell"])
+    assert expected > 0
+    for eps_cor in (1e-15, 1e-30):
+        assert decoy_key_length(counts, eps_sec=1e-9, eps_cor=eps_cor).secret_bits == expected
 
 
 def test_the_vacuum_intensitys_few_errors_count_as_at_least_zero() -> None:
