@@ -26,7 +26,8 @@ from typing import Any
 
 from qkdd.errors import InputError
 from qkdd.stages import confirm
-from qkdd.stages.decoy import DecoyCounts, bounds, decoy_key_length
+from qkdd.stages.decoy import DecoyCounts, bounds, decoy_key_length, valid_intensities
+from qkdd.stages.decoy import unrounded_length as unrounded_length_of
 from qkdd.stages.keylength import binary_entropy
 
 
@@ -79,6 +80,7 @@ class Row:
     phase_error: float | None
     asymptotic_per_pulse: float
     plob_per_pulse: float
+    min_block: int | None = None  # the smallest block (key-basis detections) that yields key; None: none
 
 
 def expected_counts(model: LinkModel, km: float, block: int) -> tuple[DecoyCounts, int, float]:
@@ -126,56 +128,191 @@ def row(model: LinkModel, km: float, block: int) -> Row:
     )
 
 
-def optimize(model: LinkModel, km: float, block: int) -> LinkModel:
+MU1_RANGE = (0.02, 1.2)
+"""Signal intensities the optimiser considers (μ2 lies strictly between μ3 and μ1 − μ3)."""
+Z_RANGE = (0.02, 0.995)
+"""Key-basis probabilities the optimiser considers: from test-heavy (small blocks) to key-heavy."""
+SEARCH_POINTS = 256
+"""Quasi-random points of the global stage (a Sobol sequence over the whole box, small p_Z included)."""
+REFINED_STARTS = 4
+"""Best distinct points of the global stage that Nelder-Mead refines."""
+MAX_BLOCK = 10**13
+"""Largest block :func:`min_block` considers; beyond it no block yields key."""
+BLOCK_PRECISION = 1.01
+NO_KEY = 1e3
+"""The optimiser's loss where a block yields no key: above −ln(key per pulse) of any key."""
+""":func:`min_block` is within 1% above the smallest block that yields key (and always yields key)."""
+
+
+def _from_unit(model: LinkModel, u: Sequence[float]) -> LinkModel:
+    """The model with intensities, probabilities and basis bias from a point of the unit box [0, 1]^5.
+
+    μ3 is the model's; μ1 spans MU1_RANGE, μ2 a fraction of (μ3, μ1 − μ3), p1 a fraction of (0, 1), p2 a
+    fraction of what p1 leaves and p_Z spans Z_RANGE: every point meets μ1 > μ2 + μ3 > 2 μ3 and p_k > 0."""
+    clipped = [min(max(float(v), 0.0), 1.0) for v in u]
+    mu3 = model.intensities[2]
+    low = max(MU1_RANGE[0], 3 * mu3)
+    mu1 = low + clipped[0] * (MU1_RANGE[1] - low)
+    mu2 = mu3 + (0.01 + 0.98 * clipped[1]) * (mu1 - 2 * mu3)
+    p1 = 0.01 + 0.98 * clipped[2]
+    p2 = (1 - p1) * (0.01 + 0.98 * clipped[3])
+    return replace(
+        model,
+        intensities=(mu1, mu2, mu3),
+        intensity_probabilities=(p1, p2, 1 - p1 - p2),
+        z_probability=Z_RANGE[0] + clipped[4] * (Z_RANGE[1] - Z_RANGE[0]),
+    )
+
+
+def _to_unit(model: LinkModel) -> list[float]:
+    """The point of the unit box whose :func:`_from_unit` is (about) ``model``, clipped to the box."""
+    mu1, mu2, mu3 = model.intensities
+    p1, p2, _ = model.intensity_probabilities
+    low = max(MU1_RANGE[0], 3 * mu3)
+    u = [
+        (mu1 - low) / (MU1_RANGE[1] - low),
+        ((mu2 - mu3) / max(mu1 - 2 * mu3, 1e-12) - 0.01) / 0.98,
+        (p1 - 0.01) / 0.98,
+        (p2 / max(1 - p1, 1e-12) - 0.01) / 0.98,
+        (model.z_probability - Z_RANGE[0]) / (Z_RANGE[1] - Z_RANGE[0]),
+    ]
+    return [min(max(v, 0.0), 1.0) for v in u]
+
+
+def unrounded_length(model: LinkModel, km: float, block: int) -> tuple[float, int]:
+    """(LCWXZ Eq. 1 before the floor, pulses) for the model's expected counts: negative where a block
+    this size yields no key, which tells the optimiser how far it is from key."""
+    counts, pulses, _ = expected_counts(model, km, block)
+    found = bounds(counts, model.eps_sec)
+    return (-math.inf if found is None else unrounded_length_of(counts, found, model.eps_sec)), pulses
+
+
+def _loss(model: LinkModel, km: float, block: int) -> float:
+    """What the optimiser minimises: −ln(key per pulse) where there is key; above any such value where
+    there is none, growing with the bits missing (Nelder-Mead only compares values)."""
+    value, pulses = unrounded_length(model, km, block)
+    if value >= 1:
+        return -math.log(value / pulses)
+    return 1e3 + math.log1p(1 - value) if value > -math.inf else math.inf
+
+
+def _refine(
+    model: LinkModel, km: float, block: int, start: Sequence[float], evaluations: int
+) -> tuple[float, list[float]]:
+    from scipy.optimize import minimize  # noqa: PLC0415 - optional, checked by optimize()
+
+    simplex = [list(start)]
+    for axis in range(len(start)):  # a simplex a tenth of the box wide, pointing into the box
+        vertex = list(start)
+        vertex[axis] += 0.1 if vertex[axis] < 0.5 else -0.1
+        simplex.append(vertex)
+    found = minimize(
+        lambda u: _loss(_from_unit(model, u), km, block),
+        start,
+        method="Nelder-Mead",
+        bounds=[(0.0, 1.0)] * len(start),
+        options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6, "maxfev": evaluations},
+    )
+    return float(found.fun), [float(v) for v in found.x]
+
+
+def optimize(
+    model: LinkModel,
+    km: float,
+    block: int,
+    *,
+    starts: Sequence[LinkModel] = (),
+    points: int = SEARCH_POINTS,
+    refined: int = REFINED_STARTS,
+    evaluations: int = 600,
+) -> LinkModel:
     """The intensities μ1, μ2 (μ3 kept), their probabilities and the Z-basis bias that maximise the key
-    per pulse at this distance (Nelder–Mead from scipy over a bounded parametrisation; several starts)."""
+    per pulse at this distance and block; ``model`` itself where no parameters yield key.
+
+    Global stage: ``points`` points of a Sobol sequence over the whole parameter box (so small p_Z,
+    which small blocks need for their phase-error estimate, is always tried), plus ``model`` and
+    ``starts`` (say, the optimum at the previous distance). Local stage: Nelder-Mead (scipy) from the
+    ``refined`` best distinct points (``evaluations`` each at most), on −ln(key per pulse) or, where there
+    is no key yet, the bits missing (:func:`unrounded_length`). Deterministic: the same arguments give the
+    same parameters."""
     try:
-        from scipy.optimize import minimize  # noqa: PLC0415 - optional
+        from scipy.stats import qmc  # noqa: PLC0415 - optional
     except ImportError:
         raise InputError("--optimize needs scipy: pip install 'qkdd[keyrate]'") from None
-    mu3 = model.intensities[2]
+    candidates = [_to_unit(m) for m in (*starts, model) if valid_intensities(m.intensities)]
+    candidates += qmc.Sobol(d=5, seed=12345).random(points).tolist()
+    scored = sorted((_loss(_from_unit(model, u), km, block), u) for u in candidates)
+    chosen: list[list[float]] = []
+    for _, u in scored:
+        if len(chosen) == refined:
+            break
+        if all(max(abs(a - b) for a, b in zip(u, c, strict=True)) > 0.1 for c in chosen):
+            chosen.append(u)
+    best_loss, best = scored[0]
+    for u in chosen:
+        loss, found = _refine(model, km, block, u, evaluations)
+        if loss < best_loss:
+            best_loss, best = loss, found
+    if best_loss >= NO_KEY:
+        return model
+    start_loss = _loss(model, km, block) if valid_intensities(model.intensities) else math.inf
+    return _from_unit(model, best) if best_loss <= start_loss else model
 
-    def unpack(x: Sequence[float]) -> LinkModel | None:
-        mu1, mu2, p1, p2, pz = x
-        if not (mu3 < mu2 and mu2 + mu3 < mu1 <= 1.5 and min(p1, p2) >= 0.01 and p1 + p2 <= 0.99):
+
+def _threshold(yields: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest block in (low, high] for which ``yields`` holds, within BLOCK_PRECISION (bisection in
+    ln(block)); ``yields(high)`` must hold and ``yields(low)`` must not."""
+    while high > low * BLOCK_PRECISION and high - low > 1:
+        middle = min(high - 1, max(low + 1, round(math.sqrt(low * high))))
+        if yields(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def min_block(
+    model: LinkModel, km: float, *, optimized: bool = False, block: int | None = None
+) -> int | None:
+    """The smallest block (key-basis detections) that yields key at this distance, within BLOCK_PRECISION
+    above it (the block returned always yields key); None if not even MAX_BLOCK does.
+
+    ``optimized``: with the parameters optimised for each block tried (a small global stage and the
+    parameters of the nearest block tried so far), else with the model's own. ``block``: a block that
+    ``model`` is known to suit (its optimum, say)."""
+    # fewer detections than Eq. 1's fixed costs (the tag and 6 log2(21/ε_sec)) never yield a bit
+    floor = max(1, math.floor(6 * math.log2(21 / model.eps_sec) + confirm.TAG_BITS))
+    if block is None or unrounded_length(model, km, min(block, MAX_BLOCK))[0] < 1:
+        if optimized:
+            model = optimize(model, km, MAX_BLOCK)
+        block = MAX_BLOCK
+        if unrounded_length(model, km, block)[0] < 1:
             return None
-        if not 0.05 <= pz <= 0.99:
-            return None
-        return replace(
-            model,
-            intensities=(mu1, mu2, mu3),
-            intensity_probabilities=(p1, p2, 1 - p1 - p2),
-            z_probability=pz,
-        )
+    if block <= floor:
+        return block
 
-    def loss(x: Sequence[float]) -> float:
-        candidate = unpack(x)
-        return 1.0 if candidate is None else -row(candidate, km, block).key_per_pulse * 1e3
+    # with the model's own parameters (cheap), which also bounds the optimised threshold from above
+    fixed = _threshold(lambda n: unrounded_length(model, km, n)[0] >= 1, floor, block)
+    if not optimized:
+        return fixed
+    tried = {fixed: model}
 
-    best = model
-    best_value = loss(_pack(model))
-    for start in (
-        _pack(model),
-        [0.5, 0.15, 0.5, 0.3, 0.8],
-        [0.7, 0.2, 0.4, 0.4, 0.7],
-        [0.4, 0.1, 0.6, 0.25, 0.9],
-    ):
-        found = minimize(
-            loss, start, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-9, "maxiter": 400}
-        )
-        if found.fun < best_value and unpack(found.x) is not None:
-            best_value, best = float(found.fun), unpack(found.x) or best
-    return best
+    def yields(n: int) -> bool:
+        nearest = min(tried, key=lambda m: abs(math.log(m / n)))
+        candidate = optimize(tried[nearest], km, n, points=64, refined=2, evaluations=300)
+        if unrounded_length(candidate, km, n)[0] < 1:
+            return False
+        tried[n] = candidate
+        return True
 
-
-def _pack(model: LinkModel) -> list[float]:
-    return [
-        model.intensities[0],
-        model.intensities[1],
-        model.intensity_probabilities[0],
-        model.intensity_probabilities[1],
-        model.z_probability,
-    ]
+    # the optimised threshold lies below: step down by factors of ten to bracket it, then bisect
+    high, low = fixed, fixed
+    while low > floor:
+        low = max(floor, low // 10)
+        if low == floor or not yields(low):
+            break
+        high = low
+    return _threshold(yields, low, high)
 
 
 def parse_distances(text: str) -> list[float]:
@@ -229,10 +366,15 @@ def load_model(path: Path | None, overrides: dict[str, Any]) -> LinkModel:
 def run(
     model: LinkModel, distances: Sequence[float], block: int, *, optimize_each: bool = False
 ) -> list[tuple[Row, LinkModel]]:
+    """A row per distance, each with its smallest block that yields key; ``optimize_each``: with the
+    parameters optimised at each distance (warm-started from the previous distance's)."""
     out = []
+    previous: list[LinkModel] = []
     for km in distances:
-        used = optimize(model, km, block) if optimize_each else model
-        out.append((row(used, km, block), used))
+        used = optimize(model, km, block, starts=previous) if optimize_each else model
+        previous = [used]
+        smallest = min_block(used, km, optimized=optimize_each, block=block)
+        out.append((replace(row(used, km, block), min_block=smallest), used))
     return out
 
 
@@ -281,12 +423,14 @@ def report(results: Sequence[tuple[Row, LinkModel]], model: LinkModel, block: in
         return json.dumps(out)
     lines = [
         f"{'km':>6} {'eta':>10} {'key/pulse':>11} {'key bit/s':>11} {'QBER':>7} {'phase':>7} "
-        f"{'asymptotic':>11} {'PLOB':>10}"
+        f"{'asymptotic':>11} {'PLOB':>10} {'min block':>10}"
     ]
     for r in rows:
         phase = "-" if r.phase_error is None else f"{100 * r.phase_error:.2f}%"
+        smallest = "-" if r.min_block is None else f"{r.min_block:.2e}"
         lines.append(
             f"{r.distance_km:>6.1f} {r.eta:>10.3e} {r.key_per_pulse:>11.3e} {r.key_bps:>11.3e} "
-            f"{100 * r.qber:>6.2f}% {phase:>7} {r.asymptotic_per_pulse:>11.3e} {r.plob_per_pulse:>10.3e}"
+            f"{100 * r.qber:>6.2f}% {phase:>7} {r.asymptotic_per_pulse:>11.3e} {r.plob_per_pulse:>10.3e} "
+            f"{smallest:>10}"
         )
     return "\n".join(lines)

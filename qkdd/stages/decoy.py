@@ -145,6 +145,19 @@ def bounds(counts: DecoyCounts, eps_sec: float) -> DecoyBounds | None:
     return DecoyBounds(s_z0, s_z1, s_x0, s_x1, v_x1, min(phase, 0.5))
 
 
+def unrounded_length(counts: DecoyCounts, found: DecoyBounds, eps_sec: float) -> float:
+    """LCWXZ Eq. 1 before the floor, from ``found = bounds(counts, eps_sec)``: negative where the costs
+    exceed the entropy (``qkdd keyrate``'s optimiser follows it towards key where there is none yet)."""
+    return (
+        found.key_vacuum
+        + found.key_single * (1 - binary_entropy(found.phase_error))
+        - counts.disclosed_bits
+        - 6 * math.log2(EPS_SPLIT / eps_sec)
+        # no − log2(2/ε_cor): LCWXZ Eq. 1 charges it for the verification hash (Eq. B3's chain rule), and
+        # our tag is already in disclosed_bits at its real length; charging both counted it twice
+    )
+
+
 def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> KeyLength:
     """Secret bits by LCWXZ Eq. 1; zero, with a reason, when nothing is secret.
 
@@ -171,14 +184,7 @@ def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> 
         return KeyLength(0, 1.0, "no single-photon detections can be certified (decoy statistics too weak)")
     if found.phase_error >= 0.5:
         return KeyLength(0, 0.5, "phase error bound reaches 1/2")
-    value = (
-        found.key_vacuum
-        + found.key_single * (1 - binary_entropy(found.phase_error))
-        - counts.disclosed_bits
-        - 6 * math.log2(EPS_SPLIT / eps_sec)
-        # no − log2(2/ε_cor): LCWXZ Eq. 1 charges it for the verification hash (Eq. B3's chain rule), and
-        # our tag is already in disclosed_bits at its real length; charging both counted it twice
-    )
+    value = unrounded_length(counts, found, eps_sec)
     if value < 1:
         return KeyLength(0, found.phase_error, "finite-size and disclosure costs exceed the entropy")
     return KeyLength(min(math.floor(value), sum(counts.key_detections)), found.phase_error, None)
