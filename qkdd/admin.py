@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,14 @@ def init(args: argparse.Namespace) -> int:
     target: Path = args.config or state_dir / f"{args.role}.toml"
     if target.exists():
         raise InputError(f"{target} exists; not overwriting it")
+    sim = None
+    distance = getattr(args, "distance_km", None)
+    if distance is not None:
+        from qkdd import keyrate  # noqa: PLC0415 - scipy, only when asked
+
+        if not 0 <= distance < math.inf:
+            raise InputError(f"--distance-km: expected a finite number >= 0, got {distance}")
+        sim = keyrate.sim_options(distance)
     text = config_mod.render(
         args.role,
         link_id=args.link_id,
@@ -45,10 +54,14 @@ def init(args: argparse.Namespace) -> int:
         psk_file=str(psk_path),
         listen=listen,
         peer=None if listen else args.peer,
+        sim=sim,
     )
     target.write_text(text)
     config_mod.load(target)  # what we wrote must load
     print(f"wrote {target}")
+    if sim is not None:
+        settings = ", ".join(f"{k} = {v}" for k, v in sim.items())
+        print(f"link.sim for {distance} km (the other host's init computes the same): {settings}")
     if args.psk_file is None:
         print(
             f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there"

@@ -315,6 +315,106 @@ def min_block(
     return _threshold(yields, low, high)
 
 
+TUNED_BLOCK = 10**6
+"""Key-basis detections per frame :func:`tune` aims for at least: finite-size costs are then a small
+part of the key, and a round stays a few million detections."""
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """What a weak-coherent-pulse link sets for its distance (:func:`tune`)."""
+
+    intensities: tuple[float, float, float]  # μ1 > μ2 + μ3, μ3 the model's
+    intensity_probabilities: tuple[float, float, float]
+    z_probability: float
+    pulses_per_frame: int
+    key_per_pulse: float  # expected at these settings (0: the link yields no key at this distance)
+    min_block: int | None  # the smallest block that yields key (optimised per block)
+
+
+def _significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits - 1}e}")
+
+
+def tune(
+    model: LinkModel,
+    km: float,
+    *,
+    pulses_per_frame: int | None = None,
+    min_pulses: int = 1,
+    max_pulses: int = 1 << 40,
+) -> LinkSettings:
+    """Intensities, their probabilities, the basis bias and the frame size for a link of ``km`` km with
+    the hardware of ``model`` (fiber loss, detector efficiency, dark counts, after-pulses, misalignment,
+    f_EC, ε_sec; μ3 is kept): the call a link backend makes to choose its own parameters.
+
+    The frame is ``pulses_per_frame`` if given, else the smallest power of two in [min_pulses,
+    max_pulses] whose expected key-basis detections reach max(TUNED_BLOCK, 2 · min_block); the other
+    settings are optimised (:func:`optimize`) for the block such frames give. Values are rounded to three
+    significant digits, so that both ends of a link, each calling this, configure the same source.
+
+    Raises:
+        InputError: scipy is missing (``pip install 'qkdd[keyrate]'``).
+    """
+    smallest = min_block(optimize(model, km, TUNED_BLOCK), km, optimized=True, block=TUNED_BLOCK)
+    target = max(TUNED_BLOCK, 2 * (smallest or 0))
+    best = optimize(model, km, target)
+    for _ in range(2):  # the frame sets the block, and the block the best settings
+        per_pulse = best.key_detections_per_pulse(km)
+        if pulses_per_frame is not None:
+            pulses = pulses_per_frame
+        else:
+            pulses = 1 << max(0, math.ceil(math.log2(max(target / per_pulse, 1))))
+            pulses = min(max(pulses, min_pulses), max_pulses)
+        best = optimize(best, km, max(1, round(pulses * per_pulse)))
+    mu1, mu2, mu3 = (_significant(mu) for mu in best.intensities)
+    p1, p2, _ = (round(p, 3) for p in best.intensity_probabilities)
+    rounded = replace(
+        best,
+        intensities=(mu1, mu2, mu3),
+        intensity_probabilities=(p1, p2, round(1 - p1 - p2, 3)),
+        z_probability=round(best.z_probability, 3),
+    )
+    if not valid_intensities(rounded.intensities) or min(rounded.intensity_probabilities) <= 0:
+        rounded = best  # rounding broke a condition of the bound: keep the exact values
+    block = max(1, round(pulses * rounded.key_detections_per_pulse(km)))
+    return LinkSettings(
+        intensities=rounded.intensities,
+        intensity_probabilities=rounded.intensity_probabilities,
+        z_probability=rounded.z_probability,
+        pulses_per_frame=pulses,
+        key_per_pulse=row(rounded, km, block).key_per_pulse,
+        min_block=smallest,
+    )
+
+
+def sim_options(
+    distance_km: float, *, pulses_per_frame: int | None = None, min_pulses: int = 1
+) -> dict[str, Any]:
+    """``[link.sim]`` options for a link of ``distance_km`` km: the simulator's hardware defaults with
+    :func:`tune`'s intensities, probabilities, basis bias and frame size (``qkdd init --distance-km``,
+    ``qkdd demo --distance-km``)."""
+    from qkdd.links.sim import SimParameters  # noqa: PLC0415 - the sim's defaults, only when asked
+
+    sim = SimParameters(distance_km=distance_km)
+    model = LinkModel(
+        fiber_loss_db_per_km=sim.fiber_loss_db_per_km,
+        detector_efficiency=sim.detector_efficiency,
+        dark_count_probability=sim.dark_count_probability,
+        afterpulse_probability=0.0,  # the simulator has none
+        misalignment=sim.misalignment,
+        intensities=(0.5, 0.2, 0.0),  # μ3 = 0: the simulator's vacuum
+    )
+    settings = tune(model, distance_km, pulses_per_frame=pulses_per_frame, min_pulses=min_pulses)
+    return {
+        "distance_km": distance_km,
+        "intensities": list(settings.intensities),
+        "intensity_probabilities": list(settings.intensity_probabilities),
+        "z_probability": settings.z_probability,
+        "pulses_per_frame": settings.pulses_per_frame,
+    }
+
+
 def parse_distances(text: str) -> list[float]:
     """``START:STOP:STEP`` (STOP included) or a comma-separated list, in km."""
     try:

@@ -235,3 +235,33 @@ def test_min_block_with_optimised_parameters() -> None:
     assert (
         keyrate.row(keyrate.optimize(PAPER, 80, below, points=1024, refined=8), 80, below).key_per_pulse == 0
     )
+
+
+def test_tune_sets_a_link_that_yields_key_where_the_fixed_settings_do_not() -> None:
+    hardware = keyrate.LinkModel()  # the sim's detector and fiber, mu3 = 0
+    fixed = keyrate.row(hardware, 100, round((1 << 26) * hardware.key_detections_per_pulse(100)))
+    assert fixed.key_per_pulse == 0
+    settings = keyrate.tune(hardware, 100, min_pulses=1 << 26)
+    assert settings == keyrate.tune(hardware, 100, min_pulses=1 << 26)  # both ends compute the same
+    assert settings.key_per_pulse > 0 and settings.min_block is not None
+    pulses = settings.pulses_per_frame
+    assert pulses >= 1 << 26 and pulses & (pulses - 1) == 0
+    mu1, mu2, mu3 = settings.intensities
+    assert mu1 > mu2 + mu3 and mu3 == 0 and math.isclose(sum(settings.intensity_probabilities), 1)
+    tuned = keyrate.LinkModel(
+        intensities=settings.intensities,
+        intensity_probabilities=settings.intensity_probabilities,
+        z_probability=settings.z_probability,
+    )
+    block = round(pulses * tuned.key_detections_per_pulse(100))
+    assert block >= max(keyrate.TUNED_BLOCK, 2 * settings.min_block)
+    assert keyrate.row(tuned, 100, block).key_per_pulse == settings.key_per_pulse
+    fixed_frames = keyrate.tune(hardware, 100, pulses_per_frame=1 << 30)
+    assert fixed_frames.pulses_per_frame == 1 << 30 and fixed_frames.key_per_pulse > 0
+
+
+def test_sim_options_configure_the_simulator() -> None:
+    options = keyrate.sim_options(60, min_pulses=1 << 24)
+    parameters = SimParameters.from_options(options)
+    assert parameters.distance_km == 60 and parameters.pulses_per_frame >= 1 << 24
+    assert parameters.intensities != SimParameters().intensities
