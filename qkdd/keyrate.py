@@ -197,9 +197,13 @@ def _loss(model: LinkModel, km: float, block: int) -> float:
 
 
 def _refine(
-    model: LinkModel, km: float, block: int, start: Sequence[float], evaluations: int
+    model: LinkModel, km: float, block: int, start: Sequence[float], evaluations: int, any_key: bool
 ) -> tuple[float, list[float]]:
-    from scipy.optimize import minimize  # noqa: PLC0415 - optional, checked by optimize()
+    from scipy.optimize import OptimizeResult, minimize  # noqa: PLC0415 - optional, checked by optimize()
+
+    def stop_at_key(intermediate_result: OptimizeResult) -> None:
+        if any_key and intermediate_result.fun < NO_KEY:
+            raise StopIteration
 
     simplex = [list(start)]
     for axis in range(len(start)):  # a simplex a tenth of the box wide, pointing into the box
@@ -212,6 +216,7 @@ def _refine(
         method="Nelder-Mead",
         bounds=[(0.0, 1.0)] * len(start),
         options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6, "maxfev": evaluations},
+        callback=stop_at_key,
     )
     return float(found.fun), [float(v) for v in found.x]
 
@@ -225,6 +230,7 @@ def optimize(
     points: int = SEARCH_POINTS,
     refined: int = REFINED_STARTS,
     evaluations: int = 600,
+    any_key: bool = False,
 ) -> LinkModel:
     """The intensities μ1, μ2 (μ3 kept), their probabilities and the Z-basis bias that maximise the key
     per pulse at this distance and block; ``model`` itself where no parameters yield key.
@@ -233,8 +239,9 @@ def optimize(
     which small blocks need for their phase-error estimate, is always tried), plus ``model`` and
     ``starts`` (say, the optimum at the previous distance). Local stage: Nelder-Mead (scipy) from the
     ``refined`` best distinct points (``evaluations`` each at most), on −ln(key per pulse) or, where there
-    is no key yet, the bits missing (:func:`unrounded_length`). Deterministic: the same arguments give the
-    same parameters."""
+    is no key yet, the bits missing (:func:`unrounded_length`). ``any_key``: stop at the first parameters
+    that yield key (whether any do is all :func:`min_block` asks). Deterministic: the same arguments give
+    the same parameters."""
     try:
         from scipy.stats import qmc  # noqa: PLC0415 - optional
     except ImportError:
@@ -250,7 +257,9 @@ def optimize(
             chosen.append(u)
     best_loss, best = scored[0]
     for u in chosen:
-        loss, found = _refine(model, km, block, u, evaluations)
+        if any_key and best_loss < NO_KEY:
+            break
+        loss, found = _refine(model, km, block, u, evaluations, any_key)
         if loss < best_loss:
             best_loss, best = loss, found
     if best_loss >= NO_KEY:
@@ -275,7 +284,8 @@ def min_block(
     model: LinkModel, km: float, *, optimized: bool = False, block: int | None = None
 ) -> int | None:
     """The smallest block (key-basis detections) that yields key at this distance, within BLOCK_PRECISION
-    above it (the block returned always yields key); None if not even MAX_BLOCK does.
+    above the smallest at which the search finds key (the block returned always yields key); None if not
+    even MAX_BLOCK does.
 
     ``optimized``: with the parameters optimised for each block tried (a small global stage and the
     parameters of the nearest block tried so far), else with the model's own. ``block``: a block that
@@ -298,8 +308,11 @@ def min_block(
     tried = {fixed: model}
 
     def yields(n: int) -> bool:
-        nearest = min(tried, key=lambda m: abs(math.log(m / n)))
-        candidate = optimize(tried[nearest], km, n, points=64, refined=2, evaluations=300)
+        nearest = tried[min(tried, key=lambda m: abs(math.log(m / n)))]
+        starts = list(tried.values())
+        candidate = optimize(
+            nearest, km, n, starts=starts, points=64, refined=2, evaluations=300, any_key=True
+        )
         if unrounded_length(candidate, km, n)[0] < 1:
             return False
         tried[n] = candidate
