@@ -57,10 +57,12 @@ SAES = {"alice": "sae-alice", "bob": "sae-bob"}
 """The demo's one SAE per site (ETSI 014): named by its certificate's common name."""
 HOSTS = ("127.0.0.1", "localhost")  # the names the demo KMEs' certificates are valid for
 DEMO_PULSES = 1 << 26
-"""Pulses per frame of the demo and of ``qkdd bench e2e`` (``--pulses``): 2^26 at 10 km is 2.9 million
-detections and 1.95 million sifted bits per round. Larger frames amortise each round's fixed costs
-(Cascade's round trips, the commits) and come closer to what a link runs (10^8 pulses and more per frame);
-each daemon then holds about 0.4-0.5 GB, and the first round takes about 2 s.
+"""Pulses per frame of ``qkdd bench e2e`` (``--pulses``), and the fewest of the demo's, whose link is tuned
+to its distance (longer frames at long distance). With the sim's fixed intensities, 2^26 at 10 km is 2.9
+million detections and 1.95 million sifted bits per round (tuned: 3.5 and 2.6 million). Larger frames
+amortise each round's fixed costs (Cascade's round trips, the commits) and come closer to what a link
+runs (10^8 pulses and more per frame); each daemon then holds about 0.4-0.5 GB, and the first round takes
+about 2 s.
 """
 
 
