@@ -193,7 +193,7 @@ def _loss(model: LinkModel, km: float, block: int) -> float:
     value, pulses = unrounded_length(model, km, block)
     if value >= 1:
         return -math.log(value / pulses)
-    return 1e3 + math.log1p(1 - value) if value > -math.inf else math.inf
+    return NO_KEY + math.log1p(1 - value) if value > -math.inf else math.inf
 
 
 def _refine(
@@ -287,8 +287,9 @@ def min_block(
     above the smallest at which the search finds key (the block returned always yields key); None if not
     even MAX_BLOCK does.
 
-    ``optimized``: with the parameters optimised for each block tried (a small global stage and the
-    parameters of the nearest block tried so far), else with the model's own. ``block``: a block that
+    ``optimized``: with parameters searched for each block tried (a small global stage and the
+    parameters of the blocks tried so far, stopping at the first that yield key), else with the
+    model's own. ``block``: a block that
     ``model`` is known to suit (its optimum, say)."""
     # fewer detections than Eq. 1's fixed costs (the tag and 6 log2(21/ε_sec)) never yield a bit
     floor = max(1, math.floor(6 * math.log2(21 / model.eps_sec) + confirm.TAG_BITS))
