@@ -46,7 +46,8 @@ def init(args: argparse.Namespace) -> int:
 
         if not 0 <= distance < math.inf:
             raise InputError(f"--distance-km: expected a finite number >= 0, got {distance}")
-        sim = keyrate.sim_options(distance)
+        settings = keyrate.sim_settings(distance)
+        sim = settings.sim_options(distance)
     text = config_mod.render(
         args.role,
         link_id=args.link_id,
@@ -60,8 +61,13 @@ def init(args: argparse.Namespace) -> int:
     config_mod.load(target)  # what we wrote must load
     print(f"wrote {target}")
     if sim is not None:
-        settings = ", ".join(f"{k} = {v}" for k, v in sim.items())
-        print(f"link.sim for {distance} km (the other host's init computes the same): {settings}")
+        chosen = ", ".join(f"{k} = {v}" for k, v in sim.items())
+        print(f"link.sim for {distance} km (the other host's init computes the same): {chosen}")
+        frame_key = settings.key_per_pulse * settings.pulses_per_frame
+        if frame_key > 0:
+            print(f"expected secret key: {frame_key:.0f} bits per frame (qkdd keyrate's model)")
+        else:
+            print(f"no secret key expected at {distance} km, not even from the simulator's longest frames")
     if args.psk_file is None:
         print(
             f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there"

@@ -345,6 +345,16 @@ class LinkSettings:
     key_per_pulse: float  # expected at these settings (0: the link yields no key at this distance)
     min_block: int | None  # the smallest block that yields key (optimised per block)
 
+    def sim_options(self, distance_km: float) -> dict[str, Any]:
+        """These settings as ``[link.sim]`` options for a link of ``distance_km`` km."""
+        return {
+            "distance_km": distance_km,
+            "intensities": list(self.intensities),
+            "intensity_probabilities": list(self.intensity_probabilities),
+            "z_probability": self.z_probability,
+            "pulses_per_frame": self.pulses_per_frame,
+        }
+
 
 def _significant(value: float, digits: int = 3) -> float:
     return float(f"{value:.{digits - 1}e}")
@@ -402,12 +412,16 @@ def tune(
     )
 
 
-def sim_options(
+SIM_MAX_PULSES = 1 << 36
+"""Longest frame :func:`sim_settings` picks: about a minute of pulses at 1 GHz (the simulator draws only
+the detections, but walks the frame in chunks)."""
+
+
+def sim_settings(
     distance_km: float, *, pulses_per_frame: int | None = None, min_pulses: int = 1
-) -> dict[str, Any]:
-    """``[link.sim]`` options for a link of ``distance_km`` km: the simulator's hardware defaults with
-    :func:`tune`'s intensities, probabilities, basis bias and frame size (``qkdd init --distance-km``,
-    ``qkdd demo --distance-km``)."""
+) -> LinkSettings:
+    """:func:`tune` for the ``sim`` backend's hardware (its defaults: detector, dark counts, misalignment,
+    fiber; no after-pulses; μ3 = 0, its vacuum), with frames of at most SIM_MAX_PULSES."""
     from qkdd.links.sim import SimParameters  # noqa: PLC0415 - the sim's defaults, only when asked
 
     sim = SimParameters(distance_km=distance_km)
@@ -415,18 +429,26 @@ def sim_options(
         fiber_loss_db_per_km=sim.fiber_loss_db_per_km,
         detector_efficiency=sim.detector_efficiency,
         dark_count_probability=sim.dark_count_probability,
-        afterpulse_probability=0.0,  # the simulator has none
+        afterpulse_probability=0.0,
         misalignment=sim.misalignment,
-        intensities=(0.5, 0.2, 0.0),  # μ3 = 0: the simulator's vacuum
+        intensities=(0.5, 0.2, 0.0),
     )
-    settings = tune(model, distance_km, pulses_per_frame=pulses_per_frame, min_pulses=min_pulses)
-    return {
-        "distance_km": distance_km,
-        "intensities": list(settings.intensities),
-        "intensity_probabilities": list(settings.intensity_probabilities),
-        "z_probability": settings.z_probability,
-        "pulses_per_frame": settings.pulses_per_frame,
-    }
+    return tune(
+        model,
+        distance_km,
+        pulses_per_frame=pulses_per_frame,
+        min_pulses=min_pulses,
+        max_pulses=max(min_pulses, SIM_MAX_PULSES),
+    )
+
+
+def sim_options(
+    distance_km: float, *, pulses_per_frame: int | None = None, min_pulses: int = 1
+) -> dict[str, Any]:
+    """``[link.sim]`` options for a link of ``distance_km`` km from :func:`sim_settings` (``qkdd init
+    --distance-km``, ``qkdd demo --distance-km``)."""
+    settings = sim_settings(distance_km, pulses_per_frame=pulses_per_frame, min_pulses=min_pulses)
+    return settings.sim_options(distance_km)
 
 
 def parse_distances(text: str) -> list[float]:

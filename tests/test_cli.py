@@ -179,7 +179,8 @@ def test_init_with_a_distance_tunes_the_sim_link(tmp_path: Path, capsys: pytest.
 
     arguments = ["init", "--peer", "peer.lan:7700", "--distance-km", "100"]
     assert main([*arguments, "--role", "alice", "--state-dir", str(tmp_path / "a")]) == 0
-    assert "link.sim for 100.0 km" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "link.sim for 100.0 km" in out and "expected secret key: " in out
     psk = str(tmp_path / "a" / "psk")
     assert main([*arguments, "--role", "bob", "--state-dir", str(tmp_path / "b"), "--psk-file", psk]) == 0
     alice, bob = config.load(tmp_path / "a" / "alice.toml"), config.load(tmp_path / "b" / "bob.toml")
@@ -188,3 +189,9 @@ def test_init_with_a_distance_tunes_the_sim_link(tmp_path: Path, capsys: pytest.
     assert {k: alice.link_options[k] for k in expected} == expected
     with pytest.raises(SystemExit):
         main([*arguments[:-1], "far", "--role", "alice", "--state-dir", str(tmp_path / "c")])
+    far = ["init", "--peer", "peer.lan:7700", "--distance-km", "400", "--role", "alice"]
+    assert main([*far, "--state-dir", str(tmp_path / "d")]) == 0
+    assert "no secret key expected at 400.0 km" in capsys.readouterr().out
+    assert (
+        config.load(tmp_path / "d" / "alice.toml").link_options["pulses_per_frame"] == keyrate.SIM_MAX_PULSES
+    )
