@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,15 @@ def init(args: argparse.Namespace) -> int:
     target: Path = args.config or state_dir / f"{args.role}.toml"
     if target.exists():
         raise InputError(f"{target} exists; not overwriting it")
+    sim = None
+    distance = getattr(args, "distance_km", None)
+    if distance is not None:
+        from qkdd import keyrate  # noqa: PLC0415 - scipy, only when asked
+
+        if not 0 <= distance < math.inf:
+            raise InputError(f"--distance-km: expected a finite number >= 0, got {distance}")
+        settings = keyrate.sim_settings(distance)
+        sim = settings.sim_options(distance)
     text = config_mod.render(
         args.role,
         link_id=args.link_id,
@@ -45,10 +55,19 @@ def init(args: argparse.Namespace) -> int:
         psk_file=str(psk_path),
         listen=listen,
         peer=None if listen else args.peer,
+        sim=sim,
     )
     target.write_text(text)
     config_mod.load(target)  # what we wrote must load
     print(f"wrote {target}")
+    if sim is not None:
+        chosen = ", ".join(f"{k} = {v}" for k, v in sim.items())
+        print(f"link.sim for {distance} km (the other host's init computes the same): {chosen}")
+        frame_key = settings.key_per_pulse * settings.pulses_per_frame
+        if frame_key > 0:
+            print(f"expected secret key: {frame_key:.0f} bits per frame (qkdd keyrate's model)")
+        else:
+            print(f"no secret key expected at {distance} km, not even from the simulator's longest frames")
     if args.psk_file is None:
         print(
             f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there"

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)"
     )
     init.add_argument("--config", type=Path, help="where to write the config (default: STATE_DIR/ROLE.toml)")
+    init.add_argument(
+        "--distance-km",
+        type=float,
+        help="the sim link's length: its intensities, their probabilities, the basis bias and the frame "
+        "size come from qkdd keyrate's optimiser for it (needs scipy; the same on both hosts)",
+    )
 
     demo = commands.add_parser("demo", help="Alice and Bob as two processes over 127.0.0.1")
     demo.add_argument("--rounds", type=int, default=5)
@@ -92,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--eve", type=float, default=0.0, metavar="FRACTION", help="intercept-resend on this fraction"
     )
-    demo.add_argument("--pulses", type=int, help="pulses per frame (default 2^26)")
+    demo.add_argument(
+        "--pulses",
+        type=int,
+        help="pulses per frame (default: the optimiser's for the distance, at least 2^26; the intensities, "
+        "their probabilities and the basis bias are optimised for the distance either way)",
+    )
     demo.add_argument("--state-dir", type=Path, help="keep the state here (default: a temporary folder)")
     demo.add_argument("--json", action="store_true")
     demo.add_argument(
@@ -250,12 +261,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from qkdd import demo  # noqa: PLC0415
 
-        if args.pulses is None:
-            args.pulses = demo.DEMO_PULSES
         if args.etsi014:
             from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
 
-            sim = {"distance_km": args.distance_km, "eve_fraction": args.eve, "pulses_per_frame": args.pulses}
+            sim = {**demo.link_options(args.distance_km, args.pulses), "eve_fraction": args.eve}
             return delivery_demo.run(args.state_dir, sim, args.json)
         return demo.main(args)
     if args.command == "status":

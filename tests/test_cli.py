@@ -172,3 +172,26 @@ def test_pki_issues_etsi014_client_and_server_certificates(
     assert "ecdsa-p256" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["pki", "issue-kme", "--name", "k", "--ca", ca, "--out", out])  # --host is required
+
+
+def test_init_with_a_distance_tunes_the_sim_link(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qkdd import keyrate  # noqa: PLC0415
+
+    arguments = ["init", "--peer", "peer.lan:7700", "--distance-km", "100"]
+    assert main([*arguments, "--role", "alice", "--state-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "link.sim for 100.0 km" in out and "expected secret key: " in out
+    psk = str(tmp_path / "a" / "psk")
+    assert main([*arguments, "--role", "bob", "--state-dir", str(tmp_path / "b"), "--psk-file", psk]) == 0
+    alice, bob = config.load(tmp_path / "a" / "alice.toml"), config.load(tmp_path / "b" / "bob.toml")
+    assert alice.link_options == bob.link_options
+    expected = keyrate.sim_options(100.0)
+    assert {k: alice.link_options[k] for k in expected} == expected
+    with pytest.raises(SystemExit):
+        main([*arguments[:-1], "far", "--role", "alice", "--state-dir", str(tmp_path / "c")])
+    far = ["init", "--peer", "peer.lan:7700", "--distance-km", "400", "--role", "alice"]
+    assert main([*far, "--state-dir", str(tmp_path / "d")]) == 0
+    assert "no secret key expected at 400.0 km" in capsys.readouterr().out
+    assert (
+        config.load(tmp_path / "d" / "alice.toml").link_options["pulses_per_frame"] == keyrate.SIM_MAX_PULSES
+    )

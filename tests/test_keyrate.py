@@ -13,6 +13,8 @@ from qkdd import keyrate
 from qkdd.cli import main
 from qkdd.errors import InputError
 from qkdd.links.sim import SimAlice, SimBob, SimParameters
+from qkdd.stages.confirm import TAG_BITS
+from qkdd.stages.keylength import binary_entropy
 
 TUNED = keyrate.LinkModel(
     intensities=(0.5, 0.2, 0.0), intensity_probabilities=(0.4, 0.4, 0.2), z_probability=0.8
@@ -50,7 +52,9 @@ def test_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> N
             "phase_error",
             "asymptotic_per_pulse",
             "plob_per_pulse",
+            "min_block",
         }
+        assert row["min_block"] is None or row["min_block"] >= 1
 
 
 def test_the_finite_key_stays_below_the_asymptotic_rate_and_plob() -> None:
@@ -160,3 +164,104 @@ def test_a_round_stores_what_keyrate_predicts(km: float) -> None:
     block = round(pulses * model.key_detections_per_pulse(km))
     predicted = keyrate.row(model, km, block).key_per_pulse
     assert abs(achieved - predicted) <= 0.1 * predicted, (achieved, predicted)
+
+
+def test_the_model_discloses_reconciliation_and_the_confirmation_tag() -> None:
+    counts, _, qber = keyrate.expected_counts(TUNED, 50, 10**6)
+    reconciliation = math.ceil(TUNED.f_ec * sum(counts.key_detections) * binary_entropy(qber))
+    assert counts.disclosed_bits == reconciliation + TAG_BITS
+
+
+PAPER = keyrate.LinkModel(  # Lim et al. 2014, Sec. IV
+    detector_efficiency=0.1,
+    dark_count_probability=6e-7,
+    afterpulse_probability=0.04,
+    misalignment=0.005,
+    f_ec=1.16,
+    intensities=(0.5, 0.2, 2e-4),
+)
+
+
+def test_optimize_finds_key_for_small_blocks_where_a_large_key_basis_bias_has_none() -> None:
+    """10^4 key-basis detections at 100 km: p_Z = 0.8 leaves too few test detections for a phase error
+    bound, so the optimum lies at a small p_Z that a search starting at p_Z >= 0.7 never reaches."""
+    assert keyrate.row(PAPER, 100, 10**4).key_per_pulse == 0
+    best = keyrate.optimize(PAPER, 100, 10**4)
+    assert keyrate.row(best, 100, 10**4).key_per_pulse > 0
+    assert best.z_probability < 0.7
+
+
+@pytest.mark.parametrize(("km", "block"), [(20.0, 10**5), (120.0, 10**7)])
+def test_optimize_beats_every_point_of_a_grid(km: float, block: int) -> None:
+    """A grid over the whole parameter box (written here, not the optimiser's search) finds no more key."""
+    best = keyrate.row(keyrate.optimize(PAPER, km, block), km, block).key_per_pulse
+    grid = 0.0
+    for mu1 in (0.2, 0.35, 0.5, 0.7, 0.9):
+        for decoy in (0.05, 0.1, 0.2, 0.35):
+            for p1 in (0.3, 0.5, 0.7, 0.85):
+                for p2_share in (0.3, 0.6, 0.85):
+                    for pz in (0.5, 0.7, 0.85, 0.95):
+                        candidate = keyrate.LinkModel(
+                            **{
+                                **PAPER.__dict__,
+                                "intensities": (mu1, decoy, 2e-4),
+                                "intensity_probabilities": (
+                                    p1,
+                                    (1 - p1) * p2_share,
+                                    (1 - p1) * (1 - p2_share),
+                                ),
+                                "z_probability": pz,
+                            }
+                        )
+                        grid = max(grid, keyrate.row(candidate, km, block).key_per_pulse)
+    assert grid > 0
+    assert best >= grid
+
+
+def test_min_block_is_the_smallest_block_that_yields_key() -> None:
+    smallest = keyrate.min_block(TUNED, 50, block=10**6)
+    assert smallest is not None
+    assert keyrate.row(TUNED, 50, smallest).key_per_pulse > 0
+    assert keyrate.row(TUNED, 50, math.floor(smallest / 1.01) - 1).key_per_pulse == 0
+    assert keyrate.min_block(TUNED, 400) is None
+
+
+def test_min_block_with_optimised_parameters() -> None:
+    smallest = keyrate.min_block(keyrate.optimize(PAPER, 80, 10**6), 80, optimized=True, block=10**6)
+    fixed = keyrate.min_block(keyrate.optimize(PAPER, 80, 10**6), 80, block=10**6)
+    assert smallest is not None and fixed is not None and smallest < fixed
+    assert keyrate.row(keyrate.optimize(PAPER, 80, smallest), 80, smallest).key_per_pulse > 0
+    below = round(0.9 * smallest)  # a thorough search there finds nothing
+    assert (
+        keyrate.row(keyrate.optimize(PAPER, 80, below, points=1024, refined=8), 80, below).key_per_pulse == 0
+    )
+
+
+def test_tune_sets_a_link_that_yields_key_where_the_fixed_settings_do_not() -> None:
+    hardware = keyrate.LinkModel()  # the sim's detector and fiber, mu3 = 0
+    fixed = keyrate.row(hardware, 100, round((1 << 26) * hardware.key_detections_per_pulse(100)))
+    assert fixed.key_per_pulse == 0
+    settings = keyrate.tune(hardware, 100, min_pulses=1 << 26)
+    assert settings == keyrate.tune(hardware, 100, min_pulses=1 << 26)  # both ends compute the same
+    assert settings.key_per_pulse > 0 and settings.min_block is not None
+    pulses = settings.pulses_per_frame
+    assert pulses >= 1 << 26 and pulses & (pulses - 1) == 0
+    mu1, mu2, mu3 = settings.intensities
+    assert mu1 > mu2 + mu3 and mu3 == 0 and math.isclose(sum(settings.intensity_probabilities), 1)
+    tuned = keyrate.LinkModel(
+        intensities=settings.intensities,
+        intensity_probabilities=settings.intensity_probabilities,
+        z_probability=settings.z_probability,
+    )
+    block = round(pulses * tuned.key_detections_per_pulse(100))
+    assert block >= max(keyrate.TUNED_BLOCK, 2 * settings.min_block)
+    assert keyrate.row(tuned, 100, block).key_per_pulse == settings.key_per_pulse
+    fixed_frames = keyrate.tune(hardware, 100, pulses_per_frame=1 << 30)
+    assert fixed_frames.pulses_per_frame == 1 << 30 and fixed_frames.key_per_pulse > 0
+
+
+def test_sim_options_configure_the_simulator() -> None:
+    options = keyrate.sim_options(60, min_pulses=1 << 24)
+    parameters = SimParameters.from_options(options)
+    assert parameters.distance_km == 60 and parameters.pulses_per_frame >= 1 << 24
+    assert parameters.intensities != SimParameters().intensities

@@ -6,6 +6,12 @@ built-in ``sim`` is also registered here directly, so it works from a source che
 
 Work scales with detections, not pulses: Bob's side reports only detected pulses, and Alice's side is
 asked for what she prepared at given pulse indices (:class:`qkdd.stages.sifting.Preparation`).
+
+A weak-coherent-pulse backend chooses its source's settings for its distance with
+:func:`qkdd.keyrate.tune`: given a :class:`qkdd.keyrate.LinkModel` of its hardware (fiber loss, detector
+efficiency, dark counts, after-pulses, misalignment) and the link's length, it returns the intensities,
+their probabilities, the basis bias and a frame size from ``qkdd keyrate``'s optimiser, the same at both
+ends (it needs scipy). ``qkdd init --distance-km`` does this for ``sim``.
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ class SimParameters:
     detector_efficiency: float = 0.25
     dark_count_probability: float = 1e-6
     misalignment: float = 0.01
-    # signal, decoy, vacuum: chosen for a positive finite-key decoy bound at 2^24-pulse frames
-    # (qkdd keyrate --optimize suggests settings for other distances and block sizes)
+    # signal, decoy, vacuum: chosen for a positive finite-key decoy bound at 2^24-pulse frames at 10 km;
+    # qkdd init --distance-km (qkdd.keyrate.sim_options) writes settings optimised for the distance
     intensities: tuple[float, ...] = (0.5, 0.2, 0.0)
     intensity_probabilities: tuple[float, ...] = (0.4, 0.4, 0.2)
     z_probability: float = 0.8

@@ -9,7 +9,10 @@ Three intensities μ1 > μ2 + μ3, μ2 > μ3 ≥ 0 (signal, decoy, vacuum or wea
 p_k. Observed: n_{Z,k} key-basis detections and n_{X,k} test-basis detections per intensity, m_{X,k}
 test-basis errors per intensity, and λ_EC, every bit disclosed by reconciliation and confirmation.
 
-    ℓ = ⌊ s_{Z,0} + s_{Z,1} (1 − h(φ_Z)) − λ_EC − 6 log2(21/ε_sec) − log2(2/ε_cor) ⌋      (LCWXZ Eq. 1)
+    ℓ = ⌊ s_{Z,0} + s_{Z,1} (1 − h(φ_Z)) − λ − 6 log2(21/ε_sec) ⌋      (LCWXZ Eq. 1, tag in λ)
+
+λ is every bit disclosed, the confirmation tag included; LCWXZ's own − log2(2/ε_cor) is the allowance for
+that tag (their App. B: the error-verification step publishes log2(2/ε_cor) bits) and is not taken again.
 
 Every lower bound is clipped at zero and every rate at 1/2; adversarial or degenerate counts (no vacuum
 detections, everything on decoys, no test-basis detections) give zero, never an exception.
@@ -36,7 +39,7 @@ class DecoyCounts:
     key_detections: tuple[int, ...]  # n_{Z,k}
     test_detections: tuple[int, ...]  # n_{X,k}
     test_errors: tuple[int, ...]  # m_{X,k}
-    disclosed_bits: int  # λ_EC
+    disclosed_bits: int  # λ: reconciliation and the confirmation tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +62,15 @@ def _tau(n: int, mu: Sequence[float], p: Sequence[float]) -> float:
 def _hoeffding(
     counts: Sequence[int], mu: Sequence[float], p: Sequence[float], eps_sec: float
 ) -> tuple[list[float], list[float]]:
-    """n^±_k = e^{μ_k}/p_k (n_k ± sqrt(n/2 · ln(21/ε_sec))), n = Σ n_k (LCWXZ, after Eq. 3)."""
+    """n^±_k = e^{μ_k}/p_k (n_k ± sqrt(n/2 · ln(21/ε_sec))), n = Σ n_k (LCWXZ, after Eq. 3), with the
+    lower one clamped at zero.
+
+    The deviation bounds the expected count n*_k (LCWXZ Eqs. A7–A10), and n*_k = Σ_j p_{k|j} s_j is a sum
+    of non-negative terms (Eq. A3 and the line before Eq. A1; likewise m*_k with the errors v_j): so
+    n*_k ≥ max(0, n_k − δ). The clamp matters where a count is far below δ (the vacuum-like intensity's
+    errors: without it m^−_3 < 0 inflates v_{X,1} in Eq. 4)."""
     delta = math.sqrt(sum(counts) / 2 * math.log(EPS_SPLIT / eps_sec))
-    minus = [math.exp(m) / pk * (n - delta) for n, m, pk in zip(counts, mu, p, strict=True)]
+    minus = [math.exp(m) / pk * max(0.0, n - delta) for n, m, pk in zip(counts, mu, p, strict=True)]
     plus = [math.exp(m) / pk * (n + delta) for n, m, pk in zip(counts, mu, p, strict=True)]
     return minus, plus
 
@@ -136,8 +145,24 @@ def bounds(counts: DecoyCounts, eps_sec: float) -> DecoyBounds | None:
     return DecoyBounds(s_z0, s_z1, s_x0, s_x1, v_x1, min(phase, 0.5))
 
 
+def unrounded_length(counts: DecoyCounts, found: DecoyBounds, eps_sec: float) -> float:
+    """LCWXZ Eq. 1 before the floor, from ``found = bounds(counts, eps_sec)``: negative where the costs
+    exceed the entropy (``qkdd keyrate``'s optimiser follows it towards key where there is none yet)."""
+    return (
+        found.key_vacuum
+        + found.key_single * (1 - binary_entropy(found.phase_error))
+        - counts.disclosed_bits
+        - 6 * math.log2(EPS_SPLIT / eps_sec)
+        # no − log2(2/ε_cor): LCWXZ Eq. 1 charges it for the verification hash (Eq. B3's chain rule), and
+        # our tag is already in disclosed_bits at its real length; charging both counted it twice
+    )
+
+
 def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> KeyLength:
-    """Secret bits by LCWXZ Eq. 1; zero, with a reason, when nothing is secret."""
+    """Secret bits by LCWXZ Eq. 1; zero, with a reason, when nothing is secret.
+
+    ``counts.disclosed_bits`` must include the confirmation tag, whose collision probability is the
+    ε_cor the round claims (``eps_cor`` is checked here, and costs no further bits)."""
     if not (0 < eps_sec < 1 and 0 < eps_cor < 1):
         raise ValueError("eps_sec and eps_cor must lie in (0, 1)")
     if sum(counts.key_detections) == 0:
@@ -159,13 +184,7 @@ def decoy_key_length(counts: DecoyCounts, *, eps_sec: float, eps_cor: float) -> 
         return KeyLength(0, 1.0, "no single-photon detections can be certified (decoy statistics too weak)")
     if found.phase_error >= 0.5:
         return KeyLength(0, 0.5, "phase error bound reaches 1/2")
-    value = (
-        found.key_vacuum
-        + found.key_single * (1 - binary_entropy(found.phase_error))
-        - counts.disclosed_bits
-        - 6 * math.log2(EPS_SPLIT / eps_sec)
-        - math.log2(2 / eps_cor)
-    )
+    value = unrounded_length(counts, found, eps_sec)
     if value < 1:
         return KeyLength(0, found.phase_error, "finite-size and disclosure costs exceed the entropy")
     return KeyLength(min(math.floor(value), sum(counts.key_detections)), found.phase_error, None)

@@ -7,12 +7,16 @@ raises on degenerate counts.
 Single-photon BB84, finite key: Tomamichel, Lim, Gisin, Renner, "Tight finite-key analysis for quantum
 cryptography", Nat. Commun. 3:634 (2012), Eq. (2) with q = 1 (BB84 with ideal bases)::
 
-    ℓ = ⌊ n (1 − h(e_X + μ)) − leak_EC − log2(2 / (ε_sec² ε_cor)) ⌋,
+    ℓ = ⌊ n (1 − h(e_X + μ)) − leak − log2(2 / ε_sec²) ⌋,
     μ = sqrt( (n + k)/(n k) · (k + 1)/k · ln(2/ε_sec) ),
 
 n the key bits (Z), k the test bits (X), e_X the observed phase error rate (used as the tolerated
-error, i.e. the protocol aborts above it), leak_EC every bit disclosed by reconciliation and
-confirmation. We take ln(2/ε_sec), the larger of the forms in circulation, which only shortens the key.
+error, i.e. the protocol aborts above it), leak every bit disclosed by reconciliation and confirmation.
+We take ln(2/ε_sec), the larger of the forms in circulation, which only shortens the key.
+
+TLGR's log2(2/(ε_sec² ε_cor)) contains the cost of their verification hash: log2(1/ε_cor) bits, or
+log2(2/ε_cor) as LCWXZ App. B counts it. Our confirmation tag is in ``leak`` at its real length, so only
+log2(2/ε_sec²) is charged here: the smaller reading of the hash's share is removed, never more.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class RoundCounts:
     key_bits: int  # n: sifted Z bits that are reconciled and hashed
     test_bits: int  # k: X bits compared in full
     test_errors: int  # errors among them
-    disclosed_bits: int  # leak_EC: reconciliation + confirmation
+    disclosed_bits: int  # leak: reconciliation + the confirmation tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +77,8 @@ def single_photon_key_length(
     phase_bound = counts.test_errors / k + statistical_correction(n, k, eps_sec)
     if phase_bound >= 0.5:
         return KeyLength(0, min(phase_bound, 1.0), "phase error bound reaches 1/2")
-    value = (
-        n * (1 - binary_entropy(phase_bound)) - counts.disclosed_bits - math.log2(2 / (eps_sec**2 * eps_cor))
-    )
+    # the verification hash's log2(1/ε_cor) of TLGR Eq. 2 is not charged: disclosed_bits holds the tag
+    value = n * (1 - binary_entropy(phase_bound)) - counts.disclosed_bits - math.log2(2 / eps_sec**2)
     if value < 1:
         return KeyLength(0, phase_bound, "finite-size and disclosure costs exceed the entropy")
     return KeyLength(min(math.floor(value), n), phase_bound, None)

@@ -30,6 +30,22 @@ FIELDS = {
 
 
 @pytest.mark.timeout(180)
+def test_the_demo_gives_key_at_100_km_by_default(tmp_path: Path) -> None:
+    """The link is tuned to the distance (intensities, probabilities, basis bias, frame size)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qkdd", "demo", "--distance-km", "100", "--rounds", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["keys_match"] is True
+    assert all(row["secret_bits"] > 0 and not row["aborted"] for row in report["rounds"])
+
+
+@pytest.mark.timeout(180)
 def test_demo_json(tmp_path: Path) -> None:
     done = subprocess.run(
         [

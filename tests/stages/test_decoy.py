@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdd.stages.confirm import TAG_BITS
 from qkdd.stages.decoy import DecoyCounts, bounds, decoy_key_length, valid_intensities
 
 MU = (0.5, 0.2, 0.0)
@@ -101,3 +102,112 @@ def test_intensity_conditions() -> None:
     assert valid_intensities((0.5, 0.1, 0.0)) and not valid_intensities((0.3, 0.2, 0.15))
     with pytest.raises(ValueError, match="eps"):
         decoy_key_length(expected_counts(1 << 20), eps_sec=0, eps_cor=1e-15)
+
+
+# --- the paper's formulas, transcribed separately: LCWXZ Eqs. 1-5 and A7-A10, X and Z swapped -------------
+
+
+def paper_counts(km: float, n_z: float) -> DecoyCounts:
+    """Expected counts of LCWXZ Sec. IV's system (their D_k, R_k and e_k) for about n_z key detections."""
+    mu, p, q_z = (0.45, 0.17, 2e-4), (0.7, 0.2, 0.1), 0.7
+    eta = 0.1 * 10 ** (-0.02 * km)
+    d = [1 - (1 - 2 * 6e-7) * math.exp(-eta * k) for k in mu]
+    r = [dk * 1.04 for dk in d]
+    e = [6e-7 + 0.005 * (1 - math.exp(-eta * k)) + 0.04 * dk / 2 for k, dk in zip(mu, d, strict=True)]
+    pulses = n_z / (q_z**2 * sum(pk * rk for pk, rk in zip(p, r, strict=True)))
+    nz = tuple(round(pulses * q_z**2 * pk * rk) for pk, rk in zip(p, r, strict=True))
+    nx = tuple(round(pulses * (1 - q_z) ** 2 * pk * rk) for pk, rk in zip(p, r, strict=True))
+    mx = tuple(round(pulses * (1 - q_z) ** 2 * pk * ek) for pk, ek in zip(p, e, strict=True))
+    return DecoyCounts(mu, p, nz, nx, mx, 0)
+
+
+def paper_bound(c: DecoyCounts, eps_sec: float) -> dict[str, float]:
+    mu1, mu2, mu3 = c.intensities
+    weights = [(math.exp(k), pk) for k, pk in zip(c.intensities, c.probabilities, strict=True)]
+    tau = [
+        sum(pk / ek * k**j / math.factorial(j) for k, (ek, pk) in zip(c.intensities, weights, strict=True))
+        for j in (0, 1)
+    ]
+
+    def deviations(observed: tuple[int, ...]) -> tuple[list[float], list[float]]:
+        delta = math.sqrt(sum(observed) / 2 * math.log(21 / eps_sec))
+        # the expected counts are sums of non-negative terms (Eq. A3): never below zero
+        low = [ek / pk * max(x - delta, 0) for x, (ek, pk) in zip(observed, weights, strict=True)]
+        high = [ek / pk * (x + delta) for x, (ek, pk) in zip(observed, weights, strict=True)]
+        return low, high
+
+    def s0_s1(observed: tuple[int, ...]) -> tuple[float, float]:
+        low, high = deviations(observed)
+        s0 = max(tau[0] * (mu2 * low[2] - mu3 * high[1]) / (mu2 - mu3), 0.0)  # Eq. 2
+        bracket = low[1] - high[2] - (mu2**2 - mu3**2) / mu1**2 * (high[0] - s0 / tau[0])
+        s1 = tau[1] * mu1 * bracket / (mu1 * (mu2 - mu3) - mu2**2 + mu3**2)  # Eq. 3
+        return s0, max(s1, 0.0)
+
+    s_z0, s_z1 = s0_s1(c.key_detections)
+    _, s_x1 = s0_s1(c.test_detections)
+    m_low, m_high = deviations(c.test_errors)
+    v_x1 = tau[1] * (m_high[1] - m_low[2]) / (mu2 - mu3)  # Eq. 4
+    b = v_x1 / s_x1
+    gamma = math.sqrt(
+        (s_x1 + s_z1)
+        * (1 - b)
+        * b
+        / (s_x1 * s_z1 * math.log(2))
+        * math.log2((s_x1 + s_z1) / (s_x1 * s_z1 * (1 - b) * b) * 21**2 / eps_sec**2)
+    )
+    phase = b + gamma  # Eq. 5
+    entropy = -phase * math.log2(phase) - (1 - phase) * math.log2(1 - phase)
+    # Eq. 1 with the confirmation tag in the disclosed bits instead of log2(2/eps_cor)
+    ell = s_z0 + s_z1 * (1 - entropy) - c.disclosed_bits - 6 * math.log2(21 / eps_sec)
+    return {"s_z0": s_z0, "s_z1": s_z1, "s_x1": s_x1, "v_x1": v_x1, "phase": phase, "ell": ell}
+
+
+@pytest.mark.parametrize("km", [0.0, 25.0, 50.0, 100.0])
+@pytest.mark.parametrize("n_z", [1e6, 1e7, 1e9])
+def test_the_bounds_equal_the_papers_formulas(km: float, n_z: float) -> None:
+    counts = paper_counts(km, n_z)
+    reference = paper_bound(counts, 1e-9)
+    found = bounds(counts, 1e-9)
+    assert found is not None
+    for name, value in (
+        ("s_z0", found.key_vacuum),
+        ("s_z1", found.key_single),
+        ("s_x1", found.test_single),
+        ("v_x1", found.test_single_errors),
+        ("phase", found.phase_error),
+    ):
+        assert math.isclose(value, reference[name], rel_tol=1e-9, abs_tol=1e-9), name
+
+
+@pytest.mark.parametrize(("km", "n_z"), [(0.0, 1e6), (50.0, 1e7), (100.0, 1e9)])
+def test_the_key_length_counts_the_confirmation_tag_once(km: float, n_z: float) -> None:
+    """Eq. 1 with the tag among the disclosed bits and no further log2(2/eps_cor), whatever eps_cor."""
+    counts = paper_counts(km, n_z)
+    qber = 0.01
+    leak = math.ceil(1.16 * sum(counts.key_detections) * -(qber * math.log2(qber) + 0.99 * math.log2(0.99)))
+    counts = DecoyCounts(
+        counts.intensities,
+        counts.probabilities,
+        counts.key_detections,
+        counts.test_detections,
+        counts.test_errors,
+        leak + TAG_BITS,
+    )
+    expected = math.floor(paper_bound(counts, 1e-9)["ell"])
+    assert expected > 0
+    for eps_cor in (1e-15, 1e-30):
+        assert decoy_key_length(counts, eps_sec=1e-9, eps_cor=eps_cor).secret_bits == expected
+
+
+def test_the_vacuum_intensitys_few_errors_count_as_at_least_zero() -> None:
+    """m_{X,3} far below its deviation δ (at 0 km, n_Z = 10^9): Eq. 4 takes m^-_3 = 0, not a negative
+    count that would raise v_{X,1}."""
+    counts = paper_counts(0.0, 1e9)
+    mu, p = counts.intensities, counts.probabilities
+    delta = math.sqrt(sum(counts.test_errors) / 2 * math.log(21 / 1e-9))
+    assert counts.test_errors[2] < delta / 10
+    tau1 = sum(pk * k * math.exp(-k) for k, pk in zip(mu, p, strict=True))
+    by_hand = tau1 / (mu[1] - mu[2]) * math.exp(mu[1]) / p[1] * (counts.test_errors[1] + delta)
+    found = bounds(counts, 1e-9)
+    assert found is not None
+    assert math.isclose(found.test_single_errors, by_hand, rel_tol=1e-12)

@@ -24,7 +24,8 @@ def test_binary_entropy() -> None:
 def test_formula_by_hand() -> None:
     n, k, errors, leak = 10**6, 10**5, 2000, 150_000
     mu = math.sqrt((n + k) / (n * k) * (k + 1) / k * math.log(2 / 1e-9))
-    expected = n * (1 - binary_entropy(0.02 + mu)) - leak - math.log2(2 / (1e-18 * 1e-15))
+    # TLGR Eq. 2 without the verification hash's log2(1/eps_cor): the tag is among the disclosed bits
+    expected = n * (1 - binary_entropy(0.02 + mu)) - leak - math.log2(2 / 1e-18)
     result = single_photon_key_length(RoundCounts(n, k, errors, leak))
     assert result.secret_bits == math.floor(expected)
     assert result.reason is None
