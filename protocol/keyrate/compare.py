@@ -42,7 +42,7 @@ SYSTEM = {
     "eps-cor": 1e-15,
 }
 MU3 = 2e-4
-TAG = 89  # bits of qkdd's confirmation tag (protocol/qkdp-v1.md §6), disclosed once
+TAG = 89  # bits of qkdd's confirmation tag (protocol/qkdp-v2.md §6), disclosed once
 BLOCKS = [10**s for s in range(4, 10)]
 DISTANCES = "0:150:10"
 TARGET = 0.97

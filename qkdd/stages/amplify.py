@@ -1,4 +1,4 @@
-"""Privacy amplification by Toeplitz hashing (protocol/qkdp-v1.md §7).
+"""Privacy amplification by Toeplitz hashing (protocol/qkdp-v2.md §7).
 
 Theory of operation: Toeplitz matrices over GF(2) with a uniformly random seed form a 2-universal family
 (Krawczyk 1994), so by the leftover hash lemma the output is ε-close to uniform given Eve's information
@@ -391,7 +391,7 @@ def toeplitz_hash_rows(key: Bits, seed: Bits, output_bits: int, rows: npt.NDArra
 
 @dataclass(frozen=True, slots=True)
 class AmplificationSeed:
-    """Alice → Bob: the Toeplitz seed and output length for this round (qkdp-v1.md §7)."""
+    """Alice → Bob: the Toeplitz seed and output length for this round (qkdp-v2.md §7)."""
 
     input_bits: int
     output_bits: int

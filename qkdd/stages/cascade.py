@@ -1,4 +1,4 @@
-"""Cascade information reconciliation, batched (protocol/qkdp-v1.md §5).
+"""Cascade information reconciliation, batched (protocol/qkdp-v2.md §5).
 
 Theory of operation
 -------------------

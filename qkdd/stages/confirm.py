@@ -1,4 +1,4 @@
-"""Key confirmation by a universal polynomial hash (protocol/qkdp-v1.md §6).
+"""Key confirmation by a universal polynomial hash (protocol/qkdp-v2.md §6).
 
 Theory of operation: after reconciliation Alice draws a fresh hash key ``k`` uniformly from the field
 GF(p), p = 2^89 - 1 (a Mersenne prime), and sends ``k`` with her tag of the reconciled key. Bob computes

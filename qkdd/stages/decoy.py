@@ -1,4 +1,4 @@
-"""Finite-key decoy-state key length for weak coherent pulses (protocol/qkdp-v1.md §8).
+"""Finite-key decoy-state key length for weak coherent pulses (protocol/qkdp-v2.md §8).
 
 Lim, Curty, Walenta, Xu, Zbinden, "Concise security bounds for practical decoy-state quantum key
 distribution", Phys. Rev. A 89, 022307 (2014) — "LCWXZ" below, equation numbers as in the paper.

@@ -1,4 +1,4 @@
-"""Parameter estimation for efficient BB84 with a biased basis choice (protocol/qkdp-v1.md §4).
+"""Parameter estimation for efficient BB84 with a biased basis choice (protocol/qkdp-v2.md §4).
 
 Theory of operation: the key comes from the Z basis; the X basis tests. Bob discloses all his sifted
 X-basis bits and, optionally, a random sample of his Z bits; Alice answers with hers at the same

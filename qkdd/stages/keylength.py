@@ -1,4 +1,4 @@
-"""Secret key length (protocol/qkdp-v1.md §8).
+"""Secret key length (protocol/qkdp-v2.md §8).
 
 The bound for a true single-photon source; :mod:`qkdd.stages.secrecy` picks it or the decoy-state bound
 of :mod:`qkdd.stages.decoy` from what the link declares. Every bound returns an integer >= 0 and never

@@ -1,4 +1,4 @@
-"""Which bound fixes a round's secret length, from the round's counts (protocol/qkdp-v1.md §8).
+"""Which bound fixes a round's secret length, from the round's counts (protocol/qkdp-v2.md §8).
 
 A link that declares intensities has a weak-coherent source: the finite-key decoy-state bound of
 :mod:`qkdd.stages.decoy` applies. A link that declares none has a true single-photon source: the bound

@@ -1,4 +1,4 @@
-"""Sifting (protocol/qkdp-v1.md §3).
+"""Sifting (protocol/qkdp-v2.md §3).
 
 Theory of operation: Bob announces which pulses of the frame he detected and in which basis he measured
 each; Alice answers, per detection, whether her basis matched and, for matches, the intensity class she
