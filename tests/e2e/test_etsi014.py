@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -309,7 +310,14 @@ def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, 
                 pair.processes[victim].wait(30)
                 (tmp_path / victim / ETSI014_FILE).unlink()
                 pair.processes[victim] = spawn(tmp_path / f"{victim}.toml", tmp_path / f"{victim}.log")
-                stop.wait(2.0)
+                # wait for the restarted daemon to serve keys again (a loaded machine takes its time): the
+                # masters of both sites, so the victim's API is up (and its address file written) before
+                # the next kill; Alice's alone could serve from her leases once the link is back
+                served = {sae: len(keys) for sae, keys in got.items()}
+                deadline = time.monotonic() + 60
+                while any(len(got[sae]) < served[sae] + 10 for sae in got):
+                    assert time.monotonic() < deadline, "no key served after the restart"
+                    stop.wait(0.05)
         finally:
             stop.set()
             for thread in threads:
@@ -323,8 +331,13 @@ def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, 
             with sites.client(slave_sae) as slave:
                 for start in range(0, len(ids), 100):
                     chunk = ids[start : start + 100]
-                    fetched = keys_of(slave.post(f"{master_sae}/dec_keys", json={"key_IDs": chunk}))
-                    assert fetched == got[master_sae][start : start + 100]
+                    deadline = time.monotonic() + 60
+                    url = f"{master_sae}/dec_keys"
+                    while (answer := slave.post(url, json={"key_IDs": chunk})).status_code == 503:
+                        # the peer's notices of the last keys come once the link is back up
+                        assert time.monotonic() < deadline, answer.text
+                        stop.wait(0.05)
+                    assert keys_of(answer) == got[master_sae][start : start + 100]
 
 
 def _urls(folder: Path) -> dict[str, str]:
