@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from qkdd import policy, spec, wire
+from qkdd import messages, policy, spec, wire
 from qkdd.auth import psk as psk_auth
 from qkdd.auth import wegman_carter as wc
 from qkdd.bits import Bits, RandomSource, pack_bits
@@ -286,10 +286,11 @@ class Engine:
             message = message or self._decode(envelope)
             if self.peer_role not in self._spec.messages[message.type].senders:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
-            if message.type == "error":
+            typed = messages.parse(message.type, dict(message.fields))
+            if isinstance(typed, messages.Error):
                 self._round = None
                 self.state = State.CLOSED
-                raise PeerError(message["code"], message["message"], list(message["versions"]))
+                raise PeerError(typed.code, typed.message, list(typed.versions))
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
             if self._is_stale(message):
@@ -302,7 +303,7 @@ class Engine:
             if envelope.tag and message.type not in _TAGGED:
                 raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
             self._frame = envelope
-            self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
+            self._transition(f"recv:{message.type}", lambda: self._dispatch(typed))
             return self._flush()
         except RemoteProtocolError as error:
             self._fail(error)
@@ -518,29 +519,30 @@ class Engine:
 
     # -- handshake (§10–§13)
 
-    def _dispatch(self, message: wire.Message) -> State:
+    def _dispatch(self, message: messages.Message) -> State:
         handler = getattr(self, f"_on_{message.type}", None)
         if handler is None:  # pragma: no cover - the spec check above makes this unreachable
             raise LocalProtocolError(f"no handler for {message.type}")
-        if self._round is not None and "round" in message.fields and message["round"] != self._round.number:
+        number = getattr(message, "round", None)
+        if self._round is not None and number is not None and number != self._round.number:
             raise RemoteProtocolError(
-                f"{message.type} names round {message['round']}, the open round is {self._round.number}"
+                f"{message.type} names round {number}, the open round is {self._round.number}"
             )
         if self._round is not None:
             _record(self._round.received, self._frame.seq, self._frame.body)
         new_state: State = handler(message)
         return new_state
 
-    def _on_hello(self, message: wire.Message) -> State:
+    def _on_hello(self, message: messages.Hello) -> State:
         return self._hs.on_hello(message)
 
-    def _on_auth(self, message: wire.Message) -> State:
+    def _on_auth(self, message: messages.Auth) -> State:
         return self._hs.on_auth(message)
 
-    def _on_sync(self, message: wire.Message) -> State:
+    def _on_sync(self, message: messages.Sync) -> State:
         return self._hs.on_sync(message)
 
-    def _on_resolve(self, message: wire.Message) -> State:
+    def _on_resolve(self, message: messages.Resolve) -> State:
         return self._hs.on_resolve(message)
 
     # -- a round, Alice's and Bob's handlers interleaved in protocol order
@@ -578,23 +580,23 @@ class Engine:
         bootstrap method, or ``session`` on a connection authenticated by a reserve handshake key."""
         return "session" if self.auth == "reserve" else self.auth
 
-    def _on_round_start(self, message: wire.Message) -> State:
+    def _on_round_start(self, message: messages.RoundStart) -> State:
         link = self._link
         assert isinstance(link, BobLink)
-        number = message["round"]
+        number = message.round
         if number < self._next_round:
             raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
-        if message["auth"] == "reserve" and not self._reserve_ready(
+        if message.auth == "reserve" and not self._reserve_ready(
             self._store.reserve.total_bits, self._pointer, ROUND_RESERVE_BITS
         ):
             raise RemoteProtocolError(
                 "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
             )
-        if message["auth"] != "reserve" and message["auth"] != self._session_auth():
+        if message.auth != "reserve" and message.auth != self._session_auth():
             raise RemoteProtocolError(
-                f"a {message['auth']} round on a {self.auth}-authenticated connection", code="bad-message"
+                f"a {message.auth} round on a {self.auth}-authenticated connection", code="bad-message"
             )
-        if message["auth"] == "session" and not self.settings.fallback_to_psk:
+        if message.auth == "session" and not self.settings.fallback_to_psk:
             raise RemoteProtocolError(
                 "a round without a reserve tag on a reserve-authenticated connection; Bob allows it only "
                 "with auth.fallback_to_psk",
@@ -602,26 +604,26 @@ class Engine:
             )
         self._next_round = number + 1
         self._out.append(ReserveRound(number))
-        detected = sifting.resolve_double_clicks(link.detections(message["frame"]), self._random)
-        if detected.pulses != message["pulses"]:
+        detected = sifting.resolve_double_clicks(link.detections(message.frame), self._random)
+        if detected.pulses != message.pulses:
             raise RemoteProtocolError(
-                f"frame of {message['pulses']} pulses; Bob's link has {detected.pulses}",
+                f"frame of {message.pulses} pulses; Bob's link has {detected.pulses}",
                 code="config-mismatch",
             )
         self._round = self._new_round(
-            number, message["frame"], pulses=detected.pulses, detected=detected, auth=message["auth"]
+            number, message.frame, pulses=detected.pulses, detected=detected, auth=message.auth
         )
         _record(self._round.received, self._frame.seq, self._frame.body)
         self._round.detections = int(detected.indices.size)
         self._send("sift_announce", round=number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
 
-    def _on_sift_announce(self, message: wire.Message) -> State:
+    def _on_sift_announce(self, message: messages.SiftAnnounce) -> State:
         r = self._open_round()
         assert r.preparation is not None
-        if message["pulses"] != r.pulses:
+        if message.pulses != r.pulses:
             raise RemoteProtocolError(
-                f"sift_announce is for {message['pulses']} pulses, the frame has {r.pulses}"
+                f"sift_announce is for {message.pulses} pulses, the frame has {r.pulses}"
             )
         announce = _build(sifting.SiftAnnounce, message)
         answer, r.sifted = sifting.alice_answer(r.preparation, announce)
@@ -630,7 +632,7 @@ class Engine:
         self._send("sift_answer", round=r.number, **_fields_of(answer))
         return State.ESTIMATING
 
-    def _on_sift_answer(self, message: wire.Message) -> State:
+    def _on_sift_answer(self, message: messages.SiftAnswer) -> State:
         r = self._open_round()
         assert r.detected is not None
         r.sifted = sifting.bob_sift(r.detected, _build(sifting.SiftAnswer, message))
@@ -642,7 +644,7 @@ class Engine:
         self._send("estimate_request", round=r.number, **_fields_of(request))
         return State.ESTIMATING
 
-    def _on_estimate_request(self, message: wire.Message) -> State:
+    def _on_estimate_request(self, message: messages.EstimateRequest) -> State:
         r = self._open_round()
         assert r.sifted is not None
         request = _build(estimation.EstimateRequest, message)
@@ -704,7 +706,7 @@ class Engine:
             r.key = estimate.z_key(r.sifted)
         return reason
 
-    def _on_estimate_answer(self, message: wire.Message) -> State:
+    def _on_estimate_answer(self, message: messages.EstimateAnswer) -> State:
         r = self._open_round()
         assert r.sifted is not None and r.estimate_request is not None
         answer = _build(estimation.EstimateAnswer, message)
@@ -806,20 +808,20 @@ class Engine:
         r.urgent = _Work(prepare)
         self._out.append(Compute(urgent=True))
 
-    def _on_cascade_pass(self, message: wire.Message) -> State:
+    def _on_cascade_pass(self, message: messages.CascadePass) -> State:
         layout = cascade.PassLayout(
-            message["kind"], message["block_size"], message["multiplier"], message["offset"], message["seed"]
+            message.kind, message.block_size, message.multiplier, message.offset, message.seed
         )
-        return self._answer_cascade(cascade.StartPass(message["index"], layout))
+        return self._answer_cascade(cascade.StartPass(message.index, layout))
 
-    def _on_cascade_ranges(self, message: wire.Message) -> State:
-        count = len(message["passes"])
-        if len(message["starts"]) != 4 * count or len(message["ends"]) != 4 * count:
+    def _on_cascade_ranges(self, message: messages.CascadeRanges) -> State:
+        count = len(message.passes)
+        if len(message.starts) != 4 * count or len(message.ends) != 4 * count:
             raise RemoteProtocolError("cascade_ranges: passes, starts and ends must describe the same ranges")
         request = cascade.RangeRequest(
-            np.frombuffer(message["passes"], dtype=np.uint8),
-            np.frombuffer(message["starts"], dtype="<u4").astype(np.uint32),
-            np.frombuffer(message["ends"], dtype="<u4").astype(np.uint32),
+            np.frombuffer(message.passes, dtype=np.uint8),
+            np.frombuffer(message.starts, dtype="<u4").astype(np.uint32),
+            np.frombuffer(message.ends, dtype="<u4").astype(np.uint32),
         )
         return self._answer_cascade(request)
 
@@ -831,27 +833,27 @@ class Engine:
         self._send("cascade_parities", round=r.number, count=reply.count, parities=reply.parities)
         return State.RECONCILING
 
-    def _on_cascade_parities(self, message: wire.Message) -> State:
+    def _on_cascade_parities(self, message: messages.CascadeParities) -> State:
         r = self._open_round()
         assert r.bob is not None
         if r.urgent is not None:
             r.urgent.result()  # Bob's range parities of the passes just started (_send_cascade)
-        r.bob.receive(cascade.Parities(message["count"], message["parities"]))
+        r.bob.receive(cascade.Parities(message.count, message.parities))
         return self._send_cascade(r)
 
-    def _on_cascade_done(self, message: wire.Message) -> State:
+    def _on_cascade_done(self, message: messages.CascadeDone) -> State:
         r = self._open_round()
         assert r.alice is not None and r.key is not None
-        r.alice.handle(cascade.Finished(message["disclosed_bits"]))
-        if message["corrected_bits"] > r.key.size:
+        r.alice.handle(cascade.Finished(message.disclosed_bits))
+        if message.corrected_bits > r.key.size:
             raise RemoteProtocolError("cascade_done: more corrected bits than key bits")
-        return self._after_cascade(r, message["disclosed_bits"], message["corrected_bits"])
+        return self._after_cascade(r, message.disclosed_bits, message.corrected_bits)
 
-    def _on_confirm(self, message: wire.Message) -> State:
+    def _on_confirm(self, message: messages.Confirm) -> State:
         r = self._open_round()
         assert r.key is not None
         request = confirm.ConfirmRequest(
-            int.from_bytes(message["hash_key"], "big"), int.from_bytes(message["tag"], "big")
+            int.from_bytes(message.hash_key, "big"), int.from_bytes(message.tag, "big")
         )
         matched = confirm.bob_confirm(r.key, request).matched
         self._send("confirm_result", round=r.number, matched=matched)
@@ -860,10 +862,10 @@ class Engine:
         r.bound = self._secret_length(r)
         return State.AMPLIFYING
 
-    def _on_confirm_result(self, message: wire.Message) -> State:
+    def _on_confirm_result(self, message: messages.ConfirmResult) -> State:
         r = self._open_round()
         assert r.key is not None
-        if not message["matched"]:
+        if not message.matched:
             return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
         r.bound = self._secret_length(r)
         reserve_bits = self._refill(r.bound)
@@ -898,53 +900,51 @@ class Engine:
         self._out.append(Compute())
         return State.COMMITTING
 
-    def _on_amplify(self, message: wire.Message) -> State:
+    def _on_amplify(self, message: messages.Amplify) -> State:
         r = self._open_round()
         assert r.key is not None
-        reserve_bits = message["reserve_bits"]
+        reserve_bits = message.reserve_bits
         expected = self._output_bits(r.bound, reserve_bits) if reserve_bits <= r.bound // 2 else -1
-        if message["input_bits"] != r.key.size or message["output_bits"] != expected:
+        if message.input_bits != r.key.size or message.output_bits != expected:
             raise RemoteProtocolError(
-                f"amplify: {message['input_bits']} -> {message['output_bits']} bits ({reserve_bits} to the "
+                f"amplify: {message.input_bits} -> {message.output_bits} bits ({reserve_bits} to the "
                 f"reserve); Bob's bound allows {r.key.size} -> {r.bound}",
                 code="config-mismatch",
             )
         if expected == 0:
             return self._end_aborted(f"no secret key: {self._length_reason}")
         self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
-        seed = amplify.AmplificationSeed(message["input_bits"], message["output_bits"], message["seed"])
+        seed = amplify.AmplificationSeed(message.input_bits, message.output_bits, message.seed)
         prepared, r.urgent = (None if r.urgent is None else r.urgent.result()), None
         self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits, self._ids(r))
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
         return State.COMMITTING
 
-    def _on_commit(self, message: wire.Message) -> State:
+    def _on_commit(self, message: messages.Commit) -> State:
         r = self._open_round()
         assert r.work is not None
         r.work.result()  # her key blocks: done on a Compute thread by now, or done here
-        if message["blocks"] != len(r.blocks):
-            raise RemoteProtocolError(
-                f"commit: Bob holds {message['blocks']} key blocks, Alice {len(r.blocks)}"
-            )
+        if message.blocks != len(r.blocks):
+            raise RemoteProtocolError(f"commit: Bob holds {message.blocks} key blocks, Alice {len(r.blocks)}")
         self._check_round_tag(r)
         self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks, r.reserve))
         self._send("committed", tagged=True, round=r.number)
         self._round = None
         return State.IDLE
 
-    def _on_committed(self, message: wire.Message) -> State:
+    def _on_committed(self, message: messages.Committed) -> State:
         r = self._open_round()
         self._check_round_tag(r)
         self._out.append(CommitRound(r.number))
         self._round = None
         return State.IDLE
 
-    def _on_keepalive(self, message: wire.Message) -> State:
+    def _on_keepalive(self, message: messages.Keepalive) -> State:
         return State.IDLE
 
-    def _on_abort(self, message: wire.Message) -> State:
-        return self._end_aborted(f"the peer aborted the round: {message['reason']}")
+    def _on_abort(self, message: messages.Abort) -> State:
+        return self._end_aborted(f"the peer aborted the round: {message.reason}")
 
     # -- round helpers
 
@@ -1050,9 +1050,9 @@ def _fields_of(value: Any) -> dict[str, Any]:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
-def _build(cls: type[T], message: wire.Message) -> T:
+def _build(cls: type[T], message: messages.Message) -> T:
     """A stage message from the checked wire message of the same field names."""
-    return cls(**{f.name: message[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    return cls(**{f.name: getattr(message, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 def _record(transcript: wc.Transcript, seq: int, body: bytes) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from qkdd import policy, wire
+from qkdd import messages, policy, wire
 from qkdd.auth import pki
 from qkdd.auth import psk as psk_auth
 from qkdd.bits import RandomSource
@@ -117,26 +117,26 @@ class Handshake:
         """The peer's hello body, as received (the proofs cover it)."""
         self.hellos[self.peer_role] = body
 
-    def on_hello(self, message: wire.Message) -> State:
-        common = set(message["versions"]) & set(self.settings.versions)
+    def on_hello(self, message: messages.Hello) -> State:
+        common = set(message.versions) & set(self.settings.versions)
         if not common:
-            raise version_mismatch(self.settings.versions, message["versions"])
+            raise version_mismatch(self.settings.versions, message.versions)
         self.version = max(common)
-        self.peer_capabilities = tuple(message["capabilities"])
-        if message["role"] != self.peer_role:
-            raise RemoteProtocolError(f"the peer says it is {message['role']}, as we are", code="wrong-peer")
-        if message["link_id"] != self.settings.link_id:
+        self.peer_capabilities = tuple(message.capabilities)
+        if message.role != self.peer_role:
+            raise RemoteProtocolError(f"the peer says it is {message.role}, as we are", code="wrong-peer")
+        if message.link_id != self.settings.link_id:
             raise RemoteProtocolError(
-                f"the peer serves link {message['link_id'][:64]!r}, we serve {self.settings.link_id!r}",
+                f"the peer serves link {message.link_id[:64]!r}, we serve {self.settings.link_id!r}",
                 code="wrong-peer",
             )
         transcript = psk_auth.transcript_hash(self.hellos["alice"], self.hellos["bob"])
         self._transcript = transcript
-        nonces = self._nonce, message["nonce"]
+        nonces = self._nonce, message.nonce
         alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
         ours = self._capabilities
         # §17: nothing of the hello is stored; a tampered key list only makes the proofs fail
-        key = policy.choose_key(self._listed_keys(), message["keys"])
+        key = policy.choose_key(self._listed_keys(), message.keys)
         if key is not None:
             self.auth = "reserve"
             self._key = key
@@ -146,7 +146,7 @@ class Handshake:
             if self.role == "alice":  # §17: Bob proves only once Alice's proof verified (on_auth)
                 self._send_proof(secret)
             return State.AUTH
-        if "pki" in ours and "pki" in message["capabilities"]:
+        if "pki" in ours and "pki" in message.capabilities:
             assert self.settings.pki is not None
             self.auth = "pki"
             self._nonces = alice_nonce, bob_nonce
@@ -160,7 +160,7 @@ class Handshake:
                     kex=self._kex_alice,
                 )
             return State.AUTH
-        if "psk" not in ours or "psk" not in message["capabilities"]:
+        if "psk" not in ours or "psk" not in message.capabilities:
             raise self._no_common_authentication(message)
         self.macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
         self._send(
@@ -168,15 +168,15 @@ class Handshake:
         )
         return State.AUTH
 
-    def _pki_auth(self, message: wire.Message) -> None:
+    def _pki_auth(self, message: messages.Auth) -> None:
         """§18: check the peer's certificate and signature; finish the hybrid exchange."""
         identity = self.settings.pki
         assert identity is not None
-        certificate = identity.check_peer(message["certificate"])
+        certificate = identity.check_peer(message.certificate)
         if self.role == "bob":
-            kex_alice = message["kex"]
+            kex_alice = message.kex
             pki.verify_signature(
-                certificate, message["proof"], pki.signed_data("alice", self._transcript, kex_alice)
+                certificate, message.proof, pki.signed_data("alice", self._transcript, kex_alice)
             )
             assert self._exchange is not None
             kex_bob, shared = self._exchange.accept(kex_alice)
@@ -187,9 +187,9 @@ class Handshake:
                 kex=kex_bob,
             )
         else:
-            kex_alice, kex_bob = self._kex_alice, message["kex"]
+            kex_alice, kex_bob = self._kex_alice, message.kex
             pki.verify_signature(
-                certificate, message["proof"], pki.signed_data("bob", self._transcript, kex_alice, kex_bob)
+                certificate, message.proof, pki.signed_data("bob", self._transcript, kex_alice, kex_bob)
             )
             assert self._exchange is not None
             shared = self._exchange.finish(kex_bob)
@@ -204,17 +204,17 @@ class Handshake:
         proof = psk_auth.proof(secret, self.role, self._transcript)
         self._send("auth", proof=proof, certificate=b"", kex=b"")
 
-    def _no_common_authentication(self, message: wire.Message) -> RemoteProtocolError:
+    def _no_common_authentication(self, message: messages.Hello) -> RemoteProtocolError:
         """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is
         a state directory older than the peer's (or a tampered hello: then the next connection works)."""
-        ours, theirs = self._listed_keys(), list(message["keys"])
+        ours, theirs = self._listed_keys(), list(message.keys)
         if ours and theirs:
             return RemoteProtocolError(
                 f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "
                 "this lasts, one state directory was restored from a backup: re-bootstrap the link",
                 code="stale-state",
             )
-        capabilities = list(message["capabilities"])[:4]
+        capabilities = list(message.capabilities)[:4]
         return RemoteProtocolError(
             f"no common authentication: ours {self._capabilities}, the peer's {capabilities}, handshake "
             f"keys ours {ours}, the peer's {theirs[:2]} (with the PSK retired and no handshake key: "
@@ -222,9 +222,9 @@ class Handshake:
             code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
         )
 
-    def on_auth(self, message: wire.Message) -> State:
+    def on_auth(self, message: messages.Auth) -> State:
         if self.auth == "reserve":
-            psk_auth.verify_proof(self._secret, self.peer_role, self._transcript, message["proof"])
+            psk_auth.verify_proof(self._secret, self.peer_role, self._transcript, message.proof)
             assert self._key is not None
             # §17: the peer holds this key, so older ones are never needed again
             keys = policy.after_verified(self.keys, self._key, self._store.reserve.total_bits)
@@ -238,7 +238,7 @@ class Handshake:
         elif self.auth == "pki":
             self._pki_auth(message)
         else:
-            psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message["proof"])
+            psk_auth.verify_proof(self.settings.psk, self.peer_role, self._transcript, message.proof)
         reserve = self._store.reserve
         self._send(
             "sync",
@@ -253,25 +253,25 @@ class Handshake:
         )
         return State.SYNC
 
-    def on_sync(self, message: wire.Message) -> State:
+    def on_sync(self, message: messages.Sync) -> State:
         for name in ("qber_threshold", "eps_sec", "eps_cor", "key_block_bits"):
-            if message[name] != getattr(self.settings, name):
+            if getattr(message, name) != getattr(self.settings, name):
                 raise RemoteProtocolError(
-                    f"{name}: the peer uses {message[name]}, we use {getattr(self.settings, name)}",
+                    f"{name}: the peer uses {getattr(message, name)}, we use {getattr(self.settings, name)}",
                     code="config-mismatch",
                 )
-        self.next_round = max(self.next_round, message["next_round"])
+        self.next_round = max(self.next_round, message.next_round)
         # §17: both continue from the larger position, learnt only now that the peer is authenticated,
         # so no pad either side marked used is used again, and a stranger moves nothing
-        self.pointer = max(self._store.reserve.consumed, message["reserve_consumed"])
-        self._peer_total = message["reserve_total"]
+        self.pointer = max(self._store.reserve.consumed, message.reserve_consumed)
+        self._peer_total = message.reserve_total
         if self.pointer > self._store.reserve.consumed:
             self._act(ConsumeReserve(self.pointer))
         if self.role == "bob":
-            if message["pending"]:
+            if message.pending:
                 raise RemoteProtocolError("Alice never has pending rounds")
             return State.RESOLVING
-        committed = self._store.committed_among(message["pending"])
+        committed = self._store.committed_among(message.pending)
         self._send("resolve", committed=committed, key_next=self.announce_key())
         self._act(self.ready())
         return State.IDLE
@@ -294,11 +294,11 @@ class Handshake:
         keys = KEY_CHANNEL_CAPABILITY in self.peer_capabilities and self.settings.key_channel
         return Ready(self.version or SUPPORTED_VERSIONS[-1], self.auth, dict(self.macs) if keys else None)
 
-    def on_resolve(self, message: wire.Message) -> State:
-        if not set(message["committed"]) <= set(self.own_pending):
+    def on_resolve(self, message: messages.Resolve) -> State:
+        if not set(message.committed) <= set(self.own_pending):
             raise RemoteProtocolError("resolve lists a round that is not pending here")
-        self._act(ResolvePending(tuple(message["committed"])))
-        for key in message["key_next"]:
+        self._act(ResolvePending(tuple(message.committed)))
+        for key in message.key_next:
             self._take_announced_key(key)
         self._act(self.ready())
         return State.IDLE

@@ -69,6 +69,12 @@ def test_the_state_diagram_in_the_docs_is_generated_from_the_spec() -> None:
     )
 
 
+def test_the_message_classes_are_generated_from_the_spec() -> None:
+    assert spec.MESSAGES_PATH.read_text() == spec.message_classes(spec.load()), (
+        "run: python -m qkdd.spec messages"
+    )
+
+
 def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
