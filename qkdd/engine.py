@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 Layers, each knowing only the one below: :mod:`qkdd.wire` (framing: the only code that sees bytes) →
-this engine's sequence numbers and MACs → :mod:`qkdd.handshake` (version, authentication, the agreement
-on rounds and the reserve; it hands over the authenticated session) → the rounds below, from
-``round_start`` to ``committed``, with their transcripts and tags → :mod:`qkdd.policy` (pure decisions).
+:mod:`qkdd.session` (sequence numbers and frame MACs) → :mod:`qkdd.handshake` (version, authentication,
+the agreement on rounds and the reserve; it hands over the authenticated session) → the rounds below,
+from ``round_start`` to ``committed``, with their transcripts and tags → :mod:`qkdd.policy` (pure
+decisions).
 States, actions and settings live in :mod:`qkdd.interface`.
 
 Bytes in, actions out. The daemon feeds complete frame payloads to :meth:`Engine.receive_frame` and
@@ -65,6 +66,7 @@ from qkdd.interface import (
     StoreView,
     persist_kind,
 )
+from qkdd.session import FrameSession
 
 __all__ = [
     "DURABLE_ACTIONS",
@@ -97,7 +99,6 @@ from qkdd.records import RoundSummary, key_blocks, key_ids
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
-_MAC_FROM_SEQ = 2  # hello (0) and auth (1) carry no MAC; every later frame must
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
 """One-time-pad bits a reserve-authenticated round consumes (§16)."""
@@ -196,11 +197,12 @@ class Engine:
         self._wc: wc.Mac | None = None
         self._frame = wire.Envelope(0, b"", b"")
         self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
-        self._send_seq = 0
-        self._recv_seq = 0
+        self._frames = FrameSession(role)  # §9, §12: sequence numbers and frame MACs
         # §10-§13: the handshake, until it hands over the authenticated session (version, method, MACs,
         # reserve position, next round); its sends go through ours (sequence numbers, MACs)
-        self._hs = Handshake(role, settings, store, random, send=self._send, act=self._act)
+        self._hs = Handshake(
+            role, settings, store, random, send=self._send, act=self._act, macs=self._frames.macs
+        )
         self._round: _Round | None = None
         self._out: list[Action] = []
         self._sent: list[str] = []
@@ -224,7 +226,7 @@ class Engine:
 
     def initiate(self) -> list[Action]:
         """The opening hello (§10). Call once, right after connecting."""
-        if self._send_seq:
+        if self._frames.send_seq:
             raise LocalProtocolError("initiate() called twice")
         self._emit("hello", self._hs.hello())
         return self._flush()
@@ -246,7 +248,19 @@ class Engine:
 
     @property
     def _macs(self) -> dict[str, psk_auth.FrameMac]:
-        return self._hs.macs
+        return self._frames.macs
+
+    @property
+    def _send_seq(self) -> int:
+        return self._frames.send_seq
+
+    @_send_seq.setter
+    def _send_seq(self, value: int) -> None:
+        self._frames.send_seq = value
+
+    @property
+    def _recv_seq(self) -> int:
+        return self._frames.recv_seq
 
     @property
     def _pointer(self) -> int:
@@ -282,7 +296,7 @@ class Engine:
             raise LocalProtocolError("receive_frame() after CLOSED")
         try:
             envelope = payload if isinstance(payload, wire.Envelope) else wire.decode_envelope(payload)
-            self._check_sequence(envelope)
+            self._frames.check(envelope)
             message = message or self._decode(envelope)
             if self.peer_role not in self._spec.messages[message.type].senders:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
@@ -378,10 +392,7 @@ class Engine:
     def seal(self, body: bytes) -> bytes:
         """Frame ``body`` as our next frame, sequenced and MAC'd, whatever it holds: ``qkdd conform``
         sends malformed messages this way to reach the peer's checks behind the MAC."""
-        seq = self._send_seq
-        self._send_seq += 1
-        mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
-        return wire.encode_frame(seq, body, mac)
+        return self._frames.seal(body)
 
     def close(self, code: str, message: str) -> bytes:
         """Move to CLOSED and return the error frame to send (timeouts, shutdown, replacement)."""
@@ -420,31 +431,15 @@ class Engine:
             )
         self.state = new_state
 
-    def _check_sequence(self, envelope: wire.Envelope) -> None:
-        if envelope.seq != self._recv_seq:
-            raise RemoteProtocolError(
-                f"sequence number {envelope.seq}, expected {self._recv_seq}", code="bad-seq"
-            )
-        if envelope.seq >= _MAC_FROM_SEQ:
-            if self.peer_role not in self._macs:
-                raise RemoteProtocolError("authenticated frame before the handshake ended", code="bad-state")
-            self._macs[self.peer_role].verify(envelope.seq, envelope.body, envelope.mac)
-        elif envelope.mac:
-            raise RemoteProtocolError("hello and auth frames carry no MAC", code="bad-message")
-        self._recv_seq += 1
-
     def _emit(self, name: str, body: bytes, *, tagged: bool = False) -> None:
-        seq = self._send_seq
-        mac = self._macs[self.role].tag(seq, body) if seq >= _MAC_FROM_SEQ else b""
         tag = b""
         if self._round is not None:
-            _record(self._round.sent, seq, body)
+            _record(self._round.sent, self._frames.send_seq, body)
             if tagged and self._round.auth == "reserve":
                 tag = self._round_tag(self._round.sent)
                 self._round.sent = wc.Transcript(self._mac())  # the next tag covers the frames after this
-        self._send_seq += 1
         self._sent.append(name)
-        self._out.append(Send(wire.encode_frame(seq, body, mac, tag), name))
+        self._out.append(Send(self._frames.seal(body, tag), name))
 
     def _send(self, name: str, *, tagged: bool = False, **fields: Any) -> None:
         self._emit(name, wire.encode_message(name, **fields), tagged=tagged)
@@ -500,10 +495,7 @@ class Engine:
         body = wire.encode_message(
             "error", code=code, message=message[:1024], versions=list(self.settings.versions)
         )
-        seq = self._send_seq
-        can_mac = seq >= _MAC_FROM_SEQ and self.role in self._macs
-        self._send_seq += 1
-        return wire.encode_frame(seq, body, self._macs[self.role].tag(seq, body) if can_mac else b"")
+        return self._frames.seal(body, mac_if_keyed=True)
 
     #: the round that was open when the engine failed (for the log)
     failed_round: int | None = None

@@ -63,6 +63,7 @@ class Handshake:
         *,
         send: Callable[..., None],
         act: Callable[[Action], None],
+        macs: dict[str, psk_auth.FrameMac],
     ) -> None:
         self.role = role
         self.peer_role = "bob" if role == "alice" else "alice"
@@ -73,8 +74,8 @@ class Handshake:
         self.version: int | None = None
         self.peer_capabilities: tuple[str, ...] = ()
         self.auth = "psk"  # how this connection was authenticated
-        #: the session's frame MAC by sender, once derived (the engine MACs every frame from seq 2 on)
-        self.macs: dict[str, psk_auth.FrameMac] = {}
+        #: the session's frame MAC by sender, filled in once derived (the session layer's, shared)
+        self.macs = macs
         #: the first unused reserve bit as agreed with the peer (§17), from its authenticated sync on
         self.pointer = 0
         self.next_round = store.next_round
@@ -142,7 +143,7 @@ class Handshake:
             self._key = key
             secret = self._store.reserve.handshake_key(key)
             self._secret = secret
-            self.macs = psk_auth.session_macs(secret, alice_nonce, bob_nonce, transcript)
+            self.macs.update(psk_auth.session_macs(secret, alice_nonce, bob_nonce, transcript))
             if self.role == "alice":  # §17: Bob proves only once Alice's proof verified (on_auth)
                 self._send_proof(secret)
             return State.AUTH
@@ -162,7 +163,7 @@ class Handshake:
             return State.AUTH
         if "psk" not in ours or "psk" not in message.capabilities:
             raise self._no_common_authentication(message)
-        self.macs = psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript)
+        self.macs.update(psk_auth.session_macs(self.settings.psk, alice_nonce, bob_nonce, transcript))
         self._send(
             "auth", proof=psk_auth.proof(self.settings.psk, self.role, transcript), certificate=b"", kex=b""
         )
@@ -194,7 +195,7 @@ class Handshake:
             assert self._exchange is not None
             shared = self._exchange.finish(kex_bob)
         secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
-        self.macs = psk_auth.session_macs(secret, *self._nonces, self._transcript)
+        self.macs.update(psk_auth.session_macs(secret, *self._nonces, self._transcript))
 
     def _listed_keys(self) -> list[int]:
         reserve_total = self._store.reserve.total_bits
