@@ -132,9 +132,7 @@ def bench_auth(quick: bool) -> dict[str, Any]:
     """
     from qkdd import engine, policy  # noqa: PLC0415
     from qkdd.auth import wegman_carter as wc  # noqa: PLC0415
-    from qkdd.bits import SystemRandom  # noqa: PLC0415
-    from qkdd.links.sim import SimAlice, SimBob, SimParameters  # noqa: PLC0415
-    from qkdd.stages.pipeline import PipelineConfig, run_frame  # noqa: PLC0415
+    from qkdd.links.sim import SimParameters  # noqa: PLC0415
 
     size = 1 << (22 if quick else 24)
     message = np.random.default_rng(4).bytes(size)
@@ -147,16 +145,8 @@ def bench_auth(quick: bool) -> dict[str, Any]:
         transcript.append(message)
         transcript.tag([1, 2])
         seconds = min(seconds, time.perf_counter() - started)
-    parameters = SimParameters()
-    frame = run_frame(
-        SimAlice(parameters).preparation(1),
-        SimBob(parameters).simulate(1),
-        SystemRandom(),
-        SystemRandom(),
-        PipelineConfig(
-            intensities=parameters.intensities, intensity_probabilities=parameters.intensity_probabilities
-        ),
-    )
+    (round_,) = _engine_rounds(SimParameters(), 1)
+    secret_bits = round_.secret_bits
     consumed = engine.ROUND_RESERVE_BITS
     return {
         "mac_throughput_bps": 8 * size / seconds,
@@ -165,8 +155,8 @@ def bench_auth(quick: bool) -> dict[str, Any]:
         "consumed_bits_per_round": consumed,
         "handshake_bits": 0,  # qkdp/2 handshakes spend no pad (§17)
         "handshake_key_bits": policy.HANDSHAKE_KEY_BITS,  # a new handshake key, at most one per refill
-        "secret_bits_per_round": frame.secret_bits,
-        "consumed_percent_of_secret": 100 * consumed / frame.secret_bits if frame.secret_bits else None,
+        "secret_bits_per_round": secret_bits,
+        "consumed_percent_of_secret": 100 * consumed / secret_bits if secret_bits else None,
     }
 
 
@@ -223,17 +213,28 @@ def main(quick: bool, as_json: bool, variants: Sequence[str], frames: int | None
     return 0
 
 
+def _engine_rounds(parameters: Any, rounds: int) -> list[Any]:
+    """Alice's summaries of ``rounds`` rounds of the ``sim`` link with ``parameters``, run by both roles'
+    real engines joined in memory (:mod:`qkdd.loopback`): the daemons' round, not a copy of it."""
+    from qkdd import engine, loopback  # noqa: PLC0415
+    from qkdd.auth.psk import generate_psk  # noqa: PLC0415
+    from qkdd.bits import SystemRandom  # noqa: PLC0415
+    from qkdd.links.sim import SimAlice, SimBob  # noqa: PLC0415
+
+    settings = engine.EngineSettings(link_id="bench", psk=generate_psk())
+    links = SimAlice(parameters), SimBob(parameters)
+    return loopback.run_rounds(settings, links, (SystemRandom(), SystemRandom()), rounds)
+
+
 def bench_keyrate(quick: bool) -> dict[str, Any]:
     """Time to compute one decoy-state bound, and achieved against predicted key per pulse.
 
-    Achieved: frames of the default ``sim`` link (2^24 pulses) through every stage in one process;
+    Achieved: rounds of the default ``sim`` link (2^24 pulses) run by both engines joined in memory;
     predicted: ``qkdd keyrate`` for the same parameters and block size.
     """
     from qkdd import keyrate  # noqa: PLC0415
-    from qkdd.bits import SystemRandom  # noqa: PLC0415
-    from qkdd.links.sim import SimAlice, SimBob, SimParameters  # noqa: PLC0415
+    from qkdd.links.sim import SimParameters  # noqa: PLC0415
     from qkdd.stages import decoy  # noqa: PLC0415
-    from qkdd.stages.pipeline import PipelineConfig, run_frame  # noqa: PLC0415
 
     model = keyrate.LinkModel()
     counts, _, _ = keyrate.expected_counts(model, 10, 10**6)
@@ -246,19 +247,7 @@ def bench_keyrate(quick: bool) -> dict[str, Any]:
     frames = 2 if quick else 5
     for km in (5.0, 15.0):
         parameters = SimParameters(distance_km=km)
-        config = PipelineConfig(
-            intensities=parameters.intensities, intensity_probabilities=parameters.intensity_probabilities
-        )
-        secret = 0
-        for frame in range(frames):
-            result = run_frame(
-                SimAlice(parameters).preparation(frame),
-                SimBob(parameters).simulate(frame),
-                SystemRandom(),
-                SystemRandom(),
-                config,
-            )
-            secret += result.secret_bits
+        secret = sum(r.secret_bits for r in _engine_rounds(parameters, frames))
         achieved = secret / (frames * parameters.pulses_per_frame)
         block = round(parameters.pulses_per_frame * model.key_detections_per_pulse(km))
         predicted = keyrate.row(model, km, block).key_per_pulse
