@@ -206,10 +206,11 @@ class Handshake:
         self._send("auth", proof=proof, certificate=b"", kex=b"")
 
     def _no_common_authentication(self, message: messages.Hello) -> RemoteProtocolError:
-        """§17: the hellos share no handshake key and no bootstrap method. With keys on both sides that is
-        a state directory older than the peer's (or a tampered hello: then the next connection works)."""
+        """§17: the hellos share no handshake key and no bootstrap method. While we hold keys that is a
+        state directory older than the peer's (or a tampered hello: then the next connection works); with
+        none, and the PSK retired, only a re-bootstrap helps."""
         ours, theirs = self._listed_keys(), list(message.keys)
-        if ours and theirs:
+        if ours:  # the peer lists none of our keys: a restore, or a hello rewritten in transit
             return RemoteProtocolError(
                 f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "
                 "this lasts, one state directory was restored from a backup: re-bootstrap the link",
@@ -224,6 +225,9 @@ class Handshake:
         )
 
     def on_auth(self, message: messages.Auth) -> State:
+        if self.auth != "pki" and (message.certificate or message.kex):
+            # §18: only a PKI proof has them, and no PSK or handshake-key proof covers them
+            raise RemoteProtocolError(f"a {self.auth} auth carries a certificate or a key exchange")
         if self.auth == "reserve":
             psk_auth.verify_proof(self._secret, self.peer_role, self._transcript, message.proof)
             assert self._key is not None

@@ -256,6 +256,29 @@ def test_no_common_version_sends_an_error_listing_ours() -> None:
     assert bob.state is engine.State.CLOSED
 
 
+@pytest.mark.parametrize("field", ["certificate", "kex"])
+def test_a_psk_auth_carrying_pki_fields_is_refused(field: str) -> None:
+    """§18: certificate and kex belong to PKI proofs; no PSK (or handshake-key) proof covers them."""
+    pair = ConnectionPair()
+    pair.handle("alice", pair.alice.initiate())
+    pair.handle("bob", pair.bob.initiate())
+    pair.step()  # Alice's hello to Bob: he answers with his PSK proof
+    pair.step()  # Bob's hello to Alice: she proves too
+    (auth,) = [f for f in pair.queues["bob"] if b"auth" in f]
+    pair.queues["bob"] = [rewrite_body(auth, **{field: b"x" * 16})]
+    with pytest.raises(RemoteProtocolError, match="certificate or a key exchange") as caught:
+        pair.run()
+    assert caught.value.code == "bad-message"
+
+
+def rewrite_body(frame: bytes, **fields: Any) -> bytes:
+    (payload,) = wire.FrameDecoder().feed(frame)
+    envelope = wire.decode_envelope(payload)
+    body = msgpack.unpackb(envelope.body, raw=False)
+    body.update(fields)
+    return wire.encode_frame(envelope.seq, msgpack.packb(body, use_bin_type=True), envelope.mac)
+
+
 def test_a_qkdp1_hello_gets_a_clean_version_mismatch() -> None:
     """§10: the versions are checked before the fields, which differ between versions."""
     bob, _ = make_engine("bob")
