@@ -391,7 +391,7 @@ class Daemon:
                         if item is None:
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
-                        heavy = engine.state is not engine_mod.State.RECONCILING
+                        heavy = not engine.cheap_frames
                         if engine.state is engine_mod.State.IDLE and self.role == "bob":
                             self._begin_round(RoundClock(engine.state.value, trio.current_time()))
                         # only the connection that runs rounds has a round clock (others are handshaking)
@@ -788,10 +788,12 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 def _abandoned(engine: engine_mod.Engine) -> str:
-    number = engine.round_number if engine.round_number is not None else engine.failed_round
-    if number is None:
+    """What became of the round under way when a connection ended, as the engine says, for the log."""
+    unfinished = engine.unfinished_round
+    if unfinished is None:
         return ""
-    if engine.role == "bob" and engine.state is engine_mod.State.COMMITTING:
+    number, pending = unfinished
+    if pending:
         return f"; round {number} stays pending until the next connection resolves it"
     return f"; round {number} abandoned, nothing stored"
 

@@ -167,6 +167,7 @@ class _Round:
     key_ids: _Work | None = None
     # Alice: the seed for any output length, and her key hashed to the longest she may need (§7)
     speculation: tuple[Bits, _Work] | None = None
+    pending: bool = False  # Bob: stored as pending, until Alice's committed or the next resolve (§13)
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -219,6 +220,21 @@ class Engine:
         if self.state is State.CLOSED:
             return None
         return self.settings.round_timeout
+
+    @property
+    def unfinished_round(self) -> tuple[int, bool] | None:
+        """The round open now, or open when the engine closed: its number, and whether Bob holds it
+        pending (then the next connection's resolve commits or drops it, §13; otherwise nothing of it
+        is stored). ``None``: no round was under way."""
+        if self._round is not None:
+            return self._round.number, self._round.pending
+        return self._failed
+
+    @property
+    def cheap_frames(self) -> bool:
+        """Whether the frames expected now are handled in well under a millisecond (Cascade's), so that
+        a driver may handle them on its event loop instead of a worker thread."""
+        return self.state is State.RECONCILING
 
     @property
     def round_number(self) -> int | None:
@@ -400,9 +416,7 @@ class Engine:
             raise LocalProtocolError(f"unknown error code {code!r}")
         frame = self._error_frame(code, message)
         self.state = State.CLOSED
-        if self._round is not None:
-            self.failed_round = self._round.number
-        self._round = None
+        self._keep_unfinished()
         return frame
 
     # -- plumbing
@@ -497,14 +511,17 @@ class Engine:
         )
         return self._frames.seal(body, mac_if_keyed=True)
 
-    #: the round that was open when the engine failed (for the log)
-    failed_round: int | None = None
+    _failed: tuple[int, bool] | None = None  # the unfinished round when the engine closed
+
+    def _keep_unfinished(self) -> None:
+        """Close the open round's books: remember what became of it (for the driver's log)."""
+        if self._round is not None:
+            self._failed = self._round.number, self._round.pending
+        self._round = None
 
     def _fail(self, error: RemoteProtocolError) -> None:
         self._out = []
-        if self._round is not None:
-            self.failed_round = self._round.number
-        self._round = None
+        self._keep_unfinished()
         if self.state is not State.CLOSED and not isinstance(error, PeerError):
             error.frame = self._error_frame(error.code, str(error))
         self.state = State.CLOSED
@@ -910,6 +927,7 @@ class Engine:
         prepared, r.urgent = (None if r.urgent is None else r.urgent.result()), None
         self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits, self._ids(r))
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
+        r.pending = True
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
         return State.COMMITTING
 

@@ -256,6 +256,23 @@ def test_no_common_version_sends_an_error_listing_ours() -> None:
     assert bob.state is engine.State.CLOSED
 
 
+def test_the_engine_says_what_became_of_the_round_a_connection_ends_in() -> None:
+    """Bob's round stored pending stays pending when the connection ends (the driver logs it so, not as
+    'nothing stored'); Alice's, not yet committed, is abandoned."""
+    pair = ConnectionPair()
+    pair.connect()
+    assert pair.alice.unfinished_round is None
+    pair.handle("alice", pair.alice.start_round())
+    while not any(m == "commit" for _, m in pair.log):
+        pair.step()
+    number = pair.alice.round_number
+    assert number is not None and pair.bob_store.pending
+    pair.bob.close("shutdown", "test")
+    pair.alice.close("shutdown", "test")
+    assert pair.bob.unfinished_round == (number, True)
+    assert pair.alice.unfinished_round == (number, False)
+
+
 @pytest.mark.parametrize("field", ["certificate", "kex"])
 def test_a_psk_auth_carrying_pki_fields_is_refused(field: str) -> None:
     """§18: certificate and kex belong to PKI proofs; no PSK (or handshake-key) proof covers them."""
