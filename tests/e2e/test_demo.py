@@ -29,16 +29,16 @@ FIELDS = {
 }
 
 
+def run_demo(*args: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    """``qkdd demo`` with these arguments, as a user runs it (a process of its own)."""
+    command = [sys.executable, "-m", "qkdd", "demo", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.mark.timeout(180)
 def test_the_demo_gives_key_at_100_km_by_default(tmp_path: Path) -> None:
     """The link is tuned to the distance (intensities, probabilities, basis bias, frame size)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "qkdd", "demo", "--distance-km", "100", "--rounds", "2", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
+    done = run_demo("--distance-km", "100", "--rounds", "2", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["keys_match"] is True
@@ -47,25 +47,8 @@ def test_the_demo_gives_key_at_100_km_by_default(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_demo_json(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qkdd",
-            "demo",
-            "--rounds",
-            "2",
-            "--pulses",
-            str(1 << 23),  # weak coherent pulses: the decoy bound needs a few 10^5 detections
-            "--json",
-            "--state-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
+    # weak coherent pulses: the decoy bound needs a few 10^5 detections
+    done = run_demo("--rounds", "2", "--pulses", str(1 << 23), "--json", "--state-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["keys_match"] is True and report["secret_bits_total"] > 0
@@ -83,39 +66,16 @@ def test_demo_json(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_demo_table_with_an_eavesdropper(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "qkdd", "demo", "--rounds", "1", "--pulses", str(1 << 19), "--eve", "1"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
-    )
+    done = run_demo("--rounds", "1", "--pulses", str(1 << 19), "--eve", "1")
     assert done.returncode == 0, done.stderr
     assert "aborted" in done.stdout and "identical" in done.stdout
 
 
 @pytest.mark.timeout(180)
 def test_demo_with_pki_bootstrap(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qkdd",
-            "demo",
-            "--rounds",
-            "4",
-            "--pulses",
-            str(1 << 23),  # weak coherent pulses: the decoy bound needs a few 10^5 detections
-            "--bootstrap",
-            "pki",
-            "--json",
-            "--state-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=False,
+    pulses = str(1 << 23)  # weak coherent pulses: the decoy bound needs a few 10^5 detections
+    done = run_demo(
+        "--rounds", "4", "--pulses", pulses, "--bootstrap", "pki", "--json", "--state-dir", str(tmp_path)
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -125,13 +85,7 @@ def test_demo_with_pki_bootstrap(tmp_path: Path) -> None:
 
 
 def test_demo_rejects_bad_parameters() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "qkdd", "demo", "--eve", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_demo("--eve", "2", timeout=60)
     assert done.returncode == 2 and "link.sim.eve_fraction" in done.stderr
 
 
