@@ -198,8 +198,7 @@ class Handshake:
         self.macs.update(psk_auth.session_macs(secret, *self._nonces, self._transcript))
 
     def _listed_keys(self) -> list[int]:
-        reserve_total = self._store.reserve.total_bits
-        return policy.listed_keys(self.keys, reserve_total, self.settings.reserve_switch_bits)
+        return self.keys.positions()
 
     def _send_proof(self, secret: bytes) -> None:
         proof = psk_auth.proof(secret, self.role, self._transcript)

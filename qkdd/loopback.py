@@ -63,7 +63,7 @@ class MemoryReserve:
         return self.keys
 
     def handshake_key(self, position: int) -> bytes:
-        if position == policy.INITIAL_KEY:
+        if position == policy.UPGRADE_KEY:
             return self.read(0, 128)
         return self.read(position, policy.HANDSHAKE_KEY_BITS)
 

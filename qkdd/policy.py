@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 HANDSHAKE_KEY_BITS = 256
 """Reserve bits of one handshake key (the HMAC key of the PSK handshake, §12, in place of the PSK)."""
-INITIAL_KEY = 0
-"""The first handshake key of every link, before any was announced: the 128 hash-key bits of the reserve
-(the same at both sides as soon as the first round refilled it); also that of a link upgraded from qkdp/1."""
+UPGRADE_KEY = 0
+"""The handshake key of a link upgraded from qkdp/1 after its PSK was retired: the 128 hash-key bits of
+the reserve, the only secret both sides surely share unused by a pad. Used for the first handshake only:
+its resolve announces a key of 256 fresh bits at once. A new link never uses it (its PSK authenticates
+until a key it announced is held by both)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +40,6 @@ class HandshakeKeys:
         return [key for key in (self.current, self.next) if key is not None]
 
 
-def listed_keys(keys: HandshakeKeys, reserve_total: int, switch_bits: int) -> list[int]:
-    """What the hello lists: the keys held, and the initial key while no handshake used one yet and the
-    reserve holds at least ``switch_bits`` (the point at which the link switches to its reserve)."""
-    initial = [INITIAL_KEY] if keys.current is None and reserve_total >= switch_bits else []
-    return initial + keys.positions()
-
-
 def choose_key(ours: Sequence[int], theirs: Sequence[int]) -> int | None:
     """§17: the newest key both hellos list (``None``: none in common). Both sides compute the same."""
     common = set(ours) & set(theirs)
@@ -58,8 +53,6 @@ def after_verified(keys: HandshakeKeys, used: int, reserve_total: int) -> Handsh
         return keys
     if used == keys.next:
         return HandshakeKeys(used, None, reserve_total)
-    if used == INITIAL_KEY and keys.current is None:
-        return HandshakeKeys(used, keys.next, 0)  # replaced by a key of its own at the first chance
     raise ValueError(f"handshake key {used} is not one of {keys}")
 
 

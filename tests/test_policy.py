@@ -22,18 +22,12 @@ def test_the_choice_is_symmetric(ours: list[int], theirs: list[int]) -> None:
     assert policy.choose_key(ours, theirs) == policy.choose_key(theirs, ours)
 
 
-def test_the_initial_key_is_listed_only_before_any_key_was_used_and_once_the_reserve_switched() -> None:
-    assert policy.listed_keys(HandshakeKeys(), 4096, 4096) == [0]
-    assert policy.listed_keys(HandshakeKeys(), 4095, 4096) == []
-    assert policy.listed_keys(HandshakeKeys(None, 700), 9000, 4096) == [0, 700]
-    assert policy.listed_keys(HandshakeKeys(700, 1200), 9000, 4096) == [700, 1200]
-
-
 def test_a_verified_proof_retires_older_keys_only() -> None:
     keys = HandshakeKeys(700, 1200, 5000)
     assert policy.after_verified(keys, 700, 9000) == keys
     assert policy.after_verified(keys, 1200, 9000) == HandshakeKeys(1200, None, 9000)
-    assert policy.after_verified(HandshakeKeys(None, 1200), 0, 9000) == HandshakeKeys(0, 1200, 0)
+    upgraded = HandshakeKeys(policy.UPGRADE_KEY, None, 0)
+    assert policy.after_verified(upgraded, policy.UPGRADE_KEY, 9000) == upgraded
     with pytest.raises(ValueError, match="not one of"):
         policy.after_verified(keys, 128, 9000)
 

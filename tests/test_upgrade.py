@@ -59,7 +59,8 @@ async def test_a_qkdp1_state_directory_carries_over(tmp_path: Path) -> None:
         try:
             spans = sorted(store.reserve.used_ranges())
             assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
-            assert store.reserve.handshake_keys().current == 0  # the initial key: the hash-key bits
+            keys = store.reserve.handshake_keys()
+            assert keys.current == 0 and keys.next is not None  # the upgrade key, and its replacement
             assert [r["auth"] for r in store.rounds(2)] == ["reserve", "reserve"]
         finally:
             store.close()

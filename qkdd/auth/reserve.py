@@ -30,7 +30,7 @@ import numpy as np
 from qkdd.auth import wegman_carter as wc
 from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import InputError
-from qkdd.policy import HANDSHAKE_KEY_BITS, INITIAL_KEY, HandshakeKeys
+from qkdd.policy import HANDSHAKE_KEY_BITS, UPGRADE_KEY, HandshakeKeys
 
 KEY_REGION_BITS = 128
 """Reserve bits [0, 128) hold the two 61-bit hash keys; one-time pads start here."""
@@ -133,11 +133,12 @@ class KeyReserve:
 
     def handshake_keys(self) -> HandshakeKeys:
         """This side's handshake keys (§17). A store from qkdp/1 has none recorded: if its PSK was retired,
-        its reserve handshakes continue under the key of :data:`INITIAL_KEY`."""
+        its reserve handshakes continue under the key of :data:`UPGRADE_KEY`."""
         value = get_meta(self._db, "handshake_keys")
         if value is None:
             retired = get_meta(self._db, "psk_retired") == "1"
-            return HandshakeKeys(INITIAL_KEY if retired else None, None, self.total_bits if retired else 0)
+            # since 0: the first resolve replaces the upgrade key by one of its own
+            return HandshakeKeys(UPGRADE_KEY if retired else None, None, 0)
         raw = json.loads(value)
         return HandshakeKeys(raw["current"], raw["next"], int(raw["since"]))
 
@@ -149,12 +150,12 @@ class KeyReserve:
 
     def handshake_key(self, position: int) -> bytes:
         """The secret of the handshake key at ``position``: 256 reserve bits, or the 128 hash-key bits for
-        :data:`INITIAL_KEY`.
+        :data:`UPGRADE_KEY`.
 
         Raises:
             InputError: the reserve does not hold those bits.
         """
-        if position == INITIAL_KEY:
+        if position == UPGRADE_KEY:
             return self.read(0, KEY_REGION_BITS)
         if position < KEY_REGION_BITS:
             raise InputError(f"no handshake key at reserve bit {position}: the hash keys are there")

@@ -64,36 +64,53 @@ def reconnect(pair: ConnectionPair, **kwargs: Any) -> ConnectionPair:
     return again
 
 
+def keyed_link() -> ConnectionPair:
+    """A link past its bootstrap: rounds filled the reserve on the first connection, the second (still
+    PSK-authenticated) announced a handshake key, the third used it and retired the PSK."""
+    pair = pair_with()
+    for _ in range(4):
+        pair.round()
+    pair = reconnect(reconnect(pair))
+    assert pair.alice.auth == "reserve" and pair.alice_store.psk_retired and pair.bob_store.psk_retired
+    return pair
+
+
 def test_a_reserve_handshake_retires_the_psk() -> None:
     first = pair_with()
     for _ in range(4):
         first.round()
-    # the next connection authenticates with a handshake key of the reserve, so the PSK no longer matters
-    second = reconnect(first, bob_psk=bytes(32))
-    assert second.alice.auth == second.bob.auth == "reserve"
+    # the next connection still uses the PSK (there is no handshake key yet) and announces one
+    second = reconnect(first)
+    assert second.alice.auth == "psk" and not first.alice_store.psk_retired
+    announced = second.alice_store.reserve.keys
+    assert announced == second.bob_store.reserve.keys and (announced.current, announced.next) == (
+        None,
+        announced.next,
+    )
+    assert announced.next is not None and announced.next >= 128
+    # the one after authenticates with that key, so the PSK no longer matters, and retires it
+    third = reconnect(second, bob_psk=bytes(32))
+    assert third.alice.auth == third.bob.auth == "reserve"
     assert first.alice_store.psk_retired and first.bob_store.psk_retired
-    second.round()
-    assert second.summaries["alice"][-1].auth == "reserve" and not second.summaries["alice"][-1].aborted
-    assert second.alice_store.key_map() == second.bob_store.key_map()
-    no_bit_used_twice(second)
-    # it used the initial key (the hash-key bits) and announced a key of its own, used from then on
-    keys = second.alice_store.reserve.keys
-    assert keys == second.bob_store.reserve.keys and keys.current == 0 and keys.next is not None
-    third = reconnect(second)
-    assert third.alice_store.reserve.keys == third.bob_store.reserve.keys
-    assert (third.alice_store.reserve.keys.current, third.alice_store.reserve.keys.next) == (keys.next, None)
+    third.round()
+    assert third.summaries["alice"][-1].auth == "reserve" and not third.summaries["alice"][-1].aborted
+    assert third.alice_store.key_map() == third.bob_store.key_map()
+    no_bit_used_twice(third)
+    keys = third.alice_store.reserve.keys
+    assert keys == third.bob_store.reserve.keys and (keys.current, keys.next) == (announced.next, None)
 
 
 def test_handshake_keys_rotate_once_per_refill_and_never_on_reconnects() -> None:
     """§17: a new key is announced only after the reserve grew; connections that run no round, or that
     are cut after the handshake, spend no reserve bit and change no key."""
-    pair = pair_with()
-    for _ in range(4):
-        pair.round()
-    pair = reconnect(pair)
+    pair = keyed_link()
     pair.round()
-    pair = reconnect(pair)
+    pair = reconnect(pair)  # announces the next key (the reserve grew)
+    announced = pair.alice_store.reserve.keys.next
+    assert announced is not None
+    pair = reconnect(pair)  # uses it: the older one retires
     keys, consumed = pair.alice_store.reserve.keys, pair.alice_store.reserve.consumed
+    assert (keys.current, keys.next) == (announced, None)
     for _ in range(5):
         pair = reconnect(pair)
         assert pair.alice.auth == "reserve"
@@ -129,6 +146,7 @@ def test_the_reserve_running_dry_pauses_the_link_or_falls_back() -> None:
         filled = pair_with(fallback_to_psk=fallback)
         for _ in range(3):
             filled.round()
+        filled = reconnect(reconnect(filled, fallback_to_psk=fallback), fallback_to_psk=fallback)
         # Alice stops refilling: every reserve round now only consumes
         pair = ConnectionPair(
             alice_store=filled.alice_store,
@@ -150,13 +168,12 @@ def test_the_reserve_running_dry_pauses_the_link_or_falls_back() -> None:
 
 
 def test_a_restored_state_directory_is_refused_without_changing_anything() -> None:
-    first = pair_with()
-    for _ in range(4):
-        first.round()
+    first = keyed_link()
     backup = first.alice_store.reserve.keys  # Alice's state directory is backed up here
-    again = reconnect(first)
+    first.round()
+    again = reconnect(first)  # announces a new key (the reserve grew)
     again.round()
-    again = reconnect(again)  # the key announced after the backup is in use: the backup's keys retired
+    again = reconnect(again)  # and uses it: the backup's key is retired at both sides
     assert not set(backup.positions()) & set(again.bob_store.reserve.keys.positions())
     first.alice_store.reserve.keys = backup  # and restored
     bob_before = (again.bob_store.reserve.keys, again.bob_store.reserve.consumed)
@@ -219,9 +236,7 @@ def test_flipping_any_bit_of_any_frame_of_a_reserve_round_is_detected(flip: int)
 
 
 def test_a_stranger_cannot_make_bob_spend_reserve_bits() -> None:
-    first = pair_with()
-    for _ in range(4):
-        first.round()
+    first = keyed_link()
     consumed = first.bob_store.reserve.consumed
     # a stranger who knows nothing of the reserve sends a hello offering reserve authentication, then junk
     stranger = ConnectionPair(alice_store=first.alice_store, bob_store=first.bob_store, **SMALL)
@@ -239,10 +254,7 @@ def test_a_stranger_cannot_make_bob_spend_reserve_bits() -> None:
 
 
 def test_fallback_to_psk_keeps_a_dry_link_running_on_session_authentication() -> None:
-    first = pair_with()
-    for _ in range(4):
-        first.round()
-    second = reconnect(first)
+    second = first = keyed_link()
     assert first.alice_store.psk_retired and second.alice.auth == "reserve"
     # the reserve is gone (say, a long outage): the handshake key still authenticates the connection,
     # but no round can pay for its tags, so the link pauses...
