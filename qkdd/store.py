@@ -172,13 +172,8 @@ class KeyStore:
 
     @property
     def epoch(self) -> int:
-        """Handshakes this store has completed with its peer (§17: detects a restored state directory)."""
+        """qkdp/1's restore detector, as a qkdp/1 store left it (qkdp/2 keeps it and never moves it)."""
         return int(self._meta("epoch") or 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < self.epoch:
-            raise InputError(f"epoch cannot go back from {self.epoch} to {epoch}")
-        self._set_meta("epoch", str(epoch))
 
     @property
     def psk_retired(self) -> bool:

@@ -5,11 +5,13 @@ Theory of operation
 * Each committed round may move a few thousand bits of its final key into the reserve (``amplify`` says
   how many; the rest becomes key blocks). The reserve is a bit stream: the chunks of the committed rounds
   in round order. Alice and Bob hold the same committed rounds, so the same stream.
-* Bits ``[0, 122)`` are the Wegman–Carter hash keys (reused); every later bit is one-time-pad material.
-  ``consumed`` is the position of the first unused pad bit. It only moves forward, and it is written
-  durably (SQLite, ``synchronous=FULL``) *before* any tag using the bits below it leaves the process.
-* After a crash the two sides may disagree on ``consumed``; at the next handshake both take the larger
-  value, so no bit is used twice.
+* Bits ``[0, 122)`` are the Wegman–Carter hash keys (reused); every later bit is one-time-pad material or
+  part of a handshake key (256 bits, §17). ``consumed`` is the position of the first unused bit. It only
+  moves forward, and it is written durably (SQLite, ``synchronous=FULL``) *before* any tag using the bits
+  below it leaves the process.
+* After a crash the two sides may disagree on ``consumed``; on the next connection both take the larger
+  value from the peer's authenticated ``sync``, so no bit is used twice.
+* The handshake keys this side holds (current and announced next, §17) are a row of ``meta``.
 * The chunks live in the key store's database, in the same transaction as their round, so a round's key
   and its reserve contribution are committed (or dropped) together. A chunk gets its position in the
   stream when its round commits (Bob's pending rounds commit before any later round starts), so reading
