@@ -145,7 +145,7 @@ def engine_settings(
 @dataclass(eq=False)  # compared and hashed by identity
 class _Session:
     peer: str
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     engine: engine_mod.Engine | None = None
     unsent: bool = False  # frames the engine produced that are not all written yet
@@ -300,7 +300,12 @@ class Daemon:
             await trio.sleep(random.uniform(0.5, 1.0) * delay)
             delay = min(delay * 2, self.config.timeouts.reconnect_max)
 
-    async def _session(self, stream: trio.SocketStream, peer: str) -> bool:
+    async def serve_connection(self, stream: trio.abc.Stream, peer: str) -> bool:
+        """Run one connection over ``stream`` (a socket, or a memory stream in tests) to its end, as
+        either role; returns whether it got past the handshake."""
+        return await self._session(stream, peer)
+
+    async def _session(self, stream: trio.abc.Stream, peer: str) -> bool:
         """Run one connection to its end; returns whether it got past the handshake."""
         session = _Session(peer, stream)
         engine = engine_mod.Engine(

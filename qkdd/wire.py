@@ -65,7 +65,7 @@ class FrameDecoder:
         self._need: int | None = None  # the payload length of the frame in progress (its header read)
         self._broken = False
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         """Add received bytes; return every frame payload now complete.
 
         Raises:
