@@ -19,6 +19,7 @@ import numpy as np
 from qkdd import engine, policy, wire
 from qkdd.auth import wegman_carter as wc
 from qkdd.bits import RandomSource
+from qkdd.interface import Action, Compute
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary
 
@@ -139,6 +140,70 @@ class MemoryStore:
         return {k: v for _, blocks in self.committed.values() for k, v in blocks}
 
 
+class EnginePair:
+    """An Alice and a Bob engine joined by in-memory, in-order queues, each with its store."""
+
+    def __init__(
+        self, alice: engine.Engine, alice_store: MemoryStore, bob: engine.Engine, bob_store: MemoryStore
+    ) -> None:
+        self.alice, self.alice_store, self.bob, self.bob_store = alice, alice_store, bob, bob_store
+        self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
+        self.log: list[tuple[str, str]] = []  # (sender, message type)
+        self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
+
+    def engine(self, role: str) -> engine.Engine:
+        return self.alice if role == "alice" else self.bob
+
+    def store(self, role: str) -> MemoryStore:
+        return self.alice_store if role == "alice" else self.bob_store
+
+    def compute(self, role: str, action: Compute) -> None:
+        """Carry out a Compute action (here: at once, on this thread)."""
+        self.engine(role).compute(action.urgent)
+
+    def handle(self, role: str, actions: list[Action]) -> None:
+        peer = "bob" if role == "alice" else "alice"
+        for action in actions:
+            if isinstance(action, engine.Send):
+                self.queues[peer].append(action.frame)
+                self.log.append((role, action.message))
+            elif isinstance(action, engine.Compute):
+                self.compute(role, action)
+            else:
+                if isinstance(action, engine.RoundEnded):
+                    self.summaries[role].append(action.summary)
+                self.store(role).apply(action)
+
+    def connect(self) -> None:
+        self.handle("alice", self.alice.initiate())
+        self.handle("bob", self.bob.initiate())
+        self.run()
+
+    def step(self) -> bool:
+        """Deliver one frame (Alice's queue first); False when both queues are empty."""
+        for role in ("alice", "bob"):
+            if self.queues[role]:
+                (payload,) = wire.FrameDecoder().feed(self.queues[role].pop(0))
+                self.handle(role, self.engine(role).receive_frame(payload))
+                return True
+        return False
+
+    def run(self, max_steps: int = 100_000) -> None:
+        """Deliver frames until both queues are empty.
+
+        Raises:
+            AssertionError: they never empty (the engines talk in a loop: a bug).
+        """
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise AssertionError("the engines did not settle")
+
+    def round(self) -> None:
+        self.handle("alice", self.alice.start_round())
+        self.run()
+
+
 def run_rounds(
     settings: engine.EngineSettings,
     links: tuple[AliceLink, BobLink],
@@ -146,42 +211,12 @@ def run_rounds(
     rounds: int,
     stores: tuple[MemoryStore, MemoryStore] | None = None,
 ) -> list[RoundSummary]:
-    """Connect an Alice and a Bob engine in memory and run ``rounds`` rounds; Alice's summaries.
-
-    Raises:
-        AssertionError: the engines stopped talking before the rounds were done (a bug).
-    """
+    """Connect an Alice and a Bob engine in memory and run ``rounds`` rounds; Alice's summaries."""
     alice_store, bob_store = stores or (MemoryStore(), MemoryStore())
     alice = engine.Engine("alice", settings, link=links[0], store=alice_store, random=randoms[0])
     bob = engine.Engine("bob", settings, link=links[1], store=bob_store, random=randoms[1])
-    peers = {"alice": (alice, alice_store), "bob": (bob, bob_store)}
-    queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
-    summaries: list[RoundSummary] = []
-
-    def handle(role: str, actions: list[engine.Action]) -> None:
-        receiver = "bob" if role == "alice" else "alice"
-        for action in actions:
-            if isinstance(action, engine.Send):
-                queues[receiver].append(action.frame)
-            elif isinstance(action, engine.Compute):
-                peers[role][0].compute(action.urgent)
-            else:
-                if isinstance(action, engine.RoundEnded) and role == "alice":
-                    summaries.append(action.summary)
-                peers[role][1].apply(action)
-
-    def settle() -> None:
-        while any(queues.values()):
-            role = "alice" if queues["alice"] else "bob"
-            (payload,) = wire.FrameDecoder().feed(queues[role].pop(0))
-            handle(role, peers[role][0].receive_frame(payload))
-
-    handle("alice", alice.initiate())
-    handle("bob", bob.initiate())
-    settle()
+    pair = EnginePair(alice, alice_store, bob, bob_store)
+    pair.connect()
     for _ in range(rounds):
-        if alice.state is not engine.State.IDLE:
-            raise AssertionError(f"Alice is in {alice.state.value}, not IDLE, between rounds")
-        handle("alice", alice.start_round())
-        settle()
-    return summaries
+        pair.round()
+    return pair.summaries["alice"]
