@@ -460,8 +460,9 @@ class Engine:
 
     # -- reserve-based authentication (§16-§17)
 
-    def _reserve_ready(self, total: int, consumed: int, cost: int) -> bool:
-        return total >= self.settings.reserve_switch_bits and total - max(consumed, self._pointer) >= cost
+    def _reserve_pays_for_a_round(self, total: int) -> bool:
+        """Whether a reserve of ``total`` bits, from the agreed position on, pays for a round's tags."""
+        return total >= self.settings.reserve_switch_bits and total - self._pointer >= ROUND_RESERVE_BITS
 
     def _mac(self) -> wc.Mac:
         if self._wc is None:
@@ -574,7 +575,7 @@ class Engine:
         """How the next round is authenticated (§17): from the reserve once it holds enough bits."""
         total = self._store.reserve.total_bits
         if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
-            if self._reserve_ready(total, self._pointer, ROUND_RESERVE_BITS):
+            if self._reserve_pays_for_a_round(total):
                 return "reserve"
             if self.settings.fallback_to_psk:
                 return self._session_auth()
@@ -595,9 +596,7 @@ class Engine:
         number = message.round
         if number < self._next_round:
             raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
-        if message.auth == "reserve" and not self._reserve_ready(
-            self._store.reserve.total_bits, self._pointer, ROUND_RESERVE_BITS
-        ):
+        if message.auth == "reserve" and not self._reserve_pays_for_a_round(self._store.reserve.total_bits):
             raise RemoteProtocolError(
                 "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
             )

@@ -109,7 +109,7 @@ class Handshake:
             role=self.role,
             link_id=self.settings.link_id,
             nonce=self._nonce,
-            keys=self._listed_keys(),
+            keys=self.keys.positions(),
         )
         self.hellos[self.role] = body
         return body
@@ -137,7 +137,7 @@ class Handshake:
         alice_nonce, bob_nonce = nonces if self.role == "alice" else nonces[::-1]
         ours = self._capabilities
         # §17: nothing of the hello is stored; a tampered key list only makes the proofs fail
-        key = policy.choose_key(self._listed_keys(), message.keys)
+        key = policy.choose_key(self.keys.positions(), message.keys)
         if key is not None:
             self.auth = "reserve"
             self._key = key
@@ -197,9 +197,6 @@ class Handshake:
         secret = pki.session_secret(shared, self._transcript, kex_alice, kex_bob)
         self.macs.update(psk_auth.session_macs(secret, *self._nonces, self._transcript))
 
-    def _listed_keys(self) -> list[int]:
-        return self.keys.positions()
-
     def _send_proof(self, secret: bytes) -> None:
         proof = psk_auth.proof(secret, self.role, self._transcript)
         self._send("auth", proof=proof, certificate=b"", kex=b"")
@@ -208,7 +205,7 @@ class Handshake:
         """§17: the hellos share no handshake key and no bootstrap method. While we hold keys that is a
         state directory older than the peer's (or a tampered hello: then the next connection works); with
         none, and the PSK retired, only a re-bootstrap helps."""
-        ours, theirs = self._listed_keys(), list(message.keys)
+        ours, theirs = self.keys.positions(), list(message.keys)
         if ours:  # the peer lists none of our keys: a restore, or a hello rewritten in transit
             return RemoteProtocolError(
                 f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "

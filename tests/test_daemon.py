@@ -60,7 +60,8 @@ async def start_pair(
     return alice, bob
 
 
-async def read_frames(stream: trio.SocketStream) -> list[dict[str, Any]]:
+async def read_frames(stream: trio.abc.ReceiveStream) -> list[dict[str, Any]]:
+    """Every message body the stream brings until it closes."""
     data = bytearray()
     while chunk := await stream.receive_some(65536):
         data += chunk

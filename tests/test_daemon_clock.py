@@ -6,26 +6,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import msgpack
 import pytest
 import trio
 import trio.testing
 
 from qkdd.daemon import Daemon
-from tests.test_daemon import configs
-
-
-async def frames_until_closed(stream: trio.abc.ReceiveStream) -> list[dict[str, object]]:
-    data = bytearray()
-    while chunk := await stream.receive_some(65536):
-        data += chunk
-    out = []
-    while len(data) >= 4:
-        (length,) = struct.unpack_from(">I", data)
-        envelope = msgpack.unpackb(bytes(data[4 : 4 + length]), raw=False)
-        out.append(msgpack.unpackb(envelope["body"], raw=False))
-        del data[: 4 + length]
-    return out
+from tests.test_daemon import configs, read_frames
 
 
 @pytest.mark.trio
@@ -40,7 +26,7 @@ async def test_a_silent_peer_is_dropped_exactly_at_the_handshake_timeout(
         started = trio.current_time()
         nursery.start_soon(bob.serve_connection, ours, "memory peer")
         with trio.fail_after(timeout + 5):
-            frames = await frames_until_closed(theirs)
+            frames = await read_frames(theirs)
         elapsed = trio.current_time() - started
     assert [f["type"] for f in frames] == ["hello", "error"] and frames[1]["code"] == "timeout"
     assert timeout <= elapsed < timeout + 0.1
@@ -71,7 +57,7 @@ async def test_a_frame_trickled_a_byte_a_second_does_not_renew_the_deadline(
         nursery.start_soon(bob.serve_connection, ours, "memory peer")
         nursery.start_soon(trickle)
         with trio.fail_after(timeout + 5):
-            frames = await frames_until_closed(theirs)
+            frames = await read_frames(theirs)
         elapsed = trio.current_time() - started
         nursery.cancel_scope.cancel()
     assert [f["type"] for f in frames] == ["hello", "error"] and frames[1]["code"] == "timeout"
