@@ -64,6 +64,10 @@ MAX_BATCHES = 1024  # (master, slaves, size) triples remembered for batches (tho
 MAX_LEASE_BYTES = int(next(f.max for f in spec.load().messages["key_lease"].fields if f.name == "need"))
 
 
+UNREACHABLE = "the peer KME became unreachable before it answered"
+"""Why a lease request gets 503 when its connection ends before the answer."""
+
+
 class BadRequest(DeliveryError):
     status = 400
 
@@ -181,7 +185,7 @@ class KeyManager:
             return
         link, self._link = self._link, None
         if link.lease is not None:
-            link.lease.resolve(Unavailable("the peer KME became unreachable before it answered"))
+            link.lease.resolve(Unavailable(UNREACHABLE))
             link.lease = None
         self._wake_readers()
 
@@ -285,7 +289,7 @@ class KeyManager:
         """Alice: the lease request in flight on ``link`` (the open one), sending one for at least ``need``
         bytes if none is."""
         if link is not self._link or not link.open.is_set():  # an answer could never come
-            raise Unavailable("the peer KME became unreachable before it answered")
+            raise Unavailable(UNREACHABLE)
         if link.lease is not None:
             return link.lease
         # the answer may come (and clear link.lease) while the request is being written: keep the waiter
@@ -298,7 +302,7 @@ class KeyManager:
             await link.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # the connection broke under the request: nothing can answer it (its detach may be done)
-            waiter.resolve(Unavailable("the peer KME became unreachable before it answered"))
+            waiter.resolve(Unavailable(UNREACHABLE))
             if link.lease is waiter:
                 link.lease = None
         return waiter
