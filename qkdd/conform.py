@@ -100,6 +100,7 @@ class Connection:
     sock: socket.socket
     engine: Engine
     store: KeyStore
+    link: Any
     decoder: wire.FrameDecoder = field(default_factory=wire.FrameDecoder)
     pending: list[bytes] = field(default_factory=list)
     closed: bool = False
@@ -110,6 +111,7 @@ class Connection:
         self.sock.sendall(data)
 
     def act(self, actions: list[engine_mod.Action]) -> None:
+        work: list[engine_mod.Compute | engine_mod.FetchFrame] = []
         for action in actions:
             match action:
                 case engine_mod.Send(frame=frame):
@@ -136,6 +138,10 @@ class Connection:
                     self.store.retire_psk()
                 case engine_mod.Ready(channel_macs=macs):
                     self.channel_macs = macs
+                case engine_mod.Compute() | engine_mod.FetchFrame():
+                    work.append(action)  # done here, at once, after the frames before it
+        for each in work:
+            self.act(self.engine.completed(each.job, each.run(self.link)))
 
     def frame(self, timeout: float = READ_TIMEOUT) -> bytes | None:
         """The next frame payload from the peer, or None once it closed the connection."""
@@ -256,10 +262,11 @@ class Conformance:
     @contextmanager
     def connection(self, *, link: Any = None, **overrides: Any) -> Iterator[Connection]:
         settings = dataclasses.replace(self.settings, **overrides)
-        engine = Engine(self.role, settings, link=link or self.link, store=self.store, random=SystemRandom())
+        link = link or self.link
+        engine = Engine(self.role, settings, info=link.info, store=self.store, random=SystemRandom())
         sock = self._socket()
         try:
-            yield Connection(sock, engine, self.store)
+            yield Connection(sock, engine, self.store, link)
         finally:
             sock.close()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -153,6 +154,9 @@ class _Session:
     key_channel: KeyChannel | None = None
     keys_ready: trio.Event = field(default_factory=trio.Event)  # the handshake is over (§19)
     last_sent: float = -math.inf  # when our last round-channel frame went out (trio clock)
+    # from any thread: hand the outcome of work the engine handed out back to the session's loop
+    hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
+    nursery: trio.Nursery | None = None
 
     async def write(self, frame: bytes) -> None:
         try:
@@ -181,7 +185,7 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
-        # Compute work, on two threads: a job may wait for work another one is doing (Alice's early hash)
+        # Compute work, on two threads (Alice's early hash and key IDs overlap where there are cores)
         self._background = background.executor("qkdd-compute", workers=2)
         self._urgent = background.executor("qkdd-urgent", lower=False)  # Compute(urgent=True)
         self.kme: KeyManager | None = None
@@ -309,7 +313,7 @@ class Daemon:
         """Run one connection to its end; returns whether it got past the handshake."""
         session = _Session(peer, stream)
         engine = engine_mod.Engine(
-            self.role, self.settings, link=self.link, store=self.store, random=SystemRandom()
+            self.role, self.settings, info=self.link.info, store=self.store, random=SystemRandom()
         )
         session.engine = engine
         ready = False
@@ -325,6 +329,7 @@ class Daemon:
         # key-channel frames itself, so key delivery never waits for a round's heavy step
         frames_in, frames = trio.open_memory_channel[Any](16)
         async with trio.open_nursery() as nursery:
+            session.nursery, session.hand_back = nursery, _hand_back(nursery, frames_in.clone())
             try:
                 with session.cancel_scope:
                     await self._execute(session, engine.initiate())
@@ -397,14 +402,21 @@ class Daemon:
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
                         heavy = not engine.cheap_frames
-                        if engine.state is engine_mod.State.IDLE and self.role == "bob":
-                            self._begin_round(RoundClock(engine.state.value, trio.current_time()))
                         # only the connection that runs rounds has a round clock (others are handshaking)
                         timed = self._clock if self._active is session else None
-                        envelope, message, handled = item
-                        actions = await self._step(
-                            engine, timed, engine.receive_frame, envelope, message, thread=heavy
-                        )
+                        handled = None
+                        if isinstance(item, _Done):  # work the engine handed out is back
+                            actions = await self._step(
+                                engine, timed, engine.completed, item.job, item.outcome, thread=heavy
+                            )
+                        else:
+                            if engine.state is engine_mod.State.IDLE and self.role == "bob":
+                                self._begin_round(RoundClock(engine.state.value, trio.current_time()))
+                                timed = self._clock if self._active is session else None
+                            envelope, message, handled = item
+                            actions = await self._step(
+                                engine, timed, engine.receive_frame, envelope, message, thread=heavy
+                            )
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshaking.pop(session, None)
@@ -663,12 +675,14 @@ class Daemon:
                     self.rounds_finished += len(set(done) & self._rounds_started)
                 case engine_mod.ConsumeReserve(upto=upto):
                     await self._store_call(self.store.reserve.consume, upto)
-                case engine_mod.Compute(urgent=urgent):
+                case engine_mod.Compute(job=job, urgent=urgent):
                     # the frames before it are out: this work overlaps the peer's, and the session goes
-                    # on reading frames (the engine waits for the work where it needs the result)
-                    assert session.engine is not None
+                    # on reading frames (the engine holds back only frames that need this outcome)
                     pool = self._urgent if urgent else self._background
-                    pool.submit(session.engine.compute, urgent).add_done_callback(_log_compute_failure)
+                    pool.submit(action.run).add_done_callback(functools.partial(_ran, session, job))
+                case engine_mod.FetchFrame():
+                    assert session.nursery is not None
+                    session.nursery.start_soon(self._fetch_frame, session, action)
                 case engine_mod.SetHandshakeKeys(keys=keys):
                     await self._store_call(self.store.reserve.set_handshake_keys, keys)
                 case engine_mod.RetirePsk():
@@ -682,6 +696,11 @@ class Daemon:
         session.unsent = False
         for _ in range(finished):
             self._round_done()
+
+    async def _fetch_frame(self, session: _Session, action: engine_mod.FetchFrame) -> None:
+        """Ask the link for a round's frame on a worker thread (the simulator's takes a while; its
+        prefetch of the next frame is the link's own) and hand the record back to the session."""
+        session.hand_back(action.job, await trio.to_thread.run_sync(action.run, self.link))
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
@@ -772,12 +791,38 @@ def _coalesced(actions: list[engine_mod.Action]) -> list[engine_mod.Action]:
     return merged
 
 
-def _log_compute_failure(done: Future[None]) -> None:
-    """A Compute job's end. The engine keeps its work's failures and raises them where it uses the
-    result, so anything raised here is a bug in the engine itself."""
-    error = done.exception()
-    if error is not None:
-        log.error("round work failed outside the engine: %r", error)
+def _ran(session: _Session, job: int, ran: Future[engine_mod.Outcome]) -> None:
+    session.hand_back(job, ran.result())  # run() returns every failure as an outcome
+
+
+def _hand_back(
+    nursery: trio.Nursery, channel: trio.MemorySendChannel[Any]
+) -> Callable[[int, engine_mod.Outcome], None]:
+    """A function any thread may call to hand an outcome back to the session's loop (as a :class:`_Done`
+    among its frames). Once the session has ended, the outcome is dropped: its round is gone."""
+    token = trio.lowlevel.current_trio_token()
+
+    async def send(done: _Done) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await channel.send(done)
+
+    def deliver(done: _Done) -> None:
+        with contextlib.suppress(RuntimeError):  # the nursery closed: the session is over
+            nursery.start_soon(send, done)
+
+    def hand_back(job: int, outcome: engine_mod.Outcome) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(deliver, _Done(job, outcome))
+
+    return hand_back
+
+
+@dataclass(frozen=True)
+class _Done:
+    """The outcome of work the engine handed out (a Compute or FetchFrame action), back for its loop."""
+
+    job: int
+    outcome: engine_mod.Outcome
 
 
 def _deadline(timeout: float | None) -> float:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import threading
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -54,6 +54,8 @@ from qkdd.interface import (
     Compute,
     ConsumeReserve,
     EngineSettings,
+    FetchFrame,
+    Outcome,
     Ready,
     ReserveRound,
     ReserveView,
@@ -80,6 +82,8 @@ __all__ = [
     "ConsumeReserve",
     "Engine",
     "EngineSettings",
+    "FetchFrame",
+    "Outcome",
     "PeerError",
     "Ready",
     "ReserveExhausted",
@@ -94,7 +98,7 @@ __all__ = [
     "StoreView",
     "persist_kind",
 ]
-from qkdd.links import AliceLink, BobLink
+from qkdd.links import LinkInfo
 from qkdd.records import RoundSummary, key_blocks, key_ids
 from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
@@ -109,31 +113,17 @@ class ReserveExhausted(QkddError):
     """Alice cannot start a round: the reserve cannot pay for it and the PSK may not be used (§17)."""
 
 
-class _Work:
-    """A piece of a round's work that a driver may run early on another thread (:class:`Compute`) and
-    the engine collects when it needs the result. It runs once: a second caller waits for the first, and
-    a failure is raised to whoever asks for the result."""
+@dataclass(frozen=True)
+class _Job:
+    """Work handed out in a :class:`Compute` or :class:`FetchFrame` action, until its outcome is back."""
 
-    def __init__(self, function: Callable[[], Any]) -> None:
-        self._function: Callable[[], Any] | None = function
-        self._lock = threading.Lock()
-        self._value: Any = None
-        self._error: Exception | None = None
+    round: _Round
+    kind: str
+    needed_by: frozenset[str]  # the messages whose handling must wait for it
+    apply: Callable[[Outcome], None]
 
-    def run(self) -> None:
-        with self._lock:
-            if self._function is not None:
-                function, self._function = self._function, None
-                try:
-                    self._value = function()
-                except Exception as error:  # handed to result()
-                    self._error = error
 
-    def result(self) -> Any:
-        self.run()
-        if self._error is not None:
-            raise self._error
-        return self._value
+_TAG_WORK = frozenset(_TAGGED | {"confirm_result"})  # the frames whose handling tags or checks a transcript
 
 
 @dataclass
@@ -161,12 +151,12 @@ class _Round:
     # this direction's transcript since its last tag, and the peer's (§16); hashed as they grow
     sent: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
     received: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
-    work: _Work | None = None  # announced by a Compute action
-    urgent: _Work | None = None  # announced by a Compute(urgent=True) action
-    # the IDs of as many key blocks as §8's bound could allow, computed while Cascade runs (_early_key_ids)
-    key_ids: _Work | None = None
-    # Alice: the seed for any output length, and her key hashed to the longest she may need (§7)
-    speculation: tuple[Bits, _Work] | None = None
+    # the outcomes of the work handed out (Compute), by kind: "hash" (Alice's key hashed to the longest
+    # output she may need, §7), "key_ids" (as many as §8's bound could allow), "blocks" (Alice's cut key),
+    # "amplification" (Bob's prepared transform)
+    results: dict[str, Outcome] = field(default_factory=dict)
+    seed: Bits | None = None  # Alice: the seed for any output length (§7)
+    output: tuple[int, int] | None = None  # Alice: output and reserve bits, once amplify is out
     pending: bool = False  # Bob: stored as pending, until Alice's committed or the next resolve (§13)
 
 
@@ -181,7 +171,7 @@ class Engine:
         role: str,
         settings: EngineSettings,
         *,
-        link: AliceLink | BobLink,
+        info: LinkInfo,
         store: StoreView,
         random: RandomSource,
     ) -> None:
@@ -191,7 +181,7 @@ class Engine:
         self.peer_role = "bob" if role == "alice" else "alice"
         self.settings = settings
         self._spec = spec.load()
-        self._link = link
+        self._info = info
         self._store = store
         self._random = random
         self.state = State.HELLO
@@ -205,6 +195,9 @@ class Engine:
             role, settings, store, random, send=self._send, act=self._act, macs=self._frames.macs
         )
         self._round: _Round | None = None
+        self._jobs: dict[int, _Job] = {}  # handed out, outcome not back yet
+        self._job_ids = itertools.count(1)
+        self._held: list[tuple[wire.Envelope, messages.Message]] = []  # frames waiting for work (in order)
         self._out: list[Action] = []
         self._sent: list[str] = []
 
@@ -323,21 +316,55 @@ class Engine:
                 raise PeerError(typed.code, typed.message, list(typed.versions))
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
-            if self._is_stale(message):
-                # §13: the peer sent it before it learnt that we dropped that round. §16: it spent a
-                # one-time pad on the frame's transcript tag, so we skip that pad too, unverified:
-                # both sides then take the same pad for the next tag.
-                if envelope.tag and self._dropped_auth == "reserve":
-                    self._take_pads()
-                return self._flush()
-            if envelope.tag and message.type not in _TAGGED:
-                raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
-            self._frame = envelope
-            self._transition(f"recv:{message.type}", lambda: self._dispatch(typed))
+            if self._held or self._needs_work(typed.type):
+                self._held.append((envelope, typed))  # handled once the work is back, in order
+            else:
+                self._handle(envelope, typed)
             return self._flush()
         except RemoteProtocolError as error:
             self._fail(error)
             raise
+
+    def completed(self, job: int, outcome: Outcome) -> list[Action]:
+        """Take back the outcome of the work a :class:`Compute` or :class:`FetchFrame` action handed out,
+        and handle the frames that waited for it. Work of a round that is gone is dropped.
+
+        Raises:
+            RemoteProtocolError: as :meth:`receive_frame` (a frame that waited breaks the protocol, or the
+                link's frame does not match the peer's).
+        """
+        entry = self._jobs.pop(job, None)
+        if self.state is State.CLOSED:
+            return []
+        try:
+            if entry is not None and entry.round is self._round:
+                entry.apply(outcome)
+            self._release()
+            return self._flush()
+        except RemoteProtocolError as error:
+            self._fail(error)
+            raise
+
+    def _needs_work(self, message_type: str) -> bool:
+        return any(job.round is self._round and message_type in job.needed_by for job in self._jobs.values())
+
+    def _release(self) -> None:
+        """Handle the frames held for work, in order, as far as the work they need is back."""
+        while self._held and self.state is not State.CLOSED and not self._needs_work(self._held[0][1].type):
+            self._handle(*self._held.pop(0))
+
+    def _handle(self, envelope: wire.Envelope, message: messages.Message) -> None:
+        if self._is_stale(message):
+            # §13: the peer sent it before it learnt that we dropped that round. §16: it spent a
+            # one-time pad on the frame's transcript tag, so we skip that pad too, unverified:
+            # both sides then take the same pad for the next tag.
+            if envelope.tag and self._dropped_auth == "reserve":
+                self._take_pads()
+            return
+        if envelope.tag and message.type not in _TAGGED:
+            raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
+        self._frame = envelope
+        self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
 
     def _decode(self, envelope: wire.Envelope) -> wire.Message:
         try:
@@ -347,23 +374,6 @@ class Engine:
             if versions is not None and not set(versions) & set(self.settings.versions):
                 raise version_mismatch(self.settings.versions, versions) from None
             raise
-
-    def compute(self, urgent: bool = False) -> None:
-        """Do the work a :class:`Compute` action announced (with its ``urgent``), unless it is done (or
-        being done on another thread: then wait for it) or its round is gone. Safe to call from a thread
-        other than the one that feeds frames."""
-        r = self._round
-        if r is None:
-            return
-        if urgent:
-            if r.urgent is not None:
-                r.urgent.run()
-            return
-        for work in (r.work, r.key_ids):  # first: the round may wait for them, not for the transcripts
-            if work is not None:
-                work.run()
-        r.sent.absorb()
-        r.received.absorb()
 
     @property
     def peer_takes_keepalive(self) -> bool:
@@ -403,6 +413,7 @@ class Engine:
             return self._end_aborted(reason, record=not pending)
 
         self._transition("abort", abort)
+        self._release()  # frames held for the round's work: now stale, or of no round
         return self._flush()
 
     def seal(self, body: bytes) -> bytes:
@@ -417,6 +428,7 @@ class Engine:
         frame = self._error_frame(code, message)
         self.state = State.CLOSED
         self._keep_unfinished()
+        self._held = []
         return frame
 
     # -- plumbing
@@ -497,14 +509,62 @@ class Engine:
 
     def _flush(self) -> list[Action]:
         r = self._round
-        if (
-            r is not None
-            and r.sent.unabsorbed + r.received.unabsorbed >= wc.Transcript.CHUNK_BYTES
-            and not any(isinstance(action, Compute) for action in self._out)
-        ):
-            self._out.append(Compute())  # hash the transcripts while waiting, not when the tag is due
+        if r is not None and max(r.sent.unabsorbed, r.received.unabsorbed) >= wc.Transcript.CHUNK_BYTES:
+            self._hash_transcripts(r)  # while waiting for the peer, not when the tag is due
         out, self._out = self._out, []
         return out
+
+    def _hand_out(
+        self,
+        r: _Round,
+        kind: str,
+        function: Callable[[], Any],
+        *,
+        needed_by: frozenset[str],
+        apply: Callable[[Outcome], None] | None = None,
+        urgent: bool = False,
+    ) -> None:
+        """Hand ``function`` out as a Compute action; the frames in ``needed_by`` wait for its outcome,
+        which ``apply`` takes (by default: into the round's results)."""
+        job = next(self._job_ids)
+        self._jobs[job] = _Job(r, kind, needed_by, apply or (lambda outcome: self._got(r, kind, outcome)))
+        self._out.append(Compute(job, kind, function, urgent))
+
+    def _got(self, r: _Round, kind: str, outcome: Outcome) -> None:
+        r.results[kind] = outcome
+        if kind in ("hash", "key_ids"):
+            self._cut_blocks(r)
+
+    def _hash_transcripts(self, r: _Round) -> None:
+        sent, received = r.sent, r.received  # a tag replaces them, but not while this work is out
+        if sent.hashing or received.hashing:
+            return
+        works = sent.take_chunks(), received.take_chunks()
+        if works == (None, None):
+            return
+
+        def absorb(outcome: Outcome) -> None:
+            for transcript, values in zip((sent, received), outcome.get(), strict=True):
+                if values is not None:
+                    transcript.absorbed(values)
+
+        self._hand_out(
+            r,
+            "transcripts",
+            lambda: [None if work is None else work() for work in works],
+            needed_by=_TAG_WORK,
+            apply=absorb,
+        )
+
+    def _fetch_frame(self, r: _Round) -> None:
+        """Ask the driver for the link's record of the round's frame; the round goes on when it is back."""
+        job = next(self._job_ids)
+
+        def ready(outcome: Outcome) -> None:
+            self._transition("link_frame", lambda: self._frame_ready(r, outcome.get()))
+
+        self._jobs[job] = _Job(r, "frame", frozenset(), ready)
+        self._out.append(FetchFrame(job, self.role, r.frame))
 
     def _error_frame(self, code: str, message: str) -> bytes:
         body = wire.encode_message(
@@ -558,17 +618,29 @@ class Engine:
     # -- a round, Alice's and Bob's handlers interleaved in protocol order
 
     def _start_round(self) -> State:
-        link = self._link
-        assert isinstance(link, AliceLink)
         auth = self._round_auth()
         number = self._next_round
         self._next_round += 1
-        preparation = link.preparation(number)
-        self._round = self._new_round(
-            number, number, pulses=preparation.pulses, preparation=preparation, auth=auth
-        )
+        self._round = self._new_round(number, number, auth=auth)
         self._out.append(ReserveRound(number))
-        self._send("round_start", round=number, frame=number, pulses=preparation.pulses, auth=auth)
+        self._fetch_frame(self._round)
+        return State.SIFTING
+
+    def _frame_ready(self, r: _Round, record: sifting.Preparation | sifting.Detections) -> State:
+        """The link's record of the round's frame is here: Alice opens the round, Bob announces."""
+        if self.role == "alice":
+            assert not isinstance(record, sifting.Detections)
+            r.preparation, r.pulses = record, record.pulses
+            self._send("round_start", round=r.number, frame=r.frame, pulses=r.pulses, auth=r.auth)
+            return State.SIFTING
+        assert isinstance(record, sifting.Detections)
+        detected = sifting.resolve_double_clicks(record, self._random)
+        if detected.pulses != r.pulses:
+            raise RemoteProtocolError(
+                f"frame of {r.pulses} pulses; Bob's link has {detected.pulses}", code="config-mismatch"
+            )
+        r.detected, r.detections = detected, int(detected.indices.size)
+        self._send("sift_announce", round=r.number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
 
     def _round_auth(self) -> str:
@@ -591,8 +663,6 @@ class Engine:
         return "session" if self.auth == "reserve" else self.auth
 
     def _on_round_start(self, message: messages.RoundStart) -> State:
-        link = self._link
-        assert isinstance(link, BobLink)
         number = message.round
         if number < self._next_round:
             raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
@@ -612,18 +682,9 @@ class Engine:
             )
         self._next_round = number + 1
         self._out.append(ReserveRound(number))
-        detected = sifting.resolve_double_clicks(link.detections(message.frame), self._random)
-        if detected.pulses != message.pulses:
-            raise RemoteProtocolError(
-                f"frame of {message.pulses} pulses; Bob's link has {detected.pulses}",
-                code="config-mismatch",
-            )
-        self._round = self._new_round(
-            number, message.frame, pulses=detected.pulses, detected=detected, auth=message.auth
-        )
+        self._round = self._new_round(number, message.frame, pulses=message.pulses, auth=message.auth)
         _record(self._round.received, self._frame.seq, self._frame.body)
-        self._round.detections = int(detected.indices.size)
-        self._send("sift_announce", round=number, **_fields_of(sifting.bob_announce(detected)))
+        self._fetch_frame(self._round)
         return State.SIFTING
 
     def _on_sift_announce(self, message: messages.SiftAnnounce) -> State:
@@ -672,37 +733,39 @@ class Engine:
         tag, and the hash to fewer bits is a prefix of the hash to more (:func:`amplify.longest_seed`)."""
         assert r.key is not None
         key, n = r.key, int(r.key.size)
-        seed = amplify.longest_seed(self._random, n)
+        seed = r.seed = amplify.longest_seed(self._random, n)
+        longest_output = self._longest_output(r)
 
         def hash_longest() -> tuple[int, Bits]:
-            longest = self._longest_output(r)
+            longest = longest_output()
             if longest <= 0:
                 return 0, np.zeros(0, dtype=np.uint8)
             return longest, amplify.toeplitz_hash(key, seed[: n + longest - 1], longest, threads=1)
 
-        r.speculation = (seed, _Work(hash_longest))
-        r.work = r.speculation[1]
-        r.key_ids = self._early_key_ids(r)
-        self._out.append(Compute())
+        self._hand_out(r, "hash", hash_longest, needed_by=frozenset({"commit"}))
+        self._early_key_ids(r, needed_by="commit")
 
-    def _early_key_ids(self, r: _Round) -> _Work:
+    def _early_key_ids(self, r: _Round, *, needed_by: str) -> None:
         """Either side, as Cascade starts: the IDs of as many key blocks as §8's bound allows with nothing
-        disclosed but the confirmation tag — at least as many as the round will have — computed on a
-        Compute thread while Cascade runs, so that neither side's key split waits for them (a few
-        thousand SHA-1 hashes, 6–20 ms) once the output length is known."""
+        disclosed but the confirmation tag — at least as many as the round will have — handed out to be
+        computed while Cascade runs, so that neither side's key split waits for them (a few thousand
+        SHA-1 hashes, 6–20 ms) once the output length is known."""
+        longest_output, link_id, number = self._longest_output(r), self.settings.link_id, r.number
+        block_bits = self.settings.key_block_bits
 
         def ids() -> list[str]:
-            most = max(0, self._longest_output(r))
-            return key_ids(self.settings.link_id, r.number, most // self.settings.key_block_bits)
+            return key_ids(link_id, number, max(0, longest_output()) // block_bits)
 
-        return _Work(ids)
+        self._hand_out(r, "key_ids", ids, needed_by=frozenset({needed_by}))
 
-    def _longest_output(self, r: _Round) -> int:
-        """The most output bits the round's key can have: §8's bound with nothing disclosed but the
-        confirmation tag (bounds only fall as disclosure grows), at most the key's size. Known as Cascade
-        starts, so that work sized by the output can begin then."""
-        assert r.key is not None
-        return min(int(r.key.size), self._length_bound(r, confirm.TAG_BITS).secret_bits)
+    def _longest_output(self, r: _Round) -> Callable[[], int]:
+        """The most output bits the round's key can have, as a function to run anywhere: §8's bound with
+        nothing disclosed but the confirmation tag (bounds only fall as disclosure grows), at most the
+        key's size. Known as Cascade starts, so that work sized by the output can begin then."""
+        assert r.key is not None and r.sifted is not None and r.estimate is not None
+        size, sifted, estimate = int(r.key.size), r.sifted, r.estimate
+        info, settings, disclosed = self._info, self.settings, confirm.TAG_BITS
+        return lambda: min(size, _length_bound(info, settings, sifted, estimate, disclosed).secret_bits)
 
     def _take_estimate(self, r: _Round, estimate: estimation.Estimate) -> str | None:
         """Both sides: record §4's estimate and cut the key, or say why the round must stop."""
@@ -729,9 +792,8 @@ class Engine:
         r.bob = cascade.CascadeBob(
             r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant
         )
-        r.key_ids = self._early_key_ids(r)
         state = self._send_cascade(r)
-        self._out.append(Compute())  # the IDs, while the first requests are on their way
+        self._early_key_ids(r, needed_by="amplify")  # while the first requests are on their way
         return state
 
     def _send_cascade(self, r: _Round) -> State:
@@ -743,11 +805,19 @@ class Engine:
             if isinstance(message, cascade.Finished):
                 return self._finish_cascade(r, message.disclosed_bits)
             self._send_cascade_request(r, message)
-        if flight and r.bob.preparing:
-            # his own range parities of the passes this flight starts, on a thread while Alice builds
-            # hers: the answers then find them ready (_on_cascade_parities waits for them)
-            r.urgent = _Work(r.bob.prepare)
-            self._out.append(Compute(urgent=True))
+        work = r.bob.preparation() if flight else None
+        if work is not None:
+            # his own range parities of the passes this flight starts, while Alice builds hers: the
+            # answers wait for them
+            bob = r.bob
+            self._hand_out(
+                r,
+                "parities",
+                work,
+                needed_by=frozenset({"cascade_parities"}),
+                apply=lambda outcome: bob.prepared(outcome.get()),
+                urgent=True,
+            )
         return State.RECONCILING
 
     def _send_cascade_request(self, r: _Round, message: cascade.StartPass | cascade.RangeRequest) -> None:
@@ -807,14 +877,14 @@ class Engine:
         longer changes (a failed confirmation ends the round), and the output cannot exceed §8's bound
         now that the disclosure is final."""
         key, disclosed = r.key, r.disclosed_bits
-        assert key is not None
+        assert key is not None and r.sifted is not None and r.estimate is not None
+        sifted, estimate, info, settings = r.sifted, r.estimate, self._info, self.settings
 
         def prepare() -> amplify.PreparedKey | None:
-            bound = min(int(key.size), self._length_bound(r, disclosed).secret_bits)
+            bound = min(int(key.size), _length_bound(info, settings, sifted, estimate, disclosed).secret_bits)
             return amplify.prepare_key(key, bound) if bound > 0 else None
 
-        r.urgent = _Work(prepare)
-        self._out.append(Compute(urgent=True))
+        self._hand_out(r, "amplification", prepare, needed_by=frozenset({"amplify"}), urgent=True)
 
     def _on_cascade_pass(self, message: messages.CascadePass) -> State:
         layout = cascade.PassLayout(
@@ -844,8 +914,6 @@ class Engine:
     def _on_cascade_parities(self, message: messages.CascadeParities) -> State:
         r = self._open_round()
         assert r.bob is not None
-        if r.urgent is not None:
-            r.urgent.result()  # Bob's range parities of the passes just started (_send_cascade)
         r.bob.receive(cascade.Parities(message.count, message.parities))
         return self._send_cascade(r)
 
@@ -883,10 +951,8 @@ class Engine:
                 "amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, reserve_bits=0, seed=b""
             )
             return self._end_aborted(f"no secret key: {self._length_reason}")
-        assert r.speculation is not None
-        longest_seed, hashed = r.speculation
-        n = int(r.key.size)
-        seed = amplify.seed_prefix(longest_seed, n, output)
+        assert r.seed is not None
+        seed = amplify.seed_prefix(r.seed, int(r.key.size), output)
         self._send(
             "amplify",
             tagged=True,
@@ -896,17 +962,27 @@ class Engine:
             reserve_bits=reserve_bits,
             seed=seed.seed,
         )
-        key = r.key
-
-        def finish() -> None:
-            longest, final = hashed.result()
-            if output > longest:  # §8's bounds only fall as disclosure grows; should one not, hash anew
-                final = amplify.toeplitz_hash(key, longest_seed[: n + output - 1], output)
-            self._split(r, final[:output], reserve_bits, self._ids(r))
-
-        r.work = _Work(finish)
-        self._out.append(Compute())
+        r.output = output, reserve_bits
+        self._cut_blocks(r)
         return State.COMMITTING
+
+    def _cut_blocks(self, r: _Round) -> None:
+        """Alice, once amplify is out and her early hash and key IDs are back: hand out the cutting of her
+        output into the reserve's share and key blocks (while Bob hashes his); her commit waits for it."""
+        if r.output is None or "blocks" in r.results or not {"hash", "key_ids"} <= r.results.keys():
+            return
+        assert r.key is not None and r.seed is not None
+        (output, reserve_bits), hashed, ids = r.output, r.results["hash"], r.results["key_ids"]
+        key, seed, n, settings, number = r.key, r.seed, int(r.key.size), self.settings, r.number
+
+        def cut() -> tuple[tuple[bytes, int], tuple[tuple[str, bytes], ...]]:
+            longest, final = hashed.get()
+            if output > longest:  # §8's bounds only fall as disclosure grows; should one not, hash anew
+                final = amplify.toeplitz_hash(key, seed[: n + output - 1], output)
+            return _split(settings, number, final[:output], reserve_bits, ids.get())
+
+        r.results["blocks"] = Outcome()  # handed out: not again
+        self._hand_out(r, "blocks", cut, needed_by=frozenset({"commit"}))
 
     def _on_amplify(self, message: messages.Amplify) -> State:
         r = self._open_round()
@@ -923,8 +999,9 @@ class Engine:
             return self._end_aborted(f"no secret key: {self._length_reason}")
         self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message.input_bits, message.output_bits, message.seed)
-        prepared, r.urgent = (None if r.urgent is None else r.urgent.result()), None
-        self._split(r, amplify.amplify(r.key, seed, prepared), reserve_bits, self._ids(r))
+        prepared = r.results.pop("amplification").get()
+        final = amplify.amplify(r.key, seed, prepared)
+        r.reserve, r.blocks = _split(self.settings, r.number, final, reserve_bits, r.results["key_ids"].get())
         self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
         r.pending = True
         self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
@@ -932,8 +1009,7 @@ class Engine:
 
     def _on_commit(self, message: messages.Commit) -> State:
         r = self._open_round()
-        assert r.work is not None
-        r.work.result()  # her key blocks: done on a Compute thread by now, or done here
+        r.reserve, r.blocks = r.results["blocks"].get()  # her cut key (_cut_blocks): commit waited for it
         if message.blocks != len(r.blocks):
             raise RemoteProtocolError(f"commit: Bob holds {message.blocks} key blocks, Alice {len(r.blocks)}")
         self._check_round_tag(r)
@@ -973,28 +1049,14 @@ class Engine:
     def _secret_length(self, r: _Round) -> int:
         """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
         single-photon bound for a single-photon source. Both sides compute it from the same counts."""
-        length = self._length_bound(r, r.disclosed_bits)
+        assert r.sifted is not None and r.estimate is not None
+        length = _length_bound(self._info, self.settings, r.sifted, r.estimate, r.disclosed_bits)
         self._length_reason = length.reason or (
             None
             if length.secret_bits >= self.settings.key_block_bits
             else f"{length.secret_bits} secret bits, less than one key block"
         )
         return length.secret_bits
-
-    def _length_bound(self, r: _Round, disclosed_bits: int) -> keylength.KeyLength:
-        """§8's bound for the round's counts with ``disclosed_bits`` disclosed (no side effects: Alice's
-        speculative hashing calls it from a worker thread)."""
-        assert r.estimate is not None and r.sifted is not None
-        info = self._link.info
-        return secrecy.round_key_length(
-            info.intensities,
-            info.intensity_probabilities,
-            r.sifted,
-            r.estimate,
-            disclosed_bits,
-            eps_sec=self.settings.eps_sec,
-            eps_cor=self.settings.eps_cor,
-        )
 
     def _refill(self, bound: int) -> int:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
@@ -1005,16 +1067,6 @@ class Engine:
 
     def _output_bits(self, bound: int, reserve_bits: int) -> int:
         return policy.output_bits(bound, reserve_bits, self.settings.key_block_bits)
-
-    @staticmethod
-    def _ids(r: _Round) -> Sequence[str]:
-        """The key IDs computed during Cascade (:meth:`_early_key_ids`); the split computes any missing."""
-        return () if r.key_ids is None else r.key_ids.result()
-
-    def _split(self, r: _Round, final: Bits, reserve_bits: int, ids: Sequence[str] = ()) -> None:
-        r.reserve = (pack_bits(final[:reserve_bits]), reserve_bits)
-        key, block_bits = final[reserve_bits:], self.settings.key_block_bits
-        r.blocks = tuple(key_blocks(self.settings.link_id, r.number, key, block_bits, ids))
 
     def _summary(self, r: _Round, reason: str | None) -> RoundSummary:
         return RoundSummary(
@@ -1044,14 +1096,44 @@ class Engine:
     _dropped_round: int | None = None
     _dropped_auth: str | None = None
 
-    def _is_stale(self, message: wire.Message) -> bool:
+    def _is_stale(self, message: messages.Message) -> bool:
         """A round message for the round we aborted last, which the peer may still have been running."""
-        number = message.fields.get("round")
+        number = getattr(message, "round", None)
         return (
             number is not None
             and number == self._dropped_round
             and (self._round is None or self._round.number != number)
         )
+
+
+def _length_bound(
+    info: LinkInfo,
+    settings: EngineSettings,
+    sifted: sifting.SiftedKey,
+    estimate: estimation.Estimate,
+    disclosed_bits: int,
+) -> keylength.KeyLength:
+    """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
+    single-photon bound for a single-photon source, for a round's counts with ``disclosed_bits``
+    disclosed. Both sides compute it from the same counts; handed-out work calls it too."""
+    return secrecy.round_key_length(
+        info.intensities,
+        info.intensity_probabilities,
+        sifted,
+        estimate,
+        disclosed_bits,
+        eps_sec=settings.eps_sec,
+        eps_cor=settings.eps_cor,
+    )
+
+
+def _split(
+    settings: EngineSettings, number: int, final: Bits, reserve_bits: int, ids: Sequence[str]
+) -> tuple[tuple[bytes, int], tuple[tuple[str, bytes], ...]]:
+    """A round's output cut into the reserve's share (packed, and its bit count) and key blocks (§17)."""
+    key = final[reserve_bits:]
+    blocks = key_blocks(settings.link_id, number, key, settings.key_block_bits, ids)
+    return (pack_bits(final[:reserve_bits]), reserve_bits), tuple(blocks)
 
 
 def _fields_of(value: Any) -> dict[str, Any]:

@@ -13,9 +13,9 @@ An :data:`Action` is one thing for the driver to carry out, in order: a frame to
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from qkdd import policy, spec
 from qkdd.auth import pki
@@ -134,20 +134,62 @@ class ConsumeReserve:
 
 
 @dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a piece of work the core handed out came to: its value, or the exception it raised (which
+    the core raises where it uses the value)."""
+
+    value: Any = None
+    error: Exception | None = None
+
+    @classmethod
+    def of(cls, function: Callable[..., Any], *args: Any) -> Outcome:
+        try:
+            return cls(function(*args))
+        except Exception as error:  # handed to the core, which raises it where it uses the value
+            return cls(error=error)
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
 class Compute:
-    """Work of the round that no frame waits for yet — Alice hashing her key (§7) while Bob reconciles,
-    and cutting its blocks while Bob hashes his; either side hashing the round's transcripts (§16) as
-    they grow: call :meth:`Engine.compute` after sending the frames before this action, on a worker
-    thread, and go on feeding the engine frames meanwhile (the engine waits for that work where it needs
-    its result). A driver that ignores it loses nothing: the engine then does the work itself when the
-    round needs it.
+    """Work of a round that the core hands out instead of doing it: Alice hashing her key (§7) while Bob
+    reconciles, Bob building range parities while Alice answers and transforming his key during the
+    confirmation, either side computing key IDs and hashing the round's transcripts (§16) as they grow.
+    Call :meth:`run` anywhere — any thread, any time after the frames before this action are sent — and
+    hand its outcome to ``Engine.completed(job, outcome)``. The core goes on taking frames meanwhile and
+    holds back only a frame whose handling needs this result, until it is back. ``function`` reads only
+    values the core leaves alone until then: it shares nothing with the core that either side changes.
 
-    ``urgent`` work is due within about a round trip — Bob building his range parities while Alice answers
-    a flight that starts Cascade passes, and transforming his key while the confirmation runs — so a driver
-    should not run it at a lowered priority. ``compute(urgent=True)`` runs that work alone, and an
-    ordinary ``compute()`` never takes it, so that it never runs at the lower priority."""
+    ``urgent`` work is due within about a round trip (Bob's range parities and key transform), so a
+    driver should not run it at a lowered priority."""
 
+    job: int
+    kind: str  # what the work is, for logs and metrics: "hash", "key_ids", "transcripts", ...
+    function: Callable[[], Any] = field(repr=False)
     urgent: bool = False
+
+    def run(self, link: Any = None) -> Outcome:
+        """Run the work (``link`` is not used: every work action takes the driver's link)."""
+        return Outcome.of(self.function)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFrame:
+    """A round needs the link's record of frame ``frame``: Alice's preparation, or Bob's detections.
+    Ask the link (``link.preparation(frame)`` or ``link.detections(frame)``: :meth:`run` does) wherever
+    the driver likes and hand the outcome to ``Engine.completed(job, outcome)``. The core never calls the
+    link: where and when the link works (its thread, its prefetch) is the driver's business."""
+
+    job: int
+    role: str
+    frame: int
+
+    def run(self, link: Any) -> Outcome:
+        return Outcome.of(link.preparation if self.role == "alice" else link.detections, self.frame)
 
 
 DURABLE_ACTIONS = (
@@ -193,6 +235,7 @@ Action = (
     | SetHandshakeKeys
     | RetirePsk
     | Compute
+    | FetchFrame
 )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from qkdd import engine, policy, wire
 from qkdd.auth import wegman_carter as wc
 from qkdd.bits import RandomSource
-from qkdd.interface import Action, Compute
+from qkdd.interface import Action, Compute, FetchFrame, Outcome
 from qkdd.links import AliceLink, BobLink
 from qkdd.records import RoundSummary
 
@@ -141,12 +141,18 @@ class MemoryStore:
 
 
 class EnginePair:
-    """An Alice and a Bob engine joined by in-memory, in-order queues, each with its store."""
+    """An Alice and a Bob engine joined by in-memory, in-order queues, each with its store and link."""
 
     def __init__(
-        self, alice: engine.Engine, alice_store: MemoryStore, bob: engine.Engine, bob_store: MemoryStore
+        self,
+        alice: engine.Engine,
+        alice_store: MemoryStore,
+        bob: engine.Engine,
+        bob_store: MemoryStore,
+        links: tuple[AliceLink, BobLink],
     ) -> None:
         self.alice, self.alice_store, self.bob, self.bob_store = alice, alice_store, bob, bob_store
+        self.links = {"alice": links[0], "bob": links[1]}
         self.queues: dict[str, list[bytes]] = {"alice": [], "bob": []}  # frames waiting for that role
         self.log: list[tuple[str, str]] = []  # (sender, message type)
         self.summaries: dict[str, list[RoundSummary]] = {"alice": [], "bob": []}
@@ -157,22 +163,28 @@ class EnginePair:
     def store(self, role: str) -> MemoryStore:
         return self.alice_store if role == "alice" else self.bob_store
 
-    def compute(self, role: str, action: Compute) -> None:
-        """Carry out a Compute action (here: at once, on this thread)."""
-        self.engine(role).compute(action.urgent)
+    def work(self, role: str, action: Compute | FetchFrame) -> None:
+        """Carry out work the engine handed out (here: at once, on this thread) and hand it back."""
+        self.complete(role, action, action.run(self.links[role]))
+
+    def complete(self, role: str, action: Compute | FetchFrame, outcome: Outcome) -> None:
+        self.handle(role, self.engine(role).completed(action.job, outcome))
 
     def handle(self, role: str, actions: list[Action]) -> None:
         peer = "bob" if role == "alice" else "alice"
+        work: list[Compute | FetchFrame] = []
         for action in actions:
             if isinstance(action, engine.Send):
                 self.queues[peer].append(action.frame)
                 self.log.append((role, action.message))
-            elif isinstance(action, engine.Compute):
-                self.compute(role, action)
+            elif isinstance(action, Compute | FetchFrame):
+                work.append(action)  # after the frames and writes before it, as a driver would
             else:
                 if isinstance(action, engine.RoundEnded):
                     self.summaries[role].append(action.summary)
                 self.store(role).apply(action)
+        for action in work:
+            self.work(role, action)
 
     def connect(self) -> None:
         self.handle("alice", self.alice.initiate())
@@ -213,9 +225,9 @@ def run_rounds(
 ) -> list[RoundSummary]:
     """Connect an Alice and a Bob engine in memory and run ``rounds`` rounds; Alice's summaries."""
     alice_store, bob_store = stores or (MemoryStore(), MemoryStore())
-    alice = engine.Engine("alice", settings, link=links[0], store=alice_store, random=randoms[0])
-    bob = engine.Engine("bob", settings, link=links[1], store=bob_store, random=randoms[1])
-    pair = EnginePair(alice, alice_store, bob, bob_store)
+    alice = engine.Engine("alice", settings, info=links[0].info, store=alice_store, random=randoms[0])
+    bob = engine.Engine("bob", settings, info=links[1].info, store=bob_store, random=randoms[1])
+    pair = EnginePair(alice, alice_store, bob, bob_store, links)
     pair.connect()
     for _ in range(rounds):
         pair.round()

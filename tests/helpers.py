@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,25 @@ def make_engine(
     config = engine.EngineSettings(
         link_id=settings.pop("link_id", "test-link"), psk=settings.pop("psk", PSK), **settings
     )
-    return engine.Engine(role, config, link=link, store=store, random=SeededRandom(seed)), store
+    made = engine.Engine(role, config, info=link.info, store=store, random=SeededRandom(seed))
+    LINKS[made] = link
+    return made, store
+
+
+LINKS: weakref.WeakKeyDictionary[engine.Engine, Any] = weakref.WeakKeyDictionary()
+"""The link of each engine make_engine built (the engine never calls it: its driver does)."""
+
+
+def drive(made: engine.Engine, actions: list[engine.Action]) -> list[engine.Action]:
+    """``actions`` with the work among them done at once, each outcome handed back and what that
+    returned put in its place (for tests that drive one engine by hand)."""
+    out: list[engine.Action] = []
+    for action in actions:
+        if isinstance(action, engine.Compute | engine.FetchFrame):
+            out += drive(made, made.completed(action.job, action.run(LINKS[made])))
+        else:
+            out.append(action)
+    return out
 
 
 class ConnectionPair(EnginePair):
@@ -55,18 +74,51 @@ class ConnectionPair(EnginePair):
             "alice", kwargs.get("alice_store"), seed=1, **{**common, **alice_kwargs}
         )
         bob, bob_store = make_engine("bob", kwargs.get("bob_store"), seed=2, **{**common, **bob_kwargs})
-        super().__init__(alice, alice_store, bob, bob_store)
-        # act on Compute at once (True), on a thread of its own while frames go on, as the daemon does
-        # ("thread"), or not at all, as a driver that ignores it (False)
-        self.run_compute: bool | str = True
-        self.threads: list[threading.Thread] = []
-        self.computes: list[tuple[str, int]] = []  # (role, frames it had sent by then) per Compute
+        super().__init__(alice, alice_store, bob, bob_store, (LINKS[alice], LINKS[bob]))
+        # do the work handed out at once ("now"); on a thread of its own while frames go on, its outcome
+        # handed back once it is done, as the daemon does ("thread"); or only when no frame can be
+        # delivered, so that frames wait for it ("late")
+        self.run_compute = "now"
+        self.later: list[tuple[str, engine.Compute | engine.FetchFrame, Any]] = []
+        self.computes: list[tuple[str, int, bool]] = []  # (role, frames it had sent by then, urgent)
+        self.kinds: list[tuple[str, str]] = []  # (role, kind) of each piece of work handed out
 
-    def compute(self, role: str, action: engine.Compute) -> None:
-        self.computes.append((role, len(self.log)))
-        if self.run_compute == "thread":
-            thread = threading.Thread(target=self.engine(role).compute, args=(action.urgent,))
+    def work(self, role: str, action: engine.Compute | engine.FetchFrame) -> None:
+        if isinstance(action, engine.Compute):
+            self.computes.append((role, len(self.log), action.urgent))
+            self.kinds.append((role, action.kind))
+        if self.run_compute == "now":
+            super().work(role, action)
+        elif self.run_compute == "thread":
+            outcome: list[engine.Outcome] = []
+            thread = threading.Thread(target=lambda: outcome.append(action.run(self.links[role])))
             thread.start()
-            self.threads.append(thread)
-        elif self.run_compute:
-            self.engine(role).compute(action.urgent)
+            self.later.append((role, action, (thread, outcome)))
+        else:
+            self.later.append((role, action, None))
+
+    def join(self) -> None:
+        """Wait for the work still running on threads."""
+        for _, _, running in self.later:
+            if running is not None:
+                running[0].join(timeout=60)
+
+    def step(self) -> bool:
+        """Hand back the work that is done (on threads), else deliver one frame, else do the oldest work;
+        False when nothing is left."""
+        for i, (role, action, running) in enumerate(self.later):
+            if running is not None and not running[0].is_alive():
+                del self.later[i]
+                self.complete(role, action, running[1][0])
+                return True
+        if super().step():
+            return True
+        if not self.later:
+            return False
+        role, action, running = self.later.pop(0)
+        if running is None:
+            self.complete(role, action, action.run(self.links[role]))
+        else:
+            running[0].join(timeout=60)
+            self.complete(role, action, running[1][0])
+        return True

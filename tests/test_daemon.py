@@ -466,7 +466,7 @@ def test_a_run_of_frames_goes_out_in_one_write_in_order() -> None:
     def send(name: str) -> engine.Send:
         return engine.Send(name.encode(), name)
 
-    reserve, compute = engine.ReserveRound(7), engine.Compute()
+    reserve, compute = engine.ReserveRound(7), engine.Compute(1, "hash", lambda: None)
     actions: list[engine.Action] = [send("a"), send("b"), reserve, send("c"), compute, send("d"), send("e")]
     assert _coalesced(actions) == [
         engine.Send(b"ab", "a+b"),

@@ -64,67 +64,71 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
     assert summary.auth in ("psk", "reserve") and 0 < summary.qber < 0.03
 
 
-@pytest.mark.parametrize("run_compute", [True, "thread", False])
-def test_alice_hashes_while_bob_reconciles_and_either_way_the_keys_agree(run_compute: bool | str) -> None:
-    # the daemon runs Alice's hashing (and her key IDs) on a thread once her estimate answer is out (while
-    # Bob reconciles) and her key blocks once "amplify" is out (while Bob hashes his), Bob's range
-    # parities of the passes he starts and his key IDs once his first Cascade requests are out, his key
-    # transform once "cascade_done" is out (while the confirmation runs), and goes on feeding frames; a
-    # driver that ignores Compute gets the same keys: each side then does the work where it needs the
-    # result
+@pytest.mark.parametrize("run_compute", ["now", "thread", "late"])
+def test_work_goes_out_after_the_frames_it_overlaps_and_either_way_the_keys_agree(run_compute: str) -> None:
+    """Alice's early hash and key IDs go out with her estimate answer (while Bob reconciles) and the
+    cutting of her blocks with "amplify" (while Bob hashes his); Bob's range parities of the passes he
+    starts (urgent) and his key IDs with his first Cascade flight, his key transform (urgent) with
+    "cascade_done" (while the confirmation runs). Done at once, on threads, or only once no frame can
+    move (frames then wait for it): the same keys."""
     pair = ConnectionPair()
     pair.run_compute = run_compute
     pair.connect()
     pair.round()
     pair.round()
-    for thread in pair.threads:
-        thread.join(timeout=30)
-    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
-    after = (("alice", "estimate_answer"), ("alice", "amplify"), ("bob", "cascade_done"))
-    sent = [(entry[0], i + 1) for i, entry in enumerate(pair.log) if entry in after]
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {} and not pair.later
+    expected: list[tuple[str, int, bool]] = []
     for i, entry in enumerate(pair.log):
-        if entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his Computes
+        if entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his work
             end = i + 1
             while pair.log[end][0] == "bob":
                 end += 1
-            sent += [("bob", end), ("bob", end)]
-    assert len(sent) == 10 and pair.computes == sorted(sent, key=lambda entry: entry[1])
-    assert len(pair.threads) == (10 if run_compute == "thread" else 0)
-    pair.alice.compute()  # nothing left to do
-    pair.bob.compute()
+            expected += [("alice", i + 1, False)] * 2 + [("bob", end, True), ("bob", end, False)]
+        elif entry == ("alice", "amplify"):
+            expected.append(("alice", i + 1, False))
+        elif entry == ("bob", "cascade_done"):
+            expected.append(("bob", i + 1, True))
+    assert len(expected) == 12
+    if run_compute == "now":
+        assert pair.computes == sorted(expected, key=lambda entry: entry[1])
+    else:  # the same work; Alice's blocks go out once her hash is back, which may be after more frames
+        assert sorted((role, urgent) for role, _, urgent in pair.computes) == sorted(
+            (role, urgent) for role, _, urgent in expected
+        )
 
 
-def test_ordinary_compute_never_takes_urgent_work() -> None:
-    """Urgent work (Bob's range parities of the passes a flight starts) runs only on compute(urgent=True):
-    a driver's lowered-priority thread, which calls compute(), must not pick it up first."""
+def test_a_frame_waits_for_the_work_its_handling_needs_and_later_frames_wait_behind_it() -> None:
     pair = ConnectionPair()
-    pair.run_compute = False
+    pair.run_compute = "late"
     pair.connect()
     pair.handle("alice", pair.alice.start_round())
+    assert pair.bob.state is engine.State.IDLE and not pair.queues["bob"]  # Alice waits for her link
     while pair.bob.state is not engine.State.RECONCILING:
         assert pair.step()
-    r = pair.bob._round
-    assert r is not None and r.urgent is not None and r.key_ids is not None
-    pair.bob.compute()
-    assert r.urgent._function is not None and r.key_ids._function is None  # not run; the IDs are
-    pair.bob.compute(urgent=True)
-    assert r.urgent._function is None
+    assert any(job.kind == "parities" for job in pair.bob._jobs.values())
+    while not pair.bob._held:  # Alice's answers come (work is done only once no frame can move)
+        assert pair.step()
+    assert pair.bob._held[0][1].type == "cascade_parities"
+    while pair.queues["bob"]:
+        assert pair.step()
+    assert len(pair.bob._held) > 1  # the answers after it wait behind it
     pair.run()
+    assert not pair.bob._held
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
 
 
 def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """Alice hashes early to the §8 bound with nothing disclosed, which no output can exceed. Should an
     output exceed it anyway, she hashes again to the right length: the keys still agree."""
-    bound = engine.Engine._length_bound
+    bound = engine._length_bound
 
-    def short_when_early(self: engine.Engine, r: Any, disclosed_bits: int) -> Any:
-        length = bound(self, r, disclosed_bits)
-        if disclosed_bits == confirm.TAG_BITS:  # the early call
+    def short_when_early(*args: Any) -> Any:
+        length = bound(*args)
+        if args[-1] == confirm.TAG_BITS:  # the early call
             return dataclasses.replace(length, secret_bits=length.secret_bits // 2)
         return length
 
-    monkeypatch.setattr(engine.Engine, "_length_bound", short_when_early)
+    monkeypatch.setattr(engine, "_length_bound", short_when_early)
     pair = ConnectionPair()
     pair.connect()
     pair.round()
@@ -146,8 +150,7 @@ def test_a_failure_in_early_work_surfaces_where_its_result_is_used(monkeypatch: 
     monkeypatch.setattr(amplify, "toeplitz_hash", failing)
     with pytest.raises(LocalProtocolError, match="rounding error"):
         pair.round()
-    for thread in pair.threads:
-        thread.join(timeout=30)
+    pair.join()
     # Alice commits nothing; Bob holds the round only as pending, which the next handshake drops (§13)
     assert not pair.alice_store.committed and not pair.bob_store.committed
 
@@ -173,8 +176,7 @@ def test_bob_hashes_from_the_key_transform_he_prepared_during_the_confirmation(
     pair.run_compute = "thread"
     pair.connect()
     pair.round()
-    for thread in pair.threads:
-        thread.join(timeout=30)
+    pair.join()
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
     (summary,) = pair.summaries["bob"]
     assert used == prepared and len(prepared) == 1  # Bob's hash: from his transform, once
@@ -193,8 +195,7 @@ def test_a_failure_in_bobs_early_transform_stops_the_round_where_he_hashes(
     pair.connect()
     with pytest.raises(LocalProtocolError, match="rounding error"):
         pair.round()
-    for thread in pair.threads:
-        thread.join(timeout=30)
+    pair.join()
     assert not pair.alice_store.committed and not pair.bob_store.committed
 
 

@@ -27,8 +27,7 @@ per chunk for both hashes, on byte and 31-bit limbs small enough that every sum 
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -238,12 +237,13 @@ class Mac:
 class Transcript:
     """One direction's round transcript (qkdp-v2.md §16), hashed as it grows.
 
-    :meth:`append` only queues the bytes; :meth:`absorb` hashes every whole chunk of :data:`CHUNK`
-    blocks queued so far and may run on another thread while frames keep coming (qkdd's daemon does it
-    while it waits for the peer); :meth:`tag` absorbs the rest and tags all bytes appended. The tag
-    equals ``mac.tag(b"".join(appended), pads)``: Horner's value after the whole chunks, times k^c, plus
-    the hash of the c remaining blocks (the tail and the length block) from zero. Without a MAC (a PSK
-    round) it only counts bytes."""
+    :meth:`append` only queues the bytes. :meth:`take_chunks` hands out the hashing of every whole chunk
+    of :data:`CHUNK` blocks queued so far as a pure function, which may run on any thread while frames
+    keep coming; :meth:`absorbed` takes its result back (one such piece of work is out at a time, so no
+    lock is needed: the function owns its bytes and starting values). :meth:`tag` hashes the rest and tags
+    all bytes appended. The tag equals ``mac.tag(b"".join(appended), pads)``: Horner's value after the
+    whole chunks, times k^c, plus the hash of the c remaining blocks (the tail and the length block) from
+    zero. Without a MAC (a PSK round) it only counts bytes."""
 
     CHUNK_BYTES = CHUNK * BLOCK_BYTES
     """What one absorbing step hashes (114,688 bytes)."""
@@ -251,11 +251,11 @@ class Transcript:
     def __init__(self, mac: Mac | None) -> None:
         self.mac = mac
         self.length = 0
-        self._queued: deque[bytes] = deque()  # appended, not yet taken by absorb (thread-safe ends)
+        self._queued: list[bytes] = []  # appended, not taken yet
         self._tail = b""  # taken but less than a chunk: hashed at the end
         self._values = [0] * HASHES  # Horner's value after the absorbed chunks, per hash
-        self._absorbed = 0  # bytes in those chunks (written by absorb alone)
-        self._lock = threading.Lock()
+        self._absorbed = 0  # bytes in those chunks
+        self._taken = 0  # bytes of whole chunks handed out by take_chunks and not absorbed yet
 
     def append(self, data: bytes) -> None:
         self.length += len(data)
@@ -267,19 +267,37 @@ class Transcript:
         """Bytes appended but not absorbed yet: what :meth:`tag` would hash if called now."""
         return self.length - self._absorbed if self.mac is not None else 0
 
+    @property
+    def hashing(self) -> bool:
+        """Whether chunks handed out by :meth:`take_chunks` are not back yet (:meth:`tag` must wait)."""
+        return self._taken > 0
+
+    def take_chunks(self) -> Callable[[], list[int]] | None:
+        """The hashing of the whole chunks queued so far, as a function of nothing this object changes;
+        hand its result to :meth:`absorbed`. ``None``: less than a chunk waits, or earlier chunks are out."""
+        if self.mac is None or self._taken:
+            return None
+        data = b"".join([self._tail, *self._queued])
+        self._queued = []
+        whole = len(data) // self.CHUNK_BYTES * self.CHUNK_BYTES
+        self._tail = data[whole:]
+        if not whole:
+            return None
+        self._taken = whole
+        mac, values, chunks = self.mac, list(self._values), memoryview(data)[:whole]  # no copy
+        return lambda: mac.chunk_values(chunks, values)
+
+    def absorbed(self, values: list[int]) -> None:
+        """Take back the result of the function :meth:`take_chunks` handed out."""
+        if not self._taken:
+            raise ValueError("no chunks are being hashed")
+        self._values, self._absorbed, self._taken = values, self._absorbed + self._taken, 0
+
     def absorb(self) -> None:
-        if self.mac is None:
-            return
-        with self._lock:
-            pieces = [self._tail]
-            while self._queued:
-                pieces.append(self._queued.popleft())
-            data = b"".join(pieces)
-            whole = len(data) // self.CHUNK_BYTES * self.CHUNK_BYTES
-            if whole:
-                self._values = self.mac.chunk_values(memoryview(data)[:whole], self._values)  # no copy
-                self._absorbed += whole
-            self._tail = data[whole:]
+        """Hash the whole chunks queued so far, here and now."""
+        work = self.take_chunks()
+        if work is not None:
+            self.absorbed(work())
 
     def tag(self, pads: list[int]) -> bytes:
         if self.mac is None:
@@ -288,14 +306,15 @@ class Transcript:
             raise ValueError(f"a tag needs {HASHES} pads")
         if self.length > MAX_TRANSCRIPT_BYTES:
             raise ValueError(f"messages are at most {MAX_TRANSCRIPT_BYTES} bytes")
+        if self._taken:
+            raise ValueError("chunks handed out by take_chunks are not back yet")
         self.absorb()
-        with self._lock:
-            rest = _blocks(self._tail, CHUNK, self.length).reshape(-1, CHUNK)
-            count = -(-len(self._tail) // BLOCK_BYTES) + 1
-            return b"".join(
-                ((value * pow(h.key, count, PRIME) + h.of_blocks(rest) + r) % PRIME).to_bytes(8, "big")
-                for h, value, r in zip(self.mac.hashes, self._values, pads, strict=True)
-            )
+        rest = _blocks(self._tail, CHUNK, self.length).reshape(-1, CHUNK)
+        count = -(-len(self._tail) // BLOCK_BYTES) + 1
+        return b"".join(
+            ((value * pow(h.key, count, PRIME) + h.of_blocks(rest) + r) % PRIME).to_bytes(8, "big")
+            for h, value, r in zip(self.mac.hashes, self._values, pads, strict=True)
+        )
 
 
 def tag(message: bytes, keys: list[int], pads: list[int]) -> bytes:

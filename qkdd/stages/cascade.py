@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -858,14 +858,28 @@ class CascadeBob:
         self._handed = len(self._flight)
         return messages
 
+    def preparation(self) -> Callable[[], list[tuple[PassParity, int]]] | None:
+        """The building of Bob's range parities of the affine passes in the flight just handed out, on his
+        key as it is now — a strided gather of every key bit per pass, 2-4 ms each at 2^21 bits — as a
+        function that may run on another thread while Alice builds hers for her answers. It reads his key,
+        which no call changes until :meth:`receive`: the driver must hand its result to :meth:`prepared`
+        before that. ``None``: the flight starts no affine pass. Without it, the answers build them."""
+        unprepared, self._unprepared = self._unprepared, []
+        if not unprepared:
+            return None
+        key, flips = self.key, len(self._flip_log)
+        return lambda: [(each.range_parity(key), flips) for each in unprepared]
+
+    def prepared(self, parities: list[tuple[PassParity, int]]) -> None:
+        """Take back the result of :meth:`preparation`'s function."""
+        for parity in parities:
+            parity[0].layout.prepared = parity
+
     def prepare(self) -> None:
-        """Build Bob's range parities of the affine passes in the flight just handed out, on his key as it
-        is now — a strided gather of every key bit per pass, 2-4 ms each at 2^21 bits. Meant to run on
-        another thread while Alice builds hers for her answers; the driver must let it finish before it
-        calls :meth:`receive` (the engine waits for it). Without it, the answers' arrival builds them."""
-        for cascade_pass in self._unprepared:
-            cascade_pass.prepared = (cascade_pass.range_parity(self.key), len(self._flip_log))
-        self._unprepared = []
+        """:meth:`preparation`, here and now."""
+        work = self.preparation()
+        if work is not None:
+            self.prepared(work())
 
     @property
     def preparing(self) -> bool:

@@ -40,21 +40,21 @@ def test_rounds_switch_from_psk_to_the_reserve() -> None:
     no_bit_used_twice(pair)
 
 
-@pytest.mark.parametrize("run_compute", [True, "thread", False])
-def test_transcripts_hashed_while_waiting_give_the_same_tags(run_compute: bool | str) -> None:
+@pytest.mark.parametrize("run_compute", ["now", "thread", "late"])
+def test_transcripts_hashed_while_waiting_give_the_same_tags(run_compute: str) -> None:
     """In reserve rounds both sides hash their transcripts as they grow (Compute after frames that
-    leave a chunk unhashed, run at once, on threads, or never): every tag still verifies."""
+    leave a chunk unhashed, done at once, on threads, or only when no frame can move): every tag
+    still verifies."""
     pair = pair_with(sim={"pulses_per_frame": 1 << 21})
     pair.run_compute = run_compute
     for _ in range(4):
         pair.round()
-    for thread in pair.threads:
-        thread.join(timeout=30)
+    pair.join()
     assert [s.auth for s in pair.summaries["alice"]][-2:] == ["reserve", "reserve"]
     assert not any(s.aborted for s in pair.summaries["alice"])
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
-    computing = {role for role, _ in pair.computes}
-    assert computing == {"alice", "bob"}  # both had transcripts to hash, not only Alice her key
+    hashing = {role for role, kind in pair.kinds if kind == "transcripts"}
+    assert hashing == {"alice", "bob"}  # both had transcripts to hash
     no_bit_used_twice(pair)
 
 

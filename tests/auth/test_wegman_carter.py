@@ -90,22 +90,40 @@ def test_transcript_chunks_with_the_largest_bytes_and_keys_hash_exactly() -> Non
         assert transcript.tag([9, 9]) == b"".join(v.to_bytes(8, "big") for v in expected)
 
 
-def test_transcript_absorbed_on_another_thread_while_frames_come() -> None:
+def test_transcript_chunks_hashed_on_other_threads_while_frames_come() -> None:
+    """Each piece of work take_chunks hands out runs on a thread while more frames are appended; its
+    result comes back later; the tag is the whole transcript's."""
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, int(size), dtype=np.uint8).tobytes() for size in rng.integers(1, 4e5, 40)]
     mac = wc.Mac([12345, 67890])
     transcript = wc.Transcript(mac)
-    workers = []
-    for frame in frames:
+    results: list[list[int]] = []
+    worker: threading.Thread | None = None
+    for i, frame in enumerate(frames):
         transcript.append(frame)
-        worker = threading.Thread(target=transcript.absorb)
+        if worker is not None and i % 3 == 0:  # its result comes back a few frames later
+            worker.join(timeout=30)
+            transcript.absorbed(results.pop())
+            worker = None
+        if worker is None and (work := transcript.take_chunks()) is not None:
+            worker = threading.Thread(target=lambda work=work: results.append(work()))
+            worker.start()
+    if worker is None:  # one more whole chunk, out on a thread at the end
+        frames.append(bytes(wc.Transcript.CHUNK_BYTES))
+        transcript.append(frames[-1])
+        last = transcript.take_chunks()
+        assert last is not None
+        worker = threading.Thread(target=lambda: results.append(last()))
         worker.start()
-        workers.append(worker)
-    tag = transcript.tag([1, 2])
-    for worker in workers:
-        worker.join(timeout=30)
-    assert tag == mac.tag(b"".join(frames), [1, 2])
+    assert transcript.hashing
+    with pytest.raises(ValueError, match="not back yet"):
+        transcript.tag([1, 2])
+    worker.join(timeout=30)
+    transcript.absorbed(results.pop())
+    assert transcript.tag([1, 2]) == mac.tag(b"".join(frames), [1, 2])
     assert transcript.unabsorbed < wc.Transcript.CHUNK_BYTES
+    with pytest.raises(ValueError, match="no chunks"):
+        transcript.absorbed([0, 0])
 
 
 def test_transcript_without_a_mac_only_counts() -> None:
