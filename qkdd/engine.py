@@ -1,18 +1,22 @@
-"""The qkdp/2 protocol engine of one connection, for either role (protocol/qkdp-v2.md §9–§16).
+"""The qkdp/2 session of one connection, for either role (protocol/qkdp-v2.md §9–§16).
 
 Theory of operation
 -------------------
 Layers, each knowing only the one below: :mod:`qkdd.wire` (framing: the only code that sees bytes) →
 :mod:`qkdd.session` (sequence numbers and frame MACs) → :mod:`qkdd.handshake` (version, authentication,
-the agreement on rounds and the reserve; it hands over the authenticated session) → the rounds below,
-from ``round_start`` to ``committed``, with their transcripts and tags → :mod:`qkdd.policy` (pure
-decisions).
+the agreement on rounds and the reserve; it hands over the authenticated session) → this module (the
+session after the handshake: it opens rounds, routes each round's messages to its :class:`Round`, keeps
+the transcripts' tags in step with the reserve, hands out work and holds back the frames that wait for
+it) → :mod:`qkdd.rounds` (one object per round, from ``round_start`` to ``committed``) →
+:mod:`qkdd.policy` (pure decisions).
 States, actions and settings live in :mod:`qkdd.interface`.
 
-Bytes in, actions out. The daemon feeds complete frame payloads to :meth:`Engine.receive_frame` and
-local events to :meth:`Engine.start_round` / :meth:`Engine.abort_round`; each returns a list of
-:data:`Action` to carry out *in order*: frames to send, rounds to reserve, keys to store or commit. The
-engine opens no socket or file, reads no clock and draws randomness only from the source it is given.
+Bytes in, actions out. The daemon feeds complete frame payloads to :meth:`Engine.receive_frame`, local
+events to :meth:`Engine.start_round` / :meth:`Engine.abort_round`, and the outcomes of work the engine
+handed out to :meth:`Engine.completed`; each returns a list of :data:`Action` to carry out *in order*:
+frames to send, rounds to reserve, keys to store or commit, work to run (:class:`Compute`) and link frames
+to fetch (:class:`FetchFrame`). The engine opens no socket or file, starts no thread, takes no lock,
+reads no clock, calls no link and draws randomness only from the source it is given.
 
 Every transition is looked up in ``protocol/qkdp-v2.toml`` (:mod:`qkdd.spec`) *before* its handler
 runs — a message the table does not allow in the current state is a ``bad-state`` error — and checked
@@ -28,19 +32,15 @@ committed (§13).
 
 from __future__ import annotations
 
-import dataclasses
-import hmac
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import numpy as np
 
 from qkdd import messages, policy, spec, wire
 from qkdd.auth import psk as psk_auth
 from qkdd.auth import wegman_carter as wc
-from qkdd.bits import Bits, RandomSource, pack_bits
+from qkdd.bits import RandomSource
 from qkdd.errors import LocalProtocolError, QkddError, RemoteProtocolError
 from qkdd.handshake import Handshake, version_mismatch
 from qkdd.interface import (
@@ -68,6 +68,7 @@ from qkdd.interface import (
     StoreView,
     persist_kind,
 )
+from qkdd.rounds import Host, Round
 from qkdd.session import FrameSession
 
 __all__ = [
@@ -99,8 +100,6 @@ __all__ = [
     "persist_kind",
 ]
 from qkdd.links import LinkInfo
-from qkdd.records import RoundSummary, key_blocks, key_ids
-from qkdd.stages import amplify, cascade, confirm, estimation, keylength, secrecy, sifting
 
 T = TypeVar("T")
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
@@ -117,47 +116,13 @@ class ReserveExhausted(QkddError):
 class _Job:
     """Work handed out in a :class:`Compute` or :class:`FetchFrame` action, until its outcome is back."""
 
-    round: _Round
+    round: Round
     kind: str
     needed_by: frozenset[str]  # the messages whose handling must wait for it
     apply: Callable[[Outcome], None]
 
 
 _TAG_WORK = frozenset(_TAGGED | {"confirm_result"})  # the frames whose handling tags or checks a transcript
-
-
-@dataclass
-class _Round:
-    number: int
-    frame: int
-    pulses: int = 0
-    detections: int = 0
-    sifted_bits: int = 0
-    qber: float | None = None
-    phase_error: float | None = None
-    disclosed_bits: int = 0
-    preparation: sifting.Preparation | None = None
-    detected: sifting.Detections | None = None
-    sifted: sifting.SiftedKey | None = None
-    estimate_request: estimation.EstimateRequest | None = None
-    estimate: estimation.Estimate | None = None
-    key: Bits | None = None
-    alice: cascade.CascadeAlice | None = None
-    bob: cascade.CascadeBob | None = None
-    bound: int = 0  # the key-length bound (§8), before the reserve share and whole blocks
-    blocks: tuple[tuple[str, bytes], ...] = ()
-    auth: str = "psk"
-    reserve: tuple[bytes, int] = (b"", 0)
-    # this direction's transcript since its last tag, and the peer's (§16); hashed as they grow
-    sent: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
-    received: wc.Transcript = field(default_factory=lambda: wc.Transcript(None))
-    # the outcomes of the work handed out (Compute), by kind: "hash" (Alice's key hashed to the longest
-    # output she may need, §7), "key_ids" (as many as §8's bound could allow), "blocks" (Alice's cut key),
-    # "amplification" (Bob's prepared transform)
-    results: dict[str, Outcome] = field(default_factory=dict)
-    seed: Bits | None = None  # Alice: the seed for any output length (§7)
-    output: tuple[int, int] | None = None  # Alice: output and reserve bits, once amplify is out
-    pending: bool = False  # Bob: stored as pending, until Alice's committed or the next resolve (§13)
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -194,7 +159,20 @@ class Engine:
         self._hs = Handshake(
             role, settings, store, random, send=self._send, act=self._act, macs=self._frames.macs
         )
-        self._round: _Round | None = None
+        self._round: Round | None = None
+        self._host = Host(
+            role,
+            settings,
+            info,
+            random,
+            send=self._send,
+            act=self._act,
+            hand_out=self._hand_out,
+            take_pads=self._take_pads,
+            frame_tag=lambda: self._frame.tag,
+            refill=self._refill,
+            end=lambda r, reason, *, record=True: self._end_aborted(reason, record=record),
+        )
         self._jobs: dict[int, _Job] = {}  # handed out, outcome not back yet
         self._job_ids = itertools.count(1)
         self._held: list[tuple[wire.Envelope, messages.Message]] = []  # frames waiting for work (in order)
@@ -463,7 +441,7 @@ class Engine:
             _record(self._round.sent, self._frames.send_seq, body)
             if tagged and self._round.auth == "reserve":
                 tag = self._round_tag(self._round.sent)
-                self._round.sent = wc.Transcript(self._mac())  # the next tag covers the frames after this
+                self._round.sent = wc.Transcript(self._round.mac)  # the next tag covers the frames after this
         self._sent.append(name)
         self._out.append(Send(self._frames.seal(body, tag), name))
 
@@ -493,20 +471,6 @@ class Engine:
             raise LocalProtocolError("round transcript over the authenticated maximum")
         return transcript.tag(self._take_pads())
 
-    def _check_round_tag(self, r: _Round) -> None:
-        """Verify the peer's transcript tag on the frame just received (reserve rounds, §16)."""
-        tag = self._frame.tag
-        if r.auth != "reserve":
-            if tag:
-                raise RemoteProtocolError("a transcript tag in a PSK round", code="bad-message")
-            return
-        if len(tag) != wc.TAG_BYTES or r.received.length > wc.MAX_TRANSCRIPT_BYTES:
-            raise RemoteProtocolError("missing or malformed transcript tag", code="bad-mac")
-        expected = r.received.tag(self._take_pads())
-        if not hmac.compare_digest(expected, tag):
-            raise RemoteProtocolError(f"round {r.number}: the transcript tag does not verify", code="bad-mac")
-        r.received = wc.Transcript(self._mac())
-
     def _flush(self) -> list[Action]:
         r = self._round
         if r is not None and max(r.sent.unabsorbed, r.received.unabsorbed) >= wc.Transcript.CHUNK_BYTES:
@@ -516,7 +480,7 @@ class Engine:
 
     def _hand_out(
         self,
-        r: _Round,
+        r: Round,
         kind: str,
         function: Callable[[], Any],
         *,
@@ -527,15 +491,10 @@ class Engine:
         """Hand ``function`` out as a Compute action; the frames in ``needed_by`` wait for its outcome,
         which ``apply`` takes (by default: into the round's results)."""
         job = next(self._job_ids)
-        self._jobs[job] = _Job(r, kind, needed_by, apply or (lambda outcome: self._got(r, kind, outcome)))
+        self._jobs[job] = _Job(r, kind, needed_by, apply or (lambda outcome: r.got(kind, outcome)))
         self._out.append(Compute(job, kind, function, urgent))
 
-    def _got(self, r: _Round, kind: str, outcome: Outcome) -> None:
-        r.results[kind] = outcome
-        if kind in ("hash", "key_ids"):
-            self._cut_blocks(r)
-
-    def _hash_transcripts(self, r: _Round) -> None:
+    def _hash_transcripts(self, r: Round) -> None:
         sent, received = r.sent, r.received  # a tag replaces them, but not while this work is out
         if sent.hashing or received.hashing:
             return
@@ -556,12 +515,12 @@ class Engine:
             apply=absorb,
         )
 
-    def _fetch_frame(self, r: _Round) -> None:
+    def _fetch_frame(self, r: Round) -> None:
         """Ask the driver for the link's record of the round's frame; the round goes on when it is back."""
         job = next(self._job_ids)
 
         def ready(outcome: Outcome) -> None:
-            self._transition("link_frame", lambda: self._frame_ready(r, outcome.get()))
+            self._transition("link_frame", lambda: r.frame_ready(outcome.get()))
 
         self._jobs[job] = _Job(r, "frame", frozenset(), ready)
         self._out.append(FetchFrame(job, self.role, r.frame))
@@ -590,17 +549,28 @@ class Engine:
     # -- handshake (§10–§13)
 
     def _dispatch(self, message: messages.Message) -> State:
+        """Handshake messages, ``round_start``, ``keepalive`` and ``abort`` are the session's; every other
+        one is its round's."""
         handler = getattr(self, f"_on_{message.type}", None)
-        if handler is None:  # pragma: no cover - the spec check above makes this unreachable
-            raise LocalProtocolError(f"no handler for {message.type}")
+        if handler is None:
+            if self._round is None:  # pragma: no cover - the spec check above makes this unreachable
+                raise LocalProtocolError(f"no handler for {message.type}")
+            handler = self._round.handle
         number = getattr(message, "round", None)
         if self._round is not None and number is not None and number != self._round.number:
             raise RemoteProtocolError(
                 f"{message.type} names round {number}, the open round is {self._round.number}"
             )
-        if self._round is not None:
-            _record(self._round.received, self._frame.seq, self._frame.body)
-        new_state: State = handler(message)
+        r = self._round
+        if r is None:
+            new_state: State = handler(message)
+            return new_state
+        _record(r.received, self._frame.seq, self._frame.body)
+        new_state = handler(message)
+        if new_state is State.IDLE and self._round is r:  # the round is over: committed
+            self._round = None
+        if r.qber is not None:
+            self._last_qber = r.qber
         return new_state
 
     def _on_hello(self, message: messages.Hello) -> State:
@@ -624,23 +594,6 @@ class Engine:
         self._round = self._new_round(number, number, auth=auth)
         self._out.append(ReserveRound(number))
         self._fetch_frame(self._round)
-        return State.SIFTING
-
-    def _frame_ready(self, r: _Round, record: sifting.Preparation | sifting.Detections) -> State:
-        """The link's record of the round's frame is here: Alice opens the round, Bob announces."""
-        if self.role == "alice":
-            assert not isinstance(record, sifting.Detections)
-            r.preparation, r.pulses = record, record.pulses
-            self._send("round_start", round=r.number, frame=r.frame, pulses=r.pulses, auth=r.auth)
-            return State.SIFTING
-        assert isinstance(record, sifting.Detections)
-        detected = sifting.resolve_double_clicks(record, self._random)
-        if detected.pulses != r.pulses:
-            raise RemoteProtocolError(
-                f"frame of {r.pulses} pulses; Bob's link has {detected.pulses}", code="config-mismatch"
-            )
-        r.detected, r.detections = detected, int(detected.indices.size)
-        self._send("sift_announce", round=r.number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
 
     def _round_auth(self) -> str:
@@ -687,344 +640,6 @@ class Engine:
         self._fetch_frame(self._round)
         return State.SIFTING
 
-    def _on_sift_announce(self, message: messages.SiftAnnounce) -> State:
-        r = self._open_round()
-        assert r.preparation is not None
-        if message.pulses != r.pulses:
-            raise RemoteProtocolError(
-                f"sift_announce is for {message.pulses} pulses, the frame has {r.pulses}"
-            )
-        announce = _build(sifting.SiftAnnounce, message)
-        answer, r.sifted = sifting.alice_answer(r.preparation, announce)
-        r.detections = announce.detections
-        r.sifted_bits = int(r.sifted.bits.size)
-        self._send("sift_answer", round=r.number, **_fields_of(answer))
-        return State.ESTIMATING
-
-    def _on_sift_answer(self, message: messages.SiftAnswer) -> State:
-        r = self._open_round()
-        assert r.detected is not None
-        r.sifted = sifting.bob_sift(r.detected, _build(sifting.SiftAnswer, message))
-        r.sifted_bits = int(r.sifted.bits.size)
-        request = estimation.bob_request(
-            r.sifted, self._random, z_sample_fraction=self.settings.z_sample_fraction
-        )
-        r.estimate_request = request
-        self._send("estimate_request", round=r.number, **_fields_of(request))
-        return State.ESTIMATING
-
-    def _on_estimate_request(self, message: messages.EstimateRequest) -> State:
-        r = self._open_round()
-        assert r.sifted is not None
-        request = _build(estimation.EstimateRequest, message)
-        answer, estimate = estimation.alice_answer(r.sifted, request, threshold=self.settings.qber_threshold)
-        self._send("estimate_answer", round=r.number, **_fields_of(answer))
-        reason = self._take_estimate(r, estimate)
-        if reason:
-            return self._end_aborted(reason)
-        assert r.key is not None
-        r.alice = cascade.CascadeAlice(r.key)
-        self._speculate(r)
-        return State.RECONCILING
-
-    def _speculate(self, r: _Round) -> None:
-        """Alice: hash her key while Bob reconciles (her key no longer changes). The output length is
-        not known yet, but it cannot exceed the §8 bound with nothing disclosed but the confirmation
-        tag, and the hash to fewer bits is a prefix of the hash to more (:func:`amplify.longest_seed`)."""
-        assert r.key is not None
-        key, n = r.key, int(r.key.size)
-        seed = r.seed = amplify.longest_seed(self._random, n)
-        longest_output = self._longest_output(r)
-
-        def hash_longest() -> tuple[int, Bits]:
-            longest = longest_output()
-            if longest <= 0:
-                return 0, np.zeros(0, dtype=np.uint8)
-            return longest, amplify.toeplitz_hash(key, seed[: n + longest - 1], longest, threads=1)
-
-        self._hand_out(r, "hash", hash_longest, needed_by=frozenset({"commit"}))
-        self._early_key_ids(r, needed_by="commit")
-
-    def _early_key_ids(self, r: _Round, *, needed_by: str) -> None:
-        """Either side, as Cascade starts: the IDs of as many key blocks as §8's bound allows with nothing
-        disclosed but the confirmation tag — at least as many as the round will have — handed out to be
-        computed while Cascade runs, so that neither side's key split waits for them (a few thousand
-        SHA-1 hashes, 6–20 ms) once the output length is known."""
-        longest_output, link_id, number = self._longest_output(r), self.settings.link_id, r.number
-        block_bits = self.settings.key_block_bits
-
-        def ids() -> list[str]:
-            return key_ids(link_id, number, max(0, longest_output()) // block_bits)
-
-        self._hand_out(r, "key_ids", ids, needed_by=frozenset({needed_by}))
-
-    def _longest_output(self, r: _Round) -> Callable[[], int]:
-        """The most output bits the round's key can have, as a function to run anywhere: §8's bound with
-        nothing disclosed but the confirmation tag (bounds only fall as disclosure grows), at most the
-        key's size. Known as Cascade starts, so that work sized by the output can begin then."""
-        assert r.key is not None and r.sifted is not None and r.estimate is not None
-        size, sifted, estimate = int(r.key.size), r.sifted, r.estimate
-        info, settings, disclosed = self._info, self.settings, confirm.TAG_BITS
-        return lambda: min(size, _length_bound(info, settings, sifted, estimate, disclosed).secret_bits)
-
-    def _take_estimate(self, r: _Round, estimate: estimation.Estimate) -> str | None:
-        """Both sides: record §4's estimate and cut the key, or say why the round must stop."""
-        assert r.sifted is not None
-        r.estimate = estimate
-        r.phase_error = estimate.phase_error_rate if estimate.x_bits else None
-        reason = estimate.abort_reason or _key_size_problem(estimate)
-        if reason is None:
-            r.key = estimate.z_key(r.sifted)
-        return reason
-
-    def _on_estimate_answer(self, message: messages.EstimateAnswer) -> State:
-        r = self._open_round()
-        assert r.sifted is not None and r.estimate_request is not None
-        answer = _build(estimation.EstimateAnswer, message)
-        estimate = estimation.bob_estimate(
-            r.sifted, r.estimate_request, answer, threshold=self.settings.qber_threshold
-        )
-        reason = self._take_estimate(r, estimate)
-        if reason:
-            return self._end_aborted(reason)
-        assert r.key is not None
-        guess = estimation.cascade_qber_guess(estimate, self.settings.qber_prior, self._last_qber)
-        r.bob = cascade.CascadeBob(
-            r.key, min(guess, 0.5), self._random, variant=self.settings.cascade_variant
-        )
-        state = self._send_cascade(r)
-        self._early_key_ids(r, needed_by="amplify")  # while the first requests are on their way
-        return state
-
-    def _send_cascade(self, r: _Round) -> State:
-        """Bob: send what Cascade asks now — a flight of requests (§5), or nothing while answers to an
-        earlier one are still on their way."""
-        assert r.bob is not None and r.key is not None
-        flight = r.bob.outgoing()
-        for message in flight:
-            if isinstance(message, cascade.Finished):
-                return self._finish_cascade(r, message.disclosed_bits)
-            self._send_cascade_request(r, message)
-        work = r.bob.preparation() if flight else None
-        if work is not None:
-            # his own range parities of the passes this flight starts, while Alice builds hers: the
-            # answers wait for them
-            bob = r.bob
-            self._hand_out(
-                r,
-                "parities",
-                work,
-                needed_by=frozenset({"cascade_parities"}),
-                apply=lambda outcome: bob.prepared(outcome.get()),
-                urgent=True,
-            )
-        return State.RECONCILING
-
-    def _send_cascade_request(self, r: _Round, message: cascade.StartPass | cascade.RangeRequest) -> None:
-        match message:
-            case cascade.StartPass(index=index, layout=layout):
-                self._send(
-                    "cascade_pass",
-                    round=r.number,
-                    index=index,
-                    kind=layout.kind,
-                    block_size=layout.block_size,
-                    multiplier=layout.multiplier,
-                    offset=layout.offset,
-                    seed=layout.seed,
-                )
-            case cascade.RangeRequest(passes=passes, starts=starts, ends=ends):
-                self._send(
-                    "cascade_ranges",
-                    round=r.number,
-                    passes=passes.astype(np.uint8).tobytes(),
-                    starts=starts.astype("<u4").tobytes(),
-                    ends=ends.astype("<u4").tobytes(),
-                )
-
-    def _finish_cascade(self, r: _Round, disclosed: int) -> State:
-        assert r.bob is not None
-        result = r.bob.result()
-        r.key = result.key
-        self._send(
-            "cascade_done", round=r.number, disclosed_bits=disclosed, corrected_bits=result.corrected_bits
-        )
-        return self._after_cascade(r, disclosed, result.corrected_bits)
-
-    def _after_cascade(self, r: _Round, disclosed: int, corrected: int) -> State:
-        assert r.key is not None
-        r.disclosed_bits = disclosed + confirm.TAG_BITS
-        r.qber = corrected / r.key.size
-        self._last_qber = r.qber
-        reason = estimation.qber_abort_reason(corrected, int(r.key.size), self.settings.qber_threshold)
-        if reason:
-            return self._end_aborted(reason)
-        if self.role == "alice":
-            request = confirm.alice_confirm(r.key, self._random)
-            self._send(
-                "confirm",
-                round=r.number,
-                hash_key=request.hash_key.to_bytes(12, "big"),
-                tag=request.tag.to_bytes(12, "big"),
-            )
-        else:
-            self._prepare_amplification(r)
-        return State.CONFIRMING
-
-    def _prepare_amplification(self, r: _Round) -> None:
-        """Bob: transform his key for privacy amplification while the confirmation runs, so that Alice's
-        seed leaves him two of the hash's three transforms (:class:`amplify.PreparedKey`). His key no
-        longer changes (a failed confirmation ends the round), and the output cannot exceed §8's bound
-        now that the disclosure is final."""
-        key, disclosed = r.key, r.disclosed_bits
-        assert key is not None and r.sifted is not None and r.estimate is not None
-        sifted, estimate, info, settings = r.sifted, r.estimate, self._info, self.settings
-
-        def prepare() -> amplify.PreparedKey | None:
-            bound = min(int(key.size), _length_bound(info, settings, sifted, estimate, disclosed).secret_bits)
-            return amplify.prepare_key(key, bound) if bound > 0 else None
-
-        self._hand_out(r, "amplification", prepare, needed_by=frozenset({"amplify"}), urgent=True)
-
-    def _on_cascade_pass(self, message: messages.CascadePass) -> State:
-        layout = cascade.PassLayout(
-            message.kind, message.block_size, message.multiplier, message.offset, message.seed
-        )
-        return self._answer_cascade(cascade.StartPass(message.index, layout))
-
-    def _on_cascade_ranges(self, message: messages.CascadeRanges) -> State:
-        count = len(message.passes)
-        if len(message.starts) != 4 * count or len(message.ends) != 4 * count:
-            raise RemoteProtocolError("cascade_ranges: passes, starts and ends must describe the same ranges")
-        request = cascade.RangeRequest(
-            np.frombuffer(message.passes, dtype=np.uint8),
-            np.frombuffer(message.starts, dtype="<u4").astype(np.uint32),
-            np.frombuffer(message.ends, dtype="<u4").astype(np.uint32),
-        )
-        return self._answer_cascade(request)
-
-    def _answer_cascade(self, request: cascade.StartPass | cascade.RangeRequest) -> State:
-        r = self._open_round()
-        assert r.alice is not None
-        reply = r.alice.handle(request)
-        assert reply is not None
-        self._send("cascade_parities", round=r.number, count=reply.count, parities=reply.parities)
-        return State.RECONCILING
-
-    def _on_cascade_parities(self, message: messages.CascadeParities) -> State:
-        r = self._open_round()
-        assert r.bob is not None
-        r.bob.receive(cascade.Parities(message.count, message.parities))
-        return self._send_cascade(r)
-
-    def _on_cascade_done(self, message: messages.CascadeDone) -> State:
-        r = self._open_round()
-        assert r.alice is not None and r.key is not None
-        r.alice.handle(cascade.Finished(message.disclosed_bits))
-        if message.corrected_bits > r.key.size:
-            raise RemoteProtocolError("cascade_done: more corrected bits than key bits")
-        return self._after_cascade(r, message.disclosed_bits, message.corrected_bits)
-
-    def _on_confirm(self, message: messages.Confirm) -> State:
-        r = self._open_round()
-        assert r.key is not None
-        request = confirm.ConfirmRequest(
-            int.from_bytes(message.hash_key, "big"), int.from_bytes(message.tag, "big")
-        )
-        matched = confirm.bob_confirm(r.key, request).matched
-        self._send("confirm_result", round=r.number, matched=matched)
-        if not matched:
-            return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
-        r.bound = self._secret_length(r)
-        return State.AMPLIFYING
-
-    def _on_confirm_result(self, message: messages.ConfirmResult) -> State:
-        r = self._open_round()
-        assert r.key is not None
-        if not message.matched:
-            return self._end_aborted("confirmation tags differ: residual errors after reconciliation")
-        r.bound = self._secret_length(r)
-        reserve_bits = self._refill(r.bound)
-        output = self._output_bits(r.bound, reserve_bits)
-        if output == 0:
-            self._send(
-                "amplify", round=r.number, input_bits=int(r.key.size), output_bits=0, reserve_bits=0, seed=b""
-            )
-            return self._end_aborted(f"no secret key: {self._length_reason}")
-        assert r.seed is not None
-        seed = amplify.seed_prefix(r.seed, int(r.key.size), output)
-        self._send(
-            "amplify",
-            tagged=True,
-            round=r.number,
-            input_bits=seed.input_bits,
-            output_bits=seed.output_bits,
-            reserve_bits=reserve_bits,
-            seed=seed.seed,
-        )
-        r.output = output, reserve_bits
-        self._cut_blocks(r)
-        return State.COMMITTING
-
-    def _cut_blocks(self, r: _Round) -> None:
-        """Alice, once amplify is out and her early hash and key IDs are back: hand out the cutting of her
-        output into the reserve's share and key blocks (while Bob hashes his); her commit waits for it."""
-        if r.output is None or "blocks" in r.results or not {"hash", "key_ids"} <= r.results.keys():
-            return
-        assert r.key is not None and r.seed is not None
-        (output, reserve_bits), hashed, ids = r.output, r.results["hash"], r.results["key_ids"]
-        key, seed, n, settings, number = r.key, r.seed, int(r.key.size), self.settings, r.number
-
-        def cut() -> tuple[tuple[bytes, int], tuple[tuple[str, bytes], ...]]:
-            longest, final = hashed.get()
-            if output > longest:  # §8's bounds only fall as disclosure grows; should one not, hash anew
-                final = amplify.toeplitz_hash(key, seed[: n + output - 1], output)
-            return _split(settings, number, final[:output], reserve_bits, ids.get())
-
-        r.results["blocks"] = Outcome()  # handed out: not again
-        self._hand_out(r, "blocks", cut, needed_by=frozenset({"commit"}))
-
-    def _on_amplify(self, message: messages.Amplify) -> State:
-        r = self._open_round()
-        assert r.key is not None
-        reserve_bits = message.reserve_bits
-        expected = self._output_bits(r.bound, reserve_bits) if reserve_bits <= r.bound // 2 else -1
-        if message.input_bits != r.key.size or message.output_bits != expected:
-            raise RemoteProtocolError(
-                f"amplify: {message.input_bits} -> {message.output_bits} bits ({reserve_bits} to the "
-                f"reserve); Bob's bound allows {r.key.size} -> {r.bound}",
-                code="config-mismatch",
-            )
-        if expected == 0:
-            return self._end_aborted(f"no secret key: {self._length_reason}")
-        self._check_round_tag(r)  # §16: nothing of the round is kept unless Alice's transcript verifies
-        seed = amplify.AmplificationSeed(message.input_bits, message.output_bits, message.seed)
-        prepared = r.results.pop("amplification").get()
-        final = amplify.amplify(r.key, seed, prepared)
-        r.reserve, r.blocks = _split(self.settings, r.number, final, reserve_bits, r.results["key_ids"].get())
-        self._out.append(RoundEnded(self._summary(r, None), "pending", r.blocks, r.reserve))
-        r.pending = True
-        self._send("commit", tagged=True, round=r.number, blocks=len(r.blocks))
-        return State.COMMITTING
-
-    def _on_commit(self, message: messages.Commit) -> State:
-        r = self._open_round()
-        r.reserve, r.blocks = r.results["blocks"].get()  # her cut key (_cut_blocks): commit waited for it
-        if message.blocks != len(r.blocks):
-            raise RemoteProtocolError(f"commit: Bob holds {message.blocks} key blocks, Alice {len(r.blocks)}")
-        self._check_round_tag(r)
-        self._out.append(RoundEnded(self._summary(r, None), "committed", r.blocks, r.reserve))
-        self._send("committed", tagged=True, round=r.number)
-        self._round = None
-        return State.IDLE
-
-    def _on_committed(self, message: messages.Committed) -> State:
-        r = self._open_round()
-        self._check_round_tag(r)
-        self._out.append(CommitRound(r.number))
-        self._round = None
-        return State.IDLE
-
     def _on_keepalive(self, message: messages.Keepalive) -> State:
         return State.IDLE
 
@@ -1033,30 +648,15 @@ class Engine:
 
     # -- round helpers
 
-    def _new_round(self, number: int, frame: int, *, auth: str, **fields: Any) -> _Round:
-        r = _Round(number, frame, auth=auth, **fields)
-        if auth == "reserve":  # the reserve's hash keys are there: the round was checked to afford it
-            r.sent, r.received = wc.Transcript(self._mac()), wc.Transcript(self._mac())
-        return r
+    def _new_round(self, number: int, frame: int, *, auth: str, **fields: Any) -> Round:
+        # a reserve round's hash keys are there: the round was checked to afford it
+        mac = self._mac() if auth == "reserve" else None
+        return Round(self._host, number, frame, auth=auth, qber_guess=self._last_qber, mac=mac, **fields)
 
-    def _open_round(self) -> _Round:
+    def _open_round(self) -> Round:
         if self._round is None:  # pragma: no cover - the state table only routes round messages here
             raise LocalProtocolError("no open round")
         return self._round
-
-    _length_reason: str | None = None
-
-    def _secret_length(self, r: _Round) -> int:
-        """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
-        single-photon bound for a single-photon source. Both sides compute it from the same counts."""
-        assert r.sifted is not None and r.estimate is not None
-        length = _length_bound(self._info, self.settings, r.sifted, r.estimate, r.disclosed_bits)
-        self._length_reason = length.reason or (
-            None
-            if length.secret_bits >= self.settings.key_block_bits
-            else f"{length.secret_bits} secret bits, less than one key block"
-        )
-        return length.secret_bits
 
     def _refill(self, bound: int) -> int:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
@@ -1065,30 +665,11 @@ class Engine:
             bound, available, self.settings.reserve_bits_per_round, self.settings.reserve_target_bits
         )
 
-    def _output_bits(self, bound: int, reserve_bits: int) -> int:
-        return policy.output_bits(bound, reserve_bits, self.settings.key_block_bits)
-
-    def _summary(self, r: _Round, reason: str | None) -> RoundSummary:
-        return RoundSummary(
-            round=r.number,
-            frame=r.frame,
-            pulses=r.pulses,
-            detections=r.detections,
-            sifted_bits=r.sifted_bits,
-            qber=r.qber,
-            phase_error=r.phase_error,
-            disclosed_bits=r.disclosed_bits,
-            secret_bits=0 if reason else len(r.blocks) * self.settings.key_block_bits,
-            aborted=reason is not None,
-            reason=reason,
-            auth=r.auth,
-        )
-
     def _end_aborted(self, reason: str, *, record: bool = True) -> State:
         """Drop the open round; ``record``: store its figures as aborted (which drops a pending round)."""
         r = self._open_round()
         if record:
-            self._out.append(RoundEnded(self._summary(r, reason), "aborted"))
+            self._out.append(RoundEnded(r.summary(reason), "aborted"))
         self._round = None
         self._dropped_round, self._dropped_auth = r.number, r.auth
         return State.IDLE
@@ -1106,58 +687,10 @@ class Engine:
         )
 
 
-def _length_bound(
-    info: LinkInfo,
-    settings: EngineSettings,
-    sifted: sifting.SiftedKey,
-    estimate: estimation.Estimate,
-    disclosed_bits: int,
-) -> keylength.KeyLength:
-    """§8: the decoy-state bound for a weak-coherent source (the link declares its intensities), the
-    single-photon bound for a single-photon source, for a round's counts with ``disclosed_bits``
-    disclosed. Both sides compute it from the same counts; handed-out work calls it too."""
-    return secrecy.round_key_length(
-        info.intensities,
-        info.intensity_probabilities,
-        sifted,
-        estimate,
-        disclosed_bits,
-        eps_sec=settings.eps_sec,
-        eps_cor=settings.eps_cor,
-    )
-
-
-def _split(
-    settings: EngineSettings, number: int, final: Bits, reserve_bits: int, ids: Sequence[str]
-) -> tuple[tuple[bytes, int], tuple[tuple[str, bytes], ...]]:
-    """A round's output cut into the reserve's share (packed, and its bit count) and key blocks (§17)."""
-    key = final[reserve_bits:]
-    blocks = key_blocks(settings.link_id, number, key, settings.key_block_bits, ids)
-    return (pack_bits(final[:reserve_bits]), reserve_bits), tuple(blocks)
-
-
-def _fields_of(value: Any) -> dict[str, Any]:
-    """A stage message's fields by name (they are named as in protocol/qkdp-v2.toml)."""
-    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-
-
-def _build(cls: type[T], message: messages.Message) -> T:
-    """A stage message from the checked wire message of the same field names."""
-    return cls(**{f.name: getattr(message, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
-
-
 def _record(transcript: wc.Transcript, seq: int, body: bytes) -> None:
     """Append one frame to a round transcript (§16): 8-byte seq, 4-byte body length, body."""
     transcript.append(seq.to_bytes(8, "big") + len(body).to_bytes(4, "big"))
     transcript.append(bytes(body))
-
-
-def _key_size_problem(estimate: estimation.Estimate) -> str | None:
-    """Both sides refuse a round whose key is longer than privacy amplification takes (§7)."""
-    key_bits = int(np.count_nonzero(estimate.z_key_mask))
-    if key_bits > amplify.MAX_INPUT_BITS:
-        return f"frame too large: {key_bits} key bits, at most {amplify.MAX_INPUT_BITS}; use shorter frames"
-    return None
 
 
 class PeerError(RemoteProtocolError):

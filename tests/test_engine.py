@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdd import engine, spec, wire
+from qkdd import engine, rounds, spec, wire
 from qkdd.errors import LocalProtocolError, RemoteProtocolError
 from qkdd.stages import amplify, confirm
 from tests.helpers import ConnectionPair, make_engine
@@ -120,7 +120,7 @@ def test_a_frame_waits_for_the_work_its_handling_needs_and_later_frames_wait_beh
 def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """Alice hashes early to the §8 bound with nothing disclosed, which no output can exceed. Should an
     output exceed it anyway, she hashes again to the right length: the keys still agree."""
-    bound = engine._length_bound
+    bound = rounds._length_bound
 
     def short_when_early(*args: Any) -> Any:
         length = bound(*args)
@@ -128,7 +128,7 @@ def test_alice_hashes_afresh_when_her_early_bound_is_short(monkeypatch: pytest.M
             return dataclasses.replace(length, secret_bits=length.secret_bits // 2)
         return length
 
-    monkeypatch.setattr(engine, "_length_bound", short_when_early)
+    monkeypatch.setattr(rounds, "_length_bound", short_when_early)
     pair = ConnectionPair()
     pair.connect()
     pair.round()

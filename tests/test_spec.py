@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from qkdd import engine, spec
+from qkdd import engine, rounds, spec
 from qkdd.delivery import channel
 from qkdd.delivery.kme import KeyManager
 from tests.helpers import ConnectionPair
@@ -23,7 +23,9 @@ def test_engine_states_are_the_spec_states() -> None:
 def test_every_received_message_has_a_handler_and_every_handler_a_message() -> None:
     loaded = spec.load()
     received = {t.on[5:] for t in loaded.transitions if t.on.startswith("recv:")}
-    handlers = {name[4:] for name in dir(engine.Engine) if name.startswith("_on_")}
+    handlers = {name[4:] for name in dir(engine.Engine) if name.startswith("_on_")} | {
+        name[3:] for name in dir(rounds.Round) if name.startswith("on_")
+    }
     assert received == handlers
 
 
