@@ -3,10 +3,11 @@ store it reads (protocol/qkdp-v2.md §9–§17).
 
 Theory of operation
 -------------------
-The core (:mod:`qkdd.handshake` and :mod:`qkdd.engine`) is sans-IO: bytes and results in, actions out.
-An :data:`Action` is one thing for the driver to carry out, in order: a frame to write, a durable write
-(each is checked against its transition's ``persist`` list of ``protocol/qkdp-v2.toml``, see
-:func:`persist_kind`), or work to run on a thread of its choosing. The core reads the store only through
+The core (:mod:`qkdd.handshake`, :mod:`qkdd.engine`, :mod:`qkdd.rounds`) is sans-IO: bytes and
+outcomes in, actions out. An :data:`Action` is one thing for the driver to carry out, in order: a frame to
+write, a durable write (each is checked against its transition's ``persist`` list of
+``protocol/qkdp-v2.toml``, see :func:`persist_kind`), work to run where it likes (:class:`Compute`) or a
+link frame to fetch (:class:`FetchFrame`), whose outcome it hands back. The core reads the store only through
 :class:`StoreView` and writes it only through actions. Nothing here knows a role or a message.
 """
 
