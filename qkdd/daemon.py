@@ -52,6 +52,7 @@ from qkdd.links import open_link
 from qkdd.records import RoundSummary
 from qkdd.sdnotify import Notifier
 from qkdd.stages import amplify
+from qkdd.statelock import lock_state_dir
 from qkdd.store import KeyStore
 
 log = logging.getLogger("qkdd")
@@ -886,13 +887,16 @@ def raise_file_limit(most: int = 65536) -> None:
 
 
 def main_run(config: Config) -> int:
-    setup_logging(config.role)
-    raise_file_limit()
-    try:
-        return trio.run(run_forever, config)
-    except QkddError as error:
-        log.error("%s", error)
-        return 1
+    """``qkdd run``. Exit 2 (touching nothing) when another qkdd runs on the state directory."""
+    lock = lock_state_dir(config.state_dir)  # before anything opens or writes the state
+    with lock:
+        setup_logging(config.role)
+        raise_file_limit()
+        try:
+            return trio.run(run_forever, config)
+        except QkddError as error:
+            log.error("%s", error)
+            return 1
 
 
 def read_listen_address(state_dir: Path, name: str = LISTEN_FILE) -> str | None:
