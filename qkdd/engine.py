@@ -105,7 +105,18 @@ T = TypeVar("T")
 ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reserve round's transcripts
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
 """One-time-pad bits a reserve-authenticated round consumes (§16)."""
-_TAGGED = {"amplify", "commit", "committed"}
+_TAGGED = ("amplify", "commit", "committed")  # a reserve round's tags, in slot order (§16)
+_CHEAP = frozenset({"cascade_pass", "cascade_ranges", "cascade_parities", "cascade_done"})
+# the messages that end a round's stages in round order (§13): each waits until every earlier open round
+# is in the state named (None: until no earlier round is open)
+_IN_ORDER: dict[str, State | None] = {
+    "confirm_result": State.COMMITTING,
+    "amplify": State.COMMITTING,
+    "commit": None,
+    "committed": None,
+}
+DROPPED_KEPT = 64
+"""How many dropped rounds a session remembers, to discard the peer's frames still on their way (§13)."""
 
 
 class ReserveExhausted(QkddError):
@@ -122,7 +133,7 @@ class _Job:
     apply: Callable[[Outcome], None]
 
 
-_TAG_WORK = frozenset(_TAGGED | {"confirm_result"})  # the frames whose handling tags or checks a transcript
+_TAG_WORK = frozenset({*_TAGGED, "confirm_result"})  # the frames whose handling tags or checks a transcript
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -149,17 +160,19 @@ class Engine:
         self._info = info
         self._store = store
         self._random = random
-        self.state = State.HELLO
+        self._state = State.HELLO  # the session's: the handshake's states, IDLE after it, CLOSED
         self._wc: wc.Mac | None = None
         self._frame = wire.Envelope(0, b"", b"")
-        self._last_qber: float | None = None  # the previous round's exact Z error rate (Cascade's guess)
+        self._last_qber: float | None = None  # the latest round's exact Z error rate (Cascade's guess)
         self._frames = FrameSession(role)  # §9, §12: sequence numbers and frame MACs
         # §10-§13: the handshake, until it hands over the authenticated session (version, method, MACs,
-        # reserve position, next round); its sends go through ours (sequence numbers, MACs)
+        # reserve position, next round, window); its sends go through ours (sequence numbers, MACs)
         self._hs = Handshake(
             role, settings, store, random, send=self._send, act=self._act, macs=self._frames.macs
         )
-        self._round: Round | None = None
+        self._rounds: dict[int, Round] = {}  # the rounds open now, in the order they started
+        self._dropped: dict[int, str] = {}  # recently dropped rounds and their auth (§13: stale frames)
+        self._slots = 0  # tag slots given to reserve rounds in this session (§16)
         self._host = Host(
             role,
             settings,
@@ -168,48 +181,92 @@ class Engine:
             send=self._send,
             act=self._act,
             hand_out=self._hand_out,
-            take_pads=self._take_pads,
+            pads=self._pads,
             frame_tag=lambda: self._frame.tag,
             refill=self._refill,
-            end=lambda r, reason, *, record=True: self._end_aborted(reason, record=record),
+            end=self._end_aborted,
         )
         self._jobs: dict[int, _Job] = {}  # handed out, outcome not back yet
         self._job_ids = itertools.count(1)
-        self._held: list[tuple[wire.Envelope, messages.Message]] = []  # frames waiting for work (in order)
+        self._held: list[tuple[wire.Envelope, messages.Message]] = []  # frames waiting (see _waits)
         self._out: list[Action] = []
         self._sent: list[str] = []
+        self._unfinished: list[tuple[int, bool]] = []  # the rounds open when the engine closed
 
     # -- public interface
 
     @property
+    def state(self) -> State:
+        """The session's state, or, while rounds are open, the oldest open round's."""
+        if self._state is State.IDLE and self._rounds:
+            return next(iter(self._rounds.values())).state
+        return self._state
+
+    @property
+    def round_states(self) -> dict[int, State]:
+        """Every open round's state, by round number, oldest first."""
+        return {number: r.state for number, r in self._rounds.items()}
+
+    @property
+    def window(self) -> int:
+        """How many rounds may be open at once on this session: the smaller of the two sides' (§13)."""
+        return self._hs.window
+
+    @property
+    def can_start_round(self) -> bool:
+        """Alice: whether :meth:`start_round` may open a round now (:func:`policy.may_start_round`)."""
+        return (
+            self.role == "alice"
+            and self._state is State.IDLE
+            and policy.may_start_round([r.state.value for r in self._rounds.values()], self.window)
+        )
+
+    @property
     def timeout(self) -> float | None:
         """Seconds the current state may wait for the peer (``None``: no limit)."""
-        if self.state in (State.HELLO, State.AUTH, State.SYNC, State.RESOLVING):
+        state = self.state
+        if state in (State.HELLO, State.AUTH, State.SYNC, State.RESOLVING):
             return self.settings.handshake_timeout
-        if self.state is State.IDLE:
+        if state is State.IDLE:
             return self.settings.idle_timeout if self.role == "bob" else None
-        if self.state is State.CLOSED:
+        if state is State.CLOSED:
             return None
         return self.settings.round_timeout
 
     @property
+    def unfinished_rounds(self) -> list[tuple[int, bool]]:
+        """The rounds open now, or open when the engine closed: each one's number, and whether Bob holds
+        it pending (then the next connection's resolve commits or drops it, §13; otherwise nothing of it
+        is stored)."""
+        if self._rounds:
+            return [(r.number, r.pending) for r in self._rounds.values()]
+        return list(self._unfinished)
+
+    @property
     def unfinished_round(self) -> tuple[int, bool] | None:
-        """The round open now, or open when the engine closed: its number, and whether Bob holds it
-        pending (then the next connection's resolve commits or drops it, §13; otherwise nothing of it
-        is stored). ``None``: no round was under way."""
-        if self._round is not None:
-            return self._round.number, self._round.pending
-        return self._failed
+        """The oldest of :attr:`unfinished_rounds` (``None``: no round was under way)."""
+        unfinished = self.unfinished_rounds
+        return unfinished[0] if unfinished else None
+
+    def cheap(self, message: wire.Message | None) -> bool:
+        """Whether handling ``message`` (``None``: an outcome handed back) takes well under a millisecond
+        (Cascade's messages), so that a driver may handle it on its event loop instead of a worker
+        thread. Never while frames are held: one of them may follow."""
+        if self._held:
+            return False
+        if message is None:
+            return all(r.state is State.RECONCILING for r in self._rounds.values())
+        return message.type in _CHEAP
 
     @property
     def cheap_frames(self) -> bool:
-        """Whether the frames expected now are handled in well under a millisecond (Cascade's), so that
-        a driver may handle them on its event loop instead of a worker thread."""
-        return self.state is State.RECONCILING
+        """Whether the frames expected now are Cascade's (see :meth:`cheap`)."""
+        return self.state is State.RECONCILING and not self._held
 
     @property
     def round_number(self) -> int | None:
-        return None if self._round is None else self._round.number
+        """The oldest open round's number."""
+        return next(iter(self._rounds), None)
 
     def initiate(self) -> list[Action]:
         """The opening hello (§10). Call once, right after connecting."""
@@ -251,12 +308,9 @@ class Engine:
 
     @property
     def _pointer(self) -> int:
-        """The first unused reserve bit, as agreed with the peer (§17) and advanced by every pad taken."""
-        return self._hs.pointer
-
-    @_pointer.setter
-    def _pointer(self, value: int) -> None:
-        self._hs.pointer = value
+        """The first reserve bit no tag of this session has a slot on (§16-§17): the position both sides
+        agreed in the handshake, after the slots given out so far."""
+        return self._hs.pointer + self._slots * ROUND_RESERVE_BITS
 
     @property
     def _next_round(self) -> int:
@@ -279,7 +333,7 @@ class Engine:
             RemoteProtocolError: the frame breaks the protocol; the engine is CLOSED and ``error.frame``
                 holds the error frame to send before closing.
         """
-        if self.state is State.CLOSED:
+        if self._state is State.CLOSED:
             raise LocalProtocolError("receive_frame() after CLOSED")
         try:
             envelope = payload if isinstance(payload, wire.Envelope) else wire.decode_envelope(payload)
@@ -289,15 +343,16 @@ class Engine:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
             typed = messages.parse(message.type, dict(message.fields))
             if isinstance(typed, messages.Error):
-                self._round = None
-                self.state = State.CLOSED
+                self._close_rounds()
+                self._state = State.CLOSED
                 raise PeerError(typed.code, typed.message, list(typed.versions))
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
-            if self._held or self._needs_work(typed.type):
-                self._held.append((envelope, typed))  # handled once the work is back, in order
+            if self._waits(typed, self._held):
+                self._held.append((envelope, typed))  # handled once what it waits for is done
             else:
                 self._handle(envelope, typed)
+                self._release()  # its round moved on: a frame of a later round may go now
             return self._flush()
         except RemoteProtocolError as error:
             self._fail(error)
@@ -312,10 +367,10 @@ class Engine:
                 link's frame does not match the peer's).
         """
         entry = self._jobs.pop(job, None)
-        if self.state is State.CLOSED:
+        if self._state is State.CLOSED:
             return []
         try:
-            if entry is not None and entry.round is self._round:
+            if entry is not None and self._rounds.get(entry.round.number) is entry.round:
                 entry.apply(outcome)
             self._release()
             return self._flush()
@@ -323,26 +378,63 @@ class Engine:
             self._fail(error)
             raise
 
-    def _needs_work(self, message_type: str) -> bool:
-        return any(job.round is self._round and message_type in job.needed_by for job in self._jobs.values())
+    def _waits(self, message: messages.Message, before: list[tuple[wire.Envelope, messages.Message]]) -> bool:
+        """Whether a frame must wait: behind a held frame of its round (or of the session), for work of
+        its round it needs, or — the messages of :data:`_IN_ORDER` — for earlier rounds, so that rounds
+        are stored and committed in order (§13)."""
+        number = getattr(message, "round", None)
+        if any(getattr(held, "round", None) in (number, None) for _, held in before):
+            return True
+        r = None if number is None else self._rounds.get(number)
+        if r is None:
+            return False
+        if any(job.round is r and message.type in job.needed_by for job in self._jobs.values()):
+            return True
+        if message.type not in _IN_ORDER:
+            return False
+        after = _IN_ORDER[message.type]
+        return any(
+            e.number < r.number and (after is None or e.state is not after) for e in self._rounds.values()
+        )
 
     def _release(self) -> None:
-        """Handle the frames held for work, in order, as far as the work they need is back."""
-        while self._held and self.state is not State.CLOSED and not self._needs_work(self._held[0][1].type):
-            self._handle(*self._held.pop(0))
+        """Handle the held frames that need wait no longer, each behind the ones of its round."""
+        i = 0
+        while i < len(self._held) and self._state is not State.CLOSED:
+            envelope, message = self._held[i]
+            if self._waits(message, self._held[:i]):
+                i += 1
+                continue
+            del self._held[i]
+            self._handle(envelope, message)
+            i = 0  # its round moved on: an earlier-held frame may go now
 
     def _handle(self, envelope: wire.Envelope, message: messages.Message) -> None:
-        if self._is_stale(message):
-            # §13: the peer sent it before it learnt that we dropped that round. §16: it spent a
-            # one-time pad on the frame's transcript tag, so we skip that pad too, unverified:
-            # both sides then take the same pad for the next tag.
-            if envelope.tag and self._dropped_auth == "reserve":
-                self._take_pads()
+        number = getattr(message, "round", None)
+        if number is not None and number in self._dropped and number not in self._rounds:
+            # §13: the peer sent it before it learnt that we dropped that round. §16: a tagged amplify
+            # took the next tag slot at the peer, so it takes it here too, unverified: both sides then
+            # give the same slot to the next round
+            if envelope.tag and message.type == "amplify" and self._dropped[number] == "reserve":
+                self._slots += 1
             return
         if envelope.tag and message.type not in _TAGGED:
             raise RemoteProtocolError(f"{message.type} carries no transcript tag", code="bad-message")
         self._frame = envelope
-        self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
+        if isinstance(message, messages.RoundStart):
+            started = self._on_round_start(message)
+            self._transition("recv:round_start", lambda: self._round_started(started), started)
+            return
+        if number is None:
+            self._transition(f"recv:{message.type}", lambda: self._dispatch(message))
+            return
+        r = self._rounds.get(number)
+        if r is None:  # a round not open is in IDLE (not started, or over)
+            raise RemoteProtocolError(
+                f"{message.type} is not allowed in state IDLE: round {number} is not open", code="bad-state"
+            )
+        _record(r.received, envelope.seq, envelope.body)
+        self._transition(f"recv:{message.type}", lambda: self._round_message(r, message), r)
 
     def _decode(self, envelope: wire.Envelope) -> wire.Message:
         try:
@@ -372,26 +464,41 @@ class Engine:
         return self._flush()
 
     def start_round(self) -> list[Action]:
-        """Alice, in IDLE: open the next round on the next frame of the link."""
+        """Alice: open the next round on the next frame of the link (see :attr:`can_start_round`)."""
         if self.role != "alice":
             raise LocalProtocolError("only Alice starts rounds")
-        self._transition("start_round", self._start_round)
+        if not self.can_start_round:
+            raise LocalProtocolError(f"start_round is not allowed in state {self.state.value}")
+        auth = self._round_auth()
+        number = self._next_round
+        r = self._new_round(number, number, auth=auth)
+
+        def start() -> State:
+            self._next_round += 1
+            self._rounds[number] = r
+            self._out.append(ReserveRound(number))
+            self._fetch_frame(r)
+            return State.SIFTING
+
+        self._transition("start_round", start, r)
         return self._flush()
 
-    def abort_round(self, reason: str) -> list[Action]:
-        """Abandon the round under way (e.g. the link failed), telling the peer."""
+    def abort_round(self, reason: str, number: int | None = None) -> list[Action]:
+        """Abandon round ``number`` (default: the oldest open one), e.g. the link failed, telling the
+        peer."""
+        r = self._rounds.get(self.round_number if number is None else number)  # type: ignore[arg-type]
+        if r is None:
+            raise LocalProtocolError("abort_round: no such open round")
 
         def abort() -> State:
-            r = self._round
-            assert r is not None
             self._send("abort", round=r.number, reason=reason[:256])
             # §13: Bob in COMMITTING holds the round pending and Alice may have committed it already;
             # it stays pending until the next connection's resolve says which
-            pending = self.role == "bob" and self.state is State.COMMITTING
-            return self._end_aborted(reason, record=not pending)
+            pending = self.role == "bob" and r.state is State.COMMITTING
+            return self._end_aborted(r, reason, record=not pending)
 
-        self._transition("abort", abort)
-        self._release()  # frames held for the round's work: now stale, or of no round
+        self._transition("abort", abort, r)
+        self._release()  # frames held for the round's work: now stale
         return self._flush()
 
     def seal(self, body: bytes) -> bytes:
@@ -404,21 +511,21 @@ class Engine:
         if code not in self._spec.errors:
             raise LocalProtocolError(f"unknown error code {code!r}")
         frame = self._error_frame(code, message)
-        self.state = State.CLOSED
-        self._keep_unfinished()
-        self._held = []
+        self._close_rounds()
+        self._state = State.CLOSED
         return frame
 
     # -- plumbing
 
-    def _transition(self, on: str, handler: Callable[[], State]) -> None:
-        allowed = self._spec.allowed(self.role, self.state.value, on)
+    def _transition(self, on: str, handler: Callable[[], State], r: Round | None = None) -> None:
+        """Run ``handler`` for event ``on`` of the session (``r`` None) or of round ``r``, checked against
+        the spec's table before and after: a round's states run from IDLE (not started) to IDLE (over)."""
+        state = self._state if r is None else r.state
+        allowed = self._spec.allowed(self.role, state.value, on)
         if allowed is None:
             if on.startswith("recv:"):
-                raise RemoteProtocolError(
-                    f"{on[5:]} is not allowed in state {self.state.value}", code="bad-state"
-                )
-            raise LocalProtocolError(f"{on} is not allowed in state {self.state.value}")
+                raise RemoteProtocolError(f"{on[5:]} is not allowed in state {state.value}", code="bad-state")
+            raise LocalProtocolError(f"{on} is not allowed in state {state.value}")
         self._sent = []
         written = len(self._out)
         new_state = handler()
@@ -429,52 +536,71 @@ class Engine:
             or not persisted <= set(allowed.persist)
         ):
             raise LocalProtocolError(
-                f"{self.role} {self.state.value} --{on}--> {new_state.value} sending {self._sent} and "
+                f"{self.role} {state.value} --{on}--> {new_state.value} sending {self._sent} and "
                 f"persisting {sorted(persisted)} "
                 "is not in protocol/qkdp-v2.toml"
             )
-        self.state = new_state
+        if r is None:
+            self._state = new_state
+        else:
+            r.state = new_state
 
-    def _emit(self, name: str, body: bytes, *, tagged: bool = False) -> None:
+    def _emit(self, name: str, body: bytes, *, round: int | None = None, tagged: bool = False) -> None:
         tag = b""
-        if self._round is not None:
-            _record(self._round.sent, self._frames.send_seq, body)
-            if tagged and self._round.auth == "reserve":
-                tag = self._round_tag(self._round.sent)
-                self._round.sent = wc.Transcript(self._round.mac)  # the next tag covers the frames after this
+        r = None if round is None else self._rounds.get(round)
+        if r is not None:
+            _record(r.sent, self._frames.send_seq, body)
+            if tagged and r.auth == "reserve":
+                tag = self._round_tag(r, name)
+                r.sent = wc.Transcript(r.mac)  # the next tag covers the frames after this one
         self._sent.append(name)
         self._out.append(Send(self._frames.seal(body, tag), name))
 
     def _send(self, name: str, *, tagged: bool = False, **fields: Any) -> None:
-        self._emit(name, wire.encode_message(name, **fields), tagged=tagged)
+        self._emit(name, wire.encode_message(name, **fields), round=fields.get("round"), tagged=tagged)
 
     # -- reserve-based authentication (§16-§17)
 
-    def _reserve_pays_for_a_round(self, total: int) -> bool:
-        """Whether a reserve of ``total`` bits, from the agreed position on, pays for a round's tags."""
-        return total >= self.settings.reserve_switch_bits and total - self._pointer >= ROUND_RESERVE_BITS
+    def _reserve_pays_for(self, total: int, rounds: int) -> bool:
+        """Whether a reserve of ``total`` bits pays for the tags of ``rounds`` more rounds, after the
+        slots given out so far."""
+        return (
+            total >= self.settings.reserve_switch_bits
+            and total - self._pointer >= rounds * ROUND_RESERVE_BITS
+        )
 
     def _mac(self) -> wc.Mac:
         if self._wc is None:
             self._wc = wc.Mac(self._store.reserve.hash_keys())
         return self._wc
 
-    def _take_pads(self) -> list[int]:
-        """The next one-time pad; consumed durably before anything using it is sent."""
-        pads = self._store.reserve.pads(self._pointer)
-        self._pointer += wc.OTP_BITS
-        self._out.append(ConsumeReserve(self._pointer))
+    def _round_tag(self, r: Round, message: str) -> bytes:
+        """Our tag on round ``r``'s transcript, closed by ``message`` (§16)."""
+        if r.sent.length > wc.MAX_TRANSCRIPT_BYTES:
+            raise LocalProtocolError("round transcript over the authenticated maximum")
+        return r.sent.tag(self._pads(r, message))
+
+    def _pad_position(self, r: Round, message: str) -> int:
+        """Where the pad of round ``r``'s tag on ``message`` starts (§16): its ``amplify`` takes the
+        session's next tag slot of three pads; ``commit`` and ``committed`` the slot's second and third."""
+        if r.slot is None:
+            if message != "amplify":
+                raise LocalProtocolError(f"{message} of round {r.number} before its amplify")
+            r.slot, self._slots = self._slots, self._slots + 1
+        return self._hs.pointer + r.slot * ROUND_RESERVE_BITS + _TAGGED.index(message) * wc.OTP_BITS
+
+    def _pads(self, r: Round, message: str) -> list[int]:
+        """The pad of round ``r``'s tag on ``message``, consumed durably before anything using it is
+        sent."""
+        position = self._pad_position(r, message)
+        pads = self._store.reserve.pads(position)
+        self._out.append(ConsumeReserve(position + wc.OTP_BITS))
         return pads
 
-    def _round_tag(self, transcript: wc.Transcript) -> bytes:
-        if transcript.length > wc.MAX_TRANSCRIPT_BYTES:
-            raise LocalProtocolError("round transcript over the authenticated maximum")
-        return transcript.tag(self._take_pads())
-
     def _flush(self) -> list[Action]:
-        r = self._round
-        if r is not None and max(r.sent.unabsorbed, r.received.unabsorbed) >= wc.Transcript.CHUNK_BYTES:
-            self._hash_transcripts(r)  # while waiting for the peer, not when the tag is due
+        for r in self._rounds.values():
+            if max(r.sent.unabsorbed, r.received.unabsorbed) >= wc.Transcript.CHUNK_BYTES:
+                self._hash_transcripts(r)  # while waiting for the peer, not when the tag is due
         out, self._out = self._out, []
         return out
 
@@ -520,7 +646,7 @@ class Engine:
         job = next(self._job_ids)
 
         def ready(outcome: Outcome) -> None:
-            self._transition("link_frame", lambda: r.frame_ready(outcome.get()))
+            self._transition("link_frame", lambda: r.frame_ready(outcome.get()), r)
 
         self._jobs[job] = _Job(r, "frame", frozenset(), ready)
         self._out.append(FetchFrame(job, self.role, r.frame))
@@ -531,46 +657,32 @@ class Engine:
         )
         return self._frames.seal(body, mac_if_keyed=True)
 
-    _failed: tuple[int, bool] | None = None  # the unfinished round when the engine closed
-
-    def _keep_unfinished(self) -> None:
-        """Close the open round's books: remember what became of it (for the driver's log)."""
-        if self._round is not None:
-            self._failed = self._round.number, self._round.pending
-        self._round = None
+    def _close_rounds(self) -> None:
+        """Close the open rounds' books: remember what became of them (for the driver's log)."""
+        if self._rounds:
+            self._unfinished = [(r.number, r.pending) for r in self._rounds.values()]
+        self._rounds = {}
+        self._held = []
 
     def _fail(self, error: RemoteProtocolError) -> None:
         self._out = []
-        self._keep_unfinished()
-        if self.state is not State.CLOSED and not isinstance(error, PeerError):
+        self._close_rounds()
+        if self._state is not State.CLOSED and not isinstance(error, PeerError):
             error.frame = self._error_frame(error.code, str(error))
-        self.state = State.CLOSED
+        self._state = State.CLOSED
 
-    # -- handshake (§10–§13)
+    # -- the session's messages (§10–§13); the others are their round's
 
     def _dispatch(self, message: messages.Message) -> State:
-        """Handshake messages, ``round_start``, ``keepalive`` and ``abort`` are the session's; every other
-        one is its round's."""
-        handler = getattr(self, f"_on_{message.type}", None)
-        if handler is None:
-            if self._round is None:  # pragma: no cover - the spec check above makes this unreachable
-                raise LocalProtocolError(f"no handler for {message.type}")
-            handler = self._round.handle
-        number = getattr(message, "round", None)
-        if self._round is not None and number is not None and number != self._round.number:
-            raise RemoteProtocolError(
-                f"{message.type} names round {number}, the open round is {self._round.number}"
-            )
-        r = self._round
-        if r is None:
-            new_state: State = handler(message)
-            return new_state
-        _record(r.received, self._frame.seq, self._frame.body)
-        new_state = handler(message)
-        if new_state is State.IDLE and self._round is r:  # the round is over: committed
-            self._round = None
+        handler: Callable[[Any], State] = getattr(self, f"_on_{message.type}")
+        return handler(message)
+
+    def _round_message(self, r: Round, message: messages.Message) -> State:
+        new_state = self._on_abort(r, message) if isinstance(message, messages.Abort) else r.handle(message)
         if r.qber is not None:
             self._last_qber = r.qber
+        if new_state is State.IDLE:  # the round is over: committed, or dropped already
+            self._rounds.pop(r.number, None)
         return new_state
 
     def _on_hello(self, message: messages.Hello) -> State:
@@ -585,22 +697,21 @@ class Engine:
     def _on_resolve(self, message: messages.Resolve) -> State:
         return self._hs.on_resolve(message)
 
-    # -- a round, Alice's and Bob's handlers interleaved in protocol order
+    def _on_keepalive(self, message: messages.Keepalive) -> State:
+        return State.IDLE
 
-    def _start_round(self) -> State:
-        auth = self._round_auth()
-        number = self._next_round
-        self._next_round += 1
-        self._round = self._new_round(number, number, auth=auth)
-        self._out.append(ReserveRound(number))
-        self._fetch_frame(self._round)
-        return State.SIFTING
+    def _on_abort(self, r: Round, message: messages.Abort) -> State:
+        return self._end_aborted(r, f"the peer aborted the round: {message.reason}")
+
+    # -- opening rounds
 
     def _round_auth(self) -> str:
-        """How the next round is authenticated (§17): from the reserve once it holds enough bits."""
+        """How the next round is authenticated (§17): from the reserve once it holds enough bits for it
+        and every open round that has no tag slot yet."""
         total = self._store.reserve.total_bits
         if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
-            if self._reserve_pays_for_a_round(total):
+            unslotted = sum(r.auth == "reserve" and r.slot is None for r in self._rounds.values())
+            if self._reserve_pays_for(total, unslotted + 1):
                 return "reserve"
             if self.settings.fallback_to_psk:
                 return self._session_auth()
@@ -615,11 +726,22 @@ class Engine:
         bootstrap method, or ``session`` on a connection authenticated by a reserve handshake key."""
         return "session" if self.auth == "reserve" else self.auth
 
-    def _on_round_start(self, message: messages.RoundStart) -> State:
+    def _on_round_start(self, message: messages.RoundStart) -> Round:
+        """Bob: the round ``round_start`` opens, checked (:meth:`_round_started` opens it)."""
+        if self._state is not State.IDLE:
+            raise RemoteProtocolError(
+                f"round_start is not allowed in state {self.state.value}", code="bad-state"
+            )
         number = message.round
         if number < self._next_round:
             raise RemoteProtocolError(f"round {number} was used before (next is {self._next_round})")
-        if message.auth == "reserve" and not self._reserve_pays_for_a_round(self._store.reserve.total_bits):
+        if len(self._rounds) >= self.window:
+            raise RemoteProtocolError(
+                f"round {number}: {self.window} rounds are open already", code="bad-state"
+            )
+        # Alice checked that the reserve pays for this round and every earlier one without a slot; Bob
+        # checks the weaker condition that it pays for one round after the slots he has seen
+        if message.auth == "reserve" and not self._reserve_pays_for(self._store.reserve.total_bits, 1):
             raise RemoteProtocolError(
                 "a reserve round, but Bob's reserve cannot pay for it", code="reserve-exhausted"
             )
@@ -633,30 +755,20 @@ class Engine:
                 "with auth.fallback_to_psk",
                 code="config-mismatch",
             )
-        self._next_round = number + 1
-        self._out.append(ReserveRound(number))
-        self._round = self._new_round(number, message.frame, pulses=message.pulses, auth=message.auth)
-        _record(self._round.received, self._frame.seq, self._frame.body)
-        self._fetch_frame(self._round)
+        return self._new_round(number, message.frame, pulses=message.pulses, auth=message.auth)
+
+    def _round_started(self, r: Round) -> State:
+        self._next_round = r.number + 1
+        self._out.append(ReserveRound(r.number))
+        self._rounds[r.number] = r
+        _record(r.received, self._frame.seq, self._frame.body)
+        self._fetch_frame(r)
         return State.SIFTING
-
-    def _on_keepalive(self, message: messages.Keepalive) -> State:
-        return State.IDLE
-
-    def _on_abort(self, message: messages.Abort) -> State:
-        return self._end_aborted(f"the peer aborted the round: {message.reason}")
-
-    # -- round helpers
 
     def _new_round(self, number: int, frame: int, *, auth: str, **fields: Any) -> Round:
         # a reserve round's hash keys are there: the round was checked to afford it
         mac = self._mac() if auth == "reserve" else None
         return Round(self._host, number, frame, auth=auth, qber_guess=self._last_qber, mac=mac, **fields)
-
-    def _open_round(self) -> Round:
-        if self._round is None:  # pragma: no cover - the state table only routes round messages here
-            raise LocalProtocolError("no open round")
-        return self._round
 
     def _refill(self, bound: int) -> int:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
@@ -665,26 +777,15 @@ class Engine:
             bound, available, self.settings.reserve_bits_per_round, self.settings.reserve_target_bits
         )
 
-    def _end_aborted(self, reason: str, *, record: bool = True) -> State:
-        """Drop the open round; ``record``: store its figures as aborted (which drops a pending round)."""
-        r = self._open_round()
+    def _end_aborted(self, r: Round, reason: str, *, record: bool = True) -> State:
+        """Drop round ``r``; ``record``: store its figures as aborted (which drops a pending round)."""
         if record:
             self._out.append(RoundEnded(r.summary(reason), "aborted"))
-        self._round = None
-        self._dropped_round, self._dropped_auth = r.number, r.auth
+        self._rounds.pop(r.number, None)
+        self._dropped[r.number] = r.auth
+        while len(self._dropped) > DROPPED_KEPT:
+            del self._dropped[next(iter(self._dropped))]
         return State.IDLE
-
-    _dropped_round: int | None = None
-    _dropped_auth: str | None = None
-
-    def _is_stale(self, message: messages.Message) -> bool:
-        """A round message for the round we aborted last, which the peer may still have been running."""
-        number = getattr(message, "round", None)
-        return (
-            number is not None
-            and number == self._dropped_round
-            and (self._round is None or self._round.number != number)
-        )
 
 
 def _record(transcript: wc.Transcript, seq: int, body: bytes) -> None:

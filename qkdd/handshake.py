@@ -79,6 +79,8 @@ class Handshake:
         #: the first unused reserve bit as agreed with the peer (§17), from its authenticated sync on
         self.pointer = 0
         self.next_round = store.next_round
+        #: how many rounds may be open at once: the smaller of the two sides' (§13), from the peer's sync
+        self.window = 1
         self.own_pending = store.pending_rounds() if role == "bob" else []
         self.keys = store.reserve.handshake_keys()  # §17: our handshake keys, as of this connection
         self.hellos: dict[str, bytes] = {}
@@ -251,6 +253,7 @@ class Handshake:
             key_block_bits=self.settings.key_block_bits,
             reserve_total=reserve.total_bits,
             reserve_consumed=reserve.consumed,
+            window=self.settings.window,
         )
         return State.SYNC
 
@@ -262,6 +265,7 @@ class Handshake:
                     code="config-mismatch",
                 )
         self.next_round = max(self.next_round, message.next_round)
+        self.window = min(self.settings.window, message.window)
         # §17: both continue from the larger position, learnt only now that the peer is authenticated,
         # so no pad either side marked used is used again, and a stranger moves nothing
         self.pointer = max(self._store.reserve.consumed, message.reserve_consumed)

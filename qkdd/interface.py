@@ -296,3 +296,4 @@ class EngineSettings:
     round_timeout: float = spec.load().timeouts["round"]
     idle_timeout: float = spec.load().timeouts["idle"]
     key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
+    window: int = 1  # rounds this side lets be open at once (§13); the session takes the smaller

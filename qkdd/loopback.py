@@ -215,6 +215,19 @@ class EnginePair:
         self.handle("alice", self.alice.start_round())
         self.run()
 
+    def rounds(self, count: int, max_steps: int = 1_000_000) -> None:
+        """Run ``count`` rounds, Alice opening each as soon as her window allows (several in flight)."""
+        started = 0
+        for _ in range(max_steps):
+            if started < count and self.alice.can_start_round:
+                self.handle("alice", self.alice.start_round())
+                started += 1
+            elif not self.step():
+                if started < count:
+                    raise AssertionError("the engines stopped with rounds left to start")
+                return
+        raise AssertionError("the engines did not settle")
+
 
 def run_rounds(
     settings: engine.EngineSettings,
@@ -229,6 +242,5 @@ def run_rounds(
     bob = engine.Engine("bob", settings, info=links[1].info, store=bob_store, random=randoms[1])
     pair = EnginePair(alice, alice_store, bob, bob_store, links)
     pair.connect()
-    for _ in range(rounds):
-        pair.round()
+    pair.rounds(rounds)
     return pair.summaries["alice"]

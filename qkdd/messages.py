@@ -57,6 +57,7 @@ class Sync:
     key_block_bits: int
     reserve_total: int
     reserve_consumed: int
+    window: int
     type: str = field(default="sync", repr=False)
 
 

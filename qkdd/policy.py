@@ -116,3 +116,13 @@ def lost_round_delay(
     if available_bits >= target_bits // 2 or lost <= 0:
         return 0.0
     return float(min(LOST_ROUND_LONGEST_DELAY, LOST_ROUND_FIRST_DELAY * 2.0 ** min(lost - 1, 64)))
+
+
+ROUND_STATES_BEFORE_RECONCILING = ("SIFTING", "ESTIMATING")
+
+
+def may_start_round(open_states: Sequence[str], window: int) -> bool:
+    """Alice opens a round while fewer than ``window`` are open and every open one is past sifting and
+    estimation (§13): the new round's link frame, sifting and estimation then overlap the open rounds'
+    reconciliation and amplification instead of competing with their own start."""
+    return len(open_states) < window and not set(open_states) & set(ROUND_STATES_BEFORE_RECONCILING)

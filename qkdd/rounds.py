@@ -50,10 +50,10 @@ class Host:
     send: Callable[..., None]  # send(name, *, tagged=False, **fields): framed, recorded, tagged (§16)
     act: Callable[[Action], None]  # a durable action, checked against the transition's persist list
     hand_out: Callable[..., None]  # hand_out(round, kind, function, *, needed_by, apply=None, urgent=False)
-    take_pads: Callable[[], list[int]]  # the next one-time pad (§16), consumed durably first
+    pads: Callable[[Round, str], list[int]]  # the pad of the round's tag on a message (§16), consumed first
     frame_tag: Callable[[], bytes]  # the transcript tag on the frame being handled
     refill: Callable[[int], int]  # Alice: the reserve's share of a bound (§17)
-    end: Callable[..., State]  # end(round, reason, *, record=True): drop the round, store why
+    end: Callable[..., State]  # end(round, reason, *, record=True): drop the round, store why, -> IDLE
 
 
 @dataclass(eq=False)
@@ -64,6 +64,8 @@ class Round:
     number: int
     frame: int
     auth: str = "psk"
+    state: State = State.IDLE  # the round's own state (§15): IDLE before it starts and once it is over
+    slot: int | None = None  # its tag slot in the session (§16), from its amplify on
     qber_guess: float | None = None  # the previous round's exact Z error rate (Cascade's guess, Bob)
     pulses: int = 0
     detections: int = 0
@@ -436,7 +438,9 @@ class Round:
             )
         if expected == 0:
             return self.host.end(self, f"no secret key: {self.length_reason}")
-        self._check_round_tag()  # §16: nothing of the round is kept unless Alice's transcript verifies
+        self._check_round_tag(
+            "amplify"
+        )  # §16: nothing of the round is kept unless Alice's transcript verifies
         seed = amplify.AmplificationSeed(message.input_bits, message.output_bits, message.seed)
         prepared = self.results.pop("amplification").get()
         final = amplify.amplify(self.key, seed, prepared)
@@ -454,18 +458,18 @@ class Round:
             raise RemoteProtocolError(
                 f"commit: Bob holds {message.blocks} key blocks, Alice {len(self.blocks)}"
             )
-        self._check_round_tag()
+        self._check_round_tag("commit")
         self.host.act(RoundEnded(self.summary(None), "committed", self.blocks, self.reserve))
         self.host.send("committed", tagged=True, round=self.number)
         return State.IDLE
 
     def on_committed(self, message: messages.Committed) -> State:
-        self._check_round_tag()
+        self._check_round_tag("committed")
         self.host.act(CommitRound(self.number))
         return State.IDLE
 
-    def _check_round_tag(self) -> None:
-        """Verify the peer's transcript tag on the frame just received (reserve rounds, §16)."""
+    def _check_round_tag(self, message: str) -> None:
+        """Verify the peer's transcript tag on ``message``, the frame just received (reserve rounds, §16)."""
         tag = self.host.frame_tag()
         if self.auth != "reserve":
             if tag:
@@ -473,7 +477,7 @@ class Round:
             return
         if len(tag) != wc.TAG_BYTES or self.received.length > wc.MAX_TRANSCRIPT_BYTES:
             raise RemoteProtocolError("missing or malformed transcript tag", code="bad-mac")
-        expected = self.received.tag(self.host.take_pads())
+        expected = self.received.tag(self.host.pads(self, message))
         if not hmac.compare_digest(expected, tag):
             raise RemoteProtocolError(
                 f"round {self.number}: the transcript tag does not verify", code="bad-mac"

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
 
-from qkdd import engine, policy, spec, wire
-from qkdd.auth import wegman_carter as wc
+from qkdd import engine, spec, wire
 from qkdd.errors import RemoteProtocolError
-from qkdd.handshake import Handshake
 from tests.helpers import ConnectionPair, MemoryStore
 
 SMALL = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}
@@ -29,32 +26,6 @@ HANDSHAKE = ("hello", "auth", "sync", "resolve")
 
 #: (sender, message name, frame) -> the frames delivered instead: [] drops it, two copies duplicate it
 Mutation = Callable[[str, str, bytes], list[bytes]]
-
-
-@pytest.fixture
-def pads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, str]]]:
-    """Every reserve range a side takes for one use: a sender's one-time pad for a tag, Alice's new
-    handshake key; (first bit, past bit, what), across all connections. They must never overlap (I1)."""
-    used: list[tuple[int, int, str]] = []
-    round_tag, announce_key = engine.Engine._round_tag, Handshake.announce_key
-
-    def tag(self: engine.Engine, transcript: Any) -> bytes:
-        used.append((self._pointer, self._pointer + wc.OTP_BITS, f"{self.role} tag"))
-        return round_tag(self, transcript)
-
-    def announce(self: Handshake) -> list[int]:
-        before = self.keys.next
-        announced = announce_key(self)
-        if self.keys.next != before and self.keys.next is not None:
-            used.append((self.keys.next, self.keys.next + policy.HANDSHAKE_KEY_BITS, "handshake key"))
-        return announced
-
-    monkeypatch.setattr(engine.Engine, "_round_tag", tag)
-    monkeypatch.setattr(Handshake, "announce_key", announce)
-    yield used
-    spans = sorted(used)
-    overlaps = [(a, b) for a, b in itertools.pairwise(spans) if a[1] > b[0]]
-    assert not overlaps, f"reserve bits used twice (I1): {overlaps}"
 
 
 def durable(store: MemoryStore) -> Any:

@@ -483,6 +483,7 @@ MESSAGE_SAMPLES: dict[str, dict[str, Any]] = {
         "key_block_bits": 256,
         "reserve_total": 0,
         "reserve_consumed": 0,
+        "window": 1,
     },
     "resolve": {"committed": [], "key_next": []},
     "round_start": {"round": 0, "frame": 0, "pulses": 1 << 19, "auth": "psk"},

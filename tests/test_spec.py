@@ -83,10 +83,10 @@ def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(
     taken: Counter[tuple[str, str, str, str]] = Counter()
     original = engine.Engine._transition
 
-    def recording(self: engine.Engine, on: str, handler):  # type: ignore[no-untyped-def]
-        before = self.state.value
-        original(self, on, handler)
-        taken[(self.role, before, on, self.state.value)] += 1
+    def recording(self: engine.Engine, on: str, handler, r=None):  # type: ignore[no-untyped-def]
+        before = (self._state if r is None else r.state).value
+        original(self, on, handler, r)
+        taken[(self.role, before, on, (self._state if r is None else r.state).value)] += 1
 
     monkeypatch.setattr(engine.Engine, "_transition", recording)
     pair = ConnectionPair()

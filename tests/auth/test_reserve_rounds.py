@@ -288,8 +288,9 @@ def test_fallback_to_psk_keeps_a_dry_link_running_on_session_authentication() ->
     ],
 )
 def test_an_abort_in_any_state_of_a_reserve_round_keeps_both_pads_in_step(aborter: str, state: str) -> None:
-    """A tagged frame the peer sent before it saw our abort is discarded, and its pad skipped at both
-    sides: the next reserve round's tags verify (found by `qkdd conform`, abort in COMMITTING)."""
+    """A tagged frame the peer sent before it saw our abort is discarded; a tagged amplify takes its tag
+    slot at both sides: the next reserve round's tags take the same pads at both sides and verify (found
+    by `qkdd conform`, abort in COMMITTING)."""
     pair = pair_with()
     for _ in range(3):
         pair.round()
@@ -309,7 +310,7 @@ def test_an_abort_in_any_state_of_a_reserve_round_keeps_both_pads_in_step(aborte
     else:
         pair.run()
     assert pair.alice.state is pair.bob.state is engine.State.IDLE
-    assert pair.alice_store.reserve.consumed == pair.bob_store.reserve.consumed
+    assert pair.alice._pointer == pair.bob._pointer  # the next tag slot
     pair.round()
     assert pair.summaries["alice"][-1].auth == "reserve" and not pair.summaries["alice"][-1].aborted
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
