@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
     bench.add_argument("--pulses", type=int, help="e2e: pulses per frame (default: the demo's, 2^26)")
     bench.add_argument(
+        "--window", type=int, help="e2e: rounds in flight on the connection (default: run.window's default)"
+    )
+    bench.add_argument(
         "--rtt",
         type=_milliseconds,
         help="e2e: round-trip times in ms to add between Alice and Bob at 10 km, comma-separated "
@@ -222,9 +225,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("qkdd bench: --frames must be at least 1", file=sys.stderr)
             return 2
         if args.what == "e2e":
-            from qkdd import demo  # noqa: PLC0415
+            from qkdd import config, demo  # noqa: PLC0415
 
-            return demo.bench_e2e(args.quick, args.json, args.rounds, args.rtt, args.pulses)
+            window = config.DEFAULT_WINDOW if args.window is None else args.window
+            if not 1 <= window <= config.MAX_WINDOW:
+                print(f"qkdd bench: --window must lie in [1, {config.MAX_WINDOW}]", file=sys.stderr)
+                return 2
+            return demo.bench_e2e(args.quick, args.json, args.rounds, args.rtt, args.pulses, window)
         if args.what == "etsi014":
             from qkdd.delivery import demo as delivery_demo  # noqa: PLC0415
 

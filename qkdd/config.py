@@ -18,6 +18,10 @@ from qkdd import spec
 from qkdd.errors import InputError
 from qkdd.stages import cascade, estimation, keylength
 
+DEFAULT_WINDOW = 1
+"""Rounds in flight on one session unless ``run.window`` says otherwise (qkdp-v2.md §13)."""
+MAX_WINDOW = 64
+
 
 @dataclass(frozen=True)
 class Address:
@@ -120,6 +124,7 @@ class Config:
     auth: Authentication = Authentication()
     max_rounds: int = 0  # 0: run until stopped
     round_pause: float = 0.0
+    window: int = DEFAULT_WINDOW  # rounds this side lets be open at once (qkdp-v2.md §13)
     source: Path | None = None
     pki: PkiFiles | None = None  # PKI bootstrap
     etsi014: Etsi014 | None = None  # key delivery API
@@ -270,7 +275,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     )
 
     run = _table(raw, "run")
-    _take(run, "run.", {"max_rounds", "round_pause"})
+    _take(run, "run.", {"max_rounds", "round_pause", "window"})
     etsi014 = _etsi014(raw["etsi014"], base, f"{link_id}-{role}") if "etsi014" in raw else None
     return Config(
         role=role,
@@ -288,6 +293,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
         auth=authentication,
         max_rounds=_number(run.get("max_rounds", 0), "run.max_rounds", low=0, integer=True),
         round_pause=_number(run.get("round_pause", 0.0), "run.round_pause", low=0, high=3600),
+        window=_number(run.get("window", DEFAULT_WINDOW), "run.window", low=1, high=MAX_WINDOW, integer=True),
         etsi014=etsi014,
     )
 
@@ -392,6 +398,7 @@ def render(
     sim: Mapping[str, Any] | None = None,
     max_rounds: int = 0,
     pki: tuple[str, str, str, str] | None = None,
+    window: int = DEFAULT_WINDOW,
 ) -> str:
     """A commented config file (``qkdd init``, ``qkdd demo``); ``pki``: (certificate, key, CA, peer name)."""
     network = f'listen = "{listen}"' if listen else f'peer = "{peer}"'
@@ -443,6 +450,7 @@ backend = "sim"
 
 [run]
 max_rounds = {max_rounds}      # 0: run until stopped
+window = {window}              # rounds in flight on one connection (the two sides use the smaller)
 """
 
 

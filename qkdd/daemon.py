@@ -141,6 +141,7 @@ def engine_settings(
         round_timeout=config.timeouts.round,
         idle_timeout=config.timeouts.idle,
         key_channel=key_channel,
+        window=config.window,
     )
 
 
@@ -157,7 +158,8 @@ class _Session:
     last_sent: float = -math.inf  # when our last round-channel frame went out (trio clock)
     # from any thread: hand the outcome of work the engine handed out back to the session's loop
     hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
-    nursery: trio.Nursery | None = None
+    # the link frames the engine asked for, fetched one at a time in the order asked (_fetch_frames)
+    fetches: trio.MemorySendChannel[engine_mod.FetchFrame] | None = None
 
     async def write(self, frame: bytes) -> None:
         try:
@@ -208,8 +210,7 @@ class Daemon:
         # Alice: unused reserve bits after the last committed round, and where she last waited for it
         self._available_after_commit: int | None = None
         self._waited_at: int | None = None
-        self._round_started: float | None = None
-        self._clock: RoundClock | None = None
+        self._clocks: dict[int, RoundClock] = {}  # the open rounds' clocks, by round number
         self._round_idle = trio.Event()
         self._round_idle.set()
         self.listen_port: int | None = None
@@ -330,7 +331,9 @@ class Daemon:
         # key-channel frames itself, so key delivery never waits for a round's heavy step
         frames_in, frames = trio.open_memory_channel[Any](16)
         async with trio.open_nursery() as nursery:
-            session.nursery, session.hand_back = nursery, _hand_back(nursery, frames_in.clone())
+            session.hand_back = _hand_back(nursery, frames_in.clone())
+            session.fetches, fetches = trio.open_memory_channel[engine_mod.FetchFrame](math.inf)
+            nursery.start_soon(self._fetch_frames, session, fetches)
             try:
                 with session.cancel_scope:
                     await self._execute(session, engine.initiate())
@@ -339,6 +342,7 @@ class Daemon:
                     while True:
                         if (
                             engine.state is engine_mod.State.IDLE
+                            and not engine.round_states
                             and self.role == "alice"
                             and (self.stopping or not self._max_rounds_reached() or self._all_done())
                         ):
@@ -363,9 +367,8 @@ class Daemon:
                                 continue
                             if await self._wait_after_lost_rounds(session, engine):
                                 continue
-                            clock = RoundClock(engine.state.value, trio.current_time())
                             try:
-                                actions = await self._step(engine, clock, engine.start_round)
+                                actions = await self._step(session, engine.start_round, thread=False)
                             except engine_mod.ReserveExhausted as exhausted:
                                 if not self.paused:
                                     self._status("paused: key reserve exhausted", session.peer)
@@ -377,8 +380,10 @@ class Daemon:
                                 self._status("up", session.peer)
                                 log.info("link resumed", extra={"role": self.role})
                             self.paused = False
-                            self._begin_round(clock)
                             await self._execute(session, actions)
+                            deadline = _deadline(engine.timeout)
+                            continue
+                        if await self._start_in_flight(session, engine):
                             deadline = _deadline(engine.timeout)
                             continue
                         item: Any = None
@@ -402,21 +407,25 @@ class Daemon:
                         if item is None:
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
-                        heavy = not engine.cheap_frames
-                        # only the connection that runs rounds has a round clock (others are handshaking)
-                        timed = self._clock if self._active is session else None
                         handled = None
                         if isinstance(item, _Done):  # work the engine handed out is back
                             actions = await self._step(
-                                engine, timed, engine.completed, item.job, item.outcome, thread=heavy
+                                session,
+                                engine.completed,
+                                item.job,
+                                item.outcome,
+                                thread=not engine.cheap_completion,
+                                round=engine.round_of_job(item.job),
                             )
                         else:
-                            if engine.state is engine_mod.State.IDLE and self.role == "bob":
-                                self._begin_round(RoundClock(engine.state.value, trio.current_time()))
-                                timed = self._clock if self._active is session else None
                             envelope, message, handled = item
                             actions = await self._step(
-                                engine, timed, engine.receive_frame, envelope, message, thread=heavy
+                                session,
+                                engine.receive_frame,
+                                envelope,
+                                message,
+                                thread=not engine.cheap(message),
+                                round=None if message is None else message.fields.get("round"),
                             )
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
@@ -426,7 +435,7 @@ class Daemon:
                         if handled is not None:
                             handled.set()
                         deadline = _deadline(engine.timeout)
-                        if self.role == "bob" and self._all_done() and engine.state is engine_mod.State.IDLE:
+                        if self.role == "bob" and self._all_done() and not engine.round_states:
                             self.request_stop("all rounds done")
             except RemoteProtocolError as error:
                 await self._protocol_error(session, error)
@@ -451,6 +460,7 @@ class Daemon:
                 if self._active is session:
                     self._active = None
                     self._status("down")
+                    self._clocks.clear()
                 self._round_idle.set()
                 with trio.CancelScope(shield=True):
                     # the closing frame's sequence number is only right if every frame before it went out
@@ -585,11 +595,27 @@ class Daemon:
         except OSError as error:
             log.warning("cannot write the status file: %s", error.strerror)
 
-    def _begin_round(self, clock: RoundClock) -> None:
-        """A round began when ``clock`` started (Alice: before she fetched its frame)."""
-        self._round_started = clock.started
-        self._clock = clock
-        self._round_idle = trio.Event()
+    async def _start_in_flight(self, session: _Session, engine: engine_mod.Engine) -> bool:
+        """Alice, with rounds open: open one more when the window has room (:attr:`Engine.can_start_round`)
+        and nothing holds rounds back (a stop, a pause, the rounds asked for, a full key store). The
+        pauses themselves happen between rounds, when none is open. Whether she opened one."""
+        if (
+            self.role != "alice"
+            or not engine.round_states
+            or not engine.can_start_round
+            or self.stopping
+            or self.paused
+            or self.config.round_pause
+            or (0 < self.config.max_rounds <= self.rounds_finished + len(engine.round_states))
+            or (self.kme is not None and await self._store_call(self.kme.store_full))
+        ):
+            return False
+        try:
+            actions = await self._step(session, engine.start_round, thread=False)
+        except engine_mod.ReserveExhausted:
+            return False  # the open rounds go on; the pause comes once none is open
+        await self._execute(session, actions)
+        return True
 
     def _max_rounds_reached(self) -> bool:
         return 0 < self.config.max_rounds <= self.rounds_finished
@@ -613,27 +639,38 @@ class Daemon:
 
     async def _step(
         self,
-        engine: engine_mod.Engine,
-        clock: RoundClock | None,
+        session: _Session,
         function: Callable[..., T],
         *args: Any,
         thread: bool = True,
+        round: int | None = None,
     ) -> T:
-        """An engine step (in a worker thread unless told not to), timed on the round's clock."""
-        state, started = engine.state.value, trio.current_time()
+        """An engine step (in a worker thread unless told not to), timed on the rounds' clocks: its
+        seconds count as busy for ``round`` (default: the oldest open round), in that round's state
+        before the step; a round the step opened gets a clock from the step's start. Only the
+        connection that runs rounds keeps clocks (the others are handshaking)."""
+        engine = session.engine
+        assert engine is not None
+        before, started = engine.round_states, trio.current_time()
         try:
             return await self._call(function, *args, thread=thread)
         finally:
-            if clock is not None:
+            if self._active is session:
                 now = trio.current_time()
-                clock.computed(state, now - started)
-                clock.enter(engine.state.value, now)
+                busy = round if round in before else next(iter(before), None)
+                if busy is not None and busy in self._clocks:
+                    self._clocks[busy].computed(before[busy].value, now - started)
+                for number, state in engine.round_states.items():
+                    if number not in self._clocks:
+                        self._clocks[number] = RoundClock(engine_mod.State.IDLE.value, started)
+                        self._round_idle = trio.Event()
+                    self._clocks[number].enter(state.value, now)
 
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
         # a round counts as done only once every action of its last step is carried out: a stop waits
         # for that, so Alice's `committed` goes out before she closes (or Bob keeps the round pending)
-        finished = 0
+        finished: list[int] = []
         for action in _coalesced(actions):
             match action:
                 case engine_mod.Send(frame=frame):
@@ -646,8 +683,9 @@ class Daemon:
                     summary=summary, disposition=disposition, blocks=blocks, reserve=reserve
                 ):
                     ended = trio.current_time()  # the summary's seconds and stages end at the same instant
-                    seconds = self._round_seconds(ended)
-                    stages = "" if self._clock is None else self._clock.format(ended)
+                    clock = self._clocks.get(summary.round)
+                    seconds = 0.0 if clock is None else ended - clock.started
+                    stages = "" if clock is None else clock.format(ended)
                     if disposition == "aborted":
                         await self._store_call(self.store.record_aborted, summary, seconds)
                     else:
@@ -663,11 +701,11 @@ class Daemon:
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
                     if disposition != "pending":
-                        finished += 1
+                        finished.append(summary.round)
                 case engine_mod.CommitRound(round=number):
                     await self._store_call(self.store.commit_round, number)
                     log.info("round %d committed", number)
-                    finished += 1
+                    finished.append(number)
                 case engine_mod.ResolvePending(committed=committed):
                     done, dropped = await self._store_call(self.store.resolve, committed)
                     if done or dropped:
@@ -682,8 +720,8 @@ class Daemon:
                     pool = self._urgent if urgent else self._background
                     pool.submit(action.run).add_done_callback(functools.partial(_ran, session, job))
                 case engine_mod.FetchFrame():
-                    assert session.nursery is not None
-                    session.nursery.start_soon(self._fetch_frame, session, action)
+                    assert session.fetches is not None
+                    session.fetches.send_nowait(action)
                 case engine_mod.SetHandshakeKeys(keys=keys):
                     await self._store_call(self.store.reserve.set_handshake_keys, keys)
                 case engine_mod.RetirePsk():
@@ -695,13 +733,17 @@ class Daemon:
                         await self.kme.attach(session.key_channel, session.write)
                     session.keys_ready.set()
         session.unsent = False
-        for _ in range(finished):
-            self._round_done()
+        for number in finished:
+            self._round_done(number, session)
 
-    async def _fetch_frame(self, session: _Session, action: engine_mod.FetchFrame) -> None:
-        """Ask the link for a round's frame on a worker thread (the simulator's takes a while; its
-        prefetch of the next frame is the link's own) and hand the record back to the session."""
-        session.hand_back(action.job, await trio.to_thread.run_sync(action.run, self.link))
+    async def _fetch_frames(
+        self, session: _Session, fetches: trio.MemoryReceiveChannel[engine_mod.FetchFrame]
+    ) -> None:
+        """Ask the link for the rounds' frames, one at a time in the order the engine asked (a link is
+        not made for concurrent calls; the simulator prefetches the next frame itself), on a worker
+        thread, and hand each record back to the session."""
+        async for action in fetches:
+            session.hand_back(action.job, await trio.to_thread.run_sync(action.run, self.link))
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
@@ -732,14 +774,11 @@ class Daemon:
         if trio.current_time() >= self._keepalive_due(session, engine):
             await self._execute(session, engine.keepalive())
 
-    def _round_seconds(self, now: float) -> float:
-        return 0.0 if self._round_started is None else now - self._round_started
-
-    def _round_done(self) -> None:
+    def _round_done(self, number: int, session: _Session) -> None:
         self.rounds_finished += 1
-        self._round_started = None
-        self._clock = None
-        self._round_idle.set()
+        self._clocks.pop(number, None)
+        if session.engine is None or not session.engine.round_states:
+            self._round_idle.set()
 
 
 _REBOOTSTRAP = "re-bootstrap with a fresh PSK file and auth.fallback_to_psk = true on both sides"
@@ -839,14 +878,14 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 def _abandoned(engine: engine_mod.Engine) -> str:
-    """What became of the round under way when a connection ended, as the engine says, for the log."""
-    unfinished = engine.unfinished_round
-    if unfinished is None:
-        return ""
-    number, pending = unfinished
-    if pending:
-        return f"; round {number} stays pending until the next connection resolves it"
-    return f"; round {number} abandoned, nothing stored"
+    """What became of the rounds under way when a connection ended, as the engine says, for the log."""
+    said = []
+    for number, pending in engine.unfinished_rounds:
+        if pending:
+            said.append(f"round {number} stays pending until the next connection resolves it")
+        else:
+            said.append(f"round {number} abandoned, nothing stored")
+    return "".join(f"; {each}" for each in said)
 
 
 async def run_forever(config: Config) -> int:

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,7 @@ def write_configs(
     bootstrap: str = "psk",
     etsi014: bool = False,
     extra_saes: Mapping[str, Sequence[str]] | None = None,
+    window: int = config_mod.DEFAULT_WINDOW,
 ) -> tuple[Path, Path]:
     """Configs for both roles in ``state_dir``, with a fresh PSK or (``bootstrap="pki"``) a fresh CA
     and node certificates; with ``etsi014``, each daemon also serves the key delivery API to the SAE of
@@ -132,6 +134,7 @@ def write_configs(
                 sim=sim,
                 max_rounds=rounds,
                 pki=files,
+                window=window,
             )
             + (etsi014_section(role, saes[role]) if etsi014 else "")
         )
@@ -210,10 +213,11 @@ def run_demo(
     timeout: float | None = None,
     bootstrap: str = "psk",
     rtt: float = 0.0,
+    window: int = config_mod.DEFAULT_WINDOW,
 ) -> DemoResult:
     """Run both daemons to completion and compare their stores; with ``rtt`` (seconds), Alice reaches
     Bob through a relay that adds that round-trip time."""
-    alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap)
+    alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap, window=window)
     started = time.monotonic()
     relays: list[DelayRelay] = []
 
@@ -269,6 +273,7 @@ def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
             "disclosed_bits": r["disclosed_bits"],
             "secret_bits": r["secret_bits"] if r["state"] == "committed" else 0,
             "seconds": r["seconds"],
+            "finished_at": r["finished_at"],
             "auth": r["auth"],
             "bob_state": bob_rounds.get(r["round"], {}).get("state"),
         }
@@ -358,12 +363,17 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.keys_match else 1
 
 
-def _totals(rounds: Sequence[dict[str, Any]]) -> tuple[int, int, float]:
-    """Sifted bits, secret bits (of committed rounds) and round seconds of ``rounds``."""
+def _totals(rounds: Sequence[dict[str, Any]], since: float | None = None) -> tuple[int, int, float]:
+    """Sifted bits, secret bits (of committed rounds) of ``rounds``, and the seconds they took: from
+    ``since`` (default: the first one's start) to the last one's end. Rounds may overlap (several in
+    flight), so their own durations do not add up."""
+    if not rounds:
+        return 0, 0, 0.0
+    start = since if since is not None else min(r["finished_at"] - (r["seconds"] or 0.0) for r in rounds)
     return (
         sum(r["sifted_bits"] for r in rounds),
         sum(r["secret_bits"] for r in rounds),
-        sum(r["seconds"] or 0.0 for r in rounds),
+        max(r["finished_at"] for r in rounds) - start,
     )
 
 
@@ -373,10 +383,11 @@ def bench_e2e(
     rounds: int,
     rtts_ms: Sequence[float] | None = None,
     pulses: int | None = None,
+    window: int = config_mod.DEFAULT_WINDOW,
 ) -> int:
     """Sifted and secret key processed end to end per second, overall and once running (after round 0),
-    and the time to the first stored key: at several distances on loopback, and at 10 km against the
-    round-trip time (a delay relay)."""
+    the time to the first stored key, and the CPU seconds both daemons spent per secret Mbit: at several
+    distances on loopback, and at 10 km against the round-trip time (a delay relay)."""
     if rounds < 1:
         raise QkddError("--rounds must be at least 1")
     pulses = DEMO_PULSES if pulses is None else pulses
@@ -392,14 +403,18 @@ def bench_e2e(
         with scratch_folder("qkdd-bench-") as folder:
             sim = {"distance_km": distance, "pulses_per_frame": pulses}
             started = time.time()
-            result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3)
+            cpu = _children_cpu()
+            result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
+            cpu = _children_cpu() - cpu
         sifted, _, round_seconds = _totals(result.rounds)
-        # once running: the first round also pays for starting up (imports, FFT plans, the first frame)
-        steady_sifted, steady_secret, steady_seconds = _totals(result.rounds[1:])
+        # once running: from round 0's end (it also pays for starting up: imports, kernels, the first frame)
+        ordered = sorted(result.rounds, key=lambda r: r["finished_at"])
+        steady_sifted, steady_secret, steady_seconds = _totals(ordered[1:], since=ordered[0]["finished_at"])
         rows.append(
             {
                 "distance_km": distance,
                 "rtt_ms": rtt_ms,
+                "window": window,
                 "rounds": len(result.rounds),
                 "sifted_bits": sifted,
                 "secret_bits": result.secret_bits_total,
@@ -412,6 +427,10 @@ def bench_e2e(
                 if result.first_key_seconds is None
                 else result.first_key_seconds - started,
                 "keys_match": result.keys_match,
+                "cpu_seconds": cpu,
+                "cpu_seconds_per_secret_mbit": cpu / (result.secret_bits_total / 1e6)
+                if result.secret_bits_total
+                else None,
             }
         )
     if as_json:
@@ -435,3 +454,9 @@ def bench_e2e(
                 f"{first:>12} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1
+
+
+def _children_cpu() -> float:
+    """User and system CPU seconds of this process's waited-for children (the daemons)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

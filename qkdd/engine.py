@@ -249,14 +249,21 @@ class Engine:
         return unfinished[0] if unfinished else None
 
     def cheap(self, message: wire.Message | None) -> bool:
-        """Whether handling ``message`` (``None``: an outcome handed back) takes well under a millisecond
-        (Cascade's messages), so that a driver may handle it on its event loop instead of a worker
-        thread. Never while frames are held: one of them may follow."""
-        if self._held:
-            return False
-        if message is None:
-            return all(r.state is State.RECONCILING for r in self._rounds.values())
-        return message.type in _CHEAP
+        """Whether handling ``message`` takes well under a millisecond (Cascade's messages; ``None``, a
+        frame the engine decodes itself, never), so that a driver may handle it on its event loop
+        instead of a worker thread. Never while frames are held: one of them may follow."""
+        return message is not None and message.type in _CHEAP and not self._held
+
+    @property
+    def cheap_completion(self) -> bool:
+        """Whether taking an outcome back (:meth:`completed`) is cheap now: no frame waits for one, and
+        every open round is reconciling."""
+        return not self._held and all(r.state is State.RECONCILING for r in self._rounds.values())
+
+    def round_of_job(self, job: int) -> int | None:
+        """The round a piece of work handed out belongs to (``None``: its round is gone)."""
+        entry = self._jobs.get(job)
+        return None if entry is None else entry.round.number
 
     @property
     def cheap_frames(self) -> bool:

@@ -116,10 +116,10 @@ async def test_alice_stopping_as_a_round_ends_still_tells_bob(
     instead of holding it pending until the next connection."""
     done = Daemon._round_done
 
-    def stop_as_the_round_ends(self: Daemon) -> None:
+    def stop_as_the_round_ends(self: Daemon, *args: Any) -> None:
         if self.role == "alice" and self.rounds_finished == 3:
             self.request_stop("SIGTERM")
-        done(self)
+        done(self, *args)
 
     monkeypatch.setattr(Daemon, "_round_done", stop_as_the_round_ends)
     reserve = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}

@@ -32,6 +32,19 @@ def test_two_daemons_store_identical_keys(tmp_path: Path) -> None:
     assert "round 2 committed" in log and "key" not in log.replace("keys", "").lower().replace("secret=", "")
 
 
+def test_two_daemons_with_rounds_in_flight_store_identical_keys_in_order(tmp_path: Path) -> None:
+    result = demo.run_demo(tmp_path, 6, SIM, timeout=150, window=3)
+    assert result.keys_match and result.secret_bits_total > 0
+    assert [r["round"] for r in result.rounds] == list(range(6))
+    assert all(not r["aborted"] and r["bob_state"] == "committed" for r in result.rounds)
+    assert result.rounds[-1]["auth"] == "reserve"
+    # rounds overlapped: some round started before the one before it ended
+    spans = [(r["finished_at"] - r["seconds"], r["finished_at"]) for r in result.rounds]
+    assert any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:], strict=False))
+    finished = [r["finished_at"] for r in result.rounds]
+    assert finished == sorted(finished)  # committed in order
+
+
 def test_eavesdropper_on_every_pulse_aborts_every_round(tmp_path: Path) -> None:
     result = demo.run_demo(tmp_path, 2, {**SIM, "eve_fraction": 1.0}, timeout=120)
     assert result.keys_match and result.alice_keys == result.bob_keys == 0
