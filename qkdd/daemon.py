@@ -626,7 +626,8 @@ class Daemon:
         return self._max_rounds_reached() and self.kme is None
 
     async def _warm_up(self) -> None:
-        """Load the FFT backend while the first connection is set up, not inside the first round."""
+        """Compile privacy amplification's kernel (or load its FFT) while the first connection is set up,
+        not inside the first round."""
         try:
             await trio.to_thread.run_sync(amplify.warm_up)
         except Exception as error:  # the first round will meet (and report) the same failure

@@ -308,8 +308,8 @@ class Round:
         return State.CONFIRMING
 
     def _prepare_amplification(self) -> None:
-        """Bob: transform his key for privacy amplification while the confirmation runs, so that Alice's
-        seed leaves him two of the hash's three transforms (:class:`amplify.PreparedKey`). His key no
+        """Bob: make his key ready for privacy amplification while the confirmation runs, so that Alice's
+        seed leaves him less to do (:class:`amplify.PreparedKey`: packed, or transformed). His key no
         longer changes (a failed confirmation ends the round), and the output cannot exceed §8's bound
         now that the disclosure is final."""
         key, disclosed = self.key, self.disclosed_bits

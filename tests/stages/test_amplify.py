@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
-from qkdd.stages import amplify, fft_lengths
+from qkdd.stages import amplify, clmul, fft_lengths
 from qkdd.stages.amplify import (
     _NumpyBackend,
     _smooth_length,
@@ -18,6 +22,31 @@ from qkdd.stages.fft_lengths import FFTW_LENGTHS
 from tests.conftest import STRESS, hex_bits, load_vectors
 from tests.helpers import SeededRandom
 
+CARRY_LESS = clmul.available() is not None
+
+
+@pytest.fixture(params=["carry-less", "fft"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on each of toeplitz_hash's paths (QKDD_TOEPLITZ)."""
+    if request.param == "fft":
+        monkeypatch.setenv("QKDD_TOEPLITZ", "fft")
+    elif not CARRY_LESS:
+        pytest.skip("the carry-less kernel does not run on this machine")
+    elif os.environ.get("QKDD_TOEPLITZ") == "fft":
+        monkeypatch.delenv("QKDD_TOEPLITZ")
+    return str(request.param)
+
+
+def fft_hash(key: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
+    """The FFT path's hash, whichever path toeplitz_hash takes."""
+    backend = amplify._backend()
+    n = key.size
+    return backend.convolve(seed, key, backend.length(n + m - 1), n - 1, m, 1)
+
+
+def carry_less_hash(key: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
+    return clmul.toeplitz_hash(clmul.pack(key), key.size, seed, m)
+
 
 @given(st.integers(1, 300), st.data())
 def test_fft_matches_direct_product(n: int, data: st.DataObject) -> None:
@@ -28,9 +57,77 @@ def test_fft_matches_direct_product(n: int, data: st.DataObject) -> None:
     seed_bits = rng.integers(0, 2, n + m - 1 if m else 0, dtype=np.uint8)
     expected = toeplitz_hash_rows(key, seed_bits, m, np.arange(m)) if m else np.zeros(0, np.uint8)
     assert np.array_equal(toeplitz_hash(key, seed_bits, m), expected)
+    if m:
+        assert np.array_equal(fft_hash(key, seed_bits, m), expected)
 
 
-def test_matrix_convention_by_hand() -> None:
+@pytest.mark.skipif(not CARRY_LESS, reason="the carry-less kernel does not run on this machine")
+@given(st.integers(1, 2000), st.data())
+def test_carry_less_matches_direct_product(n: int, data: st.DataObject) -> None:
+    """Every output length's block shape, odd sizes, m = 1 and m = n, against the row-by-row product."""
+    m = data.draw(st.sampled_from([1, n, max(1, n // 2)]) | st.integers(1, n))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed_bits = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    expected = toeplitz_hash_rows(key, seed_bits, m, np.arange(m))
+    assert np.array_equal(carry_less_hash(key, seed_bits, m), expected)
+
+
+@pytest.mark.skipif(not CARRY_LESS, reason="the carry-less kernel does not run on this machine")
+@pytest.mark.parametrize(
+    ("n", "m"),
+    [
+        (1, 1),
+        (64, 64),
+        (65, 1),
+        (65, 65),
+        (8191, 8191),  # one leaf of 128 words
+        (8193, 8193),  # the first Karatsuba step
+        (20_000, 8193),
+        (70_001, 1),  # 137 blocks of one 8-word leaf each
+        (70_001, 65_537),
+        (300_007, 299_999),
+        (300_007, 4_097),
+    ],
+)
+def test_carry_less_matches_fft_and_direct_product_at_block_boundaries(n: int, m: int) -> None:
+    rng = np.random.default_rng([n, m])
+    key = rng.integers(0, 2, n, dtype=np.uint8)
+    seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    out = carry_less_hash(key, seed, m)
+    assert np.array_equal(out, fft_hash(key, seed, m))
+    rows = np.unique(np.concatenate([[0, m - 1], rng.integers(0, m, 16)]))
+    assert np.array_equal(out[rows], toeplitz_hash_rows(key, seed, m, rows))
+
+
+def test_carry_less_block_shapes_cover_the_output_closely() -> None:
+    for m in [1, 64, 65, 511, 512, 513, 8192, 8193, 65_536, 1 << 23, (1 << 23) + 1, 12_345_678, 1 << 24]:
+        leaf, block = clmul._block_shape(m)
+        assert leaf % 8 == 0 and 8 <= leaf <= clmul.LEAF_WORDS
+        assert block % leaf == 0 and (block // leaf) & (block // leaf - 1) == 0  # leaf times 2^d
+        assert m <= 64 * block <= max(512, m + m // 8 + 512)
+
+
+@pytest.mark.skipif(not CARRY_LESS, reason="the carry-less kernel does not run on this machine")
+def test_the_narrow_carry_less_kernel_agrees() -> None:
+    """With QKDD_TOEPLITZ=pclmulqdq the kernel takes two words per step instead of eight (machines
+    without AVX-512); the instruction is chosen once per process, so another process checks it."""
+    check = (
+        "import numpy as np\n"
+        "from qkdd.stages import amplify, clmul\n"
+        "assert clmul.available() == 'pclmulqdq'\n"
+        "rng = np.random.default_rng(7)\n"
+        "for n, m in ((1, 1), (130, 77), (9000, 8500), (40_000, 17_000)):\n"
+        "    x = rng.integers(0, 2, n, dtype=np.uint8)\n"
+        "    s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)\n"
+        "    expected = amplify.toeplitz_hash_rows(x, s, m, np.arange(m))\n"
+        "    assert np.array_equal(amplify.toeplitz_hash(x, s, m), expected), (n, m)\n"
+    )
+    environment = {**os.environ, "QKDD_TOEPLITZ": "pclmulqdq"}
+    subprocess.run([sys.executable, "-c", check], env=environment, check=True, timeout=120)
+
+
+def test_matrix_convention_by_hand(path: str) -> None:
     # n = 3, m = 2: T[i, j] = s[i - j + 2]; rows [s2 s1 s0], [s3 s2 s1]
     seed = np.array([1, 0, 0, 1], dtype=np.uint8)
     assert toeplitz_hash(np.array([1, 0, 0], np.uint8), seed, 2).tolist() == [0, 1]  # column 0 = s2, s3
@@ -39,17 +136,20 @@ def test_matrix_convention_by_hand() -> None:
 
 @pytest.mark.parametrize("log_n", [20, 24] if STRESS else [20, 22, 24])
 def test_large_inputs_exact_on_sampled_rows(log_n: int) -> None:
+    """Both paths, bit for bit, and the direct product on sampled rows."""
     rng = np.random.default_rng(log_n)
     n = 1 << log_n
     m = n // 2 + 3
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
-    out = toeplitz_hash(key, seed, m)
+    out = fft_hash(key, seed, m)
+    if CARRY_LESS:
+        assert np.array_equal(carry_less_hash(key, seed, m), out)
     rows = np.concatenate([[0, 1, m - 1], rng.choice(m, 5, replace=False)])
     assert np.array_equal(out[rows], toeplitz_hash_rows(key, seed, m, rows))
 
 
-def test_all_ones_worst_case_magnitude() -> None:
+def test_all_ones_worst_case_magnitude(path: str) -> None:
     # every convolution term equals n: the largest values the FFT has to round
     n = 1 << 20
     key = np.ones(n, dtype=np.uint8)
@@ -104,7 +204,7 @@ def test_transform_lengths_form_a_coarse_grid() -> None:
     assert _transform_length(2_900_000) == _transform_length(2_910_000)
 
 
-def test_hash_to_fewer_bits_is_a_prefix_of_the_hash_to_more() -> None:
+def test_hash_to_fewer_bits_is_a_prefix_of_the_hash_to_more(path: str) -> None:
     """What lets Alice hash before she knows the output length: with the seed of the longest output,
     the message for m bits carries its first n + m - 1 bits and the m-bit hash is the longer one's head."""
     rng = np.random.default_rng(11)
@@ -121,7 +221,7 @@ def test_hash_to_fewer_bits_is_a_prefix_of_the_hash_to_more() -> None:
         amplify.seed_prefix(longest, 5000, 5001)
 
 
-def test_vectors() -> None:
+def test_vectors(path: str) -> None:
     for vector in load_vectors("toeplitz"):
         n, m = vector["input_bits"], vector["output_bits"]
         out = toeplitz_hash(hex_bits(vector["key"], n), hex_bits(vector["seed"], n + m - 1), m)
@@ -164,15 +264,21 @@ def test_seed_message_round_trip_and_validation(rng: np.random.Generator) -> Non
         amplify.choose_seed(rng, 10, 0)
 
 
-def test_warm_up_loads_the_backend() -> None:
-    amplify._backend.cache_clear()
+def test_warm_up_loads_the_backend(path: str) -> None:
+    loaded = clmul._kernel if path == "carry-less" else amplify._backend
+    loaded.cache_clear()
     amplify.warm_up()
-    assert amplify._backend.cache_info().currsize == 1  # the first round finds it loaded
+    assert loaded.cache_info().currsize == 1  # the first round finds it loaded (or compiled)
+    assert amplify.fft_backend_name() == (
+        clmul.available() if path == "carry-less" else amplify._backend().name
+    )
 
 
-@given(st.integers(1, 300), st.data())
+@pytest.mark.parametrize("path", ["carry-less", "fft"], indirect=True)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path is one for all examples
+@given(n=st.integers(1, 300), data=st.data())
 def test_a_prepared_key_hashes_to_the_same_bits_for_every_output_up_to_its_bound(
-    n: int, data: st.DataObject
+    path: str, n: int, data: st.DataObject
 ) -> None:
     most = data.draw(st.integers(1, n))
     m = data.draw(st.integers(0, most))
@@ -180,17 +286,19 @@ def test_a_prepared_key_hashes_to_the_same_bits_for_every_output_up_to_its_bound
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1 if m else 0, dtype=np.uint8)
     prepared = amplify.prepare_key(key, most)
+    assert (prepared.key_words is not None) == (path == "carry-less")
     assert np.array_equal(amplify.hash_prepared(prepared, seed, m), toeplitz_hash(key, seed, m))
 
 
-def test_a_prepared_key_of_a_round_sized_frame_matches_the_direct_hash() -> None:
+def test_a_prepared_key_of_a_round_sized_frame_matches_the_direct_hash(path: str) -> None:
     # the transform length for the bound is longer than the one for the output: both give the same bits
     rng = np.random.default_rng(11)
     n, most, m = 1_000_000, 400_000, 310_000
     key = rng.integers(0, 2, n, dtype=np.uint8)
     seed = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     prepared = amplify.prepare_key(key, most)
-    assert prepared.length > amplify._backend().length(n + m - 1)
+    if path == "fft":
+        assert prepared.length > amplify._backend().length(n + m - 1)
     expected = toeplitz_hash(key, seed, m)
     assert np.array_equal(amplify.hash_prepared(prepared, seed, m), expected)
     rows = rng.choice(m, 64, replace=False)
@@ -213,7 +321,7 @@ def test_prepared_keys_refuse_what_does_not_fit_them(rng: np.random.Generator) -
     assert amplify.hash_prepared(prepared, np.zeros(0, np.uint8), 0).size == 0
 
 
-def test_amplify_uses_a_prepared_key_only_where_it_fits(rng: np.random.Generator) -> None:
+def test_amplify_uses_a_prepared_key_only_where_it_fits(path: str, rng: np.random.Generator) -> None:
     key = rng.integers(0, 2, 1000, dtype=np.uint8)
     for most, output in ((400, 400), (400, 350), (300, 400)):  # the last one is hashed directly
         message = amplify.choose_seed(rng, 1000, output)
