@@ -11,7 +11,7 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
   subset from AES-128-CTR(seed) in index order, then its complement: two blocks) for the late
   BICONF-style passes, whose top parities cost two popcounts instead of a permutation. Bob draws each
   affine pass so that no two bits sharing a block of an earlier one share a block again, and on large
-  frames with a small step ``a^-1 mod n``, which both sides lay out by strided copies.
+  frames with a small step ``a^-1 mod n``, which both sides lay out by a strided walk.
 * When a pass starts Alice sends every block parity. Bob compares with his own: a block with odd error
   parity holds at least one error, which a binary search finds with one disclosed parity per level
   (the right half's parity follows from the parent's and the left's, so it is never asked).
@@ -82,6 +82,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
+from qkdd.stages import _cascade_kernels as _kernels
 
 Int64s = npt.NDArray[np.int64]
 Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]
@@ -121,7 +122,7 @@ STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
-"""Either side gathers an affine pass by strided copies when its step is at most this."""
+"""Either side gathers an affine pass by a strided walk when its step is at most this."""
 
 VARIANTS = ("original", "biconf", "optimized", "fast", "parallel")
 DEFAULT_VARIANT = "parallel"
@@ -272,8 +273,7 @@ class RangeParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of ``[starts[i], ends[i])`` for each i."""
-        both = self.at(np.concatenate([starts, ends], dtype=np.int64))  # int64 indexes fastest
-        return both[: starts.size] ^ both[starts.size :]
+        return _kernels.range_parities(self.words, self.before, self.pending, starts, ends)
 
 
 _HIGH_BITS = np.array([((1 << k) - 1) << (64 - k) for k in range(64)], dtype=np.uint64)
@@ -430,9 +430,12 @@ class PassParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of pass-order positions ``[starts[i], ends[i])`` for each i."""
-        if self.select is not None:
-            starts, ends = self.select(starts.astype(np.int64)), self.select(ends.astype(np.int64))
-        return self.ranges.parity(starts, ends)
+        ranges, select = self.ranges, self.select
+        if select is None:
+            return ranges.parity(starts, ends)
+        return _kernels.selected_range_parities(
+            ranges.words, ranges.before, ranges.pending, select.packed, select.before, _SELECT8, starts, ends
+        )
 
     def flip(self, indices: Int64s) -> None:
         """Toggle the bits at key ``indices``."""
@@ -446,7 +449,8 @@ _GATHER_ROWS = 64
 def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
     ``(t - b) · a^-1 mod n``. With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large
-    frames), by strided copies (:func:`_strided_gather`); otherwise by table lookups.
+    frames), by one strided walk (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by
+    table lookups.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
     and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
@@ -458,7 +462,7 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
         return np.packbits(bits)
     inverse = pow(multiplier, -1, n)
     if inverse <= MAX_STRIDED_STEP:
-        return _strided_gather(bits, inverse, offset)
+        return _kernels.strided_gather(bits, inverse, offset)
     rows = (n + 1023) >> 10
     twice = np.concatenate([bits, bits])
     low = np.arange(1024, dtype=np.int64) * inverse % n
@@ -473,20 +477,6 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
         np.take(twice, index[:count], out=gathered[:count])
         out[row * 128 : (row + count) * 128] = np.packbits(gathered[:count])
     return out[: (n + 7) // 8]
-
-
-def _strided_gather(bits: Bits, step: int, offset: int) -> Bits:
-    """:func:`_affine_gather` for a small step c: position ``(u + b) mod n`` holds index ``u·c mod n``.
-
-    As u runs from 0, ``u·c`` crosses a multiple of n ``c`` times; between two crossings (a *lap*) the
-    indices form the progression ``s, s + c, s + 2c, …`` below n, with ``s = -L·n mod c`` on lap L. So
-    the pass order is ``c`` strided slices one after another: a few copies at memory speed instead of a
-    lookup per bit (1.2 ms against 4.5 ms at 2^20 bits), then a rotation by b.
-    """
-    n = bits.size
-    laps = np.concatenate([bits[(-lap * n) % step :: step] for lap in range(step)])
-    rotated = np.concatenate([laps[n - offset :], laps[: n - offset]]) if offset else laps
-    return np.packbits(rotated)
 
 
 def _validate_layout(layout: PassLayout, n: int) -> None:
@@ -1120,7 +1110,7 @@ class CascadeBob:
         both). Bits i and i + d share a block of pass (a, k) only if ``a·d mod n`` lies within k of 0;
         the first pass keeps key-adjacent bits (d below the first block size) apart instead, against
         bursts of errors. On large frames the multiplier is the inverse of a step in ``STEP_RANGE``,
-        which both sides gather by strided copies (:func:`_strided_gather`)."""
+        which both sides gather by a strided walk (:func:`_affine_gather`)."""
         n = self.n
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
