@@ -137,3 +137,201 @@ def strided_gather(bits: Bits, step: int, offset: int) -> Bits:
                 index -= n
         out[full] = value << (8 - tail)
     return out
+
+
+# --------------------------------------------------------------------------- Bob's searches
+#
+# Bob's searches under way in one pass are parallel arrays, one entry per search: the current node
+# ``[starts, ends)`` in pass order, its slot ``node`` and ``offset`` (see ``_BobPass``), Alice's parity of
+# the node ``node_parity`` and the ``blocks`` searched. ``packed`` is empty for an affine pass; for a
+# halves pass it and ``byte_before`` are its select (ranges are then ranks, mapped through the select).
+
+
+@njit(cache=True)
+def prune_searches(
+    starts: Int64s,
+    ends: Int64s,
+    node: Int64s,
+    offset: Int64s,
+    node_parity: Bits,
+    blocks: Int64s,
+    searching: npt.NDArray[np.bool_],
+    touched: npt.NDArray[np.bool_],
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    known: Bits,
+    revisiting: bool,
+) -> tuple[int, Int64s, Bits, Int64s, Int64s, int]:
+    """One pass's searches before a round trip, in place.
+
+    1. A search whose block is ``touched`` (a flip landed in it since the last look; ``touched`` empty:
+       none is looked at) and whose node Bob's bits now make even has found its error elsewhere: it ends.
+    2. A search at a single position has found an error there: it ends, and the position and Alice's
+       parity of it are returned (the caller checks and flips it).
+    3. The rest move to the front, in order (``searching`` cleared for every ended search's block), and
+       get their left child ``[starts, mid)`` and its slot.
+    4. With ``revisiting``, every search whose left child's parity Alice disclosed before (``known``)
+       descends one level here, with no round trip.
+
+    Returns the number of searches kept, the found positions and Alice's parities of them, ``mid`` and
+    ``slots`` of the kept searches, and the number that descended in step 4.
+    """
+    count = 0
+    leaves = 0
+    found = np.empty(starts.size, dtype=np.int64)
+    found_parity = np.empty(starts.size, dtype=np.uint8)
+    check = touched.size > 0
+    for i in range(starts.size):
+        if check and touched[blocks[i]]:
+            bob = 0
+            for rank in (starts[i], ends[i]):
+                bound = rank
+                if packed.size:
+                    # a halves pass: the rank-th set bit of the select's slots
+                    lo, hi = 0, byte_before.size
+                    while lo < hi:
+                        middle = (lo + hi) >> 1
+                        if byte_before[middle] <= rank:
+                            lo = middle + 1
+                        else:
+                            hi = middle
+                    bound = ((lo - 1) << 3) + select8[packed[lo - 1], rank - byte_before[lo - 1]]
+                word = bound >> 6
+                used = bound & 63
+                bob ^= before[word]
+                if used:
+                    folded = words[word] >> np.uint64(64 - used)
+                    folded ^= folded >> np.uint64(32)
+                    folded ^= folded >> np.uint64(16)
+                    folded ^= folded >> np.uint64(8)
+                    folded ^= folded >> np.uint64(4)
+                    bob ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+                lo, hi = 0, pending.size
+                while lo < hi:
+                    middle = (lo + hi) >> 1
+                    if pending[middle] < word:
+                        lo = middle + 1
+                    else:
+                        hi = middle
+                bob ^= lo
+            bob &= 1
+            if bob == node_parity[i]:
+                searching[blocks[i]] = False
+                continue
+        if ends[i] - starts[i] == 1:
+            found[leaves] = starts[i]
+            found_parity[leaves] = node_parity[i]
+            leaves += 1
+            searching[blocks[i]] = False
+            continue
+        starts[count] = starts[i]
+        ends[count] = ends[i]
+        node[count] = node[i]
+        offset[count] = offset[i]
+        node_parity[count] = node_parity[i]
+        blocks[count] = blocks[i]
+        count += 1
+    mid = np.empty(count, dtype=np.int64)
+    slots = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        mid[i] = starts[i] + ((ends[i] - starts[i] + 1) >> 1)
+        slots[i] = 2 * node[i] + offset[i]
+    moved = 0
+    if revisiting and known.size:
+        moved = descend(
+            known,
+            True,
+            words,
+            before,
+            pending,
+            packed,
+            byte_before,
+            select8,
+            starts[:count],
+            ends[:count],
+            node[:count],
+            node_parity[:count],
+            mid,
+            slots,
+            known,
+        )
+    return count, found[:leaves], found_parity[:leaves], mid, slots, moved
+
+
+@njit(cache=True)
+def descend(
+    alice_left: Bits,
+    by_slot: bool,
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    starts: Int64s,
+    ends: Int64s,
+    node: Int64s,
+    node_parity: Bits,
+    mid: Int64s,
+    slots: Int64s,
+    known: Bits,
+) -> int:
+    """Move searches one level down, in place, given Alice's parity of their left child
+    ``[starts, mid)`` at slot ``slots``: ``alice_left[i]`` (``by_slot``: ``alice_left[slots[i]]``), where
+    2 leaves search i where it is. Remembers Alice's parities of both children in ``known`` (empty: no
+    reuse). Returns the number of searches moved."""
+    moved = 0
+    for i in range(starts.size):
+        left = alice_left[slots[i]] if by_slot else alice_left[i]
+        if left == 2:
+            continue
+        moved += 1
+        right = node_parity[i] ^ left
+        if known.size:
+            known[slots[i]] = left
+            known[slots[i] + 1] = right
+        bob = 0
+        for rank in (starts[i], mid[i]):
+            bound = rank
+            if packed.size:
+                # a halves pass: the rank-th set bit of the select's slots
+                lo, hi = 0, byte_before.size
+                while lo < hi:
+                    middle = (lo + hi) >> 1
+                    if byte_before[middle] <= rank:
+                        lo = middle + 1
+                    else:
+                        hi = middle
+                bound = ((lo - 1) << 3) + select8[packed[lo - 1], rank - byte_before[lo - 1]]
+            word = bound >> 6
+            used = bound & 63
+            bob ^= before[word]
+            if used:
+                folded = words[word] >> np.uint64(64 - used)
+                folded ^= folded >> np.uint64(32)
+                folded ^= folded >> np.uint64(16)
+                folded ^= folded >> np.uint64(8)
+                folded ^= folded >> np.uint64(4)
+                bob ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+            lo, hi = 0, pending.size
+            while lo < hi:
+                middle = (lo + hi) >> 1
+                if pending[middle] < word:
+                    lo = middle + 1
+                else:
+                    hi = middle
+            bob ^= lo
+        bob &= 1
+        if bob == left:
+            starts[i] = mid[i]
+            node[i] = slots[i] + 1
+            node_parity[i] = right
+        else:
+            ends[i] = mid[i]
+            node[i] = slots[i]
+            node_parity[i] = left
+    return moved

@@ -284,6 +284,11 @@ _SELECT8 = np.argsort(
     1 - np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1), axis=1, kind="stable"
 ).astype(np.int64)
 """``_SELECT8[v, k]``: the bit (0 = most significant) holding the k-th set bit of byte v."""
+_NO_BITS: Bits = np.zeros(0, dtype=np.uint8)
+_NO_INDICES: Int64s = np.zeros(0, dtype=np.int64)
+_NO_FLAGS: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+"""Empty arrays standing for "none" in kernel arguments (an affine pass's select, no parity reuse, no
+block to check)."""
 
 
 class _Select:
@@ -684,7 +689,10 @@ class _BobPass:
 
     A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
     children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
-    with ``offset = 1 - b·width`` fixed per search.
+    with ``offset = 1 - b·width`` fixed per search. The searches move in place, a pass at a time, by two
+    compiled kernels: :func:`~qkdd.stages._cascade_kernels.prune_searches` before a round trip and
+    :func:`~qkdd.stages._cascade_kernels.descend` on its answer (a few searches per pass and step, where
+    a dozen numpy calls cost more than the work).
     """
 
     def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
@@ -712,15 +720,6 @@ class _BobPass:
         self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
         self.flips_checked = 0  # entries of the flip log checked against the searches under way
 
-    def remember(self, slots: Int64s, left: Bits, right: Bits) -> None:
-        """Alice's parities of the left children at ``slots`` and of their right siblings."""
-        if self.known is None:
-            return
-        if self.known.size == 0:
-            self.known = np.full(self.layout.block_count * self.width, 2, dtype=np.uint8)
-        self.known[slots] = left
-        self.known[slots + 1] = right
-
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
         new = np.flatnonzero(self.odd & ~self.searching)
@@ -737,49 +736,6 @@ class _BobPass:
         self.node = np.concatenate([self.node, roots])
         self.offset = np.concatenate([self.offset, 1 - roots])
         self.node_parity = np.concatenate([self.node_parity, self.alice_top[new]])
-
-    def keep(self, which: npt.NDArray[np.bool_]) -> None:
-        """Drop every search not in ``which``; their blocks may be searched again later."""
-        self.searching[self.blocks[~which]] = False
-        self.blocks, self.starts, self.ends = self.blocks[which], self.starts[which], self.ends[which]
-        self.node, self.offset = self.node[which], self.offset[which]
-        self.node_parity = self.node_parity[which]
-        if self.blocks.size == 0:
-            self.revisiting = False
-
-    def descend(
-        self, alice_left: Bits, bob_left: Bits, mid: Int64s, slots: Int64s, rows: Int64s | None
-    ) -> None:
-        """Move searches one level down given Alice's and Bob's parities of their left child.
-
-        ``mid`` and ``slots`` are :meth:`left_children`'s for the same searches; ``rows`` picks the
-        searches (``None``: all of them).
-        """
-        node_parity = self.node_parity if rows is None else self.node_parity[rows]
-        right_parity = node_parity ^ alice_left
-        self.remember(slots, alice_left, right_parity)
-        go_right = alice_left == bob_left
-        if rows is None:
-            self.ends = np.where(go_right, self.ends, mid)
-            np.copyto(self.starts, mid, where=go_right)
-            self.node = slots + go_right
-            self.node_parity = np.where(go_right, right_parity, alice_left)
-            return
-        self.ends[rows] = np.where(go_right, self.ends[rows], mid)
-        self.starts[rows] = np.where(go_right, mid, self.starts[rows])
-        self.node[rows] = slots + go_right
-        self.node_parity[rows] = np.where(go_right, right_parity, alice_left)
-
-    def left_children(self, length: Int64s) -> tuple[Int64s, Int64s]:
-        """(mid, slot) of the left child ``[start, mid)`` of every search under way, given each node's
-        ``length`` (which this consumes)."""
-        mid = length
-        mid += 1
-        mid >>= 1
-        mid += self.starts
-        slots = self.node * 2
-        slots += self.offset
-        return mid, slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -1013,29 +969,14 @@ class CascadeBob:
             progressed = False
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in active:
-                if parallel and not self._drop_found(state):
+                step = self._prune(state, parallel)
+                if step is None:
                     continue
-                length = state.ends - state.starts
-                if np.minimum.reduce(length) == 1:
-                    # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
-                    # contradict each other
-                    leaves = length == 1
-                    found = state.layout.index_at(state.starts[leaves])
-                    if (self.key[found] == state.node_parity[leaves]).any():
-                        raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
-                    state.keep(~leaves)
-                    self._apply_flips(found)
-                    if state.blocks.size == 0:
-                        continue
-                    length = length[~leaves]
-                mid, slots = state.left_children(length)
+                mid, slots, moved = step
                 if state.revisiting and state.known is not None and state.known.size:
-                    # descend through sub-blocks whose parity Alice already disclosed, with no round trip
-                    alice_left = state.known[slots]
-                    local = np.flatnonzero(alice_left != 2)
-                    if local.size:
-                        bob_left = self._bob_parity(state, state.starts[local], mid[local])
-                        state.descend(alice_left[local], bob_left, mid[local], slots[local], local)
+                    # the searches whose left child's parity Alice already disclosed went down a level
+                    # with no round trip; the others wait for the next step
+                    if moved:
                         progressed = True
                         continue
                     # Alice discloses a node's two children together, so below an unknown child
@@ -1059,9 +1000,77 @@ class CascadeBob:
             offset = 0
             for state, mid, slots in asks:
                 count = state.blocks.size
-                bob_left = self._bob_parity(state, state.starts, mid)
-                state.descend(answer[offset : offset + count], bob_left, mid, slots, None)
+                ranges, packed, byte_before = self._current(state)
+                if state.known is not None and state.known.size == 0:
+                    state.known = np.full(state.layout.block_count * state.width, 2, dtype=np.uint8)
+                _kernels.descend(
+                    answer[offset : offset + count],
+                    False,  # the answer itself, not looked up by slot
+                    ranges.words,
+                    ranges.before,
+                    ranges.pending,
+                    packed,
+                    byte_before,
+                    _SELECT8,
+                    state.starts,
+                    state.ends,
+                    state.node,
+                    state.node_parity,
+                    mid,
+                    slots,
+                    _NO_BITS if state.known is None else state.known,
+                )
                 offset += count
+
+    def _prune(self, state: _BobPass, parallel: bool) -> tuple[Int64s, Int64s, int] | None:
+        """Ready the searches of ``state`` for the next round trip (:func:`_kernels.prune_searches`):
+        end those whose node a flip since the last look has made even (``parallel``: another pass's
+        search found their error), flip the errors found at single positions, and descend through
+        sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
+        number of searches that descended, or ``None`` when no search of ``state`` goes on."""
+        touched = _NO_FLAGS
+        if parallel and state.flips_checked < len(self._flip_log):
+            touched = np.zeros(state.layout.block_count, dtype=bool)
+            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
+            state.flips_checked = len(self._flip_log)
+        ranges, packed, byte_before = self._current(state)
+        count, positions, alice, mid, slots, moved = _kernels.prune_searches(
+            state.starts,
+            state.ends,
+            state.node,
+            state.offset,
+            state.node_parity,
+            state.blocks,
+            state.searching,
+            touched,
+            ranges.words,
+            ranges.before,
+            ranges.pending,
+            packed,
+            byte_before,
+            _SELECT8,
+            _NO_BITS if state.known is None else state.known,
+            state.revisiting,
+        )
+        if count < state.blocks.size:
+            state.blocks, state.starts, state.ends = (
+                state.blocks[:count],
+                state.starts[:count],
+                state.ends[:count],
+            )
+            state.node, state.offset = state.node[:count], state.offset[:count]
+            state.node_parity = state.node_parity[:count]
+        if positions.size:
+            # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict
+            # each other
+            found = state.layout.index_at(positions)
+            if (self.key[found] == alice).any():
+                raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
+            self._apply_flips(found)
+        if count == 0:
+            state.revisiting = False
+            return None
+        return mid, slots, moved
 
     def _next_wave(self, active: list[_BobPass]) -> list[_BobPass]:
         """The passes whose searches go on (and start) now; empty when every block of every pass is even."""
@@ -1086,23 +1095,6 @@ class CascadeBob:
                 state.start_searches()
             smaller += odd_blocks
         return [state for state in self._passes if state.blocks.size]
-
-    def _drop_found(self, state: _BobPass) -> bool:
-        """End the searches of ``state`` whose node a flip since the last look has made even (another
-        pass's search found their error). Whether any search of ``state`` goes on."""
-        if state.flips_checked < len(self._flip_log):
-            touched = np.zeros(state.layout.block_count, dtype=bool)
-            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
-            state.flips_checked = len(self._flip_log)
-            rows = np.flatnonzero(touched[state.blocks])
-            if rows.size:
-                bob = self._bob_parity(state, state.starts[rows], state.ends[rows])
-                found = rows[bob == state.node_parity[rows]]
-                if found.size:
-                    keep = np.ones(state.blocks.size, dtype=bool)
-                    keep[found] = False
-                    state.keep(keep)
-        return bool(state.blocks.size)
 
     def _affine_layout(self, block_size: int) -> PassLayout:
         """A random affine pass in which no two bits that share a block of an earlier affine pass share
@@ -1164,6 +1156,13 @@ class CascadeBob:
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
         """Bob's current parity of pass-order ranges."""
+        self._current(state)
+        assert state.current is not None
+        return state.current.parity(starts, ends)
+
+    def _current(self, state: _BobPass) -> tuple[RangeParity, Bits, Int64s]:
+        """Bob's range parities in the order of ``state``'s pass, every flip so far applied, as the
+        kernels take them: the parities and the pass's select (empty for an affine pass)."""
         if state.current is None:
             state.current, state.flips_seen = state.layout.prepared or (
                 state.layout.range_parity(self.key),
@@ -1173,7 +1172,10 @@ class CascadeBob:
         if state.flips_seen < len(self._flip_log):
             state.current.flip(self._flips_since(state.flips_seen))
             state.flips_seen = len(self._flip_log)
-        return state.current.parity(starts, ends)
+        select = state.current.select
+        if select is None:
+            return state.current.ranges, _NO_BITS, _NO_INDICES
+        return state.current.ranges, select.packed, select.before
 
 
 def reconcile_in_memory(
