@@ -74,7 +74,7 @@ import itertools
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +82,25 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
-from qkdd.stages import _cascade_kernels as _kernels
+
+if TYPE_CHECKING:
+    from qkdd.stages import _cascade_kernels as _kernels
+else:
+
+    class _Kernels:
+        """:mod:`qkdd.stages._cascade_kernels`, imported at the first kernel called: importing numba takes
+        about 0.15 s, which a process that never reconciles (or warms up on another thread, see
+        :func:`warm_up`) should not pay at import. Each kernel, once looked up, is an attribute of this
+        object, as fast to reach as a module's."""
+
+        def __getattr__(self, name: str) -> Any:
+            from qkdd.stages import _cascade_kernels  # noqa: PLC0415
+
+            kernel = getattr(_cascade_kernels, name)
+            setattr(self, name, kernel)
+            return kernel
+
+    _kernels = _Kernels()
 
 Int64s = npt.NDArray[np.int64]
 Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]
@@ -1176,6 +1194,31 @@ class CascadeBob:
         if select is None:
             return state.current.ranges, _NO_BITS, _NO_INDICES
         return state.current.ranges, select.packed, select.before
+
+
+_warmed_up = False
+
+
+def warm_up() -> None:
+    """Import numba and load every Cascade kernel (compiling it on the first run after an install), so
+    that the first reconciliation runs at full speed: without it the first frame pays about 0.3 s (the
+    2-core test machine, kernels cached) or several seconds (not cached). Reconciles a small frame with
+    errors in every kind of pass, then asks the range parities with both bound types. Later calls return
+    at once; safe on another thread while nothing else runs Cascade there."""
+    global _warmed_up  # noqa: PLW0603
+    if _warmed_up:
+        return
+    rng = np.random.default_rng(0)
+    n = 1000  # below 1024 bits every affine pass is gathered by a strided walk
+    alice_key = rng.integers(0, 2, n, dtype=np.uint8)
+    bob_key = alice_key.copy()
+    bob_key[rng.choice(n, 50, replace=False)] ^= 1
+    reconcile_in_memory(alice_key, bob_key, 0.05, rng)
+    for layout in (PassLayout("affine", 16, 3, 1), PassLayout("halves", seed=bytes(16))):
+        ranges = _Pass(layout, n).range_parity(alice_key)
+        for bounds in (np.arange(3, dtype=np.int64), np.arange(3, dtype=np.uint32)):
+            ranges.parity(bounds, bounds + 1)
+    _warmed_up = True
 
 
 def reconcile_in_memory(

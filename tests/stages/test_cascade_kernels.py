@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -9,6 +14,8 @@ from hypothesis import strategies as st
 
 from qkdd.stages import _cascade_kernels as kernels
 from qkdd.stages import cascade
+
+_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _prefix_reference(bits: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -301,3 +308,26 @@ def test_kernels_take_no_searches() -> None:
         True,
     )
     assert (count, found.size, mid.size, moved) == (0, 0, 0, 0)
+
+
+def test_importing_cascade_leaves_numba_for_later() -> None:
+    code = "import sys, qkdd.stages.cascade; assert 'numba' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": _ROOT})
+
+
+@pytest.mark.parametrize("variant", ["parallel", "original"])
+def test_warm_up_leaves_nothing_to_compile(variant: str) -> None:
+    """Every kernel signature a large frame uses is loaded by warm_up (and a second call is free)."""
+    cascade.warm_up()
+    cascade.warm_up()
+    dispatchers = [kernels.range_parities, kernels.selected_range_parities, kernels.strided_gather]
+    dispatchers += [kernels.prune_searches, kernels.descend]
+    signatures = [len(each.signatures) for each in dispatchers]
+    rng = np.random.default_rng(3)
+    n = cascade.STRIDED_FRAME_BITS + 1
+    alice_key = rng.integers(0, 2, n, dtype=np.uint8)
+    bob_key = alice_key.copy()
+    bob_key[rng.choice(n, n // 30, replace=False)] ^= 1
+    result, _ = cascade.reconcile_in_memory(alice_key, bob_key, 1 / 30, rng, variant=variant)
+    assert np.array_equal(result.key, alice_key)
+    assert [len(each.signatures) for each in dispatchers] == signatures
