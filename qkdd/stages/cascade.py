@@ -11,7 +11,7 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
   subset from AES-128-CTR(seed) in index order, then its complement: two blocks) for the late
   BICONF-style passes, whose top parities cost two popcounts instead of a permutation. Bob draws each
   affine pass so that no two bits sharing a block of an earlier one share a block again, and on large
-  frames with a small step ``a^-1 mod n``, which both sides lay out by strided copies.
+  frames with a small step ``a^-1 mod n``, which both sides lay out by a strided walk.
 * When a pass starts Alice sends every block parity. Bob compares with his own: a block with odd error
   parity holds at least one error, which a binary search finds with one disclosed parity per level
   (the right half's parity follows from the parent's and the left's, so it is never asked).
@@ -74,7 +74,7 @@ import itertools
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +82,25 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qkdd.bits import Bits, RandomSource, as_bits, pack_bits, unpack_bits
 from qkdd.errors import InputError, LocalProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from qkdd.stages import _cascade_kernels as _kernels
+else:
+
+    class _Kernels:
+        """:mod:`qkdd.stages._cascade_kernels`, imported at the first kernel called: importing numba takes
+        about 0.15 s, which a process that never reconciles (or warms up on another thread, see
+        :func:`warm_up`) should not pay at import. Each kernel, once looked up, is an attribute of this
+        object, as fast to reach as a module's."""
+
+        def __getattr__(self, name: str) -> Any:
+            from qkdd.stages import _cascade_kernels  # noqa: PLC0415
+
+            kernel = getattr(_cascade_kernels, name)
+            setattr(self, name, kernel)
+            return kernel
+
+    _kernels = _Kernels()
 
 Int64s = npt.NDArray[np.int64]
 Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]
@@ -121,7 +140,7 @@ STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
-"""Either side gathers an affine pass by strided copies when its step is at most this."""
+"""Either side gathers an affine pass by a strided walk when its step is at most this."""
 
 VARIANTS = ("original", "biconf", "optimized", "fast", "parallel")
 DEFAULT_VARIANT = "parallel"
@@ -272,8 +291,7 @@ class RangeParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of ``[starts[i], ends[i])`` for each i."""
-        both = self.at(np.concatenate([starts, ends], dtype=np.int64))  # int64 indexes fastest
-        return both[: starts.size] ^ both[starts.size :]
+        return _kernels.range_parities(self.words, self.before, self.pending, starts, ends)
 
 
 _HIGH_BITS = np.array([((1 << k) - 1) << (64 - k) for k in range(64)], dtype=np.uint64)
@@ -284,6 +302,11 @@ _SELECT8 = np.argsort(
     1 - np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1), axis=1, kind="stable"
 ).astype(np.int64)
 """``_SELECT8[v, k]``: the bit (0 = most significant) holding the k-th set bit of byte v."""
+_NO_BITS: Bits = np.zeros(0, dtype=np.uint8)
+_NO_INDICES: Int64s = np.zeros(0, dtype=np.int64)
+_NO_FLAGS: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+"""Empty arrays standing for "none" in kernel arguments (an affine pass's select, no parity reuse, no
+block to check)."""
 
 
 class _Select:
@@ -430,9 +453,12 @@ class PassParity:
 
     def parity(self, starts: Positions, ends: Positions) -> Bits:
         """Parity of pass-order positions ``[starts[i], ends[i])`` for each i."""
-        if self.select is not None:
-            starts, ends = self.select(starts.astype(np.int64)), self.select(ends.astype(np.int64))
-        return self.ranges.parity(starts, ends)
+        ranges, select = self.ranges, self.select
+        if select is None:
+            return ranges.parity(starts, ends)
+        return _kernels.selected_range_parities(
+            ranges.words, ranges.before, ranges.pending, select.packed, select.before, _SELECT8, starts, ends
+        )
 
     def flip(self, indices: Int64s) -> None:
         """Toggle the bits at key ``indices``."""
@@ -446,7 +472,8 @@ _GATHER_ROWS = 64
 def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
     ``(t - b) · a^-1 mod n``. With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large
-    frames), by strided copies (:func:`_strided_gather`); otherwise by table lookups.
+    frames), by one strided walk (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by
+    table lookups.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
     and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
@@ -458,7 +485,7 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
         return np.packbits(bits)
     inverse = pow(multiplier, -1, n)
     if inverse <= MAX_STRIDED_STEP:
-        return _strided_gather(bits, inverse, offset)
+        return _kernels.strided_gather(bits, inverse, offset)
     rows = (n + 1023) >> 10
     twice = np.concatenate([bits, bits])
     low = np.arange(1024, dtype=np.int64) * inverse % n
@@ -473,20 +500,6 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
         np.take(twice, index[:count], out=gathered[:count])
         out[row * 128 : (row + count) * 128] = np.packbits(gathered[:count])
     return out[: (n + 7) // 8]
-
-
-def _strided_gather(bits: Bits, step: int, offset: int) -> Bits:
-    """:func:`_affine_gather` for a small step c: position ``(u + b) mod n`` holds index ``u·c mod n``.
-
-    As u runs from 0, ``u·c`` crosses a multiple of n ``c`` times; between two crossings (a *lap*) the
-    indices form the progression ``s, s + c, s + 2c, …`` below n, with ``s = -L·n mod c`` on lap L. So
-    the pass order is ``c`` strided slices one after another: a few copies at memory speed instead of a
-    lookup per bit (1.2 ms against 4.5 ms at 2^20 bits), then a rotation by b.
-    """
-    n = bits.size
-    laps = np.concatenate([bits[(-lap * n) % step :: step] for lap in range(step)])
-    rotated = np.concatenate([laps[n - offset :], laps[: n - offset]]) if offset else laps
-    return np.packbits(rotated)
 
 
 def _validate_layout(layout: PassLayout, n: int) -> None:
@@ -694,7 +707,10 @@ class _BobPass:
 
     A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
     children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
-    with ``offset = 1 - b·width`` fixed per search.
+    with ``offset = 1 - b·width`` fixed per search. The searches move in place, a pass at a time, by two
+    compiled kernels: :func:`~qkdd.stages._cascade_kernels.prune_searches` before a round trip and
+    :func:`~qkdd.stages._cascade_kernels.descend` on its answer (a few searches per pass and step, where
+    a dozen numpy calls cost more than the work).
     """
 
     def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
@@ -722,15 +738,6 @@ class _BobPass:
         self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
         self.flips_checked = 0  # entries of the flip log checked against the searches under way
 
-    def remember(self, slots: Int64s, left: Bits, right: Bits) -> None:
-        """Alice's parities of the left children at ``slots`` and of their right siblings."""
-        if self.known is None:
-            return
-        if self.known.size == 0:
-            self.known = np.full(self.layout.block_count * self.width, 2, dtype=np.uint8)
-        self.known[slots] = left
-        self.known[slots + 1] = right
-
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
         new = np.flatnonzero(self.odd & ~self.searching)
@@ -747,49 +754,6 @@ class _BobPass:
         self.node = np.concatenate([self.node, roots])
         self.offset = np.concatenate([self.offset, 1 - roots])
         self.node_parity = np.concatenate([self.node_parity, self.alice_top[new]])
-
-    def keep(self, which: npt.NDArray[np.bool_]) -> None:
-        """Drop every search not in ``which``; their blocks may be searched again later."""
-        self.searching[self.blocks[~which]] = False
-        self.blocks, self.starts, self.ends = self.blocks[which], self.starts[which], self.ends[which]
-        self.node, self.offset = self.node[which], self.offset[which]
-        self.node_parity = self.node_parity[which]
-        if self.blocks.size == 0:
-            self.revisiting = False
-
-    def descend(
-        self, alice_left: Bits, bob_left: Bits, mid: Int64s, slots: Int64s, rows: Int64s | None
-    ) -> None:
-        """Move searches one level down given Alice's and Bob's parities of their left child.
-
-        ``mid`` and ``slots`` are :meth:`left_children`'s for the same searches; ``rows`` picks the
-        searches (``None``: all of them).
-        """
-        node_parity = self.node_parity if rows is None else self.node_parity[rows]
-        right_parity = node_parity ^ alice_left
-        self.remember(slots, alice_left, right_parity)
-        go_right = alice_left == bob_left
-        if rows is None:
-            self.ends = np.where(go_right, self.ends, mid)
-            np.copyto(self.starts, mid, where=go_right)
-            self.node = slots + go_right
-            self.node_parity = np.where(go_right, right_parity, alice_left)
-            return
-        self.ends[rows] = np.where(go_right, self.ends[rows], mid)
-        self.starts[rows] = np.where(go_right, mid, self.starts[rows])
-        self.node[rows] = slots + go_right
-        self.node_parity[rows] = np.where(go_right, right_parity, alice_left)
-
-    def left_children(self, length: Int64s) -> tuple[Int64s, Int64s]:
-        """(mid, slot) of the left child ``[start, mid)`` of every search under way, given each node's
-        ``length`` (which this consumes)."""
-        mid = length
-        mid += 1
-        mid >>= 1
-        mid += self.starts
-        slots = self.node * 2
-        slots += self.offset
-        return mid, slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -1023,29 +987,14 @@ class CascadeBob:
             progressed = False
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in active:
-                if parallel and not self._drop_found(state):
+                step = self._prune(state, parallel)
+                if step is None:
                     continue
-                length = state.ends - state.starts
-                if np.minimum.reduce(length) == 1:
-                    # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers
-                    # contradict each other
-                    leaves = length == 1
-                    found = state.layout.index_at(state.starts[leaves])
-                    if (self.key[found] == state.node_parity[leaves]).any():
-                        raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
-                    state.keep(~leaves)
-                    self._apply_flips(found)
-                    if state.blocks.size == 0:
-                        continue
-                    length = length[~leaves]
-                mid, slots = state.left_children(length)
+                mid, slots, moved = step
                 if state.revisiting and state.known is not None and state.known.size:
-                    # descend through sub-blocks whose parity Alice already disclosed, with no round trip
-                    alice_left = state.known[slots]
-                    local = np.flatnonzero(alice_left != 2)
-                    if local.size:
-                        bob_left = self._bob_parity(state, state.starts[local], mid[local])
-                        state.descend(alice_left[local], bob_left, mid[local], slots[local], local)
+                    # the searches whose left child's parity Alice already disclosed went down a level
+                    # with no round trip; the others wait for the next step
+                    if moved:
                         progressed = True
                         continue
                     # Alice discloses a node's two children together, so below an unknown child
@@ -1069,9 +1018,77 @@ class CascadeBob:
             offset = 0
             for state, mid, slots in asks:
                 count = state.blocks.size
-                bob_left = self._bob_parity(state, state.starts, mid)
-                state.descend(answer[offset : offset + count], bob_left, mid, slots, None)
+                ranges, packed, byte_before = self._current(state)
+                if state.known is not None and state.known.size == 0:
+                    state.known = np.full(state.layout.block_count * state.width, 2, dtype=np.uint8)
+                _kernels.descend(
+                    answer[offset : offset + count],
+                    False,  # the answer itself, not looked up by slot
+                    ranges.words,
+                    ranges.before,
+                    ranges.pending,
+                    packed,
+                    byte_before,
+                    _SELECT8,
+                    state.starts,
+                    state.ends,
+                    state.node,
+                    state.node_parity,
+                    mid,
+                    slots,
+                    _NO_BITS if state.known is None else state.known,
+                )
                 offset += count
+
+    def _prune(self, state: _BobPass, parallel: bool) -> tuple[Int64s, Int64s, int] | None:
+        """Ready the searches of ``state`` for the next round trip (:func:`_kernels.prune_searches`):
+        end those whose node a flip since the last look has made even (``parallel``: another pass's
+        search found their error), flip the errors found at single positions, and descend through
+        sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
+        number of searches that descended, or ``None`` when no search of ``state`` goes on."""
+        touched = _NO_FLAGS
+        if parallel and state.flips_checked < len(self._flip_log):
+            touched = np.zeros(state.layout.block_count, dtype=bool)
+            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
+            state.flips_checked = len(self._flip_log)
+        ranges, packed, byte_before = self._current(state)
+        count, positions, alice, mid, slots, moved = _kernels.prune_searches(
+            state.starts,
+            state.ends,
+            state.node,
+            state.offset,
+            state.node_parity,
+            state.blocks,
+            state.searching,
+            touched,
+            ranges.words,
+            ranges.before,
+            ranges.pending,
+            packed,
+            byte_before,
+            _SELECT8,
+            _NO_BITS if state.known is None else state.known,
+            state.revisiting,
+        )
+        if count < state.blocks.size:
+            state.blocks, state.starts, state.ends = (
+                state.blocks[:count],
+                state.starts[:count],
+                state.ends[:count],
+            )
+            state.node, state.offset = state.node[:count], state.offset[:count]
+            state.node_parity = state.node_parity[:count]
+        if positions.size:
+            # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict
+            # each other
+            found = state.layout.index_at(positions)
+            if (self.key[found] == alice).any():
+                raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
+            self._apply_flips(found)
+        if count == 0:
+            state.revisiting = False
+            return None
+        return mid, slots, moved
 
     def _next_wave(self, active: list[_BobPass]) -> list[_BobPass]:
         """The passes whose searches go on (and start) now; empty when every block of every pass is even."""
@@ -1097,30 +1114,13 @@ class CascadeBob:
             smaller += odd_blocks
         return [state for state in self._passes if state.blocks.size]
 
-    def _drop_found(self, state: _BobPass) -> bool:
-        """End the searches of ``state`` whose node a flip since the last look has made even (another
-        pass's search found their error). Whether any search of ``state`` goes on."""
-        if state.flips_checked < len(self._flip_log):
-            touched = np.zeros(state.layout.block_count, dtype=bool)
-            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
-            state.flips_checked = len(self._flip_log)
-            rows = np.flatnonzero(touched[state.blocks])
-            if rows.size:
-                bob = self._bob_parity(state, state.starts[rows], state.ends[rows])
-                found = rows[bob == state.node_parity[rows]]
-                if found.size:
-                    keep = np.ones(state.blocks.size, dtype=bool)
-                    keep[found] = False
-                    state.keep(keep)
-        return bool(state.blocks.size)
-
     def _affine_layout(self, block_size: int) -> PassLayout:
         """A random affine pass in which no two bits that share a block of an earlier affine pass share
         a block again, as far as 16 draws allow (two errors in the same blocks of two passes hide from
         both). Bits i and i + d share a block of pass (a, k) only if ``a·d mod n`` lies within k of 0;
         the first pass keeps key-adjacent bits (d below the first block size) apart instead, against
         bursts of errors. On large frames the multiplier is the inverse of a step in ``STEP_RANGE``,
-        which both sides gather by strided copies (:func:`_strided_gather`)."""
+        which both sides gather by a strided walk (:func:`_affine_gather`)."""
         n = self.n
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
@@ -1174,6 +1174,13 @@ class CascadeBob:
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
         """Bob's current parity of pass-order ranges."""
+        self._current(state)
+        assert state.current is not None
+        return state.current.parity(starts, ends)
+
+    def _current(self, state: _BobPass) -> tuple[RangeParity, Bits, Int64s]:
+        """Bob's range parities in the order of ``state``'s pass, every flip so far applied, as the
+        kernels take them: the parities and the pass's select (empty for an affine pass)."""
         if state.current is None:
             state.current, state.flips_seen = state.layout.prepared or (
                 state.layout.range_parity(self.key),
@@ -1183,7 +1190,35 @@ class CascadeBob:
         if state.flips_seen < len(self._flip_log):
             state.current.flip(self._flips_since(state.flips_seen))
             state.flips_seen = len(self._flip_log)
-        return state.current.parity(starts, ends)
+        select = state.current.select
+        if select is None:
+            return state.current.ranges, _NO_BITS, _NO_INDICES
+        return state.current.ranges, select.packed, select.before
+
+
+_warmed_up = False
+
+
+def warm_up() -> None:
+    """Import numba and load every Cascade kernel (compiling it on the first run after an install), so
+    that the first reconciliation runs at full speed: without it the first frame pays about 0.3 s (the
+    2-core test machine, kernels cached) or several seconds (not cached). Reconciles a small frame with
+    errors in every kind of pass, then asks the range parities with both bound types. Later calls return
+    at once; safe on another thread while nothing else runs Cascade there."""
+    global _warmed_up  # noqa: PLW0603
+    if _warmed_up:
+        return
+    rng = np.random.default_rng(0)
+    n = 1000  # below 1024 bits every affine pass is gathered by a strided walk
+    alice_key = rng.integers(0, 2, n, dtype=np.uint8)
+    bob_key = alice_key.copy()
+    bob_key[rng.choice(n, 50, replace=False)] ^= 1
+    reconcile_in_memory(alice_key, bob_key, 0.05, rng)
+    for layout in (PassLayout("affine", 16, 3, 1), PassLayout("halves", seed=bytes(16))):
+        ranges = _Pass(layout, n).range_parity(alice_key)
+        for bounds in (np.arange(3, dtype=np.int64), np.arange(3, dtype=np.uint32)):
+            ranges.parity(bounds, bounds + 1)
+    _warmed_up = True
 
 
 def reconcile_in_memory(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,15 +135,15 @@ def test_a_search_whose_error_another_pass_found_ends(
     # parallel searches share bits across passes: a flip inside another pass's search can make its node
     # even; that search ends (its error is found) instead of reaching a leaf that contradicts Alice
     ended = []
-    found = cascade.CascadeBob._drop_found
+    prune = cascade._kernels.prune_searches
 
-    def watched(bob: CascadeBob, state: cascade._BobPass) -> bool:
-        before = state.blocks.size
-        going_on = found(bob, state)
-        ended.append(before - state.blocks.size)
-        return going_on
+    def watched(*args: Any) -> Any:
+        before = args[0].size
+        pruned = prune(*args)
+        ended.append(before - pruned[0] - pruned[1].size)  # neither kept nor at a leaf
+        return pruned
 
-    monkeypatch.setattr(cascade.CascadeBob, "_drop_found", watched)
+    monkeypatch.setattr(cascade._kernels, "prune_searches", watched)
     alice_key, bob_key = _frame(rng, 20000, 1000)
     result, alice = reconcile_in_memory(alice_key, bob_key, 0.05, rng, variant="parallel")
     assert sum(ended) > 0

@@ -1,0 +1,337 @@
+"""Compiled loops behind Cascade's range parities (:mod:`qkdd.stages.cascade`).
+
+Each kernel is a pure function of its arrays and answers exactly what the numpy code it replaces
+answers (``tests/stages/test_cascade_kernels.py`` checks them against plain references): a search's
+later levels ask a few ranges at a time, where numpy's per-call overhead costs more than the work, and
+one loop replaces a dozen array operations.
+
+A bit string's range parities are kept as in :class:`~qkdd.stages.cascade.RangeParity`: packed 64-bit
+words (bit 0 of the string is the most significant bit of word 0), ``before[w]`` the parity of the words
+before w as last counted, and ``pending`` the sorted words flipped since then, so the parity of bits
+``[0, t)`` is ``before[t >> 6]``, XOR the first ``t & 63`` bits of word ``t >> 6``, XOR the number of
+pending words below ``t >> 6``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from numba import njit
+
+Bits = npt.NDArray[np.uint8]
+Words = npt.NDArray[np.uint64]
+Int64s = npt.NDArray[np.int64]
+Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]  # Bob's bounds, and those of his requests
+
+
+# The loops below are written out in full: calling a helper per bound (even one numba inlines) kept
+# LLVM from optimising the loop, 8x slower per range when measured.
+
+
+@njit(cache=True)
+def range_parities(words: Words, before: Bits, pending: Int64s, starts: Positions, ends: Positions) -> Bits:
+    """The parity of bits ``[starts[i], ends[i])`` for each i (every bound in ``[0, 64·words.size)``)."""
+    out = np.empty(starts.size, dtype=np.uint8)
+    for i in range(starts.size):
+        parity = 0
+        for bound in (starts[i], ends[i]):
+            word = bound >> 6
+            used = bound & 63
+            parity ^= before[word]
+            if used:
+                # fold the word's first ``used`` bits onto a nibble, whose parity 0x6996 tabulates
+                folded = words[word] >> np.uint64(64 - used)
+                folded ^= folded >> np.uint64(32)
+                folded ^= folded >> np.uint64(16)
+                folded ^= folded >> np.uint64(8)
+                folded ^= folded >> np.uint64(4)
+                parity ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+            # pending flips in earlier words: a binary search for how many lie below ``word``
+            lo, hi = 0, pending.size
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if pending[mid] < word:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            parity ^= lo
+        out[i] = parity & 1
+    return out
+
+
+@njit(cache=True)
+def selected_range_parities(
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    starts: Positions,
+    ends: Positions,
+) -> Bits:
+    """:func:`range_parities` of ``[select(starts[i]), select(ends[i]))``, where ``select(r)`` is the
+    position of the r-th set bit (0-based) of ``packed`` (``byte_before[b]``: the set bits before byte
+    b, ascending; ``select8[v, k]``: the bit of byte v holding its k-th set bit)."""
+    out = np.empty(starts.size, dtype=np.uint8)
+    for i in range(starts.size):
+        parity = 0
+        for rank in (starts[i], ends[i]):
+            # the last byte with at most ``rank`` set bits before it holds the rank-th set bit
+            lo, hi = 0, byte_before.size
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if byte_before[mid] <= rank:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            byte = lo - 1
+            bound = (byte << 3) + select8[packed[byte], rank - byte_before[byte]]
+            word = bound >> 6
+            used = bound & 63
+            parity ^= before[word]
+            if used:
+                folded = words[word] >> np.uint64(64 - used)
+                folded ^= folded >> np.uint64(32)
+                folded ^= folded >> np.uint64(16)
+                folded ^= folded >> np.uint64(8)
+                folded ^= folded >> np.uint64(4)
+                parity ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+            lo, hi = 0, pending.size
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if pending[mid] < word:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            parity ^= lo
+        out[i] = parity & 1
+    return out
+
+
+@njit(cache=True)
+def strided_gather(bits: Bits, step: int, offset: int) -> Bits:
+    """``bits`` (one bit per byte) in the order of an affine pass, packed MSB-first: pass position t holds
+    key index ``(t - offset) · step mod n``, ``step`` the inverse of the pass's multiplier. One walk
+    adding ``step`` modulo n, straight into packed bytes; with the small steps Bob picks on large
+    frames the reads stride through ``bits`` and the prefetcher keeps up."""
+    n = bits.size
+    out = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    index = (n - offset) % n * step % n
+    full = n >> 3
+    for byte in range(full):
+        value = 0
+        for _ in range(8):
+            value = (value << 1) | bits[index]
+            index += step
+            if index >= n:
+                index -= n
+        out[byte] = value
+    tail = n & 7
+    if tail:
+        value = 0
+        for _ in range(tail):
+            value = (value << 1) | bits[index]
+            index += step
+            if index >= n:
+                index -= n
+        out[full] = value << (8 - tail)
+    return out
+
+
+# --------------------------------------------------------------------------- Bob's searches
+#
+# Bob's searches under way in one pass are parallel arrays, one entry per search: the current node
+# ``[starts, ends)`` in pass order, its slot ``node`` and ``offset`` (see ``_BobPass``), Alice's parity of
+# the node ``node_parity`` and the ``blocks`` searched. ``packed`` is empty for an affine pass; for a
+# halves pass it and ``byte_before`` are its select (ranges are then ranks, mapped through the select).
+
+
+@njit(cache=True)
+def prune_searches(
+    starts: Int64s,
+    ends: Int64s,
+    node: Int64s,
+    offset: Int64s,
+    node_parity: Bits,
+    blocks: Int64s,
+    searching: npt.NDArray[np.bool_],
+    touched: npt.NDArray[np.bool_],
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    known: Bits,
+    revisiting: bool,
+) -> tuple[int, Int64s, Bits, Int64s, Int64s, int]:
+    """One pass's searches before a round trip, in place.
+
+    1. A search whose block is ``touched`` (a flip landed in it since the last look; ``touched`` empty:
+       none is looked at) and whose node Bob's bits now make even has found its error elsewhere: it ends.
+    2. A search at a single position has found an error there: it ends, and the position and Alice's
+       parity of it are returned (the caller checks and flips it).
+    3. The rest move to the front, in order (``searching`` cleared for every ended search's block), and
+       get their left child ``[starts, mid)`` and its slot.
+    4. With ``revisiting``, every search whose left child's parity Alice disclosed before (``known``)
+       descends one level here, with no round trip.
+
+    Returns the number of searches kept, the found positions and Alice's parities of them, ``mid`` and
+    ``slots`` of the kept searches, and the number that descended in step 4.
+    """
+    count = 0
+    leaves = 0
+    found = np.empty(starts.size, dtype=np.int64)
+    found_parity = np.empty(starts.size, dtype=np.uint8)
+    check = touched.size > 0
+    for i in range(starts.size):
+        if check and touched[blocks[i]]:
+            bob = 0
+            for rank in (starts[i], ends[i]):
+                bound = rank
+                if packed.size:
+                    # a halves pass: the rank-th set bit of the select's slots
+                    lo, hi = 0, byte_before.size
+                    while lo < hi:
+                        middle = (lo + hi) >> 1
+                        if byte_before[middle] <= rank:
+                            lo = middle + 1
+                        else:
+                            hi = middle
+                    bound = ((lo - 1) << 3) + select8[packed[lo - 1], rank - byte_before[lo - 1]]
+                word = bound >> 6
+                used = bound & 63
+                bob ^= before[word]
+                if used:
+                    folded = words[word] >> np.uint64(64 - used)
+                    folded ^= folded >> np.uint64(32)
+                    folded ^= folded >> np.uint64(16)
+                    folded ^= folded >> np.uint64(8)
+                    folded ^= folded >> np.uint64(4)
+                    bob ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+                lo, hi = 0, pending.size
+                while lo < hi:
+                    middle = (lo + hi) >> 1
+                    if pending[middle] < word:
+                        lo = middle + 1
+                    else:
+                        hi = middle
+                bob ^= lo
+            bob &= 1
+            if bob == node_parity[i]:
+                searching[blocks[i]] = False
+                continue
+        if ends[i] - starts[i] == 1:
+            found[leaves] = starts[i]
+            found_parity[leaves] = node_parity[i]
+            leaves += 1
+            searching[blocks[i]] = False
+            continue
+        starts[count] = starts[i]
+        ends[count] = ends[i]
+        node[count] = node[i]
+        offset[count] = offset[i]
+        node_parity[count] = node_parity[i]
+        blocks[count] = blocks[i]
+        count += 1
+    mid = np.empty(count, dtype=np.int64)
+    slots = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        mid[i] = starts[i] + ((ends[i] - starts[i] + 1) >> 1)
+        slots[i] = 2 * node[i] + offset[i]
+    moved = 0
+    if revisiting and known.size:
+        moved = descend(
+            known,
+            True,
+            words,
+            before,
+            pending,
+            packed,
+            byte_before,
+            select8,
+            starts[:count],
+            ends[:count],
+            node[:count],
+            node_parity[:count],
+            mid,
+            slots,
+            known,
+        )
+    return count, found[:leaves], found_parity[:leaves], mid, slots, moved
+
+
+@njit(cache=True)
+def descend(
+    alice_left: Bits,
+    by_slot: bool,
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    starts: Int64s,
+    ends: Int64s,
+    node: Int64s,
+    node_parity: Bits,
+    mid: Int64s,
+    slots: Int64s,
+    known: Bits,
+) -> int:
+    """Move searches one level down, in place, given Alice's parity of their left child
+    ``[starts, mid)`` at slot ``slots``: ``alice_left[i]`` (``by_slot``: ``alice_left[slots[i]]``), where
+    2 leaves search i where it is. Remembers Alice's parities of both children in ``known`` (empty: no
+    reuse). Returns the number of searches moved."""
+    moved = 0
+    for i in range(starts.size):
+        left = alice_left[slots[i]] if by_slot else alice_left[i]
+        if left == 2:
+            continue
+        moved += 1
+        right = node_parity[i] ^ left
+        if known.size:
+            known[slots[i]] = left
+            known[slots[i] + 1] = right
+        bob = 0
+        for rank in (starts[i], mid[i]):
+            bound = rank
+            if packed.size:
+                # a halves pass: the rank-th set bit of the select's slots
+                lo, hi = 0, byte_before.size
+                while lo < hi:
+                    middle = (lo + hi) >> 1
+                    if byte_before[middle] <= rank:
+                        lo = middle + 1
+                    else:
+                        hi = middle
+                bound = ((lo - 1) << 3) + select8[packed[lo - 1], rank - byte_before[lo - 1]]
+            word = bound >> 6
+            used = bound & 63
+            bob ^= before[word]
+            if used:
+                folded = words[word] >> np.uint64(64 - used)
+                folded ^= folded >> np.uint64(32)
+                folded ^= folded >> np.uint64(16)
+                folded ^= folded >> np.uint64(8)
+                folded ^= folded >> np.uint64(4)
+                bob ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+            lo, hi = 0, pending.size
+            while lo < hi:
+                middle = (lo + hi) >> 1
+                if pending[middle] < word:
+                    lo = middle + 1
+                else:
+                    hi = middle
+            bob ^= lo
+        bob &= 1
+        if bob == left:
+            starts[i] = mid[i]
+            node[i] = slots[i] + 1
+            node_parity[i] = right
+        else:
+            ends[i] = mid[i]
+            node[i] = slots[i]
+            node_parity[i] = left
+    return moved
