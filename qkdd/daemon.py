@@ -51,7 +51,7 @@ from qkdd.errors import QkddError, RemoteProtocolError
 from qkdd.links import open_link
 from qkdd.records import RoundSummary
 from qkdd.sdnotify import Notifier
-from qkdd.stages import amplify
+from qkdd.stages import amplify, cascade
 from qkdd.statelock import lock_state_dir
 from qkdd.store import KeyStore
 
@@ -626,12 +626,13 @@ class Daemon:
         return self._max_rounds_reached() and self.kme is None
 
     async def _warm_up(self) -> None:
-        """Compile privacy amplification's kernel (or load its FFT) while the first connection is set up,
-        not inside the first round."""
+        """Load Cascade's kernels and compile privacy amplification's (or load its FFT) while the first
+        connection is set up, not inside the first round."""
         try:
+            await trio.to_thread.run_sync(cascade.warm_up)
             await trio.to_thread.run_sync(amplify.warm_up)
         except Exception as error:  # the first round will meet (and report) the same failure
-            log.warning("privacy amplification warm-up failed: %s: %s", type(error).__name__, error)
+            log.warning("warm-up of the compiled kernels failed: %s: %s", type(error).__name__, error)
 
     async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
         if thread:

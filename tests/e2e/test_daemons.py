@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import socket
 import struct
@@ -40,7 +41,7 @@ def test_two_daemons_with_rounds_in_flight_store_identical_keys_in_order(tmp_pat
     assert result.rounds[-1]["auth"] == "reserve"
     # rounds overlapped: some round started before the one before it ended
     spans = [(r["finished_at"] - r["seconds"], r["finished_at"]) for r in result.rounds]
-    assert any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:], strict=False))
+    assert any(start < previous_end for (_, previous_end), (start, _) in itertools.pairwise(spans))
     finished = [r["finished_at"] for r in result.rounds]
     assert finished == sorted(finished)  # committed in order
 
