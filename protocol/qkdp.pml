@@ -19,11 +19,12 @@
  *   - The key reserve as a stream of slots (one slot: one 122-bit pad or one 256-bit handshake key).
  *     Slot 0 is the bootstrap handshake key; each side's durable `consumed` starts at 1 and `total` at
  *     T0; a committed round appends REFILL slots at each side when it commits there. A round's three
- *     tags (Alice's amplify, Bob's commit, Alice's committed) take one pad each, in order, from the
- *     position both took from the authenticated `sync`s (§16); the receiver verifies a tag with the pad
- *     at its own position, and the tag verifies only if that is the sender's. A tagged frame of a
- *     dropped round is skipped with its pad. Every use, by sender or receiver, raises `consumed`
- *     durably before anything is sent. Alice opens a round only if her reserve can pay for its three
+ *     tags (Alice's amplify, Bob's commit, Alice's committed) take the three pads of the round's tag
+ *     slot (§16): the connection's next slot, counted from the position both took from the
+ *     authenticated `sync`s, taken when the tagged amplify is sent or received; the receiver verifies a
+ *     tag with the pad at its own position, and the tag verifies only if that is the sender's. A tagged
+ *     amplify of a dropped round takes its slot all the same. Every use, by sender or receiver, raises
+ *     `consumed` durably before anything is sent. (One round is open at a time here, window 1.) Alice opens a round only if her reserve can pay for its three
  *     pads; if it cannot, the link is paused for good (nothing could refill it). T0 pays for every
  *     round Alice can open here: a round cut after `amplify` costs its pads and refills nothing, so
  *     an adversary who cuts every round drains any reserve, 366 bits a round (that is outside I3).
@@ -132,7 +133,6 @@ mtype = {   /* Bob's states */
                     B_RECONCILING, B_CONFIRMING, B_AMPLIFYING, B_COMMITTING, B_CLOSED };
 
 #define ROUND_MSG(t) (t != hello && t != auth && t != sync && t != resolve && t != keepalive && t != error)
-#define TAGGED(t, v) (t == commit || t == committed || (t == amplify && v != 0))
 
 /*
  * A frame: message, the connection whose keys made its MAC, seq, MAC valid (for hello: sent as is),
@@ -190,6 +190,8 @@ bool b_pend[NR];
 bool b_comm[NR];
 byte b_blocks[NR];
 byte a_cons = 1, b_cons = 1;     /* reserve_consumed: the first unused slot */
+byte a_sb, b_sb;                 /* the connection's next tag slot: its first pad (§16) */
+byte a_rb, b_rb;                 /* the open round's tag slot: its first pad */
 byte a_tot = T0, b_tot = T0;     /* reserve_total: committed slots */
 int a_keys = 1, b_keys = 1;      /* handshake keys, bit p: slot p (slot 0: the bootstrap key) */
 byte a_knext = NONE;             /* Alice's announced key while she holds two (the larger) */
@@ -346,7 +348,7 @@ active proctype Alice() {
         :: st != A_CLOSED && !calm -> st = A_CLOSED   /* timeout, cut, crash or stop: the open round is gone */
         :: st != A_CLOSED && calm && finished > 0 && empty(b2a[c]) -> st = A_CLOSED   /* Bob is gone */
         :: atomic { st == A_IDLE && next < NR && (calm || next < NROUND) && calm_r == NONE &&
-                    a_cons + PADS <= a_tot ->   /* start_round: persist next_round, then round_start */
+                    a_sb + PADS <= a_tot ->   /* start_round: persist next_round, then round_start */
                 r = next; next++; a_next = next;
                 if
                 :: calm -> outcome[r] = PASSES; blocks[r] = 1; calm_r = r
@@ -358,7 +360,7 @@ active proctype Alice() {
                 SEND(a2b[c], round_start, r, 0, b_at);
                 st = A_SIFTING
             }
-        :: atomic { st == A_IDLE && next < NR && a_cons + PADS > a_tot ->
+        :: atomic { st == A_IDLE && next < NR && a_sb + PADS > a_tot ->
             /* the reserve cannot pay for a round: paused, and with nothing to refill it, for good */
             SEND(a2b[c], error, 0, 0, b_at); stopped = true; st = A_CLOSED }
         :: atomic { st == A_IDLE && calm && calm_r != NONE && r == NONE ->   /* Alice stops */
@@ -376,8 +378,8 @@ active proctype Alice() {
                 if
                 :: t == error -> st = A_CLOSED
                 :: t != error && ROUND_MSG(t) && fr == dropped && fr != r ->   /* stale (§13) */
-                    if   /* its tag's pad is skipped all the same (§16) */
-                    :: TAGGED(t, fv) -> a_cons++
+                    if   /* a tagged amplify takes its slot all the same (§16) */
+                    :: t == amplify && fv != 0 -> a_sb = a_sb + PADS
                     :: else -> skip
                     fi
                 :: else ->
@@ -457,7 +459,8 @@ active proctype Alice() {
                                 a_keys = a_keys | (1 << a_cons); a_knext = a_cons; a_cons++;
                                 CHECK()
                             :: else -> skip
-                            fi
+                            fi;
+                            a_sb = a_cons                  /* slot 0 of the connection's tags */
                         }
                         if
                         :: SENDX(a2b[c], resolve, 0, fv, a_knext, 0, b_at); st = A_IDLE
@@ -489,10 +492,11 @@ active proctype Alice() {
                             dropped = r; r = NONE; st = A_IDLE
                         :: fv != 0 && blocks[r] != 0 ->
                             atomic {                   /* persist the pad's use, then the tagged frame */
-                                a_verified[r] = true; USE(a_cons, ID_AMPLIFY(r), a_tot); a_cons++
+                                a_verified[r] = true; a_rb = a_sb; a_sb = a_sb + PADS;   /* the next slot */
+                                USE(a_rb, ID_AMPLIFY(r), a_tot); a_cons = MAX(a_cons, a_rb + 1)
                             }
                             if
-                            :: SENDX(a2b[c], amplify, r, blocks[r], a_cons - 1, 0, b_at); st = A_COMMITTING
+                            :: SENDX(a2b[c], amplify, r, blocks[r], a_rb, 0, b_at); st = A_COMMITTING
                             :: !calm -> st = A_CLOSED                      /* crash after the write */
                             fi
                         fi
@@ -500,18 +504,18 @@ active proctype Alice() {
                         if
                         :: fv != blocks[r] ->                              /* bad-message */
                             SEND(a2b[c], error, 0, 0, b_at); st = A_CLOSED
-                        :: fv == blocks[r] && fp != a_cons ->              /* bad-mac: the tag */
+                        :: fv == blocks[r] && fp != a_rb + 1 ->            /* bad-mac: the tag */
                             SEND(a2b[c], error, 0, 0, b_at); st = A_CLOSED
                         :: else ->
                             atomic {   /* persist the committed round, its refill, the pads' use */
                                 assert(a_verified[r]);
-                                a_cons++;                                  /* Bob's tag, verified */
+                                USE(a_rb + 1, ID_COMMIT(r), a_tot);        /* Bob's tag, verified */
                                 a_comm[r] = true; a_blocks[r] = fv; a_tot = a_tot + REFILL; a_since = true;
-                                USE(a_cons, ID_COMMITTED(r), a_tot); a_cons++;
+                                USE(a_rb + 2, ID_COMMITTED(r), a_tot); a_cons = MAX(a_cons, a_rb + 3);
                                 CHECK()
                             }
                             if
-                            :: SENDX(a2b[c], committed, r, 0, a_cons - 1, 0, b_at); r = NONE; st = A_IDLE
+                            :: SENDX(a2b[c], committed, r, 0, a_rb + 2, 0, b_at); r = NONE; st = A_IDLE
                             :: !calm -> st = A_CLOSED                      /* crash after the write */
                             fi
                         fi
@@ -565,8 +569,8 @@ active proctype Bob() {
         :: st != B_CLOSED && !calm -> st = B_CLOSED   /* timeout, cut, crash, or replaced by a new connection */
         :: st != B_CLOSED && calm && finished > 0 && empty(a2b[c]) -> st = B_CLOSED   /* Alice is gone */
         :: atomic { !calm && (st == B_SIFTING || st == B_ESTIMATING || st == B_RECONCILING ||
-                     st == B_CONFIRMING || st == B_AMPLIFYING || st == B_COMMITTING) ->
-            /* the local event abort; a pending round stays */
+                     st == B_CONFIRMING || st == B_AMPLIFYING) ->
+            /* the local event abort (never in COMMITTING: Bob gives up there by closing, §13) */
             SEND(b2a[c], abort, r, 0, a_at); dropped = r; r = NONE; st = B_IDLE }
         :: atomic { st != B_CLOSED && (nempty(a2b[c]) || ADV) -> DELIVER(a2b[c]);
             if
@@ -578,8 +582,8 @@ active proctype Bob() {
                 if
                 :: t == error -> st = B_CLOSED
                 :: t != error && ROUND_MSG(t) && fr == dropped && fr != r ->
-                    if   /* its tag's pad is skipped all the same (§16) */
-                    :: TAGGED(t, fv) -> b_cons++
+                    if   /* a tagged amplify takes its slot all the same (§16) */
+                    :: t == amplify && fv != 0 -> b_sb = b_sb + PADS
                     :: else -> skip
                     fi
                 :: else ->
@@ -675,6 +679,7 @@ active proctype Bob() {
                                     b_keys = b_keys | (1 << fp); b_cons = MAX(b_cons, fp + 1)
                                 :: else -> skip
                                 fi;
+                                b_sb = b_cons;                 /* slot 0 of the connection's tags */
 #ifdef MUTANT_B3
                                 b_ep = MAX(b_ep, pe) + 1;
 #endif
@@ -719,29 +724,31 @@ active proctype Bob() {
                         :: fv != blocks[r] ->                               /* config-mismatch */
                             SEND(b2a[c], error, 0, 0, a_at); st = B_CLOSED
                         :: fv == 0 -> dropped = r; r = NONE; st = B_IDLE        /* keyless round */
-                        :: fv != 0 && fv == blocks[r] && fp != b_cons ->     /* bad-mac: the tag */
+                        :: fv != 0 && fv == blocks[r] && fp != b_sb ->       /* bad-mac: the tag */
                             SEND(b2a[c], error, 0, 0, a_at); st = B_CLOSED
-                        :: fv != 0 && fv == blocks[r] && fp == b_cons ->
+                        :: fv != 0 && fv == blocks[r] && fp == b_sb ->
                             atomic {   /* persist the pending round and the pads' use */
                                 assert(b_verified[r]);
-                                USE(b_cons, ID_AMPLIFY(r), b_tot); b_cons++;   /* Alice's tag, verified */
+                                b_rb = b_sb; b_sb = b_sb + PADS;             /* the next slot */
+                                USE(b_rb, ID_AMPLIFY(r), b_tot);             /* Alice's tag, verified */
                                 b_pend[r] = true; b_blocks[r] = fv;
-                                USE(b_cons, ID_COMMIT(r), b_tot); b_cons++;
+                                USE(b_rb + 1, ID_COMMIT(r), b_tot); b_cons = MAX(b_cons, b_rb + 2);
                                 CHECK()
                             }
                             if
-                            :: SENDX(b2a[c], commit, r, fv, b_cons - 1, 0, a_at); st = B_COMMITTING
+                            :: SENDX(b2a[c], commit, r, fv, b_rb + 1, 0, a_at); st = B_COMMITTING
                             :: !calm -> st = B_CLOSED                      /* crash after the write */
                             fi
                         fi
                     :: st == B_COMMITTING && t == committed && fr == r ->
                         if
-                        :: fp != b_cons ->                                  /* bad-mac: the tag */
+                        :: fp != b_rb + 2 ->                                /* bad-mac: the tag */
                             SEND(b2a[c], error, 0, 0, a_at); st = B_CLOSED
                         :: else ->
                             atomic {
                                 assert(b_verified[r]);
-                                USE(b_cons, ID_COMMITTED(r), b_tot); b_cons++;   /* Alice's tag, verified */
+                                USE(b_rb + 2, ID_COMMITTED(r), b_tot);        /* Alice's tag, verified */
+                                b_cons = MAX(b_cons, b_rb + 3);
                                 b_comm[r] = true; b_pend[r] = false; b_tot = b_tot + REFILL; CHECK()
                             };
                             r = NONE; st = B_IDLE

@@ -115,6 +115,9 @@ _IN_ORDER: dict[str, State | None] = {
     "commit": None,
     "committed": None,
 }
+MAX_HELD = 1024
+"""Frames a session holds for work or earlier rounds at most (a few flights per open round); more is a
+peer that does not wait for answers."""
 DROPPED_KEPT = 64
 """How many dropped rounds a session remembers, to discard the peer's frames still on their way (§13)."""
 
@@ -356,6 +359,10 @@ class Engine:
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
             if self._waits(typed, self._held):
+                if len(self._held) >= MAX_HELD:
+                    raise RemoteProtocolError(
+                        f"more than {MAX_HELD} frames wait for earlier ones", code="bad-state"
+                    )
                 self._held.append((envelope, typed))  # handled once what it waits for is done
             else:
                 self._handle(envelope, typed)
@@ -390,6 +397,8 @@ class Engine:
         its round it needs, or — the messages of :data:`_IN_ORDER` — for earlier rounds, so that rounds
         are stored and committed in order (§13)."""
         number = getattr(message, "round", None)
+        if message.type == "round_start" and before:
+            return True  # a held frame may end a round: the window is counted after it
         if any(getattr(held, "round", None) in (number, None) for _, held in before):
             return True
         r = None if number is None else self._rounds.get(number)
@@ -492,17 +501,14 @@ class Engine:
 
     def abort_round(self, reason: str, number: int | None = None) -> list[Action]:
         """Abandon round ``number`` (default: the oldest open one), e.g. the link failed, telling the
-        peer."""
+        peer. Not Bob in COMMITTING (§13): Alice may have committed the round; close instead."""
         r = self._rounds.get(self.round_number if number is None else number)  # type: ignore[arg-type]
         if r is None:
             raise LocalProtocolError("abort_round: no such open round")
 
         def abort() -> State:
             self._send("abort", round=r.number, reason=reason[:256])
-            # §13: Bob in COMMITTING holds the round pending and Alice may have committed it already;
-            # it stays pending until the next connection's resolve says which
-            pending = self.role == "bob" and r.state is State.COMMITTING
-            return self._end_aborted(r, reason, record=not pending)
+            return self._end_aborted(r, reason)
 
         self._transition("abort", abort, r)
         self._release()  # frames held for the round's work: now stale
@@ -781,7 +787,11 @@ class Engine:
         """Alice: how many leading output bits go to the key reserve (§17); Bob takes her word."""
         available = self._store.reserve.total_bits - self._pointer
         return policy.reserve_refill(
-            bound, available, self.settings.reserve_bits_per_round, self.settings.reserve_target_bits
+            bound,
+            available,
+            self.settings.reserve_bits_per_round,
+            self.settings.reserve_target_bits,
+            self.settings.key_block_bits,
         )
 
     def _end_aborted(self, r: Round, reason: str, *, record: bool = True) -> State:

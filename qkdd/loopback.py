@@ -44,7 +44,7 @@ class MemoryReserve:
     def _bits(self) -> np.ndarray:
         parts = [
             np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
-            for data, count in (self.chunks[r] for r in sorted(self.chunks))
+            for data, count in self.chunks.values()  # in commit order, as the SQLite store appends them
         ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 

@@ -77,11 +77,18 @@ def retire_psk(auth: str, retired: bool, fallback_to_psk: bool) -> bool:
     return auth == "reserve" and not retired and not fallback_to_psk
 
 
-def reserve_refill(bound: int, available_bits: int, per_round: int, target_bits: int) -> int:
+def reserve_refill(
+    bound: int, available_bits: int, per_round: int, target_bits: int, key_block_bits: int = 0
+) -> int:
     """Alice: how many leading output bits of a round go to the key reserve (§17): up to ``per_round``
     while the reserve holds fewer than ``target_bits`` unused bits, never more than a quarter of the
-    round's length bound ``bound`` (the rest is key). Bob takes her word and checks the output length."""
-    return max(0, min(per_round, target_bits - available_bits, bound // 4))
+    round's length bound ``bound`` (the rest is key), and never so many that no whole key block of
+    ``key_block_bits`` is left when the bound has room for one (a round then yields key, not nothing).
+    Bob takes her word and checks the output length."""
+    share = max(0, min(per_round, target_bits - available_bits, bound // 4))
+    if key_block_bits and bound >= key_block_bits:
+        share = min(share, bound - key_block_bits)
+    return share
 
 
 def output_bits(bound: int, reserve_bits: int, key_block_bits: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,9 +82,15 @@ class ConnectionPair(EnginePair):
         self.run_compute = "now"
         self.later: list[tuple[str, engine.Compute | engine.FetchFrame, Any]] = []
         self.computes: list[tuple[str, int, bool]] = []  # (role, frames it had sent by then, urgent)
+        # work to hold back until release() (a slow worker), chosen by (role, action, its round)
+        self.defer: Callable[[str, engine.Compute | engine.FetchFrame, int | None], bool] = lambda *_: False
+        self.deferred: list[tuple[str, engine.Compute | engine.FetchFrame]] = []
         self.kinds: list[tuple[str, str]] = []  # (role, kind) of each piece of work handed out
 
     def work(self, role: str, action: engine.Compute | engine.FetchFrame) -> None:
+        if self.defer(role, action, self.engine(role).round_of_job(action.job)):
+            self.deferred.append((role, action))
+            return
         if isinstance(action, engine.Compute):
             self.computes.append((role, len(self.log), action.urgent))
             self.kinds.append((role, action.kind))
@@ -96,6 +103,12 @@ class ConnectionPair(EnginePair):
             self.later.append((role, action, (thread, outcome)))
         else:
             self.later.append((role, action, None))
+
+    def release(self) -> None:
+        """Hand back the work held back by ``defer``."""
+        deferred, self.deferred = self.deferred, []
+        for role, action in deferred:
+            self.complete(role, action, action.run(self.links[role]))
 
     def join(self) -> None:
         """Wait for the work still running on threads."""

@@ -194,8 +194,8 @@ def test_alices_current_key_can_leave_bobs_set(tmp_path: Path) -> None:
         (":: b_pend[i] && (fv >> i) & 1 ->", ":: b_pend[i] ->", "(a_comm[i]&&(a_blocks[i]==b_blocks[i]))"),
         # Bob answers commit without first storing the round as pending (I4)
         ("b_pend[r] = true; b_blocks[r] = fv;", "skip;", "(a_comm[i]&&(a_blocks[i]==b_blocks[i]))"),
-        # Alice ignores the reserve_consumed of Bob's sync: she reuses the pad of his last commit (I1)
-        ("a_cons = MAX(a_cons, fp);   /* max(own, Bob's reserve_consumed) */", "skip;", "(used[a_cons]=="),
+        # Alice ignores the reserve_consumed of Bob's sync: her next tag slot holds his last commit's pad (I1)
+        ("a_cons = MAX(a_cons, fp);   /* max(own, Bob's reserve_consumed) */", "skip;", "(used[a_rb]=="),
         # Bob adds Alice's announced key without marking its slot consumed: his tags are a slot behind
         # hers from then on and never verify again (I3)
         (

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from qkdd import engine, policy
+from qkdd import engine, policy, rounds, wire
 from qkdd.errors import LocalProtocolError, RemoteProtocolError
 from tests.helpers import ConnectionPair
 
@@ -102,3 +102,95 @@ def test_an_aborted_round_among_rounds_in_flight_leaves_the_others_to_commit(abo
     pair.rounds(2)
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
     assert pair.summaries["alice"][-1].auth == "reserve" and not pair.summaries["alice"][-1].aborted
+
+
+def test_a_round_start_waits_behind_a_held_frame_that_ends_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 1 yields no key: Alice sends an untagged amplify and drops it, which frees her window, while
+    Bob's amplify of round 1 waits for his own work. Her next round_start waits behind it at Bob, so he
+    counts the window after round 1 ended (found by review: he refused it as beyond the window)."""
+    pair = ConnectionPair(window=2)
+    pair.connect()
+    secret_length = rounds.Round._secret_length
+
+    def keyless_round_1(self: rounds.Round) -> int:
+        if self.number == 1:
+            self.length_reason = "no key, for the test"
+            return 0
+        return secret_length(self)
+
+    monkeypatch.setattr(rounds.Round, "_secret_length", keyless_round_1)
+    pair.defer = lambda role, action, number: (
+        role == "bob" and number == 1 and getattr(action, "kind", "") == "amplification"
+    )
+    started = 0
+    while True:
+        if started < 4 and pair.alice.can_start_round:
+            pair.handle("alice", pair.alice.start_round())
+            started += 1
+        elif not pair.step():
+            if not pair.deferred:
+                break
+            assert any(message.type == "round_start" for _, message in pair.bob._held)  # it did wait
+            pair.release()
+    assert started == 4
+    assert list(pair.alice_store.committed) == list(pair.bob_store.committed) == [0, 2, 3]
+    assert 1 in pair.alice_store.aborted and 1 in pair.bob_store.aborted
+
+
+def test_a_bound_just_over_one_block_yields_that_block_not_a_mismatch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alice's reserve share leaves a whole key block when the bound has room for one: the round yields
+    it (found by review: she announced no output and Bob, expecting one block, closed the connection)."""
+    assert policy.reserve_refill(276, 0, 1024, 8192, 256) == 20
+    assert policy.output_bits(276, 20, 256) == 276
+    assert policy.reserve_refill(200, 0, 1024, 8192, 256) == 50  # no block fits anyway
+    pair = ConnectionPair(window=2)
+    pair.connect()
+    secret_length = rounds.Round._secret_length
+
+    def one_block_and_a_bit(self: rounds.Round) -> int:
+        if self.number == 1:
+            self.length_reason = None
+            return 256 + 20
+        return secret_length(self)
+
+    monkeypatch.setattr(rounds.Round, "_secret_length", one_block_and_a_bit)
+    pair.rounds(3)
+    assert list(pair.alice_store.committed) == list(pair.bob_store.committed) == [0, 1, 2]
+    assert len(pair.alice_store.committed[1][1]) == 1
+    assert pair.alice_store.key_map() == pair.bob_store.key_map()
+
+
+def test_bob_gives_up_a_round_in_committing_by_closing_never_by_abort() -> None:
+    """Alice may have committed it; an abort would let Bob commit later rounds around a pending one, and
+    the reserves would then hold the rounds' bits in different orders (found by review)."""
+    pair = ConnectionPair()
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    while pair.bob.state is not engine.State.COMMITTING:
+        assert pair.step()
+    with pytest.raises(LocalProtocolError, match="abort is not allowed in state COMMITTING"):
+        pair.bob.abort_round("operator request")
+
+
+def test_frames_held_for_earlier_rounds_are_bounded() -> None:
+    """A peer that does not wait (authenticated: a man in the middle cannot pass the frame MACs) cannot
+    make a session hold frames without end."""
+    pair = ConnectionPair(window=2)
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    while not pair.alice.can_start_round:
+        assert pair.step()
+    pair.handle("alice", pair.alice.start_round())
+    while pair.alice.round_states.get(1) is not engine.State.RECONCILING:
+        assert pair.step()
+    pair.bob._send("confirm_result", round=1, matched=True)  # round 0 is not amplified yet: it waits
+    for _ in range(engine.MAX_HELD):
+        pair.bob._send("cascade_done", round=1, disclosed_bits=0, corrected_bits=0)
+    frames = [action.frame for action in pair.bob._flush() if isinstance(action, engine.Send)]
+    with pytest.raises(RemoteProtocolError, match=f"more than {engine.MAX_HELD} frames wait"):
+        for frame in frames:
+            (payload,) = wire.FrameDecoder().feed(frame)
+            pair.alice.receive_frame(payload)
+    assert pair.alice.state is engine.State.CLOSED
