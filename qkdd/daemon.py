@@ -158,6 +158,8 @@ class _Session:
     last_sent: float = -math.inf  # when our last round-channel frame went out (trio clock)
     # from any thread: hand the outcome of work the engine handed out back to the session's loop
     hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
+    # an item the loop took from the frame channel early (it may be None, the end): the next to handle
+    put_back: list[Any] = field(default_factory=list)
     # the link frames the engine asked for, fetched one at a time in the order asked (_fetch_frames)
     fetches: trio.MemorySendChannel[engine_mod.FetchFrame] | None = None
 
@@ -188,8 +190,8 @@ class Daemon:
         self.link = open_link(config.link_backend, config.role, config.link_options)
         self.store = KeyStore(config.state_dir, config.link_id)
         self.notifier = notifier or Notifier()
-        # Compute work, on two threads (Alice's early hash and key IDs overlap where there are cores)
-        self._background = background.executor("qkdd-compute", workers=2)
+        # Compute work: as many threads as cores, at least two (rounds in flight hand out work at once)
+        self._background = background.executor("qkdd-compute", workers=max(2, os.cpu_count() or 1))
         self._urgent = background.executor("qkdd-urgent", lower=False)  # Compute(urgent=True)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None
@@ -388,7 +390,7 @@ class Daemon:
                             continue
                         item: Any = None
                         with trio.move_on_at(min(deadline, self._keepalive_due(session, engine))) as waiting:
-                            item = await frames.receive()
+                            item = session.put_back.pop() if session.put_back else await frames.receive()
                         if waiting.cancelled_caught and trio.current_time() < deadline:
                             await self._keep_alive(session, engine)  # Alice, done with her rounds
                             continue
@@ -427,6 +429,8 @@ class Daemon:
                                 thread=not engine.cheap(message),
                                 round=None if message is None else message.fields.get("round"),
                             )
+                            if engine.cheap(message):
+                                actions += await self._cheap_frames_waiting(session, frames)
                         if any(isinstance(a, engine_mod.Ready) for a in actions):
                             ready = True
                             self._handshaking.pop(session, None)
@@ -594,6 +598,33 @@ class Daemon:
             )
         except OSError as error:
             log.warning("cannot write the status file: %s", error.strerror)
+
+    async def _cheap_frames_waiting(
+        self, session: _Session, frames: trio.MemoryReceiveChannel[Any]
+    ) -> list[Any]:
+        """The actions of the cheap frames (Cascade's) already waiting after a cheap one, handled now, so
+        that the answers to a whole flight leave in one write. Stops at the first item that is not one
+        (it is put back first in line)."""
+        engine = session.engine
+        assert engine is not None
+        actions: list[Any] = []
+        while True:
+            try:
+                item = frames.receive_nowait()
+            except trio.WouldBlock:
+                return actions
+            if not (isinstance(item, tuple) and item[2] is None and engine.cheap(item[1])):
+                session.put_back.append(item)
+                return actions
+            envelope, message, _ = item
+            actions += await self._step(
+                session,
+                engine.receive_frame,
+                envelope,
+                message,
+                thread=False,
+                round=message.fields.get("round"),
+            )
 
     async def _start_in_flight(self, session: _Session, engine: engine_mod.Engine) -> bool:
         """Alice, with rounds open: open one more when the window has room (:attr:`Engine.can_start_round`)

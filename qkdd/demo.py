@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class DemoResult:
     bob_keys: int
     seconds: float
     first_key_seconds: float | None
+    peak_rss_bytes: int = 0  # the larger of the two daemons' peak resident memory
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -226,6 +229,7 @@ def run_demo(
         return relays[-1].address
 
     alice, bob = start_pair(alice_config, bob_config, relay if rtt > 0 else None)
+    peak = PeakMemory((alice.pid, bob.pid))
     try:
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
         for process, name in ((alice, "alice"), (bob, "bob")):
@@ -245,8 +249,32 @@ def run_demo(
                 leftover.wait()
         for each in relays:
             each.close()
+        peak.stop()
     seconds = time.monotonic() - started
-    return compare_stores(state_dir, seconds)
+    return dataclasses.replace(compare_stores(state_dir, seconds), peak_rss_bytes=peak.bytes)
+
+
+class PeakMemory:
+    """The peak resident memory of some processes (Linux: their VmHWM, read until they end)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.bytes = 0
+        self._pids = pids
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="qkdd-peak-memory", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.1):
+            for pid in self._pids:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
 
 
 def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
@@ -428,6 +456,7 @@ def bench_e2e(
                 else result.first_key_seconds - started,
                 "keys_match": result.keys_match,
                 "cpu_seconds": cpu,
+                "peak_rss_mib": result.peak_rss_bytes / 2**20,
                 "cpu_seconds_per_secret_mbit": cpu / (result.secret_bits_total / 1e6)
                 if result.secret_bits_total
                 else None,
