@@ -8,12 +8,10 @@ makes the allocator keep and reuse that memory.
 
 That alone covers the main thread only. Every other thread allocates from an arena of its own, made of
 64 MiB heaps that glibc unmaps as soon as one is empty — and a round's worker threads (sifting, the
-simulator, the FFTs) free far more than 64 MiB at a time, so their pages were faulted in afresh every
-round all the same (about 6,000 faults per 2^26-pulse round, 6% of the daemons' CPU in the kernel
-zeroing pages). One arena for all threads (``M_ARENA_MAX``) keeps that memory too: the steady-state
-faults drop about tenfold. Large arrays are few and their allocations short, so threads rarely wait on
-the arena's lock. Measured with ``qkdd bench e2e --quick`` on the 2-core
-machine: see the README's benchmark notes. Without glibc this does nothing.
+simulator, the FFTs) free far more than 64 MiB at a time, so their pages would be faulted in afresh
+every round all the same, each zeroed by the kernel. One arena for all threads (``M_ARENA_MAX``) keeps
+that memory too, and the steady-state faults drop about tenfold. Large arrays are few and their
+allocations short, so threads rarely wait on the arena's lock. Without glibc this does nothing.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class DelayRelay:
                 upstream = socket.create_connection(self.target, timeout=30)
             except OSError:
                 # the target does not listen (yet): this connection fails like a direct one would, and
-                # the relay goes on accepting (it used to stop, leaving later clients unanswered)
+                # the relay goes on accepting (stopping would leave later clients unanswered)
                 client.close()
                 continue
             upstream.settimeout(None)

@@ -55,19 +55,18 @@ CREATE TABLE IF NOT EXISTS {name} (
 """
 
 _KEYS_BY_ID = "key_id TEXT PRIMARY KEY"
-"""How the keys table of qkdd stores before 2026-11 began: rows in insertion order, with a unique index on
-the key ID (:func:`_cluster_keys` converts them)."""
+"""How the keys table of a store written by an older qkdd begins: rows in insertion order, with a unique
+index on the key ID (:func:`_cluster_keys` converts them)."""
 
 
 def _cluster_keys(db: sqlite3.Connection) -> None:
     """Convert an older store's keys table to the current one, stored in (round, index) order.
 
     Key blocks are read and deleted by round and index only, never looked up by ID (a key ID is derived
-    from the round and index, §14). The older table kept a unique index on the IDs, which are hashes: each
-    of a round's ~2,800 new blocks landed on its own page of that index, so a commit rewrote thousands of
-    pages and took longer the larger the store (20 ms after one round, 75 ms after fifty, at 2^26-pulse
-    frames). Clustered by (round, index), a round's blocks are appended to a few pages: about 9 ms, at any
-    store size."""
+    from the round and index, §14). The older table has a unique index on the IDs, which are hashes: each
+    of a round's thousands of new blocks lands on its own page of that index, so a commit rewrites
+    thousands of pages and takes longer the larger the store. Clustered by (round, index), a round's
+    blocks are appended to a few pages, and a commit takes the same time at any store size."""
     row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'keys'").fetchone()
     if row is None or _KEYS_BY_ID not in row[0]:
         return

@@ -204,7 +204,7 @@ class SimPreparation:
         if indices.size < PARALLEL_AT:
             return self._at(indices)
         # Alice's sifting waits for this while Bob's core idles: half on a second thread (numpy
-        # releases the GIL), which halves it (35-40 ms -> 17-18 ms at 2.9 million detections)
+        # releases the GIL) halves the wait
         half = indices.size // 2
         second = _helper().submit(self._at, indices[half:])
         bits, bases, classes = self._at(indices[:half])

@@ -24,8 +24,8 @@ Int64s = npt.NDArray[np.int64]
 Positions = npt.NDArray[np.int64] | npt.NDArray[np.uint32]  # Bob's bounds, and those of his requests
 
 
-# The loops below are written out in full: calling a helper per bound (even one numba inlines) kept
-# LLVM from optimising the loop, 8x slower per range when measured.
+# The loops below are written out in full: calling a helper per bound (even one numba inlines) keeps
+# LLVM from optimising the loop, about 8x slower per range.
 
 
 @njit(cache=True)

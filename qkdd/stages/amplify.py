@@ -12,7 +12,7 @@ the two bit strings as polynomials over GF(2), and of their integer convolution 
 ways compute it, with the same bits:
 
 - Carry-less (:mod:`qkdd.stages.clmul`, used wherever it runs: x86-64 with PCLMULQDQ): the GF(2) middle
-  product on 64-bit words by the transposed Karatsuba recursion, with no rounding at all; 5-10 times
+  product on 64-bit words by the transposed Karatsuba recursion, with no rounding at all; several times
   faster than the FFT on one core, and it needs no transform of the key ahead of the seed.
 - FFT (elsewhere, or with ``QKDD_TOEPLITZ=fft``): one real FFT of each operand, a pointwise product and
   one inverse FFT, of length ``L >= n + m - 1`` (circular wrap-around only touches indices below
@@ -95,8 +95,8 @@ def _transform_length(minimum: int) -> int:
     2^s at or above it, where 2^s is ``minimum``'s magnitude over 2^GRID_BITS.
 
     A round's length varies by a fraction of a percent from the last one. On the smoothest lengths alone
-    nearly every round would need a new FFTW plan (about 50 ms for each direction at 2.4 million points,
-    even with FFTW_ESTIMATE); on this grid, about 20 lengths per octave (3.5 % apart on average),
+    nearly every round would need a new FFTW plan (tens of milliseconds for each direction at millions of
+    points, even with FFTW_ESTIMATE); on this grid, about 20 lengths per octave (3.5 % apart on average),
     consecutive rounds mostly share one, at the price of transforms about 2 % longer on average.
     """
     shift = max(0, minimum.bit_length() - GRID_BITS)
@@ -169,7 +169,7 @@ class _FftwWorkspace:
             self._result = self._pyfftw.empty_aligned(capacity, dtype="float64")
             self._capacity = capacity
             # the plans move to the new buffers (same shapes and alignment) instead of being made again:
-            # planning a length of millions takes 50-200 ms, on the round's critical path
+            # planning a length of millions takes tens of milliseconds or more, on the round's critical path
             for (known, _), made in self._plans.items():
                 self._move(known, made)
         plan = self._plans.get((length, threads))
@@ -205,7 +205,8 @@ class _FftwWorkspace:
 
         A round's length is the table entry above its key's needs, and a slightly longer key than the
         last rounds' takes the next entry (2.56 -> 3.0 million points at the demo's frames): planning it
-        then would cost 100-200 ms on the round's critical path; planned ahead, it costs idle time."""
+        then would cost tens of milliseconds or more on the round's critical path; planned ahead, it costs
+        idle time."""
         index = bisect.bisect_right(FFTW_LENGTHS, length)
         if index == len(FFTW_LENGTHS) or FFTW_LENGTHS[index] > self._capacity:
             return
@@ -270,7 +271,7 @@ def _carry_less() -> bool:
 
 @functools.cache
 def _backend() -> _Backend:
-    """FFTW through pyFFTW when installed (about 4x faster here), else numpy's pocketfft.
+    """FFTW through pyFFTW when installed (about 4x faster than numpy's FFT), else numpy's pocketfft.
 
     ``QKDD_FFT=numpy`` forces the numpy path (tests compare both).
     """
@@ -286,8 +287,8 @@ def _backend() -> _Backend:
 
 def warm_up() -> None:
     """Compile the carry-less kernel or load the FFT backend, whichever :func:`toeplitz_hash` uses, and
-    hash once, so that the first round does not pay for it (on the 2-core test machine about 1.1 s for
-    numba to compile the kernel, 0.35 s for pyFFTW's import and thread setup)."""
+    hash once, so that the first round does not pay for it (numba compiles the kernel in about a second;
+    pyFFTW's import and thread setup take a fraction of one)."""
     toeplitz_hash(np.ones(64, dtype=np.uint8), np.ones(64 + 32 - 1, dtype=np.uint8), 32)
 
 

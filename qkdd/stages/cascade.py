@@ -39,26 +39,23 @@ protocol Cascade", QIC 15 (2015), compares them):
   until ``clean_passes`` in a row find no odd block, with parity reuse. Two passes leave errors in pairs
   that share both their blocks, which only a halves pass can see, and each halves pass misses all of
   them with probability 1/2: a frame keeps an error when c clean passes in a row follow one that still
-  had errors, so the frame error rate falls as 2^-c. Measured at 2^14 bits and 5% QBER (1000 frames):
-  3 frames with an error for c = 10, 2 for c = 12, 1 for c = 16, which ``biconf`` asks for.
+  had errors, so the frame error rate falls as 2^-c. ``biconf`` asks for c = 16: at 2^14 bits and 5%
+  QBER about one frame in 1000 then keeps an error.
 * ``optimized`` — the 2015 paper's guidelines: block sizes are powers of two (every binary search
   discloses exactly log2 k parities), k1 = 2^⌈log2(0.8/Q)⌉, a second pass of larger blocks (and,
   outside 2^16-2^18 bits, a third of n/64 bits, at most ``THIRD_BLOCK_MAX``), then
   random-halves passes until ``clean_passes`` in a row are clean; parity reuse throughout.
 * ``fast`` — ``optimized`` with first blocks of 2^⌈log2(0.5/Q)⌉ bits: half as large below 2.5% QBER
-  (the same above). Fewer error pairs survive the first pass, so far fewer back-searches follow: at
-  2^20 bits and 2% QBER (``qkdd bench``), 168 round trips instead of 275 and 14.5 instead of 10.1 Mbit/s,
-  for an efficiency of 1.053 instead of 1.041 (``FIRST_BLOCK_ERRORS``). The daemons' default until
-  ``parallel``: on most links the round trips and the post-processing's speed limit the key rate more
-  than the last percent of efficiency does.
+  (the same above). Fewer error pairs survive the first pass, so far fewer back-searches follow, for
+  about +0.01 in efficiency (``FIRST_BLOCK_ERRORS``): on most links the round trips and the
+  post-processing's speed limit the key rate more than the last percent of efficiency does.
 * ``parallel`` — ``fast``'s passes, but every affine pass starts before any search, and then the odd
   blocks of all passes are searched at once, a pass's own once the passes of smaller blocks are down to
   ``PARALLEL_TAIL_BLOCKS`` odd blocks (fewer on frames below 2^20 bits). What costs ``fast`` its round
   trips is the chains between its first two passes (an error found in one makes a block of the other odd,
-  a full binary search per link); the third pass's blocks, searched alongside, cut them short. At 1.66
-  million bits and 1% QBER: 119 round trips instead of 185 (the worst frame 135 instead of 246), for an
-  efficiency of 1.052 instead of 1.045 (before flights, which take about 15 more off both).
-  The daemons' default: each round trip saved is the link's round-trip time saved.
+  a full binary search per link); the third pass's blocks, searched alongside, cut them short. On long
+  frames at 1% QBER that is about a third fewer round trips than ``fast``, for about +0.007 in
+  efficiency. The daemons' default: each round trip saved is the link's round-trip time saved.
 
 Bob's side is written as a generator that yields requests and receives replies; :class:`CascadeBob`
 wraps it in a sans-IO interface: ``outgoing()`` / ``receive()``, or ``next_message()`` / ``receive()`` for
@@ -119,23 +116,21 @@ BICONF_CLEAN_PASSES = 16
 THIRD_BLOCK_MAX = 1 << 13
 """The third pass of ``optimized`` and ``fast`` has blocks of n/64 bits up to this size. Larger ones
 disclose fewer parities but leave more error pairs hidden in one block, each costing another search
-wave later: measured at 2^22 bits (4 frames per cell), capping 65536-bit blocks at 8192 cut round
-trips from 396/636/1332 to 330/358/400 at 1/2/5% QBER, for +0.002 in efficiency; at 2^20
-(16384-bit blocks), 330 → 302 at 2% and 478 → 357 at 5%, for +0.0008. 4096 cuts further at 5% but
-costs +0.002 at 2^20 and 2%."""
+wave later: on 2^22-bit frames the cap takes about a sixth of the round trips off at 1% QBER and more
+than two thirds at 5%, for about +0.002 in efficiency. 4096 would cut further at 5% but costs
+efficiency at 2^20 bits and 2%."""
 PARALLEL_TAIL_BLOCKS = 64
 """``parallel``: a pass's searches start while the passes of smaller blocks hold at most this many odd
-blocks. Measured on 1.66 million bits at 1% QBER (6 frames; round trips, f), against ``fast``'s 185 and
-1.045 (its worst frame 246): 16 → 141, 1.048; 64 → 119, 1.052 (worst 135); 256 → 101, 1.062; 1024 → 90,
-1.076; searching every pass at once, 78 and 1.19. With 64: at 2% QBER 197 → 128 round trips for +0.004
-in f, at 5% 377 → 229 for +0.004, on 2^20 bits at 1% 181 → 111 for +0.010. Shorter frames hold fewer
-errors, and a fixed 64 has nearly every search start at once there: at 2^14 bits and 1% QBER, f 1.28
-against ``fast``'s 1.11. So the threshold scales with the frame, one odd block per
+blocks. A larger threshold saves round trips and costs efficiency: on long frames at 1-5% QBER, 64
+takes about a third of ``fast``'s round trips off for less than +0.01 in f; larger thresholds save a
+few more for much more in f (every pass at once: about +0.15). Shorter frames hold fewer errors, and a
+fixed 64 has nearly every search start at once there (at 2^14 bits and 1% QBER, f about 1.28 against
+``fast``'s 1.11). So the threshold scales with the frame, one odd block per
 ``PARALLEL_TAIL_BITS`` key bits, up to 64 (:func:`_tail_blocks`)."""
 PARALLEL_TAIL_BITS = 1 << 14
-"""``parallel``: key bits per odd block of the threshold below 2^20 bits. Measured (6-10 frames, 1% QBER;
-round trips, f): at 2^14 bits, threshold 1 → 66, 1.114 (``fast``: 66, 1.112), 4 → 46, 1.139, 64 → 30,
-1.279; at 2^18, 16 → 88, 1.060 (``fast``: 108, 1.048), 64 → 71, 1.077."""
+"""``parallel``: key bits per odd block of the threshold below 2^20 bits: 1 at 2^14 bits, where
+``parallel`` then costs what ``fast`` does, and 16 at 2^18. A larger threshold on short frames saves
+round trips but costs more in efficiency than on long ones."""
 STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
@@ -149,9 +144,8 @@ FIRST_BLOCK_ERRORS = {"optimized": 0.8, "fast": 0.5, "parallel": 0.5}
 """The ``optimized`` and ``fast`` first block: the smallest power of two holding at least this many
 expected errors. A block with an even number of errors hides them from its pass; the fewer such pairs
 the first pass leaves, the fewer searches cascade back and forth later (each a few round trips), and the
-more first-pass parities are disclosed. Measured at 2^20 bits, 6 frames per cell (round trips, f):
-2%: 32-bit blocks 162, 1.053 against 64-bit 304, 1.041; 1%: 64-bit 164, 1.046 against 128-bit 301,
-1.035; 0.5%: 128-bit 155, 1.042 against 256-bit 277, 1.031."""
+more first-pass parities are disclosed. At 2^20 bits and 0.5-2% QBER, ``fast``'s first block, half of
+``optimized``'s, about halves the round trips for about +0.01 in efficiency."""
 
 
 # --------------------------------------------------------------------------- messages
@@ -227,7 +221,7 @@ def halves_mask(seed: bytes, n: int) -> Bits:
 
 def _packed_halves_mask(seed: bytes, n: int) -> Bits:
     # AES-CTR rather than an extendable-output hash: any public pseudorandom mask serves, and with AES
-    # instructions it is ten times faster (0.02 ms against 0.25 ms for SHAKE-128 at 2^20 bits)
+    # instructions it is about ten times faster than SHAKE-128
     keystream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes((n + 7) // 8))
     packed = np.frombuffer(keystream, dtype=np.uint8).copy()
     if n % 8:
@@ -666,7 +660,7 @@ class Schedule:
             # so they unravel in parallel rather than one random-halves pass at a time
             if SMALL_FRAME_BITS[0] <= n < SMALL_FRAME_BITS[1]:
                 # 2^16-2^18 bits: few error cycles survive two passes; a larger second block is cheaper
-                # (measured at 2^14 it lets 1 frame in 1000 keep an error at 3-5% QBER: not used there)
+                # (at 2^14 bits it lets about 1 frame in 1000 keep an error at 3-5% QBER: not used there)
                 sizes = [first, _pow2_at_least(4.0 / q)]
             else:
                 third = min(max(1, top // 64), THIRD_BLOCK_MAX)
@@ -674,7 +668,7 @@ class Schedule:
             sizes = [min(size, top) for size in sizes]
             clean = _default_clean_passes(n) if clean_passes is None else clean_passes
             # with two affine passes there is no chain for a third to break: searching at once only adds
-            # disclosure there (measured at 2^16 bits, 1% QBER: the same round trips, +0.008 in f)
+            # disclosure there (at 2^16 bits and 1% QBER: the same round trips for +0.008 in f)
             tail = _tail_blocks(n) if variant == "parallel" and len(sizes) > 2 else None
             return cls(variant, tuple(sizes), clean, reuse_parities=True, tail_blocks=tail)
         raise InputError(f"unknown cascade variant {variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -824,9 +818,9 @@ class CascadeBob:
 
     def preparation(self) -> Callable[[], list[tuple[PassParity, int]]] | None:
         """The building of Bob's range parities of the affine passes in the flight just handed out, on his
-        key as it is now — a strided gather of every key bit per pass, 2-4 ms each at 2^21 bits — as a
-        function that may run on another thread while Alice builds hers for her answers. It reads his key,
-        which no call changes until :meth:`receive`: the driver must hand its result to :meth:`prepared`
+        key as it is now — a strided gather of every key bit per pass, milliseconds each on large frames —
+        as a function that may run on another thread while Alice builds hers for her answers. It reads his
+        key, which no call changes until :meth:`receive`: the driver must hand its result to :meth:`prepared`
         before that. ``None``: the flight starts no affine pass. Without it, the answers build them."""
         unprepared, self._unprepared = self._unprepared, []
         if not unprepared:
@@ -968,7 +962,7 @@ class CascadeBob:
         smallest blocks (cheapest searches; the order a sequential Cascade takes). Flips land as soon as a
         search ends: blocks of one pass are disjoint, so no flip can land inside another search of the
         same wave. Searching every odd block of every pass at once would cut round trips but finds the same
-        error twice too often (measured: +14% disclosure on 1.66 million bits at 1% QBER).
+        error twice too often (about 14% more disclosure on long frames at 1% QBER).
 
         Parallel (``tail_blocks`` T): searches run in every pass at once, but a pass's searches start
         only while the passes of smaller blocks hold at most T odd blocks. Most errors are found by the
@@ -1201,8 +1195,8 @@ _warmed_up = False
 
 def warm_up() -> None:
     """Import numba and load every Cascade kernel (compiling it on the first run after an install), so
-    that the first reconciliation runs at full speed: without it the first frame pays about 0.3 s (the
-    2-core test machine, kernels cached) or several seconds (not cached). Reconciles a small frame with
+    that the first reconciliation runs at full speed: without it the first frame pays a few tenths of a
+    second (kernels cached) or several seconds (not cached). Reconciles a small frame with
     errors in every kind of pass, then asks the range parities with both bound types. Later calls return
     at once; safe on another thread while nothing else runs Cascade there."""
     global _warmed_up  # noqa: PLW0603

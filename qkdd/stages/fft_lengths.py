@@ -1,19 +1,16 @@
 """Transform lengths for privacy amplification's FFTs with FFTW (:mod:`qkdd.stages.amplify`).
 
 Any length of at least n + m − 1 gives the same hash; only the speed differs, and under FFTW_ESTIMATE
-plans it differs a lot between neighbouring 5-smooth lengths. On the 2-core test machine (AMD EPYC,
-pyFFTW 0.15.1 with the FFTW 3 it bundles, libfftw3.so.3.5.5), a forward and an inverse real transform
-took 58 ms at 3,000,000 points but 82 ms at 2,764,800 and 89 ms at 2,949,120, the lengths the plain
-grid of :func:`amplify._transform_length` picks for the demo's rounds. :data:`FFTW_LENGTHS` are the
-lengths that no longer one beats: the suffix minima of the median of four interleaved timings of every
-5-smooth multiple of 4 from 10^6 to 8.4·10^6 (`python -m qkdd.stages.fft_lengths`, about four and a
-half minutes). Checked out of sample (the table built from two of the four timings, judged by the
-other two), the length it picks for a round runs 15–19% faster than the grid's on average over that
-range; the worst single length, 1.46 times slower. Outside the table's range the grid applies.
+plans it differs a lot between neighbouring 5-smooth lengths (up to about 1.5 times): a slightly
+longer length is often faster than the one the plain grid of :func:`amplify._transform_length` picks.
+:data:`FFTW_LENGTHS` are the lengths that no longer one beats: the suffix minima of the median of four
+interleaved timings of every 5-smooth multiple of 4 from 10^6 to 8.4·10^6
+(`python -m qkdd.stages.fft_lengths`, a few minutes). Outside the table's range the grid applies.
 
-The timings are this machine's. The plans FFTW_ESTIMATE makes are derived, not timed, so they are the
-same wherever the same FFTW build runs on a CPU with the same vector instructions, and their speeds
-should rank alike on similar CPUs. On another CPU, run the module to see whether its table would differ.
+The timings are those of the 2-core test machine (AMD EPYC, pyFFTW 0.15.1 with the FFTW 3 it bundles,
+libfftw3.so.3.5.5). The plans FFTW_ESTIMATE makes are derived, not timed, so they are the same wherever
+the same FFTW build runs on a CPU with the same vector instructions, and their speeds should rank alike
+on similar CPUs. On another CPU, run the module to see whether its table would differ.
 A different length never changes a key.
 """
 
