@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=6, help="e2e: rounds per run (default 6)")
     bench.add_argument("--pulses", type=int, help="e2e: pulses per frame (default: the demo's, 2^26)")
     bench.add_argument(
-        "--window", type=int, help="e2e: rounds in flight on the connection (default: run.window's default)"
+        "--window",
+        type=int,
+        help="e2e: rounds in flight on the connection (default: the most that --rounds can measure in "
+        "steady state, (rounds - 1) / 2, at most run.window's default)",
     )
     bench.add_argument(
         "--rtt",
@@ -227,7 +230,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.what == "e2e":
             from qkdd import config, demo  # noqa: PLC0415
 
-            window = config.DEFAULT_WINDOW if args.window is None else args.window
+            # by default the deepest pipeline a run this long measures full (see demo.steady_rounds)
+            deepest = max(1, min(config.DEFAULT_WINDOW, (args.rounds - 1) // 2))
+            window = deepest if args.window is None else args.window
             if not 1 <= window <= config.MAX_WINDOW:
                 print(f"qkdd bench: --window must lie in [1, {config.MAX_WINDOW}]", file=sys.stderr)
                 return 2

@@ -391,6 +391,19 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.keys_match else 1
 
 
+def steady_rounds(rounds: Sequence[dict[str, Any]], window: int) -> tuple[list[dict[str, Any]], float | None]:
+    """The rounds that ended while the pipeline was full, and when the round before them ended: with
+    ``window`` rounds in flight, the first ``window`` rounds to end also paid for filling it (and round 0
+    for starting up: imports, kernels, the first frame), and the last ``window − 1`` ended while it
+    drained, with the machine less busy. Nothing (``[]``) when the run is too short to have such rounds:
+    at least ``2·window + 1`` rounds are needed."""
+    ordered = sorted(rounds, key=lambda r: r["finished_at"])
+    first, last = window, len(ordered) - window
+    if last < first + 1:
+        return [], None
+    return ordered[first : last + 1], ordered[first - 1]["finished_at"]
+
+
 def _totals(rounds: Sequence[dict[str, Any]], since: float | None = None) -> tuple[int, int, float]:
     """Sifted bits, secret bits (of committed rounds) of ``rounds``, and the seconds they took: from
     ``since`` (default: the first one's start) to the last one's end. Rounds may overlap (several in
@@ -413,7 +426,8 @@ def bench_e2e(
     pulses: int | None = None,
     window: int = config_mod.DEFAULT_WINDOW,
 ) -> int:
-    """Sifted and secret key processed end to end per second, overall and once running (after round 0),
+    """Sifted and secret key processed end to end per second, overall and in steady state (the rounds
+    that ended while the pipeline was full, :func:`steady_rounds`),
     the time to the first stored key, and the CPU seconds both daemons spent per secret Mbit: at several
     distances on loopback, and at 10 km against the round-trip time (a delay relay)."""
     if rounds < 1:
@@ -435,9 +449,7 @@ def bench_e2e(
             result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
             cpu = _children_cpu() - cpu
         sifted, _, round_seconds = _totals(result.rounds)
-        # once running: from round 0's end (it also pays for starting up: imports, kernels, the first frame)
-        ordered = sorted(result.rounds, key=lambda r: r["finished_at"])
-        steady_sifted, steady_secret, steady_seconds = _totals(ordered[1:], since=ordered[0]["finished_at"])
+        steady_sifted, steady_secret, steady_seconds = _totals(*steady_rounds(result.rounds, window))
         rows.append(
             {
                 "distance_km": distance,
@@ -448,6 +460,7 @@ def bench_e2e(
                 "secret_bits": result.secret_bits_total,
                 "sifted_bps": sifted / round_seconds if round_seconds else 0.0,
                 "secret_bps": result.secret_bits_total / round_seconds if round_seconds else 0.0,
+                "steady_rounds": len(steady_rounds(result.rounds, window)[0]),
                 "steady_sifted_bps": steady_sifted / steady_seconds if steady_seconds else None,
                 "steady_secret_bps": steady_secret / steady_seconds if steady_seconds else None,
                 "wall_seconds": result.seconds,
@@ -466,21 +479,25 @@ def bench_e2e(
         print(json.dumps({"e2e": rows}))
     else:
         print(
-            f"{'km':>5} {'RTT ms':>6} {'rounds':>6} {'sifted Mbit/s':>14} {'secret kbit/s':>14} "
-            f"{'after round 0':>14} {'':>14} {'first key s':>12} match"
+            f"{'km':>5} {'RTT ms':>6} {'window':>6} {'rounds':>6} {'sifted Mbit/s':>14} "
+            f"{'secret kbit/s':>14} {'steady state':>14} {'':>14} {'first key s':>12} "
+            f"{'CPU s/Mbit':>10} match"
         )
-        print(f"{'':>5} {'':>6} {'':>6} {'':>14} {'':>14} {'sifted Mbit/s':>14} {'secret kbit/s':>14}")
+        print(
+            f"{'':>5} {'':>6} {'':>6} {'':>6} {'':>14} {'':>14} {'sifted Mbit/s':>14} {'secret kbit/s':>14}"
+        )
 
         def rate(value: float | None, unit: float, digits: int) -> str:
             return "-" if value is None else f"{value / unit:.{digits}f}"
 
         for row in rows:
             first = "-" if row["first_key_seconds"] is None else f"{row['first_key_seconds']:.2f}"
+            per_mbit = row["cpu_seconds_per_secret_mbit"]
             print(
-                f"{row['distance_km']:>5.0f} {row['rtt_ms']:>6.0f} {row['rounds']:>6} "
+                f"{row['distance_km']:>5.0f} {row['rtt_ms']:>6.0f} {row['window']:>6} {row['rounds']:>6} "
                 f"{rate(row['sifted_bps'], 1e6, 2):>14} {rate(row['secret_bps'], 1e3, 1):>14} "
                 f"{rate(row['steady_sifted_bps'], 1e6, 2):>14} {rate(row['steady_secret_bps'], 1e3, 1):>14} "
-                f"{first:>12} {row['keys_match']!s:>6}"
+                f"{first:>12} {'-' if per_mbit is None else f'{per_mbit:.2f}':>10} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1
 

@@ -122,8 +122,11 @@ def test_bench_e2e_reports_the_rates_overall_and_once_running() -> None:
         assert row["keys_match"] is True and row["rounds"] == 3
         assert 0 < row["first_key_seconds"] < row["wall_seconds"]
         assert row["sifted_bps"] > 0 and row["secret_bps"] > 0
-        # rounds 1 and 2 alone: about the overall rate (round 0 also starts up, but these frames are small)
+        # three rounds measure a window of one in steady state: rounds 1 and 2, about the overall rate
+        # (round 0 also starts up, but these frames are small)
+        assert row["window"] == 1 and row["steady_rounds"] == 2
         assert row["steady_sifted_bps"] > 0.5 * row["sifted_bps"] and row["steady_secret_bps"] > 0
+        assert row["cpu_seconds"] > 0 and row["cpu_seconds_per_secret_mbit"] > 0 and row["peak_rss_mib"] > 10
 
 
 @pytest.mark.timeout(180)
@@ -131,9 +134,9 @@ def test_bench_e2e_with_one_round_has_no_rate_once_running() -> None:
     done = _bench_e2e("--rounds", "1", "--pulses", str(1 << 23), "--rtt", "0")
     assert done.returncode == 0, done.stderr
     header, units, row = done.stdout.splitlines()
-    assert "after round 0" in header and "sifted Mbit/s" in units
+    assert "steady state" in header and "sifted Mbit/s" in units
     cells = row.split()
-    assert cells[:3] == ["10", "0", "1"] and cells[5:7] == ["-", "-"] and cells[-1] == "True"
+    assert cells[:4] == ["10", "0", "1", "1"] and cells[6:8] == ["-", "-"] and cells[-1] == "True"
 
 
 @pytest.mark.parametrize(
