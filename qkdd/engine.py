@@ -176,6 +176,7 @@ class Engine:
         self._rounds: dict[int, Round] = {}  # the rounds open now, in the order they started
         self._dropped: dict[int, str] = {}  # recently dropped rounds and their auth (§13: stale frames)
         self._slots = 0  # tag slots given to reserve rounds in this session (§16)
+        self._ended_one = False  # a round of this connection ended (committed or dropped)
         self._host = Host(
             role,
             settings,
@@ -221,7 +222,11 @@ class Engine:
         return (
             self.role == "alice"
             and self._state is State.IDLE
-            and policy.may_start_round([r.state.value for r in self._rounds.values()], self.window)
+            and policy.may_start_round(
+                [r.state.value for r in self._rounds.values()], self.window, ended_one=self._ended_one
+            )
+            # with rounds open, a reserve that cannot pay for one more waits for them (they refill it)
+            and (not self._rounds or self._round_auth() is not None)
         )
 
     @property
@@ -486,6 +491,12 @@ class Engine:
         if not self.can_start_round:
             raise LocalProtocolError(f"start_round is not allowed in state {self.state.value}")
         auth = self._round_auth()
+        if auth is None:
+            total = self._store.reserve.total_bits
+            raise ReserveExhausted(
+                f"the key reserve holds {max(0, total - self._pointer)} unused bits, a round needs "
+                f"{ROUND_RESERVE_BITS}; the link pauses (set auth.fallback_to_psk to use the PSK instead)"
+            )
         number = self._next_round
         r = self._new_round(number, number, auth=auth)
 
@@ -696,6 +707,7 @@ class Engine:
             self._last_qber = r.qber
         if new_state is State.IDLE:  # the round is over: committed, or dropped already
             self._rounds.pop(r.number, None)
+            self._ended_one = True
         return new_state
 
     def _on_hello(self, message: messages.Hello) -> State:
@@ -718,20 +730,15 @@ class Engine:
 
     # -- opening rounds
 
-    def _round_auth(self) -> str:
+    def _round_auth(self) -> str | None:
         """How the next round is authenticated (§17): from the reserve once it holds enough bits for it
-        and every open round that has no tag slot yet."""
+        and every open round that has no tag slot yet; ``None``: it cannot be."""
         total = self._store.reserve.total_bits
         if self.auth == "reserve" or total >= self.settings.reserve_switch_bits:
             unslotted = sum(r.auth == "reserve" and r.slot is None for r in self._rounds.values())
             if self._reserve_pays_for(total, unslotted + 1):
                 return "reserve"
-            if self.settings.fallback_to_psk:
-                return self._session_auth()
-            raise ReserveExhausted(
-                f"the key reserve holds {max(0, total - self._pointer)} unused bits, a round needs "
-                f"{ROUND_RESERVE_BITS}; the link pauses (set auth.fallback_to_psk to use the PSK instead)"
-            )
+            return self._session_auth() if self.settings.fallback_to_psk else None
         return self.auth  # the bootstrap method: psk or pki
 
     def _session_auth(self) -> str:
@@ -799,6 +806,7 @@ class Engine:
         if record:
             self._out.append(RoundEnded(r.summary(reason), "aborted"))
         self._rounds.pop(r.number, None)
+        self._ended_one = True
         self._dropped[r.number] = r.auth
         while len(self._dropped) > DROPPED_KEPT:
             del self._dropped[next(iter(self._dropped))]

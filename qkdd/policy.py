@@ -128,8 +128,12 @@ def lost_round_delay(
 ROUND_STATES_BEFORE_RECONCILING = ("SIFTING", "ESTIMATING")
 
 
-def may_start_round(open_states: Sequence[str], window: int) -> bool:
+def may_start_round(open_states: Sequence[str], window: int, *, ended_one: bool = True) -> bool:
     """Alice opens a round while fewer than ``window`` are open and every open one is past sifting and
     estimation (§13): the new round's link frame, sifting and estimation then overlap the open rounds'
-    reconciliation and amplification instead of competing with their own start."""
+    reconciliation and amplification instead of competing with their own start. Until a round of the
+    connection has ended (``ended_one``), its first round runs alone, so that the first key comes as
+    soon as on a connection without rounds in flight."""
+    if not ended_one and open_states:
+        return False
     return len(open_states) < window and not set(open_states) & set(ROUND_STATES_BEFORE_RECONCILING)

@@ -45,6 +45,8 @@ class DelayRelay:
                 client.close()
                 continue
             upstream.settimeout(None)
+            for each in (client, upstream):  # no Nagle wait on top of the delay (the daemons set it too)
+                each.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed:
                     client.close()

@@ -70,6 +70,8 @@ def test_the_session_window_is_the_smaller_sides_and_bob_refuses_a_round_beyond_
 
 
 def test_alice_opens_a_round_only_when_the_open_ones_are_past_estimation() -> None:
+    assert policy.may_start_round([], 1, ended_one=False)
+    assert not policy.may_start_round(["COMMITTING"], 3, ended_one=False)  # the first round runs alone
     assert policy.may_start_round([], 1)
     assert not policy.may_start_round(["RECONCILING"], 1)
     assert policy.may_start_round(["RECONCILING", "COMMITTING"], 3)
@@ -179,15 +181,16 @@ def test_frames_held_for_earlier_rounds_are_bounded() -> None:
     make a session hold frames without end."""
     pair = ConnectionPair(window=2)
     pair.connect()
+    pair.round()  # the connection's first round runs alone
     pair.handle("alice", pair.alice.start_round())
     while not pair.alice.can_start_round:
         assert pair.step()
     pair.handle("alice", pair.alice.start_round())
-    while pair.alice.round_states.get(1) is not engine.State.RECONCILING:
+    while pair.alice.round_states.get(2) is not engine.State.RECONCILING:
         assert pair.step()
-    pair.bob._send("confirm_result", round=1, matched=True)  # round 0 is not amplified yet: it waits
+    pair.bob._send("confirm_result", round=2, matched=True)  # round 1 is not amplified yet: it waits
     for _ in range(engine.MAX_HELD):
-        pair.bob._send("cascade_done", round=1, disclosed_bits=0, corrected_bits=0)
+        pair.bob._send("cascade_done", round=2, disclosed_bits=0, corrected_bits=0)
     frames = [action.frame for action in pair.bob._flush() if isinstance(action, engine.Send)]
     with pytest.raises(RemoteProtocolError, match=f"more than {engine.MAX_HELD} frames wait"):
         for frame in frames:
