@@ -132,6 +132,7 @@ class Round:
             )
         announce = _build(sifting.SiftAnnounce, message)
         answer, self.sifted = sifting.alice_answer(self.preparation, announce)
+        self.preparation = None  # the frame's record is sifted: an open round keeps only its key (memory)
         self.detections = announce.detections
         self.sifted_bits = int(self.sifted.bits.size)
         self.host.send("sift_answer", round=self.number, **_fields_of(answer))
@@ -140,6 +141,7 @@ class Round:
     def on_sift_answer(self, message: messages.SiftAnswer) -> State:
         assert self.detected is not None
         self.sifted = sifting.bob_sift(self.detected, _build(sifting.SiftAnswer, message))
+        self.detected = None  # the frame's record is sifted: an open round keeps only its key (memory)
         self.sifted_bits = int(self.sifted.bits.size)
         request = estimation.bob_request(
             self.sifted, self.host.random, z_sample_fraction=self.host.settings.z_sample_fraction

@@ -124,7 +124,9 @@ async def test_alice_stopping_as_a_round_ends_still_tells_bob(
     monkeypatch.setattr(Daemon, "_round_done", stop_as_the_round_ends)
     reserve = {"reserve_switch_bits": 1024, "reserve_bits_per_round": 1024, "reserve_target_bits": 8192}
     alice_config, bob_config = (
-        dataclasses.replace(c, auth=dataclasses.replace(c.auth, **reserve)) for c in configs(tmp_path, 0)
+        # one round at a time: the stop comes as round 3 ends, with no later round open
+        dataclasses.replace(c, window=1, auth=dataclasses.replace(c.auth, **reserve))
+        for c in configs(tmp_path, 0)
     )
     async with trio.open_nursery() as nursery:
         alice, bob = await start_pair(nursery, alice_config, bob_config)

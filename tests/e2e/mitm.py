@@ -172,7 +172,8 @@ class Ledger:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._transcripts: dict[tuple[int, str], list[bytes] | None] = {}
+        # each round's transcript of each direction on each connection (rounds may be in flight together)
+        self._transcripts: dict[tuple[int, str, object], list[bytes] | None] = {}
         self.tagged: list[tuple[str, bytes, bytes]] = []  # (sender, transcript, tag) not yet located
         self.proofs: list[tuple[str, bytes, bytes]] = []  # (sender, hash of both hellos, 16-byte proof)
         self.handshake_keys: set[int] = set()
@@ -180,7 +181,7 @@ class Ledger:
 
     def record(self, connection: Connection, frame: Frame) -> None:
         with self._lock:
-            key = (connection.index, frame.sender)
+            key = (connection.index, frame.sender, frame.body.get("round"))
             start = "round_start" if frame.sender == "alice" else "sift_announce"
             if frame.name == start:
                 self._transcripts[key] = []
