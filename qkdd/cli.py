@@ -11,6 +11,8 @@ from qkdd import __version__
 from qkdd.errors import QkddError
 from qkdd.stages.cascade import VARIANTS
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def _milliseconds(text: str) -> list[float]:
     try:
@@ -78,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a daemon in the foreground")
     run.add_argument("--config", type=Path, required=True, help="the TOML config file")
     run.add_argument("--rounds", type=int, help="stop after this many rounds (overrides run.max_rounds)")
+    run.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="log messages of this severity and above (default INFO)",
+    )
 
     init = commands.add_parser(
         "init",
@@ -273,7 +282,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         loaded = config.load(args.config)
         if args.rounds is not None:
             loaded = config.Config(**{**loaded.__dict__, "max_rounds": args.rounds})
-        return daemon.main_run(loaded)
+        return daemon.main_run(loaded, args.log_level)
     if args.command == "init":
         from qkdd import admin  # noqa: PLC0415
 
