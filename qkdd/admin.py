@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from qkdd import config as config_mod
@@ -18,62 +21,152 @@ from qkdd.store import DATABASE, KeyStore
 STATUS_FILE = "status.json"
 
 
+@dataclass(frozen=True)
+class _InitPlan:
+    """What ``qkdd init`` will write, decided (and every path checked) before anything is written."""
+
+    config: Path
+    text: str
+    state_dir: Path
+    psk: Path
+    fresh_psk: bool  # False: an existing PSK file (--psk-file), read and checked, not written
+    notes: tuple[str, ...]  # what --distance-km chose, printed once the files are written
+
+
 def init(args: argparse.Namespace) -> int:
-    """Write a config for one role and, unless one is given, a fresh PSK file (0600)."""
-    peer = config_mod.parse_address(args.peer, "--peer")
-    state_dir: Path = args.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write a config for one role and, unless ``--psk-file`` names one, a fresh PSK file (0600).
+
+    Every input and path is checked first; only then are the missing folders created and the files
+    written, so a failed ``init`` leaves nothing behind (a write that fails part-way is undone).
+
+    Raises:
+        InputError: a bad argument, a file that exists, a folder that cannot be created.
+    """
+    try:
+        plan = _plan_init(args)
+    except OSError as error:  # stat() inside a folder we may not enter
+        raise InputError(f"cannot check {error.filename}: {error.strerror}; nothing written") from None
+    _write_init(plan)
+    print(f"wrote {plan.config}")
+    for note in plan.notes:
+        print(note)
+    if plan.fresh_psk:
+        print(
+            f"wrote {plan.psk} (mode 0600): copy it to the other host over a secure channel, then run there"
+        )
+        print(f"  qkdd init --role {'bob' if args.role == 'alice' else 'alice'} ... --psk-file PATH")
+    return 0
+
+
+def _plan_init(args: argparse.Namespace) -> _InitPlan:
+    peer = config_mod.parse_address(args.peer, "--peer") if args.peer is not None else None
     listen = args.listen
-    if args.role == "bob" and listen is None:
-        listen = f"0.0.0.0:{peer.port}"
     if listen is not None:
         config_mod.parse_address(listen, "--listen")
-    if args.psk_file is not None:
-        psk_path = args.psk_file.resolve()
-        read_psk(psk_path)  # fail now, not when the daemon starts
-    else:
-        psk_path = state_dir / "psk"
-        if psk_path.exists():
-            raise InputError(f"{psk_path} exists; pass --psk-file {psk_path} to use it")
-        write_psk(psk_path, generate_psk())
-    target: Path = args.config or state_dir / f"{args.role}.toml"
-    if target.exists():
-        raise InputError(f"{target} exists; not overwriting it")
+    elif args.role == "bob":
+        listen = f"0.0.0.0:{peer.port if peer is not None else config_mod.DEFAULT_PORT}"
+    elif peer is None:
+        raise InputError("--peer: Alice connects to Bob, so give his HOST:PORT (or --listen to accept)")
+    if not 0 < len(args.link_id.encode()) <= 128:
+        raise InputError(f"--link-id: expected 1 to 128 bytes, got {len(args.link_id.encode())}")
     sim = None
-    distance = getattr(args, "distance_km", None)
+    notes: list[str] = []
+    distance = args.distance_km
     if distance is not None:
-        from qkdd import keyrate  # noqa: PLC0415 - scipy, only when asked
-
         if not 0 <= distance < math.inf:
             raise InputError(f"--distance-km: expected a finite number >= 0, got {distance}")
+        from qkdd import keyrate  # noqa: PLC0415 - scipy, only when asked
+
         settings = keyrate.sim_settings(distance)
         sim = settings.sim_options(distance)
+        chosen = ", ".join(f"{k} = {v}" for k, v in sim.items())
+        notes.append(f"link.sim for {distance} km (the other host's init computes the same): {chosen}")
+        frame_key = settings.key_per_pulse * settings.pulses_per_frame
+        if frame_key > 0:
+            notes.append(f"expected secret key: {frame_key:.0f} bits per frame (qkdd keyrate's model)")
+        else:
+            notes.append(
+                f"no secret key expected at {distance} km, not even from the simulator's longest frames"
+            )
+
+    state_dir: Path = args.state_dir.resolve()
+    _check_can_create(state_dir, "--state-dir", write_in=False)  # the daemon writes there, maybe not us
+    if args.psk_file is not None:
+        psk = args.psk_file.resolve()
+        try:
+            read_psk(psk)  # fail now, not when the daemon starts
+        except InputError as error:
+            raise InputError(str(error).replace("auth.psk_file:", "--psk-file:", 1)) from None
+    else:
+        psk = (args.psk_out or state_dir / "psk").resolve()
+        if psk.exists():
+            raise InputError(f"{psk} exists; pass --psk-file {psk} to use it, or another --psk-out")
+        _check_can_create(psk.parent, "--psk-out" if args.psk_out else "--state-dir")
+    target: Path = (args.config or state_dir / f"{args.role}.toml").resolve()
+    if target.exists():
+        raise InputError(f"{target} exists; not overwriting it")
+    if target == psk:
+        raise InputError(f"--config and the PSK file are the same path: {target}")
+    _check_can_create(target.parent, "--config" if args.config else "--state-dir")
+
     text = config_mod.render(
         args.role,
         link_id=args.link_id,
         state_dir=str(state_dir),
-        psk_file=str(psk_path),
+        psk_file=str(psk),
         listen=listen,
-        peer=None if listen else args.peer,
+        peer=None if listen else str(peer),
         sim=sim,
     )
-    target.write_text(text)
-    config_mod.load(target)  # what we wrote must load
-    print(f"wrote {target}")
-    if sim is not None:
-        chosen = ", ".join(f"{k} = {v}" for k, v in sim.items())
-        print(f"link.sim for {distance} km (the other host's init computes the same): {chosen}")
-        frame_key = settings.key_per_pulse * settings.pulses_per_frame
-        if frame_key > 0:
-            print(f"expected secret key: {frame_key:.0f} bits per frame (qkdd keyrate's model)")
-        else:
-            print(f"no secret key expected at {distance} km, not even from the simulator's longest frames")
-    if args.psk_file is None:
-        print(
-            f"wrote {psk_path} (mode 0600): copy it to the other host over a secure channel, then run there"
-        )
-        print(f"  qkdd init --role {'bob' if args.role == 'alice' else 'alice'} ... --psk-file PATH")
-    return 0
+    try:  # what we write must load: check it before writing it
+        config_mod.from_mapping(tomllib.loads(text), target.parent)
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"the config would not be valid TOML ({error}); check --link-id") from None
+    return _InitPlan(target, text, state_dir, psk, args.psk_file is None, tuple(notes))
+
+
+def _check_can_create(folder: Path, option: str, *, write_in: bool = True) -> None:
+    """Raise unless ``folder`` is a folder (we may write in, if ``write_in``) or can be created with its
+    missing parents."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option}: {existing} is not a folder")
+    if existing != folder and not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option}: cannot create {folder}: no write permission in {existing}")
+    if existing == folder and write_in and not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{option}: cannot write in {folder}: no write permission")
+
+
+def _write_init(plan: _InitPlan) -> None:
+    """Create the missing folders, then the PSK and the config; undo all of it if a write fails."""
+    created: list[Path] = []
+    current = plan.state_dir
+    try:
+        for folder in (plan.state_dir, plan.psk.parent, plan.config.parent):
+            for current in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+                current.mkdir(mode=0o700 if current == plan.state_dir else 0o755)
+                created.append(current)
+        if plan.fresh_psk:
+            current = plan.psk
+            write_psk(current, generate_psk())
+            created.append(current)
+        current = plan.config
+        fd = os.open(current, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        created.append(current)
+        with os.fdopen(fd, "w") as f:
+            f.write(plan.text)
+    except OSError as error:
+        if current == plan.psk and plan.psk not in created and not isinstance(error, FileExistsError):
+            created.append(current)  # write_psk created it (O_EXCL), then failed writing it
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+        raise InputError(f"cannot write {current}: {error.strerror}; nothing written") from None
 
 
 def _state_dir(args: argparse.Namespace) -> tuple[Path, str | None]:

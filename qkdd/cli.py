@@ -11,6 +11,8 @@ from qkdd import __version__
 from qkdd.errors import QkddError
 from qkdd.stages.cascade import VARIANTS
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def _milliseconds(text: str) -> list[float]:
     try:
@@ -78,17 +80,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a daemon in the foreground")
     run.add_argument("--config", type=Path, required=True, help="the TOML config file")
     run.add_argument("--rounds", type=int, help="stop after this many rounds (overrides run.max_rounds)")
+    run.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="log messages of this severity and above (default INFO)",
+    )
 
-    init = commands.add_parser("init", help="write a config file and, for PSK bootstrap, a fresh PSK")
+    init = commands.add_parser(
+        "init",
+        help="write a config file and, for PSK bootstrap, a fresh PSK (creating missing folders; "
+        "nothing at all if a check fails)",
+    )
     init.add_argument("--role", choices=["alice", "bob"], required=True)
-    init.add_argument("--peer", required=True, help="HOST:PORT of the other daemon")
+    init.add_argument("--peer", help="HOST:PORT of Bob, for Alice to connect to (Bob needs none)")
     init.add_argument(
-        "--listen", help="HOST:PORT to accept connections on (default: Bob listens on --peer's port)"
+        "--listen",
+        help="HOST:PORT to accept connections on (default for Bob: 0.0.0.0 at --peer's port, or at 7700 "
+        "without --peer)",
     )
     init.add_argument("--state-dir", type=Path, required=True)
     init.add_argument("--link-id", default="qkdd-link")
-    init.add_argument(
-        "--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)"
+    psk = init.add_mutually_exclusive_group()
+    psk.add_argument("--psk-file", type=Path, help="an existing PSK file to use (copied from the other host)")
+    psk.add_argument(
+        "--psk-out", type=Path, help="where to write the fresh PSK file, mode 0600 (default: STATE_DIR/psk)"
     )
     init.add_argument("--config", type=Path, help="where to write the config (default: STATE_DIR/ROLE.toml)")
     init.add_argument(
@@ -265,7 +282,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         loaded = config.load(args.config)
         if args.rounds is not None:
             loaded = config.Config(**{**loaded.__dict__, "max_rounds": args.rounds})
-        return daemon.main_run(loaded)
+        return daemon.main_run(loaded, args.log_level)
     if args.command == "init":
         from qkdd import admin  # noqa: PLC0415
 

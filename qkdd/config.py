@@ -7,6 +7,7 @@ lists every key; ``qkdd init`` writes a commented file.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from qkdd.stages import cascade, estimation, keylength
 DEFAULT_WINDOW = 16
 """Rounds in flight on one session unless ``run.window`` says otherwise (qkdp-v2.md §13)."""
 MAX_WINDOW = 64
+DEFAULT_PORT = 7700
+"""The port ``qkdd init`` has Bob listen on when neither ``--listen`` nor ``--peer`` names one."""
 
 
 @dataclass(frozen=True)
@@ -401,21 +404,21 @@ def render(
     window: int = DEFAULT_WINDOW,
 ) -> str:
     """A commented config file (``qkdd init``, ``qkdd demo``); ``pki``: (certificate, key, CA, peer name)."""
-    network = f'listen = "{listen}"' if listen else f'peer = "{peer}"'
+    network = f"listen = {_toml_value(listen)}" if listen else f"peer = {_toml_value(peer)}"
     if pki is None:
-        bootstrap = f'''method = "psk"
-psk_file = "{psk_file}"        # the same file on both hosts, mode 0600'''
+        bootstrap = f"""method = "psk"
+psk_file = {_toml_value(psk_file)}        # the same file on both hosts, mode 0600"""
     else:
-        bootstrap = f'''method = "pki"
-certificate_file = "{pki[0]}"
-key_file = "{pki[1]}"          # mode 0600
-ca_file = "{pki[2]}"
-peer_name = "{pki[3]}"         # the common name the peer's certificate must carry'''
+        bootstrap = f"""method = "pki"
+certificate_file = {_toml_value(pki[0])}
+key_file = {_toml_value(pki[1])}          # mode 0600
+ca_file = {_toml_value(pki[2])}
+peer_name = {_toml_value(pki[3])}         # the common name the peer's certificate must carry"""
     sim_lines = "\n".join(f"{k} = {_toml_value(v)}" for k, v in (sim or {}).items())
     return f"""# qkdd {role} — see README "Configuration" for every key
 role = "{role}"
-link_id = "{link_id}"          # must be the same on both sides
-state_dir = "{state_dir}"      # key store; never restore it from a backup
+link_id = {_toml_value(link_id)}          # must be the same on both sides
+state_dir = {_toml_value(state_dir)}      # key store; never restore it from a backup
 
 [network]
 {network}
@@ -459,6 +462,6 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return f'"{value}"'
+    if isinstance(value, str):  # a TOML basic string: JSON's escapes, and DEL escaped too
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

@@ -958,11 +958,12 @@ def raise_file_limit(most: int = 65536) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def main_run(config: Config) -> int:
-    """``qkdd run``. Exit 2 (touching nothing) when another qkdd runs on the state directory."""
+def main_run(config: Config, log_level: str = "INFO") -> int:
+    """``qkdd run`` (``log_level``: ``--log-level``). Exit 2 (touching nothing) when another qkdd runs on
+    the state directory."""
     lock = lock_state_dir(config.state_dir)  # before anything opens or writes the state
     with lock:
-        setup_logging(config.role)
+        setup_logging(config.role, log_level)
         raise_file_limit()
         try:
             return trio.run(run_forever, config)

@@ -195,3 +195,31 @@ def test_init_with_a_distance_tunes_the_sim_link(tmp_path: Path, capsys: pytest.
     assert (
         config.load(tmp_path / "d" / "alice.toml").link_options["pulses_per_frame"] == keyrate.SIM_MAX_PULSES
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [([], "INFO"), (["--log-level", "debug"], "DEBUG"), (["--log-level", "ERROR"], "ERROR")],
+)
+def test_run_sets_the_log_level(
+    argv: list[str], level: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkdd import daemon  # noqa: PLC0415
+
+    levels: list[str] = []
+
+    async def serve_nothing(_: config.Config) -> int:
+        return 0
+
+    monkeypatch.setattr(daemon, "setup_logging", lambda _role, chosen: levels.append(chosen))
+    monkeypatch.setattr(daemon, "run_forever", serve_nothing)
+    assert main(["init", "--role", "bob", "--state-dir", str(tmp_path)]) == 0
+    assert main(["run", "--config", str(tmp_path / "bob.toml"), *argv]) == 0
+    assert levels == [level]
+
+
+def test_run_refuses_an_unknown_log_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--config", str(tmp_path / "bob.toml"), "--log-level", "LOUD"])
+    assert exit_.value.code == 2
+    assert "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from qkdd import config
+from qkdd.auth.psk import generate_psk, write_psk
+from qkdd.cli import main
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD / "qkdd@.service"
@@ -69,3 +72,55 @@ def test_example_configs_load(name: str) -> None:
     loaded = config.load(SYSTEMD / name)
     assert loaded.role == name.removesuffix(".toml")
     assert str(loaded.state_dir).startswith("/var/lib/qkdd/")
+
+
+def init_command(text: str) -> list[str]:
+    """The ``qkdd init`` arguments an example config says it was written with."""
+    for line in text.splitlines():
+        if line.startswith("# written by: qkdd init "):
+            return shlex.split(line.removeprefix("# written by: qkdd "))
+    raise AssertionError("no '# written by: qkdd init ...' line")
+
+
+def settings_lines(text: str) -> list[str]:
+    """The TOML without its comments, blank lines and the padding before trailing comments."""
+    found = []
+    for line in text.splitlines():
+        quoted = escaped = False
+        end = len(line)
+        for i, char in enumerate(line):
+            if escaped:
+                escaped = False
+            elif quoted and char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = not quoted
+            elif char == "#" and not quoted:
+                end = i
+                break
+        if line[:end].strip():
+            found.append(line[:end].strip())
+    return found
+
+
+@pytest.mark.parametrize("role", ["alice", "bob"])
+def test_example_configs_are_what_init_writes(role: str, tmp_path: Path) -> None:
+    """The examples are ``qkdd init``'s output plus comments, so the two cannot drift apart."""
+    example = (SYSTEMD / f"{role}.toml").read_text()
+    argv = init_command(example)
+    assert argv[argv.index("--role") + 1] == role
+    root = str(tmp_path.resolve())
+    rerooted = [root + argument if argument.startswith("/") else argument for argument in argv]
+    if "--psk-file" in rerooted:  # Bob's copy of Alice's PSK
+        psk = Path(rerooted[rerooted.index("--psk-file") + 1])
+        psk.parent.mkdir(parents=True)
+        write_psk(psk, generate_psk())
+    assert main(rerooted) == 0
+    written = Path(rerooted[rerooted.index("--config") + 1]).read_text().replace(root, "")
+    assert settings_lines(written) == settings_lines(example)
+    assert settings_lines(example)[0] == f'role = "{role}"'  # the comment stripping kept the settings
+
+
+def test_settings_lines_ignore_only_comments() -> None:
+    text = '# a comment\n\nkey = "a # b"   # why\nother = "q\\"#"  # why not\n[table]\n'
+    assert settings_lines(text) == ['key = "a # b"', 'other = "q\\"#"', "[table]"]
