@@ -54,9 +54,12 @@ def wait_for_progress(state_dir: Path, committed: int, timeout: float = 60.0) ->
 
 
 @pytest.mark.timeout(1800)
-def test_kill_9_at_random_moments_loses_nothing_and_reuses_no_reserve_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("window", [1, 4])
+def test_kill_9_at_random_moments_loses_nothing_and_reuses_no_reserve_bit(
+    tmp_path: Path, window: int
+) -> None:
     port = free_port()
-    alice_config, bob_config = demo.write_configs(tmp_path, 0, SIM, bob_port=port)
+    alice_config, bob_config = demo.write_configs(tmp_path, 0, SIM, bob_port=port, window=window)
     text = alice_config.read_text().replace('peer = "127.0.0.1:0"', f'peer = "127.0.0.1:{port}"')
     alice_config.write_text(text)
     for config in (alice_config, bob_config):
