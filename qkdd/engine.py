@@ -274,11 +274,6 @@ class Engine:
         return None if entry is None else entry.round.number
 
     @property
-    def cheap_frames(self) -> bool:
-        """Whether the frames expected now are Cascade's (see :meth:`cheap`)."""
-        return self.state is State.RECONCILING and not self._held
-
-    @property
     def round_number(self) -> int | None:
         """The oldest open round's number."""
         return next(iter(self._rounds), None)
