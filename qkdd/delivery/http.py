@@ -18,6 +18,7 @@ Theory of operation
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,10 @@ _PARAMETERS = {
     ("GET", "dec_keys"): {"key_ID"},
     ("POST", "dec_keys"): set(),
 }
+_METHODS = {"status": ("GET",), "enc_keys": ("GET", "POST"), "dec_keys": ("GET", "POST")}
+"""The methods each resource takes; any other gets 405 with ``Allow`` (RFC 9110 §15.5.6)."""
+MAX_DIGITS = 18
+"""A query number has at most this many ASCII digits (any larger is refused by the limits anyway)."""
 _ENC_FIELDS = {"number", "size", "additional_slave_SAE_IDs", "extension_mandatory", "extension_optional"}
 _DEC_FIELDS = {"key_IDs", "key_IDs_extension"}
 
@@ -68,12 +73,19 @@ def tls_context(settings: Etsi014) -> ssl.SSLContext:
 
 
 class _Reject(Exception):
-    """An HTTP error answer (status, JSON body)."""
+    """An HTTP error answer (status, JSON body, extra headers)."""
 
-    def __init__(self, status: int, message: str, details: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        details: list[Any] | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body: dict[str, Any] = {"message": message}
+        self.headers = headers or []
         if details:
             self.body["details"] = details
 
@@ -84,11 +96,15 @@ class ApiServer:
     def __init__(self, kme: KeyManager, settings: Etsi014) -> None:
         self.kme = kme
         self.settings = settings
-        self.context = tls_context(settings)
         self._by_fingerprint = {s.fingerprint: s.id for s in settings.saes if s.fingerprint}
         self._by_name = {s.common_name: s.id for s in settings.saes if s.common_name}
 
+    @functools.cached_property
+    def context(self) -> ssl.SSLContext:
+        return tls_context(self.settings)
+
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        _ = self.context  # a bad certificate or key fails here, before the port opens
         listen = self.settings.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
         port = int(listeners[0].socket.getsockname()[1])
@@ -123,7 +139,8 @@ class ApiServer:
                         return
                 if idle.cancelled_caught or request is None:
                     return
-                await self._respond(stream, connection, *await self._answer(caller, *request))
+                status, body, headers = await self._answer(caller, *request)
+                await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
                 if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
                     return
                 connection.start_next_cycle()
@@ -141,27 +158,46 @@ class ApiServer:
                     await stream.aclose()
 
     async def _respond(
-        self, stream: trio.SSLStream[trio.SocketStream], connection: h11.Connection, status: int, body: Any
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        connection: h11.Connection,
+        status: int,
+        body: Any,
+        extra: list[tuple[str, str]] | None = None,
+        *,
+        head: bool = False,
     ) -> None:
+        """One JSON answer; to a HEAD request its headers only (HTTP sends no body there)."""
         data = json.dumps(body).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(data)))]
+        headers = [("content-type", "application/json"), ("content-length", str(len(data))), *(extra or [])]
         out = connection.send(h11.Response(status_code=status, headers=headers)) or b""
-        out += connection.send(h11.Data(data=data)) or b""
+        if not head:
+            out += connection.send(h11.Data(data=data)) or b""
         out += connection.send(h11.EndOfMessage()) or b""
         await stream.send_all(out)  # one TLS record, one write
 
-    async def _answer(self, caller: str | None, method: str, target: str, body: bytes) -> tuple[int, Any]:
+    async def _answer(
+        self,
+        caller: str | None,
+        method: str,
+        target: str,
+        body: bytes,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any, list[tuple[str, str]]]:
+        """The status, JSON body and extra headers of the answer to one request."""
         try:
-            return 200, await self._route(caller, method, target, body)
+            return 200, await self._route(caller, method, target, body, content_type), []
         except _Reject as reject:
-            return reject.status, reject.body
+            return reject.status, reject.body, reject.headers
         except DeliveryError as error:
-            return error.status, {"message": str(error)}
+            return error.status, {"message": str(error)}, []
         except Exception:  # our bug: log it, answer as the standard's "server error"
             log.exception("ETSI 014: internal error on %s %s", method, target.split("?", maxsplit=1)[0])
-            return 503, {"message": "internal error of the KME"}
+            return 503, {"message": "internal error of the KME"}, []
 
-    async def _route(self, caller: str | None, method: str, target: str, body: bytes) -> Any:
+    async def _route(
+        self, caller: str | None, method: str, target: str, body: bytes, content_type: str
+    ) -> Any:
         if caller is None:
             raise NotAuthorized("the client certificate names no SAE of this KME")
         url = urlsplit(target)
@@ -171,9 +207,14 @@ class ApiServer:
         other, action = unquote(match[1]), match[2]
         allowed = _PARAMETERS.get((method, action))
         if allowed is None:
-            raise _Reject(400, f"{method} is not supported on {action}")
+            methods = ", ".join(_METHODS[action])
+            raise _Reject(
+                405, f"{method[:16]} is not allowed on {action}: {methods}", headers=[("allow", methods)]
+            )
         query = _query(url.query, allowed)
         if method == "POST":
+            if body.strip() and content_type.split(";", maxsplit=1)[0].strip().lower() != "application/json":
+                raise _Reject(400, f"the body must be application/json, not {content_type[:64]!r}")
             fields = _json_object(body, _ENC_FIELDS if action == "enc_keys" else _DEC_FIELDS)
         elif body:
             raise _Reject(400, "a GET request carries no body")
@@ -182,8 +223,8 @@ class ApiServer:
         if action == "status":
             return await self.kme.status(caller, other)
         if action == "enc_keys":
-            number = _integer(query.get("number", fields.get("number", 1)), "number")
-            size = _integer(query.get("size", fields.get("size", self.settings.key_size)), "size")
+            number = _number(query, fields, "number", 1)
+            size = _number(query, fields, "size", self.settings.key_size)
             additional = fields.get("additional_slave_SAE_IDs") or []
             if not isinstance(additional, list) or not all(isinstance(a, str) for a in additional):
                 raise _Reject(400, "additional_slave_SAE_IDs must be an array of strings")
@@ -222,8 +263,8 @@ class ApiServer:
 
 async def _read_request(
     stream: trio.SSLStream[trio.SocketStream], connection: h11.Connection
-) -> tuple[str, str, bytes] | None:
-    """The next request (method, target, body), or ``None`` when the client is done."""
+) -> tuple[str, str, bytes, str] | None:
+    """The next request (method, target, body, content type), or ``None`` when the client is done."""
     request: h11.Request | None = None
     body = bytearray()
     while True:
@@ -239,7 +280,8 @@ async def _read_request(
             if len(body) > MAX_BODY:
                 raise h11.RemoteProtocolError("request body over 1 MiB")
         elif isinstance(event, h11.EndOfMessage) and request is not None:
-            return request.method.decode(), request.target.decode(), bytes(body)
+            content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
+            return request.method.decode(), request.target.decode(), bytes(body), content_type
         elif isinstance(event, (h11.ConnectionClosed, h11.EndOfMessage)) or event is h11.PAUSED:
             return None
 
@@ -269,9 +311,15 @@ def _json_object(body: bytes, allowed: set[str]) -> Mapping[str, Any]:
     return {k: v for k, v in value.items() if v is not None}
 
 
-def _integer(value: object, name: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
+def _number(query: Mapping[str, str], fields: Mapping[str, Any], name: str, default: int) -> int:
+    """``name`` from the query (ASCII digits only: ``int()`` would also take "²" or Arabic-Indic digits)
+    or from the JSON body (a JSON integer: not a string, not a boolean), else ``default``."""
+    if name in query:
+        text = query[name]
+        if text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS:
+            return int(text)
+        raise _Reject(400, f"{name} must be ASCII digits, got {text[:32]!r}")
+    value = fields.get(name, default)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Reject(400, f"{name} must be a positive integer, got {str(value)[:32]!r}")
+    raise _Reject(400, f"{name} must be a JSON integer, got {json.dumps(value)[:32]}")

@@ -159,7 +159,22 @@ def test_bad_requests_are_400_with_a_message(sites: Sites) -> None:
             400,
         )
         refused(alice.post("sae-bob/enc_keys", content=b"[1, 2]"), 400)
-        refused(alice.delete("sae-bob/enc_keys"), 400)
+        # numbers: ASCII digits in a query (int() would take "²" or Arabic-Indic digits), JSON integers
+        for digits in ("\u00b2", "\u0661", "\uff11", "1" * 19):
+            assert "ASCII digits" in refused(alice.get("sae-bob/enc_keys", params={"number": digits}), 400)
+        assert "JSON integer" in refused(alice.post("sae-bob/enc_keys", json={"number": "1"}), 400)
+        assert "JSON integer" in refused(alice.post("sae-bob/enc_keys", json={"size": True}), 400)
+        plain = {"content-type": "text/plain"}
+        assert "application/json" in refused(
+            alice.post("sae-bob/enc_keys", content=b'{"number": 1}', headers=plain), 400
+        )
+        # a method the resource does not take: 405 with Allow (HEAD too, headers only)
+        deleted = alice.delete("sae-bob/enc_keys")
+        refused(deleted, 405)
+        assert deleted.headers["allow"] == "GET, POST"
+        head = alice.head("sae-bob/status")
+        assert head.status_code == 405 and head.headers["allow"] == "GET" and head.content == b""
+        refused(alice.post("sae-bob/status", json={}), 405)
         refused(alice.get("sae-bob/nothing"), 400)
         refused(bob.get("sae-alice/dec_keys", params={"key_ID": str(uuid.uuid4())}), 400)  # unknown key
         refused(bob.get("sae-alice/dec_keys", params={"key_ID": "not-a-uuid"}), 400)
