@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from qkdd.auth.psk import generate_psk, write_psk
 from qkdd.daemon import read_listen_address
 from qkdd.errors import QkddError
 from qkdd.relay import DelayRelay
-from qkdd.store import KeyStore
+from qkdd.store import KeyStore, finished_rounds
 
 LINK_ID = "demo-link"
 
@@ -151,7 +152,8 @@ def write_configs(
 def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "qkdd", "run", "--config", str(config)],
+            # -P: the installed qkdd, not a qkdd/ folder in the working directory
+            [sys.executable, "-P", "-m", "qkdd", "run", "--config", str(config)],
             stdout=sink,
             stderr=sink,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -218,9 +220,11 @@ def run_demo(
     bootstrap: str = "psk",
     rtt: float = 0.0,
     window: int = 1,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> DemoResult:
     """Run both daemons to completion and compare their stores; with ``rtt`` (seconds), Alice reaches
-    Bob through a relay that adds that round-trip time."""
+    Bob through a relay that adds that round-trip time. ``on_round`` is called with each of Alice's rounds
+    (a row of :attr:`DemoResult.rounds`, without Bob's state) soon after it ends."""
     alice_config, bob_config = write_configs(state_dir, rounds, sim, bootstrap=bootstrap, window=window)
     started = time.monotonic()
     relays: list[DelayRelay] = []
@@ -233,16 +237,23 @@ def run_demo(
     peak = PeakMemory((alice.pid, bob.pid))
     try:
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
+        reported = -1
         for process, name in ((alice, "alice"), (bob, "bob")):
-            remaining = max(1.0, limit - (time.monotonic() - started))
-            try:
-                status = process.wait(remaining)
-            except subprocess.TimeoutExpired:
-                raise QkddError(
-                    f"{name} did not finish within {limit:.0f} s; see {state_dir / (name + '.log')}"
-                ) from None
+            while True:
+                try:
+                    status = process.wait(ROW_POLL_SECONDS if on_round is not None else 1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - started > limit:
+                        raise QkddError(
+                            f"{name} did not finish within {limit:.0f} s; see {state_dir / (name + '.log')}"
+                        ) from None
+                if on_round is not None:
+                    reported = _report_rounds(state_dir / "alice", reported, on_round)
             if status != 0:
                 raise QkddError(f"{name} exited with status {status}; see {state_dir / (name + '.log')}")
+        if on_round is not None:
+            _report_rounds(state_dir / "alice", reported, on_round)
     finally:
         for leftover in (alice, bob):
             if leftover.poll() is None:
@@ -253,6 +264,43 @@ def run_demo(
         peak.stop()
     seconds = time.monotonic() - started
     return dataclasses.replace(compare_stores(state_dir, seconds), peak_rss_bytes=peak.bytes)
+
+
+ROW_POLL_SECONDS = 0.2
+"""How often ``qkdd demo`` looks for rounds that ended, to print their rows."""
+
+
+def _report_rounds(state_dir: Path, after: int, on_round: Callable[[dict[str, Any]], None]) -> int:
+    """Hand ``on_round`` each round of the store in ``state_dir`` numbered above ``after`` that ended;
+    the number of the last one handed (``after`` if none: the store may not exist yet)."""
+    try:
+        ended = finished_rounds(state_dir, after)
+    except sqlite3.Error:  # not created yet, or busy: the next look finds the rounds
+        return after
+    for record in ended:
+        on_round(_row(record))
+        after = record["round"]
+    return after
+
+
+def _row(record: dict[str, Any], bob_state: str | None = None) -> dict[str, Any]:
+    """One row of the demo's table (and of its JSON) from a round record of Alice's store."""
+    return {
+        "round": record["round"],
+        "aborted": record["state"] != "committed",
+        "reason": record["reason"],
+        "pulses": record["pulses"],
+        "detections": record["detections"],
+        "sifted_bits": record["sifted_bits"],
+        "qber": record["qber"],
+        "phase_error": record["phase_error"],
+        "disclosed_bits": record["disclosed_bits"],
+        "secret_bits": record["secret_bits"] if record["state"] == "committed" else 0,
+        "seconds": record["seconds"],
+        "finished_at": record["finished_at"],
+        "auth": record["auth"],
+        "bob_state": bob_state,
+    }
 
 
 class PeakMemory:
@@ -287,26 +335,8 @@ def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
     finally:
         for store in stores:
             store.close()
-    rows = []
+    rows = [_row(r, bob_rounds.get(r["round"], {}).get("state")) for r in log]
     first_key: float | None = None
-    for r in log:
-        row = {
-            "round": r["round"],
-            "aborted": r["state"] != "committed",
-            "reason": r["reason"],
-            "pulses": r["pulses"],
-            "detections": r["detections"],
-            "sifted_bits": r["sifted_bits"],
-            "qber": r["qber"],
-            "phase_error": r["phase_error"],
-            "disclosed_bits": r["disclosed_bits"],
-            "secret_bits": r["secret_bits"] if r["state"] == "committed" else 0,
-            "seconds": r["seconds"],
-            "finished_at": r["finished_at"],
-            "auth": r["auth"],
-            "bob_state": bob_rounds.get(r["round"], {}).get("state"),
-        }
-        rows.append(row)
     for r in log:
         if r["state"] == "committed" and first_key is None:
             first_key = float(r["finished_at"])
@@ -373,23 +403,82 @@ def main(args: argparse.Namespace) -> int:
     from qkdd.links.sim import SimParameters  # noqa: PLC0415
 
     SimParameters.from_options(sim)  # check the link parameters before starting anything
+
+    def print_row(row: dict[str, Any]) -> None:
+        print(_format_row(row), flush=True)
+
+    on_round = None if args.json else print_row
+    if not args.json:
+        print(HEADER, flush=True)
     if args.state_dir is not None:
-        result = run_demo(args.state_dir.resolve(), args.rounds, sim, bootstrap=args.bootstrap)
+        result = run_demo(
+            args.state_dir.resolve(), args.rounds, sim, bootstrap=args.bootstrap, on_round=on_round
+        )
     else:
         with scratch_folder("qkdd-demo-") as folder:
-            result = run_demo(folder, args.rounds, sim, bootstrap=args.bootstrap)
+            result = run_demo(folder, args.rounds, sim, bootstrap=args.bootstrap, on_round=on_round)
+    hint = no_key_hint(result.rounds, sim) if result.secret_bits_total == 0 else None
     if args.json:
-        print(json.dumps(result.as_json()))
+        print(json.dumps({**result.as_json(), **({"hint": hint} if hint else {})}))
     else:
-        print(HEADER)
-        for row in result.rounds:
-            print(_format_row(row))
         verdict = "identical" if result.keys_match else "DIFFERENT"
         print(
             f"keys: Alice {result.alice_keys} blocks, Bob {result.bob_keys} blocks — {verdict}; "
             f"{result.secret_bits_total} secret bits in {result.seconds:.1f} s"
         )
+        if hint:
+            print(f"no key: {hint}")
     return 0 if result.keys_match else 1
+
+
+_TOO_FEW_DETECTIONS = (
+    "certified",
+    "finite-size",
+    "no key-basis",
+    "no test-basis",
+    "no Z-basis",
+    "no X-basis",
+)
+"""Abort reasons of a frame too short for the finite-key bound (decoy.decoy_key_length, estimation)."""
+_TOO_MANY_ERRORS = ("exceeds threshold", "phase error bound reaches")
+"""Abort reasons of an error rate that leaves no secret key."""
+
+
+def no_key_hint(rows: Sequence[dict[str, Any]], sim: Mapping[str, Any]) -> str:
+    """Why no round of the demo yielded key, and what would, from the rounds' abort reasons."""
+    reasons = [row["reason"] or "" for row in rows]
+    if reasons and all(any(part in reason for part in _TOO_MANY_ERRORS) for reason in reasons):
+        if sim.get("eve_fraction"):
+            return (
+                f"every round's error rate was too high: the eavesdropper (--eve {sim['eve_fraction']:g}) "
+                "disturbs the link, as she must; without --eve the link yields key"
+            )
+        return "every round's error rate was too high: a link this noisy yields no secret key"
+    if reasons and all(any(part in reason for part in _TOO_FEW_DETECTIONS) for reason in reasons):
+        distance = float(sim.get("distance_km", 10.0))
+        pulses = int(sim.get("pulses_per_frame", DEMO_PULSES))
+        needed = _tuned_pulses(distance)
+        advice = (
+            f"the demo tunes frames to {needed} pulses at this distance: leave out --pulses, or set "
+            f"--pulses {needed}"
+            if needed is not None and needed > pulses
+            else "longer frames (--pulses) collect them; pip install 'qkdd[keyrate]' to have the demo "
+            "tune the frame size to the distance"
+        )
+        return (
+            f"frames of {pulses} pulses at {distance:g} km hold too few detections for the finite-key "
+            f"bound; {advice}"
+        )
+    return "no round yielded secret key; the reasons are in the table above (and in the daemons' logs)"
+
+
+def _tuned_pulses(distance_km: float) -> int | None:
+    """The frame size ``qkdd keyrate``'s tuning picks for the sim at ``distance_km``, if scipy is here."""
+    if importlib.util.find_spec("scipy") is None:
+        return None
+    from qkdd import keyrate  # noqa: PLC0415
+
+    return keyrate.sim_settings(distance_km, min_pulses=DEMO_PULSES).pulses_per_frame
 
 
 def steady_rounds(rounds: Sequence[dict[str, Any]], window: int) -> tuple[list[dict[str, Any]], float | None]:

@@ -18,6 +18,7 @@ created with mode 0600, like its WAL and shared-memory files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -306,3 +307,16 @@ class KeyStore:
             stored_key_bits=8 * int(total),
             last_round=last[0] if last else None,
         )
+
+
+def finished_rounds(state_dir: Path, after: int = -1) -> list[dict[str, Any]]:
+    """The rounds numbered above ``after`` that have ended (committed or aborted), as
+    :meth:`KeyStore.rounds` gives them, read from a running daemon's store without writing to it."""
+    names = [*_ROUND_COLUMNS, "state", "seconds", "finished_at"]
+    uri = f"file:{Path(state_dir) / DATABASE}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        rows = db.execute(
+            f"SELECT {', '.join(names)} FROM rounds WHERE round > ? AND state != 'pending' ORDER BY round",
+            (after,),
+        ).fetchall()
+    return [dict(zip(names, row, strict=True)) for row in rows]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from qkdd import demo
 from qkdd.demo import scratch_folder
 from qkdd.errors import QkddError
+from qkdd.store import finished_rounds
 
 FIELDS = {
     "round",
@@ -82,6 +84,42 @@ def test_demo_with_pki_bootstrap(tmp_path: Path) -> None:
     assert report["keys_match"] is True
     auths = [row["auth"] for row in report["rounds"]]
     assert auths[0] == "pki" and auths[-1] == "reserve"
+
+
+class _Seen(Exception):
+    """Raised by the row callback to end the run as soon as the first row arrives."""
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_reports_each_round_when_it_ends(tmp_path: Path) -> None:
+    """Rows come while the daemons still run: the callback ends a run of 1,000 rounds at its first row."""
+    rows: list[dict[str, object]] = []
+
+    def first_row(row: dict[str, object]) -> None:
+        rows.append(row)
+        raise _Seen
+
+    with pytest.raises(_Seen):
+        demo.run_demo(tmp_path, 1000, {"pulses_per_frame": 1 << 16}, timeout=100, on_round=first_row)
+    assert rows[0]["round"] == 0 and set(rows[0]) >= FIELDS
+    assert len(finished_rounds(tmp_path / "alice")) < 1000  # the daemons were stopped early
+
+
+@pytest.mark.timeout(120)
+def test_a_demo_without_key_says_why_and_what_would_give_key() -> None:
+    done = run_demo("--rounds", "1", "--pulses", str(1 << 16))
+    assert done.returncode == 0, done.stderr
+    hint = done.stdout.splitlines()[-1]
+    assert hint.startswith("no key: frames of 65536 pulses at 10 km hold too few detections")
+    assert f"--pulses {1 << 26}" in hint
+
+
+def test_the_no_key_hint_names_the_cause() -> None:
+    too_noisy = [{"reason": "no secret key: phase error rate 0.2500 exceeds threshold 0.1100"}]
+    assert "eavesdropper (--eve 1)" in demo.no_key_hint(too_noisy, {"eve_fraction": 1.0})
+    assert "this noisy" in demo.no_key_hint(too_noisy, {})
+    mixed = [*too_noisy, {"reason": "frame too large"}]
+    assert "reasons are in the table" in demo.no_key_hint(mixed, {})
 
 
 def test_demo_rejects_bad_parameters() -> None:
