@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -29,6 +30,7 @@ import os
 import random
 import resource
 import signal
+import socket
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -41,13 +43,13 @@ from qkdd import background, policy, wire
 from qkdd import engine as engine_mod
 from qkdd.admin import write_status_file
 from qkdd.auth import pki
-from qkdd.auth.psk import read_psk
+from qkdd.auth.psk import fingerprint, read_psk
 from qkdd.bits import SystemRandom
 from qkdd.config import Config
 from qkdd.delivery.channel import KeyChannel, is_key_message
 from qkdd.delivery.http import ApiServer
 from qkdd.delivery.kme import KeyManager
-from qkdd.errors import QkddError, RemoteProtocolError
+from qkdd.errors import InputError, QkddError, RemoteProtocolError, operational_problem
 from qkdd.links import open_link
 from qkdd.records import RoundSummary
 from qkdd.sdnotify import Notifier
@@ -293,7 +295,7 @@ class Daemon:
                 log.info(
                     "cannot connect to %s: %s; retrying in %.1f s",
                     self.config.peer,
-                    error.strerror or error,
+                    connect_failure(error),
                     delay,
                 )
             else:
@@ -446,14 +448,18 @@ class Daemon:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
             except Exception as error:  # a failing link backend or store, or our bug: this connection ends
-                log.error(
-                    "%s: internal error (%s: %s); closing the connection%s",
-                    peer,
-                    type(error).__name__,
-                    str(error)[:200],
-                    _abandoned(engine),
-                    exc_info=not isinstance(error, QkddError),
-                )
+                problem = operational_problem(error)
+                if problem is not None:  # the host's to fix (a full disk, a permission): no traceback
+                    log.error("%s: %s; closing the connection%s", peer, problem, _abandoned(engine))
+                else:
+                    log.error(
+                        "%s: internal error (%s: %s); closing the connection%s",
+                        peer,
+                        type(error).__name__,
+                        str(error)[:200],
+                        _abandoned(engine),
+                        exc_info=not isinstance(error, QkddError),
+                    )
                 if engine.state is not engine_mod.State.CLOSED:
                     await session.write_quietly(engine.close("internal", "internal error"))
             finally:
@@ -528,12 +534,29 @@ class Daemon:
                 log.warning("link paused: %s", text, extra={"role": self.role})
             self.paused = True
         text = f"{peer}: protocol error {error.code}: {error}{_abandoned(engine)}"
+        if error.code == "auth-failed":
+            text += f"; {self._auth_failed_advice(engine.auth)}"
         if level == logging.WARNING:
             self._warn(session, text)
         else:
             log.log(level, "%s", text)
         if frame is not None:
             await session.write_quietly(frame)
+
+    def _auth_failed_advice(self, auth: str | None) -> str:
+        """What an operator checks when the peer's proof (or ours, at the peer) does not verify."""
+        if auth == "psk":
+            return (
+                f"the two hosts hold different PSKs: this side's PSK fingerprint is {fingerprint(self.psk)} "
+                "(`qkdd check` shows each host's; copy one PSK file to both), or the connection was "
+                "tampered with"
+            )
+        if auth == "reserve":
+            return (
+                "the handshake key from the key reserve differs: one state directory is older than the "
+                "other's (restored from a backup), or the connection was tampered with"
+            )
+        return "check both hosts' certificates and auth.peer_name (the reason above says which check failed)"
 
     async def _wait_after_lost_rounds(self, session: _Session, engine: engine_mod.Engine) -> bool:
         """Alice, before a round: if rounds keep spending pads without committing while the reserve is
@@ -902,6 +925,32 @@ def _deadline(timeout: float | None) -> float:
     return math.inf if timeout is None else trio.current_time() + timeout
 
 
+_CONNECT_ADVICE = {
+    errno.ECONNREFUSED: "nothing listens there: is Bob running, and is peer the address of his run.listen?",
+    errno.ETIMEDOUT: "no answer: the host is down, or a firewall drops the port",
+    errno.EHOSTUNREACH: "no route to the host: check the address and the network",
+    errno.ENETUNREACH: "no route to the network: check the address and this host's routes",
+}
+
+
+def connect_failure(error: OSError) -> str:
+    """Why a connection could not be opened, with each attempt's errno (trio groups one per address of
+    the host name) and what it usually means."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host name: {error.strerror}"
+    group = error.__cause__
+    attempts = list(group.exceptions) if isinstance(group, BaseExceptionGroup) else [error]
+    said = []
+    for attempt in attempts:
+        if isinstance(attempt, OSError) and attempt.errno is not None:
+            name = errno.errorcode.get(attempt.errno, str(attempt.errno))
+            advice = _CONNECT_ADVICE.get(attempt.errno)
+            said.append(f"{name} ({os.strerror(attempt.errno)})" + (f": {advice}" if advice else ""))
+        else:
+            said.append(str(attempt))
+    return "; ".join(dict.fromkeys(said))
+
+
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -967,9 +1016,22 @@ def main_run(config: Config, log_level: str = "INFO") -> int:
         raise_file_limit()
         try:
             return trio.run(run_forever, config)
-        except QkddError as error:
-            log.error("%s", error)
-            return 1
+        except BaseException as error:
+            cause = _single_cause(error)
+            if isinstance(cause, InputError):
+                raise cause from None  # a config the daemon cannot run with: `qkdd run: …`, exit 2
+            problem = operational_problem(cause)
+            if isinstance(cause, QkddError) or problem is not None:
+                log.error("%s", problem or cause)
+                return 1
+            raise
+
+
+def _single_cause(error: BaseException) -> BaseException:
+    """The error inside nested exception groups of one error each (a nursery's), else ``error``."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def read_listen_address(state_dir: Path, name: str = LISTEN_FILE) -> str | None:
