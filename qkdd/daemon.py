@@ -214,6 +214,9 @@ class Daemon:
         # Alice: unused reserve bits after the last committed round, and where she last waited for it
         self._available_after_commit: int | None = None
         self._waited_at: int | None = None
+        # rounds in a row whose error rates say the two sides' bits are unrelated, and Alice's last wait
+        self._unrelated_streak = 0
+        self._unrelated_waited = 0
         self._clocks: dict[int, RoundClock] = {}  # the open rounds' clocks, by round number
         self._round_idle = trio.Event()
         self._round_idle.set()
@@ -370,6 +373,8 @@ class Daemon:
                                 await self._pause(session, engine, STORE_FULL_RETRY_SECONDS)
                                 continue
                             if await self._wait_after_lost_rounds(session, engine):
+                                continue
+                            if await self._wait_after_unrelated_rounds(session, engine):
                                 continue
                             try:
                                 actions = await self._step(session, engine.start_round, thread=False)
@@ -585,6 +590,40 @@ class Daemon:
         await self._pause(session, engine, delay)
         return True
 
+    def _count_unrelated(self, summary: RoundSummary, disposition: str) -> None:
+        """Count rounds in a row near 1/2 error, and say once per streak what that usually means."""
+        if disposition != "aborted" or not policy.unrelated(summary.qber, summary.phase_error):
+            self._unrelated_streak = 0
+            return
+        self._unrelated_streak += 1
+        if self._unrelated_streak == policy.UNRELATED_ROUNDS:
+            log.warning(
+                "%d rounds in a row at about 50%% error (the last: QBER %s, phase error %s): the two sides' "
+                "bits are unrelated, which a mismatched link configuration gives (the sim's [link.sim] "
+                "seed, or the hardware's timing and basis settings must match on both hosts), not a "
+                "working link%s",
+                self._unrelated_streak,
+                "-" if summary.qber is None else f"{100 * summary.qber:.1f}%",
+                "-" if summary.phase_error is None else f"{100 * summary.phase_error:.1f}%",
+                "; Alice backs off between rounds until one is not" if self.role == "alice" else "",
+                extra={"role": self.role},
+            )
+
+    async def _wait_after_unrelated_rounds(self, session: _Session, engine: engine_mod.Engine) -> bool:
+        """Alice, before a round: after rounds in a row near 1/2 error, wait as
+        :func:`policy.unrelated_delay` says (once per such round). Whether she waited."""
+        delay = policy.unrelated_delay(self._unrelated_streak)
+        if delay <= 0 or self._unrelated_waited == self._unrelated_streak:
+            return False
+        self._unrelated_waited = self._unrelated_streak
+        self._status(
+            f"paused: rounds at about 50% error (link configurations differ?); next round in {delay:.0f} s",
+            session.peer,
+        )
+        log.info("next round in %.0f s (rounds at about 50%% error)", delay, extra={"role": self.role})
+        await self._pause(session, engine, delay)
+        return True
+
     def _warn(self, session: _Session, text: str) -> None:
         """A WARNING about a connection; rate-limited while it never authenticated, since anyone can
         open such connections (I5)."""
@@ -660,6 +699,7 @@ class Daemon:
             or self.stopping
             or self.paused
             or self.config.round_pause
+            or policy.unrelated_delay(self._unrelated_streak) > 0
             or (0 < self.config.max_rounds <= self.rounds_finished + len(engine.round_states))
             or (self.kme is not None and await self._store_call(self.kme.store_full))
         ):
@@ -754,6 +794,7 @@ class Daemon:
                             reserve,
                         )
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
+                    self._count_unrelated(summary, disposition)
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
                     if disposition != "pending":

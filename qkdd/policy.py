@@ -137,3 +137,28 @@ def may_start_round(open_states: Sequence[str], window: int, *, ended_one: bool 
     if not ended_one and open_states:
         return False
     return len(open_states) < window and not set(open_states) & set(ROUND_STATES_BEFORE_RECONCILING)
+
+
+UNRELATED_ERROR = 0.35
+"""An error rate at or above this means Alice's and Bob's bits are about unrelated (1/2 at random): far
+above any working link (a few %) and the abort threshold (11%), and what a mismatched link configuration
+(the simulator's seed, a hardware timing offset) gives rather than an eavesdropper, who must stay below
+the threshold to learn anything unseen."""
+UNRELATED_ROUNDS = 3
+"""Rounds in a row near 1/2 error before Alice says so and backs off."""
+UNRELATED_FIRST_DELAY = 5.0
+UNRELATED_LONGEST_DELAY = 300.0
+
+
+def unrelated(qber: float | None, phase_error: float | None) -> bool:
+    """Whether a round's measured error rates say the two sides' bits are unrelated."""
+    return max(qber or 0.0, phase_error or 0.0) >= UNRELATED_ERROR
+
+
+def unrelated_delay(streak: int) -> float:
+    """Alice: seconds to wait before the next round after ``streak`` rounds in a row near 1/2 error:
+    none below :data:`UNRELATED_ROUNDS`, then doubling up to five minutes, so that a misconfigured link
+    does not spin through frames (and log lines) while the operator fixes it."""
+    if streak < UNRELATED_ROUNDS:
+        return 0.0
+    return min(UNRELATED_LONGEST_DELAY, UNRELATED_FIRST_DELAY * 2.0 ** min(streak - UNRELATED_ROUNDS, 16))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from qkdd import policy
 from qkdd.auth.psk import fingerprint, generate_psk, write_psk
 from qkdd.cli import main
 from qkdd.daemon import connect_failure
@@ -147,3 +148,39 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert "Address already in use" in err and "another program holds that port" in err
     assert "Traceback" not in err
+
+
+def test_rounds_near_half_error_back_off_doubling_to_five_minutes() -> None:
+    assert policy.unrelated(0.49, None) and policy.unrelated(None, 0.5) and not policy.unrelated(0.2, 0.3)
+    delays = [policy.unrelated_delay(streak) for streak in range(8)]
+    assert delays[:3] == [0.0, 0.0, 0.0] and delays[3:6] == [5.0, 10.0, 20.0]
+    assert policy.unrelated_delay(100) == policy.UNRELATED_LONGEST_DELAY
+
+
+@pytest.mark.trio
+async def test_mismatched_sim_seeds_get_a_hint_and_alice_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice_config, bob_config = configs(tmp_path, 0)
+    bob_config = dataclasses.replace(bob_config, link_options={**bob_config.link_options, "seed": 6})
+    caplog.set_level(logging.INFO, logger="qkdd")
+    hinted = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "next round in 5 s" in record.getMessage():
+                hinted.set()
+
+    watch = Watch()
+    logging.getLogger("qkdd").addHandler(watch)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            alice, bob = await start_pair(nursery, alice_config, bob_config)
+            await hinted.wait()
+            logging.getLogger("qkdd").removeHandler(watch)
+            assert alice.rounds_finished == policy.UNRELATED_ROUNDS  # none more while she waits
+            alice.request_stop("test over")
+            bob.request_stop("test over")
+    hints = [r for r in caplog.records if "bits are unrelated" in r.getMessage()]
+    assert {getattr(r, "role", None) for r in hints} == {"alice", "bob"}
+    assert "[link.sim] seed" in hints[0].getMessage()
