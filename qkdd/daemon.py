@@ -882,12 +882,13 @@ _REBOOTSTRAP = "re-bootstrap with a fresh PSK file and auth.fallback_to_psk = tr
 _NO_AUTHENTICATION = {
     "reserve-exhausted": (
         "paused: key reserve exhausted (re-bootstrap needed)",
-        f"the bootstrap secret is retired and there is no handshake key yet; {_REBOOTSTRAP}",
+        f"the key reserve is drained and the PSK retired (the reason below says whose); {_REBOOTSTRAP}",
     ),
     "stale-state": (
         "paused: no handshake key in common (re-bootstrap needed)",
-        "the two sides share no handshake key: one state directory was restored from a backup (or the "
-        f"connection is being tampered with, and then it passes); if it lasts, {_REBOOTSTRAP}",
+        "the two sides share no handshake key: one state directory was reset, lost or restored from a "
+        "backup (the reason below says which), or the connection is being tampered with, and then it "
+        f"passes; if it lasts, {_REBOOTSTRAP}",
     ),
 }
 """Protocol errors that mean no handshake can authenticate: the status and the advice, said once."""

@@ -204,22 +204,42 @@ class Handshake:
         self._send("auth", proof=proof, certificate=b"", kex=b"")
 
     def _no_common_authentication(self, message: messages.Hello) -> RemoteProtocolError:
-        """§17: the hellos share no handshake key and no bootstrap method. While we hold keys that is a
-        state directory older than the peer's (or a tampered hello: then the next connection works); with
-        none, and the PSK retired, only a re-bootstrap helps."""
+        """§17: the hellos share no handshake key and no bootstrap method. The reason names the roles
+        (it reaches the peer too) and says which state is behind: a reset one lists no key, a restored
+        one lists older keys, a drained reserve has none left with the PSK retired."""
+        me, peer = self.role, self.peer_role
         ours, theirs = self.keys.positions(), list(message.keys)
+        if ours and not theirs:  # a new key store (or a hello rewritten in transit)
+            return RemoteProtocolError(
+                f"{peer} lists no handshake key, {me} holds keys at reserve bits {ours} and no bootstrap "
+                f"method {peer} offers: {peer}'s state directory was reset or lost; if this lasts, "
+                "re-bootstrap the link",
+                code="stale-state",
+            )
         if ours:  # the peer lists none of our keys: a restore, or a hello rewritten in transit
             return RemoteProtocolError(
-                f"no handshake key in common: ours at reserve bits {ours}, the peer's at {theirs[:2]}; if "
+                f"no handshake key in common: {me}'s at reserve bits {ours}, {peer}'s at {theirs[:2]}; if "
                 "this lasts, one state directory was restored from a backup: re-bootstrap the link",
                 code="stale-state",
             )
+        if self._store.psk_retired:
+            return RemoteProtocolError(
+                f"{me}'s key reserve is drained: no handshake key left and the PSK retired ({peer}'s keys "
+                f"at {theirs[:2]}); re-bootstrap the link",
+                code="reserve-exhausted",
+            )
         capabilities = list(message.capabilities)[:4]
+        if theirs:  # we would take the PSK; the peer retired it and authenticates from its reserve
+            return RemoteProtocolError(
+                f"{me}'s key store is new (no handshake key, PSK not retired) while {peer} has retired the "
+                f"PSK and holds keys at reserve bits {theirs[:2]}: {me}'s state directory was reset or "
+                "lost; re-bootstrap the link",
+                code="wrong-peer",
+            )
         return RemoteProtocolError(
-            f"no common authentication: ours {self._capabilities}, the peer's {capabilities}, handshake "
-            f"keys ours {ours}, the peer's {theirs[:2]} (with the PSK retired and no handshake key: "
-            "re-bootstrap the link)",
-            code="reserve-exhausted" if self._store.psk_retired else "wrong-peer",
+            f"no common authentication: {me} offers {self._capabilities}, {peer} {capabilities}, and "
+            "neither holds a handshake key (psk against pki? set the same auth.method on both sides)",
+            code="wrong-peer",
         )
 
     def on_auth(self, message: messages.Auth) -> State:

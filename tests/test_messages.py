@@ -184,3 +184,22 @@ async def test_mismatched_sim_seeds_get_a_hint_and_alice_backs_off(
     hints = [r for r in caplog.records if "bits are unrelated" in r.getMessage()]
     assert {getattr(r, "role", None) for r in hints} == {"alice", "bob"}
     assert "[link.sim] seed" in hints[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("sender", "fields", "code", "says"),
+    [
+        # the sender's store looks new: it lists no key (and, with the PSK, offers nothing the other takes)
+        ("alice", {"keys": []}, "stale-state", "alice's state directory was reset or lost"),
+        ("bob", {"keys": []}, "stale-state", "bob's state directory was reset or lost"),
+        # keys that are none of the receiver's: a state directory restored from a backup
+        ("bob", {"keys": [2**40]}, "stale-state", "restored from a backup"),
+    ],
+)
+def test_no_common_handshake_key_says_whose_state_is_behind(
+    sender: str, fields: dict[str, object], code: str, says: str
+) -> None:
+    from tests.test_adversary import linked, reconnect, rewriting, run_attacked  # noqa: PLC0415
+
+    error = run_attacked(reconnect(linked()), rewriting(sender, "hello", **fields))
+    assert error is not None and error.code == code and says in str(error), error
