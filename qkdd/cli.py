@@ -212,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", required=True, help="a DNS name or IP address clients use (repeatable)"
     )
 
+    check = commands.add_parser(
+        "check", help="check a config and the host before running it: one line per check, exit 0 if all pass"
+    )
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--json", action="store_true")
+
     status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path)
@@ -296,6 +302,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             sim = {**demo.link_options(args.distance_km, args.pulses), "eve_fraction": args.eve}
             return delivery_demo.run(args.state_dir, sim, args.json)
         return demo.main(args)
+    if args.command == "check":
+        from qkdd import check  # noqa: PLC0415
+
+        return check.run(args)
     if args.command == "status":
         from qkdd import admin  # noqa: PLC0415
 
