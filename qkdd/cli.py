@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, required=True)
     check.add_argument("--json", action="store_true")
 
+    plot = commands.add_parser(
+        "plot", help="a link's history (error rates, key per round, reserve) from its key store, as a figure"
+    )
+    plot.add_argument("--state-dir", type=Path, required=True)
+    plot.add_argument("--out", type=Path, help="the figure's file (default: qkdd-LINK_ID.png here)")
+
     status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path)
@@ -302,6 +308,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             sim = {**demo.link_options(args.distance_km, args.pulses), "eve_fraction": args.eve}
             return delivery_demo.run(args.state_dir, sim, args.json)
         return demo.main(args)
+    if args.command == "plot":
+        from qkdd import plot  # noqa: PLC0415
+
+        return plot.run(args)
     if args.command == "check":
         from qkdd import check  # noqa: PLC0415
 
