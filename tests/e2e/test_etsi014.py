@@ -422,6 +422,81 @@ def test_the_openapi_document_lists_exactly_the_routes_served() -> None:
     assert set(fields["KeyIDs"]["properties"]) == api_http._DEC_FIELDS
 
 
+def conforms(path: str, method: str, response: httpx.Response) -> None:
+    """``response`` to ``method`` on ``path`` is one the OpenAPI document lists for that operation: its
+    status, its headers (``Allow``: exactly the methods the document serves there) and its body's schema."""
+    item = OPENAPI["paths"][path]
+    documented = item[method.lower()]["responses"].get(str(response.status_code))
+    assert documented is not None, (method, path, response.status_code, response.text)
+    if "$ref" in documented:
+        documented = OPENAPI["components"]["responses"][documented["$ref"].rsplit("/", 1)[1]]
+    for name, header in documented.get("headers", {}).items():
+        assert name.lower() in response.headers or not header.get("required"), (method, path, name)
+        jsonschema.validate(response.headers[name], header["schema"])
+    if "allow" in response.headers:
+        served = [m.upper() for m, operation in item.items() if "200" in operation["responses"]]
+        assert response.headers["allow"] == ", ".join(served)
+    assert response.headers["content-type"] == "application/json"
+    if method != "HEAD":  # a HEAD answer has the headers only
+        schema = {"components": OPENAPI["components"], **documented["content"]["application/json"]["schema"]}
+        jsonschema.validate(response.json(), schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_every_documented_operation_answers_as_documented_over_https_and_the_unix_socket(
+    sites: Sites,
+) -> None:
+    """Each path and method of the OpenAPI document, served or 405, over HTTPS and over the Unix socket,
+    with good requests and bad ones (oversize bodies included), and an unknown SAE's 401."""
+    tls = sites.folder / "etsi014"
+    if not (tls / "sae-eve.crt").exists():
+        pki.issue("sae-eve", tls, tls, algorithm="ecdsa-p256", usage="client", days=1)
+    paths = {path.rsplit("/", 1)[1]: path for path in OPENAPI["paths"]}
+    seen: set[tuple[str, str, int]] = set()
+    with (
+        sites.client("sae-alice") as remote_alice,
+        sites.client("sae-bob") as remote_bob,
+        sites.local("alice") as local_alice,
+        sites.local("bob") as local_bob,
+        sites.client("sae-eve", "alice") as eve,
+    ):
+
+        def ask(client: httpx.Client, method: str, action: str, **kwargs: Any) -> None:
+            other = "sae-alice" if client in (remote_bob, local_bob) else "sae-bob"
+            response = client.request(method, f"{other}/{action}", **kwargs)
+            conforms(paths[action], method, response)
+            seen.add((method, action, response.status_code))
+
+        for alice, bob in ((remote_alice, remote_bob), (local_alice, local_bob)):
+            for action, path in paths.items():
+                for method in OPENAPI["paths"][path]:
+                    if "200" not in OPENAPI["paths"][path][method]["responses"]:
+                        ask(alice, method.upper(), action)  # 405, HEAD included
+            ask(alice, "GET", "status")
+            ask(alice, "GET", "enc_keys", params={"number": 1})
+            ask(alice, "POST", "enc_keys", json={"number": 2})
+            key_id = keys_of(alice.post("sae-bob/enc_keys", json={"number": 2}))[0][0]
+            ask(bob, "GET", "dec_keys", params={"key_ID": key_id})
+            key_id = keys_of(alice.post("sae-bob/enc_keys", json={}))[0][0]
+            ask(bob, "POST", "dec_keys", json={"key_IDs": [{"key_ID": key_id}]})
+            # bad requests, oversize bodies among them
+            ask(alice, "GET", "enc_keys", params={"number": "0"})
+            ask(alice, "GET", "dec_keys", params={"key_ID": "not-a-uuid"})
+            for action in ("enc_keys", "dec_keys"):
+                ask(alice, "POST", action, content=BIG, headers={"content-type": "application/json"})
+                ask(alice, "POST", action, content=b"{}", headers={"content-type": "text/plain"})
+            response = alice.get("sae-nobody/status")
+            conforms(paths["status"], "GET", response)
+            assert response.status_code == 400
+        for method in ("GET", "POST", "DELETE", "HEAD"):
+            response = eve.request(method, "sae-bob/status")
+            conforms(paths["status"], method, response)
+            assert response.status_code == 401
+    assert {status for _, _, status in seen} == {200, 400, 405}
+    assert {(m, a) for m, a, status in seen if status == 405} == {
+        (m, a) for a, path in paths.items() for m in HTTP_METHODS if m not in api_http._METHODS[a]
+    }
+
+
 def test_with_the_peer_down_enc_keys_is_503_and_consumes_nothing(tmp_path: Path) -> None:
     with delivery_demo.running_pair(tmp_path, SIM, 50, 180.0, rounds=1) as pair:
         alice = pair.clients["alice"]
