@@ -115,6 +115,10 @@ class _Reject(Exception):
             self.body["details"] = details
 
 
+class _BodyTooLarge(h11.RemoteProtocolError):
+    """A request body over :data:`MAX_BODY`."""
+
+
 class ApiServer:
     """Serves one KME's API until cancelled."""
 
@@ -256,7 +260,8 @@ class ApiServer:
                         request = await _read_request(stream, connection)
                     except h11.RemoteProtocolError as error:
                         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                            body = {"message": f"bad HTTP: {error}"}
+                            text = str(error) if isinstance(error, _BodyTooLarge) else f"bad HTTP: {error}"
+                            body = {"message": text}
                             await self._respond(stream, connection, 400, body, [("connection", "close")])
                         await _linger(transport)
                         return
@@ -409,11 +414,11 @@ async def _read_request(
             request = event
             length = dict(event.headers).get(b"content-length", b"0")
             if len(length) > 9 or int(length) > MAX_BODY:  # h11 has checked it is digits
-                raise h11.RemoteProtocolError("request body over 1 MiB")
+                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
-                raise h11.RemoteProtocolError("request body over 1 MiB")
+                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.EndOfMessage) and request is not None:
             content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
             return request.method.decode(), request.target.decode(), bytes(body), content_type
