@@ -970,6 +970,22 @@ def main_run(config: Config, log_level: str = "INFO") -> int:
         except QkddError as error:
             log.error("%s", error)
             return 1
+        except BaseExceptionGroup as group:  # from inside nurseries: a bad TLS file, a busy socket path
+            errors, others = group.split(QkddError)
+            if errors is None or others is not None:
+                raise
+            for leaf in _leaves(errors):
+                log.error("%s", leaf)
+            return 1
+
+
+def _leaves(group: BaseExceptionGroup[QkddError]) -> list[BaseException]:
+    """The exceptions in ``group`` and the groups nested in it."""
+    return [
+        leaf
+        for each in group.exceptions
+        for leaf in (_leaves(each) if isinstance(each, BaseExceptionGroup) else [each])
+    ]
 
 
 def read_listen_address(state_dir: Path, name: str = LISTEN_FILE) -> str | None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -350,6 +353,35 @@ def test_a_socket_path_is_taken_over_only_from_a_daemon_that_is_gone(sites: Site
     ):
         pass
     assert path.read_text() == "not a socket"
+
+
+@pytest.mark.parametrize("taken", ["by a running daemon", "by a file"])
+def test_a_daemon_whose_socket_path_is_taken_stops_with_a_clear_error(sites: Sites, taken: str) -> None:
+    """A second daemon (another state directory) on Alice's socket path, or on a path where a file that is
+    not a socket lies: exit status 1 and one line saying why, no traceback, nothing removed."""
+    text = (sites.folder / "alice.toml").read_text()
+    text = re.sub(r'(?m)^peer = ".*"$', 'peer = "127.0.0.1:1"', text)  # it must not reach Bob
+    text = text.replace('state_dir = "alice"', 'state_dir = "alice-twin"')
+    (sites.folder / "alice-twin").mkdir(exist_ok=True)
+    if taken == "by a file":
+        (sites.folder / "alice-twin" / "api.sock").write_text("mine")
+        text = text.replace(f'unix_socket = "alice/{ETSI014_SOCKET}"', 'unix_socket = "alice-twin/api.sock"')
+        why = "alice-twin/api.sock exists and is not a socket; not removing it"
+    else:
+        why = f"another process serves {sites.folder / 'alice' / ETSI014_SOCKET}"
+    (sites.folder / "alice-twin.toml").write_text(text)
+    twin = subprocess.run(
+        [sys.executable, "-m", "qkdd", "run", "--config", str(sites.folder / "alice-twin.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert twin.returncode == 1 and why in twin.stderr and "Traceback" not in twin.stderr, twin.stderr
+    if taken == "by a file":
+        assert (sites.folder / "alice-twin" / "api.sock").read_text() == "mine"
+    with sites.local("alice") as alice:  # Alice's socket is still hers
+        assert alice.get("sae-bob/status").status_code == 200
 
 
 def test_concurrent_masters_at_both_sites_never_share_key_material(sites: Sites) -> None:
