@@ -1,4 +1,5 @@
-"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS: h11 on ``trio.SSLStream``.
+"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on ``trio.SSLStream`` or a
+plain socket stream.
 
 Theory of operation
 -------------------
@@ -12,14 +13,14 @@ Theory of operation
   and no client can forge); any other uid gets 401 on every request.
 * HTTP/1.1 through h11 (a sans-IO parser; we never parse HTTP ourselves), keep-alive, one request at a
   time per connection, request bodies up to 1 MiB, an idle timeout per connection.
-* Whenever the server ends a connection the client may still be sending on (an oversize body, bad HTTP,
-  a refused handshake), it sends its answer, ends its side (FIN) and reads and drops what still comes
-  for a bounded time before closing: closing a socket with unread bytes makes the kernel send a reset,
-  which can destroy the answer in the client's receive buffer before the client has read it.
+* Whenever the server ends a connection the client may still be sending on (an oversize body, bad
+  HTTP, an answer with ``Connection: close``, a refused handshake), it sends its answer, ends its side
+  (FIN) and reads and drops what still comes for a bounded time before closing: closing a socket with
+  unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it.
 * Routes, under ``/api/v1/keys/``: ``{slave}/status`` (GET), ``{slave}/enc_keys`` (GET with ``number``
   and ``size``, or POST with a Key request), ``{master}/dec_keys`` (GET with ``key_ID``, or POST with
-  Key IDs). Every answer is JSON; errors are 400, 401 or 503 with ``{"message", "details"?}``, as the
-  standard asks. ``protocol/etsi014-openapi.json`` describes exactly this, and a test checks the live
+  Key IDs). Every answer is JSON; errors are 400, 401, 405 or 503 with ``{"message", "details"?}``, as
+  the standard asks. ``protocol/etsi014-openapi.json`` describes exactly this, and a test checks the live
   server against it.
 """
 
@@ -413,7 +414,7 @@ async def _read_request(
         if isinstance(event, h11.Request):
             request = event
             length = dict(event.headers).get(b"content-length", b"0")
-            if len(length) > 9 or int(length) > MAX_BODY:  # h11 has checked it is digits
+            if int(length) > MAX_BODY:  # h11 has checked it is digits, and made an int of it
                 raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.Data):
             body += event.data
