@@ -22,6 +22,10 @@ from qkdd.stages import cascade, estimation, keylength
 DEFAULT_WINDOW = 16
 """Rounds in flight on one session unless ``run.window`` says otherwise (qkdp-v2.md §13)."""
 MAX_WINDOW = 64
+MAX_UNIX_PATH = 107
+"""Bytes of a Unix socket path (``sun_path`` holds 108 with the terminating NUL)."""
+MAX_UID = (1 << 32) - 2
+"""The largest user ID (``(uid_t) -1`` means "no user")."""
 DEFAULT_PORT = 7700
 """The port ``qkdd init`` has Bob listen on when neither ``--listen`` nor ``--peer`` names one."""
 
@@ -74,12 +78,14 @@ class Authentication:
 
 @dataclass(frozen=True)
 class SaeIdentity:
-    """An SAE of this site and how its TLS client certificate names it: a subject common name, or the
-    SHA-256 fingerprint of the certificate (lower-case hex, no colons)."""
+    """An SAE of this site and how it is recognised: by its TLS client certificate (a subject common name,
+    or the SHA-256 fingerprint of the certificate, lower-case hex, no colons), and/or on the Unix socket by
+    the user ID of the connecting process."""
 
     id: str
     common_name: str | None = None
     fingerprint: str | None = None
+    uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class Etsi014:
     max_sae_id_count: int = 8
     lease_size: int = 65536  # bits Alice leases from Bob at a time for her masters (§19)
     batch_size: int = 8192  # bits enc_keys may allocate ahead for SAEs that ask again (§19; 0: never)
+    unix_socket: Path | None = None  # the same API without TLS for SAEs of this host, known by their uid
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
 
     run = _table(raw, "run")
     _take(run, "run.", {"max_rounds", "round_pause", "window"})
-    etsi014 = _etsi014(raw["etsi014"], base, f"{link_id}-{role}") if "etsi014" in raw else None
+    etsi014 = _etsi014(raw["etsi014"], base, f"{link_id}-{role}", state_dir) if "etsi014" in raw else None
     return Config(
         role=role,
         link_id=link_id,
@@ -301,7 +308,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     )
 
 
-def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
+def _etsi014(raw: object, base: Path, default_kme_id: str, state_dir: Path) -> Etsi014:
     if not isinstance(raw, dict):
         raise InputError("etsi014: expected a table ([etsi014])")
     limits = (
@@ -313,7 +320,11 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         "lease_size",
     )
     files = ("certificate_file", "key_file", "ca_file")
-    _take(raw, "etsi014.", {"listen", "kme_id", "sae", *files, *limits, "max_sae_id_count", "batch_size"})
+    _take(
+        raw,
+        "etsi014.",
+        {"listen", "kme_id", "sae", "unix_socket", *files, *limits, "max_sae_id_count", "batch_size"},
+    )
     values = {
         name: _number(
             raw.get(name, getattr(Etsi014, name)), f"etsi014.{name}", low=1, high=1 << 30, integer=True
@@ -331,6 +342,7 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
     if values["max_key_per_request"] > 65536:
         raise InputError("etsi014.max_key_per_request: at most 65536")
     saes = []
+    uids: dict[int, str] = {}  # uid -> the SAE it names
     entries = raw.get("sae", [])
     if not isinstance(entries, list) or not entries:
         raise InputError("etsi014.sae: expected at least one [[etsi014.sae]] table")
@@ -338,12 +350,22 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         where = f"etsi014.sae[{i}]"
         if not isinstance(entry, dict):
             raise InputError(f"{where}: expected a table")
-        _take(entry, f"{where}.", {"id", "common_name", "fingerprint"})
+        _take(entry, f"{where}.", {"id", "common_name", "fingerprint", "uid"})
         sae_id = _string(entry.get("id"), f"{where}.id")
         if len(sae_id.encode()) > 128 or "/" in sae_id:
             raise InputError(f"{where}.id: at most 128 bytes and no '/'")
-        if ("common_name" in entry) == ("fingerprint" in entry):
-            raise InputError(f"{where}: set exactly one of common_name and fingerprint")
+        if "common_name" in entry and "fingerprint" in entry:
+            raise InputError(f"{where}: set exactly one of common_name and fingerprint, not both")
+        if "common_name" not in entry and "fingerprint" not in entry and "uid" not in entry:
+            raise InputError(f"{where}: set exactly one of common_name and fingerprint, or uid, or both")
+        uid = entry.get("uid")
+        if uid is not None:
+            uid = _number(uid, f"{where}.uid", low=0, high=MAX_UID, integer=True)
+            if "unix_socket" not in raw:
+                raise InputError(f"{where}.uid: an SAE known by its uid needs etsi014.unix_socket")
+            if uid in uids:
+                raise InputError(f"{where}.uid: uid {uid} is also the uid of {uids[uid]!r}")
+            uids[uid] = sae_id
         fingerprint = entry.get("fingerprint")
         if fingerprint is not None:
             fingerprint = _string(fingerprint, f"{where}.fingerprint").replace(":", "").lower()
@@ -352,14 +374,20 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         common_name = entry.get("common_name")
         if common_name is not None:
             common_name = _string(common_name, f"{where}.common_name")
-        saes.append(SaeIdentity(sae_id, common_name, fingerprint))
+        saes.append(SaeIdentity(sae_id, common_name, fingerprint, uid))
     if len({s.id for s in saes}) != len(saes):
         raise InputError("etsi014.sae: two SAEs have the same id")
     kme_id = _string(raw.get("kme_id", default_kme_id), "etsi014.kme_id")
     if len(kme_id.encode()) > 128:
         raise InputError("etsi014.kme_id: at most 128 bytes")
     certificate, key, ca = (base / _string(raw.get(name), f"etsi014.{name}") for name in files)
+    unix_socket = None
+    if "unix_socket" in raw:
+        unix_socket = _unix_socket(raw["unix_socket"], base, state_dir)
+        if not uids:
+            raise InputError("etsi014.unix_socket: no [[etsi014.sae]] has a uid, so no one could use it")
     return Etsi014(
+        unix_socket=unix_socket,
         listen=parse_address(raw.get("listen"), "etsi014.listen"),
         certificate=certificate,
         key=key,
@@ -375,6 +403,23 @@ def _etsi014(raw: object, base: Path, default_kme_id: str) -> Etsi014:
         ),
         **values,
     )
+
+
+def _unix_socket(value: object, base: Path, state_dir: Path) -> Path:
+    """``etsi014.unix_socket``: a path short enough for ``sun_path``, in an existing folder or in the state
+    directory (which ``qkdd run`` creates). Whether a file is already there is the server's business when
+    it starts (a stale socket is replaced)."""
+    path = base / _string(value, "etsi014.unix_socket")
+    if len(bytes(path)) > MAX_UNIX_PATH:
+        raise InputError(
+            f"etsi014.unix_socket: {path} is {len(bytes(path))} bytes; a Unix socket path has at most "
+            f"{MAX_UNIX_PATH}"
+        )
+    if not path.parent.is_dir() and path.parent != state_dir:
+        raise InputError(f"etsi014.unix_socket: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"etsi014.unix_socket: {path} is a folder; name the socket file in it")
+    return path
 
 
 def load(path: Path) -> Config:

@@ -1059,21 +1059,26 @@ def main_run(config: Config, log_level: str = "INFO") -> int:
         try:
             return trio.run(run_forever, config)
         except BaseException as error:
-            cause = _single_cause(error)
-            if isinstance(cause, InputError):
-                raise cause from None  # a config the daemon cannot run with: `qkdd run: …`, exit 2
-            problem = operational_problem(cause)
-            if isinstance(cause, QkddError) or problem is not None:
-                log.error("%s", problem or cause)
-                return 1
-            raise
+            # errors from inside nurseries come in exception groups (a bad TLS file, a busy socket path)
+            leaves = _leaves(error)
+            if len(leaves) == 1 and isinstance(leaves[0], InputError):
+                raise leaves[0] from None  # a config the daemon cannot run with: `qkdd run: …`, exit 2
+            said = [
+                operational_problem(leaf) or (str(leaf) if isinstance(leaf, QkddError) else None)
+                for leaf in leaves
+            ]
+            if None in said:
+                raise  # a bug: its traceback
+            for line in dict.fromkeys(said):
+                log.error("%s", line)
+            return 1
 
 
-def _single_cause(error: BaseException) -> BaseException:
-    """The error inside nested exception groups of one error each (a nursery's), else ``error``."""
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions in ``error``'s nested exception groups, or ``error`` itself."""
+    if not isinstance(error, BaseExceptionGroup):
+        return [error]
+    return [leaf for each in error.exceptions for leaf in _leaves(each)]
 
 
 def read_listen_address(state_dir: Path, name: str = LISTEN_FILE) -> str | None:

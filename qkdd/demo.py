@@ -60,6 +60,8 @@ class DemoResult:
 
 SAES = {"alice": "sae-alice", "bob": "sae-bob"}
 """The demo's one SAE per site (ETSI 014): named by its certificate's common name."""
+ETSI014_SOCKET = "etsi014.sock"
+"""In each state directory: the key delivery API for the SAE of :data:`SAES`, as this process's user."""
 HOSTS = ("127.0.0.1", "localhost")  # the names the demo KMEs' certificates are valid for
 DEMO_PULSES = 1 << 26
 """Pulses per frame of ``qkdd bench e2e`` (``--pulses``), and the fewest of the demo's, whose link is tuned
@@ -86,10 +88,17 @@ def write_etsi014_files(state_dir: Path, saes: Mapping[str, Sequence[str]]) -> P
 
 
 def etsi014_section(role: str, saes: Sequence[str]) -> str:
-    entries = "".join(f'\n[[etsi014.sae]]\nid = "{sae}"\ncommon_name = "{sae}"\n' for sae in saes)
+    """The ``[etsi014]`` table of ``role``: HTTPS for ``saes`` (by certificate), and its state directory's
+    ``etsi014.sock`` for the first of them, as this process's user (by uid)."""
+    entries = "".join(
+        f'\n[[etsi014.sae]]\nid = "{sae}"\ncommon_name = "{sae}"\n'
+        + (f"uid = {os.getuid()}\n" if i == 0 else "")
+        for i, sae in enumerate(saes)
+    )
     return f"""
 [etsi014]
 listen = "127.0.0.1:0"
+unix_socket = "{role}/{ETSI014_SOCKET}"
 kme_id = "{role}-kme"
 certificate_file = "etsi014/{role}-kme.crt"
 key_file = "etsi014/{role}-kme.key"   # mode 0600

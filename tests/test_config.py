@@ -30,6 +30,25 @@ def test_minimal_config_and_relative_paths(tmp_path: Path) -> None:
     assert loaded.post.key_block_bits == 256 and loaded.link_backend == "sim"
 
 
+def test_etsi014_unix_socket_and_uids(tmp_path: Path) -> None:
+    saes = [
+        {"id": "gw", "common_name": "gw", "uid": 1001},
+        {"id": "local", "uid": 0},
+        {"id": "cn", "common_name": "cn"},
+    ]
+    loaded = config.from_mapping(etsi014(unix_socket="api.sock", sae=saes), tmp_path).etsi014
+    assert loaded is not None and loaded.unix_socket == tmp_path / "api.sock"
+    assert [(s.id, s.common_name, s.uid) for s in loaded.saes] == [
+        ("gw", "gw", 1001),
+        ("local", None, 0),
+        ("cn", "cn", None),
+    ]
+    # in the state directory, which qkdd run creates, before it exists
+    loaded = config.from_mapping(etsi014(unix_socket="state/api.sock", sae=saes), tmp_path).etsi014
+    assert loaded is not None and loaded.unix_socket == tmp_path / "state" / "api.sock"
+    assert config.from_mapping(etsi014(), tmp_path).etsi014.unix_socket is None  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -124,6 +143,39 @@ def test_etsi014_table(tmp_path: Path) -> None:
         ({"sae": [{"id": "a/b", "common_name": "x"}]}, "no '/'"),
         ({"sae": [{"id": "a", "common_name": "x"}, {"id": "a", "common_name": "y"}]}, "same id"),
         ({"colour": "red"}, "etsi014.colour: unknown key"),
+        ({"sae": [{"id": "a", "common_name": "x", "fingerprint": "ab" * 32}]}, "not both"),
+        ({"sae": [{"id": "a", "uid": 1000}]}, r"etsi014.sae\[0\].uid: an SAE known by its uid needs"),
+        ({"unix_socket": "api.sock"}, "etsi014.unix_socket: no \\[\\[etsi014.sae\\]\\] has a uid"),
+        (
+            {"unix_socket": "api.sock", "sae": [{"id": "a", "uid": -1}]},
+            r"etsi014.sae\[0\].uid: expected an integer",
+        ),
+        (
+            {"unix_socket": "api.sock", "sae": [{"id": "a", "uid": True}]},
+            r"etsi014.sae\[0\].uid: expected an integer",
+        ),
+        (
+            {"unix_socket": "api.sock", "sae": [{"id": "a", "uid": 1 << 32}]},
+            r"etsi014.sae\[0\].uid: expected an integer",
+        ),
+        (
+            {"unix_socket": "api.sock", "sae": [{"id": "a", "uid": 7}, {"id": "b", "uid": 7}]},
+            r"etsi014.sae\[1\].uid: uid 7 is also the uid of 'a'",
+        ),
+        (
+            {"unix_socket": "", "sae": [{"id": "a", "uid": 7}]},
+            "etsi014.unix_socket: expected a non-empty string",
+        ),
+        (
+            {"unix_socket": 7, "sae": [{"id": "a", "uid": 7}]},
+            "etsi014.unix_socket: expected a non-empty string",
+        ),
+        (
+            {"unix_socket": "nowhere/api.sock", "sae": [{"id": "a", "uid": 7}]},
+            "the folder .*nowhere does not exist",
+        ),
+        ({"unix_socket": "x" * 120, "sae": [{"id": "a", "uid": 7}]}, "a Unix socket path has at most 107"),
+        ({"unix_socket": ".", "sae": [{"id": "a", "uid": 7}]}, "is a folder; name the socket file in it"),
     ],
 )
 def test_etsi014_errors_name_the_key(overrides: dict[str, Any], match: str, tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ def test_unit_has_the_required_settings() -> None:
         "Restart": "on-failure",
         "User": "qkdd",
         "StateDirectory": "qkdd/%i",
+        "RuntimeDirectory": "qkdd/%i",  # etsi014.unix_socket
+        "RuntimeDirectoryMode": "0750",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",

@@ -1,31 +1,47 @@
-"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS: h11 on ``trio.SSLStream``.
+"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on ``trio.SSLStream`` or a
+plain socket stream.
 
 Theory of operation
 -------------------
-* TLS ≥ 1.2 with a required client certificate issued by the configured CA: a client without one fails
-  the handshake and never reaches HTTP. The SAE is the ``[[etsi014.sae]]`` entry whose certificate
-  fingerprint (SHA-256 of the DER) or subject common name matches; a certificate of the CA that names no
-  configured SAE gets 401 on every request.
+* TLS ≥ 1.2 with a required client certificate issued by the configured CA: a client without one, or
+  with one of another CA, fails the handshake with a TLS alert and never reaches HTTP; each refusal is
+  logged, one line per peer address per minute. The SAE is the ``[[etsi014.sae]]`` entry whose
+  certificate fingerprint (SHA-256 of the DER) or subject common name matches; a certificate of the CA
+  that names no configured SAE gets 401 on every request.
+* The same API on a Unix socket (``etsi014.unix_socket``, mode 0660, no TLS) for SAEs on this host: the
+  SAE is the entry whose ``uid`` is the connecting process's (``SO_PEERCRED``, which the kernel fills in
+  and no client can forge); any other uid gets 401 on every request.
 * HTTP/1.1 through h11 (a sans-IO parser; we never parse HTTP ourselves), keep-alive, one request at a
   time per connection, request bodies up to 1 MiB, an idle timeout per connection.
+* Whenever the server ends a connection the client may still be sending on (an oversize body, bad
+  HTTP, an answer with ``Connection: close``, a refused handshake), it sends its answer, ends its side
+  (FIN) and reads and drops what still comes for a bounded time before closing: closing a socket with
+  unread bytes makes the kernel send a reset, which can destroy the answer before the client reads it.
 * Routes, under ``/api/v1/keys/``: ``{slave}/status`` (GET), ``{slave}/enc_keys`` (GET with ``number``
   and ``size``, or POST with a Key request), ``{master}/dec_keys`` (GET with ``key_ID``, or POST with
-  Key IDs). Every answer is JSON; errors are 400, 401 or 503 with ``{"message", "details"?}``, as the
-  standard asks. ``protocol/etsi014-openapi.json`` describes exactly this, and a test checks the live
+  Key IDs). Every answer is JSON; errors are 400, 401, 405 or 503 with ``{"message", "details"?}``, as
+  the standard asks. ``protocol/etsi014-openapi.json`` describes exactly this, and a test checks the live
   server against it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import math
+import os
 import re
+import socket
 import ssl
+import stat
+import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -44,6 +60,16 @@ MAX_BODY = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 READ_SIZE = 1 << 16
+LINGER_SECONDS = 5.0
+"""How long a connection the server ends reads and drops what the client still sends (see the top)."""
+LINGER_BYTES = 64 << 20
+"""How much it drops at most: a 10 MB body is read whole, the client then reads its 400."""
+REFUSAL_LOG_SECONDS = 60.0
+"""A refused TLS handshake is logged at most once per peer address per this many seconds (I5)."""
+REFUSAL_LOG_PEERS = 1024
+"""Peer addresses the refusal log remembers at once; refusals from others share one line (I5)."""
+UNIX_SOCKET_MODE = 0o660
+"""The Unix socket's mode: the daemon's user and group may connect; the uid then names the SAE."""
 _ROUTE = re.compile(r"/api/v1/keys/([^/]+)/(status|enc_keys|dec_keys)")
 _PARAMETERS = {
     ("GET", "status"): set(),
@@ -90,6 +116,10 @@ class _Reject(Exception):
             self.body["details"] = details
 
 
+class _BodyTooLarge(h11.RemoteProtocolError):
+    """A request body over :data:`MAX_BODY`."""
+
+
 class ApiServer:
     """Serves one KME's API until cancelled."""
 
@@ -98,19 +128,40 @@ class ApiServer:
         self.settings = settings
         self._by_fingerprint = {s.fingerprint: s.id for s in settings.saes if s.fingerprint}
         self._by_name = {s.common_name: s.id for s in settings.saes if s.common_name}
+        self._by_uid = {s.uid: s.id for s in settings.saes if s.uid is not None}
+        self.refusals = RefusalLog(REFUSAL_LOG_SECONDS)
 
     @functools.cached_property
     def context(self) -> ssl.SSLContext:
         return tls_context(self.settings)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve HTTPS (and the Unix socket, if configured); ``task_status`` gets the HTTPS port once
+        both listen."""
         _ = self.context  # a bad certificate or key fails here, before the port opens
         listen = self.settings.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
         port = int(listeners[0].socket.getsockname()[1])
-        log.info("ETSI 014 key delivery API on https://%s:%d/api/v1/keys/", listen.host, port)
-        task_status.started(port)
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            if self.settings.unix_socket is not None:
+                await nursery.start(self._serve_unix, self.settings.unix_socket)
+            log.info("ETSI 014 key delivery API on https://%s:%d/api/v1/keys/", listen.host, port)
+            task_status.started(port)
+            await trio.serve_listeners(self._tls_connection, listeners)
+
+    async def _serve_unix(self, path: Path, *, task_status: trio.TaskStatus[None]) -> None:
+        with _claim_socket_path(path):
+            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await listener.bind(str(path))
+                # before listen(), nobody can connect: no window with the mode bind() left (umask)
+                os.chmod(path, UNIX_SOCKET_MODE)
+                listener.listen()
+                log.info("ETSI 014 key delivery API on the Unix socket %s", path)
+                task_status.started()
+                await trio.serve_listeners(self._unix_connection, [trio.SocketListener(listener)])
+            finally:
+                listener.close()
 
     def identify(self, der: bytes | None) -> str | None:
         """The SAE ID a verified client certificate maps to, or ``None``."""
@@ -122,26 +173,109 @@ class ApiServer:
             sae = next((self._by_name[n.value] for n in names if n.value in self._by_name), None)
         return sae
 
-    async def _connection(self, tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, self.context, server_side=True, https_compatible=True)
+    def identify_uid(self, uid: int) -> str | None:
+        """The SAE ID a process of user ``uid`` on the Unix socket is, or ``None``."""
+        return self._by_uid.get(uid)
+
+    async def _tls_connection(self, tcp: trio.SocketStream) -> None:
+        await self.serve_tls(tcp, _peer_address(tcp))
+
+    async def serve_tls(self, transport: trio.abc.HalfCloseableStream, peer: str) -> None:
+        """One HTTPS connection from ``peer`` (an address, for the log) until it ends."""
+        stream = trio.SSLStream(transport, self.context, server_side=True, https_compatible=True)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as error:
+                await self._refuse_handshake(stream, peer, error)
+                return
             caller = self.identify(stream.getpeercert(binary_form=True))
-            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+            await self._serve_http(
+                stream, transport, caller, "the client certificate names no SAE of this KME"
+            )
+        finally:
+            await _close(stream)
+
+    async def _unix_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            uid = _peer_uid(stream.socket)
+        except OSError as error:  # not expected on Linux; refuse rather than guess
+            log.warning("ETSI 014: no credentials of a Unix socket client: %s", error)
+            await _close(stream)
+            return
+        await self.serve_unix(stream, uid)
+
+    async def serve_unix(self, stream: trio.abc.HalfCloseableStream, uid: int) -> None:
+        """One connection on the Unix socket from a process of user ``uid``, until it ends."""
+        try:
+            await self._serve_http(
+                stream, stream, self.identify_uid(uid), f"uid {uid} names no SAE of this KME"
+            )
+        finally:
+            await _close(stream)
+
+    async def _refuse_handshake(
+        self, stream: trio.SSLStream[Any], peer: str, error: trio.BrokenResourceError | trio.TooSlowError
+    ) -> None:
+        """Log why a handshake failed (rate-limited), send the alert OpenSSL made for it, and linger."""
+        cause = error.__cause__
+        gone = not isinstance(cause, ssl.SSLError) or isinstance(
+            cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+        )
+        if isinstance(error, trio.BrokenResourceError) and gone:
+            log.debug("ETSI 014: %s closed the connection during the TLS handshake", peer)
+            return  # the client went away (a port check, a reset): nothing was refused
+        unlogged = self.refusals.note(peer)
+        if unlogged is not None:
+            log.warning(
+                "ETSI 014: refused a TLS handshake from %s: %s%s",
+                peer,
+                _handshake_failure(error),
+                f" (and {unlogged} more not logged since the last such line)" if unlogged else "",
+            )
+        # trio's SSLStream marks itself broken on the error and drops what OpenSSL queued: the alert
+        # (certificate_required, unknown_ca, ...) that tells the client why goes out from here
+        outgoing = getattr(stream, "_outgoing", None)
+        alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+        transport = stream.transport_stream
+        if alert and isinstance(transport, trio.abc.HalfCloseableStream):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await transport.send_all(alert)
+            await _linger(transport)  # with TLS 1.3 the client may be sending its request already
+
+    async def _serve_http(
+        self,
+        stream: trio.abc.Stream,
+        transport: trio.abc.HalfCloseableStream,
+        caller: str | None,
+        unknown: str,
+    ) -> None:
+        """HTTP requests on ``stream`` (``transport`` the byte stream under it) from ``caller`` (an SAE ID,
+        or ``None``: every request gets 401 with the message ``unknown``), until either side ends it."""
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        try:
             while True:
                 with trio.move_on_after(IDLE_TIMEOUT) as idle:
                     try:
                         request = await _read_request(stream, connection)
                     except h11.RemoteProtocolError as error:
                         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                            await self._respond(stream, connection, 400, {"message": f"bad HTTP: {error}"})
+                            text = str(error) if isinstance(error, _BodyTooLarge) else f"bad HTTP: {error}"
+                            body = {"message": text}
+                            await self._respond(stream, connection, 400, body, [("connection", "close")])
+                        await _linger(transport)
                         return
                 if idle.cancelled_caught or request is None:
                     return
-                status, body, headers = await self._answer(caller, *request)
+                headers: list[tuple[str, str]] = []
+                if caller is None:
+                    status, body = 401, {"message": unknown}
+                else:
+                    status, body, headers = await self._answer(caller, *request)
                 await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
                 if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
+                    await _linger(transport)
                     return
                 connection.start_next_cycle()
         except (
@@ -151,15 +285,10 @@ class ApiServer:
             h11.ProtocolError,
         ) as error:
             log.debug("ETSI 014 connection ended: %s", type(error).__name__)
-        finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.aclose()
 
     async def _respond(
         self,
-        stream: trio.SSLStream[trio.SocketStream],
+        stream: trio.abc.Stream,
         connection: h11.Connection,
         status: int,
         body: Any,
@@ -262,23 +391,35 @@ class ApiServer:
 
 
 async def _read_request(
-    stream: trio.SSLStream[trio.SocketStream], connection: h11.Connection
+    stream: trio.abc.Stream, connection: h11.Connection
 ) -> tuple[str, str, bytes, str] | None:
-    """The next request (method, target, body, content type), or ``None`` when the client is done."""
+    """The next request (method, target, body, content type), or ``None`` when the client is done.
+
+    Raises:
+        h11.RemoteProtocolError: bad HTTP, or a body over :data:`MAX_BODY` (refused on its
+            ``Content-Length`` before any of it is read, or as soon as a chunked one grows past it).
+    """
     request: h11.Request | None = None
     body = bytearray()
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
+            if connection.they_are_waiting_for_100_continue:  # RFC 9110 §10.1.1: go on, send the body
+                await stream.send_all(
+                    connection.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                )
             data = await stream.receive_some(READ_SIZE)
             connection.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
             request = event
+            length = dict(event.headers).get(b"content-length", b"0")
+            if int(length) > MAX_BODY:  # h11 has checked it is digits, and made an int of it
+                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
-                raise h11.RemoteProtocolError("request body over 1 MiB")
+                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.EndOfMessage) and request is not None:
             content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
             return request.method.decode(), request.target.decode(), bytes(body), content_type
@@ -323,3 +464,130 @@ def _number(query: Mapping[str, str], fields: Mapping[str, Any], name: str, defa
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise _Reject(400, f"{name} must be a JSON integer, got {json.dumps(value)[:32]}")
+
+
+def _peer_address(tcp: trio.SocketStream) -> str:
+    try:
+        return str(tcp.socket.getpeername()[0])
+    except OSError:
+        return "an unknown address"
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    """The user ID of the process at the other end of a Unix socket, as the kernel recorded it."""
+    _pid, uid, _gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(uid)
+
+
+def _handshake_failure(error: trio.BrokenResourceError | trio.TooSlowError) -> str:
+    """Why a TLS handshake failed, in words for the log."""
+    if isinstance(error, trio.TooSlowError):
+        return f"no handshake within {HANDSHAKE_TIMEOUT:g} s"
+    cause = error.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        # OpenSSL's X509_V_ERR_*: 2 and 20 an issuer we do not have, 7 one of the same name that did not
+        # sign it, 18 and 19 self-signed
+        if cause.verify_code in (2, 7, 18, 19, 20):
+            return f"a client certificate of another CA ({cause.verify_message})"
+        return f"the client certificate is refused: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        if cause.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no client certificate"
+        return f"TLS error {cause.reason or cause}"
+    return str(cause or error)
+
+
+class RefusalLog:
+    """Which refused handshakes to log: one line per peer address per ``seconds``, counting those not
+    logged in between. At most ``peers`` addresses are remembered; past that, one line per ``seconds``
+    speaks for all the others (the log and the memory stay bounded whatever connects, I5).
+
+    ``clock`` is trio's by default; a test passes its own."""
+
+    OTHERS = "\x00others"  # no address looks like this
+
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        peers: int = REFUSAL_LOG_PEERS,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.seconds = seconds
+        self.peers = peers
+        self.clock = clock
+        self._last: dict[str, float] = {}  # peer -> when its last line was logged
+        self._unlogged: dict[str, int] = {}  # peer -> refusals since that line
+
+    def note(self, peer: str) -> int | None:
+        """A refusal of ``peer``: ``None`` if it is not to be logged now, else how many of its refusals
+        were not logged since its last line."""
+        now = self.clock()
+        if peer not in self._last and len(self._last) >= self.peers:
+            for old in [p for p, last in self._last.items() if now - last >= self.seconds]:
+                del self._last[old]
+                self._unlogged.pop(old, None)
+            if len(self._last) >= self.peers:
+                peer = self.OTHERS
+        if now - self._last.get(peer, -math.inf) < self.seconds:
+            self._unlogged[peer] = self._unlogged.get(peer, 0) + 1
+            return None
+        self._last[peer] = now
+        return self._unlogged.pop(peer, 0)
+
+
+async def _linger(transport: trio.abc.HalfCloseableStream) -> None:
+    """End our side of a connection the client may still be sending on, then read and drop what comes
+    until the client closes, or for :data:`LINGER_SECONDS` and at most :data:`LINGER_BYTES`. Closing a
+    socket with unread bytes in it makes the kernel send a reset, and a reset can discard our answer
+    from the client's receive buffer before the client reads it (RFC 9112 §9.6, "tear-down")."""
+    with trio.move_on_after(LINGER_SECONDS):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await transport.send_eof()
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                data = await transport.receive_some(READ_SIZE)
+                if not data:
+                    return
+                dropped += len(data)
+
+
+async def _close(stream: trio.abc.AsyncResource) -> None:
+    with trio.move_on_after(1) as cleanup:
+        cleanup.shield = True
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
+
+
+@contextlib.contextmanager
+def _claim_socket_path(path: Path) -> Iterator[None]:
+    """Hold ``PATH.lock`` (``flock``) while serving on ``path``: remove a stale socket left there by a
+    daemon that is gone, but never one a running daemon holds (its lock keeps us out) and never a file
+    that is not a socket; remove ours at the end. The kernel drops the lock however its holder ends,
+    kill -9 included, so a stale lock file keeps no one out.
+
+    Raises:
+        InputError: another process holds the lock, or ``path`` is not a socket.
+    """
+    with Path(f"{path}.lock").open("a+", encoding="ascii") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"etsi014.unix_socket: another process serves {path} (it holds {lock.name})"
+            ) from None
+        _remove_socket(path)
+        try:
+            yield
+        finally:
+            _remove_socket(path)
+
+
+def _remove_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InputError(f"etsi014.unix_socket: {path} exists and is not a socket; not removing it")
+    path.unlink()

@@ -1,15 +1,25 @@
-"""The ETSI 014 request handling of qkdd/delivery/http.py, without sockets: only 4xx for bad input."""
+"""The ETSI 014 server of qkdd/delivery/http.py without sockets: only 4xx for bad input; oversize bodies,
+refused TLS handshakes and the Unix socket's uids over memory streams."""
 
 from __future__ import annotations
 
 import json
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import h11
+import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdd.delivery.http import ApiServer
+from qkdd.auth import pki
+from qkdd.config import SaeIdentity
+from qkdd.delivery.http import HANDSHAKE_TIMEOUT, REFUSAL_LOG_SECONDS, ApiServer, RefusalLog
 
 
 class _Keys:
@@ -34,7 +44,7 @@ class _Settings:
     key_size = 256
     max_sae_id_count = 4
     max_key_per_request = 128
-    saes = ()
+    saes: tuple[SaeIdentity, ...] = ()
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,3 +101,252 @@ def test_a_body_must_be_json_and_other_methods_get_405_with_allow() -> None:
     for method, action, allow in (("HEAD", "status", "GET"), ("DELETE", "enc_keys", "GET, POST")):
         status, answer, headers = _answer(method, f"/api/v1/keys/sae-b/{action}")
         assert status == 405 and dict(headers) == {"allow": allow} and method in answer["message"]
+
+
+# -- the connection layer over memory streams: oversize bodies, refused handshakes, the Unix socket's uids
+
+
+SAES = (SaeIdentity("sae-a", common_name="sae-a"), SaeIdentity("sae-local", uid=4321))
+
+
+@dataclass
+class _TlsSettings(_Settings):
+    certificate: Path = Path()
+    key: Path = Path()
+    ca: Path = Path()
+    saes: tuple[SaeIdentity, ...] = SAES
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with a KME certificate and the SAE ``sae-a``, and two other CAs that issued an ``sae-a`` too:
+    ``other`` of another name, ``twin`` of the same name as ours."""
+    folder = tmp_path_factory.mktemp("tls")
+    for ca, name in (("ca", "qkdd CA"), ("other", "another CA"), ("twin", "qkdd CA")):
+        pki.init_ca(folder / ca, algorithm="ecdsa-p256", days=1, name=name)
+        pki.issue("sae-a", folder / ca, folder / ca, algorithm="ecdsa-p256", usage="client", days=1)
+    pki.issue(
+        "kme", folder / "ca", folder / "ca", algorithm="ecdsa-p256", usage="server", days=1, hosts=("kme",)
+    )
+    return folder
+
+
+def _server(tls: Path | None = None) -> ApiServer:
+    settings = (
+        _TlsSettings()
+        if tls is None
+        else _TlsSettings(tls / "ca/kme.crt", tls / "ca/kme.key", tls / "ca/ca.crt")
+    )
+    return ApiServer(_Keys(), settings)  # type: ignore[arg-type]
+
+
+def _client_context(tls: Path, issuer: str | None) -> ssl.SSLContext:
+    """An SAE's TLS context: with the certificate ``issuer``'s CA gave ``sae-a``, or none."""
+    context = ssl.create_default_context(cafile=str(tls / "ca/ca.crt"))
+    if issuer is not None:
+        context.load_cert_chain(str(tls / issuer / "sae-a.crt"), str(tls / issuer / "sae-a.key"))
+    return context
+
+
+@dataclass
+class _Answer:
+    status: int
+    headers: dict[bytes, bytes]
+    json: Any
+
+
+async def _exchange(stream: trio.abc.Stream, data: bytes, body: bytes | list[bytes] = b"") -> _Answer:
+    """Send a request (``data``, then ``body`` in one piece or chunks), read the answer to the end, check
+    it is JSON and that the server then ends the connection if it said so."""
+    client = h11.Connection(h11.CLIENT)
+    await stream.send_all(data)
+    for chunk in [body] if isinstance(body, bytes) else body:
+        await stream.send_all(chunk)
+    events: list[Any] = []
+    while not events or not isinstance(events[-1], h11.EndOfMessage):
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(bytes(await stream.receive_some(1 << 16)))
+        elif not isinstance(event, h11.InformationalResponse):
+            events.append(event)
+    response = events[0]
+    assert isinstance(response, h11.Response)
+    payload = b"".join(e.data for e in events if isinstance(e, h11.Data))
+    answer = _Answer(response.status_code, dict(response.headers), json.loads(payload))
+    if answer.headers.get(b"connection") == b"close":
+        assert await stream.receive_some(1 << 16) == b""  # the server ended its side: FIN, no reset
+    return answer
+
+
+def _run(test: Any) -> None:
+    trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _request(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} /api/v1/keys/{path} HTTP/1.1", "host: kme", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "expect-100"])
+def test_an_oversize_body_gets_its_400_and_the_server_reads_the_rest_before_closing(framing: str) -> None:
+    big = b"[" + b"0," * (5 << 20) + b"0]"  # 10 MiB of valid JSON
+    headers = [("content-type", "application/json")]
+    if framing == "chunked":
+        headers.append(("transfer-encoding", "chunked"))
+        chunks = [
+            b"%x\r\n%b\r\n" % (len(c), c) for c in (big[i : i + 65536] for i in range(0, len(big), 65536))
+        ]
+        body: bytes | list[bytes] = [*chunks, b"0\r\n\r\n"]
+    else:
+        headers.append(("content-length", str(len(big))))
+        if framing == "expect-100":
+            headers.append(("expect", "100-continue"))
+        body = b"" if framing == "expect-100" else big  # told no, a client sends no body
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server().serve_unix, server, 4321)
+            with trio.fail_after(30):
+                response = await _exchange(client, _request("POST", "sae-b/enc_keys", headers), body)
+            assert response.status == 400 and "over 1 MiB" in response.json["message"]
+            assert response.headers[b"connection"] == b"close"
+            await client.aclose()
+
+    _run(main)
+
+
+def test_a_body_of_1_mib_is_read_whole_and_an_expect_100_gets_its_continue() -> None:
+    body = b'{"number": 1' + b" " * ((1 << 20) - 13) + b"}"
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("expect", "100-continue"),
+    ]
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server().serve_unix, server, 4321)
+            with trio.fail_after(30):
+                await client.send_all(_request("POST", "sae-b/enc_keys", headers))
+                assert (await client.receive_some(1 << 16)).startswith(b"HTTP/1.1 100 ")
+                response = await _exchange(client, b"", body)
+            assert response.status == 200 and len(response.json["keys"]) == 1
+            await client.aclose()
+
+    _run(main)
+
+
+def test_a_local_process_is_the_sae_of_its_uid_and_any_other_uid_gets_401() -> None:
+    server = _server()
+    assert server.identify_uid(4321) == "sae-local" and server.identify_uid(0) is None
+    assert server.identify(None) is None  # a certificate never names the uid-only SAE
+
+    async def main() -> None:
+        for uid, status in ((4321, 200), (4322, 401), (0, 401)):
+            client, stream = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve_unix, stream, uid)
+                with trio.fail_after(10):
+                    for method in ("GET", "POST", "DELETE"):  # the same answer whatever is asked
+                        headers = [("content-type", "application/json"), ("content-length", "0")]
+                        response = await _exchange(client, _request(method, "sae-b/status", headers))
+                        if status == 401 or method == "GET":
+                            assert response.status == status, (uid, method)
+                    if status == 401:
+                        assert response.json == {"message": f"uid {uid} names no SAE of this KME"}
+                    await client.aclose()
+
+    _run(main)
+
+
+def test_the_refusal_log_keeps_one_line_per_peer_per_interval() -> None:
+    now = [0.0]
+    refusals = RefusalLog(60.0, peers=3, clock=lambda: now[0])
+    assert refusals.note("10.0.0.1") == 0 and refusals.note("10.0.0.2") == 0
+    assert refusals.note("10.0.0.1") is None and refusals.note("10.0.0.1") is None
+    now[0] = 59.9
+    assert refusals.note("10.0.0.1") is None
+    now[0] = 60.0
+    assert refusals.note("10.0.0.1") == 3  # its line says how many were not logged
+    assert refusals.note("10.0.0.2") == 0
+    # at most 3 addresses are remembered; the others share one line per interval
+    assert refusals.note("10.0.0.3") == 0
+    assert refusals.note("10.0.0.4") == 0 and refusals.note("10.0.0.5") is None
+    now[0] = 120.0
+    assert refusals.note("10.0.0.5") == 0  # the interval of the first ones is over: room again
+
+
+@pytest.mark.parametrize(
+    ("issuer", "version", "why"),
+    [
+        (None, ssl.TLSVersion.TLSv1_3, "no client certificate"),
+        (None, ssl.TLSVersion.TLSv1_2, "no client certificate"),
+        ("other", ssl.TLSVersion.TLSv1_3, "a client certificate of another CA (unable to get local issuer"),
+        ("other", ssl.TLSVersion.TLSv1_2, "a client certificate of another CA (unable to get local issuer"),
+        (
+            "twin",
+            ssl.TLSVersion.TLSv1_3,
+            "a client certificate of another CA (certificate signature failure)",
+        ),
+    ],
+)
+def test_a_refused_handshake_gets_a_tls_alert_and_one_log_line_per_peer_per_minute(
+    tls: Path, issuer: str | None, version: ssl.TLSVersion, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = _server(tls)
+    context = _client_context(tls, issuer)
+    context.maximum_version = version
+
+    async def refused(peer: str) -> ssl.SSLError:
+        client, stream = trio.testing.memory_stream_pair()
+        tls_client = trio.SSLStream(client, context, server_hostname="kme")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_tls, stream, peer)
+            with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as caught:
+                await tls_client.do_handshake()  # TLS 1.3: the client is done before the server checks
+                await tls_client.send_all(_request("GET", "sae-b/status", []))
+                await tls_client.receive_some(1 << 16)
+            await client.aclose()
+        assert isinstance(caught.value.__cause__, ssl.SSLError)
+        return caught.value.__cause__
+
+    async def main() -> None:
+        for peer in ("192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.1"):
+            error = await refused(peer)
+            # an alert from the server, not the end of the stream
+            assert not isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)), error
+            assert "ALERT" in (error.reason or ""), error
+        await trio.sleep(REFUSAL_LOG_SECONDS)
+        await refused("192.0.2.1")
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        _run(main)
+    lines = [r.getMessage() for r in caplog.records if "refused a TLS handshake" in r.getMessage()]
+    assert [line.split(": ", 2)[1] for line in lines] == [
+        f"refused a TLS handshake from {peer}" for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.1")
+    ], lines
+    assert all(line.split(": ", 2)[2].startswith(why) for line in lines), lines
+    assert lines[2].endswith(" (and 2 more not logged since the last such line)"), lines
+
+
+def test_a_handshake_that_never_comes_is_logged_and_a_client_that_leaves_is_not(
+    tls: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = _server(tls)
+
+    async def main() -> None:
+        client, stream = trio.testing.memory_stream_pair()
+        with trio.fail_after(HANDSHAKE_TIMEOUT + 5):
+            await server.serve_tls(stream, "192.0.2.9")  # a client that sends nothing
+        client, stream = trio.testing.memory_stream_pair()
+        await client.aclose()  # a port check: connect, close
+        await server.serve_tls(stream, "192.0.2.10")
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        _run(main)
+    lines = [r.getMessage() for r in caplog.records if "refused a TLS handshake" in r.getMessage()]
+    assert lines == [
+        f"ETSI 014: refused a TLS handshake from 192.0.2.9: no handshake within {HANDSHAKE_TIMEOUT:g} s"
+    ]

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import ssl
+import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +28,8 @@ from qkdd.auth import pki
 from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery import demo as delivery_demo
 from qkdd.delivery import http as api_http
-from qkdd.demo import spawn
+from qkdd.demo import ETSI014_SOCKET, spawn
+from qkdd.errors import InputError
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
 
@@ -32,6 +37,8 @@ SIM = {"pulses_per_frame": 1 << 20, "z_probability": 0.7, "seed": 5, "single_pho
 ROUNDS = 6
 EXTRA = {"alice": ["sae-alice2"], "bob": ["sae-bob2"]}
 OPENAPI = json.loads((SPEC_PATH.parent / "etsi014-openapi.json").read_text())
+HTTP_METHODS = ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")  # OpenAPI's, less QUERY
+BIG = b"[" + b"0," * (5 << 20) + b"0]"  # 10 MiB of valid JSON: only its size is wrong
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -48,6 +55,11 @@ class Sites:
         if certificate:
             context.load_cert_chain(str(tls / f"{sae}.crt"), str(tls / f"{sae}.key"))
         return httpx.Client(base_url=self.urls[site] + "/api/v1/keys/", verify=context, timeout=30)
+
+    def local(self, site: str) -> httpx.Client:
+        """An httpx client on ``site``'s Unix socket: its SAE of SAES, by this process's uid."""
+        transport = httpx.HTTPTransport(uds=str(self.folder / site / ETSI014_SOCKET))
+        return httpx.Client(transport=transport, base_url="http://localhost/api/v1/keys/", timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +216,175 @@ def test_an_sae_without_a_certificate_cannot_connect_and_an_unknown_one_gets_401
         refused(eve.post("sae-bob/enc_keys", json={}), 401)
 
 
+OVERSIZE_TRIES = 12
+"""10 MiB bodies per transport: the reset came "sometimes" before (seen in about 1 of N)"""
+
+
+def test_an_oversize_body_always_gets_its_400_before_the_connection_closes(sites: Sites) -> None:
+    """httpx reads the answer even when its write fails; a plainer client (curl among them) sends its whole
+    request before it reads, and a reset on the way used to leave it with no answer at all."""
+    before = stored(sites)
+    json_type = {"content-type": "application/json"}
+    chunks = [BIG[i : i + 65536] for i in range(0, len(BIG), 65536)]
+    head = b"POST /api/v1/keys/sae-bob/enc_keys HTTP/1.1\r\nhost: kme\r\ncontent-type: application/json\r\n"
+    with_length = head + b"content-length: %d\r\n\r\n" % len(BIG) + BIG
+    chunked_body = b"".join(b"%x\r\n%b\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    with_chunks = head + b"transfer-encoding: chunked\r\n\r\n" + chunked_body
+    with sites.client("sae-alice") as alice, sites.local("alice") as local:
+        for client in (alice, local):
+            for _ in range(OVERSIZE_TRIES):
+                answer = client.post("sae-bob/enc_keys", content=BIG, headers=json_type)
+                assert "over 1 MiB" in refused(answer, 400)
+                assert answer.headers["connection"] == "close"
+                chunked = client.post("sae-bob/enc_keys", content=iter(chunks), headers=json_type)
+                assert "over 1 MiB" in refused(chunked, 400)
+            keys_of(client.post("sae-bob/enc_keys", json={}))  # and the next connection is served
+    for _ in range(OVERSIZE_TRIES):
+        for request in (with_length, with_chunks):
+            for answer in (_send_whole_then_read(sites, "alice", request, tls=tls) for tls in (True, False)):
+                assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close\r\n" in answer, answer
+                assert b"over 1 MiB" in answer, answer
+    assert stored(sites) == before - 2
+
+
+def _send_whole_then_read(sites: Sites, site: str, request: bytes, *, tls: bool) -> bytes:
+    """Send ``request`` whole, then read the answer until the server closes: a reset on the way fails."""
+    if tls:
+        context = ssl.create_default_context(cafile=str(sites.folder / "etsi014" / "ca.crt"))
+        context.load_cert_chain(
+            *(str(sites.folder / "etsi014" / f"sae-{site}.{end}") for end in ("crt", "key"))
+        )
+        host, port = sites.urls[site].removeprefix("https://").rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)), timeout=30)
+        connection: socket.socket = context.wrap_socket(raw, server_hostname="localhost")
+    else:
+        connection = socket.socket(socket.AF_UNIX)
+        connection.settimeout(30)
+        connection.connect(str(sites.folder / site / ETSI014_SOCKET))
+    with connection:
+        connection.sendall(request)
+        answer = b""
+        while data := connection.recv(1 << 16):
+            answer += data
+    return answer
+
+
+def _refusal_lines(sites: Sites) -> list[str]:
+    return [line for line in (sites.folder / "alice.log").read_text().splitlines() if "refused a TLS" in line]
+
+
+def test_a_refused_handshake_gets_a_tls_alert_and_a_rate_limited_log_line(sites: Sites) -> None:
+    """No certificate, or one of another CA: the client gets an alert (an SSL error, not a bare reset or
+    end of stream), whatever the TLS version, and the log a line per peer address per minute."""
+    other = sites.folder / "other-ca"
+    pki.init_ca(other, algorithm="ecdsa-p256", name="another CA", days=1)
+    pki.issue("sae-alice", other, other, algorithm="ecdsa-p256", usage="client", days=1)
+    host, port = sites.urls["alice"].removeprefix("https://").rsplit(":", 1)
+    logged = len(_refusal_lines(sites))
+    started = time.monotonic()
+    for certificate in (None, other, None, other):
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            context = ssl.create_default_context(cafile=str(sites.folder / "etsi014" / "ca.crt"))
+            context.maximum_version = version
+            if certificate is not None:
+                context.load_cert_chain(
+                    str(certificate / "sae-alice.crt"), str(certificate / "sae-alice.key")
+                )
+            with (
+                socket.create_connection((host, int(port)), timeout=30) as raw,
+                pytest.raises(ssl.SSLError) as caught,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,  # TLS 1.3: done here
+            ):
+                tls.sendall(b"GET /api/v1/keys/sae-bob/status HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                tls.recv(1024)
+            assert not isinstance(caught.value, (ssl.SSLEOFError, ssl.SSLZeroReturnError)), caught.value
+            assert "ALERT" in (caught.value.reason or ""), caught.value
+    seconds = time.monotonic() - started
+    lines = _refusal_lines(sites)
+    # the daemon logs before it sends the alert: every line is there; the earlier tests' refusals of
+    # 127.0.0.1 may have had the line of this minute already
+    assert len(lines) >= 1 and len(lines) - logged <= 1 + seconds // api_http.REFUSAL_LOG_SECONDS, lines
+    assert all("refused a TLS handshake from 127.0.0.1: " in line for line in lines), lines
+    assert any(why in line for line in lines for why in ("no client certificate", "another CA")), lines
+
+
+def test_the_unix_socket_serves_the_same_api_to_the_sae_of_its_uid(sites: Sites) -> None:
+    for site in ("alice", "bob"):
+        mode = (sites.folder / site / ETSI014_SOCKET).stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == api_http.UNIX_SOCKET_MODE == 0o660
+    with sites.local("alice") as alice, sites.local("bob") as bob, sites.client("sae-bob") as remote_bob:
+        status = alice.get("sae-bob/status").json()
+        check("Status", status)
+        assert status["master_SAE_ID"] == "sae-alice" and status["slave_SAE_ID"] == "sae-bob"
+        sent = keys_of(alice.post("sae-bob/enc_keys", json={"number": 2, "size": 512}))
+        ids = {"key_IDs": [{"key_ID": key_id} for key_id, _ in sent]}
+        assert keys_of(bob.post("sae-alice/dec_keys", json=ids)) == sent
+        # a local master, a slave over HTTPS, and the other way round: one API
+        sent = keys_of(alice.get("sae-bob/enc_keys", params={"number": 1}))
+        assert keys_of(remote_bob.get("sae-alice/dec_keys", params={"key_ID": sent[0][0]})) == sent
+        sent = keys_of(remote_bob.post("sae-alice/enc_keys", json={}))
+        assert keys_of(alice.get("sae-bob/dec_keys", params={"key_ID": sent[0][0]})) == sent
+        # and the same refusals
+        assert "already delivered" in refused(
+            alice.get("sae-bob/dec_keys", params={"key_ID": sent[0][0]}), 400
+        )
+        deleted = alice.delete("sae-bob/enc_keys")
+        assert refused(deleted, 405) and deleted.headers["allow"] == "GET, POST"
+        assert "ASCII digits" in refused(alice.get("sae-bob/enc_keys", params={"number": "\u00b2"}), 400)
+
+
+def test_a_socket_path_is_taken_over_only_from_a_daemon_that_is_gone(sites: Sites, tmp_path: Path) -> None:
+    """A stale socket (its daemon killed) is replaced, but not a running daemon's, nor a file that is not a
+    socket (the kill -9 test restarts daemons on their stale sockets)."""
+    held = sites.folder / "alice" / ETSI014_SOCKET
+    with pytest.raises(InputError, match="another process serves"), api_http._claim_socket_path(held):
+        pass
+    with sites.local("alice") as alice:  # still served
+        assert alice.get("sae-bob/status").status_code == 200
+    path = tmp_path / "api.sock"
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(path))
+    with api_http._claim_socket_path(path):
+        assert not path.exists()
+    path.write_text("not a socket")
+    with (
+        pytest.raises(InputError, match="is not a socket; not removing it"),
+        api_http._claim_socket_path(path),
+    ):
+        pass
+    assert path.read_text() == "not a socket"
+
+
+@pytest.mark.parametrize("taken", ["by a running daemon", "by a file"])
+def test_a_daemon_whose_socket_path_is_taken_stops_with_a_clear_error(sites: Sites, taken: str) -> None:
+    """A second daemon (another state directory) on Alice's socket path, or on a path where a file that is
+    not a socket lies: exit status 2 (as for another qkdd on the state directory) and one line saying why,
+    no traceback, nothing removed."""
+    text = (sites.folder / "alice.toml").read_text()
+    text = re.sub(r'(?m)^peer = ".*"$', 'peer = "127.0.0.1:1"', text)  # it must not reach Bob
+    text = text.replace('state_dir = "alice"', 'state_dir = "alice-twin"')
+    (sites.folder / "alice-twin").mkdir(exist_ok=True)
+    if taken == "by a file":
+        (sites.folder / "alice-twin" / "api.sock").write_text("mine")
+        text = text.replace(f'unix_socket = "alice/{ETSI014_SOCKET}"', 'unix_socket = "alice-twin/api.sock"')
+        why = "alice-twin/api.sock exists and is not a socket; not removing it"
+    else:
+        why = f"another process serves {sites.folder / 'alice' / ETSI014_SOCKET}"
+    (sites.folder / "alice-twin.toml").write_text(text)
+    twin = subprocess.run(
+        [sys.executable, "-m", "qkdd", "run", "--config", str(sites.folder / "alice-twin.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert twin.returncode == 2 and why in twin.stderr and "Traceback" not in twin.stderr, twin.stderr
+    if taken == "by a file":
+        assert (sites.folder / "alice-twin" / "api.sock").read_text() == "mine"
+    with sites.local("alice") as alice:  # Alice's socket is still hers
+        assert alice.get("sae-bob/status").status_code == 200
+
+
 def test_concurrent_masters_at_both_sites_never_share_key_material(sites: Sites) -> None:
     got: dict[str, list[tuple[str, bytes]]] = {"alice": [], "bob": []}
     errors: list[BaseException] = []
@@ -251,9 +432,18 @@ def test_concurrent_masters_at_both_sites_never_share_key_material(sites: Sites)
 
 def test_the_openapi_document_lists_exactly_the_routes_served() -> None:
     documented = {
-        (method.upper(), path.split("/")[-1]) for path, item in OPENAPI["paths"].items() for method in item
+        (method.upper(), path.split("/")[-1])
+        for path, item in OPENAPI["paths"].items()
+        for method, operation in item.items()
+        if "200" in operation["responses"]
     }
     assert documented == set(api_http._PARAMETERS)
+    for path, item in OPENAPI["paths"].items():  # every other method is documented as 405
+        refused = {
+            method.upper() for method, operation in item.items() if "200" not in operation["responses"]
+        }
+        assert refused == set(HTTP_METHODS) - set(api_http._METHODS[path.split("/")[-1]]), path
+        assert all(set(item[m.lower()]["responses"]) == {"401", "405"} for m in refused)
     for (method, action), parameters in api_http._PARAMETERS.items():
         path = next(p for p in OPENAPI["paths"] if p.endswith(f"/{action}"))
         query = {
@@ -263,6 +453,81 @@ def test_the_openapi_document_lists_exactly_the_routes_served() -> None:
     fields = OPENAPI["components"]["schemas"]
     assert set(fields["KeyRequest"]["properties"]) == api_http._ENC_FIELDS
     assert set(fields["KeyIDs"]["properties"]) == api_http._DEC_FIELDS
+
+
+def conforms(path: str, method: str, response: httpx.Response) -> None:
+    """``response`` to ``method`` on ``path`` is one the OpenAPI document lists for that operation: its
+    status, its headers (``Allow``: exactly the methods the document serves there) and its body's schema."""
+    item = OPENAPI["paths"][path]
+    documented = item[method.lower()]["responses"].get(str(response.status_code))
+    assert documented is not None, (method, path, response.status_code, response.text)
+    if "$ref" in documented:
+        documented = OPENAPI["components"]["responses"][documented["$ref"].rsplit("/", 1)[1]]
+    for name, header in documented.get("headers", {}).items():
+        assert name.lower() in response.headers or not header.get("required"), (method, path, name)
+        jsonschema.validate(response.headers[name], header["schema"])
+    if "allow" in response.headers:
+        served = [m.upper() for m, operation in item.items() if "200" in operation["responses"]]
+        assert response.headers["allow"] == ", ".join(served)
+    assert response.headers["content-type"] == "application/json"
+    if method != "HEAD":  # a HEAD answer has the headers only
+        schema = {"components": OPENAPI["components"], **documented["content"]["application/json"]["schema"]}
+        jsonschema.validate(response.json(), schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_every_documented_operation_answers_as_documented_over_https_and_the_unix_socket(
+    sites: Sites,
+) -> None:
+    """Each path and method of the OpenAPI document, served or 405, over HTTPS and over the Unix socket,
+    with good requests and bad ones (oversize bodies included), and an unknown SAE's 401."""
+    tls = sites.folder / "etsi014"
+    if not (tls / "sae-eve.crt").exists():
+        pki.issue("sae-eve", tls, tls, algorithm="ecdsa-p256", usage="client", days=1)
+    paths = {path.rsplit("/", 1)[1]: path for path in OPENAPI["paths"]}
+    seen: set[tuple[str, str, int]] = set()
+    with (
+        sites.client("sae-alice") as remote_alice,
+        sites.client("sae-bob") as remote_bob,
+        sites.local("alice") as local_alice,
+        sites.local("bob") as local_bob,
+        sites.client("sae-eve", "alice") as eve,
+    ):
+
+        def ask(client: httpx.Client, method: str, action: str, **kwargs: Any) -> None:
+            other = "sae-alice" if client in (remote_bob, local_bob) else "sae-bob"
+            response = client.request(method, f"{other}/{action}", **kwargs)
+            conforms(paths[action], method, response)
+            seen.add((method, action, response.status_code))
+
+        for alice, bob in ((remote_alice, remote_bob), (local_alice, local_bob)):
+            for action, path in paths.items():
+                for method in OPENAPI["paths"][path]:
+                    if "200" not in OPENAPI["paths"][path][method]["responses"]:
+                        ask(alice, method.upper(), action)  # 405, HEAD included
+            ask(alice, "GET", "status")
+            ask(alice, "GET", "enc_keys", params={"number": 1})
+            ask(alice, "POST", "enc_keys", json={"number": 2})
+            key_id = keys_of(alice.post("sae-bob/enc_keys", json={"number": 2}))[0][0]
+            ask(bob, "GET", "dec_keys", params={"key_ID": key_id})
+            key_id = keys_of(alice.post("sae-bob/enc_keys", json={}))[0][0]
+            ask(bob, "POST", "dec_keys", json={"key_IDs": [{"key_ID": key_id}]})
+            # bad requests, oversize bodies among them
+            ask(alice, "GET", "enc_keys", params={"number": "0"})
+            ask(alice, "GET", "dec_keys", params={"key_ID": "not-a-uuid"})
+            for action in ("enc_keys", "dec_keys"):
+                ask(alice, "POST", action, content=BIG, headers={"content-type": "application/json"})
+                ask(alice, "POST", action, content=b"{}", headers={"content-type": "text/plain"})
+            response = alice.get("sae-nobody/status")
+            conforms(paths["status"], "GET", response)
+            assert response.status_code == 400
+        for method in ("GET", "POST", "DELETE", "HEAD"):
+            response = eve.request(method, "sae-bob/status")
+            conforms(paths["status"], method, response)
+            assert response.status_code == 401
+    assert {status for _, _, status in seen} == {200, 400, 405}
+    assert {(m, a) for m, a, status in seen if status == 405} == {
+        (m, a) for a, path in paths.items() for m in HTTP_METHODS if m not in api_http._METHODS[a]
+    }
 
 
 def test_with_the_peer_down_enc_keys_is_503_and_consumes_nothing(tmp_path: Path) -> None:
