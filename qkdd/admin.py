@@ -227,6 +227,11 @@ def status_report(state_dir: Path, link_id: str | None, role: str | None) -> tup
     """The report of ``qkdd status`` and its exit status (see :func:`status`)."""
     try:
         answer = control.ask(state_dir)
+    except PermissionError:
+        return {
+            "error": f"no permission to reach {state_dir / control.SOCKET_FILE}: ask as the daemon's user "
+            "or root (e.g. sudo -u qkdd qkdd status ...)"
+        }, 2
     except control.ControlError as error:
         return {"running": True, "pid": statelock.holder(state_dir), "error": str(error)}, 1
     if answer is not None:

@@ -174,6 +174,7 @@ def ask(state_dir: Path, request: str = "status", timeout: float = REQUEST_TIMEO
     stale one).
 
     Raises:
+        PermissionError: this user may not reach the socket (it is the daemon's user's, mode 0600).
         ControlError: a daemon took the connection but its answer is missing, late or malformed.
     """
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -184,6 +185,8 @@ def ask(state_dir: Path, request: str = "status", timeout: float = REQUEST_TIMEO
                 client.connect(address)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             return None
+        except PermissionError:
+            raise  # the caller says whom to ask as
         except OSError as error:
             raise ControlError(f"cannot reach the control socket: {error.strerror or error}") from None
         data = bytearray()

@@ -112,6 +112,8 @@ class Monitor:
             self._commit(summary.secret_bits, now)
         elif disposition == "pending":
             self._pending[summary.round] = summary.secret_bits
+        else:
+            self._pending.pop(summary.round, None)  # a round held pending, then aborted: not counted twice
         if self.metrics is not None:
             self.metrics.round_ended(summary, disposition, stages or {}, reconciled)
             if disposition == "committed":

@@ -275,3 +275,16 @@ def test_run_refuses_an_unknown_log_level(tmp_path: Path, capsys: pytest.Capture
         main(["run", "--config", str(tmp_path / "bob.toml"), "--log-level", "LOUD"])
     assert exit_.value.code == 2
     assert "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+def test_status_without_permission_on_the_socket_says_whom_to_ask_as(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkdd import control  # noqa: PLC0415
+
+    def refused(state_dir: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(control, "ask", refused)  # as for a user other than the daemon's (tests run as root)
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 2
+    assert "ask as the daemon's user or root" in json.loads(capsys.readouterr().out)["error"]
