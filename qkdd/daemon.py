@@ -274,6 +274,12 @@ class Daemon:
                 with trio.move_on_after(self.config.timeouts.shutdown_grace):
                     await self._round_idle.wait()
                 nursery.cancel_scope.cancel()
+        except BaseException as error:
+            failure = error
+            while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+                failure = failure.exceptions[0]  # the one failure a nursery wrapped
+            self.stop_reason = self.stop_reason or f"{type(failure).__name__}: {str(failure)[:200]}"
+            raise
         finally:
             self._status("stopped")
             self._write_stop_file()

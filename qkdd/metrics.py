@@ -18,7 +18,9 @@ Theory of operation
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -42,10 +44,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CONNECTION_TIMEOUT = 10.0
 """Seconds a scraper has to send its request and take the answer."""
 MAX_REQUEST = 16384
+MAX_CONNECTIONS = 8
+"""Scrapes served at once; a connection beyond them is closed at once (I5: whoever reaches the port
+cannot make the daemon hold more)."""
+REFRESH_SECONDS = 5.0
+"""The gauges read from the store are read again at most this often, however often scrapes come."""
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300)
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-ETSI014_ROUTES = ("status", "enc_keys", "dec_keys")
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ETSI014_PATH = re.compile(r"/api/v1/keys/[^/?]+/(status|enc_keys|dec_keys)(?:\?.*)?")
 
 Refresh = Callable[["Metrics"], Awaitable[None]]
@@ -222,19 +229,61 @@ async def serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on ``listen`` until cancelled; ``task_status`` gets the port (0 picks one).
-    ``refresh(metrics)`` runs before each exposition."""
+    ``refresh(metrics)`` runs before an exposition when the last one is :data:`REFRESH_SECONDS` old."""
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
     port = int(listeners[0].socket.getsockname()[1])
     log.info("Prometheus metrics on http://%s:%d/metrics", listen.host, port)
-    task_status.started(port)
+    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    refreshed = -math.inf
 
-    async def connection(stream: trio.SocketStream) -> None:
-        await _connection(stream, metrics, refresh)
+    async def refresh_now(metrics: Metrics) -> None:
+        nonlocal refreshed
+        if trio.current_time() - refreshed >= REFRESH_SECONDS:
+            refreshed = trio.current_time()
+            await refresh(metrics)
 
-    await trio.serve_listeners(connection, listeners)
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _connection(stream, metrics, refresh_now)
+        finally:
+            limiter.release_on_behalf_of(stream)
+
+    async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:  # out of file descriptors or memory: wait, as trio.serve_listeners does
+                if error.errno not in _TRANSIENT:
+                    raise
+                log.warning("metrics: cannot accept a connection: %s", error.strerror)
+                await trio.sleep(0.1)
+                continue
+            try:  # taken here, in the order connections arrive, so the first MAX_CONNECTIONS are served
+                limiter.acquire_on_behalf_of_nowait(stream)
+            except trio.WouldBlock:
+                await stream.aclose()
+                continue
+            nursery.start_soon(handle, stream)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(accept, listener, nursery)
+            task_status.started(port)
+    finally:
+        for listener in listeners:
+            listener.socket.close()
 
 
 async def _connection(stream: trio.SocketStream, metrics: Metrics, refresh: Refresh) -> None:
+    try:
+        await _answer(stream, metrics, refresh)
+    finally:  # closed even when cancelled (aclose closes first, then raises)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
+
+
+async def _answer(stream: trio.SocketStream, metrics: Metrics, refresh: Refresh) -> None:
     with trio.move_on_after(CONNECTION_TIMEOUT):
         try:
             connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
@@ -260,8 +309,6 @@ async def _connection(stream: trio.SocketStream, metrics: Metrics, refresh: Refr
             await stream.send_all(out)
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
             log.debug("metrics connection ended: %s", type(error).__name__)
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.aclose()
 
 
 async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -> h11.Request | None:

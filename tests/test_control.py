@@ -3,6 +3,7 @@ socket in the test's folder, and a daemon pair in-process answering it (and serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,8 +16,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from qkdd import config, control, statelock
-from qkdd.daemon import METRICS_FILE, read_listen_address
+from qkdd import config, control, metrics, statelock
+from qkdd.daemon import METRICS_FILE, Daemon, read_listen_address
 
 from .test_daemon import configs, start_pair, until
 
@@ -199,3 +200,51 @@ async def test_a_running_pair_answers_status_and_serves_metrics(tmp_path: Path) 
     for cfg in (alice_config, bob_config):
         assert await ask(cfg.state_dir) is None  # stopped: nothing answers
         assert json.loads((cfg.state_dir / "status.json").read_text())["reason"] == "test over"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.trio
+async def test_metrics_refresh_at_most_every_few_seconds_and_serve_a_bounded_number_at_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    exported = metrics.Metrics("bob", "lab")
+    refreshes = []
+
+    async def refresh(target: metrics.Metrics) -> None:
+        refreshes.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(metrics.serve, exported, config.Address("127.0.0.1", 0), refresh)
+        assert (await scrape(port))[0] == 200 and (await scrape(port))[0] == 200
+        assert len(refreshes) == 1  # the second scrape came within REFRESH_SECONDS
+        mock_clock.jump(metrics.REFRESH_SECONDS)
+        assert (await scrape(port))[0] == 200 and len(refreshes) == 2
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(metrics.MAX_CONNECTIONS)]
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await extra.receive_some(1024) == b""  # closed at once: MAX_CONNECTIONS are held
+        await extra.aclose()
+        for stream in idle:
+            await stream.aclose()
+        for _ in range(1000):  # the held ones end as their handlers see the close
+            await trio.testing.wait_all_tasks_blocked()
+            with contextlib.suppress(trio.BrokenResourceError, IndexError, ValueError):
+                if (await scrape(port))[0] == 200:
+                    break
+        else:
+            raise AssertionError("no scrape served after the held connections closed")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_daemon_that_fails_to_start_records_why_it_stopped(tmp_path: Path) -> None:
+    _, bob_config = configs(tmp_path, 0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = config.Address("127.0.0.1", taken.getsockname()[1])
+        daemon = Daemon(config.Config(**{**bob_config.__dict__, "metrics": busy}))
+        with trio.fail_after(30), pytest.raises(BaseExceptionGroup):
+            await daemon.run()
+    stop = json.loads((bob_config.state_dir / "status.json").read_text())
+    assert stop["reason"].startswith("OSError: ") and "address already in use" in stop["reason"].lower()
+    assert await ask(bob_config.state_dir) is None  # the control socket is gone with it
