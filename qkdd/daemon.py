@@ -15,6 +15,10 @@ Theory of operation
 * SIGTERM/SIGINT: stop starting rounds, let the round under way finish within ``timeouts.shutdown_grace``
   seconds, then close with an error frame ``shutdown``.
 * Logs go to stderr, one line per notable event and one per round, never key material.
+* ``qkdd status`` asks the daemon on its control socket (:mod:`qkdd.control`); the daemon tells a
+  :class:`~qkdd.monitor.Monitor` the link's state and why, and each round's end, and the monitor feeds the
+  Prometheus metrics (:mod:`qkdd.metrics`) when ``[metrics]`` is set. ``status.json`` is written once,
+  as the daemon stops, with when and why.
 """
 
 from __future__ import annotations

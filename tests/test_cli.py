@@ -288,3 +288,19 @@ def test_status_without_permission_on_the_socket_says_whom_to_ask_as(
     monkeypatch.setattr(control, "ask", refused)  # as for a user other than the daemon's (tests run as root)
     assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 2
     assert "ask as the daemon's user or root" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_status_of_a_config_whose_link_is_not_the_stores_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    KeyStore(tmp_path / "state", "lab").close()
+    (tmp_path / "psk").write_text("00" * 32)
+    path = tmp_path / "alice.toml"
+    path.write_text(
+        config.render(
+            "alice", link_id="other", state_dir="state", psk_file="psk", listen=None, peer="127.0.0.1:7700"
+        )
+    )
+    assert main(["status", "--config", str(path), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is False and "belongs to link 'lab', not 'other'" in report["error"]
