@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import trio
 
-from qkdd import config, demo, engine
+from qkdd import config, control, demo, engine
 from qkdd import daemon as daemon_mod
 from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
@@ -258,6 +258,14 @@ async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken_and_keepa
             assert alice.rounds_finished == finished
             assert "within its timeout" not in caplog.text and caplog.text.count("key channel open") == 2
             assert alice.kme is not None
+            # the status is live while the link is paused: a key handed out shows at once
+            before = await trio.to_thread.run_sync(control.ask, alice_config.state_dir)
+            assert before is not None and (before["link"], before["reason"]) == ("paused", "key store full")
+            await alice.kme.enc_keys("sae-alice", ["sae-bob"], 1, 256)
+            after = await trio.to_thread.run_sync(control.ask, alice_config.state_dir)
+            assert after is not None and after["link"] == "paused"
+            assert after["delivery_assignments"] == before["delivery_assignments"] + 1
+            assert after["delivery_stored_keys"] == before["delivery_stored_keys"] - 1
             alice.kme.settings = dataclasses.replace(full, max_key_count=10**9)  # as if keys were taken
             await until(lambda: alice.rounds_finished > finished)
             assert "link resumed" in caplog.text
