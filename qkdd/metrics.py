@@ -240,7 +240,10 @@ async def serve(
         nonlocal refreshed
         if trio.current_time() - refreshed >= REFRESH_SECONDS:
             refreshed = trio.current_time()
-            await refresh(metrics)
+            try:
+                await refresh(metrics)
+            except Exception as error:  # a failing store: the scrape gets the gauges as they were
+                log.warning("metrics: cannot read the store: %s: %s", type(error).__name__, error)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:

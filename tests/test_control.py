@@ -212,6 +212,8 @@ async def test_metrics_refresh_at_most_every_few_seconds_and_serve_a_bounded_num
 
     async def refresh(target: metrics.Metrics) -> None:
         refreshes.append(trio.current_time())
+        if len(refreshes) == 2:
+            raise OSError(28, "No space left on device")  # served all the same, with the last gauges
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(metrics.serve, exported, config.Address("127.0.0.1", 0), refresh)
