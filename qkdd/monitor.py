@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 LINK_STATES = ("up", "down", "paused", "stopped")
 WINDOWS = {"1m": 60.0, "1h": 3600.0}
 """The spans the secret key rate is averaged over (``secret_bits_per_second_1m``, ``..._1h``)."""
+MAX_REASON = 300
+"""Characters of a link state's reason kept for ``qkdd status``."""
 MAX_SAMPLES = 1 << 17
 """Committed rounds remembered for the rates (an hour of rounds every 30 ms; older ones are dropped)."""
 
@@ -91,6 +93,9 @@ class Monitor:
         """The link is ``text``: ``up``, ``down``, ``paused`` or ``stopped``, optionally followed by
         ``": "`` and the reason."""
         state, reason = parse_link(text)
+        if reason is not None:
+            # a reason may quote what a peer (or anyone, before authentication) said: printable, bounded
+            reason = "".join(c if c.isprintable() else "?" for c in reason[:MAX_REASON])
         if state != self.link:
             self.link_since = self._wall()
         self.link, self.reason = state, reason

@@ -116,6 +116,9 @@ def test_link_state_reason_and_since() -> None:
         assert snap["link_since"] == "2027-01-15T08:00:05+00:00"
         with pytest.raises(ValueError, match="not a link state"):
             book.set_link("sideways")
+        book.set_link("down: protocol error bad-frame with 10.0.0.9:4000: \x1b[2J" + "x" * 1000)
+        assert book.reason is not None and "\x1b" not in book.reason
+        assert len(book.reason) == monitor.MAX_REASON
 
     trio.run(main, clock=clock)
 
