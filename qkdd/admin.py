@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkdd import config as config_mod
+from qkdd import control, monitor, statelock
 from qkdd.auth.psk import generate_psk, read_psk, write_psk
-from qkdd.errors import InputError
+from qkdd.errors import InputError, QkddError
 from qkdd.store import DATABASE, KeyStore
 
 STATUS_FILE = "status.json"
@@ -169,11 +170,12 @@ def _write_init(plan: _InitPlan) -> None:
         raise InputError(f"cannot write {current}: {error.strerror}; nothing written") from None
 
 
-def _state_dir(args: argparse.Namespace) -> tuple[Path, str | None]:
+def _state_dir(args: argparse.Namespace) -> tuple[Path, str | None, str | None]:
+    """The state directory, link ID and role that ``--config`` or ``--state-dir`` name."""
     if args.config is not None:
         loaded = config_mod.load(args.config)
-        return loaded.state_dir, loaded.link_id
-    return Path(args.state_dir), None
+        return loaded.state_dir, loaded.link_id, loaded.role
+    return Path(args.state_dir), None, None
 
 
 def read_status_file(state_dir: Path) -> dict[str, object]:
@@ -185,58 +187,142 @@ def read_status_file(state_dir: Path) -> dict[str, object]:
 
 
 def status(args: argparse.Namespace) -> int:
-    state_dir, link_id = _state_dir(args)
-    if not (state_dir / DATABASE).exists():
-        raise InputError(f"no key store in {state_dir}")
-    store = KeyStore(state_dir, link_id, create=False)
+    """``qkdd status [--json] [--watch [--interval S]]``: ask the daemon on its control socket, or say
+    that none runs (since when) with the figures of its store. Every error under ``--json`` is a JSON
+    object with ``error``. Exit 0 with a report (running or not), 1 when a daemon holds the state
+    directory but does not answer, 2 on bad input."""
     try:
-        stats = store.statistics()
-        daemon = read_status_file(state_dir)
-        last = stats.last_round or {}
-        report = {
-            "link_id": store.link_id,
-            "state_dir": str(state_dir),
-            "link": daemon.get("link", "unknown"),
-            "peer": daemon.get("peer"),
-            "role": daemon.get("role"),
-            "status_updated": daemon.get("updated"),
-            "rounds": stats.rounds,
-            "committed_rounds": stats.committed_rounds,
-            "aborted_rounds": stats.aborted_rounds,
-            "pending_rounds": stats.pending_rounds,
-            "next_round": store.next_round,
-            "last_round": last.get("round"),
-            "last_round_state": last.get("state"),
-            "last_qber": last.get("qber"),
-            "last_phase_error": last.get("phase_error"),
-            "last_reason": last.get("reason"),
-            "auth": last.get("auth"),
-            "stored_keys": stats.stored_keys,
-            "stored_key_bits": stats.stored_key_bits,
-            "reserve_total_bits": store.reserve.total_bits,
-            "reserve_available_bits": store.reserve.status().available_bits,
-            "psk_retired": store.psk_retired,
-            "epoch": store.epoch,  # qkdp/1's restore detector, kept as it was; qkdp/2 uses handshake_keys
-            "handshake_keys": store.reserve.handshake_keys().positions(),
-        }
-        # ETSI 014 key delivery (§19): Bob's free pool, Alice's leases, keys waiting for their slave SAEs,
-        # and the assignments of both sites' logs that this site holds
-        ledger = store.ledger(str(daemon.get("role") or "alice"))
-        report["delivery_available_bits"] = 8 * ledger.available_bytes()
-        report["delivery_leased_bits"] = 8 * ledger.lease_bytes()
-        report["delivery_waiting_keys"] = ledger.waiting_keys()
-        report["delivery_assignments"] = ledger.assignments()
+        interval = _interval(args.interval) if args.watch else 0.0
+        state_dir, link_id, role = _state_dir(args)
+    except QkddError as error:
+        _show({"error": str(error)}, args.json)
+        return 2
+    if not args.watch:
+        report, code = status_report(state_dir, link_id, role)
+        _show(report, args.json)
+        return code
+    try:
+        while True:
+            report, code = status_report(state_dir, link_id, role)
+            if not args.json:
+                print(f"--- {monitor.iso(time.time())}")
+            _show(report, args.json)
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.1 <= value <= 86400:
+        raise InputError(f"--interval: expected seconds in [0.1, 86400], got {text!r}")
+    return value
+
+
+def status_report(state_dir: Path, link_id: str | None, role: str | None) -> tuple[dict[str, object], int]:
+    """The report of ``qkdd status`` and its exit status (see :func:`status`)."""
+    try:
+        answer = control.ask(state_dir)
+    except PermissionError:
+        return {
+            "error": f"no permission to reach {state_dir / control.SOCKET_FILE}: ask as the daemon's user "
+            "or root (e.g. sudo -u qkdd qkdd status ...)"
+        }, 2
+    except control.ControlError as error:
+        return {"running": True, "pid": statelock.holder(state_dir), "error": str(error)}, 1
+    if answer is not None:
+        return answer, (1 if "error" in answer else 0)
+    holder = statelock.holder(state_dir)
+    if holder is not None:
+        return {
+            "running": True,
+            "pid": holder,
+            "error": f"qkdd (pid {holder}) holds {state_dir} but nothing answers on its control socket "
+            "(starting, or stuck)",
+        }, 1
+    if not (state_dir / DATABASE).exists():
+        return {"running": False, "error": f"no key store in {state_dir}: no qkdd ever ran there"}, 2
+    try:
+        store = KeyStore(state_dir, link_id, create=False)
+    except InputError as error:
+        return {"running": False, "error": str(error)}, 2
+    try:
+        stop = read_status_file(state_dir)
+        role = role or str(stop.get("role") or "alice")
+        figures = monitor.store_figures(store, role)
     finally:
         store.close()
-    if args.json:
+    return {**_stopped(state_dir, stop), "role": role, "state_dir": str(state_dir), **figures}, 0
+
+
+def _stopped(state_dir: Path, stop: dict[str, object]) -> dict[str, object]:
+    """Since when no daemon runs: when the last one stopped, if it stopped cleanly (it wrote
+    ``status.json`` after its lock file); else the last sign of life in the state directory."""
+    lock = state_dir / statelock.LOCK_FILE
+    try:
+        pid: int | None = int(lock.read_text(encoding="ascii").strip())
+        started = lock.stat().st_mtime
+    except (OSError, ValueError):
+        pid, started = None, None
+    stopped_at = stop.get("updated")
+    clean = (
+        isinstance(stopped_at, float)
+        and stop.get("pid") == pid
+        and (started is None or stopped_at >= started)
+    )
+    if clean:
+        since: float | None = float(stopped_at)  # type: ignore[arg-type]
+    else:
+        seen = []
+        for name in (DATABASE, f"{DATABASE}-wal", statelock.LOCK_FILE):
+            with contextlib.suppress(OSError):
+                seen.append((state_dir / name).stat().st_mtime)
+        since = max(seen, default=None)
+    return {
+        "running": False,
+        "pid": pid,
+        "since": monitor.iso(since),
+        "stopped_cleanly": bool(clean),
+        "stop_reason": stop.get("reason") if clean else None,
+    }
+
+
+_PERCENT = ("last_qber", "last_phase_error")
+
+
+def _show(report: dict[str, object], as_json: bool) -> None:
+    """Print a report: one JSON object, or one ``name: value`` line per field (the same fields), errors
+    on stderr."""
+    if as_json:
         print(json.dumps(report))
-        return 0
+        return
+    if report.get("running") is False and "error" not in report:
+        how = (
+            "stopped cleanly"
+            if report.get("stopped_cleanly")
+            else "last sign of life; it did not stop cleanly"
+        )
+        print(f"not running since {report.get('since') or '(unknown)'} ({how})")
+    if "error" in report:
+        print(f"qkdd status: {report['error']}", file=sys.stderr)
     for name, value in report.items():
-        shown = value
-        if isinstance(value, float) and name == "status_updated":
-            shown = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        print(f"{name:>18}: {shown if shown is not None else '-'}")
-    return 0
+        if name == "error":
+            continue
+        if value is None or value == []:
+            shown = "-"
+        elif isinstance(value, bool):
+            shown = "yes" if value else "no"
+        elif name in _PERCENT and isinstance(value, float):
+            shown = f"{100 * value:.2f}%"
+        elif isinstance(value, list):
+            shown = ", ".join(str(v) for v in value)
+        else:
+            shown = str(value)
+        print(f"{name:>26}: {shown}")
 
 
 def export_keys(state_dir: Path) -> int:
@@ -256,7 +342,8 @@ def export_keys(state_dir: Path) -> int:
 
 
 def write_status_file(state_dir: Path, **fields: object) -> None:
-    """The daemon's view of the link, for ``qkdd status`` (atomic replace; no secrets)."""
+    """When and why the daemon stopped, written as it stops cleanly, for ``qkdd status`` once it is
+    gone (atomic replace; no secrets)."""
     path = state_dir / STATUS_FILE
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps({**fields, "updated": time.time(), "pid": os.getpid()}))

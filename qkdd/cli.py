@@ -224,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--state-dir", type=Path, required=True)
     plot.add_argument("--out", type=Path, help="the figure's file (default: qkdd-LINK_ID.png here)")
 
-    status = commands.add_parser("status", help="link state, rounds, last QBER, stored key bits")
+    status = commands.add_parser(
+        "status",
+        help="ask the running daemon (its control socket in the state directory): link, reason, uptime, "
+        "key rate, last QBER, reserve, key delivery; or say since when none runs",
+    )
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path)
     where.add_argument("--state-dir", type=Path)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help='one JSON object (errors too: {"error": ...})')
+    status.add_argument("--watch", action="store_true", help="ask again every --interval seconds until ^C")
+    status.add_argument(
+        "--interval", default="2", metavar="SECONDS", help="--watch: seconds between reports (default 2)"
+    )
 
     keys = commands.add_parser("keys", help="key store tools")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)

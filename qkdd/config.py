@@ -138,6 +138,7 @@ class Config:
     source: Path | None = None
     pki: PkiFiles | None = None  # PKI bootstrap
     etsi014: Etsi014 | None = None  # key delivery API
+    metrics: Address | None = None  # where Prometheus scrapes /metrics (off without [metrics])
 
 
 def _take(table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
@@ -172,7 +173,19 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     _take(
         raw,
         "",
-        {"role", "link_id", "state_dir", "network", "auth", "link", "post", "timeouts", "run", "etsi014"},
+        {
+            "role",
+            "link_id",
+            "state_dir",
+            "network",
+            "auth",
+            "link",
+            "post",
+            "timeouts",
+            "run",
+            "etsi014",
+            "metrics",
+        },
     )
     role = raw.get("role")
     if role not in spec.ROLES:
@@ -287,6 +300,13 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
     run = _table(raw, "run")
     _take(run, "run.", {"max_rounds", "round_pause", "window"})
     etsi014 = _etsi014(raw["etsi014"], base, f"{link_id}-{role}", state_dir) if "etsi014" in raw else None
+    metrics = None
+    if "metrics" in raw:
+        metrics_raw = _table(raw, "metrics")
+        _take(metrics_raw, "metrics.", {"listen"})
+        if "listen" not in metrics_raw:
+            raise InputError('metrics.listen: expected "HOST:PORT" (or leave out [metrics] to export none)')
+        metrics = parse_address(metrics_raw["listen"], "metrics.listen")
     return Config(
         role=role,
         link_id=link_id,
@@ -305,6 +325,7 @@ def from_mapping(raw: Mapping[str, Any], base: Path) -> Config:
         round_pause=_number(run.get("round_pause", 0.0), "run.round_pause", low=0, high=3600),
         window=_number(run.get("window", DEFAULT_WINDOW), "run.window", low=1, high=MAX_WINDOW, integer=True),
         etsi014=etsi014,
+        metrics=metrics,
     )
 
 
@@ -499,6 +520,9 @@ backend = "sim"
 [run]
 max_rounds = {max_rounds}      # 0: run until stopped
 window = {window}              # rounds in flight on one connection (the two sides use the smaller)
+
+# [metrics]
+# listen = "127.0.0.1:9770"     # Prometheus text format on http://HOST:PORT/metrics (off by default)
 """
 
 

@@ -15,6 +15,10 @@ Theory of operation
 * SIGTERM/SIGINT: stop starting rounds, let the round under way finish within ``timeouts.shutdown_grace``
   seconds, then close with an error frame ``shutdown``.
 * Logs go to stderr, one line per notable event and one per round, never key material.
+* ``qkdd status`` asks the daemon on its control socket (:mod:`qkdd.control`); the daemon tells a
+  :class:`~qkdd.monitor.Monitor` the link's state and why, and each round's end, and the monitor feeds the
+  Prometheus metrics (:mod:`qkdd.metrics`) when ``[metrics]`` is set. ``status.json`` is written once,
+  as the daemon stops, with when and why.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from qkdd import background, policy, wire
+from qkdd import background, control, monitor, policy, wire
 from qkdd import engine as engine_mod
+from qkdd import metrics as metrics_mod
 from qkdd.admin import write_status_file
 from qkdd.auth import pki
 from qkdd.auth.psk import fingerprint, read_psk
@@ -60,6 +65,7 @@ from qkdd.store import KeyStore
 log = logging.getLogger("qkdd")
 LISTEN_FILE = "listen-address"
 ETSI014_FILE = "etsi014-address"  # where the key delivery API listens (an ephemeral port is resolved)
+METRICS_FILE = "metrics-address"  # where /metrics is served (likewise)
 MAX_HANDSHAKES = 512
 """Connections held in the handshake at once; a new one closes the oldest (I5: idle sockets cannot keep
 the peer out, and one that reopens each closed socket must churn through all of them to reach the
@@ -107,13 +113,17 @@ class RoundClock:
             self.wall[self.state] = self.wall.get(self.state, 0.0) + now - self.since
             self.state, self.since = state, now
 
-    def format(self, now: float) -> str:
-        """``state:wall/busy`` for each state the round went through, in order, lower case."""
+    def walls(self, now: float) -> dict[str, float]:
+        """The seconds spent in each state the round went through, in order, as of ``now``."""
         wall = dict(self.wall)
         wall[self.state] = wall.get(self.state, 0.0) + now - self.since
+        return wall
+
+    def format(self, now: float) -> str:
+        """``state:wall/busy`` for each state the round went through, in order, lower case."""
         return ",".join(
             f"{state.lower()}:{seconds:.3f}/{self.busy.get(state, 0.0):.3f}"
-            for state, seconds in wall.items()
+            for state, seconds in self.walls(now).items()
         )
 
 
@@ -195,15 +205,21 @@ class Daemon:
         # Compute work: as many threads as cores, at least two (rounds in flight hand out work at once)
         self._background = background.executor("qkdd-compute", workers=max(2, os.cpu_count() or 1))
         self._urgent = background.executor("qkdd-urgent", lower=False)  # Compute(urgent=True)
+        self.metrics = (
+            metrics_mod.Metrics(config.role, config.link_id) if config.metrics is not None else None
+        )
+        self.monitor = monitor.Monitor(config.role, metrics=self.metrics)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None
         if config.etsi014 is not None:
             ledger = self.store.ledger(config.role)
             self.kme = KeyManager(config.role, config.etsi014, ledger, self._store_call)
-            self.api = ApiServer(self.kme, config.etsi014)
+            observe = self.metrics.etsi014_request if self.metrics is not None else None
+            self.api = ApiServer(self.kme, config.etsi014, observe)
         self.settings = engine_settings(config, self.psk, self.pki, key_channel=self.kme is not None)
         self.rounds_finished = 0
         self.stopping = False
+        self.stop_reason: str | None = None
         self.paused = False
         self._rounds_started: set[int] = set()
         self._stop = trio.Event()
@@ -226,8 +242,10 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` (or ``run.max_rounds``), then stop within the grace period."""
+        self.monitor.start(trio.current_time())
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve, self.config.state_dir, self._control)
                 if self.config.listen is not None:
                     listeners = await trio.open_tcp_listeners(
                         self.config.listen.port, host=self.config.listen.host
@@ -244,25 +262,43 @@ class Daemon:
                 if self.api is not None:
                     port = await nursery.start(self.api.serve)
                     self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)
+                if self.metrics is not None:
+                    assert self.config.metrics is not None
+                    port = await nursery.start(
+                        metrics_mod.serve, self.metrics, self.config.metrics, self._refresh_metrics
+                    )
+                    self._write_address_file(METRICS_FILE, self.config.metrics.host, port)
                 if self.notifier.watchdog_seconds:
                     nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._warm_up)
                 self.notifier.ready(f"{self.role} of link {self.config.link_id}")
-                self._status("down")
+                self._status(
+                    f"down: connecting to {self.config.peer}"
+                    if self.config.listen is None
+                    else "down: waiting for the peer to connect"
+                )
                 task_status.started(self.listen_port)
                 await self._stop.wait()
                 self.notifier.stopping()
                 with trio.move_on_after(self.config.timeouts.shutdown_grace):
                     await self._round_idle.wait()
                 nursery.cancel_scope.cancel()
+        except BaseException as error:
+            failure = error
+            while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+                failure = failure.exceptions[0]  # the one failure a nursery wrapped
+            self.stop_reason = self.stop_reason or f"{type(failure).__name__}: {str(failure)[:200]}"
+            raise
         finally:
             self._status("stopped")
+            self._write_stop_file()
             self.store.close()
             log.info("%s stopped after %d rounds", self.role, self.rounds_finished)
 
     def request_stop(self, why: str) -> None:
         if not self.stopping:
             log.info("stopping: %s", why)
+            self.stop_reason = why
         self.stopping = True
         self._stop.set()
 
@@ -295,12 +331,9 @@ class Daemon:
             try:
                 stream = await trio.open_tcp_stream(self.config.peer.host, self.config.peer.port)
             except OSError as error:
-                log.info(
-                    "cannot connect to %s: %s; retrying in %.1f s",
-                    self.config.peer,
-                    connect_failure(error),
-                    delay,
-                )
+                why = connect_failure(error)
+                self._status(f"down: cannot connect to {self.config.peer}: {why}")
+                log.info("cannot connect to %s: %s; retrying in %.1f s", self.config.peer, why, delay)
             else:
                 peer = _peer_name(stream)
                 log.info("connected to %s", peer)
@@ -326,6 +359,7 @@ class Daemon:
         )
         session.engine = engine
         ready = False
+        ended = f"the connection with {peer} ended"  # why, for the status once it is over
         if len(self._handshaking) >= MAX_HANDSHAKES:
             # the oldest connection still in the handshake goes: whoever holds sockets open without
             # authenticating can never keep a new one (the real peer's) out
@@ -354,6 +388,7 @@ class Daemon:
                             and (self.stopping or not self._max_rounds_reached() or self._all_done())
                         ):
                             if self.stopping or self._all_done():
+                                ended = "stopping" if self.stopping else "all rounds done"
                                 await session.write_quietly(engine.close("shutdown", "no more rounds"))
                                 if self._all_done():
                                     self.request_stop("all rounds done")
@@ -402,6 +437,7 @@ class Daemon:
                             await self._keep_alive(session, engine)  # Alice, done with her rounds
                             continue
                         if waiting.cancelled_caught:
+                            ended = f"nothing from {peer} in state {engine.state.value} within its timeout"
                             self._warn(
                                 session,
                                 f"{peer}: no frame in state {engine.state.value} within its timeout"
@@ -414,6 +450,7 @@ class Daemon:
                         if isinstance(item, Exception):
                             raise item
                         if item is None:
+                            ended = f"{peer} closed the connection"
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
                         handled = None
@@ -449,14 +486,18 @@ class Daemon:
                         if self.role == "bob" and self._all_done() and not engine.round_states:
                             self.request_stop("all rounds done")
             except RemoteProtocolError as error:
+                ended = f"protocol error {error.code} with {peer}: {error}"
                 await self._protocol_error(session, error)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                ended = f"connection with {peer} lost"
                 log.info("%s: connection lost (%s)%s", peer, type(error).__name__, _abandoned(engine))
             except Exception as error:  # a failing link backend or store, or our bug: this connection ends
                 problem = operational_problem(error)
                 if problem is not None:  # the host's to fix (a full disk, a permission): no traceback
+                    ended = problem
                     log.error("%s: %s; closing the connection%s", peer, problem, _abandoned(engine))
                 else:
+                    ended = f"internal error: {type(error).__name__}: {str(error)[:200]}"
                     log.error(
                         "%s: internal error (%s: %s); closing the connection%s",
                         peer,
@@ -474,8 +515,10 @@ class Daemon:
                 self._handshaking.pop(session, None)
                 if self._active is session:
                     self._active = None
-                    self._status("down")
+                    self._status(f"down: {ended}")
                     self._clocks.clear()
+                elif self._active is None and not self.paused and not self.stopping:
+                    self._status(f"down: {ended}")  # a connection that never came up: say why
                 self._round_idle.set()
                 with trio.CancelScope(shield=True):
                     # the closing frame's sequence number is only right if every frame before it went out
@@ -650,14 +693,32 @@ class Daemon:
         self._status("up", session.peer)
 
     def _status(self, link: str, peer: str | None = None) -> None:
+        """The link's state for ``qkdd status`` and the metrics: ``up``, ``down``, ``paused`` or
+        ``stopped``, then optionally ``": "`` and the reason."""
+        self.monitor.set_link(link, peer)
+
+    async def _control(self, request: str) -> dict[str, Any]:
+        """The answer to a control socket request (:mod:`qkdd.control`): the status snapshot."""
+        del request  # "status" is the only one
+        figures = await self._store_call(monitor.store_figures, self.store, self.role)
+        answer = {
+            **self.monitor.snapshot(trio.current_time()),
+            "state_dir": str(self.config.state_dir),
+            **figures,
+        }
+        if self.psk:
+            answer["psk_fingerprint"] = fingerprint(self.psk)
+        if self.kme is not None:
+            answer["delivery_stored_keys"] = await self._store_call(self.kme.stored_keys)
+        return answer
+
+    async def _refresh_metrics(self, metrics: metrics_mod.Metrics) -> None:
+        metrics.store(await self._store_call(monitor.delivery_figures, self.store, self.role))
+
+    def _write_stop_file(self) -> None:
+        """``status.json``: when and why this daemon stopped, for ``qkdd status`` once it is gone."""
         try:
-            write_status_file(
-                self.config.state_dir,
-                role=self.role,
-                link=link,
-                peer=peer,
-                rounds_this_run=self.rounds_finished,
-            )
+            write_status_file(self.config.state_dir, role=self.role, reason=self.stop_reason)
         except OSError as error:
             log.warning("cannot write the status file: %s", error.strerror)
 
@@ -795,16 +856,21 @@ class Daemon:
                         )
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
                     self._count_unrelated(summary, disposition)
+                    walls = None if clock is None else clock.walls(ended)
+                    self.monitor.round_ended(summary, disposition, ended, walls)
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
                     if disposition != "pending":
                         finished.append(summary.round)
                 case engine_mod.CommitRound(round=number):
                     await self._store_call(self.store.commit_round, number)
+                    self.monitor.committed([number], trio.current_time())
                     log.info("round %d committed", number)
                     finished.append(number)
                 case engine_mod.ResolvePending(committed=committed):
                     done, dropped = await self._store_call(self.store.resolve, committed)
+                    self.monitor.committed(done, trio.current_time())
+                    self.monitor.dropped(dropped)
                     if done or dropped:
                         log.info("pending rounds resolved: committed %s, dropped %s", done, dropped)
                     # rounds of this run that Alice committed while "committed" was lost count now

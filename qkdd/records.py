@@ -32,6 +32,7 @@ class RoundSummary:
     aborted: bool
     reason: str | None
     auth: str
+    reconciled_bits: int = 0  # the key Cascade corrected (0 before reconciliation): for its efficiency
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

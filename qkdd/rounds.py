@@ -522,6 +522,7 @@ class Round:
             aborted=reason is not None,
             reason=reason,
             auth=self.auth,
+            reconciled_bits=0 if self.qber is None or self.key is None else int(self.key.size),
         )
 
 

@@ -46,3 +46,26 @@ def lock_state_dir(state_dir: Path) -> IO[str]:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def holder(state_dir: Path) -> int | None:
+    """The pid of the process that holds the state directory's lock, or ``None`` when none does (or
+    the system does not say: this reads ``/proc/locks``, Linux). Looks only: never takes the lock,
+    which would make a daemon starting at that moment fail."""
+    path = state_dir / LOCK_FILE
+    try:
+        inode = path.stat().st_ino
+        written = path.read_text(encoding="ascii").strip()
+        table = Path("/proc/locks").read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1808 fe:00:2548739 0 EOF"; a waiter's line has "->" after the id
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[5].rsplit(":", 1)[-1] != str(inode):
+            continue
+        # the inode alone may match a file of another file system: the pid must match too (a pid
+        # namespace may show 0 there; the lock file has the daemon's own view of its pid)
+        if fields[4] == written or (fields[4] == "0" and written.isdigit()):
+            return int(written)
+    return None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qkdd import config
+from qkdd.admin import write_status_file
 from qkdd.cli import main
 from qkdd.records import RoundSummary, key_id
 from qkdd.store import KeyStore
@@ -91,18 +93,68 @@ def test_status_and_export_read_the_store(tmp_path: Path, capsys: pytest.Capture
     store.close()
     assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    # no daemon ran here: not running, since the store's last change, and the store's figures
+    assert report["running"] is False and report["stopped_cleanly"] is False and report["since"]
     assert report["link_id"] == "lab" and report["stored_key_bits"] == 256
     assert report["delivery_available_bits"] == 256 and report["delivery_waiting_keys"] == 0
     assert report["delivery_leased_bits"] == 0 and report["delivery_assignments"] == 0
-    assert report["last_qber"] == 0.0125 and report["committed_rounds"] == 1 and report["auth"] == "psk"
+    assert report["last_qber"] == 0.0125 and report["rounds_committed"] == 1 and report["auth"] == "psk"
+    assert report["last_round_at"].endswith("+00:00")
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
-    assert "stored_key_bits: 256" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert text.startswith("not running since ") and "stored_key_bits: 256" in text
+    assert "last_qber: 1.25%" in text and "last_round_at: " + report["last_round_at"] in text
     assert main(["keys", "export", "--state-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"key_id": key_id("lab", 0, 0), "key_hex": "00" * 32}
     assert "secret keys" in captured.err
     assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
     assert "no key store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--state-dir", "{tmp}/nothing"], {"running": False, "error": "no key store in {tmp}/nothing"}),
+        (["--config", "{tmp}/missing.toml"], {"error": "{tmp}/missing.toml: cannot read"}),
+        (
+            ["--state-dir", "{tmp}", "--watch", "--interval", "soon"],
+            {"error": "--interval: expected seconds"},
+        ),
+        (["--state-dir", "{tmp}", "--watch", "--interval", "0"], {"error": "--interval: expected seconds"}),
+    ],
+)
+def test_status_errors_under_json_are_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: dict[str, object]
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["status", *argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert captured.err == "" and set(report) == set(expected)
+    for name, value in expected.items():
+        if isinstance(value, str):
+            assert str(report[name]).startswith(value.replace("{tmp}", str(tmp_path))), report
+        else:
+            assert report[name] == value
+
+
+def test_status_after_a_clean_stop_says_when_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qkdd.statelock import lock_state_dir  # noqa: PLC0415
+
+    KeyStore(tmp_path, "lab").close()
+    lock = lock_state_dir(tmp_path)  # as the daemon does: its lock, then its stop file as it stops
+    write_status_file(tmp_path, role="bob", reason="SIGTERM")
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 1  # locked, nothing answers
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is True and report["pid"] == os.getpid() and "nothing answers" in report["error"]
+    lock.close()
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is False and report["stopped_cleanly"] is True and report["pid"] == os.getpid()
+    assert report["stop_reason"] == "SIGTERM" and report["role"] == "bob" and report["since"]
 
 
 def test_pki_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,3 +275,32 @@ def test_run_refuses_an_unknown_log_level(tmp_path: Path, capsys: pytest.Capture
         main(["run", "--config", str(tmp_path / "bob.toml"), "--log-level", "LOUD"])
     assert exit_.value.code == 2
     assert "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+
+
+def test_status_without_permission_on_the_socket_says_whom_to_ask_as(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkdd import control  # noqa: PLC0415
+
+    def refused(state_dir: Path) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(control, "ask", refused)  # as for a user other than the daemon's (tests run as root)
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 2
+    assert "ask as the daemon's user or root" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_status_of_a_config_whose_link_is_not_the_stores_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    KeyStore(tmp_path / "state", "lab").close()
+    (tmp_path / "psk").write_text("00" * 32)
+    path = tmp_path / "alice.toml"
+    path.write_text(
+        config.render(
+            "alice", link_id="other", state_dir="state", psk_file="psk", listen=None, peer="127.0.0.1:7700"
+        )
+    )
+    assert main(["status", "--config", str(path), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["running"] is False and "belongs to link 'lab', not 'other'" in report["error"]

@@ -74,11 +74,22 @@ def test_etsi014_unix_socket_and_uids(tmp_path: Path) -> None:
         ({"run": {"max_rounds": -1}}, "run.max_rounds"),
         ({"link": {"backend": "sim", "other": {}}}, "link.other: unknown key"),
         ({"network": "x"}, "network: expected a table"),
+        ({"metrics": "127.0.0.1:9770"}, r"metrics: expected a table \(\[metrics\]\)"),
+        ({"metrics": {}}, 'metrics.listen: expected "HOST:PORT"'),
+        ({"metrics": {"listen": "9770"}}, 'metrics.listen: expected "HOST:PORT"'),
+        ({"metrics": {"listen": "h:70000"}}, "metrics.listen: expected .* a port in 0..65535"),
+        ({"metrics": {"listen": "h:1", "path": "/m"}}, "metrics.path: unknown key; expected one of listen"),
     ],
 )
 def test_errors_name_the_key(overrides: dict[str, Any], match: str, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=match):
         config.from_mapping(base(**overrides), tmp_path)
+
+
+def test_metrics_are_off_unless_the_table_says_where(tmp_path: Path) -> None:
+    assert config.from_mapping(base(), tmp_path).metrics is None
+    loaded = config.from_mapping(base(metrics={"listen": "[::1]:9770"}), tmp_path)
+    assert loaded.metrics == config.Address("::1", 9770)
 
 
 def test_file_errors(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import trio
 
-from qkdd import config, demo, engine
+from qkdd import config, control, demo, engine
 from qkdd import daemon as daemon_mod
 from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
@@ -176,19 +176,22 @@ async def test_a_failing_link_ends_the_connection_not_the_daemon(
     ("used_up_to", "status", "message"),
     [
         # a handshake key but not enough for a round (366 bits)
-        (200, "paused: key reserve exhausted", "the key reserve holds"),
+        (200, ("paused", "key reserve exhausted"), "the key reserve holds"),
         # Alice's state restored from a backup older than Bob's handshake key: they share none
         (
             -1,
-            "paused: no handshake key in common (re-bootstrap needed)",
+            ("paused", "no handshake key in common (re-bootstrap needed)"),
             "restored from a backup",
         ),
     ],
 )
 async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, used_up_to: int, status: str, message: str
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    used_up_to: int,
+    status: tuple[str, str],
+    message: str,
 ) -> None:
-    from qkdd.admin import read_status_file  # noqa: PLC0415
     from qkdd.policy import HandshakeKeys  # noqa: PLC0415
     from qkdd.records import RoundSummary  # noqa: PLC0415
 
@@ -219,7 +222,7 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
             with trio.fail_after(6):
                 await paused.wait()
             logging.getLogger("qkdd").removeHandler(watch)
-            assert read_status_file(alice_config.state_dir)["link"] == status
+            assert (alice.monitor.link, alice.monitor.reason) == status
             alice.request_stop("test over")
             bob.request_stop("test over")
     assert message in caplog.text and alice.rounds_finished == 0
@@ -238,8 +241,6 @@ async def until(condition: Callable[[], bool]) -> None:
 async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken_and_keepalives_hold_the_link(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from qkdd.admin import read_status_file  # noqa: PLC0415
-
     alice_config, bob_config = configs(tmp_path, 0, idle=1.0, etsi014=True)  # Bob's IDLE: 1 s
     assert alice_config.etsi014 is not None
     full = dataclasses.replace(alice_config.etsi014, max_key_count=1)  # full after the first round
@@ -250,17 +251,25 @@ async def test_a_full_key_store_pauses_the_rounds_until_keys_are_taken_and_keepa
                 nursery, dataclasses.replace(alice_config, etsi014=full), bob_config
             )
             await until(lambda: "link paused: the key store holds" in caplog.text)
-            assert read_status_file(alice_config.state_dir)["link"] == "paused: key store full"
+            assert (alice.monitor.link, alice.monitor.reason) == ("paused", "key store full")
             finished = alice.rounds_finished
             assert finished >= 1
             await trio.sleep(3.5)  # still full, no round; and Alice's keepalives hold the connection open
             assert alice.rounds_finished == finished
             assert "within its timeout" not in caplog.text and caplog.text.count("key channel open") == 2
             assert alice.kme is not None
+            # the status is live while the link is paused: a key handed out shows at once
+            before = await trio.to_thread.run_sync(control.ask, alice_config.state_dir)
+            assert before is not None and (before["link"], before["reason"]) == ("paused", "key store full")
+            await alice.kme.enc_keys("sae-alice", ["sae-bob"], 1, 256)
+            after = await trio.to_thread.run_sync(control.ask, alice_config.state_dir)
+            assert after is not None and after["link"] == "paused"
+            assert after["delivery_assignments"] == before["delivery_assignments"] + 1
+            assert after["delivery_stored_keys"] == before["delivery_stored_keys"] - 1
             alice.kme.settings = dataclasses.replace(full, max_key_count=10**9)  # as if keys were taken
             await until(lambda: alice.rounds_finished > finished)
             assert "link resumed" in caplog.text
-            assert read_status_file(alice_config.state_dir)["link"] == "up"
+            assert (alice.monitor.link, alice.monitor.reason) == ("up", None)
             alice.request_stop("test over")
             bob.request_stop("test over")
 

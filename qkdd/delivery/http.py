@@ -123,9 +123,16 @@ class _BodyTooLarge(h11.RemoteProtocolError):
 class ApiServer:
     """Serves one KME's API until cancelled."""
 
-    def __init__(self, kme: KeyManager, settings: Etsi014) -> None:
+    def __init__(
+        self,
+        kme: KeyManager,
+        settings: Etsi014,
+        observe: Callable[[str, int, float], None] | None = None,
+    ) -> None:
         self.kme = kme
         self.settings = settings
+        # told (target, status, seconds) of each answer sent: the daemon's metrics
+        self.observe = observe or (lambda target, status, seconds: None)
         self._by_fingerprint = {s.fingerprint: s.id for s in settings.saes if s.fingerprint}
         self._by_name = {s.common_name: s.id for s in settings.saes if s.common_name}
         self._by_uid = {s.uid: s.id for s in settings.saes if s.uid is not None}
@@ -268,12 +275,14 @@ class ApiServer:
                         return
                 if idle.cancelled_caught or request is None:
                     return
+                started = trio.current_time()
                 headers: list[tuple[str, str]] = []
                 if caller is None:
                     status, body = 401, {"message": unknown}
                 else:
                     status, body, headers = await self._answer(caller, *request)
                 await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
+                self.observe(request[1], status, trio.current_time() - started)
                 if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
                     await _linger(transport)
                     return

@@ -6,7 +6,7 @@ which relays to Bob's port and attacks one message at a time. The link first run
 scenario tests, each of which:
 
 1. brings both daemons to rest (the proxy cuts the connection and refuses Alice's next ones until both
-   status files say "down") and snapshots what both stores hold durably;
+   control sockets say "down") and snapshots what both stores hold durably;
 2. lets exactly one connection through with one attack armed (drop, duplicate, reorder, replay from an
    earlier connection, rewrite a field or the transcript tag, cut after), and waits for it to end;
 3. checks I2 where it applies: an attack on a message received before the peer's proof verified
@@ -47,8 +47,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from qkdd import demo
-from qkdd.admin import read_status_file
+from qkdd import control, demo
 from qkdd.auth import wegman_carter as wc
 from qkdd.store import KeyStore
 from tests.e2e.mitm import Attack, Proxy, frame_bytes, peer_of
@@ -214,7 +213,13 @@ class Link:
     # -- observation
 
     def status(self, role: str) -> str:
-        return str(read_status_file(self.dir(role)).get("link", ""))
+        """The daemon's link state (``up``, ``down``, ``paused``) as its control socket says; "" when
+        it does not answer."""
+        try:
+            answer = control.ask(self.dir(role))
+        except control.ControlError:
+            return ""
+        return "" if answer is None else str(answer.get("link", ""))
 
     def view(self, role: str) -> View:
         return read_view(self.dir(role))
@@ -229,7 +234,7 @@ class Link:
 
     def rest(self, timeout: float = 30.0) -> None:
         """Bring both daemons to rest: cut the connection, refuse Alice's next ones, and wait until no
-        connection is relayed and neither running daemon has a session running rounds (its status file
+        connection is relayed and neither running daemon has a session running rounds (its control socket
         no longer says "up"): nothing writes to the stores then."""
         self.proxy.allow(0)
 
