@@ -74,6 +74,10 @@ def checks_for(path: Path) -> Iterator[Check]:
             yield _bindable("network.listen", config.listen)
         if config.etsi014 is not None:
             yield _bindable("etsi014.listen", config.etsi014.listen)
+        if config.metrics is not None:
+            yield _bindable("metrics.listen", config.metrics)
+    if config.etsi014 is not None and config.etsi014.unix_socket is not None:
+        yield _socket_folder(config.etsi014.unix_socket, config.state_dir)
     yield _peer(config)
 
 
@@ -228,6 +232,18 @@ def _bindable(name: str, address: config_mod.Address) -> Check:
         except OSError as error:
             return Check(name, False, f"{address}: {operational_problem(error) or error}")
     return Check(name, True, f"{address} is free to listen on")
+
+
+def _socket_folder(path: Path, state_dir: Path) -> Check:
+    """The Unix socket's folder must let the daemon create the socket (the state directory is created)."""
+    folder = path.parent
+    if folder == state_dir and not folder.exists():
+        return Check("etsi014.unix_socket", True, f"{path}: in the state directory, which qkdd run creates")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return Check("etsi014.unix_socket", False, f"{path}: this user may not create it in {folder}")
+    if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+        return Check("etsi014.unix_socket", False, f"{path} exists and is not a socket; qkdd run stops on it")
+    return Check("etsi014.unix_socket", True, f"{path}: its folder is writable")
 
 
 def _peer(config: config_mod.Config) -> Check:

@@ -169,3 +169,23 @@ def test_a_key_others_may_read_fails(tmp_path: Path) -> None:
     key.chmod(0o640)
     found = check._certificate("etsi014", certificate, key, certificate)
     assert not found.ok and "chmod 600" in found.detail
+
+
+def test_a_metrics_port_in_use_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _init(tmp_path, "bob")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path.write_text(path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        code, found = _run(path, capsys)
+    assert code == 1 and "another program holds that port" in found["metrics.listen"][1]
+
+
+def test_the_unix_socket_path_must_be_creatable_and_not_a_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert check._socket_folder(state / "api.sock", state).ok  # the state directory comes with run
+    assert not check._socket_folder(tmp_path / "missing" / "api.sock", state).ok
+    (tmp_path / "api.sock").write_text("a file")
+    found = check._socket_folder(tmp_path / "api.sock", state)
+    assert not found.ok and "is not a socket" in found.detail
