@@ -72,7 +72,7 @@ def checks_for(path: Path) -> Iterator[Check]:
     if held_by is None:  # a running daemon holds its ports; bind only when none runs
         if config.listen is not None:
             yield _bindable("network.listen", config.listen)
-        if config.etsi014 is not None:
+        if config.etsi014 is not None and config.etsi014.listen is not None:
             yield _bindable("etsi014.listen", config.etsi014.listen)
         if config.metrics is not None:
             yield _bindable("metrics.listen", config.metrics)
@@ -189,8 +189,9 @@ def _key_store(state_dir: Path, link_id: str) -> Check:
 def _certificates(config: config_mod.Config) -> Iterator[tuple[str, Path, Path, Path]]:
     if config.pki is not None:
         yield "auth (pki)", config.pki.certificate, config.pki.key, config.pki.ca
-    if config.etsi014 is not None:
-        yield "etsi014", config.etsi014.certificate, config.etsi014.key, config.etsi014.ca
+    api = config.etsi014
+    if api is not None and api.certificate is not None and api.key is not None and api.ca is not None:
+        yield "etsi014", api.certificate, api.key, api.ca
 
 
 def _certificate(name: str, certificate: Path, key: Path, ca: Path) -> Check:

@@ -90,12 +90,13 @@ class SaeIdentity:
 
 @dataclass(frozen=True)
 class Etsi014:
-    """``[etsi014]``: the key delivery API of this site (ETSI GS QKD 014 over mutual TLS)."""
+    """``[etsi014]``: the key delivery API of this site: ETSI GS QKD 014 over mutual TLS on ``listen``
+    (with the three files), over ``unix_socket`` for SAEs of this host, or both."""
 
-    listen: Address
-    certificate: Path
-    key: Path
-    ca: Path
+    listen: Address | None
+    certificate: Path | None
+    key: Path | None
+    ca: Path | None
     saes: tuple[SaeIdentity, ...]
     kme_id: str
     key_size: int = 256
@@ -401,7 +402,20 @@ def _etsi014(raw: object, base: Path, default_kme_id: str, state_dir: Path) -> E
     kme_id = _string(raw.get("kme_id", default_kme_id), "etsi014.kme_id")
     if len(kme_id.encode()) > 128:
         raise InputError("etsi014.kme_id: at most 128 bytes")
-    certificate, key, ca = (base / _string(raw.get(name), f"etsi014.{name}") for name in files)
+    certificate = key = ca = listen = None
+    if "listen" in raw or "unix_socket" not in raw:  # HTTPS: the address and its three files
+        listen = parse_address(raw.get("listen"), "etsi014.listen")
+        certificate, key, ca = (base / _string(raw.get(name), f"etsi014.{name}") for name in files)
+    else:
+        for name in files:
+            if name in raw:
+                raise InputError(f"etsi014.{name}: no etsi014.listen, so nothing serves TLS")
+        for sae in saes:
+            if sae.uid is None:
+                raise InputError(
+                    f"etsi014.sae: {sae.id!r} is known by its certificate, which only etsi014.listen (HTTPS) "
+                    "takes; give it a uid or set listen and the TLS files"
+                )
     unix_socket = None
     if "unix_socket" in raw:
         unix_socket = _unix_socket(raw["unix_socket"], base, state_dir)
@@ -409,7 +423,7 @@ def _etsi014(raw: object, base: Path, default_kme_id: str, state_dir: Path) -> E
             raise InputError("etsi014.unix_socket: no [[etsi014.sae]] has a uid, so no one could use it")
     return Etsi014(
         unix_socket=unix_socket,
-        listen=parse_address(raw.get("listen"), "etsi014.listen"),
+        listen=listen,
         certificate=certificate,
         key=key,
         ca=ca,

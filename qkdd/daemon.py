@@ -261,7 +261,8 @@ class Daemon:
                     nursery.start_soon(self.kme.run)
                 if self.api is not None:
                     port = await nursery.start(self.api.serve)
-                    self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)
+                    if self.api.settings.listen is not None:  # HTTPS, not only the Unix socket
+                        self._write_address_file(ETSI014_FILE, self.api.settings.listen.host, port)
                 if self.metrics is not None:
                     assert self.config.metrics is not None
                     port = await nursery.start(

@@ -192,3 +192,33 @@ def test_etsi014_table(tmp_path: Path) -> None:
 def test_etsi014_errors_name_the_key(overrides: dict[str, Any], match: str, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=match):
         config.from_mapping(etsi014(**overrides), tmp_path)
+
+
+def _socket_only(**overrides: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {"unix_socket": "api.sock", "sae": [{"id": "local", "uid": 1000}]}
+    table.update(overrides)
+    return base(etsi014=table)
+
+
+def test_etsi014_may_serve_only_the_unix_socket(tmp_path: Path) -> None:
+    loaded = config.from_mapping(_socket_only(), tmp_path).etsi014
+    assert loaded is not None and loaded.listen is None and loaded.certificate is None
+    assert loaded.unix_socket == tmp_path / "api.sock"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            {"certificate_file": "kme.crt"},
+            "etsi014.certificate_file: no etsi014.listen, so nothing serves TLS",
+        ),
+        ({"sae": [{"id": "gw", "common_name": "gw"}]}, "'gw' is known by its certificate"),
+        ({"listen": "127.0.0.1:8443"}, "etsi014.certificate_file: expected a non-empty string"),
+    ],
+)
+def test_a_socket_only_api_refuses_what_needs_tls(
+    overrides: dict[str, Any], match: str, tmp_path: Path
+) -> None:
+    with pytest.raises(InputError, match=match):
+        config.from_mapping(_socket_only(**overrides), tmp_path)

@@ -88,6 +88,7 @@ _DEC_FIELDS = {"key_IDs", "key_IDs_extension"}
 
 def tls_context(settings: Etsi014) -> ssl.SSLContext:
     """The server's TLS context: our certificate, client certificates required from the CA."""
+    assert settings.certificate is not None and settings.key is not None, "no TLS without etsi014.listen"
     try:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(settings.ca))
         context.load_cert_chain(str(settings.certificate), str(settings.key))
@@ -142,11 +143,17 @@ class ApiServer:
     def context(self) -> ssl.SSLContext:
         return tls_context(self.settings)
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve HTTPS (and the Unix socket, if configured); ``task_status`` gets the HTTPS port once
-        both listen."""
-        _ = self.context  # a bad certificate or key fails here, before the port opens
+    async def serve(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve HTTPS and the Unix socket, whichever are configured; ``task_status`` gets the HTTPS port
+        (``None`` without HTTPS) once both listen."""
         listen = self.settings.listen
+        if listen is None:
+            assert self.settings.unix_socket is not None
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._serve_unix, self.settings.unix_socket)
+                task_status.started(None)
+            return
+        _ = self.context  # a bad certificate or key fails here, before the port opens
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
         port = int(listeners[0].socket.getsockname()[1])
         async with trio.open_nursery() as nursery:

@@ -628,3 +628,44 @@ def _urls(folder: Path) -> dict[str, str]:
         assert address is not None, f"{role}'s API is not up"
         urls[role] = f"https://{address}"
     return urls
+
+
+def test_an_api_of_only_the_unix_socket_needs_no_tls(tmp_path: Path) -> None:
+    """No etsi014.listen and no TLS files: the API serves its socket alone (the server's start hands back
+    no HTTPS port), and the local SAE gets its status over it."""
+    import os  # noqa: PLC0415
+
+    import trio  # noqa: PLC0415
+
+    from qkdd import config  # noqa: PLC0415
+
+    raw = {
+        "role": "bob",
+        "link_id": "l",
+        "state_dir": "state",
+        "network": {"listen": "127.0.0.1:0"},
+        "auth": {"psk_file": "psk"},
+        "etsi014": {"unix_socket": "api.sock", "sae": [{"id": "local", "uid": os.getuid()}]},
+    }
+    settings = config.from_mapping(raw, tmp_path).etsi014
+    assert settings is not None and settings.listen is None
+
+    class Keys:
+        async def status(self, caller: str, other: str) -> dict[str, Any]:
+            return {"caller": caller, "other": other}
+
+    async def main() -> None:
+        server = api_http.ApiServer(Keys(), settings)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                assert await nursery.start(server.serve) is None
+                stream = await trio.open_unix_socket(str(tmp_path / "api.sock"))
+                await stream.send_all(b"GET /api/v1/keys/peer/status HTTP/1.1\r\nhost: kme\r\n\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                    answer += await stream.receive_some(1 << 16)
+                await stream.aclose()
+            assert answer.startswith(b"HTTP/1.1 200") and b'{"caller": "local", "other": "peer"}' in answer
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
