@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import trio
 
 from qkdd import engine
 from qkdd.links.sim import SimParameters, open_link
@@ -135,3 +138,22 @@ class ConnectionPair(EnginePair):
             running[0].join(timeout=60)
             self.complete(role, action, running[1][0])
         return True
+
+
+@contextlib.contextmanager
+def logged(seen: Callable[[logging.LogRecord], bool]) -> Iterator[trio.Event]:
+    """An event set once a record of the ``qkdd`` logger makes ``seen`` true; the watch ends with the
+    block. A test waits on it instead of polling the log."""
+    event = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if seen(record):
+                event.set()
+
+    watch = Watch()
+    logging.getLogger("qkdd").addHandler(watch)
+    try:
+        yield event
+    finally:
+        logging.getLogger("qkdd").removeHandler(watch)

@@ -6,6 +6,7 @@ import datetime
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -97,15 +98,23 @@ def test_a_bad_link_option_fails_the_link_check(tmp_path: Path, capsys: pytest.C
     assert code == 1 and not found["link"][0] and "sede" in found["link"][1]
 
 
-def test_a_port_in_use_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("check_name", "configure"),
+    [
+        ("network.listen", lambda text, port: text.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')),
+        ("metrics.listen", lambda text, port: text + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n'),
+    ],
+)
+def test_a_port_in_use_fails(
+    check_name: str, configure: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _init(tmp_path, "bob")
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        path.write_text(path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+        path.write_text(configure(path.read_text(), holder.getsockname()[1]))
         code, found = _run(path, capsys)
-    assert code == 1 and "another program holds that port" in found["network.listen"][1]
+    assert code == 1 and "another program holds that port" in found[check_name][1]
 
 
 def test_alices_check_reaches_the_peer_or_says_why_not(
@@ -169,17 +178,6 @@ def test_a_key_others_may_read_fails(tmp_path: Path) -> None:
     key.chmod(0o640)
     found = check._certificate("etsi014", certificate, key, certificate)
     assert not found.ok and "chmod 600" in found.detail
-
-
-def test_a_metrics_port_in_use_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _init(tmp_path, "bob")
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        path.write_text(path.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
-        code, found = _run(path, capsys)
-    assert code == 1 and "another program holds that port" in found["metrics.listen"][1]
 
 
 def test_the_unix_socket_path_must_be_creatable_and_not_a_file(tmp_path: Path) -> None:

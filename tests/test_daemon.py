@@ -20,6 +20,7 @@ from qkdd import daemon as daemon_mod
 from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
 from qkdd.store import KeyStore
+from tests.helpers import logged
 
 SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 5, "single_photon": True}
 TIMEOUTS = "[timeouts]\nhandshake = 0.5\nround = 2.0\nidle = 5.0\nshutdown_grace = 1.0\nreconnect_max = 0.2\n"
@@ -207,21 +208,15 @@ async def test_a_dry_reserve_pauses_the_link_with_a_clear_status(
             store.reserve.set_handshake_keys(HandshakeKeys(4096, None, 8192))
         store.close()
     caplog.set_level(logging.INFO, logger="qkdd")
-    paused = trio.Event()
 
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "link paused" in record.getMessage() and getattr(record, "role", None) == "alice":
-                paused.set()
+    def alice_paused(record: logging.LogRecord) -> bool:
+        return "link paused" in record.getMessage() and getattr(record, "role", None) == "alice"
 
-    watch = Watch()
-    logging.getLogger("qkdd").addHandler(watch)
-    with trio.move_on_after(8):
+    with trio.move_on_after(8), logged(alice_paused) as paused:
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, alice_config, bob_config)
             with trio.fail_after(6):
                 await paused.wait()
-            logging.getLogger("qkdd").removeHandler(watch)
             assert (alice.monitor.link, alice.monitor.reason) == status
             alice.request_stop("test over")
             bob.request_stop("test over")

@@ -18,6 +18,7 @@ from qkdd.auth.psk import fingerprint, generate_psk, write_psk
 from qkdd.cli import main
 from qkdd.daemon import connect_failure
 from qkdd.errors import operational_problem
+from tests.helpers import logged
 from tests.test_daemon import configs, start_pair
 
 
@@ -38,23 +39,17 @@ async def test_a_psk_mismatch_names_the_psk_and_each_sides_fingerprint(
     write_psk(other, generate_psk())
     bob_config = dataclasses.replace(bob_config, psk_file=other)
     caplog.set_level(logging.INFO, logger="qkdd")
-    roles: set[str] = set()
-    both_said = trio.Event()
+    fingerprints: set[str] = set()
 
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "the two hosts hold different PSKs" in record.getMessage():
-                roles.add(record.getMessage().split("fingerprint is ")[1][:19])
-                if len(roles) == 2:
-                    both_said.set()
+    def both_said(record: logging.LogRecord) -> bool:
+        if "the two hosts hold different PSKs" in record.getMessage():
+            fingerprints.add(record.getMessage().split("fingerprint is ")[1][:19])
+        return len(fingerprints) == 2
 
-    watch = Watch()
-    logging.getLogger("qkdd").addHandler(watch)
-    with trio.fail_after(30):
+    with trio.fail_after(30), logged(both_said) as said:
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, alice_config, bob_config)
-            await both_said.wait()
-            logging.getLogger("qkdd").removeHandler(watch)
+            await said.wait()
             alice.request_stop("test over")
             bob.request_stop("test over")
     lines = [r.getMessage() for r in caplog.records if "different PSKs" in r.getMessage()]
@@ -164,20 +159,10 @@ async def test_mismatched_sim_seeds_get_a_hint_and_alice_backs_off(
     alice_config, bob_config = configs(tmp_path, 0)
     bob_config = dataclasses.replace(bob_config, link_options={**bob_config.link_options, "seed": 6})
     caplog.set_level(logging.INFO, logger="qkdd")
-    hinted = trio.Event()
-
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "next round in 5 s" in record.getMessage():
-                hinted.set()
-
-    watch = Watch()
-    logging.getLogger("qkdd").addHandler(watch)
-    with trio.fail_after(60):
+    with trio.fail_after(60), logged(lambda record: "next round in 5 s" in record.getMessage()) as hinted:
         async with trio.open_nursery() as nursery:
             alice, bob = await start_pair(nursery, alice_config, bob_config)
             await hinted.wait()
-            logging.getLogger("qkdd").removeHandler(watch)
             assert alice.rounds_finished == policy.UNRELATED_ROUNDS  # none more while she waits
             alice.request_stop("test over")
             bob.request_stop("test over")
