@@ -39,6 +39,8 @@ def test_unit_has_the_required_settings() -> None:
         "StateDirectory": "qkdd/%i",
         "RuntimeDirectory": "qkdd/%i",  # etsi014.unix_socket
         "RuntimeDirectoryMode": "0750",
+        "CacheDirectory": "qkdd/%i",  # numba's kernel cache: a start loads them, it does not compile
+        "Environment": "NUMBA_CACHE_DIR=%C/qkdd/%i",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
