@@ -68,6 +68,7 @@ HANDSHAKE_FRAME_BYTES = 1 << 16
 REFUSAL_LOG_SECONDS = 60.0
 """At most one log line per this many seconds about closed or refused connections (I5)."""
 PAUSE_RETRY_SECONDS = 5.0
+ROUNDS_SIZING = 16  # the last rounds of the store whose largest sizes a round's room under max_key_count
 STORE_FULL_RETRY_SECONDS = 1.0  # how soon rounds resume once applications took keys from a full store
 READ_SIZE = 1 << 16
 TCP_KEEPALIVE_SECONDS = 2  # idle time before the first probe, and between probes
@@ -217,6 +218,11 @@ class Daemon:
         self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
         # Alice: unused reserve bits after the last committed round, and where she last waited for it
         self._available_after_commit: int | None = None
+        # the most key bits a recent round committed: the room under etsi014.max_key_count a round needs
+        self._round_key_bits = max(
+            (r["secret_bits"] for r in self.store.rounds(ROUNDS_SIZING) if r["state"] == "committed"),
+            default=0,
+        )
         self._waited_at: int | None = None
         self._clocks: dict[int, RoundClock] = {}  # the open rounds' clocks, by round number
         self._round_idle = trio.Event()
@@ -367,7 +373,9 @@ class Daemon:
                                 session.rested = True
                                 self._pause(session, self.config.round_pause)
                                 continue
-                            if self.kme is not None and await self._store_call(self.kme.store_full):
+                            if self.kme is not None and await self._store_call(
+                                self.kme.store_full, self._round_key_bits
+                            ):
                                 if not self.paused:
                                     self._status("paused: key store full", session.peer)
                                     log.info(
@@ -654,7 +662,12 @@ class Daemon:
             or self.paused
             or self.config.round_pause
             or (0 < self.config.max_rounds <= self.rounds_finished + len(engine.round_states))
-            or (self.kme is not None and await self._store_call(self.kme.store_full))
+            or (
+                self.kme is not None
+                and await self._store_call(
+                    self.kme.store_full, self._round_key_bits * (len(engine.round_states) + 1)
+                )
+            )
         ):
             return False
         try:
@@ -749,6 +762,7 @@ class Daemon:
                     log.info("%s", format_summary(summary, disposition, seconds, stages))
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
+                        self._round_key_bits = max(self._round_key_bits, summary.secret_bits)
                     if disposition != "pending":
                         finished.append(summary.round)
                 case engine_mod.CommitRound(round=number):
