@@ -43,10 +43,11 @@
  *     which nothing is lost, changed or cut, no side crashes or aborts, the link's counts are good
  *     (one key block), and Alice opens one round and then stops.
  *
- * Not modelled: keepalive (Bob's IDLE takes it and changes nothing), the key channel of §19, PSK and
- * PKI handshakes (after bootstrap the reserve authenticates everything), field contents other than
- * those named here, the bit-level layout of pads and keys (a slot is used whole or not at all), and
- * the probability ε of a forgery (a tag, proof or MAC never verifies on other data).
+ * Not modelled: sending keepalive (either side's IDLE takes it and changes nothing but a timer, so
+ * dropping, replaying or injecting it can do no more than the adversary's cuts), the key channel of
+ * §19, PSK and PKI handshakes (after bootstrap the reserve authenticates everything), field contents
+ * other than those named here, the bit-level layout of pads and keys (a slot is used whole or not at
+ * all), and the probability ε of a forgery (a tag, proof or MAC never verifies on other data).
  *
  * Checked by spin (tests/test_model.py; see qkdp-v2.md §20):
  *   - safety run: no assertion fails and there is no invalid end state (no deadlock);
@@ -519,6 +520,7 @@ active proctype Alice() {
                             :: !calm -> st = A_CLOSED                      /* crash after the write */
                             fi
                         fi
+                    :: st == A_IDLE && t == keepalive -> skip   /* Bob is there; nothing changes */
                     :: (st == A_SIFTING || st == A_ESTIMATING || st == A_RECONCILING ||
                         st == A_CONFIRMING || st == A_COMMITTING) && t == abort && fr == r ->
                         dropped = r; r = NONE; st = A_IDLE

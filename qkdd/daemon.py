@@ -75,8 +75,11 @@ HANDSHAKE_FRAME_BYTES = 1 << 16
 REFUSAL_LOG_SECONDS = 60.0
 """At most one log line per this many seconds about closed or refused connections (I5)."""
 PAUSE_RETRY_SECONDS = 5.0
+ROUNDS_SIZING = 16  # the last rounds of the store whose largest sizes a round's room under max_key_count
 STORE_FULL_RETRY_SECONDS = 1.0  # how soon rounds resume once applications took keys from a full store
 READ_SIZE = 1 << 16
+TCP_KEEPALIVE_SECONDS = 2  # idle time before the first probe, and between probes
+TCP_KEEPALIVE_PROBES = 3
 T = TypeVar("T")
 
 
@@ -168,6 +171,9 @@ class _Session:
     key_channel: KeyChannel | None = None
     keys_ready: trio.Event = field(default_factory=trio.Event)  # the handshake is over (§19)
     last_sent: float = -math.inf  # when our last round-channel frame went out (trio clock)
+    # Alice: no round starts before this (a pause); meanwhile the loop reads frames and sends keepalives
+    resume_at: float = -math.inf
+    rested: bool = False  # Alice: run.round_pause has passed since her last round started
     # from any thread: hand the outcome of work the engine handed out back to the session's loop
     hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
     # an item the loop took from the frame channel early (it may be None, the end): the next to handle
@@ -229,6 +235,11 @@ class Daemon:
         self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
         # Alice: unused reserve bits after the last committed round, and where she last waited for it
         self._available_after_commit: int | None = None
+        # the most key bits a recent round committed: the room under etsi014.max_key_count a round needs
+        self._round_key_bits = max(
+            (r["secret_bits"] for r in self.store.rounds(ROUNDS_SIZING) if r["state"] == "committed"),
+            default=0,
+        )
         self._waited_at: int | None = None
         # rounds in a row whose error rates say the two sides' bits are unrelated, and Alice's last wait
         self._unrelated_streak = 0
@@ -319,6 +330,7 @@ class Daemon:
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
+        keep_tcp_alive(stream)
         if self.stopping:
             self._refusals.note(f"refused a connection from {peer}: stopping")
             await stream.aclose()
@@ -337,6 +349,7 @@ class Daemon:
                 log.info("cannot connect to %s: %s; retrying in %.1f s", self.config.peer, why, delay)
             else:
                 peer = _peer_name(stream)
+                keep_tcp_alive(stream)
                 log.info("connected to %s", peer)
                 reached_ready = await self._session(stream, peer)
                 if reached_ready:
@@ -387,6 +400,8 @@ class Daemon:
                             and not engine.round_states
                             and self.role == "alice"
                             and (self.stopping or not self._max_rounds_reached() or self._all_done())
+                            and (self.stopping or trio.current_time() >= session.resume_at)
+                            and not session.put_back
                         ):
                             if self.stopping or self._all_done():
                                 ended = "stopping" if self.stopping else "all rounds done"
@@ -394,9 +409,13 @@ class Daemon:
                                 if self._all_done():
                                     self.request_stop("all rounds done")
                                 return ready
-                            if self.config.round_pause:
-                                await self._pause(session, engine, self.config.round_pause)
-                            if self.kme is not None and await self._store_call(self.kme.store_full):
+                            if self.config.round_pause and not session.rested:
+                                session.rested = True
+                                self._pause(session, self.config.round_pause)
+                                continue
+                            if self.kme is not None and await self._store_call(
+                                self.kme.store_full, self._round_key_bits
+                            ):
                                 if not self.paused:
                                     self._status("paused: key store full", session.peer)
                                     log.info(
@@ -406,11 +425,11 @@ class Daemon:
                                         extra={"role": self.role},
                                     )
                                 self.paused = True
-                                await self._pause(session, engine, STORE_FULL_RETRY_SECONDS)
+                                self._pause(session, STORE_FULL_RETRY_SECONDS)
                                 continue
                             if await self._wait_after_lost_rounds(session, engine):
                                 continue
-                            if await self._wait_after_unrelated_rounds(session, engine):
+                            if self._wait_after_unrelated_rounds(session):
                                 continue
                             try:
                                 actions = await self._step(session, engine.start_round, thread=False)
@@ -419,12 +438,13 @@ class Daemon:
                                     self._status("paused: key reserve exhausted", session.peer)
                                     log.warning("link paused: %s", exhausted, extra={"role": self.role})
                                 self.paused = True
-                                await self._pause(session, engine, PAUSE_RETRY_SECONDS)
+                                self._pause(session, PAUSE_RETRY_SECONDS)
                                 continue
                             if self.paused:
                                 self._status("up", session.peer)
                                 log.info("link resumed", extra={"role": self.role})
                             self.paused = False
+                            session.rested = False
                             await self._execute(session, actions)
                             deadline = _deadline(engine.timeout)
                             continue
@@ -432,10 +452,11 @@ class Daemon:
                             deadline = _deadline(engine.timeout)
                             continue
                         item: Any = None
-                        with trio.move_on_at(min(deadline, self._keepalive_due(session, engine))) as waiting:
+                        wake = min(deadline, self._keepalive_due(session, engine), _later(session.resume_at))
+                        with trio.move_on_at(wake) as waiting:
                             item = session.put_back.pop() if session.put_back else await frames.receive()
                         if waiting.cancelled_caught and trio.current_time() < deadline:
-                            await self._keep_alive(session, engine)  # Alice, done with her rounds
+                            await self._keep_alive(session, engine)  # or a pause is over
                             continue
                         if waiting.cancelled_caught:
                             ended = f"nothing from {peer} in state {engine.state.value} within its timeout"
@@ -631,7 +652,7 @@ class Daemon:
             extra={"role": self.role},
         )
         self.paused = True
-        await self._pause(session, engine, delay)
+        self._pause(session, delay)
         return True
 
     def _count_unrelated(self, summary: RoundSummary, disposition: str) -> None:
@@ -653,7 +674,7 @@ class Daemon:
                 extra={"role": self.role},
             )
 
-    async def _wait_after_unrelated_rounds(self, session: _Session, engine: engine_mod.Engine) -> bool:
+    def _wait_after_unrelated_rounds(self, session: _Session) -> bool:
         """Alice, before a round: after rounds in a row near 1/2 error, wait as
         :func:`policy.unrelated_delay` says (once per such round). Whether she waited."""
         delay = policy.unrelated_delay(self._unrelated_streak)
@@ -665,7 +686,8 @@ class Daemon:
             session.peer,
         )
         log.info("next round in %.0f s (rounds at about 50%% error)", delay, extra={"role": self.role})
-        await self._pause(session, engine, delay)
+        self.paused = True
+        self._pause(session, delay)
         return True
 
     def _warn(self, session: _Session, text: str) -> None:
@@ -691,6 +713,8 @@ class Daemon:
             session.engine.version if session.engine else "?",
             session.engine.auth if session.engine else "?",
         )
+        # "up" until this connection finds a reason to pause (a full key store says so again at once)
+        self.paused = False
         self._status("up", session.peer)
 
     def _status(self, link: str, peer: str | None = None) -> None:
@@ -763,7 +787,12 @@ class Daemon:
             or self.config.round_pause
             or policy.unrelated_delay(self._unrelated_streak) > 0
             or (0 < self.config.max_rounds <= self.rounds_finished + len(engine.round_states))
-            or (self.kme is not None and await self._store_call(self.kme.store_full))
+            or (
+                self.kme is not None
+                and await self._store_call(
+                    self.kme.store_full, self._round_key_bits * (len(engine.round_states) + 1)
+                )
+            )
         ):
             return False
         try:
@@ -861,6 +890,7 @@ class Daemon:
                     self.monitor.round_ended(summary, disposition, ended, walls)
                     if disposition == "committed":
                         self._available_after_commit = None  # measured again before the next round
+                        self._round_key_bits = max(self._round_key_bits, summary.secret_bits)
                     if disposition != "pending":
                         finished.append(summary.round)
                 case engine_mod.CommitRound(round=number):
@@ -914,27 +944,20 @@ class Daemon:
             return await trio.to_thread.run_sync(function, *args)
 
     def _keepalive_due(self, session: _Session, engine: engine_mod.Engine) -> float:
-        """When Alice, in IDLE, owes Bob a keepalive: a quarter of his idle timeout after her last frame
-        (``inf`` when she owes none)."""
-        if (
-            self.role != "alice"
-            or engine.state is not engine_mod.State.IDLE
-            or not engine.peer_takes_keepalive
-        ):
-            return math.inf
-        return session.last_sent + self.config.timeouts.idle / 4
+        """When we owe the peer a keepalive: :attr:`Engine.keepalive_interval` after our last frame
+        (``inf`` when we owe none)."""
+        interval = engine.keepalive_interval
+        return math.inf if interval is None else session.last_sent + interval
 
-    async def _pause(self, session: _Session, engine: engine_mod.Engine, seconds: float) -> None:
-        """Alice, between rounds: wait ``seconds`` (a pause, or run.round_pause), with keepalives as they
-        fall due."""
-        until = trio.current_time() + seconds
-        while trio.current_time() < until:
-            await trio.sleep_until(min(until, self._keepalive_due(session, engine)))
-            await self._keep_alive(session, engine)
+    def _pause(self, session: _Session, seconds: float) -> None:
+        """Alice, between rounds: start no round for ``seconds`` (a pause, or run.round_pause). The
+        session's loop goes on meanwhile: it reads what the peer sends (its keepalives, its end: a dead
+        peer is noticed while paused too, §13) and sends keepalives as they fall due."""
+        session.resume_at = trio.current_time() + seconds
 
     async def _keep_alive(self, session: _Session, engine: engine_mod.Engine) -> None:
-        """Alice, starting no round for now (paused, or done): tell Bob she is there when it is due, so
-        his idle timeout does not end the connection (a new handshake would cost reserve bits, §17)."""
+        """Tell the peer we are there when it is due, so its timeout does not end the connection (a new
+        handshake would cost reserve bits, §17) and it can tell us from a dead peer (§13)."""
         if trio.current_time() >= self._keepalive_due(session, engine):
             await self._execute(session, engine.keepalive())
 
@@ -1058,6 +1081,21 @@ def connect_failure(error: OSError) -> str:
         else:
             said.append(str(attempt))
     return "; ".join(dict.fromkeys(said))
+
+
+def _later(moment: float) -> float:
+    """``moment`` if it is still to come, else ``inf`` (a pause that is over wakes no one)."""
+    return moment if moment > trio.current_time() else math.inf
+
+
+def keep_tcp_alive(stream: trio.SocketStream) -> None:
+    """TCP keepalive, the backstop of §13's: with nothing in flight, a peer whose host or network
+    vanished without a word is seen within about 8 s (first probe after 2 s, then every 2 s, 3 lost)."""
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPALIVE_SECONDS)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPALIVE_SECONDS)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_KEEPALIVE_PROBES)
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

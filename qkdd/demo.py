@@ -87,14 +87,16 @@ def write_etsi014_files(state_dir: Path, saes: Mapping[str, Sequence[str]]) -> P
     return folder
 
 
-def etsi014_section(role: str, saes: Sequence[str]) -> str:
+def etsi014_section(role: str, saes: Sequence[str], options: Mapping[str, int] | None = None) -> str:
     """The ``[etsi014]`` table of ``role``: HTTPS for ``saes`` (by certificate), and its state directory's
-    ``etsi014.sock`` for the first of them, as this process's user (by uid)."""
+    ``etsi014.sock`` for the first of them, as this process's user (by uid); ``options``: more keys of
+    it (integers)."""
     entries = "".join(
         f'\n[[etsi014.sae]]\nid = "{sae}"\ncommon_name = "{sae}"\n'
         + (f"uid = {os.getuid()}\n" if i == 0 else "")
         for i, sae in enumerate(saes)
     )
+    entries = "".join(f"{name} = {int(value)}\n" for name, value in (options or {}).items()) + entries
     return f"""
 [etsi014]
 listen = "127.0.0.1:0"
@@ -115,10 +117,12 @@ def write_configs(
     etsi014: bool = False,
     extra_saes: Mapping[str, Sequence[str]] | None = None,
     window: int = 1,
+    etsi014_options: Mapping[str, int] | None = None,
 ) -> tuple[Path, Path]:
     """Configs for both roles in ``state_dir``, with a fresh PSK or (``bootstrap="pki"``) a fresh CA
     and node certificates; with ``etsi014``, each daemon also serves the key delivery API to the SAE of
-    :data:`SAES` and those of ``extra_saes`` (by role); ``window`` rounds in flight (the demo runs one
+    :data:`SAES` and those of ``extra_saes`` (by role), ``etsi014_options`` set in both ``[etsi014]``
+    tables (e.g. ``max_key_count``); ``window`` rounds in flight (the demo runs one
     round after another, so that each row shows one round and the switch to reserve authentication)."""
     saes = {role: [sae, *(extra_saes or {}).get(role, ())] for role, sae in SAES.items()}
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def write_configs(
                 pki=files,
                 window=window,
             )
-            + (etsi014_section(role, saes[role]) if etsi014 else "")
+            + (etsi014_section(role, saes[role], etsi014_options) if etsi014 else "")
         )
         paths.append(path)
     if etsi014:

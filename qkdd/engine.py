@@ -33,6 +33,7 @@ committed (§13).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +48,7 @@ from qkdd.interface import (
     DURABLE_ACTIONS,
     KEEPALIVE_CAPABILITY,
     KEY_CHANNEL_CAPABILITY,
+    LIVENESS_CAPABILITY,
     NONCE_BYTES,
     SUPPORTED_VERSIONS,
     Action,
@@ -75,6 +77,7 @@ __all__ = [
     "DURABLE_ACTIONS",
     "KEEPALIVE_CAPABILITY",
     "KEY_CHANNEL_CAPABILITY",
+    "LIVENESS_CAPABILITY",
     "NONCE_BYTES",
     "SUPPORTED_VERSIONS",
     "Action",
@@ -106,7 +109,7 @@ ROUND_TAGS = 3  # amplify (Alice), commit (Bob), committed (Alice) close a reser
 ROUND_RESERVE_BITS = ROUND_TAGS * wc.OTP_BITS
 """One-time-pad bits a reserve-authenticated round consumes (§16)."""
 _TAGGED = ("amplify", "commit", "committed")  # a reserve round's tags, in slot order (§16)
-_CHEAP = frozenset({"cascade_pass", "cascade_ranges", "cascade_parities", "cascade_done"})
+_CHEAP = frozenset({"cascade_pass", "cascade_ranges", "cascade_parities", "cascade_done", "keepalive"})
 # the messages that end a round's stages in round order (§13): each waits until every earlier open round
 # is in the state named (None: until no earlier round is open)
 _IN_ORDER: dict[str, State | None] = {
@@ -235,8 +238,11 @@ class Engine:
         state = self.state
         if state in (State.HELLO, State.AUTH, State.SYNC, State.RESOLVING):
             return self.settings.handshake_timeout
-        if state is State.IDLE:
-            return self.settings.idle_timeout if self.role == "bob" else None
+        if state is State.IDLE:  # no round open
+            idle = self.settings.idle_timeout if self.role == "bob" else None
+            if self.peer_has_liveness:  # the peer says something every keepalive_interval (§13)
+                return min(self.settings.silence_timeout, idle or math.inf)
+            return idle
         if state is State.CLOSED:
             return None
         return self.settings.round_timeout
@@ -466,11 +472,30 @@ class Engine:
         """Whether the peer's hello said it takes ``keepalive`` (§13)."""
         return KEEPALIVE_CAPABILITY in self.peer_capabilities
 
+    @property
+    def peer_has_liveness(self) -> bool:
+        """Whether the peer's hello listed ``liveness``: keepalives both ways, bounded silence (§13)."""
+        return LIVENESS_CAPABILITY in self.peer_capabilities
+
+    @property
+    def keepalive_interval(self) -> float | None:
+        """After how many seconds without sending a frame :meth:`keepalive` is due (``None``: it may not
+        be sent now). With a ``liveness`` peer: after the handshake, in any round state, since the peer
+        closes after ``silence_timeout`` without a frame; else only Alice in IDLE with no round open, at
+        a quarter of the idle timeout (§13)."""
+        if self._state is not State.IDLE:
+            return None
+        if self.peer_has_liveness:
+            return min(self.settings.keepalive_interval, self.settings.idle_timeout / 4)
+        if self.role == "alice" and self.peer_takes_keepalive and not self._rounds:
+            return self.settings.idle_timeout / 4
+        return None
+
     def keepalive(self) -> list[Action]:
-        """Alice, in IDLE and starting no round for now: tell Bob she is there, so his IDLE timeout does
-        not end a connection that is only waiting (and the next handshake need not be paid for)."""
-        if self.role != "alice" or not self.peer_takes_keepalive:
-            raise LocalProtocolError("keepalive: only Alice sends it, and only to a peer that takes it")
+        """Tell the peer we are there, so its timeout does not end a connection that is only waiting
+        (and the next handshake need not be paid for); see :attr:`keepalive_interval`."""
+        if self.keepalive_interval is None:
+            raise LocalProtocolError(f"keepalive: not in state {self.state.value} to this peer")
 
         def send() -> State:
             self._send("keepalive")

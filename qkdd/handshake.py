@@ -28,6 +28,7 @@ from qkdd.errors import RemoteProtocolError
 from qkdd.interface import (
     KEEPALIVE_CAPABILITY,
     KEY_CHANNEL_CAPABILITY,
+    LIVENESS_CAPABILITY,
     NONCE_BYTES,
     SUPPORTED_VERSIONS,
     Action,
@@ -103,6 +104,7 @@ class Handshake:
         if self.settings.key_channel:
             capabilities.append(KEY_CHANNEL_CAPABILITY)
         capabilities.append(KEEPALIVE_CAPABILITY)  # Bob takes keepalive in IDLE (§13)
+        capabilities.append(LIVENESS_CAPABILITY)  # keepalives both ways, bounded silence (§13)
         self._capabilities = capabilities
         body = wire.encode_message(
             "hello",

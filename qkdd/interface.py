@@ -28,6 +28,7 @@ SUPPORTED_VERSIONS = (2,)
 NONCE_BYTES = 32
 KEY_CHANNEL_CAPABILITY: str = spec.load().key_channel["capability"]
 KEEPALIVE_CAPABILITY = "keepalive"
+LIVENESS_CAPABILITY = "liveness"  # keepalives both ways and a bounded silence in IDLE (§13)
 
 
 class State(enum.Enum):
@@ -295,5 +296,7 @@ class EngineSettings:
     handshake_timeout: float = spec.load().timeouts["handshake"]
     round_timeout: float = spec.load().timeouts["round"]
     idle_timeout: float = spec.load().timeouts["idle"]
+    keepalive_interval: float = spec.load().timeouts["keepalive"]  # with a peer that lists "liveness"
+    silence_timeout: float = spec.load().timeouts["silence"]
     key_channel: bool = False  # offer the key channel (§19): this daemon serves key delivery
     window: int = 1  # rounds this side lets be open at once (§13); the session takes the smaller

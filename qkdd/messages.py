@@ -224,8 +224,9 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Keepalive:
-    """§13: Alice is in IDLE and starts no round for now (paused, or done with her rounds); she says she is
-    still there. Sent only to a Bob whose hello listed the capability "keepalive"."""
+    """§13: the sender is there. Between two peers whose hellos both list "liveness", either side sends it
+    after the handshake whenever it sent no frame for timeouts.keepalive seconds; otherwise only Alice sends
+    it, in IDLE and starting no round, to a Bob whose hello listed "keepalive"."""
 
     type: str = "keepalive"
 

@@ -92,6 +92,7 @@ def test_transitions_taken_in_honest_and_aborted_rounds_are_all_in_the_spec(
     pair = ConnectionPair()
     pair.connect()
     pair.handle("alice", pair.alice.keepalive())
+    pair.handle("bob", pair.bob.keepalive())
     pair.run()
     pair.round()
     pair.handle("alice", pair.alice.start_round())

@@ -43,12 +43,20 @@ def running_pair(
     rounds: int = 0,
     extra_saes: Mapping[str, Sequence[str]] | None = None,
     bob_port: int = 0,
+    etsi014_options: Mapping[str, int] | None = None,
 ) -> Iterator[Pair]:
     """Both daemons with their APIs, until each site can hand out ``keys_needed`` 256-bit keys;
     yields them with one client per site (its SAE's), then stops the daemons with SIGTERM. ``rounds`` > 0: the
-    link stops distilling after that many rounds (the daemons go on serving keys)."""
+    link stops distilling after that many rounds (the daemons go on serving keys). ``etsi014_options``:
+    more keys of both ``[etsi014]`` tables (``max_key_count``: the link pauses on a full store)."""
     alice_config, bob_config = write_configs(
-        state_dir, rounds, sim, bob_port=bob_port, etsi014=True, extra_saes=extra_saes
+        state_dir,
+        rounds,
+        sim,
+        bob_port=bob_port,
+        etsi014=True,
+        extra_saes=extra_saes,
+        etsi014_options=etsi014_options,
     )
     processes = start_pair(alice_config, bob_config)
     clients: dict[str, Client] = {}

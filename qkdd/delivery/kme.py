@@ -158,6 +158,7 @@ class KeyManager:
         self.local_saes = frozenset(s.id for s in settings.saes)
         # keys of this site's entries allocated ahead for their master, in memory only (§19: batches)
         self._batches: dict[tuple[str, tuple[str, ...], int], _Batch] = {}
+        self.batched_bytes = 0  # the bytes of every key waiting in a batch
 
     # -- the key channel
 
@@ -366,6 +367,7 @@ class KeyManager:
         self._check_request(number, size, slaves)
         batch = self._batch(master, slaves, size)
         if len(batch.keys) >= number:
+            self.batched_bytes -= number * size // 8
             return [batch.keys.popleft() for _ in range(number)]
         nbytes = number * size // 8
         if self.role == "alice" and nbytes > MAX_LEASE_BYTES:
@@ -382,6 +384,7 @@ class KeyManager:
                     await self._post(assignment)
                     # the entry is written and queued before any key of it leaves, so the rest can wait
                     batch.keys.extend(zip(assignment.key_ids[number:], keys[number:], strict=True))
+                    self.batched_bytes += (assignment.number - number) * size // 8
                 break
             except Unavailable:
                 if self.role == "bob" or trio.current_time() >= deadline:
@@ -450,25 +453,31 @@ class KeyManager:
         keys = await self._store_call(self.ledger.take, list(key_ids), caller, master)
         return list(zip(key_ids, keys, strict=True))
 
-    def _available(self) -> int:
-        """Bytes a master of this site could get: Bob's free pool, plus at Alice her leases."""
-        leased = self.ledger.lease_bytes() if self.role == "alice" else 0
-        return leased + self.ledger.available_bytes()
+    def held_keys(self) -> int:
+        """Keys of ``key_size`` the link holds for masters and has handed to none, as this site knows it:
+        Bob's free pool, Alice's unused leases (Bob tracks them too) and the keys this site allocated
+        ahead. Only a hand-out lowers it — at this site at once, at the peer's when its notice arrives
+        (its keys allocated ahead count as handed out there) — and a grant moves bytes from the free pool
+        to the leases, changing nothing. Call on the store's thread."""
+        held = self.ledger.available_bytes() + self.ledger.lease_bytes() + self.batched_bytes
+        return held // (self.settings.key_size // 8)
 
     def stored_keys(self) -> int:
-        """``stored_key_count`` of the Status: keys of the default size a master here could still get."""
-        return self._available() // (self.settings.key_size // 8)
+        """``stored_key_count`` of the Status: :meth:`held_keys`, never above ``max_key_count`` (a first
+        round, or one larger than any before, may bring more than the room Alice saw before it)."""
+        return min(self.held_keys(), self.settings.max_key_count)
 
-    def store_full(self) -> bool:
-        """Whether this site holds ``max_key_count`` keys: Alice then starts no round until applications
-        take keys (the daemon checks before each round)."""
-        return self.stored_keys() >= self.settings.max_key_count
+    def store_full(self, coming_bits: int = 0) -> bool:
+        """Whether the room left under ``max_key_count`` cannot take ``coming_bits`` more key bits (the
+        rounds open and the next one, at the largest round so far): Alice then starts no round until
+        applications take keys (the daemon checks before each round)."""
+        stored, most = self.held_keys(), self.settings.max_key_count
+        return stored >= most or stored + -(-coming_bits // self.settings.key_size) > most
 
     async def status(self, master: str, slave: str) -> dict[str, Any]:
         link = self._open_link()
         self._check_request(1, self.settings.key_size, [slave])
         stored = await self._store_call(self.stored_keys)
-        stored += self.batched_keys(master, [slave], self.settings.key_size)
         s = self.settings
         return {
             "source_KME_ID": s.kme_id,
