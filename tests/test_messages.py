@@ -188,3 +188,17 @@ def test_no_common_handshake_key_says_whose_state_is_behind(
 
     error = run_attacked(reconnect(linked()), rewriting(sender, "hello", **fields))
     assert error is not None and error.code == code and says in str(error), error
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("bootstrap", ["psk", "pki"])
+async def test_the_link_up_line_names_the_real_authentication(
+    bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice_config, bob_config = configs(tmp_path, 1, bootstrap=bootstrap)
+    caplog.set_level(logging.INFO, logger="qkdd")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:  # both stop after their one round
+            await start_pair(nursery, alice_config, bob_config)
+    ups = [r.getMessage() for r in caplog.records if " up with " in r.getMessage()]
+    assert len(ups) == 2 and all(line.endswith(f"(qkdp/2, auth {bootstrap})") for line in ups), ups
