@@ -96,6 +96,7 @@ class _Take:
     master: str
     done: trio.Event = field(default_factory=trio.Event)
     result: list[bytes] | Exception | None = None  # the keys, or why not (a refusal, a failing store)
+    abandoned: bool = False  # its request was cancelled (a stop): no answer could carry the keys
 
 
 @dataclass
@@ -480,7 +481,8 @@ class KeyManager:
             try:
                 with trio.CancelScope(shield=True):
                     while self._takes:
-                        group, self._takes = self._takes, []
+                        group = [t for t in self._takes if not t.abandoned]
+                        self._takes = []
                         results: Sequence[list[bytes] | Exception]
                         try:
                             results = await self._store_call(
@@ -493,7 +495,11 @@ class KeyManager:
                             each.done.set()
             finally:
                 self._taking = False
-        await take.done.wait()
+        try:
+            await take.done.wait()
+        except trio.Cancelled:
+            take.abandoned = True  # not handed out, unless its transaction is under way already
+            raise
         if isinstance(take.result, Exception):
             raise take.result
         assert take.result is not None
