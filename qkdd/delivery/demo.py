@@ -13,12 +13,14 @@ import signal
 import sqlite3
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkdd import control
 from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery.client import ApiError, Client
 from qkdd.demo import SAES, scratch_folder, start_pair, write_configs
@@ -64,15 +66,10 @@ def running_pair(
     try:
         deadline = time.monotonic() + timeout
         for role, process in zip(ROLES, processes, strict=True):
-            while (address := read_listen_address(state_dir / role, ETSI014_FILE)) is None:
+            while read_listen_address(state_dir / role, ETSI014_FILE) is None:
                 _check_alive(process, role, state_dir, deadline)
                 time.sleep(0.05)
-            host, _, port = address.rpartition(":")
-            folder = state_dir / "etsi014"
-            sae = SAES[role]
-            clients[role] = Client(
-                host, int(port), folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt"
-            )
+            clients[role] = client_of(state_dir, role)
         peer_sae = {"alice": SAES["bob"], "bob": SAES["alice"]}
         for role, process in zip(ROLES, processes, strict=True):
             while True:
@@ -100,6 +97,17 @@ def running_pair(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def client_of(state_dir: Path, role: str) -> Client:
+    """A new client (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
+    address = read_listen_address(state_dir / role, ETSI014_FILE)
+    if address is None:
+        raise QkddError(f"{role}'s key delivery API is not up")
+    host, _, port = address.rpartition(":")
+    folder = state_dir / "etsi014"
+    sae = SAES[role]
+    return Client(host, int(port), folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
 
 
 def _rounds_finished(state_dir: Path) -> int:
@@ -151,14 +159,24 @@ def _folder(state_dir: Path | None) -> Iterator[Path]:
         yield folder
 
 
+PAIR_CLIENTS = 4
+"""Application pairs at once in the "pair" rows: each its own kept-alive connection to each site."""
+
+
 def bench(quick: bool, as_json: bool) -> int:
     """``qkdd bench etsi014``: 256-bit keys per second over one kept-alive mTLS connection per SAE,
-    first while the link distils key (both daemons busy with rounds), then with the link idle."""
+    first while the link distils key (both daemons busy with rounds), then with the link idle (its
+    rounds done); and the "pair" rows: :data:`PAIR_CLIENTS` applications at once, each getting a key at
+    one site and fetching it at the other, in those two states and on a full key store (the link paused,
+    resuming for a round as the keys taken make room for one)."""
     count = 200 if quick else 500
+    pairs = 2000 if quick else 6000
     sim = {"distance_km": 10.0, "pulses_per_frame": 1 << 24}
     rows = []
-    for link, rounds in (("rounds running", 0), ("link idle", 10)):
-        with _folder(None) as folder, running_pair(folder, sim, 3 * count + 20, 600.0, rounds) as pair:
+    # enough rounds for every row of the idle link (a round of this link brings about 500 keys)
+    for link, rounds in (("rounds running", 0), ("link idle", 10 + pairs // 300)):
+        needed = 3 * count + 20 + pairs + 200
+        with _folder(None) as folder, running_pair(folder, sim, needed, 600.0, rounds) as pair:
             clients = pair.clients
             fetched: dict[str, list[str]] = {}
             for master, slave in (("alice", "bob"), ("bob", "alice")):
@@ -171,17 +189,99 @@ def bench(quick: bool, as_json: bool) -> int:
             call = _encrypt(clients["alice"], "bob", [], 10)
             rows.append(_measure("enc_keys at alice, 10 per call", link, count // 10, call, keys_per_call=10))
             rows.append(_measure("HTTPS floor at alice (a 400)", link, count, _unrouted(clients["alice"])))
+            rows.append(_measure_pairs(link, folder, pairs))
+    # max_key_count above what the row takes: the link fills its store and pauses before it starts
+    full = {"max_key_count": pairs + 4000}
+    with _folder(None) as folder, running_pair(folder, sim, pairs + 200, 600.0, 0, etsi014_options=full):
+        _wait_for_pause(folder, 600.0)
+        rows.append(_measure_pairs("store full", folder, pairs))
     if as_json:
         print(json.dumps({"etsi014": rows}))
     else:
         head = ("operation (256-bit keys)", "link", "calls", "keys/s", "median ms", "p99 ms")
-        print(f"{head[0]:<32} {head[1]:<15} {head[2]:>6} {head[3]:>7} {head[4]:>10} {head[5]:>7}")
+        wide = max(len(head[0]), *(len(row["operation"]) for row in rows))
+        print(f"{head[0]:<{wide}} {head[1]:<15} {head[2]:>6} {head[3]:>7} {head[4]:>10} {head[5]:>7}")
         for row in rows:
             print(
-                f"{row['operation']:<32} {row['link']:<15} {row['calls']:>6} {row['keys_per_second']:>7.0f} "
-                f"{row['median_ms']:>10.2f} {row['p99_ms']:>7.2f}"
+                f"{row['operation']:<{wide}} {row['link']:<15} {row['calls']:>6} "
+                f"{row['keys_per_second']:>7.0f} {row['median_ms']:>10.2f} {row['p99_ms']:>7.2f}"
             )
     return 0
+
+
+def _wait_for_pause(folder: Path, timeout: float) -> None:
+    """Until Alice says her key store is full (the link paused)."""
+    deadline = time.monotonic() + timeout
+    while _link_state(folder / "alice") != ("paused", "key store full"):
+        if time.monotonic() > deadline:
+            raise QkddError(f"the link did not pause on a full key store; see {folder}/alice.log")
+        time.sleep(0.2)
+
+
+def _link_state(state_dir: Path) -> tuple[str, str] | None:
+    """The link and its reason, as the daemon of ``state_dir`` says on its control socket."""
+    try:
+        answer = control.ask(state_dir)
+    except control.ControlError:
+        return None  # starting: ask again
+    return None if answer is None else (str(answer["link"]), str(answer["reason"]))
+
+
+def _measure_pairs(link: str, folder: Path, pairs: int) -> dict[str, Any]:
+    """:data:`PAIR_CLIENTS` application pairs at once, half with the master at Alice, half at Bob: each
+    gets one key with enc_keys and its slave fetches it at the other site with dec_keys, ``pairs`` in
+    all. Keys per second count pairs (a key both sides have); the latencies are those of single calls,
+    enc and dec alike."""
+    latencies: dict[str, list[float]] = {"enc": [], "dec": []}
+    failures: list[BaseException] = []
+    each = pairs // PAIR_CLIENTS
+
+    def application(master: str) -> None:
+        slave = "bob" if master == "alice" else "alice"
+        try:
+            with (
+                contextlib.closing(client_of(folder, master)) as m,
+                contextlib.closing(client_of(folder, slave)) as s,
+            ):
+                for _ in range(each):
+                    t = time.perf_counter()
+                    [(key_id, key)] = m.enc_keys(SAES[slave])
+                    between = time.perf_counter()
+                    [(_, got)] = s.dec_keys(SAES[master], [key_id])
+                    latencies["enc"].append(between - t)
+                    latencies["dec"].append(time.perf_counter() - between)
+                    if got != key:
+                        raise QkddError(f"dec_keys at {slave} gave other bytes than enc_keys at {master}")
+        except BaseException as error:  # reported below, in the caller's thread
+            failures.append(error)
+
+    threads = [
+        threading.Thread(target=application, args=(ROLES[i % 2],), daemon=True) for i in range(PAIR_CLIENTS)
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if failures:
+        raise failures[0]
+    every = sorted(latencies["enc"] + latencies["dec"])
+
+    def p99(values: list[float]) -> float:
+        ordered = sorted(values)
+        return 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    return {
+        "operation": f"pair: enc + dec at the other site, {PAIR_CLIENTS} apps",
+        "link": link,
+        "calls": len(every),
+        "keys_per_second": len(latencies["dec"]) / seconds,
+        "median_ms": 1e3 * statistics.median(every),
+        "p99_ms": p99(every),
+        "enc_p99_ms": p99(latencies["enc"]),
+        "dec_p99_ms": p99(latencies["dec"]),
+    }
 
 
 def _encrypt(client: Client, slave: str, ids: list[str], number: int = 1) -> Callable[[], object]:

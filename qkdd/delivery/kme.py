@@ -15,6 +15,9 @@ Theory of operation
   to the next — and the extra keys wait in memory for that master's next requests, which then need no
   transaction and no notice. Keys waiting when the daemon stops are never handed out (their material is
   already erased; the peer's copies wait for IDs no slave will learn).
+* dec_keys hands keys out in **group commits**: the requests that arrive while one hand-out waits for
+  the disk share the next transaction, each still all or none, and none is answered before its
+  hand-out is durable (so a crash never lets a key out twice).
 * Alice asks Bob for a lease (``key_lease``) when hers is short, before allocating, and ahead of need in
   the background once it falls below half of ``lease_size``; Bob answers ``key_grant`` (an entry of his
   log) or ``key_refuse``. A lease request belongs to its connection: the connection's end answers it
@@ -82,6 +85,18 @@ class _Waiter:
     def resolve(self, error: DeliveryError | None = None) -> None:
         self.error = error
         self.event.set()
+
+
+@dataclass
+class _Take:
+    """One dec_keys hand-out waiting for its group's transaction."""
+
+    key_ids: list[str]
+    caller: str
+    master: str
+    done: trio.Event = field(default_factory=trio.Event)
+    result: list[bytes] | Exception | None = None  # the keys, or why not (a refusal, a failing store)
+    abandoned: bool = False  # its request was cancelled (a stop): no answer could carry the keys
 
 
 @dataclass
@@ -159,6 +174,8 @@ class KeyManager:
         # keys of this site's entries allocated ahead for their master, in memory only (§19: batches)
         self._batches: dict[tuple[str, tuple[str, ...], int], _Batch] = {}
         self.batched_bytes = 0  # the bytes of every key waiting in a batch
+        self._takes: list[_Take] = []  # dec_keys hand-outs for the next group commit
+        self._taking = False  # a request is running group commits
 
     # -- the key channel
 
@@ -450,8 +467,43 @@ class KeyManager:
                 await applied.wait()
             if trio.current_time() >= deadline:
                 raise Unavailable("these keys have not arrived from the peer KME yet; ask again")
-        keys = await self._store_call(self.ledger.take, list(key_ids), caller, master)
+        keys = await self._take(_Take(list(key_ids), caller, master))
         return list(zip(key_ids, keys, strict=True))
+
+    async def _take(self, take: _Take) -> list[bytes]:
+        """Hand out ``take``'s keys in a group commit: the requests that arrive while one transaction
+        waits for the disk share the next one, so slaves fetching at once pay one disk wait between
+        them, and none is answered before its hand-out is durable. The first request finding no
+        transaction under way runs them until none is left, shielded, so that each is answered."""
+        self._takes.append(take)
+        if not self._taking:
+            self._taking = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._takes:
+                        group = [t for t in self._takes if not t.abandoned]
+                        self._takes = []
+                        results: Sequence[list[bytes] | Exception]
+                        try:
+                            results = await self._store_call(
+                                self.ledger.take_many, [(t.key_ids, t.caller, t.master) for t in group]
+                            )
+                        except Exception as error:  # the store failed: each request of the group says so
+                            results = [error] * len(group)
+                        for each, result in zip(group, results, strict=True):
+                            each.result = result
+                            each.done.set()
+            finally:
+                self._taking = False
+        try:
+            await take.done.wait()
+        except trio.Cancelled:
+            take.abandoned = True  # not handed out, unless its transaction is under way already
+            raise
+        if isinstance(take.result, Exception):
+            raise take.result
+        assert take.result is not None
+        return take.result
 
     def held_keys(self) -> int:
         """Keys of ``key_size`` the link holds for masters and has handed to none, as this site knows it:

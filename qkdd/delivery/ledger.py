@@ -336,28 +336,49 @@ class KeyLedger:
     def take(self, key_ids: Sequence[str], caller: str, master: str) -> list[bytes]:
         """Hand the keys ``key_ids`` to slave ``caller`` (of ``master``), all or none.
         Raises :class:`UnknownKey` or :class:`NotAuthorized`."""
+        [taken] = self.take_many([(key_ids, caller, master)])
+        if isinstance(taken, DeliveryError):
+            raise taken
+        return taken
+
+    def take_many(
+        self, requests: Sequence[tuple[Sequence[str], str, str]]
+    ) -> list[list[bytes] | DeliveryError]:
+        """Several slaves' :meth:`take` (key IDs, caller, master) in one durable transaction — a group
+        commit: one wait for the disk however many requests — each all or none: what a request cannot
+        have is its error, and it changed nothing. The next request sees what the earlier ones took."""
+        results: list[list[bytes] | DeliveryError] = []
         with transaction(self._db):
-            rows = []
-            for key_id in key_ids:
-                row = self._db.execute(
-                    "SELECT master, slaves, waiting, key, origin FROM delivery_keys WHERE key_id = ?",
-                    (key_id,),
-                ).fetchone()
-                if row is None:
-                    raise UnknownKey(f"unknown key_ID {key_id}")
-                owner, slaves, waiting, key, origin = row
-                if owner != master or origin == self.role or caller not in json.loads(slaves):
-                    raise NotAuthorized(f"key_ID {key_id} is not for {caller} as a slave of {master}")
-                waiting = json.loads(waiting)
-                if caller not in waiting:
-                    raise UnknownKey(f"key_ID {key_id} was already delivered to {caller}")
-                waiting.remove(caller)
-                rows.append((key_id, waiting, bytes(key)))
-            for key_id, waiting, _ in rows:
-                self._db.execute(
-                    "UPDATE delivery_keys SET waiting = ?, key = CASE WHEN ? THEN key END WHERE key_id = ?",
-                    (json.dumps(waiting), bool(waiting), key_id),
-                )
+            for key_ids, caller, master in requests:
+                try:
+                    results.append(self._take(key_ids, caller, master))
+                except DeliveryError as error:
+                    results.append(error)
+        return results
+
+    def _take(self, key_ids: Sequence[str], caller: str, master: str) -> list[bytes]:
+        """:meth:`take` inside a transaction: every check passes before anything is written."""
+        rows = []
+        for key_id in key_ids:
+            row = self._db.execute(
+                "SELECT master, slaves, waiting, key, origin FROM delivery_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownKey(f"unknown key_ID {key_id}")
+            owner, slaves, waiting, key, origin = row
+            if owner != master or origin == self.role or caller not in json.loads(slaves):
+                raise NotAuthorized(f"key_ID {key_id} is not for {caller} as a slave of {master}")
+            waiting = json.loads(waiting)
+            if caller not in waiting:
+                raise UnknownKey(f"key_ID {key_id} was already delivered to {caller}")
+            waiting.remove(caller)
+            rows.append((key_id, waiting, bytes(key)))
+        for key_id, waiting, _ in rows:
+            self._db.execute(
+                "UPDATE delivery_keys SET waiting = ?, key = CASE WHEN ? THEN key END WHERE key_id = ?",
+                (json.dumps(waiting), bool(waiting), key_id),
+            )
         return [key for _, _, key in rows]
 
     # -- internals

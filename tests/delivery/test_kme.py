@@ -434,3 +434,92 @@ async def test_the_key_channel_refuses_replays_forgeries_and_misplaced_messages(
 
 def test_the_answer_timeout_is_the_specs() -> None:
     assert kme_mod.ANSWER_TIMEOUT == 5.0
+
+
+@pytest.mark.trio
+async def test_slaves_fetching_at_once_share_a_transaction_and_a_refusal_stays_their_own(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dec_keys requests that arrive while a hand-out waits for the disk go together in the next
+    transaction (a group commit); each is still all or none: one refused leaves the others whole."""
+    alice, bob = sites.managers["alice"], sites.managers["bob"]
+    groups: list[int] = []
+    take_many = bob.ledger.take_many
+
+    def counting(requests: list[tuple[list[str], str, str]]) -> list[Any]:
+        groups.append(len(requests))
+        return take_many(requests)
+
+    disk = trio.Event()  # the first transaction waits for the disk until the others have arrived
+
+    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
+        await disk.wait()
+        return function(*args)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await sites.connect(nursery)
+            sent = await alice.enc_keys("sae-alice", ["sae-bob"], 4, 256)
+            await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(bob.ledger, "take_many", counting)
+            monkeypatch.setattr(bob, "_store_call", slow_store)
+            results: dict[str, Any] = {}
+
+            async def fetch(name: str, ids: list[str]) -> None:
+                try:
+                    results[name] = await bob.dec_keys("sae-bob", "sae-alice", ids)
+                except UnknownKey as error:
+                    results[name] = error
+
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(fetch, "first", [sent[0][0]])
+                await trio.testing.wait_all_tasks_blocked()
+                fetches.start_soon(fetch, "two", [sent[1][0], sent[2][0]])
+                fetches.start_soon(fetch, "again", [sent[0][0], sent[3][0]])  # the first's key once more
+                fetches.start_soon(fetch, "last", [sent[3][0]])
+                await trio.testing.wait_all_tasks_blocked()
+                disk.set()
+            assert results["first"] == [sent[0]] and results["two"] == sent[1:3]
+            assert results["last"] == [sent[3]]
+            assert "already delivered" in str(results["again"])  # and it took nothing: "last" got its key
+            assert groups == [1, 3]
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_dec_keys_request_cancelled_while_it_waits_for_its_group_hands_nothing_out(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled (the daemon stopping) before its group's transaction began takes nothing:
+    no answer could carry its keys, so the slave gets them when it asks again."""
+    alice, bob = sites.managers["alice"], sites.managers["bob"]
+    disk = trio.Event()
+
+    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
+        await disk.wait()
+        return function(*args)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await sites.connect(nursery)
+            sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)
+            await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(bob, "_store_call", slow_store)
+            stop = trio.CancelScope()
+
+            async def stopped_request() -> None:
+                with stop:
+                    await bob.dec_keys("sae-bob", "sae-alice", [sent[1][0]])
+                    raise AssertionError("the request was not cancelled")
+
+            async with trio.open_nursery() as fetches:
+                fetches.start_soon(bob.dec_keys, "sae-bob", "sae-alice", [sent[0][0]])
+                await trio.testing.wait_all_tasks_blocked()  # its transaction waits for the disk
+                fetches.start_soon(stopped_request)
+                await trio.testing.wait_all_tasks_blocked()  # it waits for the next group
+                stop.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                disk.set()
+            assert stop.cancelled_caught
+            assert await bob.dec_keys("sae-bob", "sae-alice", [sent[1][0]]) == [sent[1]]
+            nursery.cancel_scope.cancel()

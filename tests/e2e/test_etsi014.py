@@ -550,8 +550,11 @@ def test_with_the_peer_down_enc_keys_is_503_and_consumes_nothing(tmp_path: Path)
 
 @pytest.mark.parametrize("victim", ["alice", "bob"])
 def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, victim: str) -> None:
-    """Masters at both sites ask for keys while one daemon is killed and restarted: every key a master
-    got is distinct, and the slave's site still hands out exactly those bytes."""
+    """Masters at both sites ask for keys and their slaves at the other site fetch them as they come,
+    while one daemon is killed and restarted: every key a master got is distinct, no slave gets a key
+    twice, and each slave gets every key its master got with the same bytes — save one whose answer the
+    kill cut off after the hand-out was recorded (the slave asked, the KME died before answering: that
+    key is spent, and asking again says so)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -561,7 +564,10 @@ def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, 
     with delivery_demo.running_pair(tmp_path, SIM, 300, 180.0, bob_port=port) as pair:
         sites = Sites(tmp_path, {})
         got: dict[str, list[tuple[str, bytes]]] = {"sae-alice": [], "sae-bob": []}
-        failures: list[int] = []
+        fetched: dict[str, list[tuple[str, bytes]]] = {"sae-alice": [], "sae-bob": []}  # by master
+        in_flight: dict[str, list[str]] = {"sae-alice": [], "sae-bob": []}  # by master: asked, no answer yet
+        cut_off: set[str] = set()  # key IDs whose dec_keys request got no answer (a kill)
+        failures: list[str] = []
         stop = threading.Event()
 
         def master(sae: str, slave: str) -> None:
@@ -573,16 +579,46 @@ def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, 
                             response = client.post(f"{slave}/enc_keys", json={})
                             if response.status_code == 200:
                                 got[sae] += keys_of(response)
-                            else:
-                                failures.append(response.status_code)
+                            elif response.status_code != 503:
+                                failures.append(response.text)
                 except (httpx.TransportError, AssertionError):
                     stop.wait(0.05)  # the API is down: reconnect to wherever it listens next
+
+        def slave(sae: str, master_sae: str) -> None:
+            """Fetch the master's keys in order, one or two at a time, as they come."""
+            while not stop.is_set():
+                try:
+                    sites.urls = _urls(tmp_path)
+                    with sites.client(sae) as client:
+                        while not stop.is_set():
+                            done = len(fetched[master_sae])
+                            ids = [k for k, _ in got[master_sae][done : done + 2]]
+                            if not ids:
+                                stop.wait(0.01)
+                                continue
+                            in_flight[master_sae] = ids  # until an answer comes
+                            response = client.post(
+                                f"{master_sae}/dec_keys", json={"key_IDs": [{"key_ID": k} for k in ids]}
+                            )
+                            in_flight[master_sae] = []
+                            if response.status_code == 200:
+                                fetched[master_sae] += keys_of(response)
+                            elif response.status_code != 503:
+                                failures.append(response.text)
+                                return
+                except (httpx.TransportError, AssertionError):
+                    stop.wait(0.05)
+                    return  # the IDs in flight stay cut off: checked below
 
         threads = [
             threading.Thread(target=master, args=("sae-alice", "sae-bob")),
             threading.Thread(target=master, args=("sae-bob", "sae-alice")),
         ]
-        for thread in threads:
+        slaves = [
+            threading.Thread(target=slave, args=("sae-bob", "sae-alice")),
+            threading.Thread(target=slave, args=("sae-alice", "sae-bob")),
+        ]
+        for thread in threads + slaves:
             thread.start()
         try:
             stop.wait(1.0)
@@ -599,26 +635,45 @@ def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, 
                 while any(len(got[sae]) < served[sae] + 10 for sae in got):
                     assert time.monotonic() < deadline, "no key served after the restart"
                     stop.wait(0.05)
+                # a slave whose request the kill cut off starts again after the cut-off keys
+                for index, thread in enumerate(slaves):
+                    if not thread.is_alive():
+                        sae, master_sae = ("sae-bob", "sae-alice") if index == 0 else ("sae-alice", "sae-bob")
+                        lost, in_flight[master_sae] = in_flight[master_sae], []
+                        cut_off.update(lost)
+                        fetched[master_sae] += [(k, b"") for k in lost]  # settled below
+                        slaves[index] = threading.Thread(target=slave, args=(sae, master_sae))
+                        slaves[index].start()
         finally:
             stop.set()
-            for thread in threads:
+            for thread in threads + slaves:
                 thread.join(60)
-        assert set(failures) <= {503} and len(got["sae-alice"]) > 10
+        assert not failures and len(got["sae-alice"]) > 10 and len(fetched["sae-alice"]) > 10
+        cut_off.update(in_flight["sae-alice"] + in_flight["sae-bob"])  # cut off by the last kill
         every = got["sae-alice"] + got["sae-bob"]
         assert len({k for k, _ in every}) == len({key for _, key in every}) == len(every)
         sites.urls = _urls(tmp_path)
         for master_sae, slave_sae in (("sae-alice", "sae-bob"), ("sae-bob", "sae-alice")):
-            ids = [{"key_ID": key_id} for key_id, _ in got[master_sae]]
-            with sites.client(slave_sae) as slave:
-                for start in range(0, len(ids), 100):
-                    chunk = ids[start : start + 100]
+            taken = fetched[master_sae]
+            assert [k for k, _ in taken] == [k for k, _ in got[master_sae][: len(taken)]]  # once, in order
+            rest = got[master_sae][len(taken) :]
+            with sites.client(slave_sae) as slave_client:
+                url = f"{master_sae}/dec_keys"
+                for index, (key_id, key) in enumerate(taken + [(k, b"") for k, _ in rest]):
+                    if key:
+                        assert got[master_sae][index] == (key_id, key)
+                        continue
                     deadline = time.monotonic() + 60
-                    url = f"{master_sae}/dec_keys"
-                    while (answer := slave.post(url, json={"key_IDs": chunk})).status_code == 503:
+                    body = {"key_IDs": [{"key_ID": key_id}]}
+                    while (answer := slave_client.post(url, json=body)).status_code == 503:
                         # the peer's notices of the last keys come once the link is back up
                         assert time.monotonic() < deadline, answer.text
                         stop.wait(0.05)
-                    assert keys_of(answer) == got[master_sae][start : start + 100]
+                    if answer.status_code == 200:
+                        assert keys_of(answer) == [got[master_sae][index]]
+                    else:  # cut off by a kill after the hand-out was recorded: spent, and said so
+                        assert key_id in cut_off or index < len(taken), answer.text
+                        assert "already delivered" in refused(answer, 400)
 
 
 @pytest.mark.parametrize("victim", ["alice", "bob"])
