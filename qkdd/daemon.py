@@ -77,6 +77,9 @@ REFUSAL_LOG_SECONDS = 60.0
 PAUSE_RETRY_SECONDS = 5.0
 ROUNDS_SIZING = 16  # the last rounds of the store whose largest sizes a round's room under max_key_count
 STORE_FULL_RETRY_SECONDS = 1.0  # how soon rounds resume once applications took keys from a full store
+STORE_FULL_LOG_SECONDS = 600.0
+"""A full key store pauses and resumes the link about once a round while applications take keys slower
+than the link makes them: its pause and resume are logged at INFO once per this many seconds."""
 READ_SIZE = 1 << 16
 TCP_KEEPALIVE_SECONDS = 2  # idle time before the first probe, and between probes
 TCP_KEEPALIVE_PROBES = 3
@@ -244,6 +247,8 @@ class Daemon:
         # rounds in a row whose error rates say the two sides' bits are unrelated, and Alice's last wait
         self._unrelated_streak = 0
         self._unrelated_waited = 0
+        self._store_full_said = -math.inf  # when a full key store's pause was last logged at INFO
+        self._store_full_level_said = logging.INFO  # the level of the last such pause (its resume's too)
         self._clocks: dict[int, RoundClock] = {}  # the open rounds' clocks, by round number
         self._round_idle = trio.Event()
         self._round_idle.set()
@@ -418,7 +423,8 @@ class Daemon:
                             ):
                                 if not self.paused:
                                     self._status("paused: key store full", session.peer)
-                                    log.info(
+                                    log.log(
+                                        self._store_full_level(),
                                         "link paused: the key store holds etsi014.max_key_count (%d) keys; "
                                         "rounds resume as applications take keys",
                                         self.kme.settings.max_key_count,
@@ -441,8 +447,10 @@ class Daemon:
                                 self._pause(session, PAUSE_RETRY_SECONDS)
                                 continue
                             if self.paused:
+                                full = self.monitor.reason == "key store full"
+                                level = self._store_full_level_said if full else logging.INFO
                                 self._status("up", session.peer)
-                                log.info("link resumed", extra={"role": self.role})
+                                log.log(level, "link resumed", extra={"role": self.role})
                             self.paused = False
                             session.rested = False
                             await self._execute(session, actions)
@@ -654,6 +662,15 @@ class Daemon:
         self.paused = True
         self._pause(session, delay)
         return True
+
+    def _store_full_level(self) -> int:
+        """INFO for the first pause on a full key store in :data:`STORE_FULL_LOG_SECONDS` (and for the
+        resume after it), DEBUG for the rest: the state is in ``qkdd status`` and the metrics anyway."""
+        now = trio.current_time()
+        self._store_full_level_said = logging.DEBUG
+        if now - self._store_full_said >= STORE_FULL_LOG_SECONDS:
+            self._store_full_said, self._store_full_level_said = now, logging.INFO
+        return self._store_full_level_said
 
     def _count_unrelated(self, summary: RoundSummary, disposition: str) -> None:
         """Count rounds in a row near 1/2 error, and say once per streak what that usually means."""

@@ -484,3 +484,22 @@ def test_a_run_of_frames_goes_out_in_one_write_in_order() -> None:
         engine.Send(b"de", "d+e"),
     ]
     assert _coalesced([]) == []
+
+
+@pytest.mark.trio
+async def test_a_full_store_pause_is_logged_at_info_once_per_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Applications that take keys slower than the link makes them pause and resume it about once a
+    round: the first pause (and its resume) in STORE_FULL_LOG_SECONDS is INFO, the others DEBUG."""
+    alice_config, _ = configs(tmp_path, 0)
+    alice = Daemon(alice_config)
+    try:
+        levels = [alice._store_full_level()]
+        await trio.sleep(1.0)
+        levels.append(alice._store_full_level())
+        await trio.sleep(daemon_mod.STORE_FULL_LOG_SECONDS)
+        levels.append(alice._store_full_level())
+    finally:
+        alice.store.close()
+    assert levels == [logging.INFO, logging.DEBUG, logging.INFO]
