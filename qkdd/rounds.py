@@ -137,7 +137,7 @@ class Round:
             return lambda: _alice_sifting(preparation, message, pulses)
         if isinstance(message, messages.SiftAnswer) and self.detected is not None:
             detected = self.detected
-            return lambda: sifting.bob_sift(detected, _build(sifting.SiftAnswer, message))
+            return lambda: _kept(sifting.bob_sift(detected, _build(sifting.SiftAnswer, message)))
         return None
 
     def _frame_result(self, message: messages.Message) -> Any:
@@ -582,7 +582,17 @@ def _alice_sifting(
     """Alice's answer to ``sift_announce`` and her sifted key (:meth:`Round.frame_work`)."""
     if message.pulses != pulses:
         raise RemoteProtocolError(f"sift_announce is for {message.pulses} pulses, the frame has {pulses}")
-    return sifting.alice_answer(preparation, _build(sifting.SiftAnnounce, message))
+    answer, sifted = sifting.alice_answer(preparation, _build(sifting.SiftAnnounce, message))
+    return answer, _kept(sifted)
+
+
+_NO_PULSES = np.empty(0, dtype=np.int64)
+
+
+def _kept(sifted: sifting.SiftedKey) -> sifting.SiftedKey:
+    """A sifted key as an open round keeps it: without its pulse indices, which nothing after sifting
+    reads (8 bytes per sifted bit, the largest array of an open round: a deep window holds many)."""
+    return dataclasses.replace(sifted, pulse_indices=_NO_PULSES)
 
 
 def _fields_of(value: Any) -> dict[str, Any]:

@@ -116,6 +116,20 @@ def test_a_round_s_sifting_is_work_its_frame_waits_for_while_the_other_rounds_go
     assert pair.alice_store.key_map() == pair.bob_store.key_map()
 
 
+def test_an_open_round_keeps_no_pulse_indices_once_sifted() -> None:
+    """Memory per open round: nothing after sifting reads the pulse indices (8 bytes per sifted bit)."""
+    pair = ConnectionPair()
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    while pair.bob.round_states != {0: engine.State.RECONCILING}:
+        assert pair.step()
+    for side in (pair.alice, pair.bob):
+        sifted = side._rounds[0].sifted
+        assert sifted is not None and sifted.bits.size > 0 and sifted.pulse_indices.size == 0
+    pair.run()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+
+
 @pytest.mark.parametrize("aborter", ["alice", "bob"])
 def test_an_aborted_round_among_rounds_in_flight_leaves_the_others_to_commit(aborter: str, pads: Any) -> None:
     pair = ConnectionPair(window=3, **SMALL)
