@@ -106,7 +106,8 @@ def test_a_round_s_sifting_is_work_its_frame_waits_for_while_the_other_rounds_go
     assert [message.type for _, message in pair.engine(sifter)._held] == [kind]
     assert pair.engine(sifter).round_states == {2: engine.State.SIFTING}
     # a frame held for work is released by its outcome only: another round's Cascade frame stays cheap
-    assert pair.engine(sifter).cheap(wire.Message("cascade_done", {"round": 3}))
+    cascade_frame = "cascade_ranges" if sifter == "alice" else "cascade_parities"
+    assert pair.engine(sifter).cheap(wire.Message(cascade_frame, {"round": 3}))
     for store in (pair.alice_store, pair.bob_store):
         assert sorted(store.committed) == [0, 1]
     pair.release()
