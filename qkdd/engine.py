@@ -265,14 +265,33 @@ class Engine:
     def cheap(self, message: wire.Message | None) -> bool:
         """Whether handling ``message`` takes well under a millisecond (Cascade's messages; ``None``, a
         frame the engine decodes itself, never), so that a driver may handle it on its event loop
-        instead of a worker thread. Never while frames are held: one of them may follow."""
-        return message is not None and message.type in _CHEAP and not self._held
+        instead of a worker thread. Never while a held frame may follow it: only frames held for their
+        round's work stay where they are (:meth:`_held_for_work`)."""
+        return message is not None and message.type in _CHEAP and self._held_for_work()
 
     @property
     def cheap_completion(self) -> bool:
         """Whether taking an outcome back (:meth:`completed`) is cheap now: no frame waits for one, and
         every open round is reconciling."""
         return not self._held and all(r.state is State.RECONCILING for r in self._rounds.values())
+
+    def _held_for_work(self) -> bool:
+        """Whether every held frame waits for work of its round (or behind a frame of its round that
+        does): handling another frame cannot release those, only the work's outcome can."""
+        waiting: set[int] = set()
+        for _, message in self._held:
+            number: int | None = getattr(message, "round", None)
+            if number in waiting:
+                continue
+            r = None if number is None else self._rounds.get(number)
+            if (
+                number is None
+                or r is None
+                or not any(job.round is r and message.type in job.needed_by for job in self._jobs.values())
+            ):
+                return False
+            waiting.add(number)
+        return True
 
     def round_of_job(self, job: int) -> int | None:
         """The round a piece of work handed out belongs to (``None``: its round is gone)."""
@@ -364,6 +383,7 @@ class Engine:
                 raise PeerError(typed.code, typed.message, list(typed.versions))
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
+            self._start_frame_work(typed)
             if self._waits(typed, self._held):
                 if len(self._held) >= MAX_HELD:
                     raise RemoteProtocolError(
@@ -397,6 +417,17 @@ class Engine:
         except RemoteProtocolError as error:
             self._fail(error)
             raise
+
+    def _start_frame_work(self, message: messages.Message) -> None:
+        """Hand out the heavy part of a round frame's handling (:meth:`Round.frame_work`) as it arrives;
+        the frame then waits for it like for any work its round needs (:meth:`_waits`)."""
+        number = getattr(message, "round", None)
+        r = None if number is None else self._rounds.get(number)
+        if r is None or any(job.round is r and job.kind == message.type for job in self._jobs.values()):
+            return
+        work = r.frame_work(message)
+        if work is not None:
+            self._hand_out(r, message.type, work, needed_by=frozenset({message.type}), urgent=True)
 
     def _waits(self, message: messages.Message, before: list[tuple[wire.Envelope, messages.Message]]) -> bool:
         """Whether a frame must wait: behind a held frame of its round (or of the session), for work of

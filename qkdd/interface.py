@@ -158,16 +158,17 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Compute:
-    """Work of a round that the core hands out instead of doing it: Alice hashing her key (§7) while Bob
-    reconciles, Bob building range parities while Alice answers and transforming his key during the
-    confirmation, either side computing key IDs and hashing the round's transcripts (§16) as they grow.
+    """Work of a round that the core hands out instead of doing it: either side sifting as the peer's
+    sifting frame arrives (the frame waits for it), Alice hashing her key (§7) while Bob reconciles, Bob
+    building range parities while Alice answers and transforming his key during the confirmation, either
+    side computing key IDs and hashing the round's transcripts (§16) as they grow.
     Call :meth:`run` anywhere — any thread, any time after the frames before this action are sent — and
     hand its outcome to ``Engine.completed(job, outcome)``. The core goes on taking frames meanwhile and
     holds back only a frame whose handling needs this result, until it is back. ``function`` reads only
     values the core leaves alone until then: it shares nothing with the core that either side changes.
 
-    ``urgent`` work is due within about a round trip (Bob's range parities and key transform), so a
-    driver should not run it at a lowered priority."""
+    ``urgent`` work is due within about a round trip (sifting, Bob's range parities and key transform),
+    so a driver should not run it at a lowered priority."""
 
     job: int
     kind: str  # what the work is, for logs and metrics: "hash", "key_ids", "transcripts", ...

@@ -125,18 +125,16 @@ def lost_round_delay(
     return float(min(LOST_ROUND_LONGEST_DELAY, LOST_ROUND_FIRST_DELAY * 2.0 ** min(lost - 1, 64)))
 
 
-ROUND_STATES_BEFORE_RECONCILING = ("SIFTING", "ESTIMATING")
-
-
 def may_start_round(open_states: Sequence[str], window: int, *, ended_one: bool = True) -> bool:
-    """Alice opens a round while fewer than ``window`` are open and every open one is past sifting and
-    estimation (§13): the new round's link frame, sifting and estimation then overlap the open rounds'
-    reconciliation and amplification instead of competing with their own start. Until a round of the
-    connection has ended (``ended_one``), its first round runs alone, so that the first key comes as
-    soon as on a connection without rounds in flight."""
+    """Alice opens a round while fewer than ``window`` are open and every open one is past sifting
+    (§13): the new round's link frame and sifting then overlap the open rounds' estimation,
+    reconciliation and amplification instead of competing with another round's sifting, and on a long
+    round trip a round opens every sifting's worth of work, not every sifting and estimation's round
+    trips. Until a round of the connection has ended (``ended_one``), its first round runs alone, so that
+    the first key comes as soon as on a connection without rounds in flight."""
     if not ended_one and open_states:
         return False
-    return len(open_states) < window and not set(open_states) & set(ROUND_STATES_BEFORE_RECONCILING)
+    return len(open_states) < window and "SIFTING" not in open_states
 
 
 UNRELATED_ERROR = 0.35

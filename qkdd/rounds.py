@@ -124,23 +124,44 @@ class Round:
         self.host.send("sift_announce", round=self.number, **_fields_of(sifting.bob_announce(detected)))
         return State.SIFTING
 
+    def frame_work(self, message: messages.Message) -> Callable[[], Any] | None:
+        """The heavy part of handling ``message`` as a pure function, or ``None`` when its handler does
+        all the work itself. The session hands it out as soon as the frame arrives and holds the frame
+        until its outcome is back, so that one round's sifting (a tenth of a second or more) does not
+        stall the other open rounds' frames; the handler then takes the outcome (:meth:`_frame_result`)
+        and runs the transition as before, with the same checks and sends."""
+        if self.state is not State.SIFTING or message.type in self.results:
+            return None
+        if isinstance(message, messages.SiftAnnounce) and self.preparation is not None:
+            preparation, pulses = self.preparation, self.pulses
+            return lambda: _alice_sifting(preparation, message, pulses)
+        if isinstance(message, messages.SiftAnswer) and self.detected is not None:
+            detected = self.detected
+            return lambda: _kept(sifting.bob_sift(detected, _build(sifting.SiftAnswer, message)))
+        return None
+
+    def _frame_result(self, message: messages.Message) -> Any:
+        """The outcome of :meth:`frame_work` for ``message``, computed here if it was not handed out (a
+        driver may handle a frame before any work of it)."""
+        outcome = self.results.pop(message.type, None)
+        if outcome is None:
+            work = self.frame_work(message)
+            assert work is not None
+            return work()
+        return outcome.get()
+
     def on_sift_announce(self, message: messages.SiftAnnounce) -> State:
         assert self.preparation is not None
-        if message.pulses != self.pulses:
-            raise RemoteProtocolError(
-                f"sift_announce is for {message.pulses} pulses, the frame has {self.pulses}"
-            )
-        announce = _build(sifting.SiftAnnounce, message)
-        answer, self.sifted = sifting.alice_answer(self.preparation, announce)
+        answer, self.sifted = self._frame_result(message)
         self.preparation = None  # the frame's record is sifted: an open round keeps only its key (memory)
-        self.detections = announce.detections
+        self.detections = message.detections
         self.sifted_bits = int(self.sifted.bits.size)
         self.host.send("sift_answer", round=self.number, **_fields_of(answer))
         return State.ESTIMATING
 
     def on_sift_answer(self, message: messages.SiftAnswer) -> State:
         assert self.detected is not None
-        self.sifted = sifting.bob_sift(self.detected, _build(sifting.SiftAnswer, message))
+        self.sifted = self._frame_result(message)
         self.detected = None  # the frame's record is sifted: an open round keeps only its key (memory)
         self.sifted_bits = int(self.sifted.bits.size)
         request = estimation.bob_request(
@@ -554,6 +575,25 @@ def _split(
     key = final[reserve_bits:]
     blocks = key_blocks(settings.link_id, number, key, settings.key_block_bits, ids)
     return (pack_bits(final[:reserve_bits]), reserve_bits), tuple(blocks)
+
+
+def _alice_sifting(
+    preparation: sifting.Preparation, message: messages.SiftAnnounce, pulses: int
+) -> tuple[sifting.SiftAnswer, sifting.SiftedKey]:
+    """Alice's answer to ``sift_announce`` and her sifted key (:meth:`Round.frame_work`)."""
+    if message.pulses != pulses:
+        raise RemoteProtocolError(f"sift_announce is for {message.pulses} pulses, the frame has {pulses}")
+    answer, sifted = sifting.alice_answer(preparation, _build(sifting.SiftAnnounce, message))
+    return answer, _kept(sifted)
+
+
+_NO_PULSES = np.empty(0, dtype=np.int64)
+
+
+def _kept(sifted: sifting.SiftedKey) -> sifting.SiftedKey:
+    """A sifted key as an open round keeps it: without its pulse indices, which nothing after sifting
+    reads (8 bytes per sifted bit, the largest array of an open round: a deep window holds many)."""
+    return dataclasses.replace(sifted, pulse_indices=_NO_PULSES)
 
 
 def _fields_of(value: Any) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def test_honest_rounds_store_identical_keys_and_ids() -> None:
 
 @pytest.mark.parametrize("run_compute", ["now", "thread", "late"])
 def test_work_goes_out_after_the_frames_it_overlaps_and_either_way_the_keys_agree(run_compute: str) -> None:
-    """Alice's early hash and key IDs go out with her estimate answer (while Bob reconciles) and the
+    """Each side's sifting goes out (urgent) as the peer's sifting frame arrives, before its handling;
+    Alice's early hash and key IDs go out with her estimate answer (while Bob reconciles) and the
     cutting of her blocks with "amplify" (while Bob hashes his); Bob's range parities of the passes he
     starts (urgent) and his key IDs with his first Cascade flight, his key transform (urgent) with
     "cascade_done" (while the confirmation runs). Done at once, on threads, or only once no frame can
@@ -79,7 +80,9 @@ def test_work_goes_out_after_the_frames_it_overlaps_and_either_way_the_keys_agre
     assert pair.alice_store.key_map() == pair.bob_store.key_map() != {} and not pair.later
     expected: list[tuple[str, int, bool]] = []
     for i, entry in enumerate(pair.log):
-        if entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his work
+        if entry in (("bob", "sift_announce"), ("alice", "sift_answer")):
+            expected.append(("alice" if entry[0] == "bob" else "bob", i + 1, True))
+        elif entry == ("alice", "estimate_answer"):  # Bob's first flight follows it, then his work
             end = i + 1
             while pair.log[end][0] == "bob":
                 end += 1
@@ -88,7 +91,7 @@ def test_work_goes_out_after_the_frames_it_overlaps_and_either_way_the_keys_agre
             expected.append(("alice", i + 1, False))
         elif entry == ("bob", "cascade_done"):
             expected.append(("bob", i + 1, True))
-    assert len(expected) == 12
+    assert len(expected) == 16
     if run_compute == "now":
         assert pair.computes == sorted(expected, key=lambda entry: entry[1])
     else:  # the same work; Alice's blocks go out once her hash is back, which may be after more frames
@@ -588,6 +591,8 @@ def test_any_message_in_any_state_is_a_legal_transition_or_a_clean_error(
     before = target.state
     try:
         actions = deliver(pair, role, frame)
+        for work in [a for a in actions if isinstance(a, engine.Compute) and a.kind == name]:
+            actions += target.completed(work.job, work.run())  # the frame's own work, then its handling
     except RemoteProtocolError as error:
         assert target.state is engine.State.CLOSED
         assert error.frame is not None and error_of(error.frame)["code"] in spec.load().errors

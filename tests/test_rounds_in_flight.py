@@ -69,13 +69,14 @@ def test_the_session_window_is_the_smaller_sides_and_bob_refuses_a_round_beyond_
         pair.run()
 
 
-def test_alice_opens_a_round_only_when_the_open_ones_are_past_estimation() -> None:
+def test_alice_opens_a_round_only_when_the_open_ones_are_past_sifting() -> None:
     assert policy.may_start_round([], 1, ended_one=False)
     assert not policy.may_start_round(["COMMITTING"], 3, ended_one=False)  # the first round runs alone
     assert policy.may_start_round([], 1)
     assert not policy.may_start_round(["RECONCILING"], 1)
     assert policy.may_start_round(["RECONCILING", "COMMITTING"], 3)
-    assert not policy.may_start_round(["RECONCILING", "ESTIMATING"], 3)
+    assert policy.may_start_round(["RECONCILING", "ESTIMATING"], 3)
+    assert not policy.may_start_round(["ESTIMATING", "SIFTING"], 3)
     assert not policy.may_start_round(["SIFTING"], 3)
     pair = ConnectionPair(window=2)
     pair.connect()
@@ -83,6 +84,51 @@ def test_alice_opens_a_round_only_when_the_open_ones_are_past_estimation() -> No
     assert pair.alice.round_states == {0: engine.State.SIFTING} and not pair.alice.can_start_round
     with pytest.raises(LocalProtocolError, match="start_round is not allowed in state SIFTING"):
         pair.alice.start_round()
+
+
+@pytest.mark.parametrize("sifter", ["alice", "bob"])
+def test_a_round_s_sifting_is_work_its_frame_waits_for_while_the_other_rounds_go_on(sifter: str) -> None:
+    """The heavy part of handling the peer's sifting frame is handed out as the frame arrives, and only
+    that frame (and its round's later ones) waits for it: an earlier round commits meanwhile."""
+    kind = "sift_announce" if sifter == "alice" else "sift_answer"
+    pair = ConnectionPair(window=2)
+    pair.connect()
+    pair.round()  # a connection's first round runs alone
+    pair.handle("alice", pair.alice.start_round())  # round 1
+    while not pair.alice.can_start_round:
+        assert pair.step()
+    pair.defer = lambda role, action, number: (
+        number == 2 and isinstance(action, engine.Compute) and action.kind == kind
+    )
+    pair.handle("alice", pair.alice.start_round())  # round 2, its sifting at the sifter held back
+    pair.run()
+    assert [(role, action.kind) for role, action in pair.deferred] == [(sifter, kind)]
+    assert [message.type for _, message in pair.engine(sifter)._held] == [kind]
+    assert pair.engine(sifter).round_states == {2: engine.State.SIFTING}
+    # a frame held for work is released by its outcome only: another round's Cascade frame stays cheap
+    cascade_frame = "cascade_ranges" if sifter == "alice" else "cascade_parities"
+    assert pair.engine(sifter).cheap(wire.Message(cascade_frame, {"round": 3}))
+    for store in (pair.alice_store, pair.bob_store):
+        assert sorted(store.committed) == [0, 1]
+    pair.release()
+    pair.run()
+    for store in (pair.alice_store, pair.bob_store):
+        assert sorted(store.committed) == [0, 1, 2]
+    assert pair.alice_store.key_map() == pair.bob_store.key_map()
+
+
+def test_an_open_round_keeps_no_pulse_indices_once_sifted() -> None:
+    """Memory per open round: nothing after sifting reads the pulse indices (8 bytes per sifted bit)."""
+    pair = ConnectionPair()
+    pair.connect()
+    pair.handle("alice", pair.alice.start_round())
+    while pair.bob.round_states != {0: engine.State.RECONCILING}:
+        assert pair.step()
+    for side in (pair.alice, pair.bob):
+        sifted = side._rounds[0].sifted
+        assert sifted is not None and sifted.bits.size > 0 and sifted.pulse_indices.size == 0
+    pair.run()
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
 
 
 @pytest.mark.parametrize("aborter", ["alice", "bob"])
@@ -133,6 +179,9 @@ def test_a_round_start_waits_behind_a_held_frame_that_ends_a_round(monkeypatch: 
             if not pair.deferred:
                 break
             assert any(message.type == "round_start" for _, message in pair.bob._held)  # it did wait
+            # the round_start waits for a frame, not for work: a Cascade frame may release it, so none
+            # is cheap (handled on the event loop) now
+            assert not pair.bob.cheap(wire.Message("cascade_parities", {"round": 3}))
             pair.release()
     assert started == 4
     assert list(pair.alice_store.committed) == list(pair.bob_store.committed) == [0, 2, 3]

@@ -287,8 +287,9 @@ def _backend() -> _Backend:
 
 def warm_up() -> None:
     """Compile the carry-less kernel or load the FFT backend, whichever :func:`toeplitz_hash` uses, and
-    hash once, so that the first round does not pay for it (numba compiles the kernel in about a second;
-    pyFFTW's import and thread setup take a fraction of one)."""
+    hash once, so that the first round does not pay for it (numba loads the kernel from its disk cache,
+    or compiles it in about a second on the first run after an install; pyFFTW's import and thread setup
+    take a fraction of one)."""
     toeplitz_hash(np.ones(64, dtype=np.uint8), np.ones(64 + 32 - 1, dtype=np.uint8), 32)
 
 

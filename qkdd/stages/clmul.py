@@ -29,8 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from types import SimpleNamespace
-from typing import Any, no_type_check
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -109,127 +108,24 @@ def toeplitz_hash(key_words: Words, input_bits: int, seed: Bits, output_bits: in
     """
     leaf, block = _block_shape(output_bits)
     blocks = _ceil_div(input_bits, 64 * block)
-    kernel = _kernel()
+    kernels, lanes = _kernel()
     key = np.zeros(blocks * block, dtype=np.uint64)
-    kernel.shift_in(key_words, blocks * block * 64 - input_bits, key)
+    kernels.shift_in(key_words, blocks * block * 64 - input_bits, key)
     seed_words = pack(seed, (blocks + 1) * block)
     out = np.empty(block, dtype=np.uint64)
-    kernel.toeplitz_blocks(seed_words, key, block, leaf, out, np.empty(5 * block + leaf, dtype=np.uint64))
+    scratch = np.empty(5 * block + leaf, dtype=np.uint64)
+    kernels.toeplitz_blocks(seed_words, key, block, leaf, out, scratch, lanes)
     return np.unpackbits(out.view(np.uint8), count=output_bits, bitorder="little")
 
 
 @functools.cache
-def _kernel() -> Any:
-    """The compiled functions (numba compiles each on its first call: about a second, see amplify.warm_up)."""
+def _kernel() -> tuple[Any, tuple[int, ...]]:
+    """The compiled kernels' module and the lane marker of the width :func:`available` chose. Numba loads
+    each kernel from its disk cache on the first call, or compiles it there (about a second) on the
+    first run after an install: see amplify.warm_up."""
     width = available()
     if width is None:
         raise RuntimeError("the carry-less kernel cannot run on this machine")
-    return _compile(width == "vpclmulqdq")
+    from qkdd.stages import _clmul_kernels  # noqa: PLC0415  (numba's import is paid only here)
 
-
-@no_type_check  # numba's code: typed by numba when it compiles, not by mypy
-def _compile(wide: bool) -> Any:
-    import numba  # noqa: PLC0415
-    from llvmlite import ir  # noqa: PLC0415
-    from numba import types  # noqa: PLC0415
-    from numba.core import cgutils  # noqa: PLC0415
-    from numba.extending import intrinsic  # noqa: PLC0415
-
-    lanes = 8 if wide else 2
-    int8, int32, int64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-    vector = ir.VectorType(int64, lanes)
-    name = "llvm.x86.pclmulqdq.512" if wide else "llvm.x86.pclmulqdq"
-
-    @intrinsic
-    def clmul_dot(typingctx: Any, w_address: Any, v_address: Any, words: Any) -> Any:
-        """XOR over k < words of the 128-bit carry-less products w[k]·v[k], as (low word, high word);
-        ``words`` a multiple of 8. Each (V)PCLMULQDQ multiplies the even (imm 0x00) or odd (0x11) words of
-        its 128-bit lanes, so the two together take ``lanes`` words per step."""
-        signature = types.UniTuple(types.uint64, 2)(types.uintp, types.uintp, types.intp)
-
-        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            w_at, v_at, count = args
-            clmul = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector, vector, int8]), name
-            )
-            total = cgutils.alloca_once_value(builder, ir.Constant(vector, None))
-            steps = builder.udiv(count, ir.Constant(int64, lanes))
-            with cgutils.for_range(builder, steps) as loop:
-                offset = builder.mul(loop.index, ir.Constant(int64, 8 * lanes))
-                w = builder.load(builder.inttoptr(builder.add(w_at, offset), vector.as_pointer()), align=8)
-                v = builder.load(builder.inttoptr(builder.add(v_at, offset), vector.as_pointer()), align=8)
-                even = builder.call(clmul, [w, v, ir.Constant(int8, 0x00)])
-                odd = builder.call(clmul, [w, v, ir.Constant(int8, 0x11)])
-                builder.store(builder.xor(builder.load(total), builder.xor(even, odd)), total)
-            result = builder.load(total)
-            low = builder.extract_element(result, ir.Constant(int32, 0))
-            high = builder.extract_element(result, ir.Constant(int32, 1))
-            for lane in range(2, lanes, 2):
-                low = builder.xor(low, builder.extract_element(result, ir.Constant(int32, lane)))
-                high = builder.xor(high, builder.extract_element(result, ir.Constant(int32, lane + 1)))
-            return context.make_tuple(builder, sig.return_type, [low, high])
-
-        return signature, codegen
-
-    jit = numba.njit(nogil=True)
-    one, top = np.uint64(1), np.uint64(63)
-
-    @jit
-    def leaf(w: Words, v: Words, y: Words, scratch: Words) -> None:
-        """MP(w, v) word by word: ``P_a = XOR_b w[a − b + q − 1]·v[b]`` (128 bits) for a = 0..q, and
-        output word a is bits 63..126 of ``P_a + z^64·P_(a+1)``. With v reversed into ``scratch`` each
-        ``P_a`` is a dot product of contiguous words."""
-        q = v.size
-        for k in range(q):
-            scratch[k] = v[q - 1 - k]
-        low_before, high_before = clmul_dot(w.ctypes.data, scratch.ctypes.data, q)
-        for a in range(1, q + 1):
-            low, high = clmul_dot(w.ctypes.data + np.uint64(8 * a), scratch.ctypes.data, q)
-            y[a - 1] = (low_before >> top) | (high_before << one) ^ (low << one)
-            low_before, high_before = low, high
-
-    @jit
-    def middle(w: Words, v: Words, y: Words, scratch: Words, q: int) -> None:
-        """y = MP(w, v) (the module docstring); ``scratch`` holds at least 4·N + q words."""
-        size = v.size
-        if size <= q:
-            leaf(w, v, y, scratch)
-            return
-        h = size // 2
-        summed, window, shared = scratch[:h], scratch[h : 3 * h], scratch[3 * h : 4 * h]
-        rest = scratch[4 * h :]
-        for i in range(h):
-            summed[i] = v[i] ^ v[h + i]
-        middle(w[h : 3 * h], summed, shared, rest, q)
-        for i in range(2 * h):
-            window[i] = w[i] ^ w[h + i]
-        middle(window, v[h:], y[:h], rest, q)
-        for i in range(2 * h):
-            window[i] = w[2 * h + i] ^ w[h + i]
-        middle(window, v[:h], y[h:], rest, q)
-        for i in range(h):
-            y[i] ^= shared[i]
-            y[h + i] ^= shared[i]
-
-    @jit
-    def toeplitz_blocks(seed: Words, key: Words, block: int, q: int, out: Words, scratch: Words) -> None:
-        """out = the sum over key blocks J of MP(seed[(K − 1 − J)·N : (K + 1 − J)·N], key block J)."""
-        blocks = key.size // block
-        part, rest = scratch[:block], scratch[block:]
-        out[:] = 0
-        for j in range(blocks):
-            start = (blocks - 1 - j) * block
-            middle(seed[start : start + 2 * block], key[j * block : (j + 1) * block], part, rest, q)
-            for i in range(block):
-                out[i] ^= part[i]
-
-    @jit
-    def shift_in(words: Words, shift: int, out: Words) -> None:
-        """out |= words moved ``shift`` bits up (bits moved past the end of ``out`` must be zero)."""
-        skip, bits = shift // 64, np.uint64(shift % 64)
-        for i in range(words.size):
-            out[skip + i] |= words[i] << bits
-            if bits and skip + i + 1 < out.size:
-                out[skip + i + 1] |= words[i] >> (np.uint64(64) - bits)
-
-    return SimpleNamespace(shift_in=shift_in, toeplitz_blocks=toeplitz_blocks)
+    return _clmul_kernels, _clmul_kernels.WIDE if width == "vpclmulqdq" else _clmul_kernels.NARROW

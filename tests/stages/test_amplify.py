@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,30 @@ def test_the_narrow_carry_less_kernel_agrees() -> None:
     )
     environment = {**os.environ, "QKDD_TOEPLITZ": "pclmulqdq"}
     subprocess.run([sys.executable, "-c", check], env=environment, check=True, timeout=120)
+
+
+@pytest.mark.skipif(not CARRY_LESS, reason="the carry-less kernel does not run on this machine")
+def test_a_second_process_loads_the_carry_less_kernels_from_the_disk_cache(tmp_path: Path) -> None:
+    """A daemon's start must not compile the kernels again (about a second of held GIL before the first
+    key): the first process compiles and stores them, the next one only loads them."""
+    check = (
+        "import numpy as np\n"
+        "from qkdd.stages import _clmul_kernels, amplify\n"
+        "amplify.warm_up()\n"
+        "kernels = (_clmul_kernels.toeplitz_blocks, _clmul_kernels.shift_in)\n"
+        "print(sum(sum(k.stats.cache_hits.values()) for k in kernels),"
+        " sum(sum(k.stats.cache_misses.values()) for k in kernels))\n"
+    )
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", check], env=environment, check=True, timeout=120, capture_output=True
+        )
+        for _ in range(2)
+    ]
+    (hits, misses), (hits_after, misses_after) = (map(int, run.stdout.split()) for run in runs)
+    assert (hits, misses) == (0, 2)  # compiled, and stored
+    assert (hits_after, misses_after) == (2, 0)
 
 
 def test_matrix_convention_by_hand(path: str) -> None:
