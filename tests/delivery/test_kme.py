@@ -436,6 +436,17 @@ def test_the_answer_timeout_is_the_specs() -> None:
     assert kme_mod.ANSWER_TIMEOUT == 5.0
 
 
+def _store_waiting_for(disk: trio.Event) -> Callable[..., Any]:
+    """A KME's store call whose every transaction waits for ``disk`` (a slow disk, under the test's
+    control)."""
+
+    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
+        await disk.wait()
+        return function(*args)
+
+    return slow_store
+
+
 @pytest.mark.trio
 async def test_slaves_fetching_at_once_share_a_transaction_and_a_refusal_stays_their_own(
     sites: Sites, monkeypatch: pytest.MonkeyPatch
@@ -451,10 +462,7 @@ async def test_slaves_fetching_at_once_share_a_transaction_and_a_refusal_stays_t
         return take_many(requests)
 
     disk = trio.Event()  # the first transaction waits for the disk until the others have arrived
-
-    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
-        await disk.wait()
-        return function(*args)
+    slow_store = _store_waiting_for(disk)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -494,10 +502,7 @@ async def test_a_dec_keys_request_cancelled_while_it_waits_for_its_group_hands_n
     no answer could carry its keys, so the slave gets them when it asks again."""
     alice, bob = sites.managers["alice"], sites.managers["bob"]
     disk = trio.Event()
-
-    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
-        await disk.wait()
-        return function(*args)
+    slow_store = _store_waiting_for(disk)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
