@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import pwd
@@ -26,9 +25,9 @@ from pathlib import Path
 from cryptography import x509
 
 from qkdd import config as config_mod
+from qkdd import statelock
 from qkdd.auth.psk import fingerprint, read_psk
 from qkdd.errors import QkddError, operational_problem
-from qkdd.statelock import LOCK_FILE
 
 PEER_TIMEOUT = 3.0
 """Seconds ``qkdd check`` waits for the peer to accept a connection."""
@@ -65,7 +64,7 @@ def checks_for(path: Path) -> Iterator[Check]:
     yield _link(config)
     if config.psk_file is not None:
         yield _psk(config.psk_file, config.state_dir)
-    held_by = _lock_holder(config.state_dir)
+    held_by = statelock.holder(config.state_dir)
     yield from _state_dir(config.state_dir, config.link_id, held_by)
     for name, certificate, key, ca in _certificates(config):
         yield _certificate(name, certificate, key, ca)
@@ -122,22 +121,7 @@ def _psk(path: Path, state_dir: Path) -> Check:
     )
 
 
-def _lock_holder(state_dir: Path) -> str | None:
-    """The pid of the qkdd that holds the state directory's lock, or None (probed without writing)."""
-    try:
-        lock = (state_dir / LOCK_FILE).open("r", encoding="ascii")
-    except OSError:
-        return None  # no lock file: no daemon has run, or it is unreadable (the state check says so)
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return lock.read().strip() or "unknown"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
-
-
-def _state_dir(state_dir: Path, link_id: str, held_by: str | None) -> Iterator[Check]:
+def _state_dir(state_dir: Path, link_id: str, held_by: int | None) -> Iterator[Check]:
     if state_dir.exists():
         if not state_dir.is_dir():
             yield Check("state_dir", False, f"{state_dir} is not a directory")
@@ -168,13 +152,13 @@ def _state_dir(state_dir: Path, link_id: str, held_by: str | None) -> Iterator[C
 
 
 def _key_store(state_dir: Path, link_id: str) -> Check:
-    from qkdd.store import DATABASE  # noqa: PLC0415
+    from qkdd.store import DATABASE, read_only  # noqa: PLC0415
 
     path = state_dir / DATABASE
     if not path.exists():
         return Check("key store", True, f"{path} is missing; qkdd run creates it (a new link)")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with read_only(state_dir) as db:
             meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
             committed = db.execute("SELECT COUNT(*) FROM rounds WHERE state = 'committed'").fetchone()[0]
     except sqlite3.Error as error:

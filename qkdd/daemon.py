@@ -301,9 +301,8 @@ class Daemon:
                     await self._round_idle.wait()
                 nursery.cancel_scope.cancel()
         except BaseException as error:
-            failure = error
-            while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
-                failure = failure.exceptions[0]  # the one failure a nursery wrapped
+            leaves = _leaves(error)
+            failure = leaves[0] if len(leaves) == 1 else error  # the one failure a nursery wrapped
             self.stop_reason = self.stop_reason or f"{type(failure).__name__}: {str(failure)[:200]}"
             raise
         finally:

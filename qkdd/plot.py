@@ -9,7 +9,6 @@ It reads the key store without writing to it, so it may run beside the daemon.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,13 @@ class History:
 
 def history(state_dir: Path) -> History:
     """The history in the key store of ``state_dir`` (read-only)."""
-    from qkdd.store import DATABASE  # noqa: PLC0415
+    from qkdd.store import DATABASE, read_only  # noqa: PLC0415
 
     path = state_dir / DATABASE
     if not path.exists():
         raise InputError(f"no key store at {path}")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with read_only(state_dir) as db:
             link = db.execute("SELECT value FROM meta WHERE name = 'link_id'").fetchone()
             rows = db.execute(
                 "SELECT round, state, qber, phase_error, secret_bits, finished_at FROM rounds "

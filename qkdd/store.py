@@ -309,12 +309,19 @@ class KeyStore:
         )
 
 
+@contextlib.contextmanager
+def read_only(state_dir: Path) -> Iterator[sqlite3.Connection]:
+    """The key store of ``state_dir`` opened read-only, for tools beside a running daemon (status
+    figures, plots, checks): they never write to it, nor create it."""
+    with contextlib.closing(sqlite3.connect(f"file:{Path(state_dir) / DATABASE}?mode=ro", uri=True)) as db:
+        yield db
+
+
 def finished_rounds(state_dir: Path, after: int = -1) -> list[dict[str, Any]]:
     """The rounds numbered above ``after`` that have ended (committed or aborted), as
     :meth:`KeyStore.rounds` gives them, read from a running daemon's store without writing to it."""
     names = [*_ROUND_COLUMNS, "state", "seconds", "finished_at"]
-    uri = f"file:{Path(state_dir) / DATABASE}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+    with read_only(state_dir) as db:
         rows = db.execute(
             f"SELECT {', '.join(names)} FROM rounds WHERE round > ? AND state != 'pending' ORDER BY round",
             (after,),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sqlite3
 import statistics
 import subprocess
 import threading
@@ -25,7 +24,7 @@ from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery.client import ApiError, Client
 from qkdd.demo import SAES, scratch_folder, start_pair, write_configs
 from qkdd.errors import QkddError
-from qkdd.store import DATABASE
+from qkdd.store import read_only
 
 ROLES = ("alice", "bob")
 
@@ -111,7 +110,7 @@ def client_of(state_dir: Path, role: str) -> Client:
 
 
 def _rounds_finished(state_dir: Path) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{state_dir / DATABASE}?mode=ro", uri=True)) as db:
+    with read_only(state_dir) as db:
         return int(db.execute("SELECT COUNT(*) FROM rounds WHERE state != 'pending'").fetchone()[0])
 
 
