@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -157,3 +158,15 @@ def logged(seen: Callable[[logging.LogRecord], bool]) -> Iterator[trio.Event]:
         yield event
     finally:
         logging.getLogger("qkdd").removeHandler(watch)
+
+
+def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition()`` until it returns something true; fail after ``timeout`` seconds. For the
+    e2e tests, whose daemons are other processes: nothing there can set an event of ours."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(interval)

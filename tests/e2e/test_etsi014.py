@@ -33,6 +33,7 @@ from qkdd.demo import ETSI014_SOCKET, spawn
 from qkdd.errors import InputError
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
+from tests.helpers import wait_until
 
 SIM = {"pulses_per_frame": 1 << 20, "z_probability": 0.7, "seed": 5, "single_photon": True}
 ROUNDS = 6
@@ -686,10 +687,8 @@ def test_a_restart_of_either_side_while_alice_is_paused_on_a_full_store_is_over_
     both ways — within a minute on a loaded machine, where it used to take up to five."""
     full = {"max_key_count": 200}
     with delivery_demo.running_pair(tmp_path, SIM, 150, 180.0, etsi014_options=full) as pair:
-        deadline = time.monotonic() + 120
-        while _link_state(tmp_path / "alice") != ("paused", "key store full"):
-            assert time.monotonic() < deadline, "Alice never paused on her full key store"
-            time.sleep(0.1)
+        paused = ("paused", "key store full")
+        wait_until(lambda: _link_state(tmp_path / "alice") == paused, 120, "Alice's pause on her full store")
         sites = Sites(tmp_path, _urls(tmp_path))
         assert _pair_of_keys_both_ways(sites) == 2
         pair.processes[victim].send_signal(signal.SIGTERM)
@@ -706,9 +705,7 @@ def test_a_restart_of_either_side_while_alice_is_paused_on_a_full_store_is_over_
             except (AssertionError, httpx.TransportError):
                 pass
             time.sleep(0.1)
-        while _link_state(tmp_path / "alice") != ("paused", "key store full"):
-            assert time.monotonic() < restarted + 60, "Alice did not pause again on her full key store"
-            time.sleep(0.1)
+        wait_until(lambda: _link_state(tmp_path / "alice") == paused, 60, "Alice's pause again")
         assert "within its timeout" not in (tmp_path / "alice.log").read_text()
 
 

@@ -51,6 +51,7 @@ from qkdd import control, demo
 from qkdd.auth import wegman_carter as wc
 from qkdd.store import KeyStore
 from tests.e2e.mitm import Attack, Proxy, frame_bytes, peer_of
+from tests.helpers import wait_until
 
 STRESS = bool(os.environ.get("QKDD_STRESS"))
 SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 11, "single_photon": True}
@@ -68,17 +69,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``condition()`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

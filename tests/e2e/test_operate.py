@@ -13,8 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from qkdd import demo
 from qkdd.daemon import ETSI014_FILE, METRICS_FILE, read_listen_address
 from qkdd.delivery.client import Client
 from qkdd.metrics import NAMES
+from tests.helpers import wait_until
 
 SIM = {"pulses_per_frame": 1 << 19, "z_probability": 0.7, "seed": 9, "single_photon": True}
 pytestmark = pytest.mark.timeout(240)
@@ -84,13 +84,6 @@ def status(pair: Pair, role: str) -> dict[str, Any]:
     done = qkdd("status", "--config", str(pair.config(role)), "--json")
     report: dict[str, Any] = json.loads(done.stdout)
     return report
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
