@@ -549,6 +549,12 @@ def test_with_the_peer_down_enc_keys_is_503_and_consumes_nothing(tmp_path: Path)
         store.close()
 
 
+LEAKED_SSL_SOCKET = "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
+"""A client connecting while its server dies can leak an ssl.SSLSocket inside the standard library
+(CPython issue 113280: SSLSocket's "connected" check after a reset); only that warning is let pass."""
+
+
+@pytest.mark.filterwarnings(LEAKED_SSL_SOCKET)
 @pytest.mark.parametrize("victim", ["alice", "bob"])
 def test_kill_9_during_key_delivery_never_hands_a_key_out_twice(tmp_path: Path, victim: str) -> None:
     """Masters at both sites ask for keys and their slaves at the other site fetch them as they come,
