@@ -33,29 +33,17 @@ _SEVEN = np.uint64(7)
 
 
 @njit(cache=True, nogil=True)
-def gap_bytes(indices: Int64s) -> int:
-    """Bytes of the LEB128 varint gaps of ``indices`` (``g[0] = i[0]``, ``g[k] = i[k] − i[k−1] − 1``,
-    each read as an unsigned 64-bit value, as the numpy encoder reads them)."""
-    total = 0
-    previous = np.int64(-1)
-    for i in range(indices.size):
-        gap = np.uint64(indices[i] - previous - 1)
-        previous = indices[i]
-        length = 1
-        while gap >= 0x80:
-            gap >>= _SEVEN
-            length += 1
-        total += length
-    return total
-
-
-@njit(cache=True, nogil=True)
-def encode_gaps(indices: Int64s, size: int) -> Bytes:
-    """The varint gaps of ``indices``, ``size`` bytes (:func:`gap_bytes`)."""
-    out = np.empty(size, dtype=np.uint8)
+def encode_gaps(indices: Int64s, limit: int) -> tuple[Bytes, int]:
+    """The LEB128 varint gaps of ``indices`` (``g[0] = i[0]``, ``g[k] = i[k] − i[k−1] − 1``, each read as
+    an unsigned 64-bit value, as the numpy encoder reads them) and their size, if that is at most
+    ``limit`` bytes; else a size above ``limit`` and an unfinished buffer (the bitmap is smaller). Pages
+    of the buffer past what is written are never touched, so its size costs nothing."""
+    out = np.empty(min(limit, 10 * indices.size) + 10, dtype=np.uint8)
     at = 0
     previous = np.int64(-1)
     for i in range(indices.size):
+        if at > limit:
+            return out, at
         gap = np.uint64(indices[i] - previous - 1)
         previous = indices[i]
         while gap >= 0x80:
@@ -64,7 +52,7 @@ def encode_gaps(indices: Int64s, size: int) -> Bytes:
             at += 1
         out[at] = np.uint8(gap)
         at += 1
-    return out
+    return out[:at], at
 
 
 @njit(cache=True, nogil=True)
@@ -173,33 +161,45 @@ def alice_sift(
     ``classes`` at his detections ``indices``: (packed match flags, kept classes packed two bits each,
     then the kept bits, bases, classes and indices)."""
     n = indices.size
+    full = n // 8
     matches = np.empty((n + 7) // 8, dtype=np.uint8)
     kept = 0
     for j in range(matches.size):
         flags = 0xFF ^ bob_bases[j]  # a match flag per bit: 1 where the bases agree (Alice's Z = 0, X = 1)
-        for t in range(min(8, n - 8 * j)):
-            flags ^= bases[8 * j + t] << (7 - t)
-        if n - 8 * j < 8:
-            flags &= 0xFF << (8 - (n - 8 * j))  # zero padding after the last detection
+        if j < full:
+            for t in range(8):
+                flags ^= bases[8 * j + t] << (7 - t)
+        else:  # the last, partial byte: zero padding after the last detection
+            for t in range(n - 8 * j):
+                flags ^= bases[8 * j + t] << (7 - t)
+            flags &= 0xFF << (8 - (n - 8 * j))
         matches[j] = flags
         kept += _bit_count(flags)
-    packed_classes = np.zeros((2 * kept + 7) // 8 + 1, dtype=np.uint8)
     kept_bits = np.empty(kept + 1, dtype=np.uint8)
     kept_bases = np.empty(kept + 1, dtype=np.uint8)
-    kept_classes = np.empty(kept + 1, dtype=np.uint8)
+    kept_classes = np.empty(kept + 4, dtype=np.uint8)
     kept_indices = np.empty(kept + 1, dtype=np.int64)
     k = 0
     for i in range(n):
-        match = (matches[i >> 3] >> (7 - (i & 7))) & 1
         kept_bits[k] = bits[i]
         kept_bases[k] = bases[i]
         kept_classes[k] = classes[i]
         kept_indices[k] = indices[i]
-        packed_classes[k >> 2] |= np.uint8(((classes[i] & 3) * match) << (6 - 2 * (k & 3)))
-        k += match
+        k += (matches[i >> 3] >> (7 - (i & 7))) & 1
+    kept_classes[kept:] = 0  # the packing's padding (and over the store after the last match)
+    # four classes to a byte, each byte written once (or-ing into bytes as the classes come chains each
+    # byte's store to the next load)
+    packed_classes = np.empty((2 * kept + 7) // 8, dtype=np.uint8)
+    for b in range(packed_classes.size):
+        packed_classes[b] = (
+            ((kept_classes[4 * b] & 3) << 6)
+            | ((kept_classes[4 * b + 1] & 3) << 4)
+            | ((kept_classes[4 * b + 2] & 3) << 2)
+            | (kept_classes[4 * b + 3] & 3)
+        )
     return (
         matches,
-        packed_classes[: (2 * kept + 7) // 8],
+        packed_classes,
         kept_bits[:kept],
         kept_bases[:kept],
         kept_classes[:kept],

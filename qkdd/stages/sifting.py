@@ -264,15 +264,15 @@ class SiftedKey:
 
 def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal["bitmap", "gaps"], bytes]:
     """The smaller of the bitmap and varint-gap encodings of strictly increasing indices (the gaps on a
-    tie), as :func:`encode_indices_numpy` gives them: the gaps' size is counted before either is built.
+    tie), as :func:`encode_indices_numpy` gives them: the gaps are built until they outgrow the bitmap.
 
     Raises:
         InputError: an index outside ``[0, pulses)``.
     """
     frozen = _frozen(indices, np.int64)
-    size = _kernels.gap_bytes(frozen)
+    gaps, size = _kernels.encode_gaps(frozen, (pulses + 7) // 8)
     if size <= (pulses + 7) // 8:
-        return "gaps", _kernels.encode_gaps(frozen, size).tobytes()
+        return "gaps", gaps.tobytes()
     bitmap, status = _kernels.pack_bitmap(frozen, pulses)
     if status != _OK:
         raise InputError(f"detection indices: values must lie in [0, {pulses})")
