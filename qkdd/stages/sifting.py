@@ -234,8 +234,7 @@ class SiftedKey:
         """How many sifted Z bits each intensity class has (index: class, for every possible class),
         counted in one pass (:func:`~qkdd.stages._sifting_kernels.z_class_counts`): this is on the
         round's critical path."""
-        counts = _kernels.z_class_counts(_frozen(self.bases, np.uint8), _frozen(self.intensities, np.uint8))
-        return tuple(int(c) for c in counts)
+        return _kernels.z_class_counts(_frozen(self.bases, np.uint8), _frozen(self.intensities, np.uint8))
 
     def select(self, basis: int, intensity: int | None = None) -> Bits:
         """The sifted bits of one basis (and, optionally, one intensity class). A whole basis is
@@ -270,11 +269,13 @@ def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal
         InputError: an index outside ``[0, pulses)``.
     """
     frozen = _frozen(indices, np.int64)
-    gaps, size = _kernels.encode_gaps(frozen, (pulses + 7) // 8)
-    if size <= (pulses + 7) // 8:
-        return "gaps", gaps.tobytes()
-    bitmap, status = _kernels.pack_bitmap(frozen, pulses)
-    if status != _OK:
+    limit = (pulses + 7) // 8
+    gaps = np.empty(min(limit, 10 * frozen.size) + _VARINT_MAX_BYTES, dtype=np.uint8)
+    size = _kernels.encode_gaps(frozen, limit, gaps)
+    if size <= limit:
+        return "gaps", gaps[:size].tobytes()
+    bitmap = np.zeros(limit, dtype=np.uint8)
+    if _kernels.pack_bitmap(frozen, bitmap) != _OK:
         raise InputError(f"detection indices: values must lie in [0, {pulses})")
     return "bitmap", bitmap.tobytes()
 
@@ -291,14 +292,20 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         raise RemoteProtocolError("sift: pulse or detection count out of range")
     if message.encoding == "bitmap":
         bitmap = check_packed(message.indices, message.pulses, "sift bitmap")
-        indices, status = _kernels.bitmap_indices(bitmap, message.detections)
-        if status != _OK:
+        if _kernels.popcount(bitmap) != message.detections:
             raise RemoteProtocolError("sift: bitmap population differs from the detection count")
-        return indices
-    if message.encoding == "gaps" and message.pulses <= _KERNEL_MAX_PULSES:
+        indices = np.empty(message.detections + 8, dtype=np.int64)
+        _kernels.bitmap_indices(bitmap, indices)
+        return indices[: message.detections]
+    # every varint takes a byte at least: a count above the bytes is refused before it is allocated
+    if (
+        message.encoding == "gaps"
+        and message.pulses <= _KERNEL_MAX_PULSES
+        and message.detections <= len(message.indices)
+    ):
+        indices = np.empty(message.detections, dtype=np.int64)
         raw = np.frombuffer(message.indices, dtype=np.uint8)
-        indices, status = _kernels.decode_gaps(raw, message.detections, message.pulses)
-        if status != _OK:
+        if _kernels.decode_gaps(raw, message.pulses, indices) != _OK:
             # the numpy decoder names the rule broken (the same one, or the one it checks first)
             decode_indices_numpy(message)
             raise RemoteProtocolError("sift: malformed detection gaps")  # not reached: both refuse
@@ -318,7 +325,8 @@ def bob_announce(detections: Detections) -> SiftAnnounce:
 
 def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
     """Alice's answer, and her sifted key, in two passes over the detections
-    (:func:`~qkdd.stages._sifting_kernels.alice_sift`); :func:`alice_answer_numpy` is the reference.
+    (:mod:`~qkdd.stages._sifting_kernels`' ``alice_matches`` and ``alice_gather``);
+    :func:`alice_answer_numpy` is the reference.
 
     Raises:
         RemoteProtocolError: the announcement does not fit the frame Alice prepared.
@@ -336,20 +344,31 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
             f"preparation gave {bits.size} bits, {bases.size} bases and {classes.size} intensity "
             f"classes for {indices.size} pulses"
         )
-    matches, packed_classes, kept_bits, kept_bases, kept_classes, kept_indices = _kernels.alice_sift(
-        bob_bases,
+    bases = _frozen(bases, np.uint8)
+    matches = np.empty((bases.size + 7) // 8, dtype=np.uint8)
+    kept = _kernels.alice_matches(bob_bases, bases, matches)
+    kept_bits, kept_bases, kept_classes = (np.empty(kept + slack, dtype=np.uint8) for slack in (1, 1, 4))
+    kept_indices = np.empty(kept + 1, dtype=np.int64)
+    packed_classes = np.empty((2 * kept + 7) // 8, dtype=np.uint8)
+    _kernels.alice_gather(
+        matches,
         _frozen(bits, np.uint8),
-        _frozen(bases, np.uint8),
+        bases,
         _frozen(classes, np.uint8),
         _frozen(indices, np.int64),
+        kept_bits,
+        kept_bases,
+        kept_classes,
+        kept_indices,
+        packed_classes,
     )
     answer = SiftAnswer(matches.tobytes(), packed_classes.tobytes())
-    return answer, SiftedKey(kept_bits, kept_bases, kept_classes, kept_indices)
+    return answer, SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes[:kept], kept_indices[:kept])
 
 
 def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     """Bob's sifted key from Alice's answer, in one pass over the detections
-    (:func:`~qkdd.stages._sifting_kernels.bob_sift`); :func:`bob_sift_numpy` is the reference.
+    (:func:`~qkdd.stages._sifting_kernels.bob_gather`); :func:`bob_sift_numpy` is the reference.
 
     Raises:
         RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
@@ -357,15 +376,20 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     matches = check_packed(answer.matches, int(detections.indices.size), "sift matches")
     kept = _kernels.popcount(matches)
     packed_classes = check_packed(answer.intensities, 2 * kept, "sift intensity classes")
-    bits, bases, classes, indices = _kernels.bob_sift(
+    kept_bits, kept_bases = np.empty(kept + 1, dtype=np.uint8), np.empty(kept + 1, dtype=np.uint8)
+    kept_classes, kept_indices = np.empty(kept, dtype=np.uint8), np.empty(kept + 1, dtype=np.int64)
+    _kernels.bob_gather(
         matches,
         packed_classes,
-        kept,
         _frozen(detections.bits, np.uint8),
         _frozen(detections.bases, np.uint8),
         _frozen(detections.indices, np.int64),
+        kept_bits,
+        kept_bases,
+        kept_classes,
+        kept_indices,
     )
-    return SiftedKey(bits, bases, classes, indices)
+    return SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes, kept_indices[:kept])
 
 
 _warmed_up = False
@@ -395,6 +419,7 @@ def warm_up() -> None:
 
 
 _OK = 0  # a kernel's status for valid input (qkdd.stages._sifting_kernels.OK, without importing numba)
+_VARINT_MAX_BYTES = 10  # ..._sifting_kernels.VARINT_MAX_BYTES
 _KERNEL_MAX_PULSES = 1 << 62  # the gap decoder's running index cannot overflow up to this frame size
 
 

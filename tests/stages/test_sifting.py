@@ -459,10 +459,11 @@ def test_z_class_counts_match_a_bincount(pairs: list[tuple[int, int]]) -> None:
     assert key.z_class_counts == tuple(int(c) for c in tally)
 
 
-def test_the_status_constant_is_the_kernels() -> None:
+def test_the_constants_are_the_kernels() -> None:
     from qkdd.stages import _sifting_kernels as kernels  # noqa: PLC0415
 
     assert (sifting._OK, kernels.OK) == (0, 0) and kernels.REFUSED != kernels.OK
+    assert sifting._VARINT_MAX_BYTES == kernels.VARINT_MAX_BYTES
 
 
 def test_importing_sifting_leaves_numba_for_later() -> None:
