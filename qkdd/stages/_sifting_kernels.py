@@ -186,15 +186,18 @@ def alice_gather(
     kept_classes: Bits,
     kept_indices: Int64s,
     packed_classes: Bytes,
+    with_indices: bool,
 ) -> None:
-    """Alice's kept bits, bases, classes and indices where ``matches`` flags a match (each output one
-    slack element long, ``kept_classes`` four), and the kept classes packed two bits each."""
+    """Alice's kept bits, bases, classes and (``with_indices``) indices where ``matches`` flags a match
+    (each output one slack element long, ``kept_classes`` four), and the kept classes packed two bits
+    each."""
     k = 0
     for i in range(indices.size):
         kept_bits[k] = bits[i]
         kept_bases[k] = bases[i]
         kept_classes[k] = classes[i]
-        kept_indices[k] = indices[i]
+        if with_indices:  # the same for every i: LLVM makes two loops of it
+            kept_indices[k] = indices[i]
         k += (matches[i >> 3] >> (7 - (i & 7))) & 1
     kept_classes[k:] = 0  # the packing's padding (and over the store after the last match)
     # four classes to a byte, each byte written once (or-ing into bytes as the classes come chains each
@@ -219,14 +222,17 @@ def bob_gather(
     kept_bases: Bits,
     kept_classes: Bits,
     kept_indices: Int64s,
+    with_indices: bool,
 ) -> None:
-    """Bob's kept bits, bases and indices where Alice's packed ``matches`` flag a match (each output
-    one slack element long), and the classes she sent packed two bits each (``kept_classes``, exact)."""
+    """Bob's kept bits, bases and (``with_indices``) indices where Alice's packed ``matches`` flag a
+    match (each output one slack element long), and the classes she sent packed two bits each
+    (``kept_classes``, exact)."""
     k = 0
     for i in range(indices.size):
         kept_bits[k] = bits[i]
         kept_bases[k] = bases[i]
-        kept_indices[k] = indices[i]
+        if with_indices:
+            kept_indices[k] = indices[i]
         k += (matches[i >> 3] >> (7 - (i & 7))) & 1
     for k in range(kept_classes.size):
         kept_classes[k] = (packed_classes[k >> 2] >> (6 - 2 * (k & 3))) & 3

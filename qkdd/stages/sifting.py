@@ -64,6 +64,10 @@ else:
 Z, X = 0, 1
 MAX_INTENSITY_CLASSES = 4
 MAX_FRAME_PULSES = 1 << 40
+NO_PULSE_INDICES: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+"""A sifted key's pulse indices where they were not asked for (read-only): nothing after sifting reads
+them, and at 8 bytes per sifted bit they are the largest array a round would keep."""
+NO_PULSE_INDICES.flags.writeable = False
 
 
 class Preparation(Protocol):
@@ -323,10 +327,13 @@ def bob_announce(detections: Detections) -> SiftAnnounce:
     )
 
 
-def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
+def alice_answer(
+    preparation: Preparation, announce: SiftAnnounce, *, pulse_indices: bool = True
+) -> tuple[SiftAnswer, SiftedKey]:
     """Alice's answer, and her sifted key, in two passes over the detections
     (:mod:`~qkdd.stages._sifting_kernels`' ``alice_matches`` and ``alice_gather``);
-    :func:`alice_answer_numpy` is the reference.
+    :func:`alice_answer_numpy` is the reference. Without ``pulse_indices`` the key's
+    :attr:`~SiftedKey.pulse_indices` are left empty (see :data:`NO_PULSE_INDICES`).
 
     Raises:
         RemoteProtocolError: the announcement does not fit the frame Alice prepared.
@@ -348,7 +355,7 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
     matches = np.empty((bases.size + 7) // 8, dtype=np.uint8)
     kept = _kernels.alice_matches(bob_bases, bases, matches)
     kept_bits, kept_bases, kept_classes = (np.empty(kept + slack, dtype=np.uint8) for slack in (1, 1, 4))
-    kept_indices = np.empty(kept + 1, dtype=np.int64)
+    kept_indices = np.empty(kept + 1 if pulse_indices else 0, dtype=np.int64)
     packed_classes = np.empty((2 * kept + 7) // 8, dtype=np.uint8)
     _kernels.alice_gather(
         matches,
@@ -361,14 +368,17 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
         kept_classes,
         kept_indices,
         packed_classes,
+        pulse_indices,
     )
     answer = SiftAnswer(matches.tobytes(), packed_classes.tobytes())
-    return answer, SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes[:kept], kept_indices[:kept])
+    kept_pulses = kept_indices[:kept] if pulse_indices else NO_PULSE_INDICES
+    return answer, SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes[:kept], kept_pulses)
 
 
-def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
+def bob_sift(detections: Detections, answer: SiftAnswer, *, pulse_indices: bool = True) -> SiftedKey:
     """Bob's sifted key from Alice's answer, in one pass over the detections
     (:func:`~qkdd.stages._sifting_kernels.bob_gather`); :func:`bob_sift_numpy` is the reference.
+    Without ``pulse_indices`` the key's :attr:`~SiftedKey.pulse_indices` are left empty.
 
     Raises:
         RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
@@ -377,7 +387,8 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
     kept = _kernels.popcount(matches)
     packed_classes = check_packed(answer.intensities, 2 * kept, "sift intensity classes")
     kept_bits, kept_bases = np.empty(kept + 1, dtype=np.uint8), np.empty(kept + 1, dtype=np.uint8)
-    kept_classes, kept_indices = np.empty(kept, dtype=np.uint8), np.empty(kept + 1, dtype=np.int64)
+    kept_classes = np.empty(kept, dtype=np.uint8)
+    kept_indices = np.empty(kept + 1 if pulse_indices else 0, dtype=np.int64)
     _kernels.bob_gather(
         matches,
         packed_classes,
@@ -388,8 +399,10 @@ def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
         kept_bases,
         kept_classes,
         kept_indices,
+        pulse_indices,
     )
-    return SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes, kept_indices[:kept])
+    kept_pulses = kept_indices[:kept] if pulse_indices else NO_PULSE_INDICES
+    return SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes, kept_pulses)
 
 
 _warmed_up = False

@@ -416,6 +416,13 @@ def test_both_sides_match_the_numpy_sifting(
     assert _key_fields(bob) == _key_fields(bob_numpy)
     assert bob.pulse_indices.tolist() == alice.pulse_indices.tolist()
     assert bob.intensities.tolist() == alice.intensities.tolist()
+    # a round's keys, without the pulse indices: the same otherwise
+    answer_short, alice_short = sifting.alice_answer(frame, announce, pulse_indices=False)
+    bob_short = sifting.bob_sift(detections, answer, pulse_indices=False)
+    assert answer_short == answer
+    for short, full in ((alice_short, alice), (bob_short, bob)):
+        assert short.pulse_indices is sifting.NO_PULSE_INDICES
+        assert _key_fields(short)[:3] == _key_fields(full)[:3]
 
 
 @given(st.integers(0, 40), st.integers(0, 2**32 - 1), st.data())
