@@ -301,7 +301,8 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         indices = np.empty(message.detections + 8, dtype=np.int64)
         _kernels.bitmap_indices(bitmap, indices)
         return indices[: message.detections]
-    # every varint takes a byte at least: a count above the bytes is refused before it is allocated
+    # the kernel takes frames up to 2^62 pulses and counts the bytes can hold (a varint takes a byte at
+    # least; the peer's count is not allocated before that check); the numpy decoder refuses the others
     if (
         message.encoding == "gaps"
         and message.pulses <= _KERNEL_MAX_PULSES

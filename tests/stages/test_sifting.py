@@ -227,8 +227,8 @@ def test_index_encoding_matches_the_numpy_encoder(gaps: list[int], scale: int, s
     if pulses >= 1 << 63:
         pulses = (1 << 63) - 1
         indices = indices[indices < pulses]
-    if pulses > 1 << 24 and sifting.encode_indices_numpy(indices, pulses)[0] == "bitmap":
-        return  # the numpy reference would allocate a byte per pulse
+    # (at most 300 gaps take at most 3,000 bytes: the bitmap wins only in frames below 24,000 pulses,
+    # so the numpy reference never allocates a large one)
     got = sifting.encode_indices(indices, pulses)
     assert got == sifting.encode_indices_numpy(indices, pulses)
     message = sifting.SiftAnnounce(pulses, indices.size, got[0], got[1], b"")
