@@ -23,6 +23,7 @@ from numba import njit
 U64 = npt.NDArray[np.uint64]
 Int64s = npt.NDArray[np.int64]
 Bytes = npt.NDArray[np.uint8]
+GapTable = tuple[U64, Int64s, np.uint64]  # thresholds, aliases, 64 − log2(size): qkdd.links.sim.gap_table
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -32,6 +33,7 @@ _S11, _S24, _S63 = np.uint64(11), np.uint64(24), np.uint64(63)
 _MASK24 = np.uint64(0xFFFFFF)
 _HALF = np.uint64(1 << 23)  # u < 1/2
 _ONE = np.uint64(1)
+_LOW32 = np.uint64(0xFFFFFFFF)
 _TWO_TO_MINUS_53 = 2.0**-53
 
 
@@ -89,6 +91,30 @@ def _after(position: int, draw: int, offset: np.uint64, scale: float, pulses: in
     return position + 1 + int(gap)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _next_candidate(
+    position: int, draw: int, offset: np.uint64, table: GapTable, pulses: int
+) -> tuple[int, int]:
+    """The next signal candidate after ``position`` and the next draw number: the gap from a Walker
+    alias table over gaps 1 … K − 1 and a last entry K − 1 + "draw again" (a geometric gap has no memory),
+    with the table's index in the top bits of the draw's hash and its threshold compared with the low 32:
+    twice as fast as −ln u (dark counts, whose gaps are millions, keep :func:`_after`)."""
+    thresholds, aliases, shift = table
+    if thresholds.size == 0:
+        return pulses, draw
+    tail = thresholds.size - 1
+    while True:
+        h = _mix(draw, offset)
+        draw += 1
+        j = np.int64(h >> shift)
+        outcome = j if (h & _LOW32) < thresholds[j] else aliases[j]
+        if outcome != tail:
+            return min(position + 1 + int(outcome), pulses), draw
+        position += tail
+        if position >= pulses:
+            return pulses, draw
+
+
 @njit(cache=True, nogil=True)
 def _events(offset: np.uint64, scale: float, pulses: int) -> Int64s:
     """Every index of one Bernoulli process over the pulses (:func:`_after`), in order."""
@@ -108,7 +134,8 @@ def _events(offset: np.uint64, scale: float, pulses: int) -> Int64s:
 def detect(
     pulses: int,
     offsets: U64,
-    scales: npt.NDArray[np.float64],
+    signal_gaps: GapTable,
+    dark_scale: float,
     class_edges: U64,
     edges: U64,
     keep_edges: U64,
@@ -120,10 +147,10 @@ def detect(
 
     ``offsets``: Alice's preparation, Eve, and Bob's streams — signal candidates, dark counts of
     detector 0 and 1 (draw counters), his choices at a pulse (index), his detector's (index).
-    ``scales``: the geometric scales of the signal candidates (arrivals at the largest intensity) and of
-    each detector's dark counts. ``edges``: Alice's Z edge, Bob's Z edge, the misalignment edge, Eve's
-    edge (0: no Eve). ``keep_edges[c]``: a candidate of class c arrives iff its u is below this (the
-    thinning arrival[c] / arrival[top]).
+    ``signal_gaps``: the gaps between signal candidates (arrivals at the largest intensity), and
+    ``dark_scale`` the geometric scale of each detector's dark counts. ``edges``: Alice's Z edge, Bob's
+    Z edge, the misalignment edge, Eve's edge (0: no Eve). ``keep_edges[c]``: a candidate of class c
+    arrives iff its u is below this (the thinning arrival[c] / arrival[top]).
 
     The loop over candidates has no branch that depends on a draw (each candidate is written at the next
     slot, which advances iff it was detected): mispredicted branches, not arithmetic, would set its
@@ -132,7 +159,7 @@ def detect(
     indices, bases, bits, doubles = out
     prep, eve, signal, dark0, dark1, choice, detector = offsets
     z_alice, z_bob, misaligned, eve_edge = edges
-    darks = (_events(dark0, scales[1], pulses), _events(dark1, scales[2], pulses))
+    darks = (_events(dark0, dark_scale, pulses), _events(dark1, dark_scale, pulses))
     # both detectors' dark counts as one sorted list of (index, detector), ending in a sentinel
     dark_at = np.empty(darks[0].size + darks[1].size + 1, dtype=np.int64)
     dark_which = np.zeros(dark_at.size, dtype=np.uint8)
@@ -147,8 +174,7 @@ def detect(
     dark_at[-1] = pulses
     n = 0
     next_dark = 0
-    draw = 0
-    s = _after(-1, 0, signal, scales[0], pulses)
+    s, draw = _next_candidate(-1, 0, signal, signal_gaps, pulses)
     while True:
         t = min(s, dark_at[next_dark])
         if t >= pulses:
@@ -170,8 +196,7 @@ def detect(
             c += k >= edge
         arrived = (t == s) & ((y & _MASK24) < keep_edges[c])
         if t == s:
-            draw += 1
-            s = _after(s, draw, signal, scales[0], pulses)
+            s, draw = _next_candidate(s, draw, signal, signal_gaps, pulses)
         bit = x >> _S63
         basis = np.uint64(((x >> _S24) & _MASK24) >= z_alice)
         if eve_edge:  # the same way for every pulse of the frame: predicted

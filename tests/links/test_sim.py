@@ -123,7 +123,7 @@ def _reference_detections(p: SimParameters, frame: int) -> list[tuple[int, int, 
     alice, bob = sim._frame_key(p.seed, frame), sim._frame_key(p.seed, frame, "qkdd-sim-bob")
 
     def process(stream: int, probability: float) -> set[int]:
-        """A Bernoulli process by geometric gaps 1 + ⌊−ln(u)/−ln(1 − p)⌋, u from draw 0, 1, ..."""
+        """Dark counts: geometric gaps 1 + ⌊−ln(u)/−ln(1 − p)⌋, u from draw 0, 1, ..."""
         found: set[int] = set()
         if probability <= 0:
             return found
@@ -137,9 +137,26 @@ def _reference_detections(p: SimParameters, frame: int) -> list[tuple[int, int, 
             found.add(position)
             draw += 1
 
+    def candidates_of(probability: float) -> set[int]:
+        """The signal candidates: gaps from the alias table (outcome K − 1: K − 1 more, draw again)."""
+        thresholds, aliases, shift = sim.gap_table(probability)
+        found: set[int] = set()
+        position, draw = -1, 0
+        while thresholds.size:
+            h = _splitmix64(bob, 1, draw)
+            draw += 1
+            j = h >> int(shift)
+            outcome = j if h & 0xFFFFFFFF < thresholds[j] else int(aliases[j])
+            position += 1 + outcome if outcome < thresholds.size - 1 else outcome
+            if position >= p.pulses_per_frame:
+                break
+            if outcome < thresholds.size - 1:
+                found.add(position)
+        return found
+
     arrival = [1 - math.exp(-p.transmittance * mu) for mu in p.intensities]
     top = max(arrival)
-    candidates = process(1, top)
+    candidates = candidates_of(top)
     dark = [process(2, p.dark_count_probability), process(3, p.dark_count_probability)]
     out = []
     for t in sorted(candidates | dark[0] | dark[1]):
@@ -187,6 +204,24 @@ def test_bobs_detections_are_the_model_value_for_value(options: dict[str, object
     )
     assert got == _reference_detections(p, 2)
     assert len(got) > 100
+
+
+@pytest.mark.parametrize("probability", [1.0, 0.5, 0.0864, 1e-3, 1e-5])
+def test_the_gap_table_is_the_geometric_distribution(probability: float) -> None:
+    """Each outcome's share of the alias table is its probability: gap j + 1 for j < K − 1, and "at least
+    K" for the last, to the table's 2^-32 resolution."""
+    thresholds, aliases, shift = sim.gap_table(probability)
+    size = thresholds.size
+    assert size == 1 << (64 - int(shift)) and 16 <= size <= 4096
+    mass = np.zeros(size)
+    for j in range(size):
+        kept = int(thresholds[j]) / 2**32
+        mass[j] += kept / size
+        mass[aliases[j]] += (1 - kept) / size
+    q = 1 - probability
+    expected = [probability * q**j for j in range(size - 1)] + [q ** (size - 1)]
+    assert np.allclose(mass, expected, rtol=0, atol=2**-30)
+    assert sim.gap_table(0.0)[0].size == 0
 
 
 def test_more_detections_than_guessed_give_the_same_frame(monkeypatch: pytest.MonkeyPatch) -> None:
