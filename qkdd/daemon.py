@@ -827,9 +827,13 @@ class Daemon:
         return self._max_rounds_reached() and self.kme is None
 
     async def _warm_up(self) -> None:
-        """Load sifting's and Cascade's kernels and compile privacy amplification's (or load its FFT)
-        while the first connection is set up, not inside the first round."""
+        """Load the link's kernels (a backend may offer ``warm_up``), sifting's and Cascade's, and compile
+        privacy amplification's (or load its FFT) while the first connection is set up, not inside the
+        first round."""
         try:
+            link_warm_up = getattr(self.link, "warm_up", None)
+            if link_warm_up is not None:
+                await trio.to_thread.run_sync(link_warm_up)
             await trio.to_thread.run_sync(sifting.warm_up)
             await trio.to_thread.run_sync(cascade.warm_up)
             await trio.to_thread.run_sync(amplify.warm_up)

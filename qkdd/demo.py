@@ -9,10 +9,12 @@ the same key IDs with the same bytes.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import resource
 import shutil
@@ -49,6 +51,7 @@ class DemoResult:
     seconds: float
     first_key_seconds: float | None
     peak_rss_bytes: int = 0  # the larger of the two daemons' peak resident memory
+    cpu_samples: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # ProcessWatch.cpu
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -247,7 +250,7 @@ def run_demo(
         return relays[-1].address
 
     alice, bob = start_pair(alice_config, bob_config, relay if rtt > 0 else None)
-    peak = PeakMemory((alice.pid, bob.pid))
+    watch = ProcessWatch((alice.pid, bob.pid))
     try:
         limit = timeout if timeout is not None else 60.0 + 60.0 * rounds
         reported = -1
@@ -274,9 +277,11 @@ def run_demo(
                 leftover.wait()
         for each in relays:
             each.close()
-        peak.stop()
+        watch.stop()
     seconds = time.monotonic() - started
-    return dataclasses.replace(compare_stores(state_dir, seconds), peak_rss_bytes=peak.bytes)
+    return dataclasses.replace(
+        compare_stores(state_dir, seconds), peak_rss_bytes=watch.bytes, cpu_samples=watch.cpu
+    )
 
 
 ROW_POLL_SECONDS = 0.2
@@ -316,27 +321,59 @@ def _row(record: dict[str, Any], bob_state: str | None = None) -> dict[str, Any]
     }
 
 
-class PeakMemory:
-    """The peak resident memory of some processes (Linux: their VmHWM, read until they end)."""
+class ProcessWatch:
+    """Some processes, read until they end (Linux ``/proc``): their peak resident memory (the larger
+    VmHWM) and, every :data:`WATCH_SECONDS`, the CPU seconds they have used together, with the time (the
+    clock of the stores' ``finished_at``), so that the CPU of any stretch of the run can be read."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.bytes = 0
+        self.cpu: list[tuple[float, float]] = []  # (time.time(), CPU seconds of all of them so far)
         self._pids = pids
+        self._tick = os.sysconf("SC_CLK_TCK")
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="qkdd-peak-memory", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="qkdd-process-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._done.wait(0.1):
+        while not self._done.wait(WATCH_SECONDS):
+            cpu = 0.0
             for pid in self._pids:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
                             self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
+                    # utime and stime, fields 14 and 15 of stat (after the parenthesised command name)
+                    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                    cpu += (int(fields[11]) + int(fields[12])) / self._tick
+            if not self.cpu or cpu >= self.cpu[-1][1]:  # a process that ended reads as 0: not a sample
+                self.cpu.append((time.time(), cpu))
+
+    @staticmethod
+    def between(samples: Sequence[tuple[float, float]], start: float, end: float) -> float | None:
+        """CPU seconds used from ``start`` to ``end`` by :attr:`cpu` ``samples`` (interpolated between
+        them); None when they do not cover that stretch."""
+        if not samples or start < samples[0][0] or end > samples[-1][0] or end <= start:
+            return None
+
+        def at(moment: float) -> float:
+            after = bisect.bisect_left(samples, (moment, -math.inf))  # the first sample at or after it
+            t1, c1 = samples[after]
+            if t1 == moment or after == 0:
+                return c1
+            t0, c0 = samples[after - 1]
+            return c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+
+        return at(end) - at(start)
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=5)
+
+
+WATCH_SECONDS = 0.05
+"""How often :class:`ProcessWatch` reads the daemons' CPU: a steady window of a few seconds is then
+read to about a percent."""
 
 
 def compare_stores(state_dir: Path, seconds: float) -> DemoResult:
@@ -552,7 +589,12 @@ def bench_e2e(
             result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
             cpu = _children_cpu() - cpu
         sifted, _, round_seconds = _totals(result.rounds)
-        steady_sifted, steady_secret, steady_seconds = _totals(*steady_rounds(result.rounds, window))
+        steady, since = steady_rounds(result.rounds, window)
+        steady_sifted, steady_secret, steady_seconds = _totals(steady, since)
+        steady_cpu = None
+        if steady and since is not None:
+            end = max(r["finished_at"] for r in steady)
+            steady_cpu = ProcessWatch.between(result.cpu_samples, since, end)
         rows.append(
             {
                 "distance_km": distance,
@@ -576,6 +618,10 @@ def bench_e2e(
                 "cpu_seconds_per_secret_mbit": cpu / (result.secret_bits_total / 1e6)
                 if result.secret_bits_total
                 else None,
+                # both daemons' CPU while the steady rounds ran (no start-up, no pipeline filling)
+                "steady_cpu_seconds_per_secret_mbit": steady_cpu / (steady_secret / 1e6)
+                if steady_cpu is not None and steady_secret
+                else None,
             }
         )
     if as_json:
@@ -584,10 +630,11 @@ def bench_e2e(
         print(
             f"{'km':>5} {'RTT ms':>6} {'window':>6} {'rounds':>6} {'sifted Mbit/s':>14} "
             f"{'secret kbit/s':>14} {'steady state':>14} {'':>14} {'first key s':>12} "
-            f"{'CPU s/Mbit':>10} match"
+            f"{'CPU s/Mbit':>10} {'':>10} match"
         )
         print(
-            f"{'':>5} {'':>6} {'':>6} {'':>6} {'':>14} {'':>14} {'sifted Mbit/s':>14} {'secret kbit/s':>14}"
+            f"{'':>5} {'':>6} {'':>6} {'':>6} {'':>14} {'':>14} {'sifted Mbit/s':>14} {'secret kbit/s':>14} "
+            f"{'':>12} {'whole run':>10} {'steady':>10}"
         )
 
         def rate(value: float | None, unit: float, digits: int) -> str:
@@ -596,11 +643,13 @@ def bench_e2e(
         for row in rows:
             first = "-" if row["first_key_seconds"] is None else f"{row['first_key_seconds']:.2f}"
             per_mbit = row["cpu_seconds_per_secret_mbit"]
+            steady_per_mbit = row["steady_cpu_seconds_per_secret_mbit"]
             print(
                 f"{row['distance_km']:>5.0f} {row['rtt_ms']:>6.0f} {row['window']:>6} {row['rounds']:>6} "
                 f"{rate(row['sifted_bps'], 1e6, 2):>14} {rate(row['secret_bps'], 1e3, 1):>14} "
                 f"{rate(row['steady_sifted_bps'], 1e6, 2):>14} {rate(row['steady_secret_bps'], 1e3, 1):>14} "
-                f"{first:>12} {'-' if per_mbit is None else f'{per_mbit:.2f}':>10} {row['keys_match']!s:>6}"
+                f"{first:>12} {'-' if per_mbit is None else f'{per_mbit:.2f}':>10} "
+                f"{'-' if steady_per_mbit is None else f'{steady_per_mbit:.2f}':>10} {row['keys_match']!s:>6}"
             )
     return 0 if all(row["keys_match"] for row in rows) else 1
 

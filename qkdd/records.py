@@ -40,20 +40,26 @@ class RoundSummary:
 
 def key_id(link_id: str, round_number: int, index: int) -> str:
     """The ID both sides give block ``index`` of round ``round_number`` (UUIDv5, RFC 9562 §5.5; §14)."""
-    name = f"qkdp/1 key {link_id} {round_number} {index}".encode()
-    digest = bytearray(hashlib.sha1(_NAMESPACE + name).digest())
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 9562 variant
-    h = digest[:16].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return key_ids(link_id, round_number, 1, index)[0]
 
 
 _NAMESPACE = KEY_ID_NAMESPACE.bytes
+_VARIANT = {f"{n:x}": "89ab"[n & 3] for n in range(16)}
+"""A hex digit of byte 8's high nibble, with the RFC 9562 variant (binary 10) in its top two bits."""
 
 
-def key_ids(link_id: str, round_number: int, count: int) -> list[str]:
-    """The IDs of blocks 0 … count − 1 of a round (:func:`key_id`)."""
-    return [key_id(link_id, round_number, i) for i in range(count)]
+def key_ids(link_id: str, round_number: int, count: int, first: int = 0) -> list[str]:
+    """The IDs of blocks ``first`` … ``first + count − 1`` of a round (:func:`key_id`). The SHA-1 of the
+    shared prefix is taken once (a round has thousands of blocks), and version and variant are written
+    into the hex digits: the version nibble is the 13th digit, the variant the top bits of the 17th."""
+    prefix = hashlib.sha1(_NAMESPACE + f"qkdp/1 key {link_id} {round_number} ".encode())
+    ids = []
+    for index in range(first, first + count):
+        name = prefix.copy()
+        name.update(b"%d" % index)
+        h = name.hexdigest()
+        ids.append(f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}")
+    return ids
 
 
 def key_blocks(
@@ -67,5 +73,5 @@ def key_blocks(
     packed = np.frombuffer(pack_bits(key[: count * block_bits]), dtype=np.uint8)
     size = block_bits // 8
     names = list(ids[:count])
-    names += [key_id(link_id, round_number, i) for i in range(len(names), count)]
+    names += key_ids(link_id, round_number, count - len(names), len(names))
     return [(names[i], packed[i * size : (i + 1) * size].tobytes()) for i in range(count)]

@@ -21,6 +21,7 @@ E2E = {
             "steady_sifted_bps": 4.0e6,
             "first_key_seconds": 1.25,
             "cpu_seconds_per_secret_mbit": 0.9,
+            "steady_cpu_seconds_per_secret_mbit": 0.7,
             "peak_rss_mib": 300.4,
             "keys_match": True,
         }
@@ -39,7 +40,7 @@ def test_the_readme_tables_are_the_committed_results_rendered() -> None:
 def test_rows_render_their_figures_and_the_section_is_replaced(tmp_path: Path) -> None:
     tables = benchtable.render(benchtable.merge([E2E, {"e2e": [{**E2E["e2e"][0], "rtt_ms": 0.0}]}]), "note")
     assert tables.startswith("note\n") and tables.count("| 10 | ") == 2
-    assert "| 10 | 50 | 4 | 8 | 1.50 | 4.00 | 1.25 | 0.90 | 300 | yes |" in tables
+    assert "| 10 | 50 | 4 | 8 | 1.50 | 4.00 | 1.25 | 0.90 | 0.70 | 300 | yes |" in tables
     text = f"before\n{benchtable.BEGIN}\nold\n{benchtable.END}\nafter\n"
     replaced = benchtable.replace_section(text, tables)
     assert "old" not in replaced and replaced.startswith("before\n") and replaced.endswith("after\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from qkdd.database import transaction
 from qkdd.errors import InputError
-from qkdd.records import RoundSummary, key_blocks, key_id, key_ids
+from qkdd.records import KEY_ID_NAMESPACE, RoundSummary, key_blocks, key_id, key_ids
 from qkdd.store import DATABASE, KeyStore
 from tests.conftest import load_vectors
 
@@ -136,6 +137,16 @@ def test_a_store_belongs_to_one_link(tmp_path: Path) -> None:
 def test_key_ids_match_the_vectors() -> None:
     for vector in load_vectors("key_ids"):
         assert key_id(vector["link_id"], vector["round"], vector["index"]) == vector["key_id"]
+
+
+def test_key_ids_are_the_standard_uuid5_of_their_name() -> None:
+    """The batched IDs (one SHA-1 prefix, version and variant written into the hex) are uuid5's."""
+    for link_id, number in (("l", 0), ("ü link", 12345678901)):
+        expected = [
+            str(uuid.uuid5(KEY_ID_NAMESPACE, f"qkdp/1 key {link_id} {number} {i}")) for i in range(600)
+        ]
+        assert key_ids(link_id, number, 600) == expected
+        assert key_ids(link_id, number, 5, 595) == expected[595:]
 
 
 def test_key_blocks_cut_whole_blocks() -> None:

@@ -2,7 +2,9 @@
 
 A backend is a factory ``open_link(role, options) -> AliceLink | BobLink`` registered under the entry
 point group ``qkdd.links`` (a vendor's package adds hardware this way without touching qkdd); the
-built-in ``sim`` is also registered here directly, so it works from a source checkout.
+built-in ``sim`` is also registered here directly, so it works from a source checkout. A backend object
+may also offer ``warm_up()``: the daemon calls it on a worker thread at start, while the first connection
+is set up, so that whatever it loads or compiles is not paid inside the first round.
 
 Work scales with detections, not pulses: Bob's side reports only detected pulses, and Alice's side is
 asked for what she prepared at given pulse indices (:class:`qkdd.stages.sifting.Preparation`).

@@ -21,15 +21,16 @@ Model (per pulse t of frame f)
 
 Work scales with detections: the detected pulses are drawn directly, as Bernoulli processes with
 geometric gaps (signal arrivals at the largest intensity thinned per class; dark counts per detector).
+Bob's choices are counter-based too, from a key of his own, and one compiled pass
+(:mod:`qkdd.links._sim_kernels`) yields his detections: about 25 ns per detection.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -43,8 +44,8 @@ from qkdd.links import AliceLink, BobLink, LinkInfo
 from qkdd.stages.sifting import Detections
 
 U64 = npt.NDArray[np.uint64]
-_PREPARATION, _EVE = 1, 2
-CHUNK_PULSES = 1 << 22
+_PREPARATION, _EVE = 1, 2  # streams of the frame's key
+_BOB_STREAMS = (1, 2, 3, 4, 5)  # of Bob's key: candidates, dark counts (two detectors), choices, detector
 
 
 @dataclass(frozen=True)
@@ -128,65 +129,69 @@ class SimParameters:
         return self.detector_efficiency * 10 ** (-self.fiber_loss_db_per_km * self.distance_km / 10)
 
 
-def _frame_key(seed: int, frame: int) -> int:
-    digest = hashlib.blake2b(f"qkdd-sim {seed} {frame}".encode(), digest_size=8).digest()
+def _frame_key(seed: int, frame: int, label: str = "qkdd-sim") -> int:
+    digest = hashlib.blake2b(f"{label} {seed} {frame}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
-PARALLEL_AT = 1 << 20
-"""From this many indices on, :meth:`SimPreparation.at` evaluates half of them on a second thread."""
+def stream_offset(key: int, stream: int) -> np.uint64:
+    """The offset of one stream of hashes: a value of stream ``stream`` at index i is the SplitMix64
+    finaliser of i·γ + key + stream·0xD1B54A32D192ED03 (mod 2^64)."""
+    return np.uint64((key + stream * 0xD1B54A32D192ED03) & 0xFFFFFFFFFFFFFFFF)
 
 
-@functools.cache
-def _helper() -> ThreadPoolExecutor:
-    """The second thread of :meth:`SimPreparation.at`, at the daemon's priority (Alice's round waits)."""
-    return background.executor("qkdd-sim-at", lower=False)
-
-
-_HASH_BLOCK = 1 << 16
-"""Indices hashed per step: the eight passes of :func:`_hash` then run on 512 KB that stays in cache
-instead of streaming the whole array through memory eight times."""
-
-
-def _hash(key: int, stream: int, indices: npt.NDArray[np.int64]) -> U64:
-    """64 pseudo-random bits per index from (key, stream, index): SplitMix64's finaliser."""
-    offset = np.uint64((key + stream * 0xD1B54A32D192ED03) & 0xFFFFFFFFFFFFFFFF)
-    out = np.empty(indices.size, dtype=np.uint64)
-    scratch = np.empty(min(indices.size, _HASH_BLOCK), dtype=np.uint64)
-    for start in range(0, indices.size, _HASH_BLOCK):
-        x = out[start : start + _HASH_BLOCK]
-        t = scratch[: x.size]
-        x[:] = indices[start : start + _HASH_BLOCK]  # as unsigned 64-bit integers
-        x *= np.uint64(0x9E3779B97F4A7C15)
-        x += offset
-        np.right_shift(x, np.uint64(30), out=t)
-        x ^= t
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        np.right_shift(x, np.uint64(27), out=t)
-        x ^= t
-        x *= np.uint64(0x94D049BB133111EB)
-        np.right_shift(x, np.uint64(31), out=t)
-        x ^= t
-    return out
-
-
-def _field(x: U64, shift: int) -> npt.NDArray[np.uint32]:
-    """Bits [shift, shift + 24) of each hash: the k of a uniform u = k·2^-24 in [0, 1) (as 32-bit
-    integers, half the memory traffic of the hashes for every comparison that follows)."""
-    field = (x >> np.uint64(shift) if shift else x).astype(np.uint32)  # keeps the low 32 bits
-    field &= np.uint32(0xFFFFFF)
-    return field
-
-
-def _threshold(probability: float) -> int:
-    """⌈probability·2^24⌉: u = k·2^-24 reaches ``probability`` iff k is at least this (exact: scaling by
+def threshold(probability: float) -> int:
+    """⌈probability·2^24⌉: u = k·2^-24 is below ``probability`` iff k is below this (exact: scaling by
     2^24 rounds nothing)."""
     return min(math.ceil(probability * 2.0**24), 1 << 24)
 
 
-def _at_least(field: npt.NDArray[np.uint32], probability: float) -> npt.NDArray[np.bool_]:
-    """Whether u = k·2^-24 reaches ``probability`` (``field`` holds the k)."""
-    return field >= np.uint32(_threshold(probability))
+def _edges(probabilities: Sequence[float]) -> npt.NDArray[np.uint64]:
+    return np.array([threshold(p) for p in probabilities], dtype=np.uint64)
+
+
+def gap_table(probability: float) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], np.uint64]:
+    """The gaps 1, 2, … between the events of a Bernoulli process with ``probability`` per pulse, as a
+    Walker alias table (Walker, ACM TOMS 3 (1977) 253; Vose's construction, IEEE TSE 17 (1991) 972):
+    K entries, K a power of two near 8/p (2^4 … 2^12); outcome j < K − 1 is the gap j + 1, with
+    probability p(1 − p)^j, and outcome K − 1, probability (1 − p)^(K − 1), is a gap of at least K: K − 1
+    and a fresh draw. Entry j is kept iff the low 32 bits of the draw's hash are below thresholds[j],
+    else it is aliases[j]. Returns (thresholds, aliases, 64 − log2 K); empty tables for p = 0."""
+    if probability <= 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.uint64(64)
+    p = min(probability, 1.0)
+    bits = min(max(math.ceil(math.log2(8 / p)), 4), 12)
+    size = 1 << bits
+    q = 1.0 - p
+    scaled = [size * p * q**j for j in range(size - 1)] + [size * q ** (size - 1)]
+    thresholds = np.full(size, 1 << 32, dtype=np.uint64)
+    aliases = np.arange(size, dtype=np.int64)
+    small = [j for j in range(size) if scaled[j] < 1]
+    large = [j for j in range(size) if scaled[j] >= 1]
+    while small and large:
+        j, k = small.pop(), large.pop()
+        thresholds[j], aliases[j] = round(scaled[j] * 2.0**32), k
+        scaled[k] += scaled[j] - 1
+        (small if scaled[k] < 1 else large).append(k)
+    return thresholds, aliases, np.uint64(64 - bits)  # left over: whole entries (rounding), kept always
+
+
+def _scale(probability: float) -> float:
+    """The geometric scale −1/ln(1 − p) of a Bernoulli process (:func:`_sim_kernels._after`): −1 for
+    p = 0 (no event), 0 for p = 1 (every pulse)."""
+    if probability <= 0:
+        return -1.0
+    if probability >= 1:
+        return 0.0
+    return -1.0 / math.log1p(-probability)
+
+
+def warm_up() -> None:
+    """Load both kernels (compiling them on the first run after an install), so that the first frame
+    does not wait for them: a few hundredths of a second when numba's cache has them, seconds when not."""
+    parameters = SimParameters(pulses_per_frame=1 << 12, dark_count_probability=1e-3, eve_fraction=0.5)
+    detections = SimBob(parameters, ahead=False).simulate(0)
+    SimPreparation(parameters, 0).at(detections.indices)
 
 
 @dataclass(frozen=True)
@@ -200,82 +205,25 @@ class SimPreparation:
     def pulses(self) -> int:
         return self.parameters.pulses_per_frame
 
+    @property
+    def offset(self) -> np.uint64:
+        return stream_offset(_frame_key(self.parameters.seed, self.frame), _PREPARATION)
+
     def at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
-        if indices.size < PARALLEL_AT:
-            return self._at(indices)
-        # Alice's sifting waits for this while Bob's core idles: half on a second thread (numpy
-        # releases the GIL) halves the wait
-        half = indices.size // 2
-        second = _helper().submit(self._at, indices[half:])
-        bits, bases, classes = self._at(indices[:half])
-        more_bits, more_bases, more_classes = second.result()
-        return (
-            np.concatenate((bits, more_bits)),
-            np.concatenate((bases, more_bases)),
-            np.concatenate((classes, more_classes)),
+        # one 64-bit hash per pulse: bits 0-23 pick the intensity, 24-47 the basis, bit 63 the bit value
+        from qkdd.links import _sim_kernels  # noqa: PLC0415 (numba: imported by the first frame)
+
+        p = self.parameters
+        contiguous = np.ascontiguousarray(indices, dtype=np.int64)
+        bits, bases, classes = _sim_kernels.prepare(
+            contiguous, self.offset, _edges(p._cumulative), np.uint64(threshold(p.z_probability))
         )
-
-    def _at(self, indices: npt.NDArray[np.int64]) -> tuple[Bits, Bits, npt.NDArray[np.uint8]]:
-        x = self.hashes(indices)
-        return (*self.bits_and_bases(x), self.classes(x))
-
-    # one 64-bit hash per pulse: bits 0-23 pick the intensity, 24-47 the basis, bit 63 the bit value
-
-    def hashes(self, indices: npt.NDArray[np.int64]) -> U64:
-        return _hash(_frame_key(self.parameters.seed, self.frame), _PREPARATION, indices)
-
-    def classes(self, x: U64) -> npt.NDArray[np.uint8]:
-        classes = np.zeros(x.size, dtype=np.uint8)
-        field = _field(x, 0)  # one field, compared with every class edge
-        for edge in self.parameters._cumulative:
-            classes += _at_least(field, edge)
-        return classes
-
-    def bits_and_bases(self, x: U64) -> tuple[Bits, Bits]:
-        # without extracting the fields: bits 24-47 of x reach k iff x's low 48 bits reach k·2^24 (the
-        # 24 bits below add less than 2^24), and bit 63 is set iff x reaches 2^63
-        low48 = np.bitwise_and(x, np.uint64((1 << 48) - 1))
-        bases = low48 >= np.uint64(_threshold(self.parameters.z_probability) << 24)
-        return (x >= np.uint64(1 << 63)).view(np.uint8), bases.view(np.uint8)
+        return bits, bases, classes
 
 
-FLOAT32_GAP_SCALE = float(1 << 19)
-"""Largest mean-gap scale −1/ln(1 − p) that :func:`_bernoulli_indices` draws in single precision:
-2^24 / 32, so that E·scale keeps integer resolution unless E exceeds 32 (probability e^-32)."""
-
-
-def _bernoulli_indices(rng: np.random.Generator, n: int, p: float) -> npt.NDArray[np.int64]:
-    """Indices in [0, n) each included independently with probability p (geometric gaps)."""
-    if p <= 0 or n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if p >= 1:
-        return np.arange(n, dtype=np.int64)
-    chunks = []
-    position = -1
-    scale = -1.0 / math.log1p(-p)
-    # single precision where it resolves every gap: E·scale stays below 2^24 unless E > 32 (e^-32);
-    # a quarter less time for the simulator's detections, whose gaps are a dozen pulses
-    single = scale < FLOAT32_GAP_SCALE
-    while True:
-        expected = (n - position) * p
-        # geometric gaps on {1, 2, ...}: 1 + floor(E / -ln(1 - p)) with E standard exponential
-        draws = int(expected + 6 * math.sqrt(expected) + 16)
-        if single:
-            exponentials = rng.standard_exponential(draws, dtype=np.float32)
-            exponentials *= np.float32(scale)
-            gaps = exponentials.astype(np.int32)
-        else:
-            exponentials64 = rng.standard_exponential(draws)
-            exponentials64 *= scale
-            gaps = exponentials64.astype(np.int64)
-        gaps += 1
-        indices = np.cumsum(gaps, dtype=np.int64)
-        indices += position
-        inside = indices[: np.searchsorted(indices, n)]  # sorted: the ones below n are a prefix
-        chunks.append(inside)
-        if inside.size < indices.size:
-            return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        position = int(indices[-1])
+def _capacity(mean: float) -> int:
+    """Room for a frame's detections, ``mean`` expected: six standard deviations more."""
+    return int(mean + 6 * math.sqrt(mean) + 64)
 
 
 class SimAlice:
@@ -286,21 +234,28 @@ class SimAlice:
     def preparation(self, frame: int) -> SimPreparation:
         return SimPreparation(self.parameters, frame)
 
+    def warm_up(self) -> None:
+        warm_up()
+
 
 class SimBob:
     """Bob's detector. Like real hardware, which records the next frame while the current one is being
     post-processed, it simulates frame f + 1 in a background thread (:mod:`qkdd.background`: at a lower
     priority) once frame f has been asked for."""
 
-    def __init__(self, parameters: SimParameters) -> None:
+    def __init__(self, parameters: SimParameters, *, ahead: bool = True) -> None:
         self.parameters = parameters
         self.info = _info(parameters)
-        self._worker = background.executor("qkdd-sim")
+        self._worker = background.executor("qkdd-sim") if ahead else None
         self._next: tuple[int, Future[Detections]] | None = None
+
+    def warm_up(self) -> None:
+        warm_up()
 
     def detections(self, frame: int) -> Detections:
         ahead = self._next
-        self._next = (frame + 1, self._worker.submit(self.simulate, frame + 1))
+        if self._worker is not None:
+            self._next = (frame + 1, self._worker.submit(self.simulate, frame + 1))
         if ahead is not None and ahead[0] == frame:
             return ahead[1].result()
         if ahead is not None:
@@ -308,76 +263,52 @@ class SimBob:
         return self.simulate(frame)
 
     def simulate(self, frame: int) -> Detections:
-        """Bob's detections in ``frame`` (deterministic in the seed and the frame number), simulated in
-        chunks of ``CHUNK_PULSES`` pulses so that every temporary array stays a few megabytes, whatever
-        the frame size: the allocator reuses those warm pages instead of faulting in fresh ones."""
-        p = self.parameters
-        rng = np.random.default_rng([p.seed, frame, 0xB0B])
-        preparation = SimPreparation(p, frame)
-        parts = [
-            self._chunk(rng, preparation, start, min(CHUNK_PULSES, p.pulses_per_frame - start))
-            for start in range(0, p.pulses_per_frame, CHUNK_PULSES)
-        ]
-        indices, bob_bases, bits, double_clicks = (
-            np.concatenate(arrays) for arrays in zip(*parts, strict=True)
-        )
-        detections = Detections(p.pulses_per_frame, indices, bob_bases, bits, double_clicks=double_clicks)
-        _ = detections.encoded_indices  # Bob's announcement, encoded here rather than in the round
-        return detections
+        """Bob's detections in ``frame``, a function of the seed and the frame number alone: one pass
+        over the detected pulses (:func:`qkdd.links._sim_kernels.detect`)."""
+        from qkdd.links import _sim_kernels  # noqa: PLC0415 (numba: imported by the first frame)
 
-    def _chunk(
-        self, rng: np.random.Generator, preparation: SimPreparation, start: int, n: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-        """Detections among pulses [start, start + n): indices, Bob's bases, bits, double clicks."""
         p = self.parameters
         if p.single_photon:
             arrival = [p.transmittance for _ in p.intensities]
         else:
             arrival = [1 - math.exp(-p.transmittance * mu) for mu in p.intensities]
         top = max(arrival)
-        candidates = _bernoulli_indices(rng, n, top)
-        candidates += start
-        x = preparation.hashes(candidates)
-        # a candidate of class c is a detection with probability arrival[c] / top (single precision draws:
-        # the probabilities move by at most 2^-24, and the simulator's draws take half the time)
-        chance = np.array([each / top for each in arrival], dtype=np.float32)
-        keep = np.flatnonzero(rng.random(candidates.size, dtype=np.float32) < chance[preparation.classes(x)])
-        indices, x = candidates[keep], x[keep]
-        bits, bases = preparation.bits_and_bases(x)
-        # dark counts are rare: merge both detectors' into the sorted detections as one small batch
-        dark_counts = [_bernoulli_indices(rng, n, p.dark_count_probability) + start for _ in (0, 1)]
-        extra = np.union1d(*dark_counts)
-        extra = extra[~_members(extra, indices)]
-        at = np.searchsorted(indices, extra)
-        extra_bits, extra_bases, _ = preparation.at(extra)
-        indices = np.insert(indices, at, extra)
-        bits = np.insert(bits, at, extra_bits)
-        bases = np.insert(bases, at, extra_bases)
-        has_signal = np.insert(np.ones(keep.size, dtype=bool), at, False)
-        dark = np.zeros((2, indices.size), dtype=bool)  # which detector had a dark count
-        for which, counts in enumerate(dark_counts):
-            dark[which, np.searchsorted(indices, counts)] = True
-        if p.eve_fraction > 0:
-            x = _hash(_frame_key(p.seed, preparation.frame), _EVE, indices)
-            eve = ~_at_least(_field(x, 0), p.eve_fraction)
-            eve_bases = (~_at_least(_field(x, 24), 0.5)).astype(np.uint8)
-            eve_bits = np.where(eve_bases == bases, bits, (x >> np.uint64(63)).astype(np.uint8))
-            bases = np.where(eve, eve_bases, bases)
-            bits = np.where(eve, eve_bits, bits)
-        bob_bases = (rng.random(indices.size, dtype=np.float32) >= p.z_probability).view(np.uint8)
-        u = rng.random(indices.size, dtype=np.float32)  # one draw decides the detector, in either basis
-        flip = np.where(bob_bases == bases, u < p.misalignment, u < 0.5)
-        detector = bits ^ flip.astype(np.uint8)  # which detector the photon hits
-        click = [(has_signal & (detector == d)) | dark[d] for d in (0, 1)]
-        return indices, bob_bases, click[1].astype(np.uint8), click[0] & click[1]
-
-
-def _members(values: npt.NDArray[np.int64], sorted_set: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    """Which of ``values`` lie in the sorted array ``sorted_set``."""
-    if sorted_set.size == 0:
-        return np.zeros(values.size, dtype=bool)
-    at = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
-    return np.asarray(sorted_set[at] == values)
+        alice_key = _frame_key(p.seed, frame)
+        bob_key = _frame_key(p.seed, frame, "qkdd-sim-bob")
+        offsets = [stream_offset(alice_key, _PREPARATION), stream_offset(alice_key, _EVE)]
+        offsets += [stream_offset(bob_key, stream) for stream in _BOB_STREAMS]
+        edges = [p.z_probability, p.z_probability, p.misalignment, p.eve_fraction]
+        rate = sum(q * a for q, a in zip(p.intensity_probabilities, arrival, strict=True))
+        expected = p.pulses_per_frame * (rate + 2 * p.dark_count_probability)
+        capacity = _capacity(expected)
+        while True:
+            out = (
+                np.empty(capacity, dtype=np.int64),
+                np.empty(capacity, dtype=np.uint8),
+                np.empty(capacity, dtype=np.uint8),
+                np.empty(capacity, dtype=np.bool_),
+            )
+            count = _sim_kernels.detect(
+                p.pulses_per_frame,
+                np.array(offsets, dtype=np.uint64),
+                gap_table(top),
+                _scale(p.dark_count_probability),
+                _edges(p._cumulative),
+                _edges(edges),
+                # a candidate (an arrival at the largest intensity's rate) of class c is kept with
+                # probability arrival[c] / top: Poisson thinning
+                _edges([a / top if top > 0 else 0.0 for a in arrival]),
+                out,
+            )
+            if count >= 0:
+                break
+            capacity *= 2  # more than six standard deviations above the mean: about once in 10^9 frames
+        indices, bases, bits, double_clicks = out
+        detections = Detections(
+            p.pulses_per_frame, indices[:count], bases[:count], bits[:count], double_clicks[:count]
+        )
+        _ = detections.encoded_indices  # Bob's announcement, encoded here rather than in the round
+        return detections
 
 
 def _info(parameters: SimParameters) -> LinkInfo:

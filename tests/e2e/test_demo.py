@@ -165,6 +165,8 @@ def test_bench_e2e_reports_the_rates_overall_and_once_running() -> None:
         assert row["window"] == 1 and row["steady_rounds"] == 2
         assert row["steady_sifted_bps"] > 0.5 * row["sifted_bps"] and row["steady_secret_bps"] > 0
         assert row["cpu_seconds"] > 0 and row["cpu_seconds_per_secret_mbit"] > 0 and row["peak_rss_mib"] > 10
+        # the CPU of the steady rounds alone: no start-up in it
+        assert 0 < row["steady_cpu_seconds_per_secret_mbit"] < row["cpu_seconds_per_secret_mbit"]
 
 
 @pytest.mark.timeout(180)
