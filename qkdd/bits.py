@@ -94,8 +94,9 @@ def pack_bits(bits: Bits) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def unpack_bits(data: bytes, count: int, what: str) -> Bits:
-    """Unpack ``count`` bits the peer sent; the length must be exact and the padding zero.
+def check_packed(data: bytes, count: int, what: str) -> npt.NDArray[np.uint8]:
+    """The bytes of ``count`` packed bits the peer sent, still packed (a read-only view); the length must
+    be exact and the padding zero.
 
     Raises:
         RemoteProtocolError: wrong byte length or non-zero padding bits.
@@ -106,7 +107,16 @@ def unpack_bits(data: bytes, count: int, what: str) -> Bits:
         )
     if count % 8 and data[-1] & (0xFF >> count % 8):
         raise RemoteProtocolError(f"{what}: padding bits must be zero")
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def unpack_bits(data: bytes, count: int, what: str) -> Bits:
+    """Unpack ``count`` bits the peer sent; the length must be exact and the padding zero.
+
+    Raises:
+        RemoteProtocolError: wrong byte length or non-zero padding bits.
+    """
+    return np.unpackbits(check_packed(data, count, what), count=count)
 
 
 _VARINT_MAX_BYTES = 10  # 64-bit values

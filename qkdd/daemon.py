@@ -58,7 +58,7 @@ from qkdd.errors import InputError, QkddError, RemoteProtocolError, operational_
 from qkdd.links import open_link
 from qkdd.records import RoundSummary
 from qkdd.sdnotify import Notifier
-from qkdd.stages import amplify, cascade
+from qkdd.stages import amplify, cascade, sifting
 from qkdd.statelock import lock_state_dir
 from qkdd.store import KeyStore
 
@@ -827,13 +827,14 @@ class Daemon:
         return self._max_rounds_reached() and self.kme is None
 
     async def _warm_up(self) -> None:
-        """Load the link's kernels (a backend may offer ``warm_up``) and Cascade's, and compile privacy
-        amplification's (or load its FFT) while the first connection is set up, not inside the first
-        round."""
+        """Load the link's kernels (a backend may offer ``warm_up``), sifting's and Cascade's, and compile
+        privacy amplification's (or load its FFT) while the first connection is set up, not inside the
+        first round."""
         try:
             link_warm_up = getattr(self.link, "warm_up", None)
             if link_warm_up is not None:
                 await trio.to_thread.run_sync(link_warm_up)
+            await trio.to_thread.run_sync(sifting.warm_up)
             await trio.to_thread.run_sync(cascade.warm_up)
             await trio.to_thread.run_sync(amplify.warm_up)
         except Exception as error:  # the first round will meet (and report) the same failure

@@ -137,7 +137,9 @@ class Round:
             return lambda: _alice_sifting(preparation, message, pulses)
         if isinstance(message, messages.SiftAnswer) and self.detected is not None:
             detected = self.detected
-            return lambda: _kept(sifting.bob_sift(detected, _build(sifting.SiftAnswer, message)))
+            return lambda: sifting.bob_sift(
+                detected, _build(sifting.SiftAnswer, message), pulse_indices=False
+            )
         return None
 
     def _frame_result(self, message: messages.Message) -> Any:
@@ -583,17 +585,9 @@ def _alice_sifting(
     """Alice's answer to ``sift_announce`` and her sifted key (:meth:`Round.frame_work`)."""
     if message.pulses != pulses:
         raise RemoteProtocolError(f"sift_announce is for {message.pulses} pulses, the frame has {pulses}")
-    answer, sifted = sifting.alice_answer(preparation, _build(sifting.SiftAnnounce, message))
-    return answer, _kept(sifted)
-
-
-_NO_PULSES = np.empty(0, dtype=np.int64)
-
-
-def _kept(sifted: sifting.SiftedKey) -> sifting.SiftedKey:
-    """A sifted key as an open round keeps it: without its pulse indices, which nothing after sifting
-    reads (8 bytes per sifted bit, the largest array of an open round: a deep window holds many)."""
-    return dataclasses.replace(sifted, pulse_indices=_NO_PULSES)
+    # an open round keeps its sifted key without pulse indices, which nothing after sifting reads (8 bytes
+    # per sifted bit, the largest array of an open round: a deep window holds many); not even gathered
+    return sifting.alice_answer(preparation, _build(sifting.SiftAnnounce, message), pulse_indices=False)
 
 
 def _fields_of(value: Any) -> dict[str, Any]:

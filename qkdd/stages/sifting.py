@@ -11,6 +11,12 @@ flags as packed bits (Z = 0, X = 1), intensity classes as two bits each.
 
 Alice's side never needs the whole frame: it asks its preparation only for the detected pulse indices
 (:class:`Preparation`), so work scales with detections, not pulses.
+
+Each side's work runs in compiled loops (:mod:`qkdd.stages._sifting_kernels`), one or two passes over
+the detections where numpy needs one per step. The numpy code they replaced stays here as the reference
+the tests hold them to (the ``*_numpy`` functions); the peer's malformed input is handed to it, so that
+every refusal raises the error, and the message, the reference raises. :func:`warm_up` loads the kernels
+ahead of the first round.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +34,7 @@ from qkdd.bits import (
     RandomSource,
     as_bits,
     as_index_array,
+    check_packed,
     decode_varints,
     encode_varints,
     pack_bits,
@@ -36,9 +43,31 @@ from qkdd.bits import (
 )
 from qkdd.errors import InputError, RemoteProtocolError
 
+if TYPE_CHECKING:
+    from qkdd.stages import _sifting_kernels as _kernels
+else:
+
+    class _Kernels:
+        """:mod:`qkdd.stages._sifting_kernels`, imported at the first kernel called (importing numba takes
+        about 0.15 s, which a process that never sifts should not pay at import), as in
+        :mod:`qkdd.stages.cascade`. Each kernel, once looked up, is an attribute of this object."""
+
+        def __getattr__(self, name: str) -> Any:
+            from qkdd.stages import _sifting_kernels  # noqa: PLC0415
+
+            kernel = getattr(_sifting_kernels, name)
+            setattr(self, name, kernel)
+            return kernel
+
+    _kernels = _Kernels()
+
 Z, X = 0, 1
 MAX_INTENSITY_CLASSES = 4
 MAX_FRAME_PULSES = 1 << 40
+NO_PULSE_INDICES: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+"""A sifted key's pulse indices where they were not asked for (read-only): nothing after sifting reads
+them, and at 8 bytes per sifted bit they are the largest array a round would keep."""
+NO_PULSE_INDICES.flags.writeable = False
 
 
 class Preparation(Protocol):
@@ -104,7 +133,15 @@ class Detections:
             raise InputError(
                 f"detections: frame pulses must lie in [1, {MAX_FRAME_PULSES}], got {self.pulses}"
             )
-        indices = as_index_array(self.indices, "detection indices", bound=self.pulses)
+        indices = np.asarray(self.indices)
+        if indices.ndim == 1 and indices.dtype == np.int64:  # every backend's: one pass checks both
+            indices = np.ascontiguousarray(indices)
+            inside, increasing = _kernels.detection_order(_frozen(indices, np.int64), self.pulses)
+            if not inside:
+                raise InputError(f"detection indices: values must lie in [0, {self.pulses})")
+        else:
+            indices = as_index_array(indices, "detection indices", bound=self.pulses)
+            increasing = indices.size < 2 or not np.logical_or.reduce(indices[1:] <= indices[:-1])
         bases = as_bits(self.bases, "detection bases")
         bits = as_bits(self.bits, "detection bits")
         if not indices.size == bases.size == bits.size:
@@ -112,7 +149,7 @@ class Detections:
                 f"detection arrays differ in length: indices {indices.size}, bases {bases.size}, "
                 f"bits {bits.size}"
             )
-        if indices.size > 1 and np.logical_or.reduce(indices[1:] <= indices[:-1]):
+        if not increasing:
             raise InputError("detection indices must be strictly increasing")
         if self.double_clicks is not None and np.asarray(self.double_clicks).shape != indices.shape:
             raise InputError("double_clicks must have one flag per detection")
@@ -198,12 +235,10 @@ class SiftedKey:
 
     @functools.cached_property
     def z_class_counts(self) -> tuple[int, ...]:
-        """How many sifted Z bits each intensity class has (index: class, for every possible class).
-        Counted class by class over the bytes: a bincount would widen two million classes to 64 bits
-        first, eight times the time, and this is on the round's critical path."""
-        return tuple(
-            int(np.count_nonzero((self.intensities == c) & self.z_mask)) for c in range(MAX_INTENSITY_CLASSES)
-        )
+        """How many sifted Z bits each intensity class has (index: class, for every possible class),
+        counted in one pass (:func:`~qkdd.stages._sifting_kernels.z_class_counts`): this is on the
+        round's critical path."""
+        return _kernels.z_class_counts(_frozen(self.bases, np.uint8), _frozen(self.intensities, np.uint8))
 
     def select(self, basis: int, intensity: int | None = None) -> Bits:
         """The sifted bits of one basis (and, optionally, one intensity class). A whole basis is
@@ -231,7 +266,195 @@ class SiftedKey:
 
 
 def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal["bitmap", "gaps"], bytes]:
-    """The smaller of the bitmap and varint-gap encodings of strictly increasing indices."""
+    """The smaller of the bitmap and varint-gap encodings of strictly increasing indices (the gaps on a
+    tie), as :func:`encode_indices_numpy` gives them: the gaps are built until they outgrow the bitmap.
+
+    Raises:
+        InputError: an index outside ``[0, pulses)``.
+    """
+    frozen = _frozen(indices, np.int64)
+    limit = (pulses + 7) // 8
+    gaps = np.empty(min(limit, 10 * frozen.size) + _VARINT_MAX_BYTES, dtype=np.uint8)
+    size = _kernels.encode_gaps(frozen, limit, gaps)
+    if size <= limit:
+        return "gaps", gaps[:size].tobytes()
+    bitmap = np.zeros(limit, dtype=np.uint8)
+    if _kernels.pack_bitmap(frozen, bitmap) != _OK:
+        raise InputError(f"detection indices: values must lie in [0, {pulses})")
+    return "bitmap", bitmap.tobytes()
+
+
+def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
+    """Alice's side: the detection indices, validated against the frame (§3) as
+    :func:`decode_indices_numpy` validates them, with the same errors.
+
+    Raises:
+        RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding,
+            truncated, trailing, overlong or over-64-bit varints.
+    """
+    if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
+        raise RemoteProtocolError("sift: pulse or detection count out of range")
+    if message.encoding == "bitmap":
+        bitmap = check_packed(message.indices, message.pulses, "sift bitmap")
+        if _kernels.popcount(bitmap) != message.detections:
+            raise RemoteProtocolError("sift: bitmap population differs from the detection count")
+        indices = np.empty(message.detections + 8, dtype=np.int64)
+        _kernels.bitmap_indices(bitmap, indices)
+        return indices[: message.detections]
+    # the kernel takes frames up to 2^62 pulses and counts the bytes can hold (a varint takes a byte at
+    # least; the peer's count is not allocated before that check); the numpy decoder refuses the others
+    if (
+        message.encoding == "gaps"
+        and message.pulses <= _KERNEL_MAX_PULSES
+        and message.detections <= len(message.indices)
+    ):
+        indices = np.empty(message.detections, dtype=np.int64)
+        raw = np.frombuffer(message.indices, dtype=np.uint8)
+        if _kernels.decode_gaps(raw, message.pulses, indices) != _OK:
+            # the numpy decoder names the rule broken (the same one, or the one it checks first)
+            decode_indices_numpy(message)
+            raise RemoteProtocolError("sift: malformed detection gaps")  # not reached: both refuse
+        return indices
+    return decode_indices_numpy(message)
+
+
+def bob_announce(detections: Detections) -> SiftAnnounce:
+    """Bob's first message of a frame."""
+    if detections.double_clicks is not None:
+        raise InputError("resolve double clicks (resolve_double_clicks) before sifting")
+    encoding, payload = detections.encoded_indices
+    return SiftAnnounce(
+        detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases)
+    )
+
+
+def alice_answer(
+    preparation: Preparation, announce: SiftAnnounce, *, pulse_indices: bool = True
+) -> tuple[SiftAnswer, SiftedKey]:
+    """Alice's answer, and her sifted key, in two passes over the detections
+    (:mod:`~qkdd.stages._sifting_kernels`' ``alice_matches`` and ``alice_gather``);
+    :func:`alice_answer_numpy` is the reference. Without ``pulse_indices`` the key's
+    :attr:`~SiftedKey.pulse_indices` are left empty (see :data:`NO_PULSE_INDICES`).
+
+    Raises:
+        RemoteProtocolError: the announcement does not fit the frame Alice prepared.
+        InputError: the preparation answered with arrays of another length than the detections.
+    """
+    if announce.pulses != preparation.pulses:
+        raise RemoteProtocolError(
+            f"sift: Bob's frame has {announce.pulses} pulses, Alice's {preparation.pulses}"
+        )
+    indices = decode_indices(announce)
+    bob_bases = check_packed(announce.bases, announce.detections, "sift bases")
+    bits, bases, classes = preparation.at(indices)
+    if not bits.size == bases.size == classes.size == indices.size:
+        raise InputError(
+            f"preparation gave {bits.size} bits, {bases.size} bases and {classes.size} intensity "
+            f"classes for {indices.size} pulses"
+        )
+    bases = _frozen(bases, np.uint8)
+    matches = np.empty((bases.size + 7) // 8, dtype=np.uint8)
+    kept = _kernels.alice_matches(bob_bases, bases, matches)
+    kept_bits, kept_bases, kept_classes = (np.empty(kept + slack, dtype=np.uint8) for slack in (1, 1, 4))
+    kept_indices = np.empty(kept + 1 if pulse_indices else 0, dtype=np.int64)
+    packed_classes = np.empty((2 * kept + 7) // 8, dtype=np.uint8)
+    _kernels.alice_gather(
+        matches,
+        _frozen(bits, np.uint8),
+        bases,
+        _frozen(classes, np.uint8),
+        _frozen(indices, np.int64),
+        kept_bits,
+        kept_bases,
+        kept_classes,
+        kept_indices,
+        packed_classes,
+        pulse_indices,
+    )
+    answer = SiftAnswer(matches.tobytes(), packed_classes.tobytes())
+    kept_pulses = kept_indices[:kept] if pulse_indices else NO_PULSE_INDICES
+    return answer, SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes[:kept], kept_pulses)
+
+
+def bob_sift(detections: Detections, answer: SiftAnswer, *, pulse_indices: bool = True) -> SiftedKey:
+    """Bob's sifted key from Alice's answer, in one pass over the detections
+    (:func:`~qkdd.stages._sifting_kernels.bob_gather`); :func:`bob_sift_numpy` is the reference.
+    Without ``pulse_indices`` the key's :attr:`~SiftedKey.pulse_indices` are left empty.
+
+    Raises:
+        RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
+    """
+    matches = check_packed(answer.matches, int(detections.indices.size), "sift matches")
+    kept = _kernels.popcount(matches)
+    packed_classes = check_packed(answer.intensities, 2 * kept, "sift intensity classes")
+    kept_bits, kept_bases = np.empty(kept + 1, dtype=np.uint8), np.empty(kept + 1, dtype=np.uint8)
+    kept_classes = np.empty(kept, dtype=np.uint8)
+    kept_indices = np.empty(kept + 1 if pulse_indices else 0, dtype=np.int64)
+    _kernels.bob_gather(
+        matches,
+        packed_classes,
+        _frozen(detections.bits, np.uint8),
+        _frozen(detections.bases, np.uint8),
+        _frozen(detections.indices, np.int64),
+        kept_bits,
+        kept_bases,
+        kept_classes,
+        kept_indices,
+        pulse_indices,
+    )
+    kept_pulses = kept_indices[:kept] if pulse_indices else NO_PULSE_INDICES
+    return SiftedKey(kept_bits[:kept], kept_bases[:kept], kept_classes, kept_pulses)
+
+
+_warmed_up = False
+
+
+def warm_up() -> None:
+    """Import numba and load every sifting kernel (compiling it on the first run after an install), so
+    that the first round does not pay for it: sifts a small frame announced as gaps and one announced as
+    a bitmap, with the array types a round passes. Later calls return at once; safe on another thread."""
+    global _warmed_up  # noqa: PLW0603
+    if _warmed_up:
+        return
+    rng = np.random.default_rng(0)
+    for pulses, detected in ((1000, 10), (16, 12)):  # gaps, then a bitmap
+        indices = np.sort(rng.choice(pulses, detected, replace=False)).astype(np.int64)
+        preparation = FramePreparation(
+            rng.integers(0, 2, pulses, dtype=np.uint8),
+            rng.integers(0, 2, pulses, dtype=np.uint8),
+            rng.integers(0, 3, pulses, dtype=np.uint8),
+        )
+        detections = Detections(
+            pulses, indices, preparation.bases[indices].copy(), rng.integers(0, 2, detected, dtype=np.uint8)
+        )
+        answer, alice = alice_answer(preparation, bob_announce(detections))
+        _ = bob_sift(detections, answer).z_class_counts, alice.z_class_counts
+    _warmed_up = True
+
+
+_OK = 0  # a kernel's status for valid input (qkdd.stages._sifting_kernels.OK, without importing numba)
+_VARINT_MAX_BYTES = 10  # ..._sifting_kernels.VARINT_MAX_BYTES
+_KERNEL_MAX_PULSES = 1 << 62  # the gap decoder's running index cannot overflow up to this frame size
+
+
+def _frozen(values: npt.ArrayLike, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """``values`` as a read-only C-contiguous array of ``dtype`` (a view where it already is one): the
+    kernels then see one array type per argument, the one :func:`warm_up` loads, whichever arrays a
+    backend hands over (numba compiles a writable and a read-only array type separately)."""
+    array = np.ascontiguousarray(values, dtype=dtype).view()
+    array.flags.writeable = False
+    return array
+
+
+# ------------------------------------------------------------------------------- numpy references
+# The code the kernels replaced: the tests hold the kernels to it bit for bit, and a refused
+# announcement is decoded again here for the error to raise.
+
+
+def encode_indices_numpy(
+    indices: npt.NDArray[np.int64], pulses: int
+) -> tuple[Literal["bitmap", "gaps"], bytes]:
+    """:func:`encode_indices` in numpy."""
     gaps = np.empty_like(indices)  # index minus previous index minus 1 (the first: the index itself)
     gaps[:1] = indices[:1]
     np.subtract(indices[1:], indices[:-1], out=gaps[1:])
@@ -244,11 +467,12 @@ def encode_indices(indices: npt.NDArray[np.int64], pulses: int) -> tuple[Literal
     return "bitmap", pack_bits(bitmap)
 
 
-def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
-    """Alice's side: the detection indices, validated against the frame.
+def decode_indices_numpy(message: SiftAnnounce) -> npt.NDArray[np.int64]:
+    """:func:`decode_indices` in numpy.
 
     Raises:
-        RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding.
+        RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding,
+            truncated, trailing, overlong or over-64-bit varints.
     """
     if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
         raise RemoteProtocolError("sift: pulse or detection count out of range")
@@ -283,27 +507,13 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
     raise RemoteProtocolError(f"sift: unknown index encoding {message.encoding!r}")
 
 
-def bob_announce(detections: Detections) -> SiftAnnounce:
-    """Bob's first message of a frame."""
-    if detections.double_clicks is not None:
-        raise InputError("resolve double clicks (resolve_double_clicks) before sifting")
-    encoding, payload = detections.encoded_indices
-    return SiftAnnounce(
-        detections.pulses, int(detections.indices.size), encoding, payload, pack_bits(detections.bases)
-    )
-
-
-def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
-    """Alice's answer, and her sifted key.
-
-    Raises:
-        RemoteProtocolError: the announcement does not fit the frame Alice prepared.
-    """
+def alice_answer_numpy(preparation: Preparation, announce: SiftAnnounce) -> tuple[SiftAnswer, SiftedKey]:
+    """:func:`alice_answer` in numpy."""
     if announce.pulses != preparation.pulses:
         raise RemoteProtocolError(
             f"sift: Bob's frame has {announce.pulses} pulses, Alice's {preparation.pulses}"
         )
-    indices = decode_indices(announce)
+    indices = decode_indices_numpy(announce)
     bob_bases = unpack_bits(announce.bases, announce.detections, "sift bases")
     bits, bases, classes = preparation.at(indices)
     matches = bases == bob_bases
@@ -313,14 +523,10 @@ def alice_answer(preparation: Preparation, announce: SiftAnnounce) -> tuple[Sift
     return answer, SiftedKey(bits[keep], bases[keep], kept_classes, indices[keep])
 
 
-def bob_sift(detections: Detections, answer: SiftAnswer) -> SiftedKey:
-    """Bob's sifted key from Alice's answer.
-
-    Raises:
-        RemoteProtocolError: the answer's lengths or padding do not fit Bob's detections.
-    """
+def bob_sift_numpy(detections: Detections, answer: SiftAnswer) -> SiftedKey:
+    """:func:`bob_sift` in numpy."""
     # read as booleans (the bits are 0 or 1): numpy finds the set ones about seven times faster in a bool
-    # array than in a uint8 one, and this is on Bob's critical path
+    # array than in a uint8 one
     matches = np.flatnonzero(
         unpack_bits(answer.matches, int(detections.indices.size), "sift matches").view(np.bool_)
     )
