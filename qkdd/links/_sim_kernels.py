@@ -130,6 +130,51 @@ def _events(offset: np.uint64, scale: float, pulses: int) -> Int64s:
     return out[:n]
 
 
+BLOCK = 4096
+"""Signal candidates handled per step of :func:`detect`: their positions and outcomes stay in cache."""
+
+
+@njit(cache=True, nogil=True)
+def _outcomes(
+    candidates: Int64s,
+    offsets: U64,
+    class_edges: U64,
+    edges: U64,
+    keep_edges: U64,
+    out: tuple[Bytes, Bytes, Bytes],
+) -> None:
+    """For each candidate pulse: whether its photon arrives, the detector it hits, Bob's basis (see
+    :func:`detect` for the arguments; ``class_edges`` padded to 3 entries, ``keep_edges`` to 4). One
+    loop with no branch and no call, which LLVM turns into vector code."""
+    arrived, hits, bob_bases = out
+    prep, eve, _, _, _, choice, detector = offsets
+    z_alice, z_bob, misaligned, eve_edge = edges
+    e1, e2, e3 = class_edges
+    k0, k1, k2, k3 = keep_edges
+    for i in range(candidates.size):
+        t = candidates[i]
+        x = _mix(t, prep)
+        y = _mix(t, choice)  # bits 0-23: does the candidate arrive; bits 24-47: Bob's basis
+        u = _mix(t, detector) & _MASK24  # which detector the photon hits
+        k = x & _MASK24
+        c = np.uint64(k >= e1) + np.uint64(k >= e2) + np.uint64(k >= e3)
+        keep = k0 if c == 0 else (k1 if c == 1 else (k2 if c == 2 else k3))
+        bit = x >> _S63
+        basis = np.uint64(((x >> _S24) & _MASK24) >= z_alice)
+        # Eve, on her share of the pulses, measures in her basis and resends what she saw
+        e = _mix(t, eve)
+        caught = np.uint64((e & _MASK24) < eve_edge)
+        eve_basis = np.uint64(((e >> _S24) & _MASK24) < _HALF)
+        bit ^= caught & (eve_basis ^ basis) & (bit ^ (e >> _S63))
+        basis ^= caught & (eve_basis ^ basis)
+        bob_basis = np.uint64(((y >> _S24) & _MASK24) >= z_bob)
+        same = np.uint64(bob_basis == basis)
+        flip = (same & np.uint64(u < misaligned)) | ((same ^ _ONE) & np.uint64(u < _HALF))
+        arrived[i] = (y & _MASK24) < keep
+        hits[i] = bit ^ flip
+        bob_bases[i] = bob_basis
+
+
 @njit(cache=True, nogil=True)
 def detect(
     pulses: int,
@@ -148,18 +193,19 @@ def detect(
     ``offsets``: Alice's preparation, Eve, and Bob's streams — signal candidates, dark counts of
     detector 0 and 1 (draw counters), his choices at a pulse (index), his detector's (index).
     ``signal_gaps``: the gaps between signal candidates (arrivals at the largest intensity), and
-    ``dark_scale`` the geometric scale of each detector's dark counts. ``edges``: Alice's Z edge, Bob's
-    Z edge, the misalignment edge, Eve's edge (0: no Eve). ``keep_edges[c]``: a candidate of class c
-    arrives iff its u is below this (the thinning arrival[c] / arrival[top]).
+    ``dark_scale`` the geometric scale of each detector's dark counts. ``class_edges``: Alice's class
+    edges, padded to 3 with 2^25 (never reached); ``edges``: Alice's Z edge, Bob's Z edge, the
+    misalignment edge, Eve's edge (0: no Eve). ``keep_edges[c]``: a candidate of class c arrives iff its u
+    is below this (the thinning arrival[c] / arrival[top]), padded to 4.
 
-    The loop over candidates has no branch that depends on a draw (each candidate is written at the next
-    slot, which advances iff it was detected): mispredicted branches, not arithmetic, would set its
-    speed. Dark counts, a few per million pulses, are merged in on a rarely taken branch.
+    Candidates go a block at a time through three loops: their positions (:func:`_next_candidate`),
+    their outcomes (:func:`_outcomes`, vector code), and the detections among them, merged with the dark
+    counts (a few per million pulses, on a rarely taken branch). No branch depends on a draw: each
+    candidate is written at the next slot, which advances iff a detector fired.
     """
     indices, bases, bits, doubles = out
-    prep, eve, signal, dark0, dark1, choice, detector = offsets
-    z_alice, z_bob, misaligned, eve_edge = edges
-    darks = (_events(dark0, dark_scale, pulses), _events(dark1, dark_scale, pulses))
+    signal, choice = offsets[2], offsets[5]
+    darks = (_events(offsets[3], dark_scale, pulses), _events(offsets[4], dark_scale, pulses))
     # both detectors' dark counts as one sorted list of (index, detector), ending in a sentinel
     dark_at = np.empty(darks[0].size + darks[1].size + 1, dtype=np.int64)
     dark_which = np.zeros(dark_at.size, dtype=np.uint8)
@@ -172,52 +218,58 @@ def detect(
             dark_at[m], dark_which[m] = darks[1][j], 1
             j += 1
     dark_at[-1] = pulses
+    candidates = np.empty(BLOCK, dtype=np.int64)
+    arrived = np.empty(BLOCK, dtype=np.uint8)
+    hits = np.empty(BLOCK, dtype=np.uint8)
+    bob_bases = np.empty(BLOCK, dtype=np.uint8)
     n = 0
     next_dark = 0
     s, draw = _next_candidate(-1, 0, signal, signal_gaps, pulses)
     while True:
-        t = min(s, dark_at[next_dark])
-        if t >= pulses:
-            return n
-        if n == indices.size:
-            return -1
-        fired0 = fired1 = False
-        while dark_at[next_dark] == t:  # rare: one or both detectors fire on their own here
-            if dark_which[next_dark]:
-                fired1 = True
-            else:
-                fired0 = True
-            next_dark += 1
-        x = _mix(t, prep)
-        y = _mix(t, choice)  # bits 0-23: does the candidate arrive; bits 24-47: Bob's basis
-        k = x & _MASK24
-        c = 0
-        for edge in class_edges:
-            c += k >= edge
-        arrived = (t == s) & ((y & _MASK24) < keep_edges[c])
-        if t == s:
+        m = 0
+        while m < BLOCK and s < pulses:
+            candidates[m] = s
+            m += 1
             s, draw = _next_candidate(s, draw, signal, signal_gaps, pulses)
-        bit = x >> _S63
-        basis = np.uint64(((x >> _S24) & _MASK24) >= z_alice)
-        if eve_edge:  # the same way for every pulse of the frame: predicted
-            # Eve, on her share of the pulses, measures in her basis and resends what she saw
-            e = _mix(t, eve)
-            caught = np.uint64((e & _MASK24) < eve_edge)
-            eve_basis = np.uint64(((e >> _S24) & _MASK24) < _HALF)
-            bit ^= caught & (eve_basis ^ basis) & (bit ^ (e >> _S63))
-            basis ^= caught & (eve_basis ^ basis)
-        bob_basis = np.uint64(((y >> _S24) & _MASK24) >= z_bob)
-        u = _mix(t, detector) & _MASK24  # which detector the photon hits
-        same = np.uint64(bob_basis == basis)
-        flip = (same & np.uint64(u < misaligned)) | ((same ^ _ONE) & np.uint64(u < _HALF))
-        hit = bit ^ flip
-        click1 = (arrived & (hit == _ONE)) | fired1
-        click0 = (arrived & (hit != _ONE)) | fired0
-        indices[n] = t
-        bases[n] = bob_basis
-        bits[n] = click1
-        doubles[n] = click0 & click1
-        n += click0 | click1
+        _outcomes(candidates[:m], offsets, class_edges, edges, keep_edges, (arrived, hits, bob_bases))
+        i = 0
+        while True:
+            # the next pulse where something happened: a candidate of this block, or a dark count before
+            # the next candidate (s, the next block's first; the frame's end after the last block)
+            bound = candidates[i] if i < m else s
+            if dark_at[next_dark] < bound:
+                t, candidate = dark_at[next_dark], False
+            elif i < m:
+                t, candidate = bound, True
+            else:
+                break
+            if n == indices.size:
+                return -1
+            fired0 = fired1 = False
+            while dark_at[next_dark] == t:  # rare: one or both detectors fire on their own here
+                if dark_which[next_dark]:
+                    fired1 = True
+                else:
+                    fired0 = True
+                next_dark += 1
+            if candidate:
+                photon = arrived[i] == 1
+                hit = hits[i]
+                bob_basis = bob_bases[i]
+                i += 1
+            else:  # a dark count alone: only Bob's basis is drawn
+                photon = False
+                hit = 0
+                bob_basis = ((_mix(t, choice) >> _S24) & _MASK24) >= edges[1]
+            click1 = (photon & (hit == 1)) | fired1
+            click0 = (photon & (hit == 0)) | fired0
+            indices[n] = t
+            bases[n] = bob_basis
+            bits[n] = click1
+            doubles[n] = click0 & click1
+            n += click0 | click1
+        if s >= pulses:
+            return n
 
 
 @njit(cache=True, nogil=True)

@@ -150,6 +150,10 @@ def _edges(probabilities: Sequence[float]) -> npt.NDArray[np.uint64]:
     return np.array([threshold(p) for p in probabilities], dtype=np.uint64)
 
 
+def _padded(values: npt.NDArray[np.uint64], size: int, fill: int) -> npt.NDArray[np.uint64]:
+    return np.concatenate((values, np.full(size - values.size, fill, dtype=np.uint64)))
+
+
 def gap_table(probability: float) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], np.uint64]:
     """The gaps 1, 2, … between the events of a Bernoulli process with ``probability`` per pulse, as a
     Walker alias table (Walker, ACM TOMS 3 (1977) 253; Vose's construction, IEEE TSE 17 (1991) 972):
@@ -293,11 +297,11 @@ class SimBob:
                 np.array(offsets, dtype=np.uint64),
                 gap_table(top),
                 _scale(p.dark_count_probability),
-                _edges(p._cumulative),
+                _padded(_edges(p._cumulative), 3, 1 << 25),
                 _edges(edges),
                 # a candidate (an arrival at the largest intensity's rate) of class c is kept with
                 # probability arrival[c] / top: Poisson thinning
-                _edges([a / top if top > 0 else 0.0 for a in arrival]),
+                _padded(_edges([a / top if top > 0 else 0.0 for a in arrival]), 4, 0),
                 out,
             )
             if count >= 0:
