@@ -220,7 +220,10 @@ class SimPreparation:
         p = self.parameters
         contiguous = np.ascontiguousarray(indices, dtype=np.int64)
         bits, bases, classes = _sim_kernels.prepare(
-            contiguous, self.offset, _edges(p._cumulative), np.uint64(threshold(p.z_probability))
+            contiguous,
+            self.offset,
+            _padded(_edges(p._cumulative), 3, 1 << 25),
+            np.uint64(threshold(p.z_probability)),
         )
         return bits, bases, classes
 
