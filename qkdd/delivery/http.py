@@ -1,5 +1,5 @@
-"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on ``trio.SSLStream`` or a
-plain socket stream.
+"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on TLS (OpenSSL's memory
+BIOs, :class:`_TlsStream`) or a plain socket stream.
 
 Theory of operation
 -------------------
@@ -117,6 +117,105 @@ class _Reject(Exception):
             self.body["details"] = details
 
 
+class _TlsStream(trio.abc.Stream):
+    """Server-side TLS on ``transport`` through OpenSSL's memory BIOs, for a connection that one task
+    serves one request at a time. ``trio.SSLStream`` does the same for any number of tasks at once, and
+    its locks, conflict checks and extra yields cost CPU on every request; its behaviour is kept:
+    a ragged end (TCP closed without ``close_notify``) is an end, as HTTPS allows; any TLS error is
+    ``trio.BrokenResourceError`` with the ``ssl`` error as its cause; ``aclose`` closes the transport
+    without a ``close_notify``; and TLS 1.3 session tickets go out with the first answer, not at the end
+    of the handshake (OpenSSL queues them there, where a client that is not reading yet can deadlock)."""
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream, context: ssl.SSLContext) -> None:
+        self.transport_stream = transport
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self._held = b""  # the session tickets, until the first answer
+        # on a TCP socket the bytes go straight to its descriptor: trio's socket layer tries a read before
+        # each wait (a failed system call per request) and yields after each send; -1 on other streams
+        self._fd = transport.socket.fileno() if isinstance(transport, trio.SocketStream) else -1
+
+    async def do_handshake(self) -> None:
+        """Run the handshake; on a TLS error, what OpenSSL queued for the client stays in ``outgoing``."""
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()
+            await self._fill()
+        if self._tls.version() == "TLSv1.3":
+            self._held = self.outgoing.read()
+        else:
+            await self._flush()
+
+    def getpeercert(self, *, binary_form: bool) -> Any:
+        return self._tls.getpeercert(binary_form)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            try:
+                return self._tls.read(max_bytes or READ_SIZE)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""  # close_notify, or a ragged end
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()  # what reading made OpenSSL queue (a key update's answer)
+            await self._fill()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        try:
+            self._tls.write(data)
+        except (ssl.SSLError, ssl.CertificateError) as error:
+            raise trio.BrokenResourceError from error
+        await self._flush()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data and self._held:  # as trio does: the tickets go with the first bytes that must go anyway
+            data, self._held = self._held + data, b""
+        if data and self._fd >= 0:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                raise trio.BrokenResourceError from error
+        if data:  # the socket's buffer is full (or not a socket): wait until it takes the rest
+            await self.transport_stream.send_all(data)
+
+    async def _fill(self) -> None:
+        data: bytes | bytearray
+        if self._fd >= 0:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                data = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                return  # woken with nothing to read: the caller asks OpenSSL again, then waits again
+            except OSError as error:
+                raise trio.BrokenResourceError from error
+        else:
+            data = await self.transport_stream.receive_some(READ_SIZE)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+
 class _BodyTooLarge(h11.RemoteProtocolError):
     """A request body over :data:`MAX_BODY`."""
 
@@ -196,7 +295,7 @@ class ApiServer:
 
     async def serve_tls(self, transport: trio.abc.HalfCloseableStream, peer: str) -> None:
         """One HTTPS connection from ``peer`` (an address, for the log) until it ends."""
-        stream = trio.SSLStream(transport, self.context, server_side=True, https_compatible=True)
+        stream = _TlsStream(transport, self.context)
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -230,7 +329,7 @@ class ApiServer:
             await _close(stream)
 
     async def _refuse_handshake(
-        self, stream: trio.SSLStream[Any], peer: str, error: trio.BrokenResourceError | trio.TooSlowError
+        self, stream: _TlsStream, peer: str, error: trio.BrokenResourceError | trio.TooSlowError
     ) -> None:
         """Log why a handshake failed (rate-limited), send the alert OpenSSL made for it, and linger."""
         cause = error.__cause__
@@ -248,12 +347,11 @@ class ApiServer:
                 _handshake_failure(error),
                 f" (and {unlogged} more not logged since the last such line)" if unlogged else "",
             )
-        # trio's SSLStream marks itself broken on the error and drops what OpenSSL queued: the alert
-        # (certificate_required, unknown_ca, ...) that tells the client why goes out from here
-        outgoing = getattr(stream, "_outgoing", None)
-        alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+        # the handshake stops at the error with what OpenSSL queued unsent: the alert (certificate_required,
+        # unknown_ca, ...) that tells the client why goes out from here
+        alert = stream.outgoing.read()
         transport = stream.transport_stream
-        if alert and isinstance(transport, trio.abc.HalfCloseableStream):
+        if alert:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await transport.send_all(alert)
             await _linger(transport)  # with TLS 1.3 the client may be sending its request already
@@ -269,8 +367,11 @@ class ApiServer:
         or ``None``: every request gets 401 with the message ``unknown``), until either side ends it."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
-            while True:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+            # one scope for the connection (a scope per request costs CPU): the idle timeout runs while
+            # we wait for a request, and not while one is answered
+            with trio.CancelScope() as idle:
+                while True:
+                    idle.deadline = trio.current_time() + IDLE_TIMEOUT
                     try:
                         request = await _read_request(stream, connection)
                     except h11.RemoteProtocolError as error:
@@ -280,20 +381,21 @@ class ApiServer:
                             await self._respond(stream, connection, 400, body, [("connection", "close")])
                         await _linger(transport)
                         return
-                if idle.cancelled_caught or request is None:
-                    return
-                started = trio.current_time()
-                headers: list[tuple[str, str]] = []
-                if caller is None:
-                    status, body = 401, {"message": unknown}
-                else:
-                    status, body, headers = await self._answer(caller, *request)
-                await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
-                self.observe(request[1], status, trio.current_time() - started)
-                if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
-                    await _linger(transport)
-                    return
-                connection.start_next_cycle()
+                    if request is None:
+                        return
+                    idle.deadline = math.inf
+                    started = trio.current_time()
+                    headers: list[tuple[str, str]] = []
+                    if caller is None:
+                        status, body = 401, {"message": unknown}
+                    else:
+                        status, body, headers = await self._answer(caller, *request)
+                    await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
+                    self.observe(request[1], status, trio.current_time() - started)
+                    if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
+                        await _linger(transport)
+                        return
+                    connection.start_next_cycle()
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
