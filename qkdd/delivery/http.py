@@ -12,7 +12,8 @@ Theory of operation
   SAE is the entry whose ``uid`` is the connecting process's (``SO_PEERCRED``, which the kernel fills in
   and no client can forge); any other uid gets 401 on every request.
 * HTTP/1.1 through h11 (a sans-IO parser; we never parse HTTP ourselves), keep-alive, one request at a
-  time per connection, request bodies up to 1 MiB, an idle timeout per connection.
+  time per connection, request bodies up to 1 MiB, an idle timeout per connection: a client has
+  :data:`IDLE_TIMEOUT` to send each request, and again to take each answer.
 * Whenever the server ends a connection the client may still be sending on (an oversize body, bad
   HTTP, an answer with ``Connection: close``, a refused handshake), it sends its answer, ends its side
   (FIN) and reads and drops what still comes for a bounded time before closing: closing a socket with
@@ -96,6 +97,9 @@ def tls_context(settings: Etsi014) -> ssl.SSLContext:
         raise InputError(f"etsi014: cannot load the TLS certificate, key or CA: {error}") from None
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a TLS 1.2 client may not renegotiate (OpenSSL 3 refuses it by default; older builds do not): a new
+    # handshake mid-connection would cost CPU at the client's will and could change who the client is
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -123,8 +127,16 @@ class _TlsStream(trio.abc.Stream):
     its locks, conflict checks and extra yields cost CPU on every request; its behaviour is kept:
     a ragged end (TCP closed without ``close_notify``) is an end, as HTTPS allows; any TLS error is
     ``trio.BrokenResourceError`` with the ``ssl`` error as its cause; ``aclose`` closes the transport
-    without a ``close_notify``; and TLS 1.3 session tickets go out with the first answer, not at the end
-    of the handshake (OpenSSL queues them there, where a client that is not reading yet can deadlock)."""
+    without a ``close_notify``, and any use after it is ``trio.ClosedResourceError``; and TLS 1.3 session
+    tickets go out with the first answer, not at the end of the handshake (OpenSSL queues them there,
+    where a client that is not reading yet can deadlock).
+
+    Only ``trio.BrokenResourceError``, ``trio.ClosedResourceError`` and ``trio.Cancelled`` leave it (a
+    connection's handler that raised anything else would end the whole server). The incoming BIO is fed
+    only when OpenSSL asks for more, so it holds at most one record and one read; the outgoing one is
+    unbounded and never makes OpenSSL wait (no ``SSLWantWriteError``). ``send_all`` yields to the other
+    tasks once, cancel-shielded, after its bytes went out: the socket path may not wait at all, and a
+    client pipelining requests would otherwise hold the event loop for as long as it sends them."""
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, context: ssl.SSLContext) -> None:
         self.transport_stream = transport
@@ -132,6 +144,7 @@ class _TlsStream(trio.abc.Stream):
         self.outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._held = b""  # the session tickets, until the first answer
+        self._closed = False
         # on a TCP socket the bytes go straight to its descriptor: trio's socket layer tries a read before
         # each wait (a failed system call per request) and yields after each send; -1 on other streams
         self._fd = transport.socket.fileno() if isinstance(transport, trio.SocketStream) else -1
@@ -157,6 +170,8 @@ class _TlsStream(trio.abc.Stream):
         return self._tls.getpeercert(binary_form)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError
         while True:
             try:
                 return self._tls.read(max_bytes or READ_SIZE)
@@ -170,18 +185,22 @@ class _TlsStream(trio.abc.Stream):
             await self._fill()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        try:
-            self._tls.write(data)
-        except (ssl.SSLError, ssl.CertificateError) as error:
-            raise trio.BrokenResourceError from error
-        await self._flush()
+        if self._closed:
+            raise trio.ClosedResourceError
+        if data:
+            try:
+                self._tls.write(data)
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()
+        await trio.lowlevel.cancel_shielded_checkpoint()  # the bytes are out: no cancel here (see above)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        self._closed = True
+        self._fd = -1  # the number may name another socket once the transport closes it
         await self.transport_stream.aclose()
 
     async def _flush(self) -> None:
@@ -368,7 +387,7 @@ class ApiServer:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
             # one scope for the connection (a scope per request costs CPU): the idle timeout runs while
-            # we wait for a request, and not while one is answered
+            # we wait for a request and while the client takes its answer, not while the KME works on it
             with trio.CancelScope() as idle:
                 while True:
                     idle.deadline = trio.current_time() + IDLE_TIMEOUT
@@ -381,7 +400,9 @@ class ApiServer:
                             await self._respond(stream, connection, 400, body, [("connection", "close")])
                         await _linger(transport)
                         return
-                    if request is None:
+                    if request is None or idle.cancel_called:
+                        # the timeout ran out as the request came in: drop it unanswered, as one that came
+                        # a moment later; answering under a cancelled scope would cut the KME off mid-way
                         return
                     idle.deadline = math.inf
                     started = trio.current_time()
@@ -390,6 +411,9 @@ class ApiServer:
                         status, body = 401, {"message": unknown}
                     else:
                         status, body, headers = await self._answer(caller, *request)
+                    # a client that does not read its answer holds the connection no longer than an idle
+                    # one (its keys are handed out: as if it had crashed before it read them)
+                    idle.deadline = trio.current_time() + IDLE_TIMEOUT
                     await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
                     self.observe(request[1], status, trio.current_time() - started)
                     if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import signal
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import trio
 
 from qkdd import control
 from qkdd.auth import pki
@@ -33,6 +35,7 @@ from qkdd.demo import ETSI014_SOCKET, spawn
 from qkdd.errors import InputError
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
+from tests.delivery import test_http
 from tests.helpers import wait_until
 
 SIM = {"pulses_per_frame": 1 << 20, "z_probability": 0.7, "seed": 5, "single_photon": True}
@@ -788,3 +791,71 @@ def _link_state(state_dir: Path) -> tuple[str, str] | None:
     except control.ControlError:
         return None  # starting, or stopping: ask again
     return None if answer is None else (answer["link"], answer["reason"])
+
+
+# -- the TLS server on a real socket: there it reads and writes the descriptor itself (_TlsStream)
+
+
+@pytest.fixture(scope="module")
+def api_tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return test_http.make_tls(tmp_path_factory.mktemp("tls"))
+
+
+def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    client, server = trio.socket.socketpair()
+    return trio.SocketStream(client), trio.SocketStream(server)
+
+
+@pytest.mark.parametrize("name", test_http.HOSTILE)
+def test_a_hostile_tls_client_on_a_socket_gets_its_connection_ended_and_the_server_goes_on(
+    api_tls: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    scenario, args = test_http.HOSTILE[name]
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await scenario(api_tls, _socket_pair, *args)
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        trio.run(main)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_pipelined_requests_on_a_socket_leave_the_other_tasks_their_turn(api_tls: Path) -> None:
+    """A client that sends many requests at once gets them answered one by one, with the event loop's
+    other tasks (other clients, the key channel) run between two answers, not after all of them."""
+    server = test_http.make_server(api_tls)
+    answered = 0
+    most = 0  # answers between two turns of the other task
+
+    def observe(target: str, status: int, seconds: float) -> None:
+        nonlocal answered
+        answered += 1
+
+    server.observe = observe
+    requests = 300
+
+    async def other_task() -> None:
+        nonlocal most
+        seen = 0
+        while True:
+            most, seen = max(most, answered - seen), answered
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        client, stream = _socket_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_tls, stream, "192.0.2.8")
+            nursery.start_soon(other_task)
+            context = test_http.client_context(api_tls, "ca")
+            tls_client = trio.SSLStream(client, context, server_hostname="kme")
+            with trio.fail_after(60):
+                await tls_client.send_all(b"GET /api/v1/keys/floor HTTP/1.1\r\nhost: kme\r\n\r\n" * requests)
+                data = b""
+                while data.count(b"HTTP/1.1 400 ") < requests:
+                    data += await tls_client.receive_some(1 << 16)
+            await tls_client.aclose()
+            nursery.cancel_scope.cancel()
+        assert answered == requests and most <= 2, most
+
+    trio.run(main)
