@@ -440,7 +440,9 @@ class ApiServer:
     ) -> None:
         """One JSON answer; to a HEAD request its headers only (HTTP sends no body there)."""
         data = json.dumps(body).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(data))), *(extra or [])]
+        # bytes, as h11 keeps them: it need not encode each name and value again
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+        headers += [(name.encode(), value.encode()) for name, value in extra or ()]
         out = connection.send(h11.Response(status_code=status, headers=headers)) or b""
         if not head:
             out += connection.send(h11.Data(data=data)) or b""
@@ -524,12 +526,13 @@ class ApiServer:
                 if not isinstance(entry, dict) or not isinstance(entry.get("key_ID"), str):
                     raise _Reject(400, 'key_IDs must be a non-empty array of {"key_ID": ...} objects')
                 key_ids.append(entry["key_ID"])
+        canonical = []
         for key_id in key_ids:
             try:
-                uuid.UUID(key_id)
+                canonical.append(str(uuid.UUID(key_id)))
             except ValueError:
                 raise _Reject(400, f"key_ID {key_id[:64]!r} is not a UUID") from None
-        return encode_keys(await self.kme.dec_keys(caller, other, [str(uuid.UUID(k)) for k in key_ids]))
+        return encode_keys(await self.kme.dec_keys(caller, other, canonical))
 
 
 async def _read_request(
@@ -542,6 +545,7 @@ async def _read_request(
             ``Content-Length`` before any of it is read, or as soon as a chunked one grows past it).
     """
     request: h11.Request | None = None
+    content_type = b""
     body = bytearray()
     while True:
         event = connection.next_event()
@@ -555,21 +559,25 @@ async def _read_request(
             continue
         if isinstance(event, h11.Request):
             request = event
-            length = dict(event.headers).get(b"content-length", b"0")
-            if int(length) > MAX_BODY:  # h11 has checked it is digits, and made an int of it
-                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
+            for name, value in event.headers:  # h11 lower-cased the names
+                if name == b"content-length" and int(value) > MAX_BODY:  # h11 checked: digits, one value
+                    raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
+                if name == b"content-type":
+                    content_type = value  # the last one, if several
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
                 raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.EndOfMessage) and request is not None:
-            content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
-            return request.method.decode(), request.target.decode(), bytes(body), content_type
+            method, target = request.method.decode(), request.target.decode()
+            return method, target, bytes(body), content_type.decode("latin-1")
         elif isinstance(event, (h11.ConnectionClosed, h11.EndOfMessage)) or event is h11.PAUSED:
             return None
 
 
 def _query(text: str, allowed: set[str]) -> dict[str, str]:
+    if not text:
+        return {}  # a POST's usual target
     values = parse_qs(text, keep_blank_values=True, strict_parsing=False)
     unknown = sorted(set(values) - allowed)
     if unknown:
