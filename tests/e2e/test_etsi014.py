@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -859,3 +860,55 @@ def test_pipelined_requests_on_a_socket_leave_the_other_tasks_their_turn(api_tls
         assert answered == requests and most <= 2, most
 
     trio.run(main)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_tls_1_2_client_that_renegotiates_gets_no_renegotiation_and_the_server_goes_on(
+    api_tls: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``openssl s_client -tls1_2``'s ``R`` asks for a new handshake on the connection: the server answers
+    with the no_renegotiation alert, and then serves the next client as before."""
+    server = test_http.make_server(api_tls)
+    ca = api_tls / "ca"
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, server._tls_connection, listeners)
+            command = [
+                "openssl",
+                "s_client",
+                "-tls1_2",
+                "-connect",
+                f"127.0.0.1:{port}",
+                "-servername",
+                "kme",
+            ]
+            command += [
+                "-cert",
+                str(ca / "sae-a.crt"),
+                "-key",
+                str(ca / "sae-a.key"),
+                "-CAfile",
+                str(ca / "ca.crt"),
+            ]
+            with trio.fail_after(30):
+                renegotiating = await trio.run_process(
+                    command, stdin=b"R\n", capture_stdout=True, capture_stderr=True, check=False
+                )
+                stream = trio.SSLStream(
+                    await trio.open_tcp_stream("127.0.0.1", port),
+                    test_http.client_context(api_tls, "ca"),
+                    server_hostname="kme",
+                )
+                answer = await test_http._exchange(stream, test_http.STATUS)
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+        assert b"RENEGOTIATING" in renegotiating.stdout + renegotiating.stderr
+        assert b"no renegotiation" in renegotiating.stderr, renegotiating.stderr
+        assert answer.status == 200
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        trio.run(main)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
