@@ -33,7 +33,7 @@ from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery import demo as delivery_demo
 from qkdd.delivery import http as api_http
 from qkdd.demo import ETSI014_SOCKET, spawn
-from qkdd.errors import InputError
+from qkdd.errors import InputError, QkddError
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
 from tests.delivery import test_http
@@ -52,6 +52,7 @@ pytestmark = pytest.mark.timeout(240)
 class Sites:
     folder: Path
     urls: dict[str, str]
+    daemons: tuple[subprocess.Popen[bytes], ...] = ()
 
     def client(self, sae: str, site: str | None = None, *, certificate: bool = True) -> httpx.Client:
         """An httpx client of ``sae`` talking to its own site's KME (or ``site``'s)."""
@@ -71,8 +72,8 @@ class Sites:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     folder = tmp_path_factory.mktemp("etsi014")
-    with delivery_demo.running_pair(folder, SIM, 600, 180.0, rounds=ROUNDS, extra_saes=EXTRA):
-        yield Sites(folder, _urls(folder))
+    with delivery_demo.running_pair(folder, SIM, 600, 180.0, rounds=ROUNDS, extra_saes=EXTRA) as pair:
+        yield Sites(folder, _urls(folder), tuple(pair.processes.values()))
 
 
 def keys_of(response: httpx.Response) -> list[tuple[str, bytes]]:
@@ -201,6 +202,25 @@ def test_bad_requests_are_400_with_a_message(sites: Sites) -> None:
         assert stored(sites) == before  # no bad request consumed anything
         # extension_optional is ignored, as the standard allows
         keys_of(alice.post("sae-bob/enc_keys", json={"extension_optional": [{"x": 1}]}))
+
+
+def test_the_bench_pair_row_gets_each_key_at_both_sites_and_says_what_the_clients_cost(sites: Sites) -> None:
+    """``qkdd bench etsi014``'s pair row: its applications (one process each, LeanClient) get keys both
+    sites hand out with the same bytes (each application checks), and the row reports the CPU of the
+    clients and of the daemons."""
+    row = delivery_demo._measure_pairs("test", sites.folder, 40, sites.daemons)
+    assert row["calls"] == 80 and row["keys_per_second"] > 0
+    assert row["client_cpu_ms_per_pair"] > 0 and row["daemon_cpu_ms_per_pair"] > 0
+
+
+def test_a_pair_row_whose_applications_cannot_connect_says_why(tmp_path: Path) -> None:
+    with pytest.raises(QkddError, match="alice's key delivery API is not up"):
+        delivery_demo._measure_pairs("test", tmp_path, 8, ())
+    for role in ("alice", "bob"):  # APIs, but no SAE certificates: the application process says so
+        (tmp_path / role).mkdir()
+        (tmp_path / role / ETSI014_FILE).write_text("127.0.0.1:1\n")
+    with pytest.raises(QkddError, match="did not start: FileNotFoundError: "):
+        delivery_demo._measure_pairs("test", tmp_path, 8, ())
 
 
 def test_not_enough_key_is_503_and_consumes_nothing(sites: Sites) -> None:
