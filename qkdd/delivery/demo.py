@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 
 from qkdd import control
 from qkdd.daemon import ETSI014_FILE, read_listen_address
-from qkdd.delivery.client import ApiError, Client
+from qkdd.delivery.client import ApiError, Client, LeanClient
 from qkdd.demo import SAES, scratch_folder, start_pair, write_configs
 from qkdd.errors import QkddError
 from qkdd.store import read_only
@@ -98,15 +99,27 @@ def running_pair(
                 process.wait()
 
 
-def client_of(state_dir: Path, role: str) -> Client:
-    """A new client (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
+def lean_client_of(state_dir: Path, role: str) -> LeanClient:
+    """A :class:`LeanClient` (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
+    host, port, folder = _api_of(state_dir, role)
+    sae = SAES[role]
+    return LeanClient(host, port, folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
+
+
+def _api_of(state_dir: Path, role: str) -> tuple[str, int, Path]:
+    """``role``'s API address (host, port) and the folder of the SAEs' certificates."""
     address = read_listen_address(state_dir / role, ETSI014_FILE)
     if address is None:
         raise QkddError(f"{role}'s key delivery API is not up")
     host, _, port = address.rpartition(":")
-    folder = state_dir / "etsi014"
+    return host, int(port), state_dir / "etsi014"
+
+
+def client_of(state_dir: Path, role: str) -> Client:
+    """A new client (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
+    host, port, folder = _api_of(state_dir, role)
     sae = SAES[role]
-    return Client(host, int(port), folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
+    return Client(host, port, folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
 
 
 def _rounds_finished(state_dir: Path) -> int:
@@ -158,8 +171,10 @@ def _folder(state_dir: Path | None) -> Iterator[Path]:
         yield folder
 
 
-PAIR_CLIENTS = 4
-"""Application pairs at once in the "pair" rows: each its own kept-alive connection to each site."""
+PAIR_CLIENTS = 6
+"""Application pairs at once in the "pair" rows (half with the master at each site): each its own
+kept-alive connection to each site. More slaves asking at once share more of each site's dec_keys
+commits; past 6 the waits add up to a p99 over 20 ms on the 2-core machine."""
 
 
 def bench(quick: bool, as_json: bool) -> int:
@@ -188,12 +203,15 @@ def bench(quick: bool, as_json: bool) -> int:
             call = _encrypt(clients["alice"], "bob", [], 10)
             rows.append(_measure("enc_keys at alice, 10 per call", link, count // 10, call, keys_per_call=10))
             rows.append(_measure("HTTPS floor at alice (a 400)", link, count, _unrouted(clients["alice"])))
-            rows.append(_measure_pairs(link, folder, pairs))
+            rows.append(_measure_pairs(link, folder, pairs, list(pair.processes.values())))
     # max_key_count above what the row takes: the link fills its store and pauses before it starts
     full = {"max_key_count": pairs + 4000}
-    with _folder(None) as folder, running_pair(folder, sim, pairs + 200, 600.0, 0, etsi014_options=full):
+    with (
+        _folder(None) as folder,
+        running_pair(folder, sim, pairs + 200, 600.0, 0, etsi014_options=full) as pair,
+    ):
         _wait_for_pause(folder, 600.0)
-        rows.append(_measure_pairs("store full", folder, pairs))
+        rows.append(_measure_pairs("store full", folder, pairs, list(pair.processes.values())))
     if as_json:
         print(json.dumps({"etsi014": rows}))
     else:
@@ -226,46 +244,54 @@ def _link_state(state_dir: Path) -> tuple[str, str] | None:
     return None if answer is None else (str(answer["link"]), str(answer["reason"]))
 
 
-def _measure_pairs(link: str, folder: Path, pairs: int) -> dict[str, Any]:
+def _measure_pairs(
+    link: str, folder: Path, pairs: int, daemons: Sequence[subprocess.Popen[bytes]]
+) -> dict[str, Any]:
     """:data:`PAIR_CLIENTS` application pairs at once, half with the master at Alice, half at Bob: each
     gets one key with enc_keys and its slave fetches it at the other site with dec_keys, ``pairs`` in
     all. Keys per second count pairs (a key both sides have); the latencies are those of single calls,
-    enc and dec alike."""
-    latencies: dict[str, list[float]] = {"enc": [], "dec": []}
-    failures: list[BaseException] = []
+    enc and dec alike. Each application is its own process (:func:`qkdd.delivery.client.application`,
+    with :class:`LeanClient`), so that the clients neither share one interpreter's lock nor cost more CPU
+    than they must on the cores the daemons use; what they cost is reported beside what the daemons
+    (``daemons``) cost, per pair."""
     each = pairs // PAIR_CLIENTS
-
-    def application(master: str) -> None:
-        slave = "bob" if master == "alice" else "alice"
-        try:
-            with (
-                contextlib.closing(client_of(folder, master)) as m,
-                contextlib.closing(client_of(folder, slave)) as s,
-            ):
-                for _ in range(each):
-                    t = time.perf_counter()
-                    [(key_id, key)] = m.enc_keys(SAES[slave])
-                    between = time.perf_counter()
-                    [(_, got)] = s.dec_keys(SAES[master], [key_id])
-                    latencies["enc"].append(between - t)
-                    latencies["dec"].append(time.perf_counter() - between)
-                    if got != key:
-                        raise QkddError(f"dec_keys at {slave} gave other bytes than enc_keys at {master}")
-        except BaseException as error:  # reported below, in the caller's thread
-            failures.append(error)
-
-    threads = [
-        threading.Thread(target=application, args=(ROLES[i % 2],), daemon=True) for i in range(PAIR_CLIENTS)
-    ]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    if failures:
-        raise failures[0]
-    every = sorted(latencies["enc"] + latencies["dec"])
+    # an application imports only the client module: it is ready in a few hundredths of a second
+    command = [sys.executable, "-P", "-m", "qkdd.delivery.client"]
+    with contextlib.ExitStack() as stack:  # each Popen's exit closes its pipes and waits for it
+        applications = [
+            stack.enter_context(
+                subprocess.Popen(
+                    [*command, json.dumps(_application(folder, ROLES[i % 2], each))],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
+            for i in range(PAIR_CLIENTS)
+        ]
+        stack.callback(_kill_running, applications)  # first, on an error: none is left waiting for "go"
+        for application in applications:  # connected, both handshakes done
+            assert application.stdout is not None and application.stdin is not None
+            line = application.stdout.readline()
+            if line != b"ready\n":
+                raise QkddError(f"an application of the pair row did not start: {_error_of(line)}")
+        daemon_cpu = [_cpu_seconds(daemon.pid) for daemon in daemons]
+        for application in applications:
+            assert application.stdin is not None
+            application.stdin.write(b"go\n")
+            application.stdin.close()
+        results = []
+        for application in applications:
+            assert application.stdout is not None
+            results.append(json.loads(application.stdout.read() or b"{}"))
+            application.wait()
+        daemon_seconds = sum(_cpu_seconds(d.pid) - cpu for d, cpu in zip(daemons, daemon_cpu, strict=True))
+    failed = [r.get("error", "no answer") for r in results if "error" in r or "enc" not in r]
+    if failed or len(results) < PAIR_CLIENTS:
+        raise QkddError(f"an application of the pair row failed: {failed[0] if failed else 'no result'}")
+    seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+    enc = [latency for r in results for latency in r["enc"]]
+    dec = [latency for r in results for latency in r["dec"]]
+    every = sorted(enc + dec)
 
     def p99(values: list[float]) -> float:
         ordered = sorted(values)
@@ -275,12 +301,46 @@ def _measure_pairs(link: str, folder: Path, pairs: int) -> dict[str, Any]:
         "operation": f"pair: enc + dec at the other site, {PAIR_CLIENTS} apps",
         "link": link,
         "calls": len(every),
-        "keys_per_second": len(latencies["dec"]) / seconds,
+        "keys_per_second": len(dec) / seconds,
         "median_ms": 1e3 * statistics.median(every),
         "p99_ms": p99(every),
-        "enc_p99_ms": p99(latencies["enc"]),
-        "dec_p99_ms": p99(latencies["dec"]),
+        "enc_p99_ms": p99(enc),
+        "dec_p99_ms": p99(dec),
+        "client_cpu_ms_per_pair": 1e3 * sum(r["cpu_seconds"] for r in results) / len(dec),
+        "daemon_cpu_ms_per_pair": 1e3 * daemon_seconds / len(dec),
     }
+
+
+def _application(folder: Path, master: str, pairs: int) -> dict[str, Any]:
+    """What :func:`qkdd.delivery.client.application` needs to be the application whose master SAE is at
+    ``master``'s site: both sites' API addresses and SAE certificates, the SAE IDs, ``pairs``."""
+    slave = "bob" if master == "alice" else "alice"
+    sites = {}
+    for end, role in (("master", master), ("slave", slave)):
+        host, port, tls = _api_of(folder, role)
+        files = [str(tls / f"{SAES[role]}.crt"), str(tls / f"{SAES[role]}.key"), str(tls / "ca.crt")]
+        sites[end] = [host, port, *files]
+    return {**sites, "master_sae": SAES[master], "slave_sae": SAES[slave], "pairs": pairs}
+
+
+def _error_of(line: bytes) -> str:
+    """The error an application printed (see :func:`qkdd.delivery.client.main`), or what it printed
+    instead."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return str(json.loads(line)["error"])
+    return line.decode(errors="replace").strip() or "no output (its error is above)"
+
+
+def _kill_running(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _encrypt(client: Client, slave: str, ids: list[str], number: int = 1) -> Callable[[], object]:

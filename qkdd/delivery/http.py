@@ -1,5 +1,5 @@
-"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on ``trio.SSLStream`` or a
-plain socket stream.
+"""The ETSI GS QKD 014 v1.1.1 REST API over mutual TLS and on a Unix socket: h11 on TLS (OpenSSL's memory
+BIOs, :class:`_TlsStream`) or a plain socket stream.
 
 Theory of operation
 -------------------
@@ -12,7 +12,8 @@ Theory of operation
   SAE is the entry whose ``uid`` is the connecting process's (``SO_PEERCRED``, which the kernel fills in
   and no client can forge); any other uid gets 401 on every request.
 * HTTP/1.1 through h11 (a sans-IO parser; we never parse HTTP ourselves), keep-alive, one request at a
-  time per connection, request bodies up to 1 MiB, an idle timeout per connection.
+  time per connection, request bodies up to 1 MiB, an idle timeout per connection: a client has
+  :data:`IDLE_TIMEOUT` to send each request, and again to take each answer.
 * Whenever the server ends a connection the client may still be sending on (an oversize body, bad
   HTTP, an answer with ``Connection: close``, a refused handshake), it sends its answer, ends its side
   (FIN) and reads and drops what still comes for a bounded time before closing: closing a socket with
@@ -96,6 +97,9 @@ def tls_context(settings: Etsi014) -> ssl.SSLContext:
         raise InputError(f"etsi014: cannot load the TLS certificate, key or CA: {error}") from None
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a TLS 1.2 client may not renegotiate (OpenSSL 3 refuses it by default; older builds do not): a new
+    # handshake mid-connection would cost CPU at the client's will and could change who the client is
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 
@@ -115,6 +119,120 @@ class _Reject(Exception):
         self.headers = headers or []
         if details:
             self.body["details"] = details
+
+
+class _TlsStream(trio.abc.Stream):
+    """Server-side TLS on ``transport`` through OpenSSL's memory BIOs, for a connection that one task
+    serves one request at a time. ``trio.SSLStream`` does the same for any number of tasks at once, and
+    its locks, conflict checks and extra yields cost CPU on every request; its behaviour is kept:
+    a ragged end (TCP closed without ``close_notify``) is an end, as HTTPS allows; any TLS error is
+    ``trio.BrokenResourceError`` with the ``ssl`` error as its cause; ``aclose`` closes the transport
+    without a ``close_notify``, and any use after it is ``trio.ClosedResourceError``; and TLS 1.3 session
+    tickets go out with the first answer, not at the end of the handshake (OpenSSL queues them there,
+    where a client that is not reading yet can deadlock).
+
+    Only ``trio.BrokenResourceError``, ``trio.ClosedResourceError`` and ``trio.Cancelled`` leave it (a
+    connection's handler that raised anything else would end the whole server). The incoming BIO is fed
+    only when OpenSSL asks for more, so it holds at most one record and one read; the outgoing one is
+    unbounded and never makes OpenSSL wait (no ``SSLWantWriteError``). ``send_all`` yields to the other
+    tasks once, cancel-shielded, after its bytes went out: the socket path may not wait at all, and a
+    client pipelining requests would otherwise hold the event loop for as long as it sends them."""
+
+    def __init__(self, transport: trio.abc.HalfCloseableStream, context: ssl.SSLContext) -> None:
+        self.transport_stream = transport
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self._held = b""  # the session tickets, until the first answer
+        self._closed = False
+        # on a TCP socket the bytes go straight to its descriptor: trio's socket layer tries a read before
+        # each wait (a failed system call per request) and yields after each send; -1 on other streams
+        self._fd = transport.socket.fileno() if isinstance(transport, trio.SocketStream) else -1
+
+    async def do_handshake(self) -> None:
+        """Run the handshake; on a TLS error, what OpenSSL queued for the client stays in ``outgoing``."""
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()
+            await self._fill()
+        if self._tls.version() == "TLSv1.3":
+            self._held = self.outgoing.read()
+        else:
+            await self._flush()
+
+    def getpeercert(self, *, binary_form: bool) -> Any:
+        return self._tls.getpeercert(binary_form)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError
+        while True:
+            try:
+                return self._tls.read(max_bytes or READ_SIZE)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""  # close_notify, or a ragged end
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()  # what reading made OpenSSL queue (a key update's answer)
+            await self._fill()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError
+        if data:
+            try:
+                self._tls.write(data)
+            except (ssl.SSLError, ssl.CertificateError) as error:
+                raise trio.BrokenResourceError from error
+            await self._flush()
+        await trio.lowlevel.cancel_shielded_checkpoint()  # the bytes are out: no cancel here (see above)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._fd = -1  # the number may name another socket once the transport closes it
+        await self.transport_stream.aclose()
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data and self._held:  # as trio does: the tickets go with the first bytes that must go anyway
+            data, self._held = self._held + data, b""
+        if data and self._fd >= 0:
+            try:
+                data = data[os.write(self._fd, data) :]
+            except BlockingIOError:
+                pass
+            except OSError as error:
+                raise trio.BrokenResourceError from error
+        if data:  # the socket's buffer is full (or not a socket): wait until it takes the rest
+            await self.transport_stream.send_all(data)
+
+    async def _fill(self) -> None:
+        data: bytes | bytearray
+        if self._fd >= 0:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                data = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                return  # woken with nothing to read: the caller asks OpenSSL again, then waits again
+            except OSError as error:
+                raise trio.BrokenResourceError from error
+        else:
+            data = await self.transport_stream.receive_some(READ_SIZE)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
 
 
 class _BodyTooLarge(h11.RemoteProtocolError):
@@ -196,7 +314,7 @@ class ApiServer:
 
     async def serve_tls(self, transport: trio.abc.HalfCloseableStream, peer: str) -> None:
         """One HTTPS connection from ``peer`` (an address, for the log) until it ends."""
-        stream = trio.SSLStream(transport, self.context, server_side=True, https_compatible=True)
+        stream = _TlsStream(transport, self.context)
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -230,7 +348,7 @@ class ApiServer:
             await _close(stream)
 
     async def _refuse_handshake(
-        self, stream: trio.SSLStream[Any], peer: str, error: trio.BrokenResourceError | trio.TooSlowError
+        self, stream: _TlsStream, peer: str, error: trio.BrokenResourceError | trio.TooSlowError
     ) -> None:
         """Log why a handshake failed (rate-limited), send the alert OpenSSL made for it, and linger."""
         cause = error.__cause__
@@ -248,12 +366,11 @@ class ApiServer:
                 _handshake_failure(error),
                 f" (and {unlogged} more not logged since the last such line)" if unlogged else "",
             )
-        # trio's SSLStream marks itself broken on the error and drops what OpenSSL queued: the alert
-        # (certificate_required, unknown_ca, ...) that tells the client why goes out from here
-        outgoing = getattr(stream, "_outgoing", None)
-        alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+        # the handshake stops at the error with what OpenSSL queued unsent: the alert (certificate_required,
+        # unknown_ca, ...) that tells the client why goes out from here
+        alert = stream.outgoing.read()
         transport = stream.transport_stream
-        if alert and isinstance(transport, trio.abc.HalfCloseableStream):
+        if alert:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await transport.send_all(alert)
             await _linger(transport)  # with TLS 1.3 the client may be sending its request already
@@ -269,8 +386,11 @@ class ApiServer:
         or ``None``: every request gets 401 with the message ``unknown``), until either side ends it."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
-            while True:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+            # one scope for the connection (a scope per request costs CPU): the idle timeout runs while
+            # we wait for a request and while the client takes its answer, not while the KME works on it
+            with trio.CancelScope() as idle:
+                while True:
+                    idle.deadline = trio.current_time() + IDLE_TIMEOUT
                     try:
                         request = await _read_request(stream, connection)
                     except h11.RemoteProtocolError as error:
@@ -280,20 +400,26 @@ class ApiServer:
                             await self._respond(stream, connection, 400, body, [("connection", "close")])
                         await _linger(transport)
                         return
-                if idle.cancelled_caught or request is None:
-                    return
-                started = trio.current_time()
-                headers: list[tuple[str, str]] = []
-                if caller is None:
-                    status, body = 401, {"message": unknown}
-                else:
-                    status, body, headers = await self._answer(caller, *request)
-                await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
-                self.observe(request[1], status, trio.current_time() - started)
-                if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
-                    await _linger(transport)
-                    return
-                connection.start_next_cycle()
+                    if request is None or idle.cancel_called:
+                        # the timeout ran out as the request came in: drop it unanswered, as one that came
+                        # a moment later; answering under a cancelled scope would cut the KME off mid-way
+                        return
+                    idle.deadline = math.inf
+                    started = trio.current_time()
+                    headers: list[tuple[str, str]] = []
+                    if caller is None:
+                        status, body = 401, {"message": unknown}
+                    else:
+                        status, body, headers = await self._answer(caller, *request)
+                    # a client that does not read its answer holds the connection no longer than an idle
+                    # one (its keys are handed out: as if it had crashed before it read them)
+                    idle.deadline = trio.current_time() + IDLE_TIMEOUT
+                    await self._respond(stream, connection, status, body, headers, head=request[0] == "HEAD")
+                    self.observe(request[1], status, trio.current_time() - started)
+                    if connection.our_state is h11.MUST_CLOSE or connection.their_state is h11.MUST_CLOSE:
+                        await _linger(transport)
+                        return
+                    connection.start_next_cycle()
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -314,7 +440,9 @@ class ApiServer:
     ) -> None:
         """One JSON answer; to a HEAD request its headers only (HTTP sends no body there)."""
         data = json.dumps(body).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(data))), *(extra or [])]
+        # bytes, as h11 keeps them: it need not encode each name and value again
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+        headers += [(name.encode(), value.encode()) for name, value in extra or ()]
         out = connection.send(h11.Response(status_code=status, headers=headers)) or b""
         if not head:
             out += connection.send(h11.Data(data=data)) or b""
@@ -398,12 +526,13 @@ class ApiServer:
                 if not isinstance(entry, dict) or not isinstance(entry.get("key_ID"), str):
                     raise _Reject(400, 'key_IDs must be a non-empty array of {"key_ID": ...} objects')
                 key_ids.append(entry["key_ID"])
+        canonical = []
         for key_id in key_ids:
             try:
-                uuid.UUID(key_id)
+                canonical.append(str(uuid.UUID(key_id)))
             except ValueError:
                 raise _Reject(400, f"key_ID {key_id[:64]!r} is not a UUID") from None
-        return encode_keys(await self.kme.dec_keys(caller, other, [str(uuid.UUID(k)) for k in key_ids]))
+        return encode_keys(await self.kme.dec_keys(caller, other, canonical))
 
 
 async def _read_request(
@@ -416,6 +545,7 @@ async def _read_request(
             ``Content-Length`` before any of it is read, or as soon as a chunked one grows past it).
     """
     request: h11.Request | None = None
+    content_type = b""
     body = bytearray()
     while True:
         event = connection.next_event()
@@ -429,21 +559,25 @@ async def _read_request(
             continue
         if isinstance(event, h11.Request):
             request = event
-            length = dict(event.headers).get(b"content-length", b"0")
-            if int(length) > MAX_BODY:  # h11 has checked it is digits, and made an int of it
-                raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
+            for name, value in event.headers:  # h11 lower-cased the names
+                if name == b"content-length" and int(value) > MAX_BODY:  # h11 checked: digits, one value
+                    raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
+                if name == b"content-type":
+                    content_type = value  # the last one, if several
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > MAX_BODY:
                 raise _BodyTooLarge(f"the request body is over {MAX_BODY >> 20} MiB")
         elif isinstance(event, h11.EndOfMessage) and request is not None:
-            content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
-            return request.method.decode(), request.target.decode(), bytes(body), content_type
+            method, target = request.method.decode(), request.target.decode()
+            return method, target, bytes(body), content_type.decode("latin-1")
         elif isinstance(event, (h11.ConnectionClosed, h11.EndOfMessage)) or event is h11.PAUSED:
             return None
 
 
 def _query(text: str, allowed: set[str]) -> dict[str, str]:
+    if not text:
+        return {}  # a POST's usual target
     values = parse_qs(text, keep_blank_values=True, strict_parsing=False)
     unknown = sorted(set(values) - allowed)
     if unknown:

@@ -3,6 +3,7 @@ refused TLS handshakes and the Unix socket's uids over memory streams."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import ssl
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from qkdd.auth import pki
 from qkdd.config import SaeIdentity
-from qkdd.delivery.http import HANDSHAKE_TIMEOUT, REFUSAL_LOG_SECONDS, ApiServer, RefusalLog
+from qkdd.delivery.http import HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, REFUSAL_LOG_SECONDS, ApiServer, RefusalLog
 
 
 class _Keys:
@@ -122,9 +123,12 @@ class _TlsSettings(_Settings):
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA with a KME certificate and the SAE ``sae-a``, and two other CAs that issued an ``sae-a`` too:
-    ``other`` of another name, ``twin`` of the same name as ours."""
-    folder = tmp_path_factory.mktemp("tls")
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+def make_tls(folder: Path) -> Path:
+    """In ``folder``, a CA with a KME certificate and the SAE ``sae-a``, and two other CAs that issued an
+    ``sae-a`` too: ``other`` of another name, ``twin`` of the same name as ours."""
     for ca, name in (("ca", "qkdd CA"), ("other", "another CA"), ("twin", "qkdd CA")):
         pki.init_ca(folder / ca, algorithm="ecdsa-p256", days=1, name=name)
         pki.issue("sae-a", folder / ca, folder / ca, algorithm="ecdsa-p256", usage="client", days=1)
@@ -134,7 +138,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _server(tls: Path | None = None) -> ApiServer:
+def make_server(tls: Path | None = None) -> ApiServer:
+    """A server of a key manager that hands out one key to anyone; with ``tls`` (:func:`make_tls`), its
+    certificate, key and CA; ``sae-a`` and ``sae-local`` (uid 4321) its SAEs."""
     settings = (
         _TlsSettings()
         if tls is None
@@ -143,7 +149,7 @@ def _server(tls: Path | None = None) -> ApiServer:
     return ApiServer(_Keys(), settings)  # type: ignore[arg-type]
 
 
-def _client_context(tls: Path, issuer: str | None) -> ssl.SSLContext:
+def client_context(tls: Path, issuer: str | None) -> ssl.SSLContext:
     """An SAE's TLS context: with the certificate ``issuer``'s CA gave ``sae-a``, or none."""
     context = ssl.create_default_context(cafile=str(tls / "ca/ca.crt"))
     if issuer is not None:
@@ -209,7 +215,7 @@ def test_an_oversize_body_gets_its_400_and_the_server_reads_the_rest_before_clos
     async def main() -> None:
         client, server = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_server().serve_unix, server, 4321)
+            nursery.start_soon(make_server().serve_unix, server, 4321)
             with trio.fail_after(30):
                 response = await _exchange(client, _request("POST", "sae-b/enc_keys", headers), body)
             assert response.status == 400 and "over 1 MiB" in response.json["message"]
@@ -230,7 +236,7 @@ def test_a_body_of_1_mib_is_read_whole_and_an_expect_100_gets_its_continue() -> 
     async def main() -> None:
         client, server = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_server().serve_unix, server, 4321)
+            nursery.start_soon(make_server().serve_unix, server, 4321)
             with trio.fail_after(30):
                 await client.send_all(_request("POST", "sae-b/enc_keys", headers))
                 assert (await client.receive_some(1 << 16)).startswith(b"HTTP/1.1 100 ")
@@ -242,7 +248,7 @@ def test_a_body_of_1_mib_is_read_whole_and_an_expect_100_gets_its_continue() -> 
 
 
 def test_a_local_process_is_the_sae_of_its_uid_and_any_other_uid_gets_401() -> None:
-    server = _server()
+    server = make_server()
     assert server.identify_uid(4321) == "sae-local" and server.identify_uid(0) is None
     assert server.identify(None) is None  # a certificate never names the uid-only SAE
 
@@ -298,8 +304,8 @@ def test_the_refusal_log_keeps_one_line_per_peer_per_interval() -> None:
 def test_a_refused_handshake_gets_a_tls_alert_and_one_log_line_per_peer_per_minute(
     tls: Path, issuer: str | None, version: ssl.TLSVersion, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = _server(tls)
-    context = _client_context(tls, issuer)
+    server = make_server(tls)
+    context = client_context(tls, issuer)
     context.maximum_version = version
 
     async def refused(peer: str) -> ssl.SSLError:
@@ -337,7 +343,7 @@ def test_a_refused_handshake_gets_a_tls_alert_and_one_log_line_per_peer_per_minu
 def test_a_handshake_that_never_comes_is_logged_and_a_client_that_leaves_is_not(
     tls: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = _server(tls)
+    server = make_server(tls)
 
     async def main() -> None:
         client, stream = trio.testing.memory_stream_pair()
@@ -353,3 +359,249 @@ def test_a_handshake_that_never_comes_is_logged_and_a_client_that_leaves_is_not(
     assert lines == [
         f"ETSI 014: refused a TLS handshake from 192.0.2.9: no handshake within {HANDSHAKE_TIMEOUT:g} s"
     ]
+
+
+# -- hostile TLS clients (qkdd/delivery/http.py's _TlsStream): each scenario takes the connection's two
+# ends from ``pair``, here memory streams; tests/e2e/test_etsi014.py runs them on a socket pair too, where
+# the server reads and writes the socket's descriptor itself.
+
+Pair = Any  # () -> (client end, server end), both trio.abc.HalfCloseableStream
+STATUS = _request("GET", "sae-b/status", [])
+PEER = "192.0.2.7"
+
+
+class _Dribble(trio.abc.HalfCloseableStream):
+    """A client's end that sends one byte at a time: every TLS record reaches the server in pieces."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        for i in range(len(data)):
+            await self.inner.send_all(bytes(data[i : i + 1]))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _serving(server: ApiServer, stream: trio.abc.HalfCloseableStream, ended: trio.Event) -> None:
+    """``serve_tls`` on ``stream``; ``ended`` once it returned (it must: nothing may escape it)."""
+    await server.serve_tls(stream, PEER)
+    ended.set()
+
+
+async def _read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
+    """What ``stream`` still brings until the server ends it (an error counts as the end)."""
+    data = b""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while chunk := await stream.receive_some(1 << 16):
+            data += chunk
+    return data
+
+
+async def hostile_fragmented_records(tls: Path, pair: Pair) -> None:
+    """Every byte of the handshake and of two requests in its own read: both answered, in keep-alive."""
+    server = make_server(tls)
+    client, stream = pair()
+    ended = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serving, server, stream, ended)
+        tls_client = trio.SSLStream(_Dribble(client), client_context(tls, "ca"), server_hostname="kme")
+        for _ in range(2):
+            assert (await _exchange(tls_client, STATUS)).status == 200
+        await tls_client.aclose()
+        await ended.wait()
+
+
+async def hostile_bad_record(tls: Path, pair: Pair, record: str) -> None:
+    """After an answered request, a record OpenSSL must refuse (one longer than TLS allows, one that
+    fails its MAC, a ClientHello as if to start again): the server ends the connection, unhurt."""
+    server = make_server(tls)
+    client, stream = pair()
+    ended = trio.Event()
+    raw = {
+        "oversize": b"\x17\x03\x03\xff\xff" + bytes(65535),
+        "bad-mac": b"\x17\x03\x03\x00\x40" + bytes(64),
+        "handshake-again": b"\x16\x03\x01\x00\x40\x01\x00\x00\x3c\x03\x03" + bytes(60),
+    }[record]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_serving, server, stream, ended)
+        tls_client = trio.SSLStream(client, client_context(tls, "ca"), server_hostname="kme")
+        assert (await _exchange(tls_client, STATUS)).status == 200
+        with contextlib.suppress(trio.BrokenResourceError):
+            await client.send_all(raw)
+        await _read_to_end(client)  # an alert, perhaps, then the end
+        await ended.wait()
+        await client.aclose()
+
+
+async def hostile_endings(tls: Path, pair: Pair) -> None:
+    """A client that ends with close_notify, one that just closes, and one that leaves mid-request: the
+    server ends each connection without an error."""
+    server = make_server(tls)
+    for ending in ("close_notify", "abrupt", "mid-request", "half-close"):
+        client, stream = pair()
+        ended = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serving, server, stream, ended)
+            tls_client = trio.SSLStream(client, client_context(tls, "ca"), server_hostname="kme")
+            assert (await _exchange(tls_client, STATUS)).status == 200
+            if ending == "close_notify":
+                await tls_client.aclose()  # https_compatible=False: close_notify first
+            elif ending == "mid-request":
+                await tls_client.send_all(STATUS[:20])
+                await client.aclose()
+            elif ending == "half-close":  # the request, then FIN: the answer still comes
+                await tls_client.send_all(STATUS)
+                await client.send_eof()
+                assert b"HTTP/1.1 200 " in await _read_to_end(tls_client)
+                await client.aclose()
+            else:
+                await client.aclose()
+            await ended.wait()
+
+
+HOSTILE: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "fragmented-records": (hostile_fragmented_records, ()),
+    "oversize-record": (hostile_bad_record, ("oversize",)),
+    "bad-mac-record": (hostile_bad_record, ("bad-mac",)),
+    "plaintext-client-hello": (hostile_bad_record, ("handshake-again",)),
+    "endings": (hostile_endings, ()),
+}
+"""The scenarios by name: (the coroutine function, its arguments after ``tls`` and ``pair``)."""
+
+
+def _memory_pair() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+    return trio.testing.memory_stream_pair()
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_tls_client_gets_its_connection_ended_and_the_server_goes_on(
+    tls: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    scenario, args = HOSTILE[name]
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            await scenario(tls, _memory_pair, *args)
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        _run(main)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+class _Slow(_Keys):
+    """A key manager that waits once (as the real one does for its store) and tells what it began and
+    what it finished."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.finished = 0
+
+    async def enc_keys(self, caller: str, saes: list[str], number: int, size: int) -> list[tuple[str, bytes]]:
+        self.begun += 1
+        await trio.lowlevel.checkpoint()
+        self.finished += 1
+        return await super().enc_keys(caller, saes, number, size)
+
+
+class _Late(trio.abc.HalfCloseableStream):
+    """A server's end whose reads come back only after the idle timeout, whatever cancels them: a request
+    that arrives just as the timeout runs out."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(IDLE_TIMEOUT + 1)
+            return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_request_read_as_the_idle_timeout_runs_out_is_answered_whole_or_not_begun() -> None:
+    keys = _Slow()
+    server = ApiServer(keys, _TlsSettings())  # type: ignore[arg-type]
+    headers = [("content-type", "application/json"), ("content-length", "0")]
+
+    async def main() -> None:
+        client, stream = trio.testing.memory_stream_pair()
+        with trio.fail_after(3 * IDLE_TIMEOUT):
+            await client.send_all(_request("POST", "sae-b/enc_keys", headers))
+            await server.serve_unix(_Late(stream), 4321)
+            answer = await _read_to_end(client)
+        assert keys.begun == keys.finished, "the KME was cut off mid-request"
+        assert answer == b"" or b"HTTP/1.1 200 " in answer
+
+    _run(main)
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_off_after_the_idle_timeout(tls: Path) -> None:
+    server = make_server(tls)
+
+    async def main() -> None:
+        client, stream = trio.testing.lockstep_stream_pair()  # no buffer: a write waits for its reader
+        ended = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serving, server, stream, ended)
+            tls_client = trio.SSLStream(client, client_context(tls, "ca"), server_hostname="kme")
+            with trio.fail_after(IDLE_TIMEOUT + 30):
+                await tls_client.send_all(STATUS)
+                began = trio.current_time()
+                await ended.wait()  # and never reads
+            assert trio.current_time() - began == pytest.approx(IDLE_TIMEOUT, abs=1)
+            await client.aclose()
+
+    _run(main)
+
+
+def test_a_request_sent_a_byte_at_a_time_must_arrive_within_the_idle_timeout(tls: Path) -> None:
+    """Slowloris: a byte every few seconds does not keep a connection open longer than the timeout."""
+    server = make_server(tls)
+
+    async def main() -> None:
+        client, stream = trio.testing.memory_stream_pair()
+        ended = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serving, server, stream, ended)
+            tls_client = trio.SSLStream(client, client_context(tls, "ca"), server_hostname="kme")
+            with trio.fail_after(IDLE_TIMEOUT + 30):
+                await tls_client.do_handshake()
+                began = trio.current_time()
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for byte in STATUS[:-1]:  # a TLS record each
+                        if ended.is_set():
+                            break
+                        await tls_client.send_all(bytes([byte]))
+                        await trio.sleep(IDLE_TIMEOUT / 20)
+                await ended.wait()
+            assert trio.current_time() - began <= IDLE_TIMEOUT + 1
+            assert await _read_to_end(client) == b""  # no answer
+            await client.aclose()
+
+    _run(main)
+
+
+def test_the_server_refuses_renegotiation(tls: Path) -> None:
+    """A TLS 1.2 client may not start a new handshake on its connection, whatever OpenSSL's build says."""
+    assert make_server(tls).context.options & ssl.OP_NO_RENEGOTIATION

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -23,6 +25,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import trio
 
 from qkdd import control
 from qkdd.auth import pki
@@ -30,9 +33,10 @@ from qkdd.daemon import ETSI014_FILE, read_listen_address
 from qkdd.delivery import demo as delivery_demo
 from qkdd.delivery import http as api_http
 from qkdd.demo import ETSI014_SOCKET, spawn
-from qkdd.errors import InputError
+from qkdd.errors import InputError, QkddError
 from qkdd.spec import SPEC_PATH
 from qkdd.store import KeyStore
+from tests.delivery import test_http
 from tests.helpers import wait_until
 
 SIM = {"pulses_per_frame": 1 << 20, "z_probability": 0.7, "seed": 5, "single_photon": True}
@@ -48,6 +52,7 @@ pytestmark = pytest.mark.timeout(240)
 class Sites:
     folder: Path
     urls: dict[str, str]
+    daemons: tuple[subprocess.Popen[bytes], ...] = ()
 
     def client(self, sae: str, site: str | None = None, *, certificate: bool = True) -> httpx.Client:
         """An httpx client of ``sae`` talking to its own site's KME (or ``site``'s)."""
@@ -67,8 +72,8 @@ class Sites:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     folder = tmp_path_factory.mktemp("etsi014")
-    with delivery_demo.running_pair(folder, SIM, 600, 180.0, rounds=ROUNDS, extra_saes=EXTRA):
-        yield Sites(folder, _urls(folder))
+    with delivery_demo.running_pair(folder, SIM, 600, 180.0, rounds=ROUNDS, extra_saes=EXTRA) as pair:
+        yield Sites(folder, _urls(folder), tuple(pair.processes.values()))
 
 
 def keys_of(response: httpx.Response) -> list[tuple[str, bytes]]:
@@ -197,6 +202,26 @@ def test_bad_requests_are_400_with_a_message(sites: Sites) -> None:
         assert stored(sites) == before  # no bad request consumed anything
         # extension_optional is ignored, as the standard allows
         keys_of(alice.post("sae-bob/enc_keys", json={"extension_optional": [{"x": 1}]}))
+
+
+def test_the_bench_pair_row_gets_each_key_at_both_sites_and_says_what_the_clients_cost(sites: Sites) -> None:
+    """``qkdd bench etsi014``'s pair row: its applications (one process each, LeanClient) get keys both
+    sites hand out with the same bytes (each application checks), and the row reports the CPU of the
+    clients and of the daemons."""
+    pairs = 6 * delivery_demo.PAIR_CLIENTS
+    row = delivery_demo._measure_pairs("test", sites.folder, pairs, sites.daemons)
+    assert row["calls"] == 2 * pairs and row["keys_per_second"] > 0
+    assert row["client_cpu_ms_per_pair"] > 0 and row["daemon_cpu_ms_per_pair"] > 0
+
+
+def test_a_pair_row_whose_applications_cannot_connect_says_why(tmp_path: Path) -> None:
+    with pytest.raises(QkddError, match="alice's key delivery API is not up"):
+        delivery_demo._measure_pairs("test", tmp_path, 8, ())
+    for role in ("alice", "bob"):  # APIs, but no SAE certificates: the application process says so
+        (tmp_path / role).mkdir()
+        (tmp_path / role / ETSI014_FILE).write_text("127.0.0.1:1\n")
+    with pytest.raises(QkddError, match="did not start: FileNotFoundError: "):
+        delivery_demo._measure_pairs("test", tmp_path, 8, ())
 
 
 def test_not_enough_key_is_503_and_consumes_nothing(sites: Sites) -> None:
@@ -788,3 +813,123 @@ def _link_state(state_dir: Path) -> tuple[str, str] | None:
     except control.ControlError:
         return None  # starting, or stopping: ask again
     return None if answer is None else (answer["link"], answer["reason"])
+
+
+# -- the TLS server on a real socket: there it reads and writes the descriptor itself (_TlsStream)
+
+
+@pytest.fixture(scope="module")
+def api_tls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return test_http.make_tls(tmp_path_factory.mktemp("tls"))
+
+
+def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    client, server = trio.socket.socketpair()
+    return trio.SocketStream(client), trio.SocketStream(server)
+
+
+@pytest.mark.parametrize("name", test_http.HOSTILE)
+def test_a_hostile_tls_client_on_a_socket_gets_its_connection_ended_and_the_server_goes_on(
+    api_tls: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    scenario, args = test_http.HOSTILE[name]
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await scenario(api_tls, _socket_pair, *args)
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        trio.run(main)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_pipelined_requests_on_a_socket_leave_the_other_tasks_their_turn(api_tls: Path) -> None:
+    """A client that sends many requests at once gets them answered one by one, with the event loop's
+    other tasks (other clients, the key channel) run between two answers, not after all of them."""
+    server = test_http.make_server(api_tls)
+    answered = 0
+    most = 0  # answers between two turns of the other task
+
+    def observe(target: str, status: int, seconds: float) -> None:
+        nonlocal answered
+        answered += 1
+
+    server.observe = observe
+    requests = 300
+
+    async def other_task() -> None:
+        nonlocal most
+        seen = 0
+        while True:
+            most, seen = max(most, answered - seen), answered
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        client, stream = _socket_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_tls, stream, "192.0.2.8")
+            nursery.start_soon(other_task)
+            context = test_http.client_context(api_tls, "ca")
+            tls_client = trio.SSLStream(client, context, server_hostname="kme")
+            with trio.fail_after(60):
+                await tls_client.send_all(b"GET /api/v1/keys/floor HTTP/1.1\r\nhost: kme\r\n\r\n" * requests)
+                data = b""
+                while data.count(b"HTTP/1.1 400 ") < requests:
+                    data += await tls_client.receive_some(1 << 16)
+            await tls_client.aclose()
+            nursery.cancel_scope.cancel()
+        assert answered == requests and most <= 2, most
+
+    trio.run(main)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_tls_1_2_client_that_renegotiates_gets_no_renegotiation_and_the_server_goes_on(
+    api_tls: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``openssl s_client -tls1_2``'s ``R`` asks for a new handshake on the connection: the server answers
+    with the no_renegotiation alert, and then serves the next client as before."""
+    server = test_http.make_server(api_tls)
+    ca = api_tls / "ca"
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, server._tls_connection, listeners)
+            command = [
+                "openssl",
+                "s_client",
+                "-tls1_2",
+                "-connect",
+                f"127.0.0.1:{port}",
+                "-servername",
+                "kme",
+            ]
+            command += [
+                "-cert",
+                str(ca / "sae-a.crt"),
+                "-key",
+                str(ca / "sae-a.key"),
+                "-CAfile",
+                str(ca / "ca.crt"),
+            ]
+            with trio.fail_after(30):
+                renegotiating = await trio.run_process(
+                    command, stdin=b"R\n", capture_stdout=True, capture_stderr=True, check=False
+                )
+                stream = trio.SSLStream(
+                    await trio.open_tcp_stream("127.0.0.1", port),
+                    test_http.client_context(api_tls, "ca"),
+                    server_hostname="kme",
+                )
+                answer = await test_http._exchange(stream, test_http.STATUS)
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+        assert b"RENEGOTIATING" in renegotiating.stdout + renegotiating.stderr
+        assert b"no renegotiation" in renegotiating.stderr, renegotiating.stderr
+        assert answer.status == 200
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        trio.run(main)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
