@@ -59,6 +59,10 @@ from qkdd.errors import InputError
 log = logging.getLogger("qkdd")
 MAX_BODY = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
+MAX_HANDSHAKES = 256
+"""TLS connections in their handshake at once; one more closes the oldest (I5: whoever holds sockets
+open without finishing a handshake cannot lock the SAEs out; a real handshake takes milliseconds, so the
+oldest is never one)."""
 IDLE_TIMEOUT = 60.0
 READ_SIZE = 1 << 16
 LINGER_SECONDS = 5.0
@@ -256,6 +260,7 @@ class ApiServer:
         self._by_name = {s.common_name: s.id for s in settings.saes if s.common_name}
         self._by_uid = {s.uid: s.id for s in settings.saes if s.uid is not None}
         self.refusals = RefusalLog(REFUSAL_LOG_SECONDS)
+        self._handshaking: dict[trio.CancelScope, str] = {}  # connections in the TLS handshake, oldest first
 
     @functools.cached_property
     def context(self) -> ssl.SSLContext:
@@ -316,12 +321,19 @@ class ApiServer:
         """One HTTPS connection from ``peer`` (an address, for the log) until it ends."""
         stream = _TlsStream(transport, self.context)
         try:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as error:
-                await self._refuse_handshake(stream, peer, error)
-                return
+            with trio.CancelScope() as handshake:
+                self._make_room(peer)
+                self._handshaking[handshake] = peer
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        await stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError) as error:
+                    await self._refuse_handshake(stream, peer, error)
+                    return
+                finally:
+                    self._handshaking.pop(handshake, None)
+            if handshake.cancelled_caught:
+                return  # closed to make room for a newer connection
             caller = self.identify(stream.getpeercert(binary_form=True))
             await self._serve_http(
                 stream, transport, caller, "the client certificate names no SAE of this KME"
@@ -346,6 +358,25 @@ class ApiServer:
             )
         finally:
             await _close(stream)
+
+    def _make_room(self, peer: str) -> None:
+        """Before ``peer``'s handshake: at :data:`MAX_HANDSHAKES` connections in theirs, close the oldest,
+        and say so (rate-limited with the refused handshakes)."""
+        if len(self._handshaking) < MAX_HANDSHAKES:
+            return
+        oldest, who = next(iter(self._handshaking.items()))
+        del self._handshaking[oldest]
+        oldest.cancel()
+        unlogged = self.refusals.note(who)
+        if unlogged is not None:
+            log.warning(
+                "ETSI 014: closed a connection from %s still in the TLS handshake: %d connections were in "
+                "theirs, one came from %s%s",
+                who,
+                MAX_HANDSHAKES,
+                peer,
+                f" (and {unlogged} more refusals not logged since the last such line)" if unlogged else "",
+            )
 
     async def _refuse_handshake(
         self, stream: _TlsStream, peer: str, error: trio.BrokenResourceError | trio.TooSlowError

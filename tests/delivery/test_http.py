@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from qkdd.auth import pki
 from qkdd.config import SaeIdentity
+from qkdd.delivery import http
 from qkdd.delivery.http import HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, REFUSAL_LOG_SECONDS, ApiServer, RefusalLog
 
 
@@ -358,6 +359,38 @@ def test_a_handshake_that_never_comes_is_logged_and_a_client_that_leaves_is_not(
     lines = [r.getMessage() for r in caplog.records if "refused a TLS handshake" in r.getMessage()]
     assert lines == [
         f"ETSI 014: refused a TLS handshake from 192.0.2.9: no handshake within {HANDSHAKE_TIMEOUT:g} s"
+    ]
+
+
+def test_connections_that_never_finish_a_handshake_cannot_lock_an_sae_out(
+    tls: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_HANDSHAKES connections silent in their handshake, one more closes the oldest of them (and
+    says so, once): an SAE that connects then is served, and the others stay open."""
+    monkeypatch.setattr(http, "MAX_HANDSHAKES", 3)
+    server = make_server(tls)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            silent = []
+            for i in range(4):  # the fourth closes the first
+                client, stream = trio.testing.memory_stream_pair()
+                nursery.start_soon(server.serve_tls, stream, f"192.0.2.{i}")
+                silent.append(client)
+                await trio.testing.wait_all_tasks_blocked()
+            assert await _read_to_end(silent[0]) == b""
+            client, stream = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_tls, stream, "192.0.2.200")  # closes 192.0.2.1's
+            tls_client = trio.SSLStream(client, client_context(tls, "ca"), server_hostname="kme")
+            assert (await _exchange(tls_client, STATUS)).status == 200
+            assert list(server._handshaking.values()) == ["192.0.2.2", "192.0.2.3"]
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="qkdd"):
+        _run(main)
+    lines = [r.getMessage() for r in caplog.records if "still in the TLS handshake" in r.getMessage()]
+    assert [line.split(": ")[1] for line in lines] == [
+        f"closed a connection from 192.0.2.{i} still in the TLS handshake" for i in (0, 1)
     ]
 
 
