@@ -119,7 +119,7 @@ def render(results: Mapping[str, Any], note: str = "") -> str:
     if etsi014 := results.get("etsi014"):
         out += _section(
             "**Key delivery** (`qkdd bench etsi014`: ETSI GS QKD 014 over HTTPS on loopback)",
-            ("operation", "link", "keys/s", "median ms", "p99 ms"),
+            ("operation", "link", "keys/s", "median ms", "p99 ms", "CPU ms/pair: daemons", "clients"),
             (
                 (
                     row["operation"],
@@ -127,6 +127,8 @@ def render(results: Mapping[str, Any], note: str = "") -> str:
                     f"{row['keys_per_second']:.0f}",
                     f"{row['median_ms']:.2f}",
                     f"{row['p99_ms']:.2f}",
+                    _figure(row.get("daemon_cpu_ms_per_pair"), ".2f"),
+                    _figure(row.get("client_cpu_ms_per_pair"), ".2f"),
                 )
                 for row in etsi014
             ),

@@ -41,6 +41,12 @@ def test_rows_render_their_figures_and_the_section_is_replaced(tmp_path: Path) -
     tables = benchtable.render(benchtable.merge([E2E, {"e2e": [{**E2E["e2e"][0], "rtt_ms": 0.0}]}]), "note")
     assert tables.startswith("note\n") and tables.count("| 10 | ") == 2
     assert "| 10 | 50 | 4 | 8 | 1.50 | 4.00 | 1.25 | 0.90 | 0.70 | 300 | yes |" in tables
+    pair = {"operation": "pair", "link": "store full", "keys_per_second": 1100.4, "median_ms": 1.5}
+    pair |= {"p99_ms": 13.0, "daemon_cpu_ms_per_pair": 1.234, "client_cpu_ms_per_pair": 0.2}
+    single = {**pair, "operation": "enc_keys", "daemon_cpu_ms_per_pair": None, "client_cpu_ms_per_pair": None}
+    delivery = benchtable.render({"etsi014": [pair, single]}, "note")
+    assert "| pair | store full | 1100 | 1.50 | 13.00 | 1.23 | 0.20 |" in delivery
+    assert "| enc_keys | store full | 1100 | 1.50 | 13.00 | – | – |" in delivery
     text = f"before\n{benchtable.BEGIN}\nold\n{benchtable.END}\nafter\n"
     replaced = benchtable.replace_section(text, tables)
     assert "old" not in replaced and replaced.startswith("before\n") and replaced.endswith("after\n")
