@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--window",
         type=int,
-        help="e2e: rounds in flight on the connection (default: the most that --rounds can measure in "
-        "steady state, (rounds - 1) / 2, at most run.window's default)",
+        help="e2e: the connection's window, the most rounds in flight (default: the most that --rounds can "
+        "measure in steady state, (rounds - 1) / 2, at most run.window's default); Alice keeps fewer "
+        "open on a short round trip",
     )
     bench.add_argument(
         "--rtt",

@@ -19,7 +19,7 @@ from qkdd import spec
 from qkdd.errors import InputError
 from qkdd.stages import cascade, estimation, keylength
 
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = 64
 """Rounds in flight on one session unless ``run.window`` says otherwise (qkdp-v2.md §13)."""
 MAX_WINDOW = 64
 MAX_UNIX_PATH = 107

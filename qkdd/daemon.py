@@ -23,6 +23,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -183,6 +184,10 @@ class _Session:
     put_back: list[Any] = field(default_factory=list)
     # the link frames the engine asked for, fetched one at a time in the order asked (_fetch_frames)
     fetches: trio.MemorySendChannel[engine_mod.FetchFrame] | None = None
+    # Alice: when she answered each open round's last Cascade request, and the latest round trips seen
+    # from such an answer to the round's next request (the peer's work on it included)
+    answered: dict[int, float] = field(default_factory=dict)
+    round_trips: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
 
     async def write(self, frame: bytes) -> None:
         try:
@@ -482,7 +487,7 @@ class Daemon:
                             ended = f"{peer} closed the connection"
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
-                        handled = None
+                        handled, asked = None, None
                         if isinstance(item, _Done):  # work the engine handed out is back
                             actions = await self._step(
                                 session,
@@ -494,6 +499,7 @@ class Daemon:
                             )
                         else:
                             envelope, message, handled = item
+                            asked = self._round_trip(session, engine, message)
                             actions = await self._step(
                                 session,
                                 engine.receive_frame,
@@ -509,6 +515,8 @@ class Daemon:
                             self._handshaking.pop(session, None)
                             await self._become_active(session)
                         await self._execute(session, actions)
+                        if asked is not None:
+                            session.answered[asked] = trio.current_time()
                         if handled is not None:
                             handled.set()
                         deadline = _deadline(engine.timeout)
@@ -751,6 +759,16 @@ class Daemon:
             answer["psk_fingerprint"] = fingerprint(self.psk)
         if self.kme is not None:
             answer["delivery_stored_keys"] = await self._store_call(self.kme.stored_keys)
+        session = self._active
+        if session is not None and session.engine is not None and session.engine.window:
+            # the connection's window, and (Alice) the round trip she measured and the rounds she keeps
+            # open for it (policy.rounds_to_open)
+            answer["window"] = session.engine.window
+            answer["rounds_open"] = len(session.engine.round_states)
+            if self.role == "alice":
+                answer["rounds_open_limit"] = session.engine.open_limit
+                trips = session.round_trips
+                answer["round_trip_ms"] = round(1e3 * min(trips), 2) if trips else None
         return answer
 
     async def _refresh_metrics(self, metrics: metrics_mod.Metrics) -> None:
@@ -874,6 +892,27 @@ class Daemon:
                         self._round_idle = trio.Event()
                     self._clocks[number].enter(state.value, now)
 
+    def _round_trip(
+        self, session: _Session, engine: engine_mod.Engine, message: wire.Message | None
+    ) -> int | None:
+        """Alice, as a Cascade request of a round comes in: the time since she answered the round's
+        previous one is a round trip (the peer's handling of her answer included); the shortest of the
+        latest sets how many rounds she keeps open (:func:`policy.rounds_to_open`). Returns the round
+        whose request this is (she notes when her answer has gone out), else None."""
+        if self.role != "alice" or message is None or message.type not in _CASCADE_REQUESTS:
+            return None
+        number = message.fields.get("round")
+        if not isinstance(number, int):
+            return None
+        answered = session.answered.get(number)
+        if answered is not None:
+            session.round_trips.append(trio.current_time() - answered)
+            engine.limit_open_rounds(policy.rounds_to_open(min(session.round_trips)))
+        if len(session.answered) > 2 * engine.window:  # forget the rounds that ended
+            for old in set(session.answered) - set(engine.round_states):
+                del session.answered[old]
+        return number
+
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
         # a round counts as done only once every action of its last step is carried out: a stop waits
@@ -988,6 +1027,9 @@ class Daemon:
         if session.engine is None or not session.engine.round_states:
             self._round_idle.set()
 
+
+_CASCADE_REQUESTS = frozenset({"cascade_pass", "cascade_ranges"})
+"""Bob's Cascade messages that Alice answers at once (§5): the pairs she times the round trip by."""
 
 _REBOOTSTRAP = "re-bootstrap with a fresh PSK file and auth.fallback_to_psk = true on both sides"
 _NO_AUTHENTICATION = {

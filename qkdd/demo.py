@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdd import config as config_mod
+from qkdd import policy
 from qkdd.auth import pki
 from qkdd.auth.psk import generate_psk, write_psk
 from qkdd.daemon import read_listen_address
@@ -588,8 +589,11 @@ def bench_e2e(
             cpu = _children_cpu()
             result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
             cpu = _children_cpu() - cpu
+        # what Alice keeps open (policy.rounds_to_open) of the round trip she measures: the relay's and
+        # Bob's handling of each answer, a millisecond or two more
+        open_rounds = min(window, policy.rounds_to_open((rtt_ms + 2) / 1e3))
         sifted, _, round_seconds = _totals(result.rounds)
-        steady, since = steady_rounds(result.rounds, window)
+        steady, since = steady_rounds(result.rounds, open_rounds)
         steady_sifted, steady_secret, steady_seconds = _totals(steady, since)
         steady_cpu = None
         if steady and since is not None:
@@ -600,12 +604,13 @@ def bench_e2e(
                 "distance_km": distance,
                 "rtt_ms": rtt_ms,
                 "window": window,
+                "open_rounds": open_rounds,
                 "rounds": len(result.rounds),
                 "sifted_bits": sifted,
                 "secret_bits": result.secret_bits_total,
                 "sifted_bps": sifted / round_seconds if round_seconds else 0.0,
                 "secret_bps": result.secret_bits_total / round_seconds if round_seconds else 0.0,
-                "steady_rounds": len(steady_rounds(result.rounds, window)[0]),
+                "steady_rounds": len(steady),
                 "steady_sifted_bps": steady_sifted / steady_seconds if steady_seconds else None,
                 "steady_secret_bps": steady_secret / steady_seconds if steady_seconds else None,
                 "wall_seconds": result.seconds,

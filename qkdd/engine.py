@@ -180,6 +180,7 @@ class Engine:
         self._dropped: dict[int, str] = {}  # recently dropped rounds and their auth (§13: stale frames)
         self._slots = 0  # tag slots given to reserve rounds in this session (§16)
         self._ended_one = False  # a round of this connection ended (committed or dropped)
+        self._open_limit = 1 << 16  # the driver's limit (limit_open_rounds): none until it sets one
         self._host = Host(
             role,
             settings,
@@ -220,13 +221,24 @@ class Engine:
         return self._hs.window
 
     @property
+    def open_limit(self) -> int:
+        """Alice: the most rounds she keeps open, at most the window: the driver may lower it
+        (:meth:`limit_open_rounds`), the peer's frames cannot."""
+        return min(self.window, self._open_limit)
+
+    def limit_open_rounds(self, rounds: int) -> None:
+        """Keep at most ``rounds`` (at least 1) open from now on, within the window: a driver's choice,
+        e.g. :func:`policy.rounds_to_open` of the round trip it measured."""
+        self._open_limit = max(1, rounds)
+
+    @property
     def can_start_round(self) -> bool:
         """Alice: whether :meth:`start_round` may open a round now (:func:`policy.may_start_round`)."""
         return (
             self.role == "alice"
             and self._state is State.IDLE
             and policy.may_start_round(
-                [r.state.value for r in self._rounds.values()], self.window, ended_one=self._ended_one
+                [r.state.value for r in self._rounds.values()], self.open_limit, ended_one=self._ended_one
             )
             # with rounds open, a reserve that cannot pay for one more waits for them (they refill it)
             and (not self._rounds or self._round_auth() is not None)

@@ -86,3 +86,11 @@ def test_the_output_is_the_reserve_share_and_whole_key_blocks_or_nothing() -> No
     assert policy.output_bits(10_000, 2048, 256) == 2048 + 31 * 256
     assert policy.output_bits(2048 + 255, 2048, 256) == 0
     assert policy.output_bits(256, 0, 256) == 256
+
+
+def test_alice_keeps_more_rounds_open_the_longer_the_round_trip() -> None:
+    """Loopback keeps 8 open; each millisecond of round trip 1.2 more (the window caps it, not this)."""
+    assert policy.rounds_to_open(0.0) == policy.rounds_to_open(-1.0) == 8
+    assert policy.rounds_to_open(0.0005) == 9
+    assert policy.rounds_to_open(0.010) == 8 + 12
+    assert policy.rounds_to_open(0.050) == 8 + 60

@@ -49,6 +49,21 @@ def test_rounds_in_flight_commit_in_order_with_equal_keys_and_no_pad_used_twice(
     assert sum(what.endswith("tag") for *_, what in pads) == 3 * auths.count("reserve")
 
 
+def test_alice_keeps_no_more_rounds_open_than_her_driver_allows_within_the_window() -> None:
+    """A driver's limit (a short round trip: policy.rounds_to_open) lowers what Alice opens; it never
+    raises it past the window, and Bob is not told (his window check is unchanged)."""
+    pair = ConnectionPair(window=4, **SMALL)
+    pair.connect()
+    pair.alice.limit_open_rounds(2)
+    assert pair.alice.open_limit == 2 and pair.bob.window == 4
+    assert run_watching(pair, 6) == 2
+    pair.alice.limit_open_rounds(9)
+    assert pair.alice.open_limit == 4
+    pair.alice.limit_open_rounds(0)
+    assert pair.alice.open_limit == 1  # at least one round, whatever is asked
+    assert pair.alice_store.key_map() == pair.bob_store.key_map() != {}
+
+
 def test_the_session_window_is_the_smaller_sides_and_bob_refuses_a_round_beyond_it() -> None:
     pair = ConnectionPair(alice_window=4, bob_window=2)
     pair.connect()
