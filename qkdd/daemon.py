@@ -185,8 +185,8 @@ class _Session:
     put_back: list[Any] = field(default_factory=list)
     # the link frames the engine asked for, fetched one at a time in the order asked (_fetch_frames)
     fetches: trio.MemorySendChannel[engine_mod.FetchFrame] | None = None
-    # Alice: when she answered each open round's last Cascade request, and the latest round trips seen
-    # from such an answer to the round's next request (the peer's work on it included)
+    # Alice: when she sent each open round's estimate_answer, and the latest round trips seen from such
+    # an answer to the round's first Cascade request (the peer's work on it included)
     answered: dict[int, float] = field(default_factory=dict)
     round_trips: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=64))
 
@@ -900,23 +900,27 @@ class Daemon:
     def _round_trip(
         self, session: _Session, engine: engine_mod.Engine, message: wire.Message | None
     ) -> int | None:
-        """Alice, as a Cascade request of a round comes in: the time since she answered the round's
-        previous one is a round trip (the peer's handling of her answer included); the shortest of the
-        latest sets how many rounds she keeps open (:func:`policy.rounds_to_open`). Returns the round
-        whose request this is (she notes when her answer has gone out), else None."""
-        if self.role != "alice" or message is None or message.type not in _CASCADE_REQUESTS:
+        """Alice: time the round trip by the one exchange of a round that is a request and its answer —
+        her ``estimate_answer``, and the round's first Cascade request, which Bob sends once he has read
+        it (Cascade's own requests come in flights, several before any answer) — Bob's work in between
+        included. The shortest of the latest sets how many rounds she keeps open
+        (:func:`policy.rounds_to_open`). Returns the round of an ``estimate_request`` (she notes when her
+        answer has gone out), else None."""
+        if self.role != "alice" or message is None:
             return None
         number = message.fields.get("round")
         if not isinstance(number, int):
             return None
-        answered = session.answered.get(number)
+        if message.type == "estimate_request":
+            if len(session.answered) > 2 * engine.window:  # forget the rounds that ended without Cascade
+                for old in set(session.answered) - set(engine.round_states):
+                    del session.answered[old]
+            return number
+        answered = session.answered.pop(number, None) if message.type in _CASCADE_REQUESTS else None
         if answered is not None:
             session.round_trips.append(trio.current_time() - answered)
             engine.limit_open_rounds(policy.rounds_to_open(min(session.round_trips)))
-        if len(session.answered) > 2 * engine.window:  # forget the rounds that ended
-            for old in set(session.answered) - set(engine.round_states):
-                del session.answered[old]
-        return number
+        return None
 
     async def _execute(self, session: _Session, actions: list[engine_mod.Action]) -> None:
         session.unsent = any(isinstance(a, engine_mod.Send) for a in actions)
@@ -1037,7 +1041,7 @@ class Daemon:
 
 
 _CASCADE_REQUESTS = frozenset({"cascade_pass", "cascade_ranges"})
-"""Bob's Cascade messages that Alice answers at once (§5): the pairs she times the round trip by."""
+"""Bob's Cascade requests (§5): the first of a round answers Alice's estimate_answer."""
 
 _REBOOTSTRAP = "re-bootstrap with a fresh PSK file and auth.fallback_to_psk = true on both sides"
 _NO_AUTHENTICATION = {

@@ -589,9 +589,9 @@ def bench_e2e(
             cpu = _children_cpu()
             result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
             cpu = _children_cpu() - cpu
-        # what Alice keeps open (policy.rounds_to_open) of the round trip she measures: the relay's and
-        # Bob's handling of each answer, a millisecond or two more
-        open_rounds = min(window, policy.rounds_to_open((rtt_ms + 2) / 1e3))
+        # about what Alice keeps open (policy.rounds_to_open) of the round trip she measures: the relay's,
+        # and Bob's work between her estimate answer and his first Cascade request (about 10 ms here)
+        open_rounds = min(window, policy.rounds_to_open((rtt_ms + 12) / 1e3))
         sifted, _, round_seconds = _totals(result.rounds)
         steady, since = steady_rounds(result.rounds, open_rounds)
         steady_sifted, steady_secret, steady_seconds = _totals(steady, since)

@@ -507,38 +507,42 @@ async def test_a_full_store_pause_is_logged_at_info_once_per_interval(
     assert levels == [logging.INFO, logging.DEBUG, logging.INFO]
 
 
-def test_alice_times_the_round_trip_by_her_cascade_answers_and_keeps_open_rounds_for_it() -> None:
-    """From her answer to a round's Cascade request to the round's next request is a round trip; the
-    shortest of the latest sets how many rounds Alice keeps open (policy.rounds_to_open). Bob, other
-    messages and unknown rounds measure nothing."""
+def test_alice_times_the_round_trip_by_her_estimate_answer_and_keeps_open_rounds_for_it() -> None:
+    """From her estimate_answer to the round's first Cascade request is a round trip (later Cascade
+    requests come in flights and time nothing); the shortest of the latest sets how many rounds Alice
+    keeps open (policy.rounds_to_open). Bob, other messages and unknown rounds measure nothing."""
     limits: list[int] = []
-    engine = SimpleNamespace(round_states={3: None}, window=64, limit_open_rounds=limits.append)
+    engine = SimpleNamespace(round_states={3: None, 4: None}, window=64, limit_open_rounds=limits.append)
     session = daemon_mod._Session(peer="bob", stream=None)  # type: ignore[arg-type]
     alice, bob = SimpleNamespace(role="alice"), SimpleNamespace(role="bob")
 
-    def request(kind: str, number: object) -> Any:
+    def message(kind: str, number: object) -> Any:
         return SimpleNamespace(type=kind, fields={"round": number})
 
-    def asked(who: Any, message: Any) -> int | None:
-        return daemon_mod.Daemon._round_trip(who, session, engine, message)  # type: ignore[arg-type]
+    def asked(who: Any, sent: Any) -> int | None:
+        return daemon_mod.Daemon._round_trip(who, session, engine, sent)  # type: ignore[arg-type]
 
     async def main() -> None:
-        assert asked(alice, request("cascade_pass", 3)) == 3 and not limits  # no earlier answer yet
-        session.answered[3] = trio.current_time()
+        assert asked(alice, message("estimate_request", 3)) == 3 and not limits
+        session.answered[3] = trio.current_time()  # what the daemon does once the answer is out
         await trio.sleep(0.050)
-        assert asked(alice, request("cascade_ranges", 3)) == 3
+        assert asked(alice, message("cascade_pass", 3)) is None
         assert limits == [policy.rounds_to_open(0.050)]
-        session.answered[3] = trio.current_time()
+        await trio.sleep(0.001)
+        asked(alice, message("cascade_ranges", 3))  # the same round's flight: no second sample
+        assert len(limits) == 1 and len(session.round_trips) == 1
+        session.answered[4] = trio.current_time()
         await trio.sleep(0.080)  # a slower one: the shortest still counts
-        asked(alice, request("cascade_ranges", 3))
+        asked(alice, message("cascade_ranges", 4))
         assert limits[-1] == policy.rounds_to_open(0.050) and len(session.round_trips) == 2
-        for who, message in (
-            (bob, request("cascade_pass", 3)),
-            (alice, request("cascade_parities", 3)),
-            (alice, request("cascade_pass", "3")),
+        session.answered[3] = trio.current_time()
+        for who, sent in (
+            (bob, message("cascade_pass", 3)),
+            (alice, message("cascade_parities", 3)),
+            (alice, message("cascade_pass", "3")),
             (alice, None),
         ):
-            assert asked(who, message) is None
+            assert asked(who, sent) is None
         assert len(limits) == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
