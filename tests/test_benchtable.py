@@ -16,7 +16,9 @@ E2E = {
             "distance_km": 10.0,
             "rtt_ms": 50.0,
             "window": 4,
+            "open_rounds": 3,
             "rounds": 8,
+            "secret_bps": 1.2e6,
             "steady_secret_bps": 1.5e6,
             "steady_sifted_bps": 4.0e6,
             "first_key_seconds": 1.25,
@@ -40,7 +42,7 @@ def test_the_readme_tables_are_the_committed_results_rendered() -> None:
 def test_rows_render_their_figures_and_the_section_is_replaced(tmp_path: Path) -> None:
     tables = benchtable.render(benchtable.merge([E2E, {"e2e": [{**E2E["e2e"][0], "rtt_ms": 0.0}]}]), "note")
     assert tables.startswith("note\n") and tables.count("| 10 | ") == 2
-    assert "| 10 | 50 | 4 | 8 | 1.50 | 4.00 | 1.25 | 0.90 | 0.70 | 300 | yes |" in tables
+    assert "| 10 | 50 | 4 | 3 | 8 | 1.20 | 1.50 | 4.00 | 1.25 | 0.90 | 0.70 | 300 | yes |" in tables
     pair = {"operation": "pair", "link": "store full", "keys_per_second": 1100.4, "median_ms": 1.5}
     pair |= {"p99_ms": 13.0, "daemon_cpu_ms_per_pair": 1.234, "client_cpu_ms_per_pair": 0.2}
     single = {**pair, "operation": "enc_keys", "daemon_cpu_ms_per_pair": None, "client_cpu_ms_per_pair": None}
