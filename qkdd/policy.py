@@ -151,9 +151,9 @@ connection (at 50 ms: 64 open gave 2.74 Mbit/s, 32 only 2.08)."""
 
 def rounds_to_open(round_trip: float) -> int:
     """Alice: how many rounds to keep open at most on a connection whose round trip is ``round_trip``
-    seconds (as the handshake measured it); the connection's window bounds it too (memory: about 50 MB
-    an open round at 2^26 pulses), and this keeps a short round trip from paying for a window it cannot
-    use."""
+    seconds (as she measures it: from her estimate answer to the round's first Cascade request); the
+    connection's window bounds it too (memory: about 50 MB an open round at 2^26 pulses), and this keeps
+    a short round trip from paying for a window it cannot use."""
     return ROUNDS_ON_LOOPBACK + math.ceil(ROUNDS_PER_MS * max(0.0, round_trip) * 1e3)
 
 
