@@ -861,9 +861,8 @@ class Daemon:
             await trio.to_thread.run_sync(amplify.warm_up)
         except Exception as error:  # the first round will meet (and report) the same failure
             log.warning("warm-up of the compiled kernels failed: %s: %s", type(error).__name__, error)
-        # what start-up made (modules, numba's compiled kernels: some 160,000 objects) lives as long as
-        # the daemon: out of the collector's sight, a full collection after each round takes a
-        # millisecond instead of 60 (see _round_done)
+        # what start-up made (modules, numba's compiled kernels) lives as long as the daemon: out of
+        # the collector's sight, the full collections after rounds (_round_done) stay cheap
         gc.freeze()
 
     async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
@@ -1037,8 +1036,8 @@ class Daemon:
         self.rounds_finished += 1
         self._clocks.pop(number, None)
         # a round's tens of megabytes of arrays are freed only as the cyclic collector gets round to
-        # them: left to its own pace, a daemon grew by about 27 MB a round (2 GB after 80 rounds). At
-        # most once a second: a full collection also walks the key manager's records
+        # them, and at its own pace the daemon's memory grows round after round. At most once a
+        # second: a full collection also walks the key manager's records
         now = trio.current_time()
         if now - self._collected >= GC_SECONDS:
             self._collected = now

@@ -140,13 +140,12 @@ def may_start_round(open_states: Sequence[str], window: int, *, ended_one: bool 
 
 ROUNDS_ON_LOOPBACK = 8
 """Rounds Alice keeps open when the round trip costs nothing: enough for one round's link frame and sifting
-to overlap the others' reconciliation and amplification on two cores (4 gave 3.48 Mbit/s on loopback, 8
-3.51–3.57, 16 3.59); more only cost memory and page faults."""
+to overlap the others' reconciliation and amplification; more only cost memory and page faults."""
 ROUNDS_PER_MS = 1.2
 """Rounds Alice keeps open on top of those per millisecond of the round trip: a 2^26-pulse round waits
 for 105–120 Cascade round trips, and a round starts about every 0.25 s, so each millisecond of round
 trip keeps about half a round more in flight; 1.2 leaves room for the queueing of many rounds on one
-connection (at 50 ms: 64 open gave 2.74 Mbit/s, 32 only 2.08)."""
+connection."""
 
 
 def rounds_to_open(round_trip: float) -> int:

@@ -22,7 +22,7 @@ Model (per pulse t of frame f)
 Work scales with detections: the detected pulses are drawn directly, as Bernoulli processes with
 geometric gaps (signal arrivals at the largest intensity thinned per class; dark counts per detector).
 Bob's choices are counter-based too, from a key of his own, and one compiled pass
-(:mod:`qkdd.links._sim_kernels`) yields his detections: about 25 ns per detection.
+(:mod:`qkdd.links._sim_kernels`) yields his detections.
 """
 
 from __future__ import annotations
