@@ -337,8 +337,9 @@ class ProcessWatch:
         self._thread.start()
 
     def _watch(self) -> None:
+        # a process that ended counts with its last reading, so the samples go on covering the run's end
+        last = dict.fromkeys(self._pids, 0.0)
         while not self._done.wait(WATCH_SECONDS):
-            cpu = 0.0
             for pid in self._pids:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -346,9 +347,8 @@ class ProcessWatch:
                             self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
                     # utime and stime, fields 14 and 15 of stat (after the parenthesised command name)
                     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-                    cpu += (int(fields[11]) + int(fields[12])) / self._tick
-            if not self.cpu or cpu >= self.cpu[-1][1]:  # a process that ended reads as 0: not a sample
-                self.cpu.append((time.time(), cpu))
+                    last[pid] = max(last[pid], (int(fields[11]) + int(fields[12])) / self._tick)
+            self.cpu.append((time.time(), sum(last.values())))
 
     @staticmethod
     def between(samples: Sequence[tuple[float, float]], start: float, end: float) -> float | None:

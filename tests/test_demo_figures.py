@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from qkdd.demo import ProcessWatch, steady_rounds
+from qkdd.demo import WATCH_SECONDS, ProcessWatch, steady_rounds
 
 SAMPLES = [(10.0, 1.0), (11.0, 3.0), (12.0, 3.5), (14.0, 5.5)]
 
@@ -33,6 +36,24 @@ def test_the_watch_reads_a_live_process() -> None:
         watch.stop()
     (t0, c0), (t1, c1) = watch.cpu[0], watch.cpu[-1]
     assert t1 > t0 and c1 >= c0 > 0 and watch.bytes > 0
+
+
+@pytest.mark.timeout(30)
+def test_a_process_that_ended_keeps_its_last_reading_so_the_samples_cover_the_end() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "sum(range(20_000_000))"])
+    watch = ProcessWatch([child.pid])
+    try:
+        child.wait()  # reaped: its /proc entry is gone
+        ended = time.time()
+        deadline = time.monotonic() + 10
+        while not (watch.cpu and watch.cpu[-1][0] > ended) and time.monotonic() < deadline:
+            time.sleep(WATCH_SECONDS)  # polls the watch's progress; the deadline only bounds a failure
+    finally:
+        watch.stop()
+    assert watch.cpu[-1][0] > ended, "no sample after the process ended"
+    readings = [cpu for _, cpu in watch.cpu]
+    assert readings == sorted(readings) and readings[-1] > 0
+    assert ProcessWatch.between(watch.cpu, watch.cpu[0][0], ended) is not None
 
 
 def test_steady_rounds_leave_out_filling_and_draining_the_window() -> None:
