@@ -68,8 +68,6 @@ log = logging.getLogger("qkdd")
 LISTEN_FILE = "listen-address"
 ETSI014_FILE = "etsi014-address"  # where the key delivery API listens (an ephemeral port is resolved)
 METRICS_FILE = "metrics-address"  # where /metrics is served (likewise)
-GC_SECONDS = 1.0
-"""A full garbage collection when a round ends, at most this often (:meth:`Daemon._round_done`)."""
 MAX_HANDSHAKES = 512
 """Connections held in the handshake at once; a new one closes the oldest (I5: idle sockets cannot keep
 the peer out, and one that reopens each closed socket must churn through all of them to reach the
@@ -242,7 +240,6 @@ class Daemon:
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
         self._active: _Session | None = None
-        self._collected = -math.inf  # when _round_done last ran the garbage collector
         self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first
         self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
         # Alice: unused reserve bits after the last committed round, and where she last waited for it
@@ -862,7 +859,7 @@ class Daemon:
         except Exception as error:  # the first round will meet (and report) the same failure
             log.warning("warm-up of the compiled kernels failed: %s: %s", type(error).__name__, error)
         # what start-up made (modules, numba's compiled kernels) lives as long as the daemon: out of
-        # the collector's sight, the full collections after rounds (_round_done) stay cheap
+        # the collector's sight, its full collections stay cheap
         gc.freeze()
 
     async def _call(self, function: Callable[..., T], *args: Any, thread: bool = True) -> T:
@@ -1035,13 +1032,6 @@ class Daemon:
     def _round_done(self, number: int, session: _Session) -> None:
         self.rounds_finished += 1
         self._clocks.pop(number, None)
-        # a round's tens of megabytes of arrays are freed only as the cyclic collector gets round to
-        # them, and at its own pace the daemon's memory grows round after round. At most once a
-        # second: a full collection also walks the key manager's records
-        now = trio.current_time()
-        if now - self._collected >= GC_SECONDS:
-            self._collected = now
-            gc.collect()
         if session.engine is None or not session.engine.round_states:
             self._round_idle.set()
 

@@ -748,6 +748,8 @@ class Engine:
         """Close the open rounds' books: remember what became of them (for the driver's log)."""
         if self._rounds:
             self._unfinished = [(r.number, r.pending) for r in self._rounds.values()]
+        for r in self._rounds.values():
+            r.release()
         self._rounds = {}
         self._held = []
 
@@ -769,8 +771,7 @@ class Engine:
         if r.qber is not None:
             self._last_qber = r.qber
         if new_state is State.IDLE:  # the round is over: committed, or dropped already
-            self._rounds.pop(r.number, None)
-            self._ended_one = True
+            self._forget(r)
         return new_state
 
     def _on_hello(self, message: messages.Hello) -> State:
@@ -864,12 +865,17 @@ class Engine:
             self.settings.key_block_bits,
         )
 
+    def _forget(self, r: Round) -> None:
+        """Round ``r`` is over: no longer open, and its memory released."""
+        self._rounds.pop(r.number, None)
+        self._ended_one = True
+        r.release()
+
     def _end_aborted(self, r: Round, reason: str, *, record: bool = True) -> State:
         """Drop round ``r``; ``record``: store its figures as aborted (which drops a pending round)."""
         if record:
             self._out.append(RoundEnded(r.summary(reason), "aborted"))
-        self._rounds.pop(r.number, None)
-        self._ended_one = True
+        self._forget(r)
         self._dropped[r.number] = r.auth
         while len(self._dropped) > DROPPED_KEPT:
             del self._dropped[next(iter(self._dropped))]
