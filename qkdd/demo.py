@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from qkdd import config as config_mod
-from qkdd import policy
 from qkdd.auth import pki
 from qkdd.auth.psk import generate_psk, write_psk
 from qkdd.daemon import read_listen_address
@@ -532,6 +531,22 @@ def _tuned_pulses(distance_km: float) -> int | None:
     return keyrate.sim_settings(distance_km, min_pulses=DEMO_PULSES).pulses_per_frame
 
 
+def rounds_in_flight(rounds: Sequence[dict[str, Any]]) -> int:
+    """The most ``rounds`` that were open at once, each from its start (``finished_at − seconds``) to its
+    end: what Alice kept open (``policy.rounds_to_open`` of the round trip she measured, within the
+    window), read from the run itself."""
+    # at equal times an end comes first: a round that ends as another starts never overlaps it
+    events = sorted(
+        [(r["finished_at"] - (r["seconds"] or 0.0), 1) for r in rounds]
+        + [(r["finished_at"], -1) for r in rounds]
+    )
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
 def steady_rounds(rounds: Sequence[dict[str, Any]], window: int) -> tuple[list[dict[str, Any]], float | None]:
     """The rounds that ended while the pipeline was full, and when the round before them ended: with
     ``window`` rounds in flight, the first ``window`` rounds to end also paid for filling it (and round 0
@@ -589,9 +604,7 @@ def bench_e2e(
             cpu = _children_cpu()
             result = run_demo(folder, rounds, sim, rtt=rtt_ms / 1e3, window=window)
             cpu = _children_cpu() - cpu
-        # about what Alice keeps open (policy.rounds_to_open) of the round trip she measures: the relay's,
-        # and Bob's work between her estimate answer and his first Cascade request (about 10 ms here)
-        open_rounds = min(window, policy.rounds_to_open((rtt_ms + 12) / 1e3))
+        open_rounds = rounds_in_flight(result.rounds)
         sifted, _, round_seconds = _totals(result.rounds)
         steady, since = steady_rounds(result.rounds, open_rounds)
         steady_sifted, steady_secret, steady_seconds = _totals(steady, since)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qkdd.demo import WATCH_SECONDS, ProcessWatch, steady_rounds
+from qkdd.demo import WATCH_SECONDS, ProcessWatch, rounds_in_flight, steady_rounds
 
 SAMPLES = [(10.0, 1.0), (11.0, 3.0), (12.0, 3.5), (14.0, 5.5)]
 
@@ -61,3 +61,11 @@ def test_steady_rounds_leave_out_filling_and_draining_the_window() -> None:
     steady, since = steady_rounds(rounds, 2)
     assert [r["finished_at"] for r in steady] == [2.0, 3.0, 4.0, 5.0] and since == 1.0
     assert steady_rounds(rounds[:4], 2) == ([], None)
+
+
+def test_the_rounds_in_flight_are_read_from_when_each_round_started_and_ended() -> None:
+    # (finished_at, seconds): one alone, then three at once, then one starting as another ends
+    rounds = [(1.0, 1.0), (4.0, 2.5), (4.5, 2.0), (5.0, 2.0), (7.0, 2.0)]
+    assert rounds_in_flight([{"finished_at": end, "seconds": took} for end, took in rounds]) == 3
+    assert rounds_in_flight([{"finished_at": 2.0, "seconds": 1.0}, {"finished_at": 3.0, "seconds": 1.0}]) == 1
+    assert rounds_in_flight([]) == 0
