@@ -170,6 +170,7 @@ def prune_searches(
 
     1. A search whose block is ``touched`` (a flip landed in it since the last look; ``touched`` empty:
        none is looked at) and whose node Bob's bits now make even has found its error elsewhere: it ends.
+       ``touched`` is cleared.
     2. A search at a single position has found an error there: it ends, and the position and Alice's
        parity of it are returned (the caller checks and flips it).
     3. The rest move to the front, in order (``searching`` cleared for every ended search's block), and
@@ -235,6 +236,8 @@ def prune_searches(
         node_parity[count] = node_parity[i]
         blocks[count] = blocks[i]
         count += 1
+    if check:
+        touched[:] = False  # every flip so far is checked
     mid = np.empty(count, dtype=np.int64)
     slots = np.empty(count, dtype=np.int64)
     for i in range(count):
@@ -335,3 +338,157 @@ def descend(
             node[i] = slots[i]
             node_parity[i] = left
     return moved
+
+
+# --------------------------------------------------------------------------- flips
+#
+# A pass's geometry for the kernels below, an int64 array: [halves (0/1), multiplier, offset, n,
+# block_size, H, two_blocks (0/1)] (see ``_Pass``), with a halves pass's packed membership mask beside it.
+
+
+@njit(cache=True)
+def flip_positions(
+    words: Words, before: Bits, pending: Int64s, count: int, positions: Int64s, limit: int
+) -> int:
+    """Toggle the bits at ``positions`` of a range-parity string (a position listed twice toggles twice).
+
+    ``pending[:count]`` holds the sorted words flipped since ``before`` was last counted (``pending`` has
+    room for ``limit`` + 1). When that would exceed ``limit``, ``before`` is recounted from the first
+    changed word and nothing stays pending. Returns the new pending count."""
+    recount = count + positions.size > limit
+    first = pending[0] if count else words.size
+    for i in range(positions.size):
+        position = positions[i]
+        word = position >> 6
+        words[word] ^= np.uint64(1) << np.uint64(63 - (position & 63))
+        if recount:
+            first = min(first, word)
+        else:
+            # insert into the sorted pending words
+            j = count
+            while j > 0 and pending[j - 1] > word:
+                pending[j] = pending[j - 1]
+                j -= 1
+            pending[j] = word
+            count += 1
+    if not recount:
+        return count
+    parity = before[first]
+    for word in range(first, words.size - 1):
+        folded = words[word]
+        folded ^= folded >> np.uint64(32)
+        folded ^= folded >> np.uint64(16)
+        folded ^= folded >> np.uint64(8)
+        folded ^= folded >> np.uint64(4)
+        parity ^= (0x6996 >> np.int64(folded & np.uint64(15))) & 1
+        before[word + 1] = parity
+    return 0
+
+
+@njit(cache=True)
+def sync_pass(
+    flips: Int64s,
+    geometry: Int64s,
+    mask: Bits,
+    odd: npt.NDArray[np.bool_],
+    touched: npt.NDArray[np.bool_],
+    blocks_from: int,
+    words: Words,
+    before: Bits,
+    pending: Int64s,
+    pending_count: int,
+    ranges_from: int,
+    limit: int,
+) -> int:
+    """Bring one pass up to date with Bob's flips (key indices, in order): toggle ``odd`` and set
+    ``touched`` (empty: not kept) for the block of each of ``flips[blocks_from:]``, and toggle the
+    range-parity string's bit of each of ``flips[ranges_from:]`` (``words`` empty: not built) as
+    :func:`flip_positions` does. Returns the new pending count."""
+    halves = geometry[0] != 0
+    multiplier, offset, n, block_size, half, two_blocks = (
+        geometry[1],
+        geometry[2],
+        geometry[3],
+        geometry[4],
+        geometry[5],
+        geometry[6] != 0,
+    )
+    first = min(blocks_from, ranges_from)
+    slots = np.empty(flips.size - first, dtype=np.int64)
+    keep_touched = touched.size > 0
+    for i in range(first, flips.size):
+        index = flips[i]
+        if halves:
+            member = (mask[index >> 3] >> (7 - (index & 7))) & 1
+            slot = index if member else index + half
+            block = 0 if member or not two_blocks else 1
+        else:
+            slot = (index * multiplier + offset) % n
+            block = slot // block_size
+        slots[i - first] = slot
+        if i >= blocks_from:
+            odd[block] = not odd[block]
+            if keep_touched:
+                touched[block] = True
+    if words.size == 0 or ranges_from >= flips.size:
+        return pending_count
+    return flip_positions(words, before, pending, pending_count, slots[ranges_from - first :], limit)
+
+
+@njit(cache=True)
+def start_searches(
+    odd: npt.NDArray[np.bool_],
+    searching: npt.NDArray[np.bool_],
+    searched: npt.NDArray[np.bool_],
+    block_starts: Int64s,
+    block_ends: Int64s,
+    alice_top: Bits,
+    width: int,
+    blocks: Int64s,
+    starts: Int64s,
+    ends: Int64s,
+    node: Int64s,
+    offset: Int64s,
+    node_parity: Bits,
+) -> tuple[Int64s, Int64s, Int64s, Int64s, Int64s, Bits, bool]:
+    """Start a search at the root of every odd block that has none: the searches under way (the
+    arrays of ``prune_searches``) with one entry appended per new search, in block order, and whether a
+    new search's block was searched before (``searched`` marks them; empty: parities are not reused)."""
+    new = 0
+    for block in range(odd.size):
+        if odd[block] and not searching[block]:
+            new += 1
+    if new == 0:
+        return blocks, starts, ends, node, offset, node_parity, False
+    count = blocks.size
+    total = count + new
+    blocks_out = np.empty(total, dtype=np.int64)
+    starts_out = np.empty(total, dtype=np.int64)
+    ends_out = np.empty(total, dtype=np.int64)
+    node_out = np.empty(total, dtype=np.int64)
+    offset_out = np.empty(total, dtype=np.int64)
+    parity_out = np.empty(total, dtype=np.uint8)
+    blocks_out[:count] = blocks
+    starts_out[:count] = starts
+    ends_out[:count] = ends
+    node_out[:count] = node
+    offset_out[:count] = offset
+    parity_out[:count] = node_parity
+    revisiting = False
+    reuse = searched.size > 0
+    i = count
+    for block in range(odd.size):
+        if odd[block] and not searching[block]:
+            searching[block] = True
+            if reuse:
+                revisiting |= searched[block]
+                searched[block] = True
+            root = block * width
+            blocks_out[i] = block
+            starts_out[i] = block_starts[block]
+            ends_out[i] = block_ends[block]
+            node_out[i] = root
+            offset_out[i] = 1 - root
+            parity_out[i] = alice_top[block]
+            i += 1
+    return blocks_out, starts_out, ends_out, node_out, offset_out, parity_out, revisiting

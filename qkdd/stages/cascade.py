@@ -249,7 +249,8 @@ class RangeParity:
         padded[: packed.size] = packed[: words * 8]
         self.words: npt.NDArray[np.uint64] = padded.view(">u8").astype(np.uint64)
         self.before: Bits = np.zeros(words, dtype=np.uint8)
-        self.pending: Int64s = np.zeros(0, dtype=np.int64)
+        self.pending_room: Int64s = np.zeros(self.PENDING_FLIPS + 1, dtype=np.int64)
+        self.pending: Int64s = self.pending_room[:0]  # always a prefix of ``pending_room``
         self._count(0)
 
     def _count(self, first: int) -> None:
@@ -261,15 +262,10 @@ class RangeParity:
 
     def flip(self, positions: Int64s) -> None:
         """Toggle the bits at ``positions`` (a position listed twice is toggled twice)."""
-        word = positions >> 6
-        np.bitwise_xor.at(self.words, word, _HIGH_BITS[1] >> (positions & 63).astype(np.uint64))
-        pending = np.concatenate([self.pending, word])
-        if pending.size > self.PENDING_FLIPS:
-            self._count(int(pending.min()))
-            self.pending = pending[:0]
-        else:
-            pending.sort()
-            self.pending = pending
+        count = _kernels.flip_positions(
+            self.words, self.before, self.pending_room, self.pending.size, positions, self.PENDING_FLIPS
+        )
+        self.pending = self.pending_room[:count]
 
     def at(self, t: Positions) -> Bits:
         """``P(t)`` for each t in ``[0, n]``."""
@@ -299,6 +295,7 @@ _SELECT8 = np.argsort(
 _NO_BITS: Bits = np.zeros(0, dtype=np.uint8)
 _NO_INDICES: Int64s = np.zeros(0, dtype=np.int64)
 _NO_FLAGS: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+_NO_WORDS: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
 """Empty arrays standing for "none" in kernel arguments (an affine pass's select, no parity reuse, no
 block to check)."""
 
@@ -350,6 +347,19 @@ class _Pass:
         lengths = self.block_ends - self.block_starts
         self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
         self.half = -(-n // 64) * 64  # H, the halves pass's slot offset of non-members
+        # how a key index finds its slot and block, for the kernels (_cascade_kernels.sync_pass)
+        self.geometry: Int64s = np.array(
+            [
+                layout.kind == "halves",
+                layout.multiplier,
+                layout.offset,
+                n,
+                max(layout.block_size, 1),
+                self.half,
+                self.block_count == 2,
+            ],
+            dtype=np.int64,
+        )
         self._slot_mask: Bits | None = None
         self._select: _Select | None = None
         # Bob: his range parities in this pass's order, built ahead (CascadeBob.prepare), and the length
@@ -701,19 +711,23 @@ class _BobPass:
 
     A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
     children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
-    with ``offset = 1 - b·width`` fixed per search. The searches move in place, a pass at a time, by two
-    compiled kernels: :func:`~qkdd.stages._cascade_kernels.prune_searches` before a round trip and
-    :func:`~qkdd.stages._cascade_kernels.descend` on its answer (a few searches per pass and step, where
-    a dozen numpy calls cost more than the work).
+    with ``offset = 1 - b·width`` fixed per search. The searches start, move and catch up with Bob's
+    flips a pass at a time by compiled kernels (:mod:`qkdd.stages._cascade_kernels`): ``start_searches``,
+    ``sync_pass``, ``prune_searches`` before a round trip and ``descend`` on its answer (a few searches
+    per pass and step, where a dozen numpy calls cost more than the work).
     """
 
-    def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
+    def __init__(
+        self, index: int, layout: _Pass, alice_top: Bits, reuse: bool, parallel: bool, flips: int
+    ) -> None:
         self.index = index
         self.layout = layout
         self.alice_top = alice_top
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
         self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
-        self.odd_seen = 0  # entries of the flip log applied to ``odd`` (see CascadeBob._sync_odd)
+        # ``parallel``: the blocks that flips landed in since the searches were last checked against them
+        self.touched = np.zeros(layout.block_count, dtype=bool) if parallel else _NO_FLAGS
+        self.synced = flips  # entries of the flip log applied to ``odd`` and ``touched`` (CascadeBob._sync)
         self.searching = np.zeros(layout.block_count, dtype=bool)
         self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
@@ -730,24 +744,33 @@ class _BobPass:
         self.node: Int64s = np.zeros(0, dtype=np.int64)
         self.offset: Int64s = np.zeros(0, dtype=np.int64)
         self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
-        self.flips_checked = 0  # entries of the flip log checked against the searches under way
 
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
-        new = np.flatnonzero(self.odd & ~self.searching)
-        if new.size == 0:
-            return
-        self.searching[new] = True
-        if self.known is not None:
-            self.revisiting = self.revisiting or bool(self.searched[new].any())
-            self.searched[new] = True
-        roots = new * self.width
-        self.blocks = np.concatenate([self.blocks, new])
-        self.starts = np.concatenate([self.starts, self.layout.block_starts[new]])
-        self.ends = np.concatenate([self.ends, self.layout.block_ends[new]])
-        self.node = np.concatenate([self.node, roots])
-        self.offset = np.concatenate([self.offset, 1 - roots])
-        self.node_parity = np.concatenate([self.node_parity, self.alice_top[new]])
+        (
+            self.blocks,
+            self.starts,
+            self.ends,
+            self.node,
+            self.offset,
+            self.node_parity,
+            revisiting,
+        ) = _kernels.start_searches(
+            self.odd,
+            self.searching,
+            self.searched,
+            self.layout.block_starts,
+            self.layout.block_ends,
+            self.alice_top,
+            self.width,
+            self.blocks,
+            self.starts,
+            self.ends,
+            self.node,
+            self.offset,
+            self.node_parity,
+        )
+        self.revisiting = self.revisiting or revisiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,7 +814,10 @@ class CascadeBob:
         self._rng = np.random.default_rng(np.frombuffer(source.bytes(16), dtype=np.uint32))
         self._layouts: list[PassLayout] = []  # every pass asked for, started or still in flight
         self._passes: list[_BobPass] = []
-        self._flip_log: list[Int64s] = []
+        # every bit Bob flipped, in order: ``_flips[:_flip_count]``
+        self._flips: Int64s = np.zeros(1024, dtype=np.int64)
+        self._flip_count = 0
+        self._packed: tuple[int, Bits] | None = None  # ``_packed_key`` and the flip count it holds
         self._waved = -1  # the flip log's length when the searches to run were last chosen (parallel)
         self._unprepared: list[_Pass] = []  # affine passes just asked for, without Bob's parities yet
         self.disclosed_bits = 0
@@ -825,7 +851,7 @@ class CascadeBob:
         unprepared, self._unprepared = self._unprepared, []
         if not unprepared:
             return None
-        key, flips = self.key, len(self._flip_log)
+        key, flips = self.key, self._flip_count
         return lambda: [(each.range_parity(key), flips) for each in unprepared]
 
     def prepared(self, parities: list[tuple[PassParity, int]]) -> None:
@@ -938,14 +964,20 @@ class CascadeBob:
             answers = yield from self._ask_all(requests, [each.block_count for each in shared])
             self._unprepared = []  # (prepare, if it ran, is over: the answers wait for it)
             for cascade_pass, alice_top in zip(shared, answers, strict=True):
-                state = _BobPass(len(self._passes), cascade_pass, alice_top, schedule.reuse_parities)
+                state = _BobPass(
+                    len(self._passes),
+                    cascade_pass,
+                    alice_top,
+                    schedule.reuse_parities,
+                    schedule.tail_blocks is not None,
+                    self._flip_count,
+                )
                 starts, ends = cascade_pass.block_starts, cascade_pass.block_ends
                 if cascade_pass.layout.kind == "affine":
                     # from the range parities of Bob's bits (needed for the searches anyway)
                     state.odd = alice_top != self._bob_parity(state, starts, ends)
                 else:
-                    state.odd = alice_top != cascade_pass.halves_parities(np.packbits(self.key))
-                state.odd_seen = len(self._flip_log)
+                    state.odd = alice_top != cascade_pass.halves_parities(self._packed_key())
                 self._passes.append(state)
                 if cascade_pass.layout.kind == "halves":
                     clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
@@ -1040,11 +1072,6 @@ class CascadeBob:
         search found their error), flip the errors found at single positions, and descend through
         sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
         number of searches that descended, or ``None`` when no search of ``state`` goes on."""
-        touched = _NO_FLAGS
-        if parallel and state.flips_checked < len(self._flip_log):
-            touched = np.zeros(state.layout.block_count, dtype=bool)
-            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
-            state.flips_checked = len(self._flip_log)
         ranges, packed, byte_before = self._current(state)
         count, positions, alice, mid, slots, moved = _kernels.prune_searches(
             state.starts,
@@ -1054,7 +1081,7 @@ class CascadeBob:
             state.node_parity,
             state.blocks,
             state.searching,
-            touched,
+            state.touched,
             ranges.words,
             ranges.before,
             ranges.pending,
@@ -1097,9 +1124,9 @@ class CascadeBob:
             first = min(odd, key=_block_size)
             first.start_searches()
             return [first]
-        if active and self._waved == len(self._flip_log) and all(state.blocks.size for state in active):
+        if active and self._waved == self._flip_count and all(state.blocks.size for state in active):
             return active  # no flip and no search ended since the last look: no block turned odd
-        self._waved = len(self._flip_log)
+        self._waved = self._flip_count
         smaller = 0  # odd blocks in the passes of smaller blocks
         for state in sorted(self._passes, key=_block_size):
             odd_blocks = int(np.count_nonzero(self._sync_odd(state)))
@@ -1153,17 +1180,66 @@ class CascadeBob:
             raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
         self.key[indices] ^= 1
         self.corrected_bits += int(indices.size)
-        self._flip_log.append(indices)
+        end = self._flip_count + indices.size
+        if end > self._flips.size:
+            self._flips = np.concatenate([self._flips, np.zeros(max(end, self._flips.size), dtype=np.int64)])
+        self._flips[self._flip_count : end] = indices
+        self._flip_count = end
 
-    def _flips_since(self, seen: int) -> Int64s:
-        return np.concatenate(self._flip_log[seen:])
+    def _packed_key(self) -> Bits:
+        """Bob's key as it is now, packed (kept while no bit flips: a flight of halves passes compares
+        each with it)."""
+        if self._packed is None or self._packed[0] != self._flip_count:
+            self._packed = (self._flip_count, np.packbits(self.key))
+        return self._packed[1]
+
+    def _sync(self, state: _BobPass) -> None:
+        """Apply every flip so far to ``state.odd``, ``state.touched`` and Bob's range parities in the pass's
+        order, if built (lazily: a flip touches every pass, and most passes are not looked at again
+        before many more flips)."""
+        count = self._flip_count
+        current = state.current
+        if state.synced == count and (current is None or state.flips_seen == count):
+            return
+        layout = state.layout
+        mask = _NO_BITS if layout.packed_mask is None else layout.packed_mask
+        if current is None:
+            _kernels.sync_pass(
+                self._flips[:count],
+                layout.geometry,
+                mask,
+                state.odd,
+                state.touched,
+                state.synced,
+                _NO_WORDS,
+                _NO_BITS,
+                _NO_INDICES,
+                0,
+                count,
+                RangeParity.PENDING_FLIPS,
+            )
+        else:
+            ranges = current.ranges
+            pending = _kernels.sync_pass(
+                self._flips[:count],
+                layout.geometry,
+                mask,
+                state.odd,
+                state.touched,
+                state.synced,
+                ranges.words,
+                ranges.before,
+                ranges.pending_room,
+                ranges.pending.size,
+                state.flips_seen,
+                RangeParity.PENDING_FLIPS,
+            )
+            ranges.pending = ranges.pending_room[:pending]
+        state.synced = state.flips_seen = count
 
     def _sync_odd(self, state: _BobPass) -> npt.NDArray[np.bool_]:
-        """``state.odd`` with every flip so far applied (lazily: a flip touches every pass, and most
-        passes are not looked at again before many more flips)."""
-        if state.odd_seen < len(self._flip_log):
-            np.logical_xor.at(state.odd, state.layout.block_of(self._flips_since(state.odd_seen)), True)
-            state.odd_seen = len(self._flip_log)
+        """``state.odd`` with every flip so far applied."""
+        self._sync(state)
         return state.odd
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
@@ -1176,14 +1252,13 @@ class CascadeBob:
         """Bob's range parities in the order of ``state``'s pass, every flip so far applied, as the
         kernels take them: the parities and the pass's select (empty for an affine pass)."""
         if state.current is None:
+            self._sync(state)  # ``odd`` and ``touched``, before the parities join in
             state.current, state.flips_seen = state.layout.prepared or (
                 state.layout.range_parity(self.key),
-                len(self._flip_log),
+                self._flip_count,
             )
             state.layout.prepared = None
-        if state.flips_seen < len(self._flip_log):
-            state.current.flip(self._flips_since(state.flips_seen))
-            state.flips_seen = len(self._flip_log)
+        self._sync(state)
         select = state.current.select
         if select is None:
             return state.current.ranges, _NO_BITS, _NO_INDICES

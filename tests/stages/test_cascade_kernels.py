@@ -281,6 +281,7 @@ def test_prune_searches_matches_the_numpy_steps(
         assert s[field][:count].tolist() == expected[field].tolist(), field
     assert s["searching"].tolist() == expected["searching"].tolist()
     assert s["known"].tolist() == expected["known"].tolist()
+    assert not touched.any()  # every flip so far checked
 
 
 def test_kernels_take_no_searches() -> None:
@@ -321,7 +322,8 @@ def test_warm_up_leaves_nothing_to_compile(variant: str) -> None:
     cascade.warm_up()
     cascade.warm_up()
     dispatchers = [kernels.range_parities, kernels.selected_range_parities, kernels.strided_gather]
-    dispatchers += [kernels.prune_searches, kernels.descend]
+    dispatchers += [kernels.prune_searches, kernels.descend, kernels.start_searches]
+    dispatchers += [kernels.sync_pass, kernels.flip_positions]
     signatures = [len(each.signatures) for each in dispatchers]
     rng = np.random.default_rng(3)
     n = cascade.STRIDED_FRAME_BITS + 1
@@ -331,3 +333,146 @@ def test_warm_up_leaves_nothing_to_compile(variant: str) -> None:
     result, _ = cascade.reconcile_in_memory(alice_key, bob_key, 1 / 30, rng, variant=variant)
     assert np.array_equal(result.key, alice_key)
     assert [len(each.signatures) for each in dispatchers] == signatures
+
+
+# --------------------------------------------------------------------------- flips
+
+
+@given(st.integers(1, 700), st.integers(0, 2**32 - 1), st.lists(st.integers(0, 400), max_size=6))
+def test_flips_in_batches_keep_range_parities_exact(n: int, seed: int, batches: list[int]) -> None:
+    """Batches that stay pending, fill the pending words past the limit or exceed it at once; a position
+    flipped twice in a batch; after each, every prefix parity is exact and the pending words sorted."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    ranges = cascade.RangeParity(np.packbits(bits), n)
+    t = np.arange(n + 1, dtype=np.int64)
+    for size in batches:
+        positions = rng.integers(0, n, size).astype(np.int64)
+        np.bitwise_xor.at(bits, positions, 1)
+        ranges.flip(positions)
+        assert ranges.pending.size <= cascade.RangeParity.PENDING_FLIPS
+        assert np.all(np.diff(ranges.pending) >= 0)
+        assert ranges.parity(np.zeros_like(t), t).tolist() == _prefix_reference(bits, t).tolist()
+
+
+def _sync_reference(
+    shared: cascade._Pass, flips: np.ndarray, odd: np.ndarray, touched: np.ndarray, blocks_from: int
+) -> None:
+    """The numpy code ``sync_pass`` replaced (``CascadeBob._sync_odd`` and the touched blocks of
+    ``CascadeBob._prune``)."""
+    blocks = shared.block_of(flips[blocks_from:])
+    np.logical_xor.at(odd, blocks, True)
+    if touched.size:
+        touched[blocks] = True
+
+
+@given(
+    st.integers(1, 300),
+    _KINDS,
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+    st.booleans(),
+    st.data(),
+)
+def test_sync_pass_matches_block_of_and_the_range_parities(
+    n: int, kind: str, seed: int, keep_touched: bool, built: bool, data: st.DataObject
+) -> None:
+    """Odd and touched blocks of the flips from one cursor on, and the pass-order parities of those from
+    another (or none: not built), for affine and halves passes."""
+    rng = np.random.default_rng(seed)
+    if kind == "affine":
+        multipliers = [a for a in range(1, max(n, 2)) if np.gcd(a, n) == 1] or [1]
+        layout = cascade.PassLayout(
+            "affine",
+            data.draw(st.integers(1, n)),
+            data.draw(st.sampled_from(multipliers)),
+            int(rng.integers(n)),
+        )
+    else:
+        layout = cascade.PassLayout("halves", seed=rng.bytes(16))
+    shared = cascade._Pass(layout, n)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    flips = rng.choice(n, data.draw(st.integers(0, n)), replace=False).astype(np.int64)
+    blocks_from = data.draw(st.integers(0, flips.size))
+    ranges_from = data.draw(st.integers(0, flips.size))
+    bits[flips[:ranges_from]] ^= 1  # what the parities were built on
+    parities = shared.range_parity(bits)
+    odd = rng.integers(0, 2, shared.block_count).astype(bool)
+    touched = rng.integers(0, 2, shared.block_count).astype(bool) if keep_touched else cascade._NO_FLAGS
+    expected_odd, expected_touched = odd.copy(), touched.copy()
+    _sync_reference(shared, flips, expected_odd, expected_touched, blocks_from)
+    ranges = parities.ranges
+    words = ranges.words if built else cascade._NO_WORDS
+    pending = kernels.sync_pass(
+        flips,
+        shared.geometry,
+        cascade._NO_BITS if shared.packed_mask is None else shared.packed_mask,
+        odd,
+        touched,
+        blocks_from,
+        words,
+        ranges.before,
+        ranges.pending_room,
+        ranges.pending.size,
+        ranges_from,
+        cascade.RangeParity.PENDING_FLIPS,
+    )
+    assert odd.tolist() == expected_odd.tolist()
+    assert touched.tolist() == expected_touched.tolist()
+    if built:
+        ranges.pending = ranges.pending_room[:pending]
+        bits[flips[ranges_from:]] ^= 1
+        fresh = shared.range_parity(bits)
+        ends = np.arange(n + 1, dtype=np.int64)
+        starts = np.zeros_like(ends)
+        assert parities.parity(starts, ends).tolist() == fresh.parity(starts, ends).tolist()
+
+
+@given(st.integers(1, 200), st.integers(0, 2**32 - 1), st.booleans())
+def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: bool) -> None:
+    rng = np.random.default_rng(seed)
+    width = 8
+    odd = rng.integers(0, 2, blocks).astype(bool)
+    searching = rng.integers(0, 2, blocks).astype(bool)
+    searched = (searching | rng.integers(0, 2, blocks).astype(bool)) if reuse else cascade._NO_FLAGS.copy()
+    block_starts = np.arange(blocks, dtype=np.int64) * 3
+    block_ends = block_starts + 3
+    alice_top = rng.integers(0, 2, blocks, dtype=np.uint8)
+    under_way = int(searching.sum())
+    s = {field: rng.integers(0, 100, under_way).astype(np.int64) for field in _FIELDS}
+    s["node_parity"] = s["node_parity"].astype(np.uint8) & 1
+    # the numpy code the kernel replaced (``_BobPass.start_searches``)
+    new = np.flatnonzero(odd & ~searching)
+    roots = new * width
+    expected = {
+        "blocks": np.concatenate([s["blocks"], new]),
+        "starts": np.concatenate([s["starts"], block_starts[new]]),
+        "ends": np.concatenate([s["ends"], block_ends[new]]),
+        "node": np.concatenate([s["node"], roots]),
+        "offset": np.concatenate([s["offset"], 1 - roots]),
+        "node_parity": np.concatenate([s["node_parity"], alice_top[new]]),
+    }
+    expected_revisiting = reuse and bool(searched[new].any())
+    expected_searching = searching.copy()
+    expected_searching[new] = True
+    expected_searched = searched.copy()
+    if reuse:
+        expected_searched[new] = True
+    got = kernels.start_searches(
+        odd,
+        searching,
+        searched,
+        block_starts,
+        block_ends,
+        alice_top,
+        width,
+        *(s[field] for field in ("blocks", "starts", "ends", "node", "offset", "node_parity")),
+    )
+    for field, actual in zip(
+        ("blocks", "starts", "ends", "node", "offset", "node_parity"), got[:6], strict=True
+    ):
+        assert actual.tolist() == expected[field].tolist(), field
+        assert actual.dtype == expected[field].dtype, field
+    assert got[6] == expected_revisiting
+    assert searching.tolist() == expected_searching.tolist()
+    assert searched.tolist() == expected_searched.tolist()
