@@ -399,11 +399,11 @@ def sync_pass(
     pending_count: int,
     ranges_from: int,
     limit: int,
-) -> int:
+) -> tuple[int, int]:
     """Bring one pass up to date with Bob's flips (key indices, in order): toggle ``odd`` and set
     ``touched`` (empty: not kept) for the block of each of ``flips[blocks_from:]``, and toggle the
     range-parity string's bit of each of ``flips[ranges_from:]`` (``words`` empty: not built) as
-    :func:`flip_positions` does. Returns the new pending count."""
+    :func:`flip_positions` does. Returns the new pending count and the change in odd blocks."""
     halves = geometry[0] != 0
     multiplier, offset, n, block_size, half, two_blocks = (
         geometry[1],
@@ -416,6 +416,7 @@ def sync_pass(
     first = min(blocks_from, ranges_from)
     slots = np.empty(flips.size - first, dtype=np.int64)
     keep_touched = touched.size > 0
+    odd_change = 0
     for i in range(first, flips.size):
         index = flips[i]
         if halves:
@@ -427,16 +428,20 @@ def sync_pass(
             block = slot // block_size
         slots[i - first] = slot
         if i >= blocks_from:
+            odd_change += -1 if odd[block] else 1
             odd[block] = not odd[block]
             if keep_touched:
                 touched[block] = True
     if words.size == 0 or ranges_from >= flips.size:
-        return pending_count
-    return flip_positions(words, before, pending, pending_count, slots[ranges_from - first :], limit)
+        return pending_count, odd_change
+    pending_count = flip_positions(words, before, pending, pending_count, slots[ranges_from - first :], limit)
+    return pending_count, odd_change
 
 
 @njit(cache=True)
 def start_searches(
+    odd_words: Words,
+    searching_words: Words,
     odd: npt.NDArray[np.bool_],
     searching: npt.NDArray[np.bool_],
     searched: npt.NDArray[np.bool_],
@@ -453,11 +458,16 @@ def start_searches(
 ) -> tuple[Int64s, Int64s, Int64s, Int64s, Int64s, Bits, bool]:
     """Start a search at the root of every odd block that has none: the searches under way (the
     arrays of ``prune_searches``) with one entry appended per new search, in block order, and whether a
-    new search's block was searched before (``searched`` marks them; empty: parities are not reused)."""
+    new search's block was searched before (``searched`` marks them; empty: parities are not reused).
+
+    ``odd_words`` and ``searching_words`` are the flags' bytes 8 at a time (the flags padded with False
+    to whole words), so a scan skips 8 blocks with no new search at once."""
     new = 0
-    for block in range(odd.size):
-        if odd[block] and not searching[block]:
-            new += 1
+    for word in range(odd_words.size):
+        fresh = odd_words[word] & ~searching_words[word]
+        if fresh:
+            # one flag per byte, each 0 or 1: their sum in the top byte
+            new += int((fresh * np.uint64(0x0101010101010101)) >> np.uint64(56))
     if new == 0:
         return blocks, starts, ends, node, offset, node_parity, False
     count = blocks.size
@@ -477,8 +487,12 @@ def start_searches(
     revisiting = False
     reuse = searched.size > 0
     i = count
-    for block in range(odd.size):
-        if odd[block] and not searching[block]:
+    for word in range(odd_words.size):
+        if not odd_words[word] & ~searching_words[word]:
+            continue
+        for block in range(word << 3, min((word + 1) << 3, odd.size)):
+            if not odd[block] or searching[block]:
+                continue
             searching[block] = True
             if reuse:
                 revisiting |= searched[block]
@@ -492,3 +506,53 @@ def start_searches(
             parity_out[i] = alice_top[block]
             i += 1
     return blocks_out, starts_out, ends_out, node_out, offset_out, parity_out, revisiting
+
+
+@njit(cache=True)
+def flip_found(
+    positions: Int64s,
+    alice: Bits,
+    geometry: Int64s,
+    packed: Bits,
+    byte_before: Int64s,
+    select8: Int64s,
+    key: Bits,
+    original: Bits,
+    flips: Int64s,
+    count: int,
+) -> int:
+    """Correct the errors Bob's searches found at pass-order ``positions`` of one pass (distinct),
+    where Alice's bits are ``alice``: flip the key bits there and append their key indices to
+    ``flips[count:]`` (room for all). A halves pass maps positions through its select (``packed``,
+    ``byte_before``, as in :func:`selected_range_parities`); an affine pass by ``geometry[7]``, the
+    multiplier's inverse.
+
+    Returns 0, or changes nothing and returns 1 if Alice's bit equals Bob's at some position (her
+    answers contradict each other) or 2 if some bit was flipped before (an honest Alice makes Bob flip
+    each error once)."""
+    halves = geometry[0] != 0
+    offset, n, half, inverse = geometry[2], geometry[3], geometry[5], geometry[7]
+    indices = flips[count : count + positions.size]
+    for i in range(positions.size):
+        position = positions[i]
+        if halves:
+            lo, hi = 0, byte_before.size
+            while lo < hi:
+                middle = (lo + hi) >> 1
+                if byte_before[middle] <= position:
+                    lo = middle + 1
+                else:
+                    hi = middle
+            slot = ((lo - 1) << 3) + select8[packed[lo - 1], position - byte_before[lo - 1]]
+            indices[i] = slot - half if slot >= half else slot
+        else:
+            indices[i] = (position - offset) % n * inverse % n
+    for i in range(positions.size):
+        if key[indices[i]] == alice[i]:
+            return 1
+    for i in range(positions.size):
+        if key[indices[i]] != original[indices[i]]:
+            return 2
+    for i in range(positions.size):
+        key[indices[i]] ^= 1
+    return 0

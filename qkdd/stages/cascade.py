@@ -357,6 +357,7 @@ class _Pass:
                 max(layout.block_size, 1),
                 self.half,
                 self.block_count == 2,
+                pow(layout.multiplier, -1, n) if layout.kind == "affine" and n > 1 else 0,
             ],
             dtype=np.int64,
         )
@@ -724,11 +725,14 @@ class _BobPass:
         self.layout = layout
         self.alice_top = alice_top
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
-        self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
+        self.odd, self._odd_words = _flags(layout.block_count)
+        self.odd_blocks = 0  # how many
+        # no odd block without a search: nothing changed ``odd`` and no search ended since the last start
+        self.fresh = False
         # ``parallel``: the blocks that flips landed in since the searches were last checked against them
         self.touched = np.zeros(layout.block_count, dtype=bool) if parallel else _NO_FLAGS
         self.synced = flips  # entries of the flip log applied to ``odd`` and ``touched`` (CascadeBob._sync)
-        self.searching = np.zeros(layout.block_count, dtype=bool)
+        self.searching, self._searching_words = _flags(layout.block_count)
         self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
@@ -745,8 +749,15 @@ class _BobPass:
         self.offset: Int64s = np.zeros(0, dtype=np.int64)
         self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
 
+    def set_odd(self, odd: npt.NDArray[np.bool_]) -> None:
+        self.odd[:] = odd
+        self.odd_blocks = int(np.count_nonzero(odd))
+        self.fresh = False
+
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
+        if self.fresh:
+            return
         (
             self.blocks,
             self.starts,
@@ -756,6 +767,8 @@ class _BobPass:
             self.node_parity,
             revisiting,
         ) = _kernels.start_searches(
+            self._odd_words,
+            self._searching_words,
             self.odd,
             self.searching,
             self.searched,
@@ -771,6 +784,13 @@ class _BobPass:
             self.node_parity,
         )
         self.revisiting = self.revisiting or revisiting
+        self.fresh = True
+
+
+def _flags(count: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    """``count`` flags, all False, and the same memory as words of 8 (padded with False)."""
+    padded = np.zeros(-(-count // 8) * 8, dtype=bool)
+    return padded[:count], padded.view(np.uint64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -814,6 +834,7 @@ class CascadeBob:
         self._rng = np.random.default_rng(np.frombuffer(source.bytes(16), dtype=np.uint32))
         self._layouts: list[PassLayout] = []  # every pass asked for, started or still in flight
         self._passes: list[_BobPass] = []
+        self._by_size: list[_BobPass] = []  # the passes, smallest blocks first (stable)
         # every bit Bob flipped, in order: ``_flips[:_flip_count]``
         self._flips: Int64s = np.zeros(1024, dtype=np.int64)
         self._flip_count = 0
@@ -975,10 +996,11 @@ class CascadeBob:
                 starts, ends = cascade_pass.block_starts, cascade_pass.block_ends
                 if cascade_pass.layout.kind == "affine":
                     # from the range parities of Bob's bits (needed for the searches anyway)
-                    state.odd = alice_top != self._bob_parity(state, starts, ends)
+                    state.set_odd(alice_top != self._bob_parity(state, starts, ends))
                 else:
-                    state.odd = alice_top != cascade_pass.halves_parities(self._packed_key())
+                    state.set_odd(alice_top != cascade_pass.halves_parities(self._packed_key()))
                 self._passes.append(state)
+                self._by_size = sorted(self._passes, key=_block_size)
                 if cascade_pass.layout.kind == "halves":
                     clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
                 if schedule.tail_blocks is not None and len(self._passes) < len(schedule.block_sizes):
@@ -1099,13 +1121,9 @@ class CascadeBob:
             )
             state.node, state.offset = state.node[:count], state.offset[:count]
             state.node_parity = state.node_parity[:count]
+            state.fresh = False  # an ended search may leave its block odd
         if positions.size:
-            # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict
-            # each other
-            found = state.layout.index_at(positions)
-            if (self.key[found] == alice).any():
-                raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
-            self._apply_flips(found)
+            self._flip_found(state, positions, alice, packed, byte_before)
         if count == 0:
             state.revisiting = False
             return None
@@ -1118,7 +1136,7 @@ class CascadeBob:
             active = [state for state in active if state.blocks.size]
             if active:
                 return active
-            odd = [state for state in self._passes if self._sync_odd(state).any()]
+            odd = [state for state in self._passes if self._odd_blocks(state)]
             if not odd:
                 return []
             first = min(odd, key=_block_size)
@@ -1128,8 +1146,8 @@ class CascadeBob:
             return active  # no flip and no search ended since the last look: no block turned odd
         self._waved = self._flip_count
         smaller = 0  # odd blocks in the passes of smaller blocks
-        for state in sorted(self._passes, key=_block_size):
-            odd_blocks = int(np.count_nonzero(self._sync_odd(state)))
+        for state in self._by_size:
+            odd_blocks = self._odd_blocks(state)
             if odd_blocks and smaller <= tail:
                 state.start_searches()
             smaller += odd_blocks
@@ -1171,19 +1189,34 @@ class CascadeBob:
         multiplier = 1 if best is None else best[1]
         return PassLayout("affine", block_size, multiplier, int(self._rng.integers(0, n)))
 
-    def _apply_flips(self, indices: Int64s) -> None:
-        if indices.size == 0:
-            return
-        # an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or more flips
-        # than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
-        if (self.key[indices] != self.original[indices]).any():
-            raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
-        self.key[indices] ^= 1
-        self.corrected_bits += int(indices.size)
-        end = self._flip_count + indices.size
+    def _flip_found(
+        self, state: _BobPass, positions: Int64s, alice: Bits, packed: Bits, byte_before: Int64s
+    ) -> None:
+        """Correct the errors found at pass-order ``positions`` of ``state``, where Alice's bits are
+        ``alice``, and log the flips."""
+        end = self._flip_count + positions.size
         if end > self._flips.size:
             self._flips = np.concatenate([self._flips, np.zeros(max(end, self._flips.size), dtype=np.int64)])
-        self._flips[self._flip_count : end] = indices
+        outcome = _kernels.flip_found(
+            positions,
+            alice,
+            state.layout.geometry,
+            packed,
+            byte_before,
+            _SELECT8,
+            self.key,
+            self.original,
+            self._flips,
+            self._flip_count,
+        )
+        # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict each
+        # other; and an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or
+        # more flips than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
+        if outcome == 1:
+            raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
+        if outcome == 2:
+            raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
+        self.corrected_bits += int(positions.size)
         self._flip_count = end
 
     def _packed_key(self) -> Bits:
@@ -1204,7 +1237,7 @@ class CascadeBob:
         layout = state.layout
         mask = _NO_BITS if layout.packed_mask is None else layout.packed_mask
         if current is None:
-            _kernels.sync_pass(
+            _, odd_change = _kernels.sync_pass(
                 self._flips[:count],
                 layout.geometry,
                 mask,
@@ -1220,7 +1253,7 @@ class CascadeBob:
             )
         else:
             ranges = current.ranges
-            pending = _kernels.sync_pass(
+            pending, odd_change = _kernels.sync_pass(
                 self._flips[:count],
                 layout.geometry,
                 mask,
@@ -1235,12 +1268,15 @@ class CascadeBob:
                 RangeParity.PENDING_FLIPS,
             )
             ranges.pending = ranges.pending_room[:pending]
+        if state.synced < count:
+            state.odd_blocks += odd_change
+            state.fresh = False
         state.synced = state.flips_seen = count
 
-    def _sync_odd(self, state: _BobPass) -> npt.NDArray[np.bool_]:
-        """``state.odd`` with every flip so far applied."""
+    def _odd_blocks(self, state: _BobPass) -> int:
+        """The number of odd blocks of ``state``, every flip so far applied."""
         self._sync(state)
-        return state.odd
+        return state.odd_blocks
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
         """Bob's current parity of pass-order ranges."""

@@ -323,7 +323,7 @@ def test_warm_up_leaves_nothing_to_compile(variant: str) -> None:
     cascade.warm_up()
     dispatchers = [kernels.range_parities, kernels.selected_range_parities, kernels.strided_gather]
     dispatchers += [kernels.prune_searches, kernels.descend, kernels.start_searches]
-    dispatchers += [kernels.sync_pass, kernels.flip_positions]
+    dispatchers += [kernels.sync_pass, kernels.flip_positions, kernels.flip_found]
     signatures = [len(each.signatures) for each in dispatchers]
     rng = np.random.default_rng(3)
     n = cascade.STRIDED_FRAME_BITS + 1
@@ -399,11 +399,11 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
     parities = shared.range_parity(bits)
     odd = rng.integers(0, 2, shared.block_count).astype(bool)
     touched = rng.integers(0, 2, shared.block_count).astype(bool) if keep_touched else cascade._NO_FLAGS
-    expected_odd, expected_touched = odd.copy(), touched.copy()
+    expected_odd, expected_touched, before_odd = odd.copy(), touched.copy(), odd.copy()
     _sync_reference(shared, flips, expected_odd, expected_touched, blocks_from)
     ranges = parities.ranges
     words = ranges.words if built else cascade._NO_WORDS
-    pending = kernels.sync_pass(
+    pending, odd_change = kernels.sync_pass(
         flips,
         shared.geometry,
         cascade._NO_BITS if shared.packed_mask is None else shared.packed_mask,
@@ -418,6 +418,7 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
         cascade.RangeParity.PENDING_FLIPS,
     )
     assert odd.tolist() == expected_odd.tolist()
+    assert odd_change == int(expected_odd.sum()) - int(before_odd.sum())
     assert touched.tolist() == expected_touched.tolist()
     if built:
         ranges.pending = ranges.pending_room[:pending]
@@ -432,8 +433,10 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
 def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: bool) -> None:
     rng = np.random.default_rng(seed)
     width = 8
-    odd = rng.integers(0, 2, blocks).astype(bool)
-    searching = rng.integers(0, 2, blocks).astype(bool)
+    odd, odd_words = cascade._flags(blocks)
+    odd[:] = rng.integers(0, 2, blocks)
+    searching, searching_words = cascade._flags(blocks)
+    searching[:] = rng.integers(0, 2, blocks)
     searched = (searching | rng.integers(0, 2, blocks).astype(bool)) if reuse else cascade._NO_FLAGS.copy()
     block_starts = np.arange(blocks, dtype=np.int64) * 3
     block_ends = block_starts + 3
@@ -459,6 +462,8 @@ def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: b
     if reuse:
         expected_searched[new] = True
     got = kernels.start_searches(
+        odd_words,
+        searching_words,
         odd,
         searching,
         searched,
@@ -476,3 +481,43 @@ def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: b
     assert got[6] == expected_revisiting
     assert searching.tolist() == expected_searching.tolist()
     assert searched.tolist() == expected_searched.tolist()
+
+
+@given(st.integers(1, 300), _KINDS, st.integers(0, 2**32 - 1), st.data())
+def test_flip_found_matches_index_at_and_the_checks(
+    n: int, kind: str, seed: int, data: st.DataObject
+) -> None:
+    """Key indices by the pass's inverse map, Bob's bits flipped and logged after the current flips;
+    or, when Alice's bit equals Bob's (1) or a bit was flipped before (2), nothing changed."""
+    rng = np.random.default_rng(seed)
+    if kind == "affine":
+        multipliers = [a for a in range(1, max(n, 2)) if np.gcd(a, n) == 1] or [1]
+        layout = cascade.PassLayout(
+            "affine", 1, data.draw(st.sampled_from(multipliers)), int(rng.integers(n))
+        )
+    else:
+        layout = cascade.PassLayout("halves", seed=rng.bytes(16))
+    shared = cascade._Pass(layout, n)
+    _, packed, byte_before, select8 = _kernel_ranges(shared.range_parity(np.zeros(n, np.uint8)))[2:]
+    positions = rng.choice(n, data.draw(st.integers(0, n)), replace=False).astype(np.int64)
+    original = rng.integers(0, 2, n, dtype=np.uint8)
+    key = original.copy()
+    key[rng.choice(n, data.draw(st.integers(0, n)), replace=False)] ^= 1
+    indices = shared.index_at(positions)
+    alice = key[indices] ^ 1  # honest: Alice's bit differs from Bob's at every error
+    if data.draw(st.booleans()) and positions.size:
+        alice[rng.integers(positions.size)] ^= 1
+    expected = 1 if (key[indices] == alice).any() else 2 if (key[indices] != original[indices]).any() else 0
+    count = data.draw(st.integers(0, 5))
+    flips = np.full(count + positions.size + 3, -1, dtype=np.int64)
+    before = key.copy()
+    got = kernels.flip_found(
+        positions, alice, shared.geometry, packed, byte_before, select8, key, original, flips, count
+    )
+    assert got == expected
+    if expected:
+        assert key.tolist() == before.tolist()
+        return
+    assert flips[count : count + positions.size].tolist() == indices.tolist()
+    before[indices] ^= 1
+    assert key.tolist() == before.tolist()
