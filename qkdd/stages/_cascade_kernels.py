@@ -449,44 +449,23 @@ def start_searches(
     block_ends: Int64s,
     alice_top: Bits,
     width: int,
+    count: int,
     blocks: Int64s,
     starts: Int64s,
     ends: Int64s,
     node: Int64s,
     offset: Int64s,
     node_parity: Bits,
-) -> tuple[Int64s, Int64s, Int64s, Int64s, Int64s, Bits, bool]:
-    """Start a search at the root of every odd block that has none: the searches under way (the
-    arrays of ``prune_searches``) with one entry appended per new search, in block order, and whether a
-    new search's block was searched before (``searched`` marks them; empty: parities are not reused).
+) -> tuple[int, bool]:
+    """Start a search at the root of every odd block that has none: append one entry per new search,
+    in block order, to the ``count`` searches under way (the arrays of ``prune_searches``, each with
+    room for one search per block). Returns the new count, and whether a new search's block was
+    searched before (``searched`` marks them; empty: parities are not reused).
 
     ``odd_words`` and ``searching_words`` are the flags' bytes 8 at a time (the flags padded with False
     to whole words), so a scan skips 8 blocks with no new search at once."""
-    new = 0
-    for word in range(odd_words.size):
-        fresh = odd_words[word] & ~searching_words[word]
-        if fresh:
-            # one flag per byte, each 0 or 1: their sum in the top byte
-            new += int((fresh * np.uint64(0x0101010101010101)) >> np.uint64(56))
-    if new == 0:
-        return blocks, starts, ends, node, offset, node_parity, False
-    count = blocks.size
-    total = count + new
-    blocks_out = np.empty(total, dtype=np.int64)
-    starts_out = np.empty(total, dtype=np.int64)
-    ends_out = np.empty(total, dtype=np.int64)
-    node_out = np.empty(total, dtype=np.int64)
-    offset_out = np.empty(total, dtype=np.int64)
-    parity_out = np.empty(total, dtype=np.uint8)
-    blocks_out[:count] = blocks
-    starts_out[:count] = starts
-    ends_out[:count] = ends
-    node_out[:count] = node
-    offset_out[:count] = offset
-    parity_out[:count] = node_parity
     revisiting = False
     reuse = searched.size > 0
-    i = count
     for word in range(odd_words.size):
         if not odd_words[word] & ~searching_words[word]:
             continue
@@ -498,14 +477,14 @@ def start_searches(
                 revisiting |= searched[block]
                 searched[block] = True
             root = block * width
-            blocks_out[i] = block
-            starts_out[i] = block_starts[block]
-            ends_out[i] = block_ends[block]
-            node_out[i] = root
-            offset_out[i] = 1 - root
-            parity_out[i] = alice_top[block]
-            i += 1
-    return blocks_out, starts_out, ends_out, node_out, offset_out, parity_out, revisiting
+            blocks[count] = block
+            starts[count] = block_starts[block]
+            ends[count] = block_ends[block]
+            node[count] = root
+            offset[count] = 1 - root
+            node_parity[count] = alice_top[block]
+            count += 1
+    return count, revisiting
 
 
 @njit(cache=True)

@@ -741,13 +741,29 @@ class _BobPass:
         self.known: Bits | None = np.full(0, 2, dtype=np.uint8) if reuse else None
         self.searched = np.zeros(layout.block_count if reuse else 0, dtype=bool)
         self.revisiting = False
-        # searches under way: block, current node [start, end), its slot, Alice's node parity
-        self.blocks: Int64s = np.zeros(0, dtype=np.int64)
-        self.starts: Int64s = np.zeros(0, dtype=np.int64)
-        self.ends: Int64s = np.zeros(0, dtype=np.int64)
-        self.node: Int64s = np.zeros(0, dtype=np.int64)
-        self.offset: Int64s = np.zeros(0, dtype=np.int64)
-        self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
+        # searches under way: block, current node [start, end), its slot, Alice's node parity; each a
+        # prefix of room for one search per block, where they start and move in place
+        count = layout.block_count
+        self._room = (
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.uint8),
+        )
+        self.blocks: Int64s = self._room[0][:0]
+        self.starts: Int64s = self._room[1][:0]
+        self.ends: Int64s = self._room[2][:0]
+        self.node: Int64s = self._room[3][:0]
+        self.offset: Int64s = self._room[4][:0]
+        self.node_parity: Bits = self._room[5][:0]
+
+    def keep_searches(self, count: int) -> None:
+        """Keep the first ``count`` searches under way."""
+        blocks, starts, ends, node, offset, node_parity = self._room
+        self.blocks, self.starts, self.ends = blocks[:count], starts[:count], ends[:count]
+        self.node, self.offset, self.node_parity = node[:count], offset[:count], node_parity[:count]
 
     def set_odd(self, odd: npt.NDArray[np.bool_]) -> None:
         self.odd[:] = odd
@@ -758,15 +774,7 @@ class _BobPass:
         """Start a search at the root of every odd block that has none."""
         if self.fresh:
             return
-        (
-            self.blocks,
-            self.starts,
-            self.ends,
-            self.node,
-            self.offset,
-            self.node_parity,
-            revisiting,
-        ) = _kernels.start_searches(
+        count, revisiting = _kernels.start_searches(
             self._odd_words,
             self._searching_words,
             self.odd,
@@ -776,13 +784,11 @@ class _BobPass:
             self.layout.block_ends,
             self.alice_top,
             self.width,
-            self.blocks,
-            self.starts,
-            self.ends,
-            self.node,
-            self.offset,
-            self.node_parity,
+            self.blocks.size,
+            *self._room,
         )
+        if count != self.blocks.size:
+            self.keep_searches(count)
         self.revisiting = self.revisiting or revisiting
         self.fresh = True
 
@@ -1114,13 +1120,7 @@ class CascadeBob:
             state.revisiting,
         )
         if count < state.blocks.size:
-            state.blocks, state.starts, state.ends = (
-                state.blocks[:count],
-                state.starts[:count],
-                state.ends[:count],
-            )
-            state.node, state.offset = state.node[:count], state.offset[:count]
-            state.node_parity = state.node_parity[:count]
+            state.keep_searches(count)
             state.fresh = False  # an ended search may leave its block odd
         if positions.size:
             self._flip_found(state, positions, alice, packed, byte_before)
