@@ -110,33 +110,44 @@ def selected_range_parities(
 
 
 @njit(cache=True)
-def strided_gather(bits: Bits, step: int, offset: int) -> Bits:
-    """``bits`` (one bit per byte) in the order of an affine pass, packed MSB-first: pass position t holds
-    key index ``(t - offset) · step mod n``, ``step`` the inverse of the pass's multiplier. One walk
-    adding ``step`` modulo n, straight into packed bytes; with the small steps Bob picks on large
-    frames the reads stride through ``bits`` and the prefetcher keeps up."""
+def strided_gather(bits: Bits, step: int, offset: int) -> tuple[Words, Bits]:
+    """``bits`` (one bit per byte) in the order of an affine pass, as range parities take them: pass
+    position t holds key index ``(t - offset) · step mod n``, ``step`` the inverse of the pass's
+    multiplier. Returns the packed words (n // 64 + 1 of them, zero padded) and ``before``. One walk
+    adding ``step`` modulo n, straight into words; with the small steps Bob picks on large frames the
+    reads stride through ``bits`` and the prefetcher keeps up."""
     n = bits.size
-    out = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    count = (n >> 6) + 1
+    words = np.zeros(count, dtype=np.uint64)
+    before = np.zeros(count, dtype=np.uint8)
     index = (n - offset) % n * step % n
-    full = n >> 3
-    for byte in range(full):
+    parity = 0
+    full = n >> 6
+    for word in range(full):
         value = 0
-        for _ in range(8):
+        for _ in range(64):
             value = (value << 1) | bits[index]
             index += step
             if index >= n:
                 index -= n
-        out[byte] = value
-    tail = n & 7
-    if tail:
+        packed = np.uint64(value)
+        words[word] = packed
+        packed ^= packed >> np.uint64(32)
+        packed ^= packed >> np.uint64(16)
+        packed ^= packed >> np.uint64(8)
+        packed ^= packed >> np.uint64(4)
+        parity ^= int((0x6996 >> np.int64(packed & np.uint64(15))) & 1)
+        before[word + 1] = parity
+    used = n - (full << 6)
+    if used:
         value = 0
-        for _ in range(tail):
+        for _ in range(used):
             value = (value << 1) | bits[index]
             index += step
             if index >= n:
                 index -= n
-        out[full] = value << (8 - tail)
-    return out
+        words[full] = np.uint64(value) << np.uint64(64 - used)
+    return words, before
 
 
 # --------------------------------------------------------------------------- Bob's searches

@@ -253,6 +253,16 @@ class RangeParity:
         self.pending: Int64s = self.pending_room[:0]  # always a prefix of ``pending_room``
         self._count(0)
 
+    @classmethod
+    def from_words(cls, words: npt.NDArray[np.uint64], before: Bits) -> RangeParity:
+        """The range parities of a string already in ``words`` (n // 64 + 1 of them) with ``before``
+        counted."""
+        ranges = cls.__new__(cls)
+        ranges.words, ranges.before = words, before
+        ranges.pending_room = np.zeros(cls.PENDING_FLIPS + 1, dtype=np.int64)
+        ranges.pending = ranges.pending_room[:0]
+        return ranges
+
     def _count(self, first: int) -> None:
         """Recompute ``before`` after the words from ``first`` on changed."""
         tail = self.before[first + 1 :]
@@ -414,9 +424,7 @@ class _Pass:
     def range_parity(self, bits: Bits, packed: Bits | None = None) -> PassParity:
         """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in this pass's order."""
         if self.layout.kind == "affine":
-            return PassParity(
-                self, RangeParity(_affine_gather(bits, self.layout.multiplier, self.layout.offset), self.n)
-            )
+            return PassParity(self, _affine_ranges(bits, self.layout.multiplier, self.layout.offset))
         slot_mask, select = self._slots()
         doubled = np.zeros(slot_mask.size, dtype=np.uint8)
         source = np.packbits(bits) if packed is None else packed
@@ -474,11 +482,19 @@ _GATHER_ROWS = 64
 """Rows of 1024 positions gathered at a time by :func:`_affine_gather` (its buffers stay in cache)."""
 
 
+def _affine_ranges(bits: Bits, multiplier: int, offset: int) -> RangeParity:
+    """Range parities of ``bits`` in the order of the affine pass (a, b). With a small step
+    ``c = a^-1 mod n`` (the layouts Bob picks for large frames), by one strided walk straight into
+    words (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by :func:`_affine_gather`."""
+    n = bits.size
+    if n > 1 and (inverse := pow(multiplier, -1, n)) <= MAX_STRIDED_STEP:
+        return RangeParity.from_words(*_kernels.strided_gather(bits, inverse, offset))
+    return RangeParity(_affine_gather(bits, multiplier, offset), n)
+
+
 def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
-    ``(t - b) · a^-1 mod n``. With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large
-    frames), by one strided walk (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by
-    table lookups.
+    ``(t - b) · a^-1 mod n``, by table lookups.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
     and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
@@ -489,8 +505,6 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     if n == 1:
         return np.packbits(bits)
     inverse = pow(multiplier, -1, n)
-    if inverse <= MAX_STRIDED_STEP:
-        return _kernels.strided_gather(bits, inverse, offset)
     rows = (n + 1023) >> 10
     twice = np.concatenate([bits, bits])
     low = np.arange(1024, dtype=np.int64) * inverse % n

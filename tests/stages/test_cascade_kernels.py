@@ -97,7 +97,16 @@ def test_selected_range_parities_match_the_halves_order(
 def test_strided_gather_small_frames(n: int, step: int, offset: int) -> None:
     bits = np.random.default_rng(n).integers(0, 2, n, dtype=np.uint8)
     order = (np.arange(n) - offset) % n * step % n
-    assert np.array_equal(kernels.strided_gather(bits, step, offset), np.packbits(bits[order]))
+    _assert_range_parity_of(kernels.strided_gather(bits, step, offset), bits[order])
+
+
+def _assert_range_parity_of(gathered: tuple[np.ndarray, np.ndarray], in_order: np.ndarray) -> None:
+    """The words and ``before`` of :class:`cascade.RangeParity` of ``in_order``."""
+    expected = cascade.RangeParity(np.packbits(in_order), in_order.size)
+    words, before = gathered
+    assert words.dtype == np.uint64 and before.dtype == np.uint8
+    assert words.tolist() == expected.words.tolist()
+    assert before.tolist() == expected.before.tolist()
 
 
 @given(st.integers(2, 5000), st.integers(1, cascade.MAX_STRIDED_STEP), st.integers(0, 2**32 - 1))
@@ -107,7 +116,7 @@ def test_strided_gather_matches_the_definition(n: int, step: int, seed: int) -> 
     bits = rng.integers(0, 2, n, dtype=np.uint8)
     offset = int(rng.integers(0, n))
     order = (np.arange(n) - offset) % n * step % n
-    assert np.array_equal(kernels.strided_gather(bits, step, offset), np.packbits(bits[order]))
+    _assert_range_parity_of(kernels.strided_gather(bits, step, offset), bits[order])
 
 
 # --------------------------------------------------------------------------- Bob's searches
