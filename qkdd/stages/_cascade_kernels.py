@@ -546,3 +546,32 @@ def flip_found(
     for i in range(positions.size):
         key[indices[i]] ^= 1
     return 0
+
+
+# --------------------------------------------------------------------------- Alice's answers
+
+
+@njit(cache=True)
+def check_ranges(
+    passes: Bits, starts: Positions, ends: Positions, n: int, pass_count: int
+) -> tuple[int, Int64s]:
+    """Check a range request (arrays of equal length): 1 if it names a pass not started, else 2 if a
+    range breaks ``start < end <= n``, else 0 and the indices where it turns from one pass's ranges to
+    another's."""
+    for i in range(passes.size):
+        if passes[i] >= pass_count:
+            return 1, np.zeros(0, dtype=np.int64)
+    for i in range(starts.size):
+        if starts[i] >= ends[i] or ends[i] > n:
+            return 2, np.zeros(0, dtype=np.int64)
+    changes = 0
+    for i in range(1, passes.size):
+        if passes[i] != passes[i - 1]:
+            changes += 1
+    cuts = np.empty(changes, dtype=np.int64)
+    changes = 0
+    for i in range(1, passes.size):
+        if passes[i] != passes[i - 1]:
+            cuts[changes] = i
+            changes += 1
+    return 0, cuts

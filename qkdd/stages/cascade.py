@@ -579,14 +579,13 @@ class CascadeAlice:
                     parities = cascade_pass.halves_parities(self._packed)
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
-                pass_ids, starts_, ends_, single = _check_ranges(
+                pass_ids, starts_, ends_, cuts = _check_ranges(
                     passes, starts, ends, self.n, len(self._passes)
                 )
-                if single:
+                if cuts.size == 0:
                     return self._reply(self._pass_parity(int(pass_ids[0])).parity(starts_, ends_))
                 parities = np.empty(pass_ids.size, dtype=np.uint8)
                 # Bob asks pass by pass, so a request is a few runs of one pass each; slices, not masks
-                cuts = np.flatnonzero(pass_ids[1:] != pass_ids[:-1]) + 1
                 if cuts.size < MAX_PASSES:
                     bounds = [0, *cuts.tolist(), int(pass_ids.size)]
                     for lo, hi in itertools.pairwise(bounds):
@@ -624,10 +623,9 @@ class CascadeAlice:
 
 def _check_ranges(
     passes: object, starts: object, ends: object, n: int, pass_count: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], bool]:
-    """A range request's arrays, checked, and whether they all name one pass. (Reductions are called
-    as ufunc methods: ``ndarray.max()`` and friends add Python frames that cost more than the work on
-    the small arrays of a search's later levels.)"""
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], Int64s]:
+    """A range request's arrays, checked, and the indices where it turns from one pass's ranges to
+    another's (none: one pass)."""
     p, s, e = np.asarray(passes), np.asarray(starts), np.asarray(ends)
     if (
         p.ndim != 1
@@ -640,12 +638,12 @@ def _check_ranges(
         raise RemoteProtocolError("cascade: a range request is a uint8 and two uint32 arrays of equal length")
     if s.size == 0 or s.size > MAX_RANGES_PER_REQUEST:
         raise RemoteProtocolError(f"cascade: a range request holds 1..{MAX_RANGES_PER_REQUEST} ranges")
-    last = int(np.maximum.reduce(p))
-    if last >= pass_count:
+    outcome, cuts = _kernels.check_ranges(p, s, e, n, pass_count)
+    if outcome == 1:
         raise RemoteProtocolError("cascade: range request names a pass that was not started")
-    if np.logical_or.reduce(s >= e) or np.maximum.reduce(e) > n:
+    if outcome == 2:
         raise RemoteProtocolError("cascade: every range must satisfy start < end <= frame length")
-    return p, s, e, int(np.minimum.reduce(p)) == last
+    return p, s, e, cuts
 
 
 # --------------------------------------------------------------------------- Bob
@@ -1322,7 +1320,8 @@ def warm_up() -> None:
     """Import numba and load every Cascade kernel (compiling it on the first run after an install), so
     that the first reconciliation runs at full speed: without it the first frame pays a few tenths of a
     second (kernels cached) or several seconds (not cached). Reconciles a small frame with
-    errors in every kind of pass, then asks the range parities with both bound types. Later calls return
+    errors in every kind of pass, then asks the range parities as the daemon's requests and with both
+    bound types. Later calls return
     at once; safe on another thread while nothing else runs Cascade there."""
     global _warmed_up  # noqa: PLW0603
     if _warmed_up:
@@ -1333,6 +1332,11 @@ def warm_up() -> None:
     bob_key = alice_key.copy()
     bob_key[rng.choice(n, 50, replace=False)] ^= 1
     reconcile_in_memory(alice_key, bob_key, 0.05, rng)
+    # the daemon's requests: pass indices read-only, straight from the frame
+    alice = CascadeAlice(alice_key)
+    alice.handle(StartPass(0, PassLayout("affine", 16, 3, 1)))
+    ends = np.arange(1, 3, dtype=np.uint32)
+    alice.handle(RangeRequest(np.frombuffer(bytes(2), dtype=np.uint8), ends - 1, ends))
     for layout in (PassLayout("affine", 16, 3, 1), PassLayout("halves", seed=bytes(16))):
         ranges = _Pass(layout, n).range_parity(alice_key)
         for bounds in (np.arange(3, dtype=np.int64), np.arange(3, dtype=np.uint32)):

@@ -332,15 +332,19 @@ def test_warm_up_leaves_nothing_to_compile(variant: str) -> None:
     cascade.warm_up()
     dispatchers = [kernels.range_parities, kernels.selected_range_parities, kernels.strided_gather]
     dispatchers += [kernels.prune_searches, kernels.descend, kernels.start_searches]
-    dispatchers += [kernels.sync_pass, kernels.flip_positions, kernels.flip_found]
+    dispatchers += [kernels.sync_pass, kernels.flip_positions, kernels.flip_found, kernels.check_ranges]
     signatures = [len(each.signatures) for each in dispatchers]
     rng = np.random.default_rng(3)
     n = cascade.STRIDED_FRAME_BITS + 1
     alice_key = rng.integers(0, 2, n, dtype=np.uint8)
     bob_key = alice_key.copy()
     bob_key[rng.choice(n, n // 30, replace=False)] ^= 1
-    result, _ = cascade.reconcile_in_memory(alice_key, bob_key, 1 / 30, rng, variant=variant)
+    result, alice = cascade.reconcile_in_memory(alice_key, bob_key, 1 / 30, rng, variant=variant)
     assert np.array_equal(result.key, alice_key)
+    # a request as the daemon decodes it (qkdd.rounds): pass indices read-only, bounds copied
+    alice.finished = False
+    ends = np.arange(1, 3, dtype="<u4").astype(np.uint32)
+    alice.handle(cascade.RangeRequest(np.frombuffer(bytes(2), dtype=np.uint8), ends - 1, ends))
     assert [len(each.signatures) for each in dispatchers] == signatures
 
 
@@ -533,3 +537,19 @@ def test_flip_found_matches_index_at_and_the_checks(
     assert flips[count : count + positions.size].tolist() == indices.tolist()
     before[indices] ^= 1
     assert key.tolist() == before.tolist()
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=30)
+)
+def test_check_ranges_matches_the_numpy_checks(ranges: list[tuple[int, int, int]]) -> None:
+    """Passes not started before bad bounds; where the request turns from one pass to another."""
+    passes = np.array([r[0] for r in ranges], dtype=np.uint8)
+    starts = np.array([r[1] for r in ranges], dtype=np.uint32)
+    ends = np.array([r[2] for r in ranges], dtype=np.uint32)
+    n, pass_count = 32, 3
+    expected = 1 if passes.max() >= pass_count else 2 if (starts >= ends).any() or ends.max() > n else 0
+    outcome, cuts = kernels.check_ranges(passes, starts, ends, n, pass_count)
+    assert outcome == expected
+    if expected == 0:
+        assert cuts.tolist() == (np.flatnonzero(passes[1:] != passes[:-1]) + 1).tolist()
