@@ -345,7 +345,9 @@ class _Pass:
         if layout.kind == "affine":
             k = layout.block_size
             self.block_starts: Int64s = np.arange(0, n, k, dtype=np.int64)
-            self.block_ends: Int64s = np.minimum(self.block_starts + k, n)
+            self.block_ends: Int64s = self.block_starts + k
+            self.block_ends[-1] = n  # the last block may be shorter
+            longest = min(k, n)
             self.packed_mask: Bits | None = None
         else:
             self.packed_mask = _packed_halves_mask(layout.seed, n)
@@ -353,9 +355,9 @@ class _Pass:
             bounds = [0, members, n] if 0 < members < n else [0, n]
             self.block_starts = np.array(bounds[:-1], dtype=np.int64)
             self.block_ends = np.array(bounds[1:], dtype=np.int64)
+            longest = max(members, n - members)
         self.block_count = self.block_starts.size
-        lengths = self.block_ends - self.block_starts
-        self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
+        self.depth = math.ceil(math.log2(longest)) if longest > 1 else 0
         self.half = -(-n // 64) * 64  # H, the halves pass's slot offset of non-members
         # how a key index finds its slot and block, for the kernels (_cascade_kernels.sync_pass)
         self.geometry: Int64s = np.array(
