@@ -295,19 +295,19 @@ def descend(
     known: Bits,
 ) -> int:
     """Move searches one level down, in place, given Alice's parity of their left child
-    ``[starts, mid)`` at slot ``slots``: ``alice_left[i]`` (``by_slot``: ``alice_left[slots[i]]``), where
-    2 leaves search i where it is. Remembers Alice's parities of both children in ``known`` (empty: no
-    reuse). Returns the number of searches moved."""
+    ``[starts, mid)`` at slot ``slots``: ``alice_left[i]`` (``by_slot``: ``alice_left[slots[i] >> 1]``),
+    where 2 leaves search i where it is. Remembers Alice's parity of the left child in
+    ``known[slots[i] >> 1]`` (empty: no reuse; a left child's slot is odd, and the right child's parity
+    follows from its parent's, so only left children are kept). Returns the number of searches moved."""
     moved = 0
     for i in range(starts.size):
-        left = alice_left[slots[i]] if by_slot else alice_left[i]
+        left = alice_left[slots[i] >> 1] if by_slot else alice_left[i]
         if left == 2:
             continue
         moved += 1
         right = node_parity[i] ^ left
         if known.size:
-            known[slots[i]] = left
-            known[slots[i] + 1] = right
+            known[slots[i] >> 1] = left
         bob = 0
         for rank in (starts[i], mid[i]):
             bound = rank

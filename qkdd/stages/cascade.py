@@ -724,12 +724,13 @@ def _default_clean_passes(n: int) -> int:
 class _BobPass:
     """Bob's per-pass state on top of the shared layout, including the searches under way in it.
 
-    A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
-    children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
-    with ``offset = 1 - b·width`` fixed per search. The searches start, move and catch up with Bob's
-    flips a pass at a time by compiled kernels (:mod:`qkdd.stages._cascade_kernels`): ``start_searches``,
-    ``sync_pass``, ``prune_searches`` before a round trip and ``descend`` on its answer (a few searches
-    per pass and step, where a dozen numpy calls cost more than the work).
+    A search's node is named by its slot: block b's sub-block with heap index h (root 0, children
+    2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset`` with
+    ``offset = 1 - b·width`` fixed per search, and ``known`` keeps left children (odd slots) at
+    slot // 2. The searches start, move and catch up with Bob's flips a pass at a time by compiled
+    kernels (:mod:`qkdd.stages._cascade_kernels`): ``start_searches``, ``sync_pass``,
+    ``prune_searches`` before a round trip and ``descend`` on its answer (a few searches per pass and
+    step, where a dozen numpy calls cost more than the work).
     """
 
     def __init__(
@@ -750,8 +751,9 @@ class _BobPass:
         self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
-        # Alice's sub-block parities by slot; 2 = unknown. Only a block searched before has any, so
-        # ``revisiting`` says whether a search under way may find some (else nobody looks)
+        # Alice's parities of left children, by slot // 2 (a right child's follows from its parent's);
+        # 2 = unknown. Only a block searched before has any, so ``revisiting`` says whether a search
+        # under way may find some (else nobody looks)
         self.known: Bits | None = np.full(0, 2, dtype=np.uint8) if reuse else None
         self.searched = np.zeros(layout.block_count if reuse else 0, dtype=bool)
         self.revisiting = False
@@ -1088,7 +1090,7 @@ class CascadeBob:
                 count = state.blocks.size
                 ranges, packed, byte_before = self._current(state)
                 if state.known is not None and state.known.size == 0:
-                    state.known = np.full(state.layout.block_count * state.width, 2, dtype=np.uint8)
+                    state.known = np.full(state.layout.block_count * state.width // 2, 2, dtype=np.uint8)
                 _kernels.descend(
                     answer[offset : offset + count],
                     False,  # the answer itself, not looked up by slot

@@ -158,7 +158,7 @@ def _searches(
         "node_parity": rng.integers(0, 2, blocks.size, dtype=np.uint8),
         "blocks": blocks,
         "searching": np.isin(np.arange(shared.block_count), blocks),
-        "known": rng.choice(np.array([0, 1, 2, 2], dtype=np.uint8), shared.block_count * width),
+        "known": rng.choice(np.array([0, 1, 2, 2], dtype=np.uint8), shared.block_count * width // 2),
     }
     return parities, searches, in_order
 
@@ -187,8 +187,7 @@ def _descend_reference(
     bob_left = (prefix[mid[rows]] ^ prefix[s["starts"][rows]]) & 1
     right = s["node_parity"][rows] ^ left
     if s["known"].size:
-        s["known"][slots[rows]] = left
-        s["known"][slots[rows] + 1] = right
+        s["known"][slots[rows] >> 1] = left  # left children only: their slots are odd
     go_right = left == bob_left
     s["ends"][rows] = np.where(go_right, s["ends"][rows], mid[rows])
     s["starts"][rows] = np.where(go_right, mid[rows], s["starts"][rows])
@@ -216,7 +215,7 @@ def _prune_reference(in_order: np.ndarray, s: dict, touched: np.ndarray, revisit
     slots = 2 * s["node"] + s["offset"]
     moved = 0
     if revisiting and s["known"].size:
-        moved = _descend_reference(s["known"][slots], in_order, s, mid, slots)
+        moved = _descend_reference(s["known"][slots >> 1], in_order, s, mid, slots)
     return int(keep.sum()), found, found_parity, mid, slots, moved
 
 
@@ -240,7 +239,7 @@ def test_descend_matches_the_numpy_steps(
     slots = 2 * s["node"] + s["offset"]
     answer = rng.choice(np.array([0, 1, 2], dtype=np.uint8), s["starts"].size)
     expected = {key: value.copy() for key, value in s.items()}
-    alice_left = expected["known"][slots] if by_slot and s["known"].size else answer
+    alice_left = expected["known"][slots >> 1] if by_slot and s["known"].size else answer
     moved = _descend_reference(alice_left, in_order, expected, mid, slots)
     got = kernels.descend(
         s["known"] if by_slot and s["known"].size else answer,
