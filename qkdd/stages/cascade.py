@@ -348,10 +348,10 @@ class _Pass:
             self.block_ends: Int64s = self.block_starts + k
             self.block_ends[-1] = n  # the last block may be shorter
             longest = min(k, n)
-            self.packed_mask: Bits | None = None
+            self._mask: Bits | None = None
         else:
-            self.packed_mask = _packed_halves_mask(layout.seed, n)
-            members = int(np.bitwise_count(_words(self.packed_mask)).sum())
+            self._mask = _packed_halves_mask(layout.seed, n)
+            members = int(np.bitwise_count(_words(self._mask)).sum())
             bounds = [0, members, n] if 0 < members < n else [0, n]
             self.block_starts = np.array(bounds[:-1], dtype=np.int64)
             self.block_ends = np.array(bounds[1:], dtype=np.int64)
@@ -379,24 +379,38 @@ class _Pass:
         # of his flip log then
         self.prepared: tuple[PassParity, int] | None = None
 
+    @property
+    def packed_mask(self) -> Bits | None:
+        """A halves pass's membership mask, packed (rebuilt if released); ``None`` for an affine pass."""
+        if self._mask is None and self.layout.kind == "halves":
+            self._mask = _packed_halves_mask(self.layout.seed, self.n)
+        return self._mask
+
+    def release_mask(self) -> None:
+        """Let the membership mask go until it is needed again (Alice's, once her block parities are
+        out: Bob rarely searches a halves pass, and n/8 bytes per pass add up)."""
+        self._mask = None
+
     def _slots(self) -> tuple[Bits, _Select]:
         """A halves pass's occupied slots, packed, and their select (built lazily: O(n/8))."""
         if self._slot_mask is None or self._select is None:
-            assert self.packed_mask is not None
+            mask = self.packed_mask
+            assert mask is not None
             members = np.zeros(self.half // 8, dtype=np.uint8)
-            members[: self.packed_mask.size] = self.packed_mask
+            members[: mask.size] = mask
             others = ~members
-            others[self.packed_mask.size :] = 0
+            others[mask.size :] = 0
             if self.n % 8:
-                others[self.packed_mask.size - 1] &= 0xFF << (8 - self.n % 8) & 0xFF
+                others[mask.size - 1] &= 0xFF << (8 - self.n % 8) & 0xFF
             self._slot_mask = np.concatenate([members, others])
             self._select = _Select(self._slot_mask)
         return self._slot_mask, self._select
 
     def _is_member(self, indices: Int64s) -> Bits:
-        assert self.packed_mask is not None
+        mask = self.packed_mask
+        assert mask is not None
         shift = (7 - (indices & 7)).astype(np.uint8)
-        member: Bits = self.packed_mask[indices >> 3] >> shift
+        member: Bits = mask[indices >> 3] >> shift
         member &= 1
         return member
 
@@ -435,14 +449,17 @@ class _Pass:
         doubled &= slot_mask
         return PassParity(self, RangeParity(doubled, 2 * self.half), select)
 
-    def halves_parities(self, packed_bits: Bits) -> Bits:
+    def halves_parities(self, packed_bits: Bits, total: int | None = None) -> Bits:
         """A halves pass's block parities, by two popcounts and no rearrangement (affine passes take
-        theirs from :meth:`range_parity`, which their searches need anyway)."""
-        assert self.packed_mask is not None
-        total = _parity(packed_bits)
+        theirs from :meth:`range_parity`, which their searches need anyway); ``total``: the parity of
+        all of ``packed_bits``, if known."""
+        mask = self.packed_mask
+        assert mask is not None
+        if total is None:
+            total = _parity(packed_bits)
         if self.block_count == 1:
             return np.array([total], dtype=np.uint8)
-        inside = _parity(packed_bits & self.packed_mask)
+        inside = _parity(packed_bits & mask)
         return np.array([inside, inside ^ total], dtype=np.uint8)
 
 
@@ -550,6 +567,7 @@ class CascadeAlice:
             raise InputError("key: cascade needs at least one bit")
         self.n = self.key.size
         self._packed = np.packbits(self.key)
+        self._parity = _parity(self._packed)  # of the whole key
         self._passes: list[_Pass] = []
         self._parities: dict[int, PassParity] = {}
         self.disclosed_bits = 0
@@ -578,7 +596,8 @@ class CascadeAlice:
                         cascade_pass.block_starts, cascade_pass.block_ends
                     )
                 else:
-                    parities = cascade_pass.halves_parities(self._packed)
+                    parities = cascade_pass.halves_parities(self._packed, self._parity)
+                    cascade_pass.release_mask()
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
                 pass_ids, starts_, ends_, cuts = _check_ranges(
