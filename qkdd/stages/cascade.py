@@ -11,7 +11,8 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
   subset from AES-128-CTR(seed) in index order, then its complement: two blocks) for the late
   BICONF-style passes, whose top parities cost two popcounts instead of a permutation. Bob draws each
   affine pass so that no two bits sharing a block of an earlier one share a block again, and on large
-  frames with a small step ``a^-1 mod n``, which both sides lay out by a strided walk.
+  frames with a small step ``a^-1 mod n``, which both sides lay out by transposing the key read as rows
+  of that many bits.
 * When a pass starts Alice sends every block parity. Bob compares with his own: a block with odd error
   parity holds at least one error, which a binary search finds with one disclosed parity per level
   (the right half's parity follows from the parent's and the left's, so it is never asked).
@@ -135,7 +136,8 @@ STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
-"""Either side gathers an affine pass by a strided walk when its step is at most this."""
+"""Either side lays out an affine pass by a transpose (of the key read as rows of this many bits) when
+its step is at most this."""
 
 VARIANTS = ("original", "biconf", "optimized", "fast", "parallel")
 DEFAULT_VARIANT = "parallel"
@@ -440,7 +442,8 @@ class _Pass:
     def range_parity(self, bits: Bits, packed: Bits | None = None) -> PassParity:
         """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in this pass's order."""
         if self.layout.kind == "affine":
-            return PassParity(self, _affine_ranges(bits, self.layout.multiplier, self.layout.offset))
+            layout = self.layout
+            return PassParity(self, _affine_ranges(bits, layout.multiplier, layout.offset, packed))
         slot_mask, select = self._slots()
         doubled = np.zeros(slot_mask.size, dtype=np.uint8)
         source = np.packbits(bits) if packed is None else packed
@@ -501,13 +504,18 @@ _GATHER_ROWS = 64
 """Rows of 1024 positions gathered at a time by :func:`_affine_gather` (its buffers stay in cache)."""
 
 
-def _affine_ranges(bits: Bits, multiplier: int, offset: int) -> RangeParity:
-    """Range parities of ``bits`` in the order of the affine pass (a, b). With a small step
-    ``c = a^-1 mod n`` (the layouts Bob picks for large frames), by one strided walk straight into
-    words (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by :func:`_affine_gather`."""
+def _affine_ranges(bits: Bits, multiplier: int, offset: int, packed: Bits | None = None) -> RangeParity:
+    """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in the order of the affine
+    pass (a, b). With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large frames), by
+    transposing the key read as rows of c bits (:func:`qkdd.stages._cascade_kernels.strided_gather`);
+    otherwise by :func:`_affine_gather`."""
     n = bits.size
     if n > 1 and (inverse := pow(multiplier, -1, n)) <= MAX_STRIDED_STEP:
-        return RangeParity.from_words(*_kernels.strided_gather(bits, inverse, offset))
+        source = np.packbits(bits) if packed is None else packed
+        key_words = np.zeros((n + 63) // 64 * 8 + 16, dtype=np.uint8)  # two words of zeros after
+        key_words[: source.size] = source
+        words = key_words.view(">u8").astype(np.uint64)
+        return RangeParity.from_words(*_kernels.strided_gather(words, n, inverse, multiplier, offset))
     return RangeParity(_affine_gather(bits, multiplier, offset), n)
 
 
@@ -591,7 +599,7 @@ class CascadeAlice:
                 cascade_pass = _Pass(layout, self.n)
                 self._passes.append(cascade_pass)
                 if layout.kind == "affine":
-                    self._parities[index] = cascade_pass.range_parity(self.key)
+                    self._parities[index] = cascade_pass.range_parity(self.key, self._packed)
                     parities = self._parities[index].parity(
                         cascade_pass.block_starts, cascade_pass.block_ends
                     )
@@ -906,15 +914,21 @@ class CascadeBob:
 
     def preparation(self) -> Callable[[], list[tuple[PassParity, int]]] | None:
         """The building of Bob's range parities of the affine passes in the flight just handed out, on his
-        key as it is now — a strided gather of every key bit per pass, milliseconds each on large frames —
-        as a function that may run on another thread while Alice builds hers for her answers. It reads his
-        key, which no call changes until :meth:`receive`: the driver must hand its result to :meth:`prepared`
-        before that. ``None``: the flight starts no affine pass. Without it, the answers build them."""
+        key as it is now — a transpose of every key bit per pass, a fraction of a millisecond each on
+        large frames — as a function that may run on another thread while Alice builds hers for her
+        answers. It reads his key, which no call changes until :meth:`receive`: the driver must hand its
+        result to :meth:`prepared` before that. ``None``: the flight starts no affine pass. Without it,
+        the answers build them."""
         unprepared, self._unprepared = self._unprepared, []
         if not unprepared:
             return None
         key, flips = self.key, self._flip_count
-        return lambda: [(each.range_parity(key), flips) for each in unprepared]
+
+        def build() -> list[tuple[PassParity, int]]:
+            packed = np.packbits(key)
+            return [(each.range_parity(key, packed), flips) for each in unprepared]
+
+        return build
 
     def prepared(self, parities: list[tuple[PassParity, int]]) -> None:
         """Take back the result of :meth:`preparation`'s function."""
@@ -1194,7 +1208,7 @@ class CascadeBob:
         both). Bits i and i + d share a block of pass (a, k) only if ``a·d mod n`` lies within k of 0;
         the first pass keeps key-adjacent bits (d below the first block size) apart instead, against
         bursts of errors. On large frames the multiplier is the inverse of a step in ``STEP_RANGE``,
-        which both sides gather by a strided walk (:func:`_affine_gather`)."""
+        which both sides lay out by a transpose (:func:`_affine_ranges`)."""
         n = self.n
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
@@ -1325,7 +1339,7 @@ class CascadeBob:
         if state.current is None:
             self._sync(state)  # ``odd`` and ``touched``, before the parities join in
             state.current, state.flips_seen = state.layout.prepared or (
-                state.layout.range_parity(self.key),
+                state.layout.range_parity(self.key, self._packed_key()),
                 self._flip_count,
             )
             state.layout.prepared = None
@@ -1350,7 +1364,7 @@ def warm_up() -> None:
     if _warmed_up:
         return
     rng = np.random.default_rng(0)
-    n = 1000  # below 1024 bits every affine pass is gathered by a strided walk
+    n = 1000  # below 1024 bits every affine pass is laid out by a transpose
     alice_key = rng.integers(0, 2, n, dtype=np.uint8)
     bob_key = alice_key.copy()
     bob_key[rng.choice(n, 50, replace=False)] ^= 1
