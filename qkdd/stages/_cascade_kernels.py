@@ -220,7 +220,10 @@ def prune_searches(
     select8: Int64s,
     known: Bits,
     revisiting: bool,
-) -> tuple[int, Int64s, Bits, Int64s, Int64s, int]:
+    maybe: npt.NDArray[np.bool_],
+    candidates: Int64s,
+    candidate_count: int,
+) -> tuple[int, Int64s, Bits, Int64s, Int64s, int, int]:
     """One pass's searches before a round trip, in place.
 
     1. A search whose block is ``touched`` (a flip landed in it since the last look; ``touched`` empty:
@@ -233,8 +236,9 @@ def prune_searches(
     4. With ``revisiting``, every search whose left child's parity Alice disclosed before (``known``)
        descends one level here, with no round trip.
 
+    Every ended search's block becomes a candidate for a new search (see :func:`start_searches`).
     Returns the number of searches kept, the found positions and Alice's parities of them, ``mid`` and
-    ``slots`` of the kept searches, and the number that descended in step 4.
+    ``slots`` of the kept searches, the number that descended in step 4 and the new candidate count.
     """
     count = 0
     leaves = 0
@@ -277,12 +281,20 @@ def prune_searches(
             bob &= 1
             if bob == node_parity[i]:
                 searching[blocks[i]] = False
+                if not maybe[blocks[i]]:
+                    maybe[blocks[i]] = True
+                    candidates[candidate_count] = blocks[i]
+                    candidate_count += 1
                 continue
         if ends[i] - starts[i] == 1:
             found[leaves] = starts[i]
             found_parity[leaves] = node_parity[i]
             leaves += 1
             searching[blocks[i]] = False
+            if not maybe[blocks[i]]:
+                maybe[blocks[i]] = True
+                candidates[candidate_count] = blocks[i]
+                candidate_count += 1
             continue
         starts[count] = starts[i]
         ends[count] = ends[i]
@@ -317,7 +329,7 @@ def prune_searches(
             slots,
             known,
         )
-    return count, found[:leaves], found_parity[:leaves], mid, slots, moved
+    return count, found[:leaves], found_parity[:leaves], mid, slots, moved, candidate_count
 
 
 @njit(cache=True)
@@ -454,11 +466,16 @@ def sync_pass(
     pending_count: int,
     ranges_from: int,
     limit: int,
-) -> tuple[int, int]:
+    maybe: npt.NDArray[np.bool_],
+    candidates: Int64s,
+    candidate_count: int,
+) -> tuple[int, int, int]:
     """Bring one pass up to date with Bob's flips (key indices, in order): toggle ``odd`` and set
     ``touched`` (empty: not kept) for the block of each of ``flips[blocks_from:]``, and toggle the
     range-parity string's bit of each of ``flips[ranges_from:]`` (``words`` empty: not built) as
-    :func:`flip_positions` does. Returns the new pending count and the change in odd blocks."""
+    :func:`flip_positions` does. Each toggled block becomes a candidate for a new search (see
+    :func:`start_searches`). Returns the new pending count, the change in odd blocks and the new
+    candidate count."""
     halves = geometry[0] != 0
     multiplier, offset, n, block_size, half, two_blocks = (
         geometry[1],
@@ -485,12 +502,16 @@ def sync_pass(
         if i >= blocks_from:
             odd_change += -1 if odd[block] else 1
             odd[block] = not odd[block]
+            if not maybe[block]:
+                maybe[block] = True
+                candidates[candidate_count] = block
+                candidate_count += 1
             if keep_touched:
                 touched[block] = True
     if words.size == 0 or ranges_from >= flips.size:
-        return pending_count, odd_change
+        return pending_count, odd_change, candidate_count
     pending_count = flip_positions(words, before, pending, pending_count, slots[ranges_from - first :], limit)
-    return pending_count, odd_change
+    return pending_count, odd_change, candidate_count
 
 
 @njit(cache=True)
@@ -511,34 +532,61 @@ def start_searches(
     node: Int64s,
     offset: Int64s,
     node_parity: Bits,
+    maybe: npt.NDArray[np.bool_],
+    candidates: Int64s,
+    candidate_count: int,
+    scan: bool,
 ) -> tuple[int, bool]:
     """Start a search at the root of every odd block that has none: append one entry per new search,
     in block order, to the ``count`` searches under way (the arrays of ``prune_searches``, each with
     room for one search per block). Returns the new count, and whether a new search's block was
     searched before (``searched`` marks them; empty: parities are not reused).
 
-    ``odd_words`` and ``searching_words`` are the flags' bytes 8 at a time (the flags padded with False
-    to whole words), so a scan skips 8 blocks with no new search at once."""
+    Only the ``candidates[:candidate_count]`` (blocks a flip toggled or whose search ended since the
+    last start, each once: ``maybe``) can have turned odd without a search; they are looked at and
+    let go. With ``scan`` every block is: ``odd_words`` and ``searching_words`` are the flags' bytes 8
+    at a time (the flags padded with False to whole words), so the scan skips 8 blocks at once."""
     revisiting = False
     reuse = searched.size > 0
-    for word in range(odd_words.size):
-        if not odd_words[word] & ~searching_words[word]:
-            continue
-        for block in range(word << 3, min((word + 1) << 3, odd.size)):
-            if not odd[block] or searching[block]:
+    pending = candidates[:candidate_count]
+    for block in pending:
+        maybe[block] = False
+    if scan:
+        for word in range(odd_words.size):
+            if not odd_words[word] & ~searching_words[word]:
                 continue
-            searching[block] = True
-            if reuse:
-                revisiting |= searched[block]
-                searched[block] = True
-            root = block * width
-            blocks[count] = block
-            starts[count] = block_starts[block]
-            ends[count] = block_ends[block]
-            node[count] = root
-            offset[count] = 1 - root
-            node_parity[count] = alice_top[block]
-            count += 1
+            for block in range(word << 3, min((word + 1) << 3, odd.size)):
+                if not odd[block] or searching[block]:
+                    continue
+                searching[block] = True
+                if reuse:
+                    revisiting |= searched[block]
+                    searched[block] = True
+                root = block * width
+                blocks[count] = block
+                starts[count] = block_starts[block]
+                ends[count] = block_ends[block]
+                node[count] = root
+                offset[count] = 1 - root
+                node_parity[count] = alice_top[block]
+                count += 1
+        return count, revisiting
+    pending.sort()
+    for block in pending:
+        if not odd[block] or searching[block]:
+            continue
+        searching[block] = True
+        if reuse:
+            revisiting |= searched[block]
+            searched[block] = True
+        root = block * width
+        blocks[count] = block
+        starts[count] = block_starts[block]
+        ends[count] = block_ends[block]
+        node[count] = root
+        offset[count] = 1 - root
+        node_parity[count] = alice_top[block]
+        count += 1
     return count, revisiting
 
 

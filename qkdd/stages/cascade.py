@@ -769,8 +769,12 @@ class _BobPass:
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
         self.odd, self._odd_words = _flags(layout.block_count)
         self.odd_blocks = 0  # how many
-        # no odd block without a search: nothing changed ``odd`` and no search ended since the last start
-        self.fresh = False
+        # the blocks that may have turned odd without a search since searches last started: those a
+        # flip toggled or whose search ended, each once (``maybe``); or, with ``scan``, any
+        self.maybe = np.zeros(layout.block_count, dtype=bool)
+        self.candidates = np.empty(layout.block_count, dtype=np.int64)
+        self.candidate_count = 0
+        self.scan = True
         # ``parallel``: the blocks that flips landed in since the searches were last checked against them
         self.touched = np.zeros(layout.block_count, dtype=bool) if parallel else _NO_FLAGS
         self.synced = flips  # entries of the flip log applied to ``odd`` and ``touched`` (CascadeBob._sync)
@@ -811,11 +815,11 @@ class _BobPass:
     def set_odd(self, odd: npt.NDArray[np.bool_]) -> None:
         self.odd[:] = odd
         self.odd_blocks = int(np.count_nonzero(odd))
-        self.fresh = False
+        self.scan = True
 
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
-        if self.fresh:
+        if not self.scan and not self.candidate_count:
             return
         count, revisiting = _kernels.start_searches(
             self._odd_words,
@@ -829,11 +833,15 @@ class _BobPass:
             self.width,
             self.blocks.size,
             *self._room,
+            self.maybe,
+            self.candidates,
+            self.candidate_count,
+            self.scan,
         )
         if count != self.blocks.size:
             self.keep_searches(count)
         self.revisiting = self.revisiting or revisiting
-        self.fresh = True
+        self.candidate_count, self.scan = 0, False
 
 
 def _flags(count: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
@@ -1150,7 +1158,7 @@ class CascadeBob:
         sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
         number of searches that descended, or ``None`` when no search of ``state`` goes on."""
         ranges, packed, byte_before = self._current(state)
-        count, positions, alice, mid, slots, moved = _kernels.prune_searches(
+        count, positions, alice, mid, slots, moved, state.candidate_count = _kernels.prune_searches(
             state.starts,
             state.ends,
             state.node,
@@ -1167,10 +1175,12 @@ class CascadeBob:
             _SELECT8,
             _NO_BITS if state.known is None else state.known,
             state.revisiting,
+            state.maybe,
+            state.candidates,
+            state.candidate_count,
         )
         if count < state.blocks.size:
             state.keep_searches(count)
-            state.fresh = False  # an ended search may leave its block odd
         if positions.size:
             self._flip_found(state, positions, alice, packed, byte_before)
         if count == 0:
@@ -1286,7 +1296,7 @@ class CascadeBob:
         layout = state.layout
         mask = _NO_BITS if layout.packed_mask is None else layout.packed_mask
         if current is None:
-            _, odd_change = _kernels.sync_pass(
+            _, odd_change, state.candidate_count = _kernels.sync_pass(
                 self._flips[:count],
                 layout.geometry,
                 mask,
@@ -1299,10 +1309,13 @@ class CascadeBob:
                 0,
                 count,
                 RangeParity.PENDING_FLIPS,
+                state.maybe,
+                state.candidates,
+                state.candidate_count,
             )
         else:
             ranges = current.ranges
-            pending, odd_change = _kernels.sync_pass(
+            pending, odd_change, state.candidate_count = _kernels.sync_pass(
                 self._flips[:count],
                 layout.geometry,
                 mask,
@@ -1315,11 +1328,13 @@ class CascadeBob:
                 ranges.pending.size,
                 state.flips_seen,
                 RangeParity.PENDING_FLIPS,
+                state.maybe,
+                state.candidates,
+                state.candidate_count,
             )
             ranges.pending = ranges.pending_room[:pending]
         if state.synced < count:
             state.odd_blocks += odd_change
-            state.fresh = False
         state.synced = state.flips_seen = count
 
     def _odd_blocks(self, state: _BobPass) -> int:

@@ -284,6 +284,8 @@ def test_prune_searches_matches_the_numpy_steps(
     touched = rng.integers(0, 2, blocks).astype(bool) if data.draw(st.booleans()) else cascade._NO_FLAGS
     expected = {key: value.copy() for key, value in s.items()}
     count, found, found_parity, mid, slots, moved = _prune_reference(in_order, expected, touched, revisiting)
+    ended = sorted(set(s["blocks"].tolist()) - set(expected["blocks"].tolist()))
+    maybe, candidates = np.zeros(blocks, dtype=bool), np.empty(blocks, dtype=np.int64)
     got = kernels.prune_searches(
         s["starts"],
         s["ends"],
@@ -296,6 +298,9 @@ def test_prune_searches_matches_the_numpy_steps(
         *_kernel_ranges(parities),
         s["known"],
         revisiting,
+        maybe,
+        candidates,
+        0,
     )
     assert got[0] == count
     for actual, wanted in zip(got[1:5], (found, found_parity, mid, slots), strict=True):
@@ -306,6 +311,9 @@ def test_prune_searches_matches_the_numpy_steps(
     assert s["searching"].tolist() == expected["searching"].tolist()
     assert s["known"].tolist() == expected["known"].tolist()
     assert not touched.any()  # every flip so far checked
+    # every ended search's block is a candidate for a new search, once
+    assert sorted(candidates[: got[6]].tolist()) == ended
+    assert np.flatnonzero(maybe).tolist() == ended
 
 
 def test_kernels_take_no_searches() -> None:
@@ -319,7 +327,7 @@ def test_kernels_take_no_searches() -> None:
         )
         == 0
     )
-    count, found, _, mid, _, moved = kernels.prune_searches(
+    count, found, _, mid, _, moved, candidates = kernels.prune_searches(
         none,
         none.copy(),
         none.copy(),
@@ -331,8 +339,11 @@ def test_kernels_take_no_searches() -> None:
         *_kernel_ranges(parities),
         known,
         True,
+        np.zeros(3, dtype=bool),
+        np.empty(3, dtype=np.int64),
+        0,
     )
-    assert (count, found.size, mid.size, moved) == (0, 0, 0, 0)
+    assert (count, found.size, mid.size, moved, candidates) == (0, 0, 0, 0, 0)
 
 
 def test_importing_cascade_leaves_numba_for_later() -> None:
@@ -431,7 +442,8 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
     _sync_reference(shared, flips, expected_odd, expected_touched, blocks_from)
     ranges = parities.ranges
     words = ranges.words if built else cascade._NO_WORDS
-    pending, odd_change = kernels.sync_pass(
+    maybe, candidates = np.zeros(shared.block_count, dtype=bool), np.empty(shared.block_count, dtype=np.int64)
+    pending, odd_change, candidate_count = kernels.sync_pass(
         flips,
         shared.geometry,
         cascade._NO_BITS if shared.packed_mask is None else shared.packed_mask,
@@ -444,8 +456,15 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
         ranges.pending.size,
         ranges_from,
         cascade.RangeParity.PENDING_FLIPS,
+        maybe,
+        candidates,
+        0,
     )
     assert odd.tolist() == expected_odd.tolist()
+    # every toggled block is a candidate for a new search, once
+    toggled = sorted(set(shared.block_of(flips[blocks_from:]).tolist()))
+    assert sorted(candidates[:candidate_count].tolist()) == toggled
+    assert np.flatnonzero(maybe).tolist() == toggled
     assert odd_change == int(expected_odd.sum()) - int(before_odd.sum())
     assert touched.tolist() == expected_touched.tolist()
     if built:
@@ -457,8 +476,10 @@ def test_sync_pass_matches_block_of_and_the_range_parities(
         assert parities.parity(starts, ends).tolist() == fresh.parity(starts, ends).tolist()
 
 
-@given(st.integers(1, 200), st.integers(0, 2**32 - 1), st.booleans())
-def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: bool) -> None:
+@given(st.integers(1, 200), st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: bool, scan: bool) -> None:
+    """Every block scanned, or only the candidates: those that may have turned odd without a search
+    (all such blocks, and some others), in any order."""
     rng = np.random.default_rng(seed)
     width = 8
     odd, odd_words = cascade._flags(blocks)
@@ -493,6 +514,14 @@ def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: b
     room = [np.zeros(blocks, dtype=s[field].dtype) for field in fields]  # one search per block at most
     for array, field in zip(room, fields, strict=True):
         array[:under_way] = s[field]
+    others = np.flatnonzero(rng.integers(0, 2, blocks))
+    listed = (
+        rng.permutation(np.union1d(new, others)).astype(np.int64) if not scan else others.astype(np.int64)
+    )
+    maybe = np.zeros(blocks, dtype=bool)
+    maybe[listed] = True
+    candidates = np.zeros(blocks, dtype=np.int64)
+    candidates[: listed.size] = listed
     count, revisiting = kernels.start_searches(
         odd_words,
         searching_words,
@@ -505,7 +534,12 @@ def test_start_searches_matches_the_numpy_steps(blocks: int, seed: int, reuse: b
         width,
         under_way,
         *room,
+        maybe,
+        candidates,
+        listed.size,
+        scan,
     )
+    assert not maybe.any()  # every candidate let go
     assert count == expected["blocks"].size
     for array, field in zip(room, fields, strict=True):
         assert array[:count].tolist() == expected[field].tolist(), field
