@@ -544,14 +544,15 @@ def start_searches(
 
     Only the ``candidates[:candidate_count]`` (blocks a flip toggled or whose search ended since the
     last start, each once: ``maybe``) can have turned odd without a search; they are looked at and
-    let go. With ``scan`` every block is: ``odd_words`` and ``searching_words`` are the flags' bytes 8
-    at a time (the flags padded with False to whole words), so the scan skips 8 blocks at once."""
+    let go. With ``scan``, or when they are many (sorting them would cost more), every block is:
+    ``odd_words`` and ``searching_words`` are the flags' bytes 8 at a time (the flags padded with False
+    to whole words), so the scan skips 8 blocks at once."""
     revisiting = False
     reuse = searched.size > 0
     pending = candidates[:candidate_count]
     for block in pending:
         maybe[block] = False
-    if scan:
+    if scan or candidate_count > odd.size >> 5:
         for word in range(odd_words.size):
             if not odd_words[word] & ~searching_words[word]:
                 continue
