@@ -410,7 +410,8 @@ def descend(
 # --------------------------------------------------------------------------- flips
 #
 # A pass's geometry for the kernels below, an int64 array: [halves (0/1), multiplier, offset, n,
-# block_size, H, two_blocks (0/1)] (see ``_Pass``), with a halves pass's packed membership mask beside it.
+# block_size, H, two_blocks (0/1), the multiplier's inverse, log2(block_size) or -1 if not a power of
+# two] (see ``_Pass``), with a halves pass's packed membership mask beside it.
 
 
 @njit(cache=True)
@@ -477,13 +478,14 @@ def sync_pass(
     :func:`start_searches`). Returns the new pending count, the change in odd blocks and the new
     candidate count."""
     halves = geometry[0] != 0
-    multiplier, offset, n, block_size, half, two_blocks = (
+    multiplier, offset, n, block_size, half, two_blocks, shift = (
         geometry[1],
         geometry[2],
         geometry[3],
         geometry[4],
         geometry[5],
         geometry[6] != 0,
+        geometry[8],
     )
     first = min(blocks_from, ranges_from)
     slots = np.empty(flips.size - first, dtype=np.int64)
@@ -497,7 +499,7 @@ def sync_pass(
             block = 0 if member or not two_blocks else 1
         else:
             slot = (index * multiplier + offset) % n
-            block = slot // block_size
+            block = slot >> shift if shift >= 0 else slot // block_size  # a shift costs less
         slots[i - first] = slot
         if i >= blocks_from:
             odd_change += -1 if odd[block] else 1

@@ -372,6 +372,7 @@ class _Pass:
                 self.half,
                 self.block_count == 2,
                 pow(layout.multiplier, -1, n) if layout.kind == "affine" and n > 1 else 0,
+                k.bit_length() - 1 if (k := max(layout.block_size, 1)) & (k - 1) == 0 else -1,
             ],
             dtype=np.int64,
         )
