@@ -1091,7 +1091,6 @@ class CascadeBob:
         is found and it ends.
         """
         active: list[_BobPass] = []
-        parallel = self.schedule.tail_blocks is not None
         while True:
             active = self._next_wave(active)
             if not active:
@@ -1099,7 +1098,7 @@ class CascadeBob:
             progressed = False
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in active:
-                step = self._prune(state, parallel)
+                step = self._prune(state)
                 if step is None:
                     continue
                 mid, slots, moved = step
@@ -1152,12 +1151,13 @@ class CascadeBob:
                 )
                 offset += count
 
-    def _prune(self, state: _BobPass, parallel: bool) -> tuple[Int64s, Int64s, int] | None:
+    def _prune(self, state: _BobPass) -> tuple[Int64s, Int64s, int] | None:
         """Ready the searches of ``state`` for the next round trip (:func:`_kernels.prune_searches`):
-        end those whose node a flip since the last look has made even (``parallel``: another pass's
-        search found their error), flip the errors found at single positions, and descend through
-        sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
-        number of searches that descended, or ``None`` when no search of ``state`` goes on."""
+        end those whose node a flip since the last look has made even (``parallel``, whose passes keep
+        ``touched`` blocks: another pass's search found their error), flip the errors found at single
+        positions, and descend through sub-blocks whose parity Alice already disclosed. ``mid``, slots
+        of the left children and the number of searches that descended, or ``None`` when no search of
+        ``state`` goes on."""
         ranges, packed, byte_before = self._current(state)
         count, positions, alice, mid, slots, moved, state.candidate_count = _kernels.prune_searches(
             state.starts,
