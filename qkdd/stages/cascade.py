@@ -806,6 +806,7 @@ class _BobPass:
         self.node: Int64s = self._room[3][:0]
         self.offset: Int64s = self._room[4][:0]
         self.node_parity: Bits = self._room[5][:0]
+        self.pass_ids = np.full(count, index, dtype=np.uint8)  # a request's pass index for each search
 
     def keep_searches(self, count: int) -> None:
         """Keep the first ``count`` searches under way."""
@@ -1117,12 +1118,10 @@ class CascadeBob:
             # one round trip asks the left child of every search under way
             if len(asks) == 1:
                 state = asks[0][0]
-                passes = np.full(state.blocks.size, state.index, dtype=np.uint8)
+                passes = state.pass_ids[: state.blocks.size]
                 starts, ends = state.starts.astype(np.uint32), asks[0][1].astype(np.uint32)
             else:
-                passes = np.concatenate(
-                    [np.full(st.blocks.size, st.index, dtype=np.uint8) for st, _, _ in asks]
-                )
+                passes = np.concatenate([st.pass_ids[: st.blocks.size] for st, _, _ in asks])
                 starts = np.concatenate([st.starts for st, _, _ in asks]).astype(np.uint32)
                 ends = np.concatenate([mid for _, mid, _ in asks]).astype(np.uint32)
             answer = yield from self._ask(RangeRequest(passes, starts, ends), int(starts.size))
