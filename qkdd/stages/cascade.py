@@ -11,7 +11,8 @@ Alice sends is exactly what is disclosed, and both sides count it identically.
   subset from AES-128-CTR(seed) in index order, then its complement: two blocks) for the late
   BICONF-style passes, whose top parities cost two popcounts instead of a permutation. Bob draws each
   affine pass so that no two bits sharing a block of an earlier one share a block again, and on large
-  frames with a small step ``a^-1 mod n``, which both sides lay out by a strided walk.
+  frames with a small step ``a^-1 mod n``, which both sides lay out by transposing the key read as rows
+  of that many bits.
 * When a pass starts Alice sends every block parity. Bob compares with his own: a block with odd error
   parity holds at least one error, which a binary search finds with one disclosed parity per level
   (the right half's parity follows from the parent's and the left's, so it is never asked).
@@ -135,7 +136,8 @@ STRIDED_FRAME_BITS = 1 << 17
 """From this frame length on, Bob picks affine passes whose step a^-1 mod n lies in ``STEP_RANGE``."""
 STEP_RANGE = (128, 640)
 MAX_STRIDED_STEP = 1024
-"""Either side gathers an affine pass by a strided walk when its step is at most this."""
+"""Either side lays out an affine pass by a transpose (of the key read as rows of this many bits) when
+its step is at most this."""
 
 VARIANTS = ("original", "biconf", "optimized", "fast", "parallel")
 DEFAULT_VARIANT = "parallel"
@@ -249,8 +251,19 @@ class RangeParity:
         padded[: packed.size] = packed[: words * 8]
         self.words: npt.NDArray[np.uint64] = padded.view(">u8").astype(np.uint64)
         self.before: Bits = np.zeros(words, dtype=np.uint8)
-        self.pending: Int64s = np.zeros(0, dtype=np.int64)
+        self.pending_room: Int64s = np.zeros(self.PENDING_FLIPS + 1, dtype=np.int64)
+        self.pending: Int64s = self.pending_room[:0]  # always a prefix of ``pending_room``
         self._count(0)
+
+    @classmethod
+    def from_words(cls, words: npt.NDArray[np.uint64], before: Bits) -> RangeParity:
+        """The range parities of a string already in ``words`` (n // 64 + 1 of them) with ``before``
+        counted."""
+        ranges = cls.__new__(cls)
+        ranges.words, ranges.before = words, before
+        ranges.pending_room = np.zeros(cls.PENDING_FLIPS + 1, dtype=np.int64)
+        ranges.pending = ranges.pending_room[:0]
+        return ranges
 
     def _count(self, first: int) -> None:
         """Recompute ``before`` after the words from ``first`` on changed."""
@@ -261,15 +274,10 @@ class RangeParity:
 
     def flip(self, positions: Int64s) -> None:
         """Toggle the bits at ``positions`` (a position listed twice is toggled twice)."""
-        word = positions >> 6
-        np.bitwise_xor.at(self.words, word, _HIGH_BITS[1] >> (positions & 63).astype(np.uint64))
-        pending = np.concatenate([self.pending, word])
-        if pending.size > self.PENDING_FLIPS:
-            self._count(int(pending.min()))
-            self.pending = pending[:0]
-        else:
-            pending.sort()
-            self.pending = pending
+        count = _kernels.flip_positions(
+            self.words, self.before, self.pending_room, self.pending.size, positions, self.PENDING_FLIPS
+        )
+        self.pending = self.pending_room[:count]
 
     def at(self, t: Positions) -> Bits:
         """``P(t)`` for each t in ``[0, n]``."""
@@ -299,6 +307,7 @@ _SELECT8 = np.argsort(
 _NO_BITS: Bits = np.zeros(0, dtype=np.uint8)
 _NO_INDICES: Int64s = np.zeros(0, dtype=np.int64)
 _NO_FLAGS: npt.NDArray[np.bool_] = np.zeros(0, dtype=bool)
+_NO_WORDS: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
 """Empty arrays standing for "none" in kernel arguments (an affine pass's select, no parity reuse, no
 block to check)."""
 
@@ -338,42 +347,73 @@ class _Pass:
         if layout.kind == "affine":
             k = layout.block_size
             self.block_starts: Int64s = np.arange(0, n, k, dtype=np.int64)
-            self.block_ends: Int64s = np.minimum(self.block_starts + k, n)
-            self.packed_mask: Bits | None = None
+            self.block_ends: Int64s = self.block_starts + k
+            self.block_ends[-1] = n  # the last block may be shorter
+            longest = min(k, n)
+            self._mask: Bits | None = None
         else:
-            self.packed_mask = _packed_halves_mask(layout.seed, n)
-            members = int(np.bitwise_count(_words(self.packed_mask)).sum())
+            self._mask = _packed_halves_mask(layout.seed, n)
+            members = int(np.bitwise_count(_words(self._mask)).sum())
             bounds = [0, members, n] if 0 < members < n else [0, n]
             self.block_starts = np.array(bounds[:-1], dtype=np.int64)
             self.block_ends = np.array(bounds[1:], dtype=np.int64)
+            longest = max(members, n - members)
         self.block_count = self.block_starts.size
-        lengths = self.block_ends - self.block_starts
-        self.depth = math.ceil(math.log2(int(lengths.max()))) if lengths.max() > 1 else 0
+        self.depth = math.ceil(math.log2(longest)) if longest > 1 else 0
         self.half = -(-n // 64) * 64  # H, the halves pass's slot offset of non-members
+        # how a key index finds its slot and block, for the kernels (_cascade_kernels.sync_pass)
+        self.geometry: Int64s = np.array(
+            [
+                layout.kind == "halves",
+                layout.multiplier,
+                layout.offset,
+                n,
+                max(layout.block_size, 1),
+                self.half,
+                self.block_count == 2,
+                pow(layout.multiplier, -1, n) if layout.kind == "affine" and n > 1 else 0,
+                k.bit_length() - 1 if (k := max(layout.block_size, 1)) & (k - 1) == 0 else -1,
+            ],
+            dtype=np.int64,
+        )
         self._slot_mask: Bits | None = None
         self._select: _Select | None = None
         # Bob: his range parities in this pass's order, built ahead (CascadeBob.prepare), and the length
         # of his flip log then
         self.prepared: tuple[PassParity, int] | None = None
 
+    @property
+    def packed_mask(self) -> Bits | None:
+        """A halves pass's membership mask, packed (rebuilt if released); ``None`` for an affine pass."""
+        if self._mask is None and self.layout.kind == "halves":
+            self._mask = _packed_halves_mask(self.layout.seed, self.n)
+        return self._mask
+
+    def release_mask(self) -> None:
+        """Let the membership mask go until it is needed again (Alice's, once her block parities are
+        out: Bob rarely searches a halves pass, and n/8 bytes per pass add up)."""
+        self._mask = None
+
     def _slots(self) -> tuple[Bits, _Select]:
         """A halves pass's occupied slots, packed, and their select (built lazily: O(n/8))."""
         if self._slot_mask is None or self._select is None:
-            assert self.packed_mask is not None
+            mask = self.packed_mask
+            assert mask is not None
             members = np.zeros(self.half // 8, dtype=np.uint8)
-            members[: self.packed_mask.size] = self.packed_mask
+            members[: mask.size] = mask
             others = ~members
-            others[self.packed_mask.size :] = 0
+            others[mask.size :] = 0
             if self.n % 8:
-                others[self.packed_mask.size - 1] &= 0xFF << (8 - self.n % 8) & 0xFF
+                others[mask.size - 1] &= 0xFF << (8 - self.n % 8) & 0xFF
             self._slot_mask = np.concatenate([members, others])
             self._select = _Select(self._slot_mask)
         return self._slot_mask, self._select
 
     def _is_member(self, indices: Int64s) -> Bits:
-        assert self.packed_mask is not None
+        mask = self.packed_mask
+        assert mask is not None
         shift = (7 - (indices & 7)).astype(np.uint8)
-        member: Bits = self.packed_mask[indices >> 3] >> shift
+        member: Bits = mask[indices >> 3] >> shift
         member &= 1
         return member
 
@@ -403,9 +443,8 @@ class _Pass:
     def range_parity(self, bits: Bits, packed: Bits | None = None) -> PassParity:
         """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in this pass's order."""
         if self.layout.kind == "affine":
-            return PassParity(
-                self, RangeParity(_affine_gather(bits, self.layout.multiplier, self.layout.offset), self.n)
-            )
+            layout = self.layout
+            return PassParity(self, _affine_ranges(bits, layout.multiplier, layout.offset, packed))
         slot_mask, select = self._slots()
         doubled = np.zeros(slot_mask.size, dtype=np.uint8)
         source = np.packbits(bits) if packed is None else packed
@@ -414,14 +453,17 @@ class _Pass:
         doubled &= slot_mask
         return PassParity(self, RangeParity(doubled, 2 * self.half), select)
 
-    def halves_parities(self, packed_bits: Bits) -> Bits:
+    def halves_parities(self, packed_bits: Bits, total: int | None = None) -> Bits:
         """A halves pass's block parities, by two popcounts and no rearrangement (affine passes take
-        theirs from :meth:`range_parity`, which their searches need anyway)."""
-        assert self.packed_mask is not None
-        total = _parity(packed_bits)
+        theirs from :meth:`range_parity`, which their searches need anyway); ``total``: the parity of
+        all of ``packed_bits``, if known."""
+        mask = self.packed_mask
+        assert mask is not None
+        if total is None:
+            total = _parity(packed_bits)
         if self.block_count == 1:
             return np.array([total], dtype=np.uint8)
-        inside = _parity(packed_bits & self.packed_mask)
+        inside = _parity(packed_bits & mask)
         return np.array([inside, inside ^ total], dtype=np.uint8)
 
 
@@ -463,11 +505,24 @@ _GATHER_ROWS = 64
 """Rows of 1024 positions gathered at a time by :func:`_affine_gather` (its buffers stay in cache)."""
 
 
+def _affine_ranges(bits: Bits, multiplier: int, offset: int, packed: Bits | None = None) -> RangeParity:
+    """Range parities of ``bits`` (``packed``: the same, packed, if at hand) in the order of the affine
+    pass (a, b). With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large frames), by
+    transposing the key read as rows of c bits (:func:`qkdd.stages._cascade_kernels.strided_gather`);
+    otherwise by :func:`_affine_gather`."""
+    n = bits.size
+    if n > 1 and (inverse := pow(multiplier, -1, n)) <= MAX_STRIDED_STEP:
+        source = np.packbits(bits) if packed is None else packed
+        key_words = np.zeros((n + 63) // 64 * 8 + 16, dtype=np.uint8)  # two words of zeros after
+        key_words[: source.size] = source
+        words = key_words.view(">u8").astype(np.uint64)
+        return RangeParity.from_words(*_kernels.strided_gather(words, n, inverse, multiplier, offset))
+    return RangeParity(_affine_gather(bits, multiplier, offset), n)
+
+
 def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     """``bits`` in the order of the affine pass (a, b), packed: position t holds key index
-    ``(t - b) · a^-1 mod n``. With a small step ``c = a^-1 mod n`` (the layouts Bob picks for large
-    frames), by one strided walk (:func:`qkdd.stages._cascade_kernels.strided_gather`); otherwise by
-    table lookups.
+    ``(t - b) · a^-1 mod n``, by table lookups.
 
     Position ``1024·r + c`` holds index ``(H[r] + L[c]) mod n`` with ``H[r] = (1024·r·a^-1 + s) mod n``
     and ``L[c] = c·a^-1 mod n``: two small tables and one add per element instead of a 64-bit multiply
@@ -478,8 +533,6 @@ def _affine_gather(bits: Bits, multiplier: int, offset: int) -> Bits:
     if n == 1:
         return np.packbits(bits)
     inverse = pow(multiplier, -1, n)
-    if inverse <= MAX_STRIDED_STEP:
-        return _kernels.strided_gather(bits, inverse, offset)
     rows = (n + 1023) >> 10
     twice = np.concatenate([bits, bits])
     low = np.arange(1024, dtype=np.int64) * inverse % n
@@ -523,6 +576,7 @@ class CascadeAlice:
             raise InputError("key: cascade needs at least one bit")
         self.n = self.key.size
         self._packed = np.packbits(self.key)
+        self._parity = _parity(self._packed)  # of the whole key
         self._passes: list[_Pass] = []
         self._parities: dict[int, PassParity] = {}
         self.disclosed_bits = 0
@@ -546,22 +600,22 @@ class CascadeAlice:
                 cascade_pass = _Pass(layout, self.n)
                 self._passes.append(cascade_pass)
                 if layout.kind == "affine":
-                    self._parities[index] = cascade_pass.range_parity(self.key)
+                    self._parities[index] = cascade_pass.range_parity(self.key, self._packed)
                     parities = self._parities[index].parity(
                         cascade_pass.block_starts, cascade_pass.block_ends
                     )
                 else:
-                    parities = cascade_pass.halves_parities(self._packed)
+                    parities = cascade_pass.halves_parities(self._packed, self._parity)
+                    cascade_pass.release_mask()
                 return self._reply(parities)
             case RangeRequest(passes=passes, starts=starts, ends=ends):
-                pass_ids, starts_, ends_, single = _check_ranges(
+                pass_ids, starts_, ends_, cuts = _check_ranges(
                     passes, starts, ends, self.n, len(self._passes)
                 )
-                if single:
+                if cuts.size == 0:
                     return self._reply(self._pass_parity(int(pass_ids[0])).parity(starts_, ends_))
                 parities = np.empty(pass_ids.size, dtype=np.uint8)
                 # Bob asks pass by pass, so a request is a few runs of one pass each; slices, not masks
-                cuts = np.flatnonzero(pass_ids[1:] != pass_ids[:-1]) + 1
                 if cuts.size < MAX_PASSES:
                     bounds = [0, *cuts.tolist(), int(pass_ids.size)]
                     for lo, hi in itertools.pairwise(bounds):
@@ -599,10 +653,9 @@ class CascadeAlice:
 
 def _check_ranges(
     passes: object, starts: object, ends: object, n: int, pass_count: int
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], bool]:
-    """A range request's arrays, checked, and whether they all name one pass. (Reductions are called
-    as ufunc methods: ``ndarray.max()`` and friends add Python frames that cost more than the work on
-    the small arrays of a search's later levels.)"""
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint32], npt.NDArray[np.uint32], Int64s]:
+    """A range request's arrays, checked, and the indices where it turns from one pass's ranges to
+    another's (none: one pass)."""
     p, s, e = np.asarray(passes), np.asarray(starts), np.asarray(ends)
     if (
         p.ndim != 1
@@ -615,12 +668,12 @@ def _check_ranges(
         raise RemoteProtocolError("cascade: a range request is a uint8 and two uint32 arrays of equal length")
     if s.size == 0 or s.size > MAX_RANGES_PER_REQUEST:
         raise RemoteProtocolError(f"cascade: a range request holds 1..{MAX_RANGES_PER_REQUEST} ranges")
-    last = int(np.maximum.reduce(p))
-    if last >= pass_count:
+    outcome, cuts = _kernels.check_ranges(p, s, e, n, pass_count)
+    if outcome == 1:
         raise RemoteProtocolError("cascade: range request names a pass that was not started")
-    if np.logical_or.reduce(s >= e) or np.maximum.reduce(e) > n:
+    if outcome == 2:
         raise RemoteProtocolError("cascade: every range must satisfy start < end <= frame length")
-    return p, s, e, int(np.minimum.reduce(p)) == last
+    return p, s, e, cuts
 
 
 # --------------------------------------------------------------------------- Bob
@@ -699,55 +752,104 @@ def _default_clean_passes(n: int) -> int:
 class _BobPass:
     """Bob's per-pass state on top of the shared layout, including the searches under way in it.
 
-    A search's node is named by its slot in ``known``: block b's sub-block with heap index h (root 0,
-    children 2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset``
-    with ``offset = 1 - b·width`` fixed per search. The searches move in place, a pass at a time, by two
-    compiled kernels: :func:`~qkdd.stages._cascade_kernels.prune_searches` before a round trip and
-    :func:`~qkdd.stages._cascade_kernels.descend` on its answer (a few searches per pass and step, where
-    a dozen numpy calls cost more than the work).
+    A search's node is named by its slot: block b's sub-block with heap index h (root 0, children
+    2h + 1 and 2h + 2) has slot ``b·width + h``, so a node's left child is ``2·node + offset`` with
+    ``offset = 1 - b·width`` fixed per search, and ``known`` keeps left children (odd slots) at
+    slot // 2. The searches start, move and catch up with Bob's flips a pass at a time by compiled
+    kernels (:mod:`qkdd.stages._cascade_kernels`): ``start_searches``, ``sync_pass``,
+    ``prune_searches`` before a round trip and ``descend`` on its answer (a few searches per pass and
+    step, where a dozen numpy calls cost more than the work).
     """
 
-    def __init__(self, index: int, layout: _Pass, alice_top: Bits, reuse: bool) -> None:
+    def __init__(
+        self, index: int, layout: _Pass, alice_top: Bits, reuse: bool, parallel: bool, flips: int
+    ) -> None:
         self.index = index
         self.layout = layout
         self.alice_top = alice_top
         # blocks whose parity differs between Alice and Bob; set by Bob once his parities are known
-        self.odd: npt.NDArray[np.bool_] = np.zeros(layout.block_count, dtype=bool)
-        self.odd_seen = 0  # entries of the flip log applied to ``odd`` (see CascadeBob._sync_odd)
-        self.searching = np.zeros(layout.block_count, dtype=bool)
+        self.odd, self._odd_words = _flags(layout.block_count)
+        self.odd_blocks = 0  # how many
+        # the blocks that may have turned odd without a search since searches last started: those a
+        # flip toggled or whose search ended, each once (``maybe``); or, with ``scan``, any
+        self.maybe = np.zeros(layout.block_count, dtype=bool)
+        self.candidates = np.empty(layout.block_count, dtype=np.int64)
+        self.candidate_count = 0
+        self.scan = True
+        # ``parallel``: the blocks that flips landed in since the searches were last checked against them
+        self.touched = np.zeros(layout.block_count, dtype=bool) if parallel else _NO_FLAGS
+        self.synced = flips  # entries of the flip log applied to ``odd`` and ``touched`` (CascadeBob._sync)
+        self.searching, self._searching_words = _flags(layout.block_count)
         self.current: PassParity | None = None  # range parities of Bob's bits in pass order (built lazily)
         self.flips_seen = 0  # entries of the flip log applied to ``current``
         self.width = 1 << (layout.depth + 1)
-        # Alice's sub-block parities by slot; 2 = unknown. Only a block searched before has any, so
-        # ``revisiting`` says whether a search under way may find some (else nobody looks)
+        # Alice's parities of left children, by slot // 2 (a right child's follows from its parent's);
+        # 2 = unknown. Only a block searched before has any, so ``revisiting`` says whether a search
+        # under way may find some (else nobody looks)
         self.known: Bits | None = np.full(0, 2, dtype=np.uint8) if reuse else None
         self.searched = np.zeros(layout.block_count if reuse else 0, dtype=bool)
         self.revisiting = False
-        # searches under way: block, current node [start, end), its slot, Alice's node parity
-        self.blocks: Int64s = np.zeros(0, dtype=np.int64)
-        self.starts: Int64s = np.zeros(0, dtype=np.int64)
-        self.ends: Int64s = np.zeros(0, dtype=np.int64)
-        self.node: Int64s = np.zeros(0, dtype=np.int64)
-        self.offset: Int64s = np.zeros(0, dtype=np.int64)
-        self.node_parity: Bits = np.zeros(0, dtype=np.uint8)
-        self.flips_checked = 0  # entries of the flip log checked against the searches under way
+        # searches under way: block, current node [start, end), its slot, Alice's node parity; each a
+        # prefix of room for one search per block, where they start and move in place
+        count = layout.block_count
+        self._room = (
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.uint8),
+        )
+        self.blocks: Int64s = self._room[0][:0]
+        self.starts: Int64s = self._room[1][:0]
+        self.ends: Int64s = self._room[2][:0]
+        self.node: Int64s = self._room[3][:0]
+        self.offset: Int64s = self._room[4][:0]
+        self.node_parity: Bits = self._room[5][:0]
+        self.pass_ids = np.full(count, index, dtype=np.uint8)  # a request's pass index for each search
+
+    def keep_searches(self, count: int) -> None:
+        """Keep the first ``count`` searches under way."""
+        blocks, starts, ends, node, offset, node_parity = self._room
+        self.blocks, self.starts, self.ends = blocks[:count], starts[:count], ends[:count]
+        self.node, self.offset, self.node_parity = node[:count], offset[:count], node_parity[:count]
+
+    def set_odd(self, odd: npt.NDArray[np.bool_]) -> None:
+        self.odd[:] = odd
+        self.odd_blocks = int(np.count_nonzero(odd))
+        self.scan = True
 
     def start_searches(self) -> None:
         """Start a search at the root of every odd block that has none."""
-        new = np.flatnonzero(self.odd & ~self.searching)
-        if new.size == 0:
+        if not self.scan and not self.candidate_count:
             return
-        self.searching[new] = True
-        if self.known is not None:
-            self.revisiting = self.revisiting or bool(self.searched[new].any())
-            self.searched[new] = True
-        roots = new * self.width
-        self.blocks = np.concatenate([self.blocks, new])
-        self.starts = np.concatenate([self.starts, self.layout.block_starts[new]])
-        self.ends = np.concatenate([self.ends, self.layout.block_ends[new]])
-        self.node = np.concatenate([self.node, roots])
-        self.offset = np.concatenate([self.offset, 1 - roots])
-        self.node_parity = np.concatenate([self.node_parity, self.alice_top[new]])
+        count, revisiting = _kernels.start_searches(
+            self._odd_words,
+            self._searching_words,
+            self.odd,
+            self.searching,
+            self.searched,
+            self.layout.block_starts,
+            self.layout.block_ends,
+            self.alice_top,
+            self.width,
+            self.blocks.size,
+            *self._room,
+            self.maybe,
+            self.candidates,
+            self.candidate_count,
+            self.scan,
+        )
+        if count != self.blocks.size:
+            self.keep_searches(count)
+        self.revisiting = self.revisiting or revisiting
+        self.candidate_count, self.scan = 0, False
+
+
+def _flags(count: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    """``count`` flags, all False, and the same memory as words of 8 (padded with False)."""
+    padded = np.zeros(-(-count // 8) * 8, dtype=bool)
+    return padded[:count], padded.view(np.uint64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,7 +893,11 @@ class CascadeBob:
         self._rng = np.random.default_rng(np.frombuffer(source.bytes(16), dtype=np.uint32))
         self._layouts: list[PassLayout] = []  # every pass asked for, started or still in flight
         self._passes: list[_BobPass] = []
-        self._flip_log: list[Int64s] = []
+        self._by_size: list[_BobPass] = []  # the passes, smallest blocks first (stable)
+        # every bit Bob flipped, in order: ``_flips[:_flip_count]``
+        self._flips: Int64s = np.zeros(1024, dtype=np.int64)
+        self._flip_count = 0
+        self._packed: tuple[int, Bits] | None = None  # ``_packed_key`` and the flip count it holds
         self._waved = -1  # the flip log's length when the searches to run were last chosen (parallel)
         self._unprepared: list[_Pass] = []  # affine passes just asked for, without Bob's parities yet
         self.disclosed_bits = 0
@@ -819,15 +925,21 @@ class CascadeBob:
 
     def preparation(self) -> Callable[[], list[tuple[PassParity, int]]] | None:
         """The building of Bob's range parities of the affine passes in the flight just handed out, on his
-        key as it is now — a strided gather of every key bit per pass, milliseconds each on large frames —
-        as a function that may run on another thread while Alice builds hers for her answers. It reads his
-        key, which no call changes until :meth:`receive`: the driver must hand its result to :meth:`prepared`
-        before that. ``None``: the flight starts no affine pass. Without it, the answers build them."""
+        key as it is now — a transpose of every key bit per pass, a fraction of a millisecond each on
+        large frames — as a function that may run on another thread while Alice builds hers for her
+        answers. It reads his key, which no call changes until :meth:`receive`: the driver must hand its
+        result to :meth:`prepared` before that. ``None``: the flight starts no affine pass. Without it,
+        the answers build them."""
         unprepared, self._unprepared = self._unprepared, []
         if not unprepared:
             return None
-        key, flips = self.key, len(self._flip_log)
-        return lambda: [(each.range_parity(key), flips) for each in unprepared]
+        key, flips = self.key, self._flip_count
+
+        def build() -> list[tuple[PassParity, int]]:
+            packed = np.packbits(key)
+            return [(each.range_parity(key, packed), flips) for each in unprepared]
+
+        return build
 
     def prepared(self, parities: list[tuple[PassParity, int]]) -> None:
         """Take back the result of :meth:`preparation`'s function."""
@@ -951,15 +1063,22 @@ class CascadeBob:
             answers = yield from self._ask_all(requests, [each.block_count for each in shared])
             self._unprepared = []  # (prepare, if it ran, is over: the answers wait for it)
             for cascade_pass, alice_top in zip(shared, answers, strict=True):
-                state = _BobPass(len(self._passes), cascade_pass, alice_top, schedule.reuse_parities)
+                state = _BobPass(
+                    len(self._passes),
+                    cascade_pass,
+                    alice_top,
+                    schedule.reuse_parities,
+                    schedule.tail_blocks is not None,
+                    self._flip_count,
+                )
                 starts, ends = cascade_pass.block_starts, cascade_pass.block_ends
                 if cascade_pass.layout.kind == "affine":
                     # from the range parities of Bob's bits (needed for the searches anyway)
-                    state.odd = alice_top != self._bob_parity(state, starts, ends)
+                    state.set_odd(alice_top != self._bob_parity(state, starts, ends))
                 else:
-                    state.odd = alice_top != cascade_pass.halves_parities(np.packbits(self.key))
-                state.odd_seen = len(self._flip_log)
+                    state.set_odd(alice_top != cascade_pass.halves_parities(self._packed_key()))
                 self._passes.append(state)
+                self._by_size = sorted(self._passes, key=_block_size)
                 if cascade_pass.layout.kind == "halves":
                     clean_in_a_row = 0 if state.odd.any() else clean_in_a_row + 1
                 if schedule.tail_blocks is not None and len(self._passes) < len(schedule.block_sizes):
@@ -986,7 +1105,6 @@ class CascadeBob:
         is found and it ends.
         """
         active: list[_BobPass] = []
-        parallel = self.schedule.tail_blocks is not None
         while True:
             active = self._next_wave(active)
             if not active:
@@ -994,7 +1112,7 @@ class CascadeBob:
             progressed = False
             asks: list[tuple[_BobPass, Int64s, Int64s]] = []
             for state in active:
-                step = self._prune(state, parallel)
+                step = self._prune(state)
                 if step is None:
                     continue
                 mid, slots, moved = step
@@ -1013,12 +1131,10 @@ class CascadeBob:
             # one round trip asks the left child of every search under way
             if len(asks) == 1:
                 state = asks[0][0]
-                passes = np.full(state.blocks.size, state.index, dtype=np.uint8)
+                passes = state.pass_ids[: state.blocks.size]
                 starts, ends = state.starts.astype(np.uint32), asks[0][1].astype(np.uint32)
             else:
-                passes = np.concatenate(
-                    [np.full(st.blocks.size, st.index, dtype=np.uint8) for st, _, _ in asks]
-                )
+                passes = np.concatenate([st.pass_ids[: st.blocks.size] for st, _, _ in asks])
                 starts = np.concatenate([st.starts for st, _, _ in asks]).astype(np.uint32)
                 ends = np.concatenate([mid for _, mid, _ in asks]).astype(np.uint32)
             answer = yield from self._ask(RangeRequest(passes, starts, ends), int(starts.size))
@@ -1027,7 +1143,7 @@ class CascadeBob:
                 count = state.blocks.size
                 ranges, packed, byte_before = self._current(state)
                 if state.known is not None and state.known.size == 0:
-                    state.known = np.full(state.layout.block_count * state.width, 2, dtype=np.uint8)
+                    state.known = np.full(state.layout.block_count * state.width // 2, 2, dtype=np.uint8)
                 _kernels.descend(
                     answer[offset : offset + count],
                     False,  # the answer itself, not looked up by slot
@@ -1047,19 +1163,15 @@ class CascadeBob:
                 )
                 offset += count
 
-    def _prune(self, state: _BobPass, parallel: bool) -> tuple[Int64s, Int64s, int] | None:
+    def _prune(self, state: _BobPass) -> tuple[Int64s, Int64s, int] | None:
         """Ready the searches of ``state`` for the next round trip (:func:`_kernels.prune_searches`):
-        end those whose node a flip since the last look has made even (``parallel``: another pass's
-        search found their error), flip the errors found at single positions, and descend through
-        sub-blocks whose parity Alice already disclosed. ``mid``, slots of the left children and the
-        number of searches that descended, or ``None`` when no search of ``state`` goes on."""
-        touched = _NO_FLAGS
-        if parallel and state.flips_checked < len(self._flip_log):
-            touched = np.zeros(state.layout.block_count, dtype=bool)
-            touched[state.layout.block_of(self._flips_since(state.flips_checked))] = True
-            state.flips_checked = len(self._flip_log)
+        end those whose node a flip since the last look has made even (``parallel``, whose passes keep
+        ``touched`` blocks: another pass's search found their error), flip the errors found at single
+        positions, and descend through sub-blocks whose parity Alice already disclosed. ``mid``, slots
+        of the left children and the number of searches that descended, or ``None`` when no search of
+        ``state`` goes on."""
         ranges, packed, byte_before = self._current(state)
-        count, positions, alice, mid, slots, moved = _kernels.prune_searches(
+        count, positions, alice, mid, slots, moved, state.candidate_count = _kernels.prune_searches(
             state.starts,
             state.ends,
             state.node,
@@ -1067,7 +1179,7 @@ class CascadeBob:
             state.node_parity,
             state.blocks,
             state.searching,
-            touched,
+            state.touched,
             ranges.words,
             ranges.before,
             ranges.pending,
@@ -1076,22 +1188,14 @@ class CascadeBob:
             _SELECT8,
             _NO_BITS if state.known is None else state.known,
             state.revisiting,
+            state.maybe,
+            state.candidates,
+            state.candidate_count,
         )
         if count < state.blocks.size:
-            state.blocks, state.starts, state.ends = (
-                state.blocks[:count],
-                state.starts[:count],
-                state.ends[:count],
-            )
-            state.node, state.offset = state.node[:count], state.offset[:count]
-            state.node_parity = state.node_parity[:count]
+            state.keep_searches(count)
         if positions.size:
-            # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict
-            # each other
-            found = state.layout.index_at(positions)
-            if (self.key[found] == alice).any():
-                raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
-            self._apply_flips(found)
+            self._flip_found(state, positions, alice, packed, byte_before)
         if count == 0:
             state.revisiting = False
             return None
@@ -1104,18 +1208,18 @@ class CascadeBob:
             active = [state for state in active if state.blocks.size]
             if active:
                 return active
-            odd = [state for state in self._passes if self._sync_odd(state).any()]
+            odd = [state for state in self._passes if self._odd_blocks(state)]
             if not odd:
                 return []
             first = min(odd, key=_block_size)
             first.start_searches()
             return [first]
-        if active and self._waved == len(self._flip_log) and all(state.blocks.size for state in active):
+        if active and self._waved == self._flip_count and all(state.blocks.size for state in active):
             return active  # no flip and no search ended since the last look: no block turned odd
-        self._waved = len(self._flip_log)
+        self._waved = self._flip_count
         smaller = 0  # odd blocks in the passes of smaller blocks
-        for state in sorted(self._passes, key=_block_size):
-            odd_blocks = int(np.count_nonzero(self._sync_odd(state)))
+        for state in self._by_size:
+            odd_blocks = self._odd_blocks(state)
             if odd_blocks and smaller <= tail:
                 state.start_searches()
             smaller += odd_blocks
@@ -1127,7 +1231,7 @@ class CascadeBob:
         both). Bits i and i + d share a block of pass (a, k) only if ``a·d mod n`` lies within k of 0;
         the first pass keeps key-adjacent bits (d below the first block size) apart instead, against
         bursts of errors. On large frames the multiplier is the inverse of a step in ``STEP_RANGE``,
-        which both sides gather by a strided walk (:func:`_affine_gather`)."""
+        which both sides lay out by a transpose (:func:`_affine_ranges`)."""
         n = self.n
         if n <= 2:
             return PassLayout("affine", block_size, 1, 0)
@@ -1157,27 +1261,99 @@ class CascadeBob:
         multiplier = 1 if best is None else best[1]
         return PassLayout("affine", block_size, multiplier, int(self._rng.integers(0, n)))
 
-    def _apply_flips(self, indices: Int64s) -> None:
-        if indices.size == 0:
-            return
-        # an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or more flips
-        # than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
-        if (self.key[indices] != self.original[indices]).any():
+    def _flip_found(
+        self, state: _BobPass, positions: Int64s, alice: Bits, packed: Bits, byte_before: Int64s
+    ) -> None:
+        """Correct the errors found at pass-order ``positions`` of ``state``, where Alice's bits are
+        ``alice``, and log the flips."""
+        end = self._flip_count + positions.size
+        if end > self._flips.size:
+            self._flips = np.concatenate([self._flips, np.zeros(max(end, self._flips.size), dtype=np.int64)])
+        outcome = _kernels.flip_found(
+            positions,
+            alice,
+            state.layout.geometry,
+            packed,
+            byte_before,
+            _SELECT8,
+            self.key,
+            self.original,
+            self._flips,
+            self._flip_count,
+        )
+        # a leaf's node parity is Alice's bit: it must differ from Bob's, or her answers contradict each
+        # other; and an honest Alice makes Bob flip each error exactly once: a second flip of a bit, or
+        # more flips than bits, proves her answers inconsistent (and bounds the work a lying peer can cause)
+        if outcome == 1:
+            raise RemoteProtocolError("cascade: Alice's parities are inconsistent")
+        if outcome == 2:
             raise RemoteProtocolError("cascade: Alice's parities are inconsistent (a bit would flip twice)")
-        self.key[indices] ^= 1
-        self.corrected_bits += int(indices.size)
-        self._flip_log.append(indices)
+        self.corrected_bits += int(positions.size)
+        self._flip_count = end
 
-    def _flips_since(self, seen: int) -> Int64s:
-        return np.concatenate(self._flip_log[seen:])
+    def _packed_key(self) -> Bits:
+        """Bob's key as it is now, packed (kept while no bit flips: a flight of halves passes compares
+        each with it)."""
+        if self._packed is None or self._packed[0] != self._flip_count:
+            self._packed = (self._flip_count, np.packbits(self.key))
+        return self._packed[1]
 
-    def _sync_odd(self, state: _BobPass) -> npt.NDArray[np.bool_]:
-        """``state.odd`` with every flip so far applied (lazily: a flip touches every pass, and most
-        passes are not looked at again before many more flips)."""
-        if state.odd_seen < len(self._flip_log):
-            np.logical_xor.at(state.odd, state.layout.block_of(self._flips_since(state.odd_seen)), True)
-            state.odd_seen = len(self._flip_log)
-        return state.odd
+    def _sync(self, state: _BobPass) -> None:
+        """Apply every flip so far to ``state.odd``, ``state.touched`` and Bob's range parities in the pass's
+        order, if built (lazily: a flip touches every pass, and most passes are not looked at again
+        before many more flips)."""
+        count = self._flip_count
+        current = state.current
+        if state.synced == count and (current is None or state.flips_seen == count):
+            return
+        layout = state.layout
+        mask = _NO_BITS if layout.packed_mask is None else layout.packed_mask
+        if current is None:
+            _, odd_change, state.candidate_count = _kernels.sync_pass(
+                self._flips[:count],
+                layout.geometry,
+                mask,
+                state.odd,
+                state.touched,
+                state.synced,
+                _NO_WORDS,
+                _NO_BITS,
+                _NO_INDICES,
+                0,
+                count,
+                RangeParity.PENDING_FLIPS,
+                state.maybe,
+                state.candidates,
+                state.candidate_count,
+            )
+        else:
+            ranges = current.ranges
+            pending, odd_change, state.candidate_count = _kernels.sync_pass(
+                self._flips[:count],
+                layout.geometry,
+                mask,
+                state.odd,
+                state.touched,
+                state.synced,
+                ranges.words,
+                ranges.before,
+                ranges.pending_room,
+                ranges.pending.size,
+                state.flips_seen,
+                RangeParity.PENDING_FLIPS,
+                state.maybe,
+                state.candidates,
+                state.candidate_count,
+            )
+            ranges.pending = ranges.pending_room[:pending]
+        if state.synced < count:
+            state.odd_blocks += odd_change
+        state.synced = state.flips_seen = count
+
+    def _odd_blocks(self, state: _BobPass) -> int:
+        """The number of odd blocks of ``state``, every flip so far applied."""
+        self._sync(state)
+        return state.odd_blocks
 
     def _bob_parity(self, state: _BobPass, starts: Int64s, ends: Int64s) -> Bits:
         """Bob's current parity of pass-order ranges."""
@@ -1189,14 +1365,13 @@ class CascadeBob:
         """Bob's range parities in the order of ``state``'s pass, every flip so far applied, as the
         kernels take them: the parities and the pass's select (empty for an affine pass)."""
         if state.current is None:
+            self._sync(state)  # ``odd`` and ``touched``, before the parities join in
             state.current, state.flips_seen = state.layout.prepared or (
-                state.layout.range_parity(self.key),
-                len(self._flip_log),
+                state.layout.range_parity(self.key, self._packed_key()),
+                self._flip_count,
             )
             state.layout.prepared = None
-        if state.flips_seen < len(self._flip_log):
-            state.current.flip(self._flips_since(state.flips_seen))
-            state.flips_seen = len(self._flip_log)
+        self._sync(state)
         select = state.current.select
         if select is None:
             return state.current.ranges, _NO_BITS, _NO_INDICES
@@ -1210,17 +1385,23 @@ def warm_up() -> None:
     """Import numba and load every Cascade kernel (compiling it on the first run after an install), so
     that the first reconciliation runs at full speed: without it the first frame pays a few tenths of a
     second (kernels cached) or several seconds (not cached). Reconciles a small frame with
-    errors in every kind of pass, then asks the range parities with both bound types. Later calls return
+    errors in every kind of pass, then asks the range parities as the daemon's requests and with both
+    bound types. Later calls return
     at once; safe on another thread while nothing else runs Cascade there."""
     global _warmed_up  # noqa: PLW0603
     if _warmed_up:
         return
     rng = np.random.default_rng(0)
-    n = 1000  # below 1024 bits every affine pass is gathered by a strided walk
+    n = 1000  # below 1024 bits every affine pass is laid out by a transpose
     alice_key = rng.integers(0, 2, n, dtype=np.uint8)
     bob_key = alice_key.copy()
     bob_key[rng.choice(n, 50, replace=False)] ^= 1
     reconcile_in_memory(alice_key, bob_key, 0.05, rng)
+    # the daemon's requests: pass indices read-only, straight from the frame
+    alice = CascadeAlice(alice_key)
+    alice.handle(StartPass(0, PassLayout("affine", 16, 3, 1)))
+    ends = np.arange(1, 3, dtype=np.uint32)
+    alice.handle(RangeRequest(np.frombuffer(bytes(2), dtype=np.uint8), ends - 1, ends))
     for layout in (PassLayout("affine", 16, 3, 1), PassLayout("halves", seed=bytes(16))):
         ranges = _Pass(layout, n).range_parity(alice_key)
         for bounds in (np.arange(3, dtype=np.int64), np.arange(3, dtype=np.uint32)):

@@ -336,6 +336,10 @@ def test_affine_gather_matches_definition(rng: np.random.Generator) -> None:
         order = (np.arange(n) - b) % n * pow(a, -1, n) % n
         packed = cascade._affine_gather(bits, a, b)
         assert np.array_equal(np.unpackbits(packed, count=n), bits[order])
+        # the range parities of the pass, by the strided walk where its step is small
+        t = np.arange(n + 1, dtype=np.int64)
+        prefix = np.concatenate([[0], np.cumsum(bits[order], dtype=np.int64)]) & 1
+        assert cascade._affine_ranges(bits, a, b).parity(np.zeros_like(t), t).tolist() == prefix.tolist()
 
 
 @pytest.mark.parametrize("n", [1 << 16, 1 << 18])
