@@ -41,6 +41,7 @@ import sqlite3
 import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import InputError, QkddError
@@ -170,6 +171,10 @@ class KeyLedger:
                 "replaced (keys/2); deliver or drop those keys with the older qkdd, or start a fresh store"
             )
         db.executescript(SCHEMA)
+
+    def path(self) -> Path:
+        """The database file."""
+        return Path(self._db.execute("PRAGMA database_list").fetchone()[2])
 
     # -- meta values
 
@@ -342,13 +347,14 @@ class KeyLedger:
         return taken
 
     def take_many(
-        self, requests: Sequence[tuple[Sequence[str], str, str]]
+        self, requests: Sequence[tuple[Sequence[str], str, str]], *, durable: bool = True
     ) -> list[list[bytes] | DeliveryError]:
-        """Several slaves' :meth:`take` (key IDs, caller, master) in one durable transaction — a group
-        commit: one wait for the disk however many requests — each all or none: what a request cannot
-        have is its error, and it changed nothing. The next request sees what the earlier ones took."""
+        """Several slaves' :meth:`take` (key IDs, caller, master) in one transaction, each all or none:
+        what a request cannot have is its error, and it changed nothing. The next request sees what the
+        earlier ones took. ``durable=False``: the commit does not wait for the disk; no key of it may
+        leave before a sync of the WAL (:class:`qkdd.delivery.durable.DiskSync`)."""
         results: list[list[bytes] | DeliveryError] = []
-        with transaction(self._db):
+        with transaction(self._db, durable=durable):
             for key_ids, caller, master in requests:
                 try:
                     results.append(self._take(key_ids, caller, master))
