@@ -171,6 +171,7 @@ class KeyLedger:
                 "replaced (keys/2); deliver or drop those keys with the older qkdd, or start a fresh store"
             )
         db.executescript(SCHEMA)
+        self._autocheckpoint = int(db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
     def path(self) -> Path:
         """The database file."""
@@ -354,12 +355,20 @@ class KeyLedger:
         earlier ones took. ``durable=False``: the commit does not wait for the disk; no key of it may
         leave before a sync of the WAL (:class:`qkdd.delivery.durable.DiskSync`)."""
         results: list[list[bytes] | DeliveryError] = []
-        with transaction(self._db, durable=durable):
-            for key_ids, caller, master in requests:
-                try:
-                    results.append(self._take(key_ids, caller, master))
-                except DeliveryError as error:
-                    results.append(error)
+        if not durable:
+            # such a commit runs on the event loop: it leaves checkpoints (copying the WAL into the
+            # database and syncing both, 10 ms and more) to the store's other commits, on worker threads
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            with transaction(self._db, durable=durable):
+                for key_ids, caller, master in requests:
+                    try:
+                        results.append(self._take(key_ids, caller, master))
+                    except DeliveryError as error:
+                        results.append(error)
+        finally:
+            if not durable:
+                self._db.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
         return results
 
     def _take(self, key_ids: Sequence[str], caller: str, master: str) -> list[bytes]:

@@ -175,3 +175,29 @@ def test_a_hand_out_committed_without_the_disk_wait_survives_kill_9(tmp_path: Pa
     finally:
         alice_store.close()
         stores[1].close()
+
+
+def test_a_hand_out_without_the_disk_wait_leaves_checkpoints_to_the_other_commits(tmp_path: Path) -> None:
+    """It runs on the event loop, and a checkpoint (copying the WAL into the database, syncing both)
+    would stall it for milliseconds: the WAL keeps its pages past the checkpoint threshold until a
+    commit on a worker thread (any other: an applied entry, a round) checkpoints it."""
+    stores = KeyStore(tmp_path / "alice", "link"), KeyStore(tmp_path / "bob", "link")
+    try:
+        commit_round(stores, 0, 8)
+        alice, bob = ledgers(stores)
+        entry, _ = bob.allocate(3, 256, "sae-b", ["sae-a"])
+        alice.apply(entry)
+        db = stores[0]._db
+        db.execute("PRAGMA wal_autocheckpoint=1")  # every commit past one WAL page would checkpoint
+        alice._autocheckpoint = 1
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        database = tmp_path / "alice" / DATABASE  # a checkpoint is what writes to it
+        before = database.read_bytes()
+        [taken] = alice.take_many([([entry.key_ids[0]], "sae-a", "sae-b")], durable=False)
+        assert isinstance(taken, list) and database.read_bytes() == before  # no checkpoint
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1  # the setting is back
+        alice.take_many([([entry.key_ids[1]], "sae-a", "sae-b")])  # a durable commit checkpoints
+        assert database.read_bytes() != before
+    finally:
+        for store in stores:
+            store.close()
