@@ -228,12 +228,9 @@ class Daemon:
         self.monitor = monitor.Monitor(config.role, metrics=self.metrics)
         self.kme: KeyManager | None = None
         self.api: ApiServer | None = None
-        self._store_lock = trio.Lock()
         if config.etsi014 is not None:
             ledger = self.store.ledger(config.role)
-            self.kme = KeyManager(
-                config.role, config.etsi014, ledger, self._store_call, store_lock=self._store_lock
-            )
+            self.kme = KeyManager(config.role, config.etsi014, ledger, self._store_call)
             observe = self.metrics.etsi014_request if self.metrics is not None else None
             self.api = ApiServer(self.kme, config.etsi014, observe)
         self.settings = engine_settings(config, self.psk, self.pki, key_channel=self.kme is not None)
@@ -243,6 +240,7 @@ class Daemon:
         self.paused = False
         self._rounds_started: set[int] = set()
         self._stop = trio.Event()
+        self._store_lock = trio.Lock()
         self._active: _Session | None = None
         self._collected = -math.inf  # when _round_done last ran the garbage collector
         self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first

@@ -15,11 +15,9 @@ Theory of operation
   to the next — and the extra keys wait in memory for that master's next requests, which then need no
   transaction and no notice. Keys waiting when the daemon stops are never handed out (their material is
   already erased; the peer's copies wait for IDs no slave will learn).
-* dec_keys hands keys out in **group commits** (:mod:`qkdd.delivery.durable`): each request's hand-out
-  commits at once, all or none, on the event loop's thread without waiting for the disk, and is
-  answered only after a disk sync that began after its commit; the requests that commit while one sync
-  runs share the next one (so a crash never lets a key out twice, and slaves fetching at once pay one
-  disk wait between them).
+* dec_keys hands keys out in **group commits**: the requests that arrive while one hand-out waits for
+  the disk share the next transaction, each still all or none, and none is answered before its
+  hand-out is durable (so a crash never lets a key out twice).
 * Alice asks Bob for a lease (``key_lease``) when hers is short, before allocating, and ahead of need in
   the background once it falls below half of ``lease_size``; Bob answers ``key_grant`` (an entry of his
   log) or ``key_refuse``. A lease request belongs to its connection: the connection's end answers it
@@ -46,7 +44,6 @@ import trio
 from qkdd import spec, wire
 from qkdd.config import Etsi014
 from qkdd.delivery.channel import ANSWER_TIMEOUT, KeyChannel
-from qkdd.delivery.durable import DiskSync
 from qkdd.delivery.ledger import (
     Assignment,
     DeliveryError,
@@ -88,6 +85,18 @@ class _Waiter:
     def resolve(self, error: DeliveryError | None = None) -> None:
         self.error = error
         self.event.set()
+
+
+@dataclass
+class _Take:
+    """One dec_keys hand-out waiting for its group's transaction."""
+
+    key_ids: list[str]
+    caller: str
+    master: str
+    done: trio.Event = field(default_factory=trio.Event)
+    result: list[bytes] | Exception | None = None  # the keys, or why not (a refusal, a failing store)
+    abandoned: bool = False  # its request was cancelled (a stop): no answer could carry the keys
 
 
 @dataclass
@@ -144,30 +153,14 @@ class _Link:
 
 
 class KeyManager:
-    """The KME of this site (``role``), over the key store's ledger and a store-call runner.
+    """The KME of this site (``role``), over the key store's ledger and a store-call runner."""
 
-    ``store_call`` runs a function of the store on a worker thread, holding ``store_lock``; dec_keys runs
-    its short transactions on the event loop's thread, holding ``store_lock`` too (so pass the lock the
-    runner takes), and makes them durable with ``disk`` (by default a :class:`DiskSync` of the ledger's
-    database)."""
-
-    def __init__(
-        self,
-        role: str,
-        settings: Etsi014,
-        ledger: KeyLedger,
-        store_call: StoreCall,
-        *,
-        store_lock: trio.Lock | None = None,
-        disk: DiskSync | None = None,
-    ) -> None:
+    def __init__(self, role: str, settings: Etsi014, ledger: KeyLedger, store_call: StoreCall) -> None:
         self.role = role
         self.peer = "bob" if role == "alice" else "alice"
         self.settings = settings
         self.ledger = ledger
         self._store_call = store_call
-        self._store_lock = store_lock or trio.Lock()
-        self.disk = disk or DiskSync(ledger.path())
         self._link: _Link | None = None
         self._writing = trio.Lock()  # this site's log entries are written and sent in serial order
         self._next_request = 1  # Alice: the number of her next lease request
@@ -181,6 +174,8 @@ class KeyManager:
         # keys of this site's entries allocated ahead for their master, in memory only (§19: batches)
         self._batches: dict[tuple[str, tuple[str, ...], int], _Batch] = {}
         self.batched_bytes = 0  # the bytes of every key waiting in a batch
+        self._takes: list[_Take] = []  # dec_keys hand-outs for the next group commit
+        self._taking = False  # a request is running group commits
 
     # -- the key channel
 
@@ -472,26 +467,43 @@ class KeyManager:
                 await applied.wait()
             if trio.current_time() >= deadline:
                 raise Unavailable("these keys have not arrived from the peer KME yet; ask again")
-        keys = await self._take(key_ids, caller, master)
+        keys = await self._take(_Take(list(key_ids), caller, master))
         return list(zip(key_ids, keys, strict=True))
 
-    async def _take(self, key_ids: Sequence[str], caller: str, master: str) -> list[bytes]:
-        """Hand out the keys: commit the hand-out at once (all or none) without waiting for the disk, then
-        wait for the disk sync that covers it (a group commit with every hand-out committed meanwhile,
-        :mod:`qkdd.delivery.durable`). A refusal wrote nothing: it needs no sync."""
-        lock = self._store_lock
+    async def _take(self, take: _Take) -> list[bytes]:
+        """Hand out ``take``'s keys in a group commit: the requests that arrive while one transaction
+        waits for the disk share the next one, so slaves fetching at once pay one disk wait between
+        them, and none is answered before its hand-out is durable. The first request finding no
+        transaction under way runs them until none is left, shielded, so that each is answered."""
+        self._takes.append(take)
+        if not self._taking:
+            self._taking = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._takes:
+                        group = [t for t in self._takes if not t.abandoned]
+                        self._takes = []
+                        results: Sequence[list[bytes] | Exception]
+                        try:
+                            results = await self._store_call(
+                                self.ledger.take_many, [(t.key_ids, t.caller, t.master) for t in group]
+                            )
+                        except Exception as error:  # the store failed: each request of the group says so
+                            results = [error] * len(group)
+                        for each, result in zip(group, results, strict=True):
+                            each.result = result
+                            each.done.set()
+            finally:
+                self._taking = False
         try:
-            lock.acquire_nowait()  # the usual case: no yield, no extra turn of the event loop
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            [result] = self.ledger.take_many([(key_ids, caller, master)], durable=False)
-        finally:
-            lock.release()
-        if isinstance(result, DeliveryError):
-            raise result
-        await self.disk.wait(self.disk.ticket())  # no yield between the commit and its ticket
-        return result
+            await take.done.wait()
+        except trio.Cancelled:
+            take.abandoned = True  # not handed out, unless its transaction is under way already
+            raise
+        if isinstance(take.result, Exception):
+            raise take.result
+        assert take.result is not None
+        return take.result
 
     def held_keys(self) -> int:
         """Keys of ``key_size`` the link holds for masters and has handed to none, as this site knows it:

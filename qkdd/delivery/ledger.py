@@ -41,7 +41,6 @@ import sqlite3
 import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from qkdd.database import get_meta, set_meta, transaction
 from qkdd.errors import InputError, QkddError
@@ -171,11 +170,6 @@ class KeyLedger:
                 "replaced (keys/2); deliver or drop those keys with the older qkdd, or start a fresh store"
             )
         db.executescript(SCHEMA)
-        self._autocheckpoint = int(db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-
-    def path(self) -> Path:
-        """The database file."""
-        return Path(self._db.execute("PRAGMA database_list").fetchone()[2])
 
     # -- meta values
 
@@ -348,27 +342,18 @@ class KeyLedger:
         return taken
 
     def take_many(
-        self, requests: Sequence[tuple[Sequence[str], str, str]], *, durable: bool = True
+        self, requests: Sequence[tuple[Sequence[str], str, str]]
     ) -> list[list[bytes] | DeliveryError]:
-        """Several slaves' :meth:`take` (key IDs, caller, master) in one transaction, each all or none:
-        what a request cannot have is its error, and it changed nothing. The next request sees what the
-        earlier ones took. ``durable=False``: the commit does not wait for the disk; no key of it may
-        leave before a sync of the WAL (:class:`qkdd.delivery.durable.DiskSync`)."""
+        """Several slaves' :meth:`take` (key IDs, caller, master) in one durable transaction — a group
+        commit: one wait for the disk however many requests — each all or none: what a request cannot
+        have is its error, and it changed nothing. The next request sees what the earlier ones took."""
         results: list[list[bytes] | DeliveryError] = []
-        if not durable:
-            # such a commit runs on the event loop: it leaves checkpoints (copying the WAL into the
-            # database and syncing both, 10 ms and more) to the store's other commits, on worker threads
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
-        try:
-            with transaction(self._db, durable=durable):
-                for key_ids, caller, master in requests:
-                    try:
-                        results.append(self._take(key_ids, caller, master))
-                    except DeliveryError as error:
-                        results.append(error)
-        finally:
-            if not durable:
-                self._db.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
+        with transaction(self._db):
+            for key_ids, caller, master in requests:
+                try:
+                    results.append(self._take(key_ids, caller, master))
+                except DeliveryError as error:
+                    results.append(error)
         return results
 
     def _take(self, key_ids: Sequence[str], caller: str, master: str) -> list[bytes]:

@@ -15,9 +15,10 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdd.delivery.kme import KeyManager
 from qkdd.delivery.ledger import Unavailable
 from qkdd.records import key_id
-from tests.delivery.test_kme import Sites, Wire, manager, open_sites
+from tests.delivery.test_kme import Sites, Wire, direct, open_sites
 from tests.delivery.test_ledger import BLOCK, summary
 
 MOST = 40  # max_key_count: keys of 256 bits
@@ -79,7 +80,7 @@ class Books:
         old = self.sites.managers[site]
         self.burned += old.batched_bytes
         self.wire.cut()
-        self.sites.managers[site] = manager(site, old.settings, old.ledger)
+        self.sites.managers[site] = KeyManager(site, old.settings, old.ledger, direct)
         self.nursery.start_soon(self.sites.managers[site].run)
         self.wire = await self.sites.connect(self.nursery)
 

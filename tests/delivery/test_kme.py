@@ -20,9 +20,8 @@ from qkdd.auth.psk import FrameMac
 from qkdd.config import Address, Etsi014, SaeIdentity
 from qkdd.delivery import kme as kme_mod
 from qkdd.delivery.channel import KeyChannel
-from qkdd.delivery.durable import DiskSync, sync_file
 from qkdd.delivery.kme import BadRequest, KeyManager
-from qkdd.delivery.ledger import KeyLedger, NotAuthorized, Unavailable, UnknownKey
+from qkdd.delivery.ledger import NotAuthorized, Unavailable, UnknownKey
 from qkdd.errors import RemoteProtocolError
 from qkdd.records import key_id
 from qkdd.store import KeyStore
@@ -43,20 +42,6 @@ def settings(role: str) -> Etsi014:
 
 async def direct(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
-
-
-class InstantDisk(DiskSync):
-    """The disk sync of hand-outs run at once on the event loop's thread, as ``direct`` runs the store's
-    calls: a test's tasks then wait for nothing outside trio."""
-
-    def _begin(self, target: int) -> None:
-        sync_file(self._wal, self._database)
-        self._finished(target, None)
-
-
-def manager(role: str, settings: Etsi014, ledger: KeyLedger) -> KeyManager:
-    """A KeyManager whose store calls and disk syncs run at once."""
-    return KeyManager(role, settings, ledger, direct, disk=InstantDisk(ledger.path()))
 
 
 @dataclass
@@ -146,7 +131,7 @@ def open_sites(folder: Path, blocks: int = 8, **options: Any) -> Iterator[Sites]
     for store in stores.values():
         store.store_round(summary(0), rows, False, 1.0)
     managers = {
-        role: manager(role, replace(settings(role), **options), stores[role].ledger(role))
+        role: KeyManager(role, replace(settings(role), **options), stores[role].ledger(role), direct)
         for role in ("alice", "bob")
     }
     try:
@@ -396,7 +381,7 @@ async def test_a_master_that_asks_again_gets_keys_allocated_ahead(tmp_path: Path
                 await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
             assert bob.batched_keys("sae-bob", ["sae-alice"], 256) == 8
             # a restart: what waited in memory is gone, never handed out; the peer holds it, unasked
-            bob = sites.managers["bob"] = manager("bob", bob.settings, bob.ledger)
+            bob = sites.managers["bob"] = KeyManager("bob", bob.settings, bob.ledger, direct)
             nursery.start_soon(bob.run)
             await sites.connect(nursery)
             again = await bob.enc_keys("sae-bob", ["sae-alice"], 1, 256)
@@ -451,41 +436,41 @@ def test_the_answer_timeout_is_the_specs() -> None:
     assert kme_mod.ANSWER_TIMEOUT == 5.0
 
 
-class HeldDisk(InstantDisk):
-    """A disk whose syncs wait until the test releases them, one by one (a slow disk), while
-    ``holding``."""
+def _store_waiting_for(disk: trio.Event) -> Callable[..., Any]:
+    """A KME's store call whose every transaction waits for ``disk`` (a slow disk, under the test's
+    control)."""
 
-    def __init__(self, database: Path) -> None:
-        super().__init__(database)
-        self.holding = True
-        self.started: list[int] = []  # the ticket each sync began with
-        self._waiting: list[int] = []
+    async def slow_store(function: Callable[..., Any], *args: Any) -> Any:
+        await disk.wait()
+        return function(*args)
 
-    def _begin(self, target: int) -> None:
-        self.started.append(target)
-        self._waiting.append(target)
-        if not self.holding:
-            self.release()
-
-    def release(self) -> None:
-        """The oldest sync waiting ends."""
-        super()._begin(self._waiting.pop(0))
+    return slow_store
 
 
 @pytest.mark.trio
-async def test_slaves_fetching_at_once_share_a_disk_sync_and_none_is_answered_before_it(
-    sites: Sites,
+async def test_slaves_fetching_at_once_share_a_transaction_and_a_refusal_stays_their_own(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """dec_keys hand-outs that commit while a disk sync runs share the next one (a group commit), and
-    none is answered before a sync that began after its commit; a refusal is its own and needs none."""
+    """dec_keys requests that arrive while a hand-out waits for the disk go together in the next
+    transaction (a group commit); each is still all or none: one refused leaves the others whole."""
     alice, bob = sites.managers["alice"], sites.managers["bob"]
-    disk = bob.disk = HeldDisk(bob.ledger.path())
+    groups: list[int] = []
+    take_many = bob.ledger.take_many
+
+    def counting(requests: list[tuple[list[str], str, str]]) -> list[Any]:
+        groups.append(len(requests))
+        return take_many(requests)
+
+    disk = trio.Event()  # the first transaction waits for the disk until the others have arrived
+    slow_store = _store_waiting_for(disk)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await sites.connect(nursery)
             sent = await alice.enc_keys("sae-alice", ["sae-bob"], 4, 256)
             await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(bob.ledger, "take_many", counting)
+            monkeypatch.setattr(bob, "_store_call", slow_store)
             results: dict[str, Any] = {}
 
             async def fetch(name: str, ids: list[str]) -> None:
@@ -496,57 +481,50 @@ async def test_slaves_fetching_at_once_share_a_disk_sync_and_none_is_answered_be
 
             async with trio.open_nursery() as fetches:
                 fetches.start_soon(fetch, "first", [sent[0][0]])
-                await trio.testing.wait_all_tasks_blocked()  # committed; its sync runs
+                await trio.testing.wait_all_tasks_blocked()
                 fetches.start_soon(fetch, "two", [sent[1][0], sent[2][0]])
                 fetches.start_soon(fetch, "again", [sent[0][0], sent[3][0]])  # the first's key once more
                 fetches.start_soon(fetch, "last", [sent[3][0]])
                 await trio.testing.wait_all_tasks_blocked()
-                assert "already delivered" in str(results.pop("again"))  # and it took nothing
-                assert not results and disk.started == [1]
-                disk.release()
-                await trio.testing.wait_all_tasks_blocked()
-                # "two" and "last" committed after the first sync began: it does not cover them
-                assert results == {"first": [sent[0]]}, results
-                assert disk.started == [1, 3]
-                disk.release()
-            assert results["two"] == sent[1:3] and results["last"] == [sent[3]]
-            assert disk.syncs == 2
+                disk.set()
+            assert results["first"] == [sent[0]] and results["two"] == sent[1:3]
+            assert results["last"] == [sent[3]]
+            assert "already delivered" in str(results["again"])  # and it took nothing: "last" got its key
+            assert groups == [1, 3]
             nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio
-async def test_a_dec_keys_request_cancelled_before_its_hand_out_hands_nothing_out(sites: Sites) -> None:
-    """A request cancelled (the daemon stopping) while it waits for the key store takes nothing: no
-    answer could carry its keys, so the slave gets them when it asks again. Cancelled after its hand-out
-    committed, while it waits for the disk, its keys count as delivered (as after a crash there)."""
+async def test_a_dec_keys_request_cancelled_while_it_waits_for_its_group_hands_nothing_out(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled (the daemon stopping) before its group's transaction began takes nothing:
+    no answer could carry its keys, so the slave gets them when it asks again."""
     alice, bob = sites.managers["alice"], sites.managers["bob"]
-    disk = bob.disk = HeldDisk(bob.ledger.path())
+    disk = trio.Event()
+    slow_store = _store_waiting_for(disk)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await sites.connect(nursery)
             sent = await alice.enc_keys("sae-alice", ["sae-bob"], 2, 256)
             await trio.testing.wait_all_tasks_blocked()
+            monkeypatch.setattr(bob, "_store_call", slow_store)
+            stop = trio.CancelScope()
 
-            async def stopped_request(scope: trio.CancelScope, key: str) -> None:
-                with scope:
-                    await bob.dec_keys("sae-bob", "sae-alice", [key])
+            async def stopped_request() -> None:
+                with stop:
+                    await bob.dec_keys("sae-bob", "sae-alice", [sent[1][0]])
                     raise AssertionError("the request was not cancelled")
 
-            before, during = trio.CancelScope(), trio.CancelScope()
             async with trio.open_nursery() as fetches:
-                await bob._store_lock.acquire()  # a round's store call holds the store
-                fetches.start_soon(stopped_request, before, sent[0][0])
+                fetches.start_soon(bob.dec_keys, "sae-bob", "sae-alice", [sent[0][0]])
+                await trio.testing.wait_all_tasks_blocked()  # its transaction waits for the disk
+                fetches.start_soon(stopped_request)
+                await trio.testing.wait_all_tasks_blocked()  # it waits for the next group
+                stop.cancel()
                 await trio.testing.wait_all_tasks_blocked()
-                before.cancel()
-                bob._store_lock.release()
-                fetches.start_soon(stopped_request, during, sent[1][0])
-                await trio.testing.wait_all_tasks_blocked()  # committed; waits for its sync
-                during.cancel()
-            assert before.cancelled_caught and during.cancelled_caught
-            disk.release()
-            disk.holding = False
-            assert await bob.dec_keys("sae-bob", "sae-alice", [sent[0][0]]) == [sent[0]]
-            with pytest.raises(UnknownKey, match="already delivered"):
-                await bob.dec_keys("sae-bob", "sae-alice", [sent[1][0]])
+                disk.set()
+            assert stop.cancelled_caught
+            assert await bob.dec_keys("sae-bob", "sae-alice", [sent[1][0]]) == [sent[1]]
             nursery.cancel_scope.cancel()
