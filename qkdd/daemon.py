@@ -241,6 +241,7 @@ class Daemon:
         self._rounds_started: set[int] = set()
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
+        self._store_thread = background.SerialThread("qkdd-store")  # the store's calls, one at a time
         self._active: _Session | None = None
         self._collected = -math.inf  # when _round_done last ran the garbage collector
         self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first
@@ -1012,7 +1013,7 @@ class Daemon:
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
-            return await trio.to_thread.run_sync(function, *args)
+            return await self._store_thread.run(function, *args)
 
     def _keepalive_due(self, session: _Session, engine: engine_mod.Engine) -> float:
         """When we owe the peer a keepalive: :attr:`Engine.keepalive_interval` after our last frame
