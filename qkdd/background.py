@@ -70,7 +70,7 @@ class SerialThread:
     def __init__(self, name: str) -> None:
         self.name = name
         self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task]
+            tuple[Callable[[], Any], trio.lowlevel.TrioToken, trio.lowlevel.Task] | None
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -86,10 +86,19 @@ class SerialThread:
         result: T = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         return result
 
+    def close(self) -> None:
+        """Let the thread end once the calls handed over so far are done (a later call starts a new one)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
     def _work(self) -> None:
         name_thread(self.name)
         while True:
-            call, token, task = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:
+                return
+            call, token, task = job
             result = outcome.capture(call)
             with contextlib.suppress(trio.RunFinishedError):  # the run ended: no task waits any more
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)

@@ -318,6 +318,7 @@ class Daemon:
         finally:
             self._status("stopped")
             self._write_stop_file()
+            self._store_thread.close()
             self.store.close()
             log.info("%s stopped after %d rounds", self.role, self.rounds_finished)
 

@@ -105,3 +105,16 @@ async def test_a_call_handed_to_a_serial_thread_runs_to_its_end_even_if_its_task
             assert ran == []  # still waiting for the call
             go.set()
         assert scope.cancelled_caught and ran == ["slow", "returned"]
+
+
+@pytest.mark.trio
+async def test_a_closed_serial_thread_ends_and_a_later_call_starts_another() -> None:
+    worker = background.SerialThread("qkdd-test-serial")
+    with trio.fail_after(10):
+        first = await worker.run(threading.current_thread)
+        worker.close()
+        await trio.to_thread.run_sync(first.join, 10)
+        assert not first.is_alive()
+        second = await worker.run(threading.current_thread)
+        assert second is not first and second.is_alive()
+        worker.close()
