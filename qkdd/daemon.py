@@ -239,6 +239,7 @@ class Daemon:
         self._rounds_started: set[int] = set()
         self._stop = trio.Event()
         self._store_lock = trio.Lock()
+        self._store_thread = background.SerialThread("qkdd-store")  # the store's calls, one at a time
         self._active: _Session | None = None
         self._handshaking: dict[_Session, None] = {}  # connections in the handshake, oldest first
         self._refusals = _RateLimitedLog(REFUSAL_LOG_SECONDS)
@@ -314,6 +315,7 @@ class Daemon:
         finally:
             self._status("stopped")
             self._write_stop_file()
+            self._store_thread.close()
             self.store.close()
             log.info("%s stopped after %d rounds", self.role, self.rounds_finished)
 
@@ -1009,7 +1011,7 @@ class Daemon:
 
     async def _store_call(self, function: Callable[..., T], *args: Any) -> T:
         async with self._store_lock:
-            return await trio.to_thread.run_sync(function, *args)
+            return await self._store_thread.run(function, *args)
 
     def _keepalive_due(self, session: _Session, engine: engine_mod.Engine) -> float:
         """When we owe the peer a keepalive: :attr:`Engine.keepalive_interval` after our last frame

@@ -139,8 +139,10 @@ class _TlsStream(trio.abc.Stream):
     connection's handler that raised anything else would end the whole server). The incoming BIO is fed
     only when OpenSSL asks for more, so it holds at most one record and one read; the outgoing one is
     unbounded and never makes OpenSSL wait (no ``SSLWantWriteError``). ``send_all`` yields to the other
-    tasks once, cancel-shielded, after its bytes went out: the socket path may not wait at all, and a
-    client pipelining requests would otherwise hold the event loop for as long as it sends them."""
+    tasks once, cancel-shielded, after its bytes went out, unless the connection waited for the socket
+    since its last ``send_all`` (as it does for each request of a client that waits for its answers):
+    the socket path may not wait at all, and a client pipelining requests would otherwise hold the
+    event loop for as long as it sends them."""
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, context: ssl.SSLContext) -> None:
         self.transport_stream = transport
@@ -149,6 +151,7 @@ class _TlsStream(trio.abc.Stream):
         self._tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._held = b""  # the session tickets, until the first answer
         self._closed = False
+        self._waited = False  # the task waited for the socket since the last send_all (it yielded)
         # on a TCP socket the bytes go straight to its descriptor: trio's socket layer tries a read before
         # each wait (a failed system call per request) and yields after each send; -1 on other streams
         self._fd = transport.socket.fileno() if isinstance(transport, trio.SocketStream) else -1
@@ -197,7 +200,9 @@ class _TlsStream(trio.abc.Stream):
             except (ssl.SSLError, ssl.CertificateError) as error:
                 raise trio.BrokenResourceError from error
             await self._flush()
-        await trio.lowlevel.cancel_shielded_checkpoint()  # the bytes are out: no cancel here (see above)
+        if not self._waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the bytes are out: no cancel here (see above)
+        self._waited = False
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -219,10 +224,12 @@ class _TlsStream(trio.abc.Stream):
             except OSError as error:
                 raise trio.BrokenResourceError from error
         if data:  # the socket's buffer is full (or not a socket): wait until it takes the rest
+            self._waited = True
             await self.transport_stream.send_all(data)
 
     async def _fill(self) -> None:
         data: bytes | bytearray
+        self._waited = True
         if self._fd >= 0:
             await trio.lowlevel.wait_readable(self._fd)
             try:
