@@ -181,6 +181,8 @@ class _Session:
     rested: bool = False  # Alice: run.round_pause has passed since her last round started
     # from any thread: hand the outcome of work the engine handed out back to the session's loop
     hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
+    # the peer's end of the stream came while frames still waited for work: they are handled first
+    peer_gone: bool = False
     # an item the loop took from the frame channel early (it may be None, the end): the next to handle
     put_back: list[Any] = field(default_factory=list)
     # the link frames the engine asked for, fetched one at a time in the order asked (_fetch_frames)
@@ -411,6 +413,7 @@ class Daemon:
                             engine.state is engine_mod.State.IDLE
                             and not engine.round_states
                             and self.role == "alice"
+                            and not session.peer_gone
                             and (self.stopping or not self._max_rounds_reached() or self._all_done())
                             and (self.stopping or trio.current_time() >= session.resume_at)
                             and not session.put_back
@@ -463,7 +466,7 @@ class Daemon:
                             await self._execute(session, actions)
                             deadline = _deadline(engine.timeout)
                             continue
-                        if await self._start_in_flight(session, engine):
+                        if not session.peer_gone and await self._start_in_flight(session, engine):
                             deadline = _deadline(engine.timeout)
                             continue
                         item: Any = None
@@ -487,6 +490,10 @@ class Daemon:
                         if isinstance(item, Exception):
                             raise item
                         if item is None:
+                            if engine.holds_frames:
+                                # frames it sent before it closed wait for our work: handle them first
+                                session.peer_gone = True
+                                continue
                             ended = f"{peer} closed the connection"
                             log.info("%s closed the connection%s", peer, _abandoned(engine))
                             return ready
@@ -517,7 +524,7 @@ class Daemon:
                             ready = True
                             self._handshaking.pop(session, None)
                             await self._become_active(session)
-                        await self._execute(session, actions)
+                        await self._execute(session, _to_peer(actions, session.peer_gone))
                         if asked is not None:
                             session.answered[asked] = trio.current_time()
                         if handled is not None:
@@ -525,8 +532,17 @@ class Daemon:
                         deadline = _deadline(engine.timeout)
                         if self.role == "bob" and self._all_done() and not engine.round_states:
                             self.request_stop("all rounds done")
+                        if session.peer_gone and not engine.holds_frames:
+                            ended = f"{peer} closed the connection"
+                            log.info("%s closed the connection%s", peer, _abandoned(engine))
+                            return ready
             except RemoteProtocolError as error:
                 ended = f"protocol error {error.code} with {peer}: {error}"
+                if isinstance(error, engine_mod.PeerError) and error.actions:
+                    # what the peer's frames before its error asked for (a keyless round's end)
+                    await self._execute(session, _to_peer(error.actions, peer_gone=True))
+                    if self.role == "bob" and self._all_done():
+                        self.request_stop("all rounds done")
                 await self._protocol_error(session, error)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 ended = f"connection with {peer} lost"
@@ -1177,6 +1193,13 @@ def _peer_name(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown peer"
     return f"{host}:{port}"
+
+
+def _to_peer(actions: list[engine_mod.Action], peer_gone: bool) -> list[engine_mod.Action]:
+    """``actions``, without the frames to send once the peer has closed its end (nothing reads them)."""
+    if not peer_gone:
+        return actions
+    return [action for action in actions if not isinstance(action, engine_mod.Send)]
 
 
 def _abandoned(engine: engine_mod.Engine) -> str:

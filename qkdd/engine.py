@@ -36,7 +36,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from qkdd import messages, policy, spec, wire
 from qkdd.auth import psk as psk_auth
@@ -282,6 +282,13 @@ class Engine:
         return message is not None and message.type in _CHEAP and self._held_for_work()
 
     @property
+    def holds_frames(self) -> bool:
+        """Whether frames received wait for work handed out (or for frames that do): a driver whose
+        connection ended feeds that work's outcomes back before it gives the session up, so that what
+        the peer sent before it closed is handled."""
+        return bool(self._held)
+
+    @property
     def cheap_completion(self) -> bool:
         """Whether taking an outcome back (:meth:`completed`) is cheap now: no frame waits for one, and
         every open round is reconciling."""
@@ -389,10 +396,8 @@ class Engine:
             if self.peer_role not in self._spec.messages[message.type].senders:
                 raise RemoteProtocolError(f"{self.peer_role} may not send {message.type}", code="bad-message")
             typed = messages.parse(message.type, dict(message.fields))
-            if isinstance(typed, messages.Error):
-                self._close_rounds()
-                self._state = State.CLOSED
-                raise PeerError(typed.code, typed.message, list(typed.versions))
+            if isinstance(typed, messages.Error) and not self._held:
+                self._peer_closed(typed)
             if message.type == "hello":
                 self._hs.received_hello(envelope.body)
             self._start_frame_work(typed)
@@ -446,8 +451,11 @@ class Engine:
         its round it needs, or — the messages of :data:`_IN_ORDER` — for earlier rounds, so that rounds
         are stored and committed in order (§13)."""
         number = getattr(message, "round", None)
-        if message.type == "round_start" and before:
-            return True  # a held frame may end a round: the window is counted after it
+        if message.type in ("round_start", "error") and before:
+            # a held frame may end a round: the window is counted after it, and the peer's error closes
+            # the connection only after the frames it sent before it (a keyless round's last frame
+            # ends the round here too, rather than leaving it abandoned)
+            return True
         if any(getattr(held, "round", None) in (number, None) for _, held in before):
             return True
         r = None if number is None else self._rounds.get(number)
@@ -475,6 +483,8 @@ class Engine:
             i = 0  # its round moved on: an earlier-held frame may go now
 
     def _handle(self, envelope: wire.Envelope, message: messages.Message) -> None:
+        if isinstance(message, messages.Error):
+            self._peer_closed(message)
         number = getattr(message, "round", None)
         if number is not None and number in self._dropped and number not in self._rounds:
             # §13: the peer sent it before it learnt that we dropped that round. §16: a tagged amplify
@@ -753,7 +763,15 @@ class Engine:
         self._rounds = {}
         self._held = []
 
+    def _peer_closed(self, message: messages.Error) -> NoReturn:
+        """The peer's error frame, once every frame it sent before it is handled: the connection ends."""
+        self._close_rounds()
+        self._state = State.CLOSED
+        raise PeerError(message.code, message.message, list(message.versions))
+
     def _fail(self, error: RemoteProtocolError) -> None:
+        if isinstance(error, PeerError):
+            error.actions = self._out  # of the frames handled before the peer's error: still to carry out
         self._out = []
         self._close_rounds()
         if self._state is not State.CLOSED and not isinstance(error, PeerError):
@@ -894,3 +912,4 @@ class PeerError(RemoteProtocolError):
     def __init__(self, code: str, message: str, versions: list[int]) -> None:
         super().__init__(f"the peer closed the connection: {code}: {message[:200]}", code=code)
         self.versions = versions
+        self.actions: list[Action] = []  # what the frames before the error frame asked for

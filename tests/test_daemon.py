@@ -7,6 +7,7 @@ import logging
 import re
 import sqlite3
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from qkdd import config, control, demo, engine, policy
+from qkdd import config, control, demo, engine, policy, rounds
 from qkdd import daemon as daemon_mod
 from qkdd.daemon import Daemon, RoundClock, _coalesced
 from qkdd.errors import InputError
@@ -546,3 +547,52 @@ def test_alice_times_the_round_trip_by_her_estimate_answer_and_keeps_open_rounds
         assert len(limits) == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.trio
+async def test_bob_ends_a_round_alice_ended_before_she_closed_while_his_work_for_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyless round: Alice's untagged amplify ends it, she closes (no more rounds) and goes, while Bob's
+    own work for the round still runs. Once it is back he handles her amplify, ends the round as she
+    did, and stops (with run.rounds = 1 he once waited for ever: the round abandoned, never counted)."""
+
+    def keyless(self: rounds.Round) -> int:
+        self.length_reason = "no key, for the test"
+        return 0
+
+    go = threading.Event()
+    hand_out = engine.Engine._hand_out
+
+    def slow_amplification(self: engine.Engine, r: Any, kind: str, function: Any, **kwargs: Any) -> None:
+        if kind == "amplification":
+            work = function
+
+            def function() -> Any:
+                go.wait(30)
+                return work()
+
+        hand_out(self, r, kind, function, **kwargs)
+
+    monkeypatch.setattr(rounds.Round, "_secret_length", keyless)
+    monkeypatch.setattr(engine.Engine, "_hand_out", slow_amplification)
+    alice_config, bob_config = configs(tmp_path, 1)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                bob = Daemon(bob_config)
+                port = await nursery.start(bob.run)
+                alice = alice_towards(alice_config, port)
+                await alice.run()  # to her end: one round, aborted at her side, then she closes
+                assert alice.rounds_finished == 1
+                # her frames are in (or, before the fix, the session is over): let his work finish
+                await until(lambda: bob._active is None or getattr(bob._active, "peer_gone", False))
+                go.set()  # Bob's work is back: he handles her amplify, then her error frame
+    finally:
+        go.set()
+    assert bob.rounds_finished == 1 and bob.stop_reason == "all rounds done"
+    store = KeyStore(bob_config.state_dir, None, create=False)
+    try:
+        assert [r["state"] for r in store.rounds()] == ["aborted"]
+    finally:
+        store.close()

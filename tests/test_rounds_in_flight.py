@@ -261,3 +261,42 @@ def test_frames_held_for_earlier_rounds_are_bounded() -> None:
             (payload,) = wire.FrameDecoder().feed(frame)
             pair.alice.receive_frame(payload)
     assert pair.alice.state is engine.State.CLOSED
+
+
+def test_the_peers_error_frame_closes_only_after_the_frames_it_sent_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alice ends a keyless round with an untagged amplify, then closes ("no more rounds"). Bob's amplify
+    waits for his own work; the error frame behind it waits too, so the round ends at Bob as it did at
+    Alice instead of being abandoned (a demo with --rounds 1 then never saw Bob stop)."""
+    pair = ConnectionPair()
+    pair.connect()
+
+    def keyless(self: rounds.Round) -> int:
+        self.length_reason = "no key, for the test"
+        return 0
+
+    monkeypatch.setattr(rounds.Round, "_secret_length", keyless)
+    pair.defer = lambda role, action, number: role == "bob" and getattr(action, "kind", "") == "amplification"
+    pair.handle("alice", pair.alice.start_round())
+    pair.run()
+    assert 0 in pair.alice_store.aborted and pair.deferred
+    assert [message.type for _, message in pair.bob._held] == ["amplify"]
+    closing = pair.alice.close("shutdown", "no more rounds")
+    (payload,) = wire.FrameDecoder().feed(closing)
+    assert pair.bob.receive_frame(payload) == []  # held behind the amplify, not yet closing
+    assert pair.bob.holds_frames and pair.bob.round_states == {0: engine.State.AMPLIFYING}
+    with pytest.raises(engine.PeerError, match="shutdown: no more rounds") as closed:
+        pair.release()
+    ended = [a for a in closed.value.actions if isinstance(a, engine.RoundEnded)]
+    assert [(a.summary.round, a.disposition) for a in ended] == [(0, "aborted")]
+    assert pair.bob.state is engine.State.CLOSED and not pair.bob.holds_frames
+
+
+def test_the_peers_error_frame_with_nothing_held_closes_at_once() -> None:
+    pair = ConnectionPair()
+    pair.connect()
+    (payload,) = wire.FrameDecoder().feed(pair.alice.close("shutdown", "no more rounds"))
+    with pytest.raises(engine.PeerError, match="shutdown") as closed:
+        pair.bob.receive_frame(payload)
+    assert closed.value.actions == [] and pair.bob.state is engine.State.CLOSED
