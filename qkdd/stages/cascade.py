@@ -1308,43 +1308,26 @@ class CascadeBob:
             return
         layout = state.layout
         mask = _NO_BITS if layout.packed_mask is None else layout.packed_mask
-        if current is None:
-            _, odd_change, state.candidate_count = _kernels.sync_pass(
-                self._flips[:count],
-                layout.geometry,
-                mask,
-                state.odd,
-                state.touched,
-                state.synced,
-                _NO_WORDS,
-                _NO_BITS,
-                _NO_INDICES,
-                0,
-                count,
-                RangeParity.PENDING_FLIPS,
-                state.maybe,
-                state.candidates,
-                state.candidate_count,
-            )
-        else:
-            ranges = current.ranges
-            pending, odd_change, state.candidate_count = _kernels.sync_pass(
-                self._flips[:count],
-                layout.geometry,
-                mask,
-                state.odd,
-                state.touched,
-                state.synced,
-                ranges.words,
-                ranges.before,
-                ranges.pending_room,
-                ranges.pending.size,
-                state.flips_seen,
-                RangeParity.PENDING_FLIPS,
-                state.maybe,
-                state.candidates,
-                state.candidate_count,
-            )
+        # without Bob's range parities built, the kernel has none to bring up to date
+        ranges = None if current is None else current.ranges
+        pending, odd_change, state.candidate_count = _kernels.sync_pass(
+            self._flips[:count],
+            layout.geometry,
+            mask,
+            state.odd,
+            state.touched,
+            state.synced,
+            _NO_WORDS if ranges is None else ranges.words,
+            _NO_BITS if ranges is None else ranges.before,
+            _NO_INDICES if ranges is None else ranges.pending_room,
+            0 if ranges is None else ranges.pending.size,
+            count if ranges is None else state.flips_seen,
+            RangeParity.PENDING_FLIPS,
+            state.maybe,
+            state.candidates,
+            state.candidate_count,
+        )
+        if ranges is not None:
             ranges.pending = ranges.pending_room[:pending]
         if state.synced < count:
             state.odd_blocks += odd_change
