@@ -561,57 +561,38 @@ def start_searches(
             for block in range(word << 3, min((word + 1) << 3, odd.size)):
                 if not odd[block] or searching[block]:
                     continue
-                revisiting |= _start_search(
-                    block, count, reuse, searching, searched, block_starts, block_ends, alice_top, width,
-                    blocks, starts, ends, node, offset, node_parity,
-                )  # fmt: skip
+                searching[block] = True
+                if reuse:
+                    revisiting |= searched[block]
+                    searched[block] = True
+                root = block * width
+                blocks[count] = block
+                starts[count] = block_starts[block]
+                ends[count] = block_ends[block]
+                node[count] = root
+                offset[count] = 1 - root
+                node_parity[count] = alice_top[block]
                 count += 1
         return count, revisiting
+    # the same start as the scan's above, written out again: this hot loop runs slower through a shared
+    # inline kernel
     pending.sort()
     for block in pending:
         if not odd[block] or searching[block]:
             continue
-        revisiting |= _start_search(
-            block, count, reuse, searching, searched, block_starts, block_ends, alice_top, width,
-            blocks, starts, ends, node, offset, node_parity,
-        )  # fmt: skip
+        searching[block] = True
+        if reuse:
+            revisiting |= searched[block]
+            searched[block] = True
+        root = block * width
+        blocks[count] = block
+        starts[count] = block_starts[block]
+        ends[count] = block_ends[block]
+        node[count] = root
+        offset[count] = 1 - root
+        node_parity[count] = alice_top[block]
         count += 1
     return count, revisiting
-
-
-@njit(cache=True, inline="always")
-def _start_search(
-    block: int,
-    count: int,
-    reuse: bool,
-    searching: npt.NDArray[np.bool_],
-    searched: npt.NDArray[np.bool_],
-    block_starts: Int64s,
-    block_ends: Int64s,
-    alice_top: Bits,
-    width: int,
-    blocks: Int64s,
-    starts: Int64s,
-    ends: Int64s,
-    node: Int64s,
-    offset: Int64s,
-    node_parity: Bits,
-) -> bool:
-    """Start a search at the root of ``block`` as entry ``count`` of the searches; whether its block was
-    searched before (only when parities are reused)."""
-    searching[block] = True
-    revisiting = False
-    if reuse:
-        revisiting = bool(searched[block])
-        searched[block] = True
-    root = block * width
-    blocks[count] = block
-    starts[count] = block_starts[block]
-    ends[count] = block_ends[block]
-    node[count] = root
-    offset[count] = 1 - root
-    node_parity[count] = alice_top[block]
-    return revisiting
 
 
 @njit(cache=True)
