@@ -181,7 +181,7 @@ class _Session:
     rested: bool = False  # Alice: run.round_pause has passed since her last round started
     # from any thread: hand the outcome of work the engine handed out back to the session's loop
     hand_back: Callable[[int, engine_mod.Outcome], None] = lambda job, outcome: None
-    # the peer's end of the stream came while frames still waited for work: they are handled first
+    # the peer's end of the stream came: the session ends once no frame it sent waits for our work
     peer_gone: bool = False
     # an item the loop took from the frame channel early (it may be None, the end): the next to handle
     put_back: list[Any] = field(default_factory=list)
@@ -409,6 +409,10 @@ class Daemon:
                     nursery.start_soon(self._read, session, frames_in)
                     deadline = _deadline(engine.timeout)
                     while True:
+                        if session.peer_gone and not engine.holds_frames:
+                            ended = f"{peer} closed the connection"
+                            log.info("%s closed the connection%s", peer, _abandoned(engine))
+                            return ready
                         if (
                             engine.state is engine_mod.State.IDLE
                             and not engine.round_states
@@ -490,13 +494,8 @@ class Daemon:
                         if isinstance(item, Exception):
                             raise item
                         if item is None:
-                            if engine.holds_frames:
-                                # frames it sent before it closed wait for our work: handle them first
-                                session.peer_gone = True
-                                continue
-                            ended = f"{peer} closed the connection"
-                            log.info("%s closed the connection%s", peer, _abandoned(engine))
-                            return ready
+                            session.peer_gone = True  # (the loop's first check ends the session)
+                            continue
                         handled, asked = None, None
                         if isinstance(item, _Done):  # work the engine handed out is back
                             actions = await self._step(
@@ -532,10 +531,6 @@ class Daemon:
                         deadline = _deadline(engine.timeout)
                         if self.role == "bob" and self._all_done() and not engine.round_states:
                             self.request_stop("all rounds done")
-                        if session.peer_gone and not engine.holds_frames:
-                            ended = f"{peer} closed the connection"
-                            log.info("%s closed the connection%s", peer, _abandoned(engine))
-                            return ready
             except RemoteProtocolError as error:
                 ended = f"protocol error {error.code} with {peer}: {error}"
                 if isinstance(error, engine_mod.PeerError) and error.actions:
