@@ -330,7 +330,6 @@ class ProcessWatch:
         self.bytes = 0
         self.cpu: list[tuple[float, float]] = []  # (time.time(), CPU seconds of all of them so far)
         self._pids = pids
-        self._tick = os.sysconf("SC_CLK_TCK")
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="qkdd-process-watch", daemon=True)
         self._thread.start()
@@ -344,9 +343,7 @@ class ProcessWatch:
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
                             self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
-                    # utime and stime, fields 14 and 15 of stat (after the parenthesised command name)
-                    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-                    last[pid] = max(last[pid], (int(fields[11]) + int(fields[12])) / self._tick)
+                    last[pid] = max(last[pid], cpu_seconds(pid))
             self.cpu.append((time.time(), sum(last.values())))
 
     @staticmethod
@@ -369,6 +366,17 @@ class ProcessWatch:
     def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far (Linux's ``/proc``).
+
+    Raises:
+        OSError: no such process (any more).
+    """
+    # utime and stime, fields 14 and 15 of stat (after the parenthesised command name)
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 WATCH_SECONDS = 0.05

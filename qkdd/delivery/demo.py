@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -22,8 +21,8 @@ from typing import Any
 
 from qkdd import control
 from qkdd.daemon import ETSI014_FILE, read_listen_address
-from qkdd.delivery.client import ApiError, Client, LeanClient
-from qkdd.demo import SAES, scratch_folder, start_pair, write_configs
+from qkdd.delivery.client import ApiError, Client
+from qkdd.demo import SAES, cpu_seconds, scratch_folder, start_pair, write_configs
 from qkdd.errors import QkddError
 from qkdd.store import read_only
 
@@ -99,27 +98,20 @@ def running_pair(
                 process.wait()
 
 
-def lean_client_of(state_dir: Path, role: str) -> LeanClient:
-    """A :class:`LeanClient` (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
-    host, port, folder = _api_of(state_dir, role)
-    sae = SAES[role]
-    return LeanClient(host, port, folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
-
-
-def _api_of(state_dir: Path, role: str) -> tuple[str, int, Path]:
-    """``role``'s API address (host, port) and the folder of the SAEs' certificates."""
+def _site(state_dir: Path, role: str) -> tuple[str, int, Path, Path, Path]:
+    """``role``'s API address (host, port), and the certificate, key and CA certificate of its SAE of
+    :data:`SAES`: what a client of that site needs."""
     address = read_listen_address(state_dir / role, ETSI014_FILE)
     if address is None:
         raise QkddError(f"{role}'s key delivery API is not up")
     host, _, port = address.rpartition(":")
-    return host, int(port), state_dir / "etsi014"
+    folder, sae = state_dir / "etsi014", SAES[role]
+    return host, int(port), folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt"
 
 
 def client_of(state_dir: Path, role: str) -> Client:
     """A new client (its own connection) of ``role``'s SAE of :data:`SAES` to its site's API."""
-    host, port, folder = _api_of(state_dir, role)
-    sae = SAES[role]
-    return Client(host, port, folder / f"{sae}.crt", folder / f"{sae}.key", folder / "ca.crt")
+    return Client(*_site(state_dir, role))
 
 
 def _rounds_finished(state_dir: Path) -> int:
@@ -274,7 +266,7 @@ def _measure_pairs(
             line = application.stdout.readline()
             if line != b"ready\n":
                 raise QkddError(f"an application of the pair row did not start: {_error_of(line)}")
-        daemon_cpu = [_cpu_seconds(daemon.pid) for daemon in daemons]
+        daemon_cpu = [cpu_seconds(daemon.pid) for daemon in daemons]
         for application in applications:
             assert application.stdin is not None
             application.stdin.write(b"go\n")
@@ -284,7 +276,7 @@ def _measure_pairs(
             assert application.stdout is not None
             results.append(json.loads(application.stdout.read() or b"{}"))
             application.wait()
-        daemon_seconds = sum(_cpu_seconds(d.pid) - cpu for d, cpu in zip(daemons, daemon_cpu, strict=True))
+        daemon_seconds = sum(cpu_seconds(d.pid) - cpu for d, cpu in zip(daemons, daemon_cpu, strict=True))
     failed = [r.get("error", "no answer") for r in results if "error" in r or "enc" not in r]
     if failed or len(results) < PAIR_CLIENTS:
         raise QkddError(f"an application of the pair row failed: {failed[0] if failed else 'no result'}")
@@ -317,9 +309,8 @@ def _application(folder: Path, master: str, pairs: int) -> dict[str, Any]:
     slave = "bob" if master == "alice" else "alice"
     sites = {}
     for end, role in (("master", master), ("slave", slave)):
-        host, port, tls = _api_of(folder, role)
-        files = [str(tls / f"{SAES[role]}.crt"), str(tls / f"{SAES[role]}.key"), str(tls / "ca.crt")]
-        sites[end] = [host, port, *files]
+        host, port, *files = _site(folder, role)
+        sites[end] = [host, port, *map(str, files)]
     return {**sites, "master_sae": SAES[master], "slave_sae": SAES[slave], "pairs": pairs}
 
 
@@ -335,12 +326,6 @@ def _kill_running(processes: Sequence[subprocess.Popen[bytes]]) -> None:
     for process in processes:
         if process.poll() is None:
             process.kill()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) process ``pid`` has used so far (Linux's /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _encrypt(client: Client, slave: str, ids: list[str], number: int = 1) -> Callable[[], object]:
