@@ -292,8 +292,7 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding,
             truncated, trailing, overlong or over-64-bit varints.
     """
-    if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
-        raise RemoteProtocolError("sift: pulse or detection count out of range")
+    _check_counts(message)
     if message.encoding == "bitmap":
         bitmap = check_packed(message.indices, message.pulses, "sift bitmap")
         if _kernels.popcount(bitmap) != message.detections:
@@ -316,6 +315,12 @@ def decode_indices(message: SiftAnnounce) -> npt.NDArray[np.int64]:
             raise RemoteProtocolError("sift: malformed detection gaps")  # not reached: both refuse
         return indices
     return decode_indices_numpy(message)
+
+
+def _check_counts(message: SiftAnnounce) -> None:
+    """The announced frame and detection counts fit each other and the largest frame (§3)."""
+    if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
+        raise RemoteProtocolError("sift: pulse or detection count out of range")
 
 
 def bob_announce(detections: Detections) -> SiftAnnounce:
@@ -474,8 +479,7 @@ def decode_indices_numpy(message: SiftAnnounce) -> npt.NDArray[np.int64]:
         RemoteProtocolError: inconsistent count, out-of-frame index, unknown encoding, bad padding,
             truncated, trailing, overlong or over-64-bit varints.
     """
-    if not 0 < message.pulses <= MAX_FRAME_PULSES or not 0 <= message.detections <= message.pulses:
-        raise RemoteProtocolError("sift: pulse or detection count out of range")
+    _check_counts(message)
     if message.encoding == "bitmap":
         bitmap = unpack_bits(message.indices, message.pulses, "sift bitmap")
         indices = np.flatnonzero(bitmap.view(np.bool_)).astype(np.int64)  # 0/1 bytes read as booleans
