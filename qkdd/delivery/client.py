@@ -35,9 +35,7 @@ class Client:
     """An SAE talking to its KME at ``host:port`` with its certificate and key, trusting ``ca``."""
 
     def __init__(self, host: str, port: int, certificate: Path, key: Path, ca: Path, timeout: float = 30.0):
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-        context.load_cert_chain(str(certificate), str(key))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context = _sae_context(certificate, key, ca)
         self._connection = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
 
     def close(self) -> None:
@@ -73,6 +71,14 @@ class Client:
         return _keys(self._ok("POST", f"{quote(master)}/dec_keys", request))
 
 
+def _sae_context(certificate: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """The TLS context of an SAE that shows ``certificate`` (with ``key``) and trusts KMEs of ``ca``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.load_cert_chain(str(certificate), str(key))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def _keys(container: dict[str, Any]) -> list[tuple[str, bytes]]:
     return [(k["key_ID"], base64.b64decode(k["key"])) for k in container["keys"]]
 
@@ -92,9 +98,7 @@ class LeanClient:
     is an :class:`ApiError` (an HTTP error) or a :class:`QkddError` (a broken answer)."""
 
     def __init__(self, host: str, port: int, certificate: Path, key: Path, ca: Path, timeout: float = 30.0):
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-        context.load_cert_chain(str(certificate), str(key))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context = _sae_context(certificate, key, ca)
         tcp = socket.create_connection((host, port), timeout=timeout)
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write: send it now
         try:
